@@ -1,0 +1,10 @@
+//! Device models for mote.
+//!
+//! This crate never depends on the monitor core: a device sees guest memory through
+//! vm-memory's traits, raises interrupts through an [`EventFd`](vmm_sys_util::eventfd::EventFd)
+//! (a KVM irqfd underneath) and is reached by the vCPUs through a [`Bus`].
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};

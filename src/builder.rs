@@ -1,0 +1,261 @@
+//! Turns [`VmResources`] into a running [`Vmm`]: the only place that does.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::legacy::boot_timer::BootTimer;
+use devices::legacy::i8042::I8042;
+use devices::legacy::serial::{SerialDevice, SerialInput};
+use devices::legacy::EventFdTrigger;
+use devices::Bus;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::layout::{
+    BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN,
+    MMIO_SLOT_SIZE,
+};
+use crate::arch::{self, DEFAULT_BOOT_ARGS};
+use crate::config::{ConfigError, VmResources};
+use crate::vmm::Vmm;
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open {what} {path}: {source}")]
+    OpenFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error("cannot load kernel image {path}: {source}")]
+    LoadKernel {
+        path: PathBuf,
+        source: arch::ArchError,
+    },
+    #[error("cannot load initrd {path}: {source}")]
+    PlaceInitrd {
+        path: PathBuf,
+        source: arch::ArchError,
+    },
+    #[error("cannot read initrd {path} into guest memory: {source}")]
+    ReadInitrd {
+        path: PathBuf,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("the kernel command line is {len} bytes, more than the {max} the guest accepts")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot write the boot state: {0}")]
+    Configure(arch::ArchError),
+    #[error("cannot set up vCPU {index}: {source}")]
+    ConfigureVcpu {
+        index: u8,
+        source: arch::ArchVcpuError,
+    },
+    #[error("cannot create {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] devices::BusError),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Io { what, source }
+}
+
+/// Where the guest's console goes.
+pub struct Console {
+    pub output: Box<dyn Write + Send>,
+    /// Read by the event loop; None gives the guest no input.
+    pub input: Option<File>,
+}
+
+/// Opens a file the guest boots from, checking it is a regular file.
+fn open_boot_file(what: &'static str, path: &Path) -> Result<File, BuildError> {
+    let file = File::open(path).map_err(|source| BuildError::OpenFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+    if !is_file {
+        return Err(BuildError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
+/// The kernel command line: the user's, or the defaults.
+fn build_cmdline(boot_args: Option<&str>) -> Result<Cmdline, BuildError> {
+    let args = boot_args.unwrap_or(DEFAULT_BOOT_ARGS).trim();
+    let max = arch::cmdline_capacity() - 1;
+    if args.len() > max {
+        return Err(BuildError::CmdlineTooLong {
+            len: args.len(),
+            max,
+        });
+    }
+    let mut cmdline = Cmdline::new(arch::cmdline_capacity()).map_err(BuildError::Cmdline)?;
+    if !args.is_empty() {
+        cmdline.insert_str(args).map_err(BuildError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    boot: &arch::BootEntry,
+    path: &Path,
+) -> Result<arch::InitrdPlacement, BuildError> {
+    let mut file = open_boot_file("initrd", path)?;
+    let size = file
+        .metadata()
+        .map_err(|source| BuildError::OpenFile {
+            what: "initrd",
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let placement =
+        arch::initrd_placement(mem, boot, size).map_err(|source| BuildError::PlaceInitrd {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    mem.read_exact_volatile_from(placement.address, &mut file, size as usize)
+        .map_err(|source| BuildError::ReadInitrd {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(placement)
+}
+
+/// Builds the VM described by `resources`, vCPUs paused, and returns it with the console's
+/// input side for the event loop.
+pub fn build_microvm(
+    resources: &VmResources,
+    console: Console,
+    process_start: Instant,
+    process_start_cpu_us: u64,
+) -> Result<(Vmm, Option<SerialInput<File>>), BuildError> {
+    let vcpu_count = resources.machine_config.vcpus()?;
+    let boot_source = &resources.boot_source;
+    let mut kernel = open_boot_file("kernel image", &boot_source.kernel_image_path)?;
+    let cmdline = build_cmdline(boot_source.boot_args.as_deref())?;
+
+    let memory = create_guest_memory(resources.machine_config.mem_size_mib)?;
+    let vm = Vm::new(memory)?;
+    let mem = vm.memory();
+
+    let boot = arch::load_kernel(mem, &mut kernel).map_err(|source| BuildError::LoadKernel {
+        path: boot_source.kernel_image_path.clone(),
+        source,
+    })?;
+    let initrd = boot_source
+        .initrd_path
+        .as_deref()
+        .map(|path| load_initrd(mem, &boot, path))
+        .transpose()?;
+    arch::configure_system(mem, &boot, &cmdline, initrd, vcpu_count)
+        .map_err(BuildError::Configure)?;
+
+    let mut pio_bus = Bus::new();
+    let mut mmio_bus = Bus::new();
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset event"))?;
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial IRQ event"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let serial = SerialDevice::new(EventFdTrigger::new(serial_irq), console.output)
+        .map_err(io_err("the serial port"))?;
+    let serial_input = console
+        .input
+        .map(|input| serial.input(input))
+        .transpose()
+        .map_err(io_err("the serial input"))?;
+    pio_bus.insert(Arc::new(Mutex::new(serial)), COM1_PORT, COM1_PORT_LEN)?;
+    let i8042_reset = reset_evt.try_clone().map_err(io_err("the reset event"))?;
+    pio_bus.insert(
+        Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(i8042_reset)))),
+        I8042_PORT,
+        I8042_PORT_LEN,
+    )?;
+    if resources.boot_timer {
+        let timer = BootTimer::new(process_start, process_start_cpu_us);
+        mmio_bus.insert(
+            Arc::new(Mutex::new(timer)),
+            BOOT_TIMER_START,
+            MMIO_SLOT_SIZE,
+        )?;
+    }
+
+    let pio_bus = Arc::new(pio_bus);
+    let mmio_bus = Arc::new(mmio_bus);
+    let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU exit event"))?;
+    let supported_cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let fd = vm.create_vcpu(index)?;
+        arch::configure_vcpu(&fd, mem, &boot, &supported_cpuid, index, vcpu_count)
+            .map_err(|source| BuildError::ConfigureVcpu { index, source })?;
+        let exit = exit_evt
+            .try_clone()
+            .map_err(io_err("the vCPU exit event"))?;
+        let vcpu = Vcpu::new(index, fd, pio_bus.clone(), mmio_bus.clone(), exit);
+        vcpus.push(vcpu.start().map_err(io_err("a vCPU thread"))?);
+    }
+
+    let vmm = Vmm::new(vm, vcpus, exit_evt, reset_evt).map_err(io_err("the signal handlers"))?;
+    Ok((vmm, serial_input))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_command_line_is_firecrackers() {
+        let cmdline = build_cmdline(None).unwrap();
+        assert_eq!(
+            cmdline.as_cstring().unwrap().to_str().unwrap(),
+            DEFAULT_BOOT_ARGS
+        );
+    }
+
+    #[test]
+    fn overlong_command_line_is_refused_with_its_length() {
+        let args = "a".repeat(2048);
+        match build_cmdline(Some(&args)) {
+            Err(BuildError::CmdlineTooLong {
+                len: 2048,
+                max: 2047,
+            }) => {}
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(build_cmdline(Some(&"a".repeat(2047))).is_ok());
+    }
+
+    #[test]
+    fn a_directory_is_not_a_kernel() {
+        let err = open_boot_file("kernel image", Path::new("/")).unwrap_err();
+        assert_eq!(err.to_string(), "kernel image / is not a regular file");
+    }
+}

@@ -1,0 +1,125 @@
+//! The command line: `mote run …` for people, global flags shared with Firecracker's.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use log::LevelFilter;
+
+use crate::arch::DEFAULT_BOOT_ARGS;
+use crate::config::{BootSourceConfig, MachineConfig, VmResources};
+use crate::logger::parse_level;
+
+#[derive(Debug, Parser)]
+#[command(name = "mote", version, about = "A KVM microVM monitor")]
+pub struct Cli {
+    /// Log level: Error, Warning, Info, Debug, Trace or Off.
+    #[arg(long, global = true, default_value = "Info", value_parser = parse_level)]
+    pub level: LevelFilter,
+    /// The microVM's id, used in log lines.
+    #[arg(long, global = true, default_value = "anonymous-instance")]
+    pub id: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest with its serial console on this terminal.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest kernel: an ELF vmlinux (PVH entry when it has one) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial RAM disk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// The whole kernel command line, instead of the defaults.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        conflicts_with = "append",
+        allow_hyphen_values = true
+    )]
+    pub cmdline: Option<String>,
+    /// Arguments added after the default kernel command line (may repeat).
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub append: Vec<String>,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u64,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    pub memory: u64,
+    /// Log the time from the monitor's start to the guest's boot-complete signal.
+    #[arg(long)]
+    pub boot_timer: bool,
+}
+
+impl RunArgs {
+    fn boot_args(&self) -> String {
+        match &self.cmdline {
+            Some(cmdline) => cmdline.clone(),
+            None => std::iter::once(DEFAULT_BOOT_ARGS)
+                .chain(self.append.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
+    pub fn resources(&self) -> VmResources {
+        VmResources {
+            boot_source: BootSourceConfig {
+                kernel_image_path: self.kernel.clone(),
+                initrd_path: self.initrd.clone(),
+                boot_args: Some(self.boot_args()),
+            },
+            machine_config: MachineConfig {
+                vcpu_count: self.vcpus,
+                mem_size_mib: self.memory,
+            },
+            boot_timer: self.boot_timer,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mote").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).unwrap().command {
+            Command::Run(run) => run,
+        }
+    }
+
+    #[test]
+    fn append_adds_to_the_defaults() {
+        let run = run_args(&["run", "--kernel", "k", "--append", "a=1", "--append", "b"]);
+        assert_eq!(run.boot_args(), format!("{DEFAULT_BOOT_ARGS} a=1 b"));
+    }
+
+    #[test]
+    fn cmdline_replaces_the_defaults() {
+        let run = run_args(&["run", "--kernel", "k", "--cmdline", "console=ttyS0"]);
+        assert_eq!(run.boot_args(), "console=ttyS0");
+    }
+
+    #[test]
+    fn cmdline_and_append_conflict() {
+        assert!(parse(&["run", "--kernel", "k", "--cmdline", "a", "--append", "b"]).is_err());
+    }
+
+    #[test]
+    fn defaults_are_one_vcpu_and_128_mib() {
+        let resources = run_args(&["run", "--kernel", "k"]).resources();
+        assert_eq!(resources.machine_config, MachineConfig::default());
+        assert!(!resources.boot_timer);
+    }
+}

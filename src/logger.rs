@@ -1,0 +1,123 @@
+//! The `log` backend: Firecracker's line format on stderr,
+//! `<UTC timestamp> [<instance id>:<thread>:<LEVEL>:<file>:<line>] <message>`.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct Logger {
+    instance_id: String,
+}
+
+/// Days since 1970-01-01 as a (year, month, day) civil date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn timestamp(now: SystemTime) -> String {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs() as i64;
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let secs_of_day = secs.rem_euclid(86_400);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}",
+        secs_of_day / 3600,
+        secs_of_day / 60 % 60,
+        secs_of_day % 60,
+        since_epoch.subsec_nanos()
+    )
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Error => "ERROR",
+        Level::Warn => "WARN",
+        Level::Info => "INFO",
+        Level::Debug => "DEBUG",
+        Level::Trace => "TRACE",
+    }
+}
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let thread = std::thread::current();
+        let line = format!(
+            "{} [{}:{}:{}:{}:{}] {}\n",
+            timestamp(SystemTime::now()),
+            self.instance_id,
+            thread.name().unwrap_or("unnamed"),
+            level_name(record.level()),
+            record.file().unwrap_or("?"),
+            record.line().unwrap_or(0),
+            record.args()
+        );
+        // One write per line, so lines from several threads do not interleave.
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Parses Firecracker's level names (`Error`, `Warning`, `Info`, `Debug`, `Trace`, `Off`),
+/// in any case; `Warn` is accepted too.
+pub fn parse_level(name: &str) -> Result<LevelFilter, String> {
+    match name.to_ascii_lowercase().as_str() {
+        "off" => Ok(LevelFilter::Off),
+        "error" => Ok(LevelFilter::Error),
+        "warning" | "warn" => Ok(LevelFilter::Warn),
+        "info" => Ok(LevelFilter::Info),
+        "debug" => Ok(LevelFilter::Debug),
+        "trace" => Ok(LevelFilter::Trace),
+        _ => Err(format!(
+            "unknown log level {name:?}: use Error, Warning, Info, Debug, Trace or Off"
+        )),
+    }
+}
+
+/// Installs the logger for the process.
+pub fn init(instance_id: &str, level: LevelFilter) {
+    let logger = Logger {
+        instance_id: instance_id.to_string(),
+    };
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_civil_time() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123);
+        assert_eq!(timestamp(t), "2023-11-14T22:13:20.000000123");
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000000000");
+    }
+
+    #[test]
+    fn firecracker_level_names_parse() {
+        assert_eq!(parse_level("Warning"), Ok(LevelFilter::Warn));
+        assert_eq!(parse_level("INFO"), Ok(LevelFilter::Info));
+        assert!(parse_level("loud").is_err());
+    }
+}

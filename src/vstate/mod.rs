@@ -1,0 +1,5 @@
+//! KVM state owned by the monitor: guest memory, the VM, and the vCPU threads.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,320 @@
+//! vCPU threads as message-driven state machines.
+//!
+//! Each vCPU runs on its own thread, named `mote_vcpu{N}`, in one of three states: Paused (waits
+//! for a message), Running (KVM_RUN, dispatching port-I/O and MMIO exits to the buses) and
+//! Exited (the guest stopped this vCPU for good; waits to be finished). Messages come in over a
+//! channel; to reach a vCPU inside KVM_RUN the sender also kicks it with a signal whose handler
+//! sets `immediate_exit`, so KVM_RUN returns at once even if the kick lands just before it.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use devices::Bus;
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, warn};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::thread;
+
+/// Messages to a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// Start or continue running the guest.
+    Resume,
+    /// Leave KVM_RUN and wait.
+    Pause,
+    /// End the thread.
+    Finish,
+}
+
+/// Answers from a vCPU thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuResponse {
+    Resumed,
+    Paused,
+    /// The guest stopped this vCPU; the thread also wrote the VM's exit event.
+    Exited(VcpuExitReason),
+}
+
+/// Why a vCPU stopped running the guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuExitReason {
+    #[error("the guest asked for a reset")]
+    Reset,
+    #[error("the guest powered off")]
+    PowerOff,
+    #[error("the guest reported a crash")]
+    Crash,
+    #[error("the guest triple-faulted (vCPU {index} shut down)")]
+    TripleFault { index: u8 },
+    #[error("KVM internal error {suberror} on vCPU {index} at guest RIP {rip:#x}")]
+    InternalError { index: u8, suberror: u32, rip: u64 },
+    #[error("KVM failed to enter vCPU {index}: hardware entry failure reason {reason:#x}")]
+    FailEntry { index: u8, reason: u64 },
+    #[error("vCPU {index} exited to the monitor for an unhandled reason: {what}")]
+    Unhandled { index: u8, what: String },
+    #[error("KVM_RUN failed on vCPU {index}: {errno}")]
+    RunFailed { index: u8, errno: i32 },
+    #[error("vCPU {index}'s thread failed: {what}")]
+    ThreadFailed { index: u8, what: String },
+}
+
+thread_local! {
+    /// This thread's `kvm_run` area, for the kick signal's handler; null outside a vCPU thread.
+    static KVM_RUN_AREA: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let area = KVM_RUN_AREA.with(Cell::get);
+    if !area.is_null() {
+        // SAFETY: the pointer is this thread's own mapped kvm_run area, published by the vCPU
+        // loop and cleared before the VcpuFd (and the mapping) is dropped; a volatile byte store
+        // is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*area).immediate_exit, 1) };
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler once per process.
+fn register_kick_handler() -> io::Result<()> {
+    static REGISTER: Once = Once::new();
+    let mut result = Ok(());
+    REGISTER.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|err| io::Error::from_raw_os_error(err.errno()));
+    });
+    result
+}
+
+/// What one KVM_RUN came back with.
+enum RunOutcome {
+    Continue,
+    Exit(VcpuExitReason),
+}
+
+/// A vCPU and the buses its exits go to; moved onto its own thread.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit_evt: EventFd,
+}
+
+impl Vcpu {
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        pio_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        exit_evt: EventFd,
+    ) -> Self {
+        Self {
+            index,
+            fd,
+            pio_bus,
+            mmio_bus,
+            exit_evt,
+        }
+    }
+
+    /// Starts the vCPU's thread, Paused.
+    pub fn start(self) -> io::Result<VcpuHandle> {
+        register_kick_handler()?;
+        let (event_tx, event_rx) = channel();
+        let (response_tx, response_rx) = channel();
+        let index = self.index;
+        let panic_tx = response_tx.clone();
+        let panic_exit_evt = self.exit_evt.try_clone()?;
+        let thread = thread::spawn_named(
+            format!("mote_vcpu{index}"),
+            move || self.run(event_rx, response_tx),
+            move |what| {
+                let _ = panic_tx.send(VcpuResponse::Exited(VcpuExitReason::ThreadFailed {
+                    index,
+                    what,
+                }));
+                let _ = panic_exit_evt.write(1);
+            },
+        )?;
+        Ok(VcpuHandle {
+            index,
+            event_tx,
+            response_rx,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>) {
+        KVM_RUN_AREA.with(|area| area.set(self.fd.get_kvm_run()));
+        self.state_machine(&events, &responses);
+        KVM_RUN_AREA.with(|area| area.set(std::ptr::null_mut()));
+    }
+
+    fn state_machine(&mut self, events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) {
+        #[derive(PartialEq)]
+        enum State {
+            Paused,
+            Running,
+            Exited,
+        }
+        let mut state = State::Paused;
+        loop {
+            let event = match state {
+                State::Running => {
+                    // Clear a kick before looking for its message: a kick that lands after
+                    // this makes the next KVM_RUN return at once, so no message waits.
+                    self.fd.set_kvm_immediate_exit(0);
+                    match events.try_recv() {
+                        Ok(event) => Some(event),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Disconnected) => Some(VcpuEvent::Finish),
+                    }
+                }
+                State::Paused | State::Exited => Some(events.recv().unwrap_or(VcpuEvent::Finish)),
+            };
+            match (event, &state) {
+                (Some(VcpuEvent::Finish), _) => return,
+                (Some(_), State::Exited) => {}
+                (Some(VcpuEvent::Pause), _) => {
+                    state = State::Paused;
+                    let _ = responses.send(VcpuResponse::Paused);
+                }
+                (Some(VcpuEvent::Resume), _) => {
+                    state = State::Running;
+                    let _ = responses.send(VcpuResponse::Resumed);
+                }
+                (None, _) => {
+                    if let RunOutcome::Exit(reason) = self.run_once() {
+                        debug!("vCPU {}: {reason}", self.index);
+                        state = State::Exited;
+                        let _ = responses.send(VcpuResponse::Exited(reason));
+                        if let Err(err) = self.exit_evt.write(1) {
+                            warn!("vCPU {}: cannot signal its exit: {err}", self.index);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn run_once(&mut self) -> RunOutcome {
+        let index = self.index;
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio_bus.read(u64::from(port), data) {
+                    // Nothing decodes this port: the bus floats high, as on real hardware.
+                    data.fill(0xff);
+                }
+                return RunOutcome::Continue;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.pio_bus.write(u64::from(port), data);
+                return RunOutcome::Continue;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio_bus.read(addr, data) {
+                    data.fill(0);
+                }
+                return RunOutcome::Continue;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio_bus.write(addr, data);
+                return RunOutcome::Continue;
+            }
+            Ok(VcpuExit::Hlt | VcpuExit::Intr) => return RunOutcome::Continue,
+            Ok(VcpuExit::Shutdown) => VcpuExitReason::TripleFault { index },
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_RESET => VcpuExitReason::Reset,
+                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExitReason::PowerOff,
+                KVM_SYSTEM_EVENT_CRASH => VcpuExitReason::Crash,
+                other => VcpuExitReason::Unhandled {
+                    index,
+                    what: format!("system event {other}"),
+                },
+            },
+            Ok(VcpuExit::FailEntry(reason, _)) => VcpuExitReason::FailEntry { index, reason },
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let rip = self.fd.get_regs().map_or(0, |regs| regs.rip);
+                VcpuExitReason::InternalError {
+                    index,
+                    suberror,
+                    rip,
+                }
+            }
+            Ok(other) => VcpuExitReason::Unhandled {
+                index,
+                what: format!("{other:?}"),
+            },
+            // A kick (signal) or immediate_exit: go and look at the messages.
+            Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {
+                return RunOutcome::Continue
+            }
+            Err(err) => VcpuExitReason::RunFailed {
+                index,
+                errno: err.errno(),
+            },
+        };
+        RunOutcome::Exit(exit)
+    }
+}
+
+/// The monitor's end of a vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    event_tx: Sender<VcpuEvent>,
+    response_rx: Receiver<VcpuResponse>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sends `event` and kicks the thread out of KVM_RUN.
+    pub fn send(&self, event: VcpuEvent) {
+        // A thread that is gone has nothing left to tell; its exit was already reported.
+        if self.event_tx.send(event).is_err() {
+            return;
+        }
+        if let Some(thread) = &self.thread {
+            if let Err(err) = thread.kill(kick_signal()) {
+                debug!("vCPU {}: kick failed: {err}", self.index);
+            }
+        }
+    }
+
+    /// A response the thread sent, if any, without waiting.
+    pub fn try_response(&self) -> Option<VcpuResponse> {
+        self.response_rx.try_recv().ok()
+    }
+
+    /// Finishes the thread and waits for it.
+    pub fn finish(&mut self) {
+        self.send(VcpuEvent::Finish);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("vCPU {}: its thread panicked", self.index);
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,110 @@
+//! The KVM VM: its fd, its guest memory registered as memory slots, its interrupt controllers.
+
+use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch;
+
+/// The only KVM API version there has ever been.
+const KVM_API_VERSION: i32 = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}{hint}", hint = kvm_open_hint(.0))]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("/dev/kvm speaks KVM API version {0}, not {KVM_API_VERSION}")]
+    ApiVersion(i32),
+    #[error("cannot create the KVM VM: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("cannot register guest memory at {addr:#x} ({len} bytes) with KVM: {source}")]
+    MemorySlot {
+        addr: u64,
+        len: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Arch(#[from] arch::ArchError),
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot create vCPU {index}: {source}")]
+    CreateVcpu {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot route IRQ {gsi} to an eventfd: {source}")]
+    Irqfd { gsi: u32, source: kvm_ioctls::Error },
+}
+
+fn kvm_open_hint(err: &kvm_ioctls::Error) -> &'static str {
+    match err.errno() {
+        libc::ENOENT => " (no KVM on this host: load the kvm module or enable virtualization)",
+        libc::EACCES | libc::EPERM => {
+            " (no permission: run as root or join the group owning /dev/kvm)"
+        }
+        _ => "",
+    }
+}
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Opens KVM, creates a VM with its in-kernel devices and registers `memory` with it.
+    pub fn new(memory: GuestMemoryMmap) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(VmError::ApiVersion(version));
+        }
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        for (slot, region) in memory.iter().enumerate() {
+            let addr = region.start_addr().raw_value();
+            let len = region.len();
+            let host_addr = region.as_ptr() as u64;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: addr,
+                memory_size: len,
+                userspace_addr: host_addr,
+            };
+            // SAFETY: the host range is a live mapping owned by `memory`, which the Vm keeps for
+            // as long as the VM fd (and so the slot) exists.
+            unsafe { fd.set_user_memory_region(region) }.map_err(|source| VmError::MemorySlot {
+                addr,
+                len,
+                source,
+            })?;
+        }
+        arch::create_vm_devices(&fd)?;
+        Ok(Self { kvm, fd, memory })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::SupportedCpuid)
+    }
+
+    pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
+        self.fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VmError::CreateVcpu { index, source })
+    }
+
+    /// Makes writes to `evt` raise interrupt line `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+}
