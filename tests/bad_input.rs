@@ -1,0 +1,214 @@
+//! Bad input never panics: every case gets one clear line naming the input, and exit status 1.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{mote_bin, probe_kernel, require_kvm};
+
+/// A scratch directory for this test, readable by everyone (some cases run as `nobody`).
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bad_input").join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn mote(args: &[&str]) -> Output {
+    Command::new(mote_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Checks the one-line error and the status, and returns the line.
+fn assert_clean_failure(output: &Output, expected: &str) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("mote: ")).collect();
+    assert_eq!(lines.len(), 1, "want one error line: {stderr}");
+    assert!(lines[0].contains(expected), "want {expected:?} in {:?}", lines[0]);
+    lines[0].to_string()
+}
+
+fn run_kernel(kernel: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    mote(&args)
+}
+
+#[test]
+fn missing_kernel() {
+    let output = run_kernel(Path::new("/nonexistent/vmlinux"), &[]);
+    assert_clean_failure(
+        &output,
+        "cannot open kernel image /nonexistent/vmlinux: No such file or directory",
+    );
+}
+
+#[test]
+fn directory_as_kernel() {
+    let dir = scratch("directory");
+    let output = run_kernel(&dir, &[]);
+    assert_clean_failure(&output, &format!("kernel image {} is not a regular file", dir.display()));
+}
+
+#[test]
+fn unreadable_kernel() {
+    let dir = scratch("unreadable");
+    let kernel = dir.join("vmlinux");
+    fs::write(&kernel, b"\x7fELF").unwrap();
+    fs::set_permissions(&kernel, fs::Permissions::from_mode(0o000)).unwrap();
+    // Root reads anything: drop to nobody for this one.
+    let output = Command::new(mote_bin())
+        .args(["run", "--kernel", kernel.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_clean_failure(
+        &output,
+        &format!("cannot open kernel image {}: Permission denied", kernel.display()),
+    );
+}
+
+#[test]
+fn empty_kernel() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("empty");
+    let kernel = dir.join("vmlinux");
+    fs::write(&kernel, b"").unwrap();
+    let output = run_kernel(&kernel, &[]);
+    assert_clean_failure(&output, "cannot read the kernel image header");
+}
+
+#[test]
+fn truncated_kernel() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("truncated");
+    let kernel = dir.join("vmlinux");
+    let image = fs::read(probe_kernel()).unwrap();
+    fs::write(&kernel, &image[..100]).unwrap();
+    let output = run_kernel(&kernel, &[]);
+    let line = assert_clean_failure(&output, &format!("cannot load kernel image {}", kernel.display()));
+    assert!(line.contains("not an ELF vmlinux"), "{line}");
+}
+
+#[test]
+fn not_a_kernel() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("text");
+    let kernel = dir.join("notes.txt");
+    fs::write(&kernel, "this is not a kernel\n".repeat(100)).unwrap();
+    let output = run_kernel(&kernel, &[]);
+    assert_clean_failure(&output, "not an ELF vmlinux nor a bzImage");
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("initrd");
+    let initrd = dir.join("initrd");
+    // Sparse: 100 MiB of nothing, for a 64 MiB guest.
+    fs::File::create(&initrd).unwrap().set_len(100 << 20).unwrap();
+    let output = run_kernel(
+        &probe_kernel(),
+        &["--memory", "64", "--initrd", initrd.to_str().unwrap()],
+    );
+    let line = assert_clean_failure(&output, &format!("cannot load initrd {}", initrd.display()));
+    assert!(line.contains("does not fit"), "{line}");
+}
+
+#[test]
+fn missing_initrd() {
+    let output = run_kernel(&probe_kernel(), &["--initrd", "/nonexistent/initrd"]);
+    assert_clean_failure(&output, "cannot open initrd /nonexistent/initrd");
+}
+
+#[test]
+fn zero_memory() {
+    let output = run_kernel(&probe_kernel(), &["--memory", "0"]);
+    assert_clean_failure(&output, "mem_size_mib 0 is out of range");
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    let output = run_kernel(&probe_kernel(), &["--memory", "100000000"]);
+    assert_clean_failure(&output, "guest memory of 100000000 MiB is more than this host's");
+}
+
+#[test]
+fn vcpu_count_out_of_range() {
+    for count in ["0", "33", "4096"] {
+        let output = run_kernel(&probe_kernel(), &["--vcpus", count]);
+        assert_clean_failure(&output, &format!("vcpu_count {count} is out of range"));
+    }
+}
+
+#[test]
+fn command_line_too_long() {
+    let args = "a".repeat(2100);
+    let output = run_kernel(&probe_kernel(), &["--cmdline", &args]);
+    assert_clean_failure(
+        &output,
+        "the kernel command line is 2100 bytes, more than the 2047 the guest accepts",
+    );
+}
+
+#[test]
+fn no_permission_on_dev_kvm() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("kvm_permission");
+    let kernel = dir.join("probe");
+    fs::copy(probe_kernel(), &kernel).unwrap();
+    fs::set_permissions(&kernel, fs::Permissions::from_mode(0o644)).unwrap();
+    let output = Command::new(mote_bin())
+        .args(["run", "--kernel", kernel.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_clean_failure(&output, "cannot open /dev/kvm: Permission denied");
+}
+
+#[test]
+fn no_dev_kvm_at_all() {
+    // A private mount namespace with an empty /dev hides /dev/kvm from the monitor only.
+    let probe = probe_kernel();
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run --kernel {}",
+        mote_bin().display(),
+        probe.display()
+    );
+    let output = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if stderr.contains("unshare failed") || stderr.contains("mount:") {
+        println!("SKIPPED: no_dev_kvm_at_all needs mount namespaces: {stderr}");
+        eprintln!("SKIPPED: no_dev_kvm_at_all needs mount namespaces: {stderr}");
+        return;
+    }
+    assert_clean_failure(&output, "cannot open /dev/kvm: No such file or directory");
+}

@@ -1,0 +1,198 @@
+//! Probe-guest tests of the core monitor: console, exit status, what the guest sees of its
+//! machine, the boot timer, serial input and stopping by signal.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{mote_bin, probe_kernel, probe_run, require_kvm};
+
+/// RAM the e820 map gives a guest of `mib` MiB: below the EBDA, then from 1 MiB, skipping the
+/// [3 GiB, 4 GiB) MMIO gap.
+fn expected_ram_kib(mib: u64) -> u64 {
+    const EBDA_KIB: u64 = 0x9fc00 / 1024;
+    EBDA_KIB + mib * 1024 - 1024
+}
+
+fn expected_ram_top(mib: u64) -> u64 {
+    let bytes = mib << 20;
+    if bytes <= 3 << 30 {
+        bytes
+    } else {
+        bytes + (1 << 30)
+    }
+}
+
+#[test]
+fn probe_prints_on_the_console_and_a_reset_exits_zero() {
+    if !require_kvm() {
+        return;
+    }
+    let run = probe_run("hello", &[]);
+    assert!(run.stdout.contains("probe: hello\n"), "{}", run.stdout);
+    assert!(run.stdout.contains("probe: done\n"), "{}", run.stdout);
+    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+}
+
+#[test]
+fn guest_sees_every_vcpu() {
+    if !require_kvm() {
+        return;
+    }
+    for vcpus in [1, 2, 5, 32] {
+        let count = vcpus.to_string();
+        let run = probe_run("cpus", &["--vcpus", &count]);
+        assert!(
+            run.stdout.contains(&format!("probe: cpus={vcpus}\n")),
+            "{vcpus} vCPUs: {}",
+            run.stdout
+        );
+        assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+    }
+}
+
+#[test]
+fn guest_sees_exactly_its_memory() {
+    if !require_kvm() {
+        return;
+    }
+    // 4096 MiB runs past the 32-bit MMIO gap, so its last GiB lives above 4 GiB.
+    for mib in [32u64, 128, 3072, 4096] {
+        let run = probe_run("mem", &["--memory", &mib.to_string()]);
+        let expected = format!(
+            "probe: mem ram_kib={} top={:#x}\n",
+            expected_ram_kib(mib),
+            expected_ram_top(mib)
+        );
+        assert!(run.stdout.contains(&expected), "{mib} MiB: want {expected:?}, got {}", run.stdout);
+        assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+    }
+}
+
+#[test]
+fn boot_timer_logs_the_guest_boot_time() {
+    if !require_kvm() {
+        return;
+    }
+    let run = probe_run("boot", &["--boot-timer"]);
+    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+    let line = run
+        .stderr
+        .lines()
+        .find(|line| line.contains("Guest-boot-time ="))
+        .unwrap_or_else(|| panic!("no boot-time line in: {}", run.stderr));
+    let micros: u64 = line
+        .split("Guest-boot-time =")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {line:?}"));
+    assert!(micros > 0 && micros < 10_000_000, "{line}");
+}
+
+#[test]
+fn without_boot_timer_the_signal_is_ignored() {
+    if !require_kvm() {
+        return;
+    }
+    let run = probe_run("boot,hello", &[]);
+    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+    assert!(run.stdout.contains("probe: hello"), "{}", run.stdout);
+    assert!(!run.stderr.contains("Guest-boot-time"), "{}", run.stderr);
+}
+
+#[test]
+fn append_adds_to_the_default_command_line_and_cmdline_replaces_it() {
+    if !require_kvm() {
+        return;
+    }
+    let run = probe_run("cmdline", &["--append", "extra=1"]);
+    assert!(
+        run.stdout.contains(
+            "probe: cmdline=console=ttyS0 reboot=k panic=1 pci=off probe.run=cmdline extra=1\n"
+        ),
+        "{}",
+        run.stdout
+    );
+    let probe = probe_kernel();
+    let run = common::run_mote(
+        &["run", "--kernel", probe.to_str().unwrap(), "--cmdline", "probe.run=cmdline"],
+        None,
+        Duration::from_secs(20),
+    );
+    assert!(run.stdout.contains("probe: cmdline=probe.run=cmdline\n"), "{}", run.stdout);
+    assert_eq!(run.status.code(), Some(0));
+}
+
+#[test]
+fn triple_fault_exits_non_zero_with_the_reason() {
+    if !require_kvm() {
+        return;
+    }
+    let run = probe_run("hello,triple", &[]);
+    assert!(run.stdout.contains("probe: hello"), "{}", run.stdout);
+    assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert_eq!(last, "mote: the guest triple-faulted (vCPU 0 shut down)");
+}
+
+#[test]
+fn stdin_reaches_the_guest_through_the_serial_port() {
+    if !require_kvm() {
+        return;
+    }
+    // More than the UART's 64-byte FIFO, so the input must wait for the guest to drain it.
+    let line = "x".repeat(150);
+    let input = format!("{line}\n");
+    let run = probe_run_with_stdin("read", input.as_bytes());
+    assert!(run.stdout.contains(&format!("probe: read={line}\n")), "{}", run.stdout);
+    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+}
+
+fn probe_run_with_stdin(steps: &str, stdin: &[u8]) -> common::Run {
+    let probe = probe_kernel();
+    let steps = format!("probe.run={steps}");
+    common::run_mote(
+        &["run", "--kernel", probe.to_str().unwrap(), "--append", &steps],
+        Some(stdin),
+        Duration::from_secs(20),
+    )
+}
+
+#[test]
+fn sigterm_stops_a_running_guest_in_order() {
+    if !require_kvm() {
+        return;
+    }
+    let probe = probe_kernel();
+    let mut child = Command::new(mote_bin())
+        .args(["run", "--kernel", probe.to_str().unwrap(), "--append", "probe.run=hello,spin"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the guest runs, then ask the monitor to stop.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&seen).contains("probe: hello") {
+        assert!(Instant::now() < deadline, "the guest never started");
+        let mut buf = [0u8; 256];
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "console closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill only sends a signal to the child we spawned and still own.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "slow to stop");
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {stderr}");
+    assert!(stderr.contains("mote: stopped by SIGTERM"), "{stderr}");
+}

@@ -1,0 +1,141 @@
+//! Shared by the integration tests: build the probe guest, run the monitor with a timeout,
+//! and skip (loudly) where there is no KVM.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Environment an outer cargo or nextest sets that would change how the probe is built.
+const CARGO_ENV_TO_CLEAR: &[&str] = &[
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO_MAKEFLAGS",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_PKG_NAME",
+];
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The probe guest's ELF, built on first use (cargo's lock serialises parallel test processes).
+pub fn probe_kernel() -> PathBuf {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let target_dir = repo().join("target/probe");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build
+                .current_dir(repo().join("tests/probe"))
+                .args(["build", "--release", "--quiet", "--target-dir"])
+                .arg(&target_dir);
+            for var in CARGO_ENV_TO_CLEAR {
+                build.env_remove(var);
+            }
+            let output = build.output().expect("cannot run cargo to build the probe guest");
+            assert!(
+                output.status.success(),
+                "building the probe guest failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            target_dir.join("release/probe")
+        })
+        .clone()
+}
+
+pub fn mote_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mote"))
+}
+
+/// True when /dev/kvm can be used; otherwise says why this test is skipped, on both streams.
+pub fn require_kvm() -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(err) => {
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("this test")
+                .to_string();
+            println!("SKIPPED: {test} needs /dev/kvm: {err}");
+            eprintln!("SKIPPED: {test} needs /dev/kvm: {err}");
+            false
+        }
+    }
+}
+
+/// What a monitor run printed and how it ended.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = pipe.read_to_end(&mut out);
+        out
+    })
+}
+
+/// Runs `mote ARGS`, feeding `stdin` (or /dev/null), and kills it after `timeout`.
+pub fn run_mote(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Run {
+    let started = Instant::now();
+    let mut child = Command::new(mote_bin())
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start mote");
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "mote {args:?} did not end within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&stdout.join().unwrap()),
+                String::from_utf8_lossy(&stderr.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    Run {
+        status,
+        stdout: String::from_utf8_lossy(&stdout.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr.join().unwrap()).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Boots the probe with `probe.run=STEPS` added to the default command line.
+pub fn probe_run(steps: &str, extra_args: &[&str]) -> Run {
+    let probe = probe_kernel();
+    let steps = format!("probe.run={steps}");
+    let mut args = vec!["run", "--kernel", probe.to_str().unwrap(), "--append", &steps];
+    args.extend_from_slice(extra_args);
+    run_mote(&args, None, Duration::from_secs(20))
+}
