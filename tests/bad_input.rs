@@ -12,7 +12,9 @@ use common::{mote_bin, probe_kernel, require_kvm};
 
 /// A scratch directory for this test, readable by everyone (some cases run as `nobody`).
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bad_input").join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("bad_input")
+        .join(name);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -34,7 +36,11 @@ fn assert_clean_failure(output: &Output, expected: &str) -> String {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("mote: ")).collect();
     assert_eq!(lines.len(), 1, "want one error line: {stderr}");
-    assert!(lines[0].contains(expected), "want {expected:?} in {:?}", lines[0]);
+    assert!(
+        lines[0].contains(expected),
+        "want {expected:?} in {:?}",
+        lines[0]
+    );
     lines[0].to_string()
 }
 
@@ -57,7 +63,10 @@ fn missing_kernel() {
 fn directory_as_kernel() {
     let dir = scratch("directory");
     let output = run_kernel(&dir, &[]);
-    assert_clean_failure(&output, &format!("kernel image {} is not a regular file", dir.display()));
+    assert_clean_failure(
+        &output,
+        &format!("kernel image {} is not a regular file", dir.display()),
+    );
 }
 
 #[test]
@@ -76,7 +85,10 @@ fn unreadable_kernel() {
         .unwrap();
     assert_clean_failure(
         &output,
-        &format!("cannot open kernel image {}: Permission denied", kernel.display()),
+        &format!(
+            "cannot open kernel image {}: Permission denied",
+            kernel.display()
+        ),
     );
 }
 
@@ -102,7 +114,10 @@ fn truncated_kernel() {
     let image = fs::read(probe_kernel()).unwrap();
     fs::write(&kernel, &image[..100]).unwrap();
     let output = run_kernel(&kernel, &[]);
-    let line = assert_clean_failure(&output, &format!("cannot load kernel image {}", kernel.display()));
+    let line = assert_clean_failure(
+        &output,
+        &format!("cannot load kernel image {}", kernel.display()),
+    );
     assert!(line.contains("not an ELF vmlinux"), "{line}");
 }
 
@@ -126,7 +141,10 @@ fn initrd_that_does_not_fit() {
     let dir = scratch("initrd");
     let initrd = dir.join("initrd");
     // Sparse: 100 MiB of nothing, for a 64 MiB guest.
-    fs::File::create(&initrd).unwrap().set_len(100 << 20).unwrap();
+    fs::File::create(&initrd)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
     let output = run_kernel(
         &probe_kernel(),
         &["--memory", "64", "--initrd", initrd.to_str().unwrap()],
@@ -150,7 +168,10 @@ fn zero_memory() {
 #[test]
 fn more_memory_than_the_host_has() {
     let output = run_kernel(&probe_kernel(), &["--memory", "100000000"]);
-    assert_clean_failure(&output, "guest memory of 100000000 MiB is more than this host's");
+    assert_clean_failure(
+        &output,
+        "guest memory of 100000000 MiB is more than this host's",
+    );
 }
 
 #[test]

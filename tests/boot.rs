@@ -66,7 +66,11 @@ fn guest_sees_exactly_its_memory() {
             expected_ram_kib(mib),
             expected_ram_top(mib)
         );
-        assert!(run.stdout.contains(&expected), "{mib} MiB: want {expected:?}, got {}", run.stdout);
+        assert!(
+            run.stdout.contains(&expected),
+            "{mib} MiB: want {expected:?}, got {}",
+            run.stdout
+        );
         assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
     }
 }
@@ -118,11 +122,21 @@ fn append_adds_to_the_default_command_line_and_cmdline_replaces_it() {
     );
     let probe = probe_kernel();
     let run = common::run_mote(
-        &["run", "--kernel", probe.to_str().unwrap(), "--cmdline", "probe.run=cmdline"],
+        &[
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            "probe.run=cmdline",
+        ],
         None,
         Duration::from_secs(20),
     );
-    assert!(run.stdout.contains("probe: cmdline=probe.run=cmdline\n"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("probe: cmdline=probe.run=cmdline\n"),
+        "{}",
+        run.stdout
+    );
     assert_eq!(run.status.code(), Some(0));
 }
 
@@ -147,7 +161,11 @@ fn stdin_reaches_the_guest_through_the_serial_port() {
     let line = "x".repeat(150);
     let input = format!("{line}\n");
     let run = probe_run_with_stdin("read", input.as_bytes());
-    assert!(run.stdout.contains(&format!("probe: read={line}\n")), "{}", run.stdout);
+    assert!(
+        run.stdout.contains(&format!("probe: read={line}\n")),
+        "{}",
+        run.stdout
+    );
     assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
 }
 
@@ -155,7 +173,13 @@ fn probe_run_with_stdin(steps: &str, stdin: &[u8]) -> common::Run {
     let probe = probe_kernel();
     let steps = format!("probe.run={steps}");
     common::run_mote(
-        &["run", "--kernel", probe.to_str().unwrap(), "--append", &steps],
+        &[
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--append",
+            &steps,
+        ],
         Some(stdin),
         Duration::from_secs(20),
     )
@@ -168,7 +192,13 @@ fn sigterm_stops_a_running_guest_in_order() {
     }
     let probe = probe_kernel();
     let mut child = Command::new(mote_bin())
-        .args(["run", "--kernel", probe.to_str().unwrap(), "--append", "probe.run=hello,spin"])
+        .args([
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--append",
+            "probe.run=hello,spin",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -185,14 +215,17 @@ fn sigterm_stops_a_running_guest_in_order() {
         assert!(n > 0, "console closed early");
         seen.extend_from_slice(&buf[..n]);
     }
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: kill only sends a signal to the child we spawned and still own.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    common::send_signal(child.id(), libc::SIGTERM);
     let started = Instant::now();
     let status = child.wait().unwrap();
     assert!(started.elapsed() < Duration::from_secs(5), "slow to stop");
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {stderr}");
     assert!(stderr.contains("mote: stopped by SIGTERM"), "{stderr}");
 }

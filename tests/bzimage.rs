@@ -37,7 +37,12 @@ fn wrap_in_bzimage(elf: &[u8]) -> Vec<u8> {
         .filter(|ph| u32_at(ph, 0) == PT_LOAD)
         .map(|ph| {
             // (physical address, file offset, file size, memory size)
-            (u64_at(ph, 24), u64_at(ph, 8) as usize, u64_at(ph, 32) as usize, u64_at(ph, 40))
+            (
+                u64_at(ph, 24),
+                u64_at(ph, 8) as usize,
+                u64_at(ph, 32) as usize,
+                u64_at(ph, 40),
+            )
         })
         .collect();
     let low = segments.iter().map(|s| s.0).min().unwrap() & !0xfff;
@@ -92,10 +97,24 @@ fn bzimage_kernel_boots_through_its_64_bit_entry() {
         None,
         Duration::from_secs(20),
     );
-    assert!(run.stdout.contains("probe: hello\n"), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("probe: hello\n"),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
     assert!(run.stdout.contains("probe: cpus=2\n"), "{}", run.stdout);
-    assert!(run.stdout.contains("probe: mem ram_kib=130687 top=0x8000000\n"), "{}", run.stdout);
-    assert!(run.stdout.contains("probe.run=hello,cpus,mem,cmdline"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("probe: mem ram_kib=130687 top=0x8000000\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("probe.run=hello,cpus,mem,cmdline"),
+        "{}",
+        run.stdout
+    );
     assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
 }
 
@@ -108,7 +127,15 @@ fn bzimage_without_a_64_bit_entry_is_refused() {
     image[0x236] = 0; // clear XLF_KERNEL_64
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("probe32.bzImage");
     fs::write(&path, image).unwrap();
-    let run = run_mote(&["run", "--kernel", path.to_str().unwrap()], None, Duration::from_secs(20));
+    let run = run_mote(
+        &["run", "--kernel", path.to_str().unwrap()],
+        None,
+        Duration::from_secs(20),
+    );
     assert_eq!(run.status.code(), Some(1));
-    assert!(run.stderr.contains("the bzImage has no 64-bit entry point"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("the bzImage has no 64-bit entry point"),
+        "{}",
+        run.stderr
+    );
 }

@@ -52,7 +52,13 @@ const COOKED: libc::tcflag_t = libc::ICANON | libc::ECHO | libc::ISIG;
 fn spawn_on(pty: &Pty, steps: &str) -> Child {
     let probe = probe_kernel();
     Command::new(mote_bin())
-        .args(["run", "--kernel", probe.to_str().unwrap(), "--append", steps])
+        .args([
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--append",
+            steps,
+        ])
         .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -81,10 +87,19 @@ fn raw_while_running_and_restored_after_the_guest_exits() {
     pty.master.write_all(b"typed\r").unwrap();
     let status = child.wait().unwrap();
     let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     assert_eq!(status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("probe: read=typed\n"), "{stdout}");
-    assert_eq!(local_flags(&pty.slave) & COOKED, COOKED, "terminal left raw");
+    assert_eq!(
+        local_flags(&pty.slave) & COOKED,
+        COOKED,
+        "terminal left raw"
+    );
 }
 
 #[test]
@@ -95,11 +110,14 @@ fn restored_after_a_stop_signal() {
     let pty = open_pty();
     let mut child = spawn_on(&pty, "probe.run=spin");
     wait_for_raw_mode(&pty);
-    // SAFETY: kill only sends a signal to the child we spawned and still own.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    common::send_signal(child.id(), libc::SIGTERM);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
-    assert_eq!(local_flags(&pty.slave) & COOKED, COOKED, "terminal left raw");
+    assert_eq!(
+        local_flags(&pty.slave) & COOKED,
+        COOKED,
+        "terminal left raw"
+    );
 }
 
 #[test]
@@ -113,5 +131,9 @@ fn restored_after_a_guest_failure() {
     pty.master.write_all(b"go\r").unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1), "a triple fault is a failure");
-    assert_eq!(local_flags(&pty.slave) & COOKED, COOKED, "terminal left raw");
+    assert_eq!(
+        local_flags(&pty.slave) & COOKED,
+        COOKED,
+        "terminal left raw"
+    );
 }

@@ -61,7 +61,7 @@ mod tests {
         let mem = create_guest_memory(16).unwrap();
         assert_eq!(
             mem.iter()
-                .map(|r| vm_memory::GuestMemoryRegion::len(r))
+                .map(vm_memory::GuestMemoryRegion::len)
                 .sum::<u64>(),
             16 << 20
         );

@@ -43,7 +43,9 @@ pub fn probe_kernel() -> PathBuf {
             for var in CARGO_ENV_TO_CLEAR {
                 build.env_remove(var);
             }
-            let output = build.output().expect("cannot run cargo to build the probe guest");
+            let output = build
+                .output()
+                .expect("cannot run cargo to build the probe guest");
             assert!(
                 output.status.success(),
                 "building the probe guest failed:\n{}",
@@ -60,7 +62,11 @@ pub fn mote_bin() -> PathBuf {
 
 /// True when /dev/kvm can be used; otherwise says why this test is skipped, on both streams.
 pub fn require_kvm() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(err) => {
             let test = std::thread::current()
@@ -95,7 +101,11 @@ pub fn run_mote(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Run {
     let started = Instant::now();
     let mut child = Command::new(mote_bin())
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -135,7 +145,20 @@ pub fn run_mote(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Run {
 pub fn probe_run(steps: &str, extra_args: &[&str]) -> Run {
     let probe = probe_kernel();
     let steps = format!("probe.run={steps}");
-    let mut args = vec!["run", "--kernel", probe.to_str().unwrap(), "--append", &steps];
+    let mut args = vec![
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--append",
+        &steps,
+    ];
     args.extend_from_slice(extra_args);
     run_mote(&args, None, Duration::from_secs(20))
+}
+
+/// Sends `signal` to the child process `pid` that the test spawned.
+pub fn send_signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill only sends a signal; the pid is a child this test spawned and still owns.
+    let ret = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(ret, 0, "kill: {}", std::io::Error::last_os_error());
 }

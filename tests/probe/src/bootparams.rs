@@ -49,6 +49,8 @@ impl ZeroPage {
     pub fn ram(&self) -> (u64, u64) {
         self.e820()
             .filter(|e| e.kind == E820_RAM)
-            .fold((0, 0), |(kib, top), e| (kib + e.size / 1024, top.max(e.addr + e.size)))
+            .fold((0, 0), |(kib, top), e| {
+                (kib + e.size / 1024, top.max(e.addr + e.size))
+            })
     }
 }

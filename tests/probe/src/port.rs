@@ -2,13 +2,17 @@
 
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects; IOPL 3 permits it at CPL 3.
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags))
+    };
 }
 
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nostack, preserves_flags))
+    };
     value
 }
 
