@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::serial::SerialInput;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use log::{info, warn};
+use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::signals::{signal_name, StopSignals};
@@ -99,7 +99,7 @@ impl Vmm {
     fn conclude(&mut self, outcome: Outcome) {
         // The first reason wins: later vCPU exits are consequences of stopping.
         if self.outcome.is_none() {
-            info!("stopping: {outcome:?}");
+            debug!("stopping: {outcome:?}");
             self.outcome = Some(outcome);
         }
     }
