@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use devices::legacy::boot_timer::BootTimer;
 use devices::legacy::i8042::I8042;
-use devices::legacy::serial::{SerialDevice, SerialInput};
+use devices::legacy::serial::SerialDevice;
 use devices::legacy::EventFdTrigger;
 use devices::Bus;
 use linux_loader::cmdline::Cmdline;
@@ -20,7 +20,8 @@ use crate::arch::x86_64::layout::{
     MMIO_SLOT_SIZE,
 };
 use crate::arch::{self, DEFAULT_BOOT_ARGS};
-use crate::config::{ConfigError, VmResources};
+use crate::config::{validate_drives, ConfigError, DriveConfig, VmResources};
+use crate::device_manager::{block_device, open_drives, DeviceError, MmioDevices, Subscriber};
 use crate::vmm::Vmm;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::Vcpu;
@@ -75,6 +76,8 @@ pub enum BuildError {
     },
     #[error("cannot place a device: {0}")]
     Bus(#[from] devices::BusError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -105,9 +108,24 @@ fn open_boot_file(what: &'static str, path: &Path) -> Result<File, BuildError> {
     Ok(file)
 }
 
-/// The kernel command line: the user's, or the defaults.
-fn build_cmdline(boot_args: Option<&str>) -> Result<Cmdline, BuildError> {
-    let args = boot_args.unwrap_or(DEFAULT_BOOT_ARGS).trim();
+/// The kernel command line: the user's or the defaults, then the root device (unless the user
+/// named one) and the virtio-mmio devices.
+fn build_cmdline(
+    boot_args: Option<&str>,
+    root: Option<&DriveConfig>,
+    devices: &[String],
+) -> Result<Cmdline, BuildError> {
+    let mut args = boot_args.unwrap_or(DEFAULT_BOOT_ARGS).trim().to_string();
+    let names_root = args.split_whitespace().any(|arg| arg.starts_with("root="));
+    if let Some(root) = root.filter(|_| !names_root) {
+        let mode = if root.is_read_only { "ro" } else { "rw" };
+        args.push_str(&format!(" root=/dev/vda {mode}"));
+    }
+    for device in devices {
+        args.push(' ');
+        args.push_str(device);
+    }
+    let args = args.trim();
     let max = arch::cmdline_capacity() - 1;
     if args.len() > max {
         return Err(BuildError::CmdlineTooLong {
@@ -149,18 +167,19 @@ fn load_initrd(
     Ok(placement)
 }
 
-/// Builds the VM described by `resources`, vCPUs paused, and returns it with the console's
-/// input side for the event loop.
+/// Builds the VM described by `resources`, vCPUs paused, and returns it with the subscribers
+/// the event loop must serve (device data paths, the console's input).
 pub fn build_microvm(
     resources: &VmResources,
     console: Console,
     process_start: Instant,
     process_start_cpu_us: u64,
-) -> Result<(Vmm, Option<SerialInput<File>>), BuildError> {
+) -> Result<(Vmm, Vec<Subscriber>), BuildError> {
     let vcpu_count = resources.machine_config.vcpus()?;
+    validate_drives(&resources.drives)?;
     let boot_source = &resources.boot_source;
     let mut kernel = open_boot_file("kernel image", &boot_source.kernel_image_path)?;
-    let cmdline = build_cmdline(boot_source.boot_args.as_deref())?;
+    let drive_files = open_drives(&resources.drives)?;
 
     let memory = create_guest_memory(resources.machine_config.mem_size_mib)?;
     let vm = Vm::new(memory)?;
@@ -175,22 +194,33 @@ pub fn build_microvm(
         .as_deref()
         .map(|path| load_initrd(mem, &boot, path))
         .transpose()?;
-    arch::configure_system(mem, &boot, &cmdline, initrd, vcpu_count)
-        .map_err(BuildError::Configure)?;
 
     let mut pio_bus = Bus::new();
     let mut mmio_bus = Bus::new();
+    let mut mmio_devices = MmioDevices::default();
+    for (drive, file) in resources.drives.iter().zip(drive_files) {
+        mmio_devices.attach(&vm, &mut mmio_bus, block_device(drive, file)?)?;
+    }
+    let root = resources.drives.iter().find(|d| d.is_root_device);
+    let cmdline = build_cmdline(
+        boot_source.boot_args.as_deref(),
+        root,
+        &mmio_devices.cmdline_args,
+    )?;
+    arch::configure_system(mem, &boot, &cmdline, initrd, vcpu_count)
+        .map_err(BuildError::Configure)?;
+
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset event"))?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial IRQ event"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let serial = SerialDevice::new(EventFdTrigger::new(serial_irq), console.output)
         .map_err(io_err("the serial port"))?;
-    let serial_input = console
-        .input
-        .map(|input| serial.input(input))
-        .transpose()
-        .map_err(io_err("the serial input"))?;
+    let mut subscribers = mmio_devices.subscribers;
+    if let Some(input) = console.input {
+        let input = serial.input(input).map_err(io_err("the serial input"))?;
+        subscribers.push(Arc::new(Mutex::new(input)));
+    }
     pio_bus.insert(Arc::new(Mutex::new(serial)), COM1_PORT, COM1_PORT_LEN)?;
     let i8042_reset = reset_evt.try_clone().map_err(io_err("the reset event"))?;
     pio_bus.insert(
@@ -224,7 +254,7 @@ pub fn build_microvm(
     }
 
     let vmm = Vmm::new(vm, vcpus, exit_evt, reset_evt).map_err(io_err("the signal handlers"))?;
-    Ok((vmm, serial_input))
+    Ok((vmm, subscribers))
 }
 
 #[cfg(test)]
@@ -233,7 +263,7 @@ mod tests {
 
     #[test]
     fn default_command_line_is_firecrackers() {
-        let cmdline = build_cmdline(None).unwrap();
+        let cmdline = build_cmdline(None, None, &[]).unwrap();
         assert_eq!(
             cmdline.as_cstring().unwrap().to_str().unwrap(),
             DEFAULT_BOOT_ARGS
@@ -243,14 +273,36 @@ mod tests {
     #[test]
     fn overlong_command_line_is_refused_with_its_length() {
         let args = "a".repeat(2048);
-        match build_cmdline(Some(&args)) {
+        match build_cmdline(Some(&args), None, &[]) {
             Err(BuildError::CmdlineTooLong {
                 len: 2048,
                 max: 2047,
             }) => {}
             other => panic!("{:?}", other.map(|_| ())),
         }
-        assert!(build_cmdline(Some(&"a".repeat(2047))).is_ok());
+        assert!(build_cmdline(Some(&"a".repeat(2047)), None, &[]).is_ok());
+    }
+
+    #[test]
+    fn root_drive_and_devices_join_the_command_line() {
+        let root = DriveConfig {
+            drive_id: "rootfs".into(),
+            path_on_host: "/r".into(),
+            is_root_device: true,
+            is_read_only: true,
+        };
+        let devices = ["virtio_mmio.device=4K@0xc0001000:5".to_string()];
+        let cmdline = build_cmdline(Some("console=ttyS0"), Some(&root), &devices).unwrap();
+        assert_eq!(
+            cmdline.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 root=/dev/vda ro virtio_mmio.device=4K@0xc0001000:5"
+        );
+        // A root the user named wins.
+        let cmdline = build_cmdline(Some("root=/dev/vdb"), Some(&root), &[]).unwrap();
+        assert_eq!(
+            cmdline.as_cstring().unwrap().to_str().unwrap(),
+            "root=/dev/vdb"
+        );
     }
 
     #[test]

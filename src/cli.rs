@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
 
 use crate::arch::DEFAULT_BOOT_ARGS;
-use crate::config::{BootSourceConfig, MachineConfig, VmResources};
+use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VmResources};
 use crate::logger::parse_level;
 
 #[derive(Debug, Parser)]
@@ -56,6 +56,50 @@ pub struct RunArgs {
     /// Log the time from the monitor's start to the guest's boot-complete signal.
     #[arg(long)]
     pub boot_timer: bool,
+    /// Root file system image: the first drive (/dev/vda), mounted as root. `PATH[,ro]`.
+    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_rootfs)]
+    pub rootfs: Option<DriveSpec>,
+    /// Another drive (vdb, vdc, … in order). `PATH[,ro][,id=ID]`; may repeat.
+    #[arg(long = "drive", value_name = "PATH[,ro][,id=ID]", value_parser = parse_drive)]
+    pub drives: Vec<DriveSpec>,
+}
+
+/// A drive as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub id: Option<String>,
+}
+
+fn parse_drive_spec(spec: &str, allow_id: bool) -> Result<DriveSpec, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("no path given")?;
+    let mut drive = DriveSpec {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => drive.read_only = true,
+            None if option == "rw" => drive.read_only = false,
+            Some(("id", id)) if allow_id => drive.id = Some(id.to_string()),
+            _ => return Err(format!("unknown drive option {option:?}")),
+        }
+    }
+    Ok(drive)
+}
+
+fn parse_rootfs(spec: &str) -> Result<DriveSpec, String> {
+    parse_drive_spec(spec, false)
+}
+
+fn parse_drive(spec: &str) -> Result<DriveSpec, String> {
+    parse_drive_spec(spec, true)
 }
 
 impl RunArgs {
@@ -81,7 +125,31 @@ impl RunArgs {
                 mem_size_mib: self.memory,
             },
             boot_timer: self.boot_timer,
+            drives: self.drive_configs(),
         }
+    }
+
+    fn drive_configs(&self) -> Vec<DriveConfig> {
+        let root = self.rootfs.iter().map(|spec| DriveConfig {
+            drive_id: "rootfs".to_string(),
+            path_on_host: spec.path.clone(),
+            is_root_device: true,
+            is_read_only: spec.read_only,
+        });
+        let others = self
+            .drives
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| DriveConfig {
+                drive_id: spec
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| format!("drive{}", index + 1)),
+                path_on_host: spec.path.clone(),
+                is_root_device: false,
+                is_read_only: spec.read_only,
+            });
+        root.chain(others).collect()
     }
 }
 
@@ -114,6 +182,41 @@ mod tests {
     #[test]
     fn cmdline_and_append_conflict() {
         assert!(parse(&["run", "--kernel", "k", "--cmdline", "a", "--append", "b"]).is_err());
+    }
+
+    #[test]
+    fn rootfs_comes_first_and_drives_follow_in_order() {
+        let run = run_args(&[
+            "run",
+            "--kernel",
+            "k",
+            "--drive",
+            "/b,ro",
+            "--rootfs",
+            "/r",
+            "--drive",
+            "/c,id=data",
+        ]);
+        let drives = run.resources().drives;
+        let ids: Vec<&str> = drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(ids, ["rootfs", "drive1", "data"]);
+        assert!(drives[0].is_root_device && !drives[0].is_read_only);
+        assert!(drives[1].is_read_only);
+    }
+
+    #[test]
+    fn drive_options_are_checked() {
+        assert!(parse(&["run", "--kernel", "k", "--drive", "/b,fast"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--rootfs", "/r,id=x"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--drive", ",ro"]).is_err());
+        assert_eq!(
+            parse_drive("/b,ro,id=x"),
+            Ok(DriveSpec {
+                path: "/b".into(),
+                read_only: true,
+                id: Some("x".into())
+            })
+        );
     }
 
     #[test]

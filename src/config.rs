@@ -42,6 +42,12 @@ pub enum ConfigError {
     VcpuCount(u64),
     #[error("mem_size_mib 0 is out of range: a guest needs memory")]
     MemSizeZero,
+    #[error("drive_id {0:?} is invalid: use 1 to 20 letters, digits, '_' or '-'")]
+    DriveId(String),
+    #[error("drive_id {0:?} is given twice")]
+    DuplicateDriveId(String),
+    #[error("more than one drive has is_root_device set")]
+    TwoRootDevices,
 }
 
 impl MachineConfig {
@@ -62,11 +68,55 @@ impl MachineConfig {
     }
 }
 
+/// Firecracker's `drives` entry: a virtio-blk device backed by a host file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+    /// The root file system: the first drive (`/dev/vda`), named on the command line.
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+}
+
+/// The longest drive id; also what the guest reads back with GET_ID (20 bytes).
+pub const DRIVE_ID_MAX_LEN: usize = 20;
+
+impl DriveConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if self.drive_id.is_empty()
+            || self.drive_id.len() > DRIVE_ID_MAX_LEN
+            || !self.drive_id.chars().all(valid_char)
+        {
+            return Err(ConfigError::DriveId(self.drive_id.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a set of drives: valid and unique ids, at most one root device.
+pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
+    for (index, drive) in drives.iter().enumerate() {
+        drive.validate()?;
+        if drives[..index].iter().any(|d| d.drive_id == drive.drive_id) {
+            return Err(ConfigError::DuplicateDriveId(drive.drive_id.clone()));
+        }
+    }
+    if drives.iter().filter(|d| d.is_root_device).count() > 1 {
+        return Err(ConfigError::TwoRootDevices);
+    }
+    Ok(())
+}
+
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmResources {
     pub boot_source: BootSourceConfig,
     pub machine_config: MachineConfig,
+    /// In the order the guest sees them (`vda`, `vdb`, …); the root device, if any, first.
+    pub drives: Vec<DriveConfig>,
     /// Add the boot-timer device and log the guest's boot time.
     pub boot_timer: bool,
 }
@@ -84,6 +134,36 @@ mod tests {
         }
         config.vcpu_count = 32;
         assert_eq!(config.vcpus(), Ok(32));
+    }
+
+    fn drive(id: &str, root: bool) -> DriveConfig {
+        DriveConfig {
+            drive_id: id.into(),
+            path_on_host: "/d".into(),
+            is_root_device: root,
+            is_read_only: false,
+        }
+    }
+
+    #[test]
+    fn drive_ids_are_checked() {
+        assert!(validate_drives(&[drive("rootfs", true), drive("data_1", false)]).is_ok());
+        assert_eq!(
+            validate_drives(&[drive("a b", false)]),
+            Err(ConfigError::DriveId("a b".into()))
+        );
+        assert_eq!(
+            validate_drives(&[drive(&"x".repeat(21), false)]),
+            Err(ConfigError::DriveId("x".repeat(21)))
+        );
+        assert_eq!(
+            validate_drives(&[drive("a", false), drive("a", false)]),
+            Err(ConfigError::DuplicateDriveId("a".into()))
+        );
+        assert_eq!(
+            validate_drives(&[drive("a", true), drive("b", true)]),
+            Err(ConfigError::TwoRootDevices)
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod arch;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod device_manager;
 pub mod logger;
 pub mod signals;
 pub mod terminal;
@@ -47,8 +48,8 @@ pub fn run_guest(
         output: Box::new(io::stdout()),
         input: Some(input),
     };
-    let (vmm, serial_input) =
+    let (vmm, subscribers) =
         build_microvm(resources, console, process_start, process_start_cpu_us)?;
     let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
-    Ok(run_until_exit(vmm, serial_input)?)
+    Ok(run_until_exit(vmm, subscribers)?)
 }

@@ -1,12 +1,11 @@
 //! The running microVM and the main thread's event loop: vCPU exits, the guest's reset request
 //! and stop signals all arrive here as fds, and decide how the monitor ends.
 
-use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::serial::SerialInput;
+use crate::device_manager::Subscriber;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
@@ -162,22 +161,17 @@ pub enum RunError {
     Loop(event_manager::Error),
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
 fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
     vmm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Runs the guest until it stops, fails or a signal stops the monitor; then ends the vCPUs.
-pub fn run_until_exit(
-    vmm: Vmm,
-    serial_input: Option<SerialInput<File>>,
-) -> Result<Outcome, RunError> {
+pub fn run_until_exit(vmm: Vmm, subscribers: Vec<Subscriber>) -> Result<Outcome, RunError> {
     let mut manager = EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
     let vmm = Arc::new(Mutex::new(vmm));
     manager.add_subscriber(vmm.clone());
-    if let Some(input) = serial_input {
-        manager.add_subscriber(Arc::new(Mutex::new(input)));
+    for subscriber in subscribers {
+        manager.add_subscriber(subscriber);
     }
     lock(&vmm).resume_vcpus();
     let outcome = loop {

@@ -38,31 +38,35 @@ fn artifacts() -> &'static Path {
 }
 
 fn boot_linux(kernel: &str, vcpus: u32, extra_args: &str) -> common::Run {
-    let dir = artifacts();
-    let kernel = dir.join(kernel);
-    let initrd = dir.join("initramfs.cpio.gz");
+    let initrd = artifacts().join("initramfs.cpio.gz");
+    boot_linux_with(
+        kernel,
+        vcpus,
+        extra_args,
+        &["--initrd", initrd.to_str().unwrap()],
+    )
+}
+
+fn boot_linux_with(kernel: &str, vcpus: u32, extra_args: &str, more: &[&str]) -> common::Run {
+    let kernel = artifacts().join(kernel);
     let mut append = String::from(extra_args);
     if is_pvm_host() {
         append = format!("{PVM_CLEARCPUID} {append}");
     }
     let vcpus = vcpus.to_string();
-    run_mote(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--vcpus",
-            &vcpus,
-            "--memory",
-            "256",
-            "--append",
-            append.trim(),
-        ],
-        None,
-        LINUX_TIMEOUT,
-    )
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--vcpus",
+        &vcpus,
+        "--memory",
+        "256",
+        "--append",
+        append.trim(),
+    ];
+    args.extend_from_slice(more);
+    run_mote(&args, None, LINUX_TIMEOUT)
 }
 
 /// Checks the boot reached init on `vcpus` CPUs and ended with the guest's own reset.
@@ -117,6 +121,42 @@ fn linux_bzimage_boots_to_init_on_2_vcpus() {
     }
     let run = boot_linux("bzImage", 2, "microvm.poweroff");
     assert_reached_init(&run, 2);
+}
+
+#[test]
+fn linux_mounts_its_root_from_virtio_blk_and_sees_a_second_drive() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux_blk");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Copies: the guest mounts its root read-write.
+    let root = dir.join("rootfs.ext4");
+    std::fs::copy(artifacts().join("rootfs.ext4"), &root).unwrap();
+    let data = dir.join("data.img");
+    std::fs::write(&data, vec![0u8; 4 << 20]).unwrap();
+    let data_arg = format!("{},ro", data.display());
+    let run = boot_linux_with(
+        "vmlinux",
+        1,
+        "microvm.poweroff",
+        &["--rootfs", root.to_str().unwrap(), "--drive", &data_arg],
+    );
+    let console = &run.stdout;
+    assert!(
+        console.contains("[vda] 65536 512-byte logical blocks"),
+        "{console}"
+    );
+    assert!(
+        console.contains("[vdb] 8192 512-byte logical blocks"),
+        "{console}"
+    );
+    assert!(
+        console.contains("VFS: Mounted root (ext4 filesystem) on device 254:0"),
+        "{console}"
+    );
+    assert!(console.contains("Run /init as init process"), "{console}");
+    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The KVM VM: its fd, its guest memory registered as memory slots, its interrupt controllers.
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,6 +31,11 @@ pub enum VmError {
     #[error("cannot create vCPU {index}: {source}")]
     CreateVcpu {
         index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot route writes at {addr:#x} to an eventfd: {source}")]
+    Ioeventfd {
+        addr: u64,
         source: kvm_ioctls::Error,
     },
     #[error("cannot route IRQ {gsi} to an eventfd: {source}")]
@@ -99,6 +104,19 @@ impl Vm {
         self.fd
             .create_vcpu(u64::from(index))
             .map_err(|source| VmError::CreateVcpu { index, source })
+    }
+
+    /// Makes a guest's 4-byte MMIO write of `value` at `addr` signal `evt` inside KVM, with no
+    /// exit to the monitor.
+    pub fn register_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        value: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
+            .map_err(|source| VmError::Ioeventfd { addr, source })
     }
 
     /// Makes writes to `evt` raise interrupt line `gsi`.

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod bootparams;
 mod entry;
 mod mptable;
@@ -14,6 +15,7 @@ mod port;
 #[macro_use]
 mod serial;
 mod steps;
+mod virtio;
 
 use bootparams::ZeroPage;
 

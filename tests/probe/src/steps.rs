@@ -1,6 +1,7 @@
 //! The probe's command language: `probe.run=STEP[,STEP…]`, each step optionally with
 //! arguments after colons (`count:5:1000`).
 
+use crate::blk::Blk;
 use crate::bootparams::ZeroPage;
 use crate::mptable;
 use crate::port::{outb, write_phys};
@@ -44,6 +45,7 @@ fn spin(iterations: u64) {
 
 pub fn run(zero_page: &ZeroPage) {
     let cmdline = zero_page.cmdline();
+    let mut blk: Option<Blk> = None;
     let steps = cmdline_value(cmdline, RUN_KEY).unwrap_or(b"boot");
     for step in steps.split(|b| *b == b',').filter(|s| !s.is_empty()) {
         let mut parts = step.split(|b| *b == b':');
@@ -78,8 +80,91 @@ pub fn run(zero_page: &ZeroPage) {
                 core::hint::spin_loop();
             },
             b"triple" => triple_fault(),
+            b"blk-init" => {
+                let slot = parse_u64(parts.next()).unwrap_or(0);
+                match Blk::start(slot) {
+                    Ok(device) => {
+                        report!(
+                            "blk-init capacity={} ro={}",
+                            device.capacity,
+                            device.read_only
+                        );
+                        blk = Some(device);
+                    }
+                    Err(err) => report!("blk-init error {err:?}"),
+                }
+            }
+            b"blk-write" | b"blk-read" | b"blk-flush" | b"blk-id" | b"blk-hostile" => {
+                let Some(device) = blk.as_mut() else {
+                    report!("error {} before blk-init", as_str(name));
+                    continue;
+                };
+                blk_step(device, name, &mut parts);
+            }
             b"panic" => panic!("requested on the command line"),
             other => report!("error unknown step {}", as_str(other)),
+        }
+    }
+}
+
+/// `blk-write:SECTOR:COUNT:SEED`, `blk-read:SECTOR:COUNT:SEED`, `blk-flush`, `blk-id`,
+/// `blk-hostile:CASE`.
+fn blk_step<'a>(device: &mut Blk, name: &[u8], args: &mut impl Iterator<Item = &'a [u8]>) {
+    let name = as_str(name);
+    match name {
+        "blk-write" | "blk-read" => {
+            let sector = parse_u64(args.next()).unwrap_or(0);
+            let count = parse_u64(args.next()).unwrap_or(1) as usize;
+            let seed = parse_u64(args.next()).unwrap_or(0);
+            let write = name == "blk-write";
+            if write {
+                Blk::fill_pattern(sector, count, seed);
+            }
+            match device.transfer(write, sector, count) {
+                Ok(done) if write => report!("blk-write status={}", done.status),
+                Ok(done) => {
+                    let matches = Blk::check_pattern(sector, count, seed).is_none();
+                    report!(
+                        "blk-read status={} match={}",
+                        done.status,
+                        if matches { "yes" } else { "no" }
+                    );
+                }
+                Err(err) => report!("{name} error {err:?}"),
+            }
+        }
+        "blk-flush" => match device.flush() {
+            Ok(done) => report!("blk-flush status={}", done.status),
+            Err(err) => report!("blk-flush error {err:?}"),
+        },
+        "blk-id" => match device.get_id() {
+            Ok((done, id)) => {
+                let len = id.iter().position(|b| *b == 0).unwrap_or(id.len());
+                report!("blk-id status={} id={}", done.status, as_str(&id[..len]));
+            }
+            Err(err) => report!("blk-id error {err:?}"),
+        },
+        _ => {
+            let case = args.next().unwrap_or_default();
+            match device.hostile(case) {
+                None => report!("error unknown hostile case {}", as_str(case)),
+                Some(Ok(done)) => report!(
+                    "blk-hostile {} status={} used_len={}",
+                    as_str(case),
+                    done.status,
+                    done.used_len
+                ),
+                Some(Err(err)) => report!("blk-hostile {} error {err:?}", as_str(case)),
+            }
+            // Either the device still serves a good request, or it says it needs a reset.
+            if device.needs_reset() {
+                report!("blk-needs-reset");
+            } else {
+                match device.transfer(false, 0, 1) {
+                    Ok(done) => report!("blk-alive status={}", done.status),
+                    Err(err) => report!("blk-dead {err:?}"),
+                }
+            }
         }
     }
 }

@@ -1,0 +1,547 @@
+//! virtio-blk on a raw host file: read, write, flush (fdatasync), GET_ID, read-only drives.
+//!
+//! Layout of this file: constants and the configuration space, the device state, activation,
+//! the queue handler, the event handler, tests.
+
+mod request;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{debug, warn};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::request::{execute, Disk};
+pub use self::request::{RequestError, SECTOR_SIZE};
+use super::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// One request queue of up to 256 entries.
+pub const QUEUE_MAX_SIZES: &[u16] = &[256];
+/// Configuration space: `capacity` (u64, in 512-byte sectors) is all the driver needs.
+const CONFIG_CAPACITY_LEN: usize = 8;
+/// Longest chain the device looks at: header, data buffers, status; longer chains loop or lie.
+const MAX_CHAIN_LEN: usize = QUEUE_MAX_SIZES[0] as usize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot read the size of the drive's file: {0}")]
+    Size(std::io::Error),
+    #[error("cannot create the queue event: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// The queue and memory of a device the driver has started.
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+}
+
+pub struct Block {
+    id: String,
+    file: File,
+    read_only: bool,
+    capacity_sectors: u64,
+    config: [u8; CONFIG_CAPACITY_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    queue_events: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    active: Option<Active>,
+}
+
+impl Block {
+    /// A drive backed by `file` (opened read-only or read-write to match `read_only`).
+    pub fn new(id: String, file: File, read_only: bool, irq: EventFd) -> Result<Self, BlockError> {
+        let size = file.metadata().map_err(BlockError::Size)?.len();
+        // A trailing partial sector cannot be addressed by the guest.
+        let capacity_sectors = size / SECTOR_SIZE;
+        let mut avail_features =
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_BLK_F_FLUSH;
+        if read_only {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Self {
+            id,
+            file,
+            read_only,
+            capacity_sectors,
+            config: capacity_sectors.to_le_bytes(),
+            avail_features,
+            acked_features: 0,
+            queue_events: vec![EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            interrupt: Arc::new(Interrupt::new(irq)),
+            active: None,
+        })
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    /// Serves every request the driver has made available, then signals the guest once.
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let disk = Disk {
+            file: &self.file,
+            read_only: self.read_only,
+            capacity_sectors: self.capacity_sectors,
+            id: self.id.as_bytes(),
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queue;
+        let mut completed = false;
+        let mut descriptors = Vec::with_capacity(4);
+        loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            let chains = match queue.iter(mem) {
+                Ok(chains) => chains,
+                Err(err) => {
+                    // The available index is further ahead than the ring is long: the driver
+                    // is broken or hostile, and nothing in the ring can be trusted.
+                    warn!("virtio-blk {}: {err}; the device needs a reset", self.id);
+                    self.interrupt.signal_needs_reset();
+                    self.active = None;
+                    return;
+                }
+            };
+            let mut done = Vec::new();
+            for chain in chains {
+                let head = chain.head_index();
+                descriptors.clear();
+                descriptors.extend(chain.take(MAX_CHAIN_LEN));
+                let completion = execute(mem, &descriptors, &disk);
+                if let Some(addr) = completion.status_addr {
+                    if mem.write_obj(completion.status, addr).is_err() {
+                        debug!("virtio-blk {}: status byte outside guest memory", self.id);
+                    }
+                }
+                done.push((head, completion.used_len));
+            }
+            for (head, len) in done {
+                if let Err(err) = queue.add_used(mem, head, len) {
+                    warn!(
+                        "virtio-blk {}: cannot complete request {head}: {err}",
+                        self.id
+                    );
+                }
+                completed = true;
+            }
+            // Re-enable notifications; if the driver added requests meanwhile, serve those too.
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if completed && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_used_ring();
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_MAX_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        debug!(
+            "virtio-blk {}: ignored write to read-only config at {offset:#x}",
+            self.id
+        );
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let mut queue = queues
+            .into_iter()
+            .next()
+            .filter(|_| got == QUEUE_MAX_SIZES.len())
+            .ok_or(ActivateError::QueueCount {
+                got,
+                want: QUEUE_MAX_SIZES.len(),
+            })?;
+        queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        self.active = Some(Active { mem, queue });
+        // Requests may have been made available before the driver said DRIVER_OK.
+        self.process_queue();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.queue_events[0].as_raw_fd() {
+            // Read first: a notification that lands while the queue is served is not lost.
+            let _ = self.queue_events[0].read();
+            self.process_queue();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+            warn!("virtio-blk {}: cannot watch its queue: {err}", self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    const QUEUE_LEN: u16 = 16;
+    const HEADER_ADDR: u64 = 0x1_0000;
+    const DATA_ADDR: u64 = 0x2_0000;
+    const STATUS_ADDR: u64 = 0x3_0000;
+    const DISK_SECTORS: u64 = 64;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+
+    struct Fixture {
+        mem: &'static GuestMemoryMmap,
+        /// The driver's view of the queue, for the whole test (creating one zeroes the rings).
+        mock: MockSplitQueue<'static, GuestMemoryMmap>,
+        file: TempFile,
+        block: Block,
+        next_desc: u16,
+    }
+
+    fn pattern(sector: u64) -> Vec<u8> {
+        (0..SECTOR_SIZE)
+            .map(|i| (sector as u8).wrapping_mul(7) ^ i as u8)
+            .collect()
+    }
+
+    fn fixture(read_only: bool) -> Fixture {
+        // Leaked so that the mock queue can borrow it for the whole test.
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        ));
+        let file = TempFile::new().unwrap();
+        for sector in 0..DISK_SECTORS {
+            file.as_file().write_all(&pattern(sector)).unwrap();
+        }
+        let backing = file.as_file().try_clone().unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut block = Block::new("drive-id".into(), backing, read_only, irq).unwrap();
+        block.set_acked_features(VIRTIO_F_VERSION_1);
+        let mock = MockSplitQueue::new(mem, QUEUE_LEN);
+        block
+            .activate(mem.clone(), vec![mock.create_queue::<Queue>().unwrap()])
+            .unwrap();
+        Fixture {
+            mem,
+            mock,
+            file,
+            block,
+            next_desc: 0,
+        }
+    }
+
+    impl Fixture {
+        fn header(&self, request_type: u32, sector: u64) {
+            self.mem
+                .write_obj(request_type, GuestAddress(HEADER_ADDR))
+                .unwrap();
+            self.mem
+                .write_obj(0u32, GuestAddress(HEADER_ADDR + 4))
+                .unwrap();
+            self.mem
+                .write_obj(sector, GuestAddress(HEADER_ADDR + 8))
+                .unwrap();
+            self.mem
+                .write_obj(0xffu8, GuestAddress(STATUS_ADDR))
+                .unwrap();
+        }
+
+        /// Makes `descs` (addr, len, flags, next relative to the chain's first) available as
+        /// one chain, and lets the device serve it.
+        fn submit(&mut self, descs: &[(u64, u32, u16, u16)]) {
+            let base = self.next_desc;
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .map(|&(addr, len, flags, next)| {
+                    RawDescriptor::from(SplitDescriptor::new(
+                        addr,
+                        len,
+                        flags,
+                        (base + next) % QUEUE_LEN,
+                    ))
+                })
+                .collect();
+            self.mock.add_desc_chains(&raw, base).unwrap();
+            self.next_desc = (base + descs.len() as u16) % QUEUE_LEN;
+            self.block.process_queue();
+        }
+
+        fn standard(&mut self, request_type: u32, sector: u64, data_flags: u16, data_len: u32) {
+            self.header(request_type, sector);
+            self.submit(&[
+                (HEADER_ADDR, 16, N, 1),
+                (DATA_ADDR, data_len, data_flags | N, 2),
+                (STATUS_ADDR, 1, W, 0),
+            ]);
+        }
+
+        fn status(&self) -> u8 {
+            self.mem.read_obj(GuestAddress(STATUS_ADDR)).unwrap()
+        }
+
+        /// (id, len) of the newest used-ring entry, and the used index.
+        fn last_used(&self) -> (u32, u32, u16) {
+            let idx = self.mock.used().idx().load();
+            let elem = self
+                .mock
+                .used()
+                .ring()
+                .ref_at(usize::from(idx.wrapping_sub(1) % QUEUE_LEN))
+                .unwrap()
+                .load();
+            (elem.id(), elem.len(), idx)
+        }
+
+        fn file_sector(&self, sector: u64) -> Vec<u8> {
+            let mut buf = vec![0u8; SECTOR_SIZE as usize];
+            self.file
+                .as_file()
+                .read_exact_at(&mut buf, sector * SECTOR_SIZE)
+                .unwrap();
+            buf
+        }
+
+        fn guest_data(&self, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.mem
+                .read_slice(&mut buf, GuestAddress(DATA_ADDR))
+                .unwrap();
+            buf
+        }
+
+        /// A good read still works: the device was not wedged by what came before.
+        fn assert_still_serves(&mut self) {
+            self.mem
+                .write_slice(&[0u8; 512], GuestAddress(DATA_ADDR))
+                .unwrap();
+            self.standard(VIRTIO_BLK_T_IN, 5, W, 512);
+            assert_eq!(self.status(), VIRTIO_BLK_S_OK as u8);
+            assert_eq!(self.guest_data(512), pattern(5));
+        }
+    }
+
+    #[test]
+    fn read_copies_file_sectors_into_the_guest() {
+        let mut f = fixture(false);
+        f.standard(VIRTIO_BLK_T_IN, 3, W, 1024);
+        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(f.guest_data(1024), [pattern(3), pattern(4)].concat());
+        assert_eq!(f.last_used(), (0, 1025, 1));
+    }
+
+    #[test]
+    fn write_lands_in_the_host_file() {
+        let mut f = fixture(false);
+        f.mem
+            .write_slice(&[0xab; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
+        f.standard(VIRTIO_BLK_T_OUT, 7, 0, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(f.file_sector(7), vec![0xab; 512]);
+        assert_eq!(f.file_sector(8), pattern(8));
+        assert_eq!(f.last_used().1, 1);
+    }
+
+    #[test]
+    fn read_only_drive_rejects_write_and_leaves_the_file_unchanged() {
+        let mut f = fixture(true);
+        assert_ne!(f.block.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        f.mem
+            .write_slice(&[0xab; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
+        f.standard(VIRTIO_BLK_T_OUT, 7, 0, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(f.file_sector(7), pattern(7));
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let mut f = fixture(false);
+        f.header(VIRTIO_BLK_T_FLUSH, 0);
+        f.submit(&[(HEADER_ADDR, 16, N, 1), (STATUS_ADDR, 1, W, 0)]);
+        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
+        f.standard(VIRTIO_BLK_T_GET_ID, 0, W, 20);
+        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(&f.guest_data(20)[..10], b"drive-id\0\0");
+    }
+
+    #[test]
+    fn sectors_beyond_the_disk_fail() {
+        let mut f = fixture(false);
+        f.standard(VIRTIO_BLK_T_IN, DISK_SECTORS - 1, W, 1024);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        f.standard(VIRTIO_BLK_T_IN, u64::MAX, W, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_fail() {
+        let mut f = fixture(false);
+        f.header(VIRTIO_BLK_T_IN, 0);
+        f.submit(&[
+            (HEADER_ADDR, 16, N, 1),
+            (0xdead_0000_0000, 512, W | N, 2),
+            (STATUS_ADDR, 1, W, 0),
+        ]);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        // A buffer that starts inside memory and runs past its end.
+        f.header(VIRTIO_BLK_T_OUT, 0);
+        f.submit(&[
+            (HEADER_ADDR, 16, N, 1),
+            (0xf_fe00, 1024, N, 2),
+            (STATUS_ADDR, 1, W, 0),
+        ]);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(f.file_sector(0), pattern(0));
+        // A header outside memory.
+        f.submit(&[(0xdead_0000_0000, 16, N, 1), (STATUS_ADDR, 1, W, 0)]);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn huge_and_zero_lengths_fail() {
+        let mut f = fixture(false);
+        f.standard(VIRTIO_BLK_T_IN, 0, W, 0xffff_fe00);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        f.standard(VIRTIO_BLK_T_IN, 0, W, 100);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8, "partial sector");
+        // A zero-length status buffer: nowhere to report, nothing written.
+        f.header(VIRTIO_BLK_T_IN, 0);
+        f.submit(&[
+            (HEADER_ADDR, 16, N, 1),
+            (DATA_ADDR, 512, W | N, 2),
+            (STATUS_ADDR, 0, W, 0),
+        ]);
+        assert_eq!(f.status(), 0xff);
+        assert_eq!(f.last_used().1, 0);
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn wrong_direction_buffers_fail_without_touching_memory() {
+        let mut f = fixture(false);
+        f.mem
+            .write_slice(&[0x11; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
+        // A read into a buffer the device may not write.
+        f.standard(VIRTIO_BLK_T_IN, 1, 0, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(f.guest_data(512), vec![0x11; 512]);
+        // A writable header.
+        f.header(VIRTIO_BLK_T_IN, 1);
+        f.submit(&[
+            (HEADER_ADDR, 16, W | N, 1),
+            (DATA_ADDR, 512, W | N, 2),
+            (STATUS_ADDR, 1, W, 0),
+        ]);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn status_byte_that_is_not_writable_gets_nothing() {
+        let mut f = fixture(false);
+        f.header(VIRTIO_BLK_T_IN, 1);
+        f.submit(&[
+            (HEADER_ADDR, 16, N, 1),
+            (DATA_ADDR, 512, W | N, 2),
+            (STATUS_ADDR, 1, 0, 0),
+        ]);
+        assert_eq!(f.status(), 0xff);
+        assert_eq!(f.last_used().1, 0);
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn looping_chain_ends_and_the_device_goes_on() {
+        let mut f = fixture(false);
+        f.header(VIRTIO_BLK_T_IN, 1);
+        // Two descriptors that point at each other forever.
+        f.submit(&[(HEADER_ADDR, 16, N, 1), (DATA_ADDR, 512, W | N, 0)]);
+        let (_, len, idx) = f.last_used();
+        assert_eq!((len, idx), (0, 1), "completed with nothing written");
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn unknown_request_types_are_unsupported() {
+        let mut f = fixture(false);
+        f.standard(0x1234, 0, W, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn an_impossible_available_index_makes_the_device_need_a_reset() {
+        let mut f = fixture(false);
+        f.mock.avail().idx().store(QUEUE_LEN * 4);
+        f.block.process_queue();
+        assert!(f.block.interrupt().needs_reset());
+        assert!(f.block.active.is_none());
+    }
+}

@@ -1,0 +1,225 @@
+//! One virtio-blk request: parse a descriptor chain (header, data buffers, status byte) and carry
+//! it out on the backing file. Everything the guest wrote is checked: addresses inside guest
+//! memory, directions, lengths, sectors inside the disk.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// Type (u32), reserved (u32), sector (u64).
+const HEADER_SIZE: u32 = 16;
+
+/// Why a request failed; each becomes IOERR (or UNSUPP) in the status byte.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("descriptor chain too short")]
+    ChainTooShort,
+    #[error("the header descriptor is not readable or shorter than 16 bytes")]
+    BadHeader,
+    #[error("the status descriptor is not a writable byte")]
+    BadStatus,
+    #[error("a data descriptor points the wrong way for the request")]
+    WrongDirection,
+    #[error("data length {0} is not a whole number of sectors")]
+    PartialSector(u64),
+    #[error("sectors {sector}+{len} lie beyond the disk's {capacity}")]
+    OutOfRange {
+        sector: u64,
+        len: u64,
+        capacity: u64,
+    },
+    #[error("the guest buffer at {0:#x} is not in guest memory")]
+    BadGuestAddress(u64),
+    #[error("the drive is read-only")]
+    ReadOnly,
+    #[error("request type {0} is not supported")]
+    Unsupported(u32),
+    #[error("host I/O failed: {0}")]
+    Io(i32),
+}
+
+/// The drive as requests see it.
+pub struct Disk<'a> {
+    pub file: &'a File,
+    pub read_only: bool,
+    pub capacity_sectors: u64,
+    pub id: &'a [u8],
+}
+
+/// Where the status byte goes and how many bytes the device wrote into the guest's buffers.
+pub struct Completion {
+    pub status_addr: Option<GuestAddress>,
+    pub status: u8,
+    /// Bytes written into device-writable buffers, the status byte included.
+    pub used_len: u32,
+}
+
+fn status_of(result: &Result<u32, RequestError>) -> u8 {
+    match result {
+        Ok(_) => VIRTIO_BLK_S_OK as u8,
+        Err(RequestError::Unsupported(_)) => VIRTIO_BLK_S_UNSUPP as u8,
+        Err(_) => VIRTIO_BLK_S_IOERR as u8,
+    }
+}
+
+/// Carries out the request in `descriptors` (a whole chain, as the queue yielded it).
+pub fn execute(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -> Completion {
+    // A last descriptor that still points onwards means the chain was cut short: it loops or
+    // is longer than the queue, and none of it is trusted.
+    let status_desc = descriptors
+        .last()
+        .filter(|d| descriptors.len() >= 2 && !d.has_next() && d.is_write_only() && d.len() >= 1);
+    let Some(status_desc) = status_desc else {
+        // Nowhere to report: the request completes with nothing written.
+        return Completion {
+            status_addr: None,
+            status: VIRTIO_BLK_S_IOERR as u8,
+            used_len: 0,
+        };
+    };
+    let result = run(mem, &descriptors[..descriptors.len() - 1], disk);
+    let data_len = *result.as_ref().unwrap_or(&0);
+    Completion {
+        status_addr: Some(status_desc.addr()),
+        status: status_of(&result),
+        used_len: data_len + 1,
+    }
+}
+
+/// Runs a request whose status descriptor is already split off; returns bytes written to the
+/// guest.
+fn run(
+    mem: &GuestMemoryMmap,
+    descriptors: &[Descriptor],
+    disk: &Disk,
+) -> Result<u32, RequestError> {
+    let (header, data) = descriptors
+        .split_first()
+        .ok_or(RequestError::ChainTooShort)?;
+    if header.is_write_only() || header.len() < HEADER_SIZE {
+        return Err(RequestError::BadHeader);
+    }
+    let request_type: u32 = mem
+        .read_obj(header.addr())
+        .map_err(|_| RequestError::BadGuestAddress(header.addr().0))?;
+    let sector: u64 = mem
+        .read_obj(GuestAddress(header.addr().0.wrapping_add(8)))
+        .map_err(|_| RequestError::BadGuestAddress(header.addr().0))?;
+    match request_type {
+        VIRTIO_BLK_T_IN => {
+            transfer(mem, data, disk, sector, Direction::ToGuest)?;
+            Ok(data.iter().map(|d| d.len()).sum())
+        }
+        VIRTIO_BLK_T_OUT => {
+            if disk.read_only {
+                return Err(RequestError::ReadOnly);
+            }
+            transfer(mem, data, disk, sector, Direction::FromGuest)?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            disk.file
+                .sync_data()
+                .map_err(|e| RequestError::Io(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            let buffer = data.first().ok_or(RequestError::ChainTooShort)?;
+            if !buffer.is_write_only() {
+                return Err(RequestError::WrongDirection);
+            }
+            let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+            let n = disk.id.len().min(id.len());
+            id[..n].copy_from_slice(&disk.id[..n]);
+            let len = (buffer.len() as usize).min(id.len());
+            mem.write_slice(&id[..len], buffer.addr())
+                .map_err(|_| RequestError::BadGuestAddress(buffer.addr().0))?;
+            Ok(len as u32)
+        }
+        other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToGuest,
+    FromGuest,
+}
+
+fn transfer(
+    mem: &GuestMemoryMmap,
+    data: &[Descriptor],
+    disk: &Disk,
+    sector: u64,
+    direction: Direction,
+) -> Result<(), RequestError> {
+    let want_write_only = direction == Direction::ToGuest;
+    if data.iter().any(|d| d.is_write_only() != want_write_only) {
+        return Err(RequestError::WrongDirection);
+    }
+    let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+    if !total.is_multiple_of(SECTOR_SIZE) {
+        return Err(RequestError::PartialSector(total));
+    }
+    let sectors = total >> SECTOR_SHIFT;
+    if sector
+        .checked_add(sectors)
+        .is_none_or(|end| end > disk.capacity_sectors)
+    {
+        return Err(RequestError::OutOfRange {
+            sector,
+            len: sectors,
+            capacity: disk.capacity_sectors,
+        });
+    }
+    let mut offset = sector << SECTOR_SHIFT;
+    for desc in data {
+        let len = desc.len() as usize;
+        let slice = mem
+            .get_slice(desc.addr(), len)
+            .map_err(|_| RequestError::BadGuestAddress(desc.addr().0))?;
+        let mut done = 0usize;
+        while done < len {
+            let ptr = slice.ptr_guard_mut();
+            // SAFETY: `ptr` points at `len` bytes of guest memory that vm-memory checked are
+            // mapped; the kernel reads or writes at most `len - done` bytes from `done` on, and
+            // the mapping outlives the call (we hold the guard).
+            let n = unsafe {
+                let at = ptr.as_ptr().add(done).cast::<libc::c_void>();
+                let remaining = len - done;
+                let file_offset = (offset + done as u64) as libc::off_t;
+                match direction {
+                    Direction::ToGuest => {
+                        libc::pread(disk.file.as_raw_fd(), at, remaining, file_offset)
+                    }
+                    Direction::FromGuest => {
+                        libc::pwrite(disk.file.as_raw_fd(), at, remaining, file_offset)
+                    }
+                }
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                // The file is shorter than its size said (truncated under us): fail, not spin.
+                0 => return Err(RequestError::Io(libc::EIO)),
+                _ => {
+                    let errno = std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(libc::EIO);
+                    if errno != libc::EINTR {
+                        return Err(RequestError::Io(errno));
+                    }
+                }
+            }
+        }
+        offset += len as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! A polling virtio-mmio driver core: register access, feature negotiation one status bit at a
+//! time, and one split queue in the probe's own memory (identity-mapped, so its addresses are
+//! guest-physical). No interrupts: the probe polls the used ring from CPL 3.
+
+use crate::port::{read_phys, write_phys};
+
+/// First virtio-mmio slot and the distance between slots (the monitor's layout).
+pub const MMIO_BASE: u64 = 0xc000_1000;
+pub const MMIO_SLOT: u64 = 0x1000;
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub const REG_CONFIG: u64 = 0x100;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 64;
+pub const F_VERSION_1: u64 = 1 << 32;
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const QUEUE_SIZE: u16 = 16;
+/// Polls of the used ring before a request counts as lost (a few seconds at native speed).
+const POLL_LIMIT: u64 = 200_000_000;
+
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct Descriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+#[repr(C, align(4096))]
+pub struct QueueMemory {
+    pub desc: [Descriptor; QUEUE_SIZE as usize],
+    /// flags, idx, ring[QUEUE_SIZE], used_event
+    pub avail: [u16; 3 + QUEUE_SIZE as usize],
+    pub _pad: [u8; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
+    /// flags (u16) idx (u16), then {id u32, len u32} elements, then avail_event.
+    pub used: [u32; 2 + 2 * QUEUE_SIZE as usize],
+}
+
+/// Why a device could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioError {
+    NoDevice,
+    WrongDevice(u32),
+    FeaturesRefused,
+    QueueTooSmall,
+    NotStarted(u32),
+    Timeout,
+}
+
+pub struct Device {
+    pub base: u64,
+    queue: &'static mut QueueMemory,
+    next_avail: u16,
+    last_used: u16,
+    next_desc: u16,
+}
+
+fn reg(base: u64, offset: u64) -> u32 {
+    read_phys(base + offset)
+}
+
+fn set_reg(base: u64, offset: u64, value: u32) {
+    write_phys(base + offset, value);
+}
+
+impl Device {
+    /// Finds a device of `device_type` in `slot` and brings it up with `features`, one status
+    /// bit at a time.
+    pub fn start(
+        slot: u64,
+        device_type: u32,
+        wanted_features: u64,
+        queue: &'static mut QueueMemory,
+    ) -> Result<(Self, u64), VirtioError> {
+        let base = MMIO_BASE + slot * MMIO_SLOT;
+        if reg(base, REG_MAGIC) != 0x7472_6976 || reg(base, REG_VERSION) != 2 {
+            return Err(VirtioError::NoDevice);
+        }
+        let id = reg(base, REG_DEVICE_ID);
+        if id != device_type {
+            return Err(VirtioError::WrongDevice(id));
+        }
+        set_reg(base, REG_STATUS, 0);
+        set_reg(base, REG_STATUS, STATUS_ACKNOWLEDGE);
+        set_reg(base, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        set_reg(base, REG_DEVICE_FEATURES_SEL, 0);
+        let low = u64::from(reg(base, REG_DEVICE_FEATURES));
+        set_reg(base, REG_DEVICE_FEATURES_SEL, 1);
+        let offered = low | u64::from(reg(base, REG_DEVICE_FEATURES)) << 32;
+        let features = offered & wanted_features;
+        set_reg(base, REG_DRIVER_FEATURES_SEL, 0);
+        set_reg(base, REG_DRIVER_FEATURES, features as u32);
+        set_reg(base, REG_DRIVER_FEATURES_SEL, 1);
+        set_reg(base, REG_DRIVER_FEATURES, (features >> 32) as u32);
+        let up_to_features = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        set_reg(base, REG_STATUS, up_to_features);
+        if reg(base, REG_STATUS) & STATUS_FEATURES_OK == 0 {
+            return Err(VirtioError::FeaturesRefused);
+        }
+        set_reg(base, REG_QUEUE_SEL, 0);
+        if reg(base, REG_QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
+            return Err(VirtioError::QueueTooSmall);
+        }
+        queue.avail.fill(0);
+        queue.used.fill(0);
+        let desc = queue.desc.as_ptr() as u64;
+        let avail = queue.avail.as_ptr() as u64;
+        let used = queue.used.as_ptr() as u64;
+        set_reg(base, REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        set_reg(base, REG_QUEUE_DESC_LOW, desc as u32);
+        set_reg(base, REG_QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        set_reg(base, REG_QUEUE_DRIVER_LOW, avail as u32);
+        set_reg(base, REG_QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+        set_reg(base, REG_QUEUE_DEVICE_LOW, used as u32);
+        set_reg(base, REG_QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+        set_reg(base, REG_QUEUE_READY, 1);
+        set_reg(base, REG_STATUS, up_to_features | STATUS_DRIVER_OK);
+        let status = reg(base, REG_STATUS);
+        if status & STATUS_DRIVER_OK == 0 {
+            return Err(VirtioError::NotStarted(status));
+        }
+        let device = Self {
+            base,
+            queue,
+            next_avail: 0,
+            last_used: 0,
+            next_desc: 0,
+        };
+        Ok((device, features))
+    }
+
+    pub fn status(&self) -> u32 {
+        reg(self.base, REG_STATUS)
+    }
+
+    pub fn config<T: Copy>(&self, offset: u64) -> T {
+        read_phys(self.base + REG_CONFIG + offset)
+    }
+
+    /// Puts `chain` (descriptors linked in order unless a descriptor says otherwise with
+    /// `next` set explicitly by the caller) in the table and makes its head available.
+    pub fn submit_raw(&mut self, chain: &[Descriptor]) {
+        let head = self.next_desc;
+        for (i, desc) in chain.iter().enumerate() {
+            let index = (head as usize + i) % QUEUE_SIZE as usize;
+            write_phys(&self.queue.desc[index] as *const _ as u64, *desc);
+        }
+        self.next_desc = (head + chain.len() as u16) % QUEUE_SIZE;
+        let slot = 2 + (self.next_avail % QUEUE_SIZE) as usize;
+        write_phys(&self.queue.avail[slot] as *const u16 as u64, head);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        write_phys(&self.queue.avail[1] as *const u16 as u64, self.next_avail);
+        set_reg(self.base, REG_QUEUE_NOTIFY, 0);
+    }
+
+    /// Links `chain` in order (NEXT flags and indexes) and submits it.
+    pub fn submit(&mut self, chain: &mut [Descriptor]) {
+        let head = self.next_desc;
+        let last = chain.len() - 1;
+        for (i, desc) in chain.iter_mut().enumerate() {
+            if i < last {
+                desc.flags |= DESC_F_NEXT;
+                desc.next = (head + i as u16 + 1) % QUEUE_SIZE;
+            } else {
+                desc.flags &= !DESC_F_NEXT;
+            }
+        }
+        self.submit_raw(chain);
+    }
+
+    /// The index of the next chain's head, for callers that link chains themselves.
+    pub fn next_desc_index(&self) -> u16 {
+        self.next_desc
+    }
+
+    /// Waits for the device to use one more chain; returns its used length.
+    pub fn wait_used(&mut self) -> Result<u32, VirtioError> {
+        let idx_addr = self.queue.used.as_ptr() as u64 + 2;
+        for _ in 0..POLL_LIMIT {
+            let used_idx: u16 = read_phys(idx_addr);
+            if used_idx != self.last_used {
+                let slot = (self.last_used % QUEUE_SIZE) as usize;
+                let len: u32 = read_phys(&self.queue.used[2 + 2 * slot] as *const u32 as u64);
+                self.last_used = self.last_used.wrapping_add(1);
+                return Ok(len);
+            }
+            core::hint::spin_loop();
+        }
+        Err(VirtioError::Timeout)
+    }
+}
