@@ -11,16 +11,19 @@ here=$(cd "$(dirname "$0")" && pwd)
 missing=()
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 command -v cpio >/dev/null || missing+=(cpio)
-[ -x /bin/busybox ] || missing+=(busybox-static)
+# A dynamically linked busybox (Debian's "busybox" package) would need a libc in the guest.
+if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
+  missing+=(busybox-static)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "build-rootfs.sh: install these Debian packages first: ${missing[*]}" >&2
     exit 1
   fi
-  apt-get install -y "${missing[@]}" >/dev/null 2>&1 ||
-    { apt-get update >/dev/null && apt-get install -y "${missing[@]}" >/dev/null; }
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null && apt-get install -y -qq "${missing[@]}" >/dev/null; }
 fi
-# A dynamically linked busybox (Debian's "busybox" package) would need a libc in the guest.
 if ! /bin/busybox true || ldd /bin/busybox >/dev/null 2>&1; then
   echo "build-rootfs.sh: /bin/busybox is not a static busybox: install busybox-static" >&2
   exit 1
@@ -41,8 +44,11 @@ echo "root::0:0:root:/root:/bin/sh" > "$tree/etc/passwd"
 echo "root:x:0:" > "$tree/etc/group"
 echo microvm > "$tree/etc/hostname"
 mkdir -p "$out"
-rm -f "$out/rootfs.ext4" "$out/initramfs.cpio.gz"
-mkfs.ext4 -q -F -L rootfs -d "$tree" "$out/rootfs.ext4" 32M
-(cd "$tree" && find . | cpio -o -H newc --quiet | gzip -9) > "$out/initramfs.cpio.gz.tmp"
-mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+# Written beside the old ones and renamed, so a reader never sees half an image.
+rm -f "$out/rootfs.ext4.tmp" "$out/initramfs.cpio.gz.tmp"
+truncate -s 32M "$out/rootfs.ext4.tmp"
+mkfs.ext4 -q -F -L rootfs -d "$tree" "$out/rootfs.ext4.tmp"
+(cd "$tree" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -9) > "$out/initramfs.cpio.gz.tmp"
+mv -f "$out/rootfs.ext4.tmp" "$out/rootfs.ext4"
+mv -f "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 echo "built $out/rootfs.ext4 and $out/initramfs.cpio.gz"
