@@ -30,17 +30,7 @@ struct Buffers {
     data: [u8; DATA_MAX],
 }
 
-static mut QUEUE: QueueMemory = QueueMemory {
-    desc: [Descriptor {
-        addr: 0,
-        len: 0,
-        flags: 0,
-        next: 0,
-    }; QUEUE_SIZE as usize],
-    avail: [0; 3 + QUEUE_SIZE as usize],
-    _pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
-    used: [0; 2 + 2 * QUEUE_SIZE as usize],
-};
+static mut QUEUE: QueueMemory = QueueMemory::new();
 
 static mut BUFFERS: Buffers = Buffers {
     header: [0; 4],
@@ -313,5 +303,114 @@ impl Blk {
         };
         self.device.submit(&mut chain);
         Some(self.finish())
+    }
+}
+
+/// Requests the bench keeps in flight at most (three descriptors each).
+pub const BENCH_DEPTH_MAX: usize = 64;
+
+#[repr(C, align(4096))]
+struct BenchSlots {
+    headers: [[u64; 2]; BENCH_DEPTH_MAX],
+    status: [u8; BENCH_DEPTH_MAX],
+}
+
+static mut BENCH_SLOTS: BenchSlots = BenchSlots {
+    headers: [[0; 2]; BENCH_DEPTH_MAX],
+    status: [0; BENCH_DEPTH_MAX],
+};
+
+/// What a bench run did.
+pub struct BenchResult {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+impl Blk {
+    /// Moves `total_bytes` through the device in requests of `request_sectors`, sequentially
+    /// over the disk, keeping up to `depth` requests in flight (one notification each).
+    pub fn bench(
+        &mut self,
+        write: bool,
+        request_sectors: usize,
+        total_bytes: u64,
+        depth: usize,
+    ) -> Result<BenchResult, VirtioError> {
+        let request_len = (request_sectors * SECTOR).clamp(SECTOR, DATA_MAX);
+        let request_sectors = request_len / SECTOR;
+        let depth = depth.clamp(1, BENCH_DEPTH_MAX).min(DATA_MAX / request_len);
+        let total = total_bytes / request_len as u64;
+        let span = self.capacity.saturating_sub(request_sectors as u64).max(1);
+        // SAFETY: only addresses are taken; the probe is single-threaded.
+        let (headers, statuses) = unsafe {
+            let slots = addr_of_mut!(BENCH_SLOTS);
+            (
+                addr_of_mut!((*slots).headers) as u64,
+                addr_of_mut!((*slots).status) as u64,
+            )
+        };
+        let request_type = if write { T_OUT } else { T_IN };
+        let data_flags = if write { 0 } else { DESC_F_WRITE };
+        for slot in 0..depth {
+            let first = (slot * 3) as u16;
+            let header = headers + (slot * 16) as u64;
+            write_phys(header, u64::from(request_type));
+            self.device.set_descriptor(
+                first,
+                Descriptor {
+                    addr: header,
+                    len: 16,
+                    flags: DESC_F_NEXT,
+                    next: first + 1,
+                },
+            );
+            self.device.set_descriptor(
+                first + 1,
+                Descriptor {
+                    addr: Self::data_addr() + (slot * request_len) as u64,
+                    len: request_len as u32,
+                    flags: data_flags | DESC_F_NEXT,
+                    next: first + 2,
+                },
+            );
+            self.device.set_descriptor(
+                first + 2,
+                Descriptor {
+                    addr: statuses + slot as u64,
+                    len: 1,
+                    flags: DESC_F_WRITE,
+                    next: 0,
+                },
+            );
+        }
+        let mut next_sector = 0u64;
+        let mut submit = |device: &mut Device, slot: usize| {
+            write_phys(headers + (slot * 16) as u64 + 8, next_sector);
+            next_sector = (next_sector + request_sectors as u64) % span;
+            device.make_available((slot * 3) as u16);
+            device.notify();
+        };
+        let mut submitted = 0u64;
+        for slot in 0..depth.min(total as usize) {
+            submit(&mut self.device, slot);
+            submitted += 1;
+        }
+        let mut result = BenchResult {
+            requests: 0,
+            errors: 0,
+        };
+        while result.requests < total {
+            let (head, _) = self.device.wait_used_element()?;
+            let slot = usize::from(head) / 3;
+            result.requests += 1;
+            if read_phys::<u8>(statuses + slot as u64) != 0 {
+                result.errors += 1;
+            }
+            if submitted < total {
+                submit(&mut self.device, slot);
+                submitted += 1;
+            }
+        }
+        Ok(result)
     }
 }

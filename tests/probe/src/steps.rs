@@ -94,7 +94,8 @@ pub fn run(zero_page: &ZeroPage) {
                     Err(err) => report!("blk-init error {err:?}"),
                 }
             }
-            b"blk-write" | b"blk-read" | b"blk-flush" | b"blk-id" | b"blk-hostile" => {
+            b"blk-write" | b"blk-read" | b"blk-flush" | b"blk-id" | b"blk-hostile"
+            | b"blk-bench" => {
                 let Some(device) = blk.as_mut() else {
                     report!("error {} before blk-init", as_str(name));
                     continue;
@@ -131,6 +132,18 @@ fn blk_step<'a>(device: &mut Blk, name: &[u8], args: &mut impl Iterator<Item = &
                     );
                 }
                 Err(err) => report!("{name} error {err:?}"),
+            }
+        }
+        "blk-bench" => {
+            // blk-bench:read|write:REQUEST_SECTORS:TOTAL_MIB:DEPTH
+            let write = args.next() == Some(b"write");
+            let sectors = parse_u64(args.next()).unwrap_or(8) as usize;
+            let total = parse_u64(args.next()).unwrap_or(16) << 20;
+            let depth = parse_u64(args.next()).unwrap_or(1) as usize;
+            report!("blk-bench start");
+            match device.bench(write, sectors, total, depth) {
+                Ok(r) => report!("blk-bench done requests={} errors={}", r.requests, r.errors),
+                Err(err) => report!("blk-bench error {err:?}"),
             }
         }
         "blk-flush" => match device.flush() {

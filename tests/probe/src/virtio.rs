@@ -36,9 +36,14 @@ pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 64;
 pub const F_VERSION_1: u64 = 1 << 32;
 
+/// The driver polls: the device need not interrupt (VRING_AVAIL_F_NO_INTERRUPT).
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// The device is busy with the ring and will look again (VRING_USED_F_NO_NOTIFY).
+const USED_F_NO_NOTIFY: u32 = 1;
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
-pub const QUEUE_SIZE: u16 = 16;
+/// Entries in the probe's queue: room for 85 three-descriptor requests in flight.
+pub const QUEUE_SIZE: u16 = 256;
 /// Polls of the used ring before a request counts as lost (a few seconds at native speed).
 const POLL_LIMIT: u64 = 200_000_000;
 
@@ -51,14 +56,35 @@ pub struct Descriptor {
     pub next: u16,
 }
 
+/// The three parts of a split queue, each on its own pages.
 #[repr(C, align(4096))]
 pub struct QueueMemory {
     pub desc: [Descriptor; QUEUE_SIZE as usize],
     /// flags, idx, ring[QUEUE_SIZE], used_event
-    pub avail: [u16; 3 + QUEUE_SIZE as usize],
-    pub _pad: [u8; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
+    pub avail: AvailRing,
     /// flags (u16) idx (u16), then {id u32, len u32} elements, then avail_event.
-    pub used: [u32; 2 + 2 * QUEUE_SIZE as usize],
+    pub used: UsedRing,
+}
+
+#[repr(C, align(4096))]
+pub struct AvailRing(pub [u16; 3 + QUEUE_SIZE as usize]);
+
+#[repr(C, align(4096))]
+pub struct UsedRing(pub [u32; 2 + 2 * QUEUE_SIZE as usize]);
+
+impl QueueMemory {
+    pub const fn new() -> Self {
+        Self {
+            desc: [Descriptor {
+                addr: 0,
+                len: 0,
+                flags: 0,
+                next: 0,
+            }; QUEUE_SIZE as usize],
+            avail: AvailRing([0; 3 + QUEUE_SIZE as usize]),
+            used: UsedRing([0; 2 + 2 * QUEUE_SIZE as usize]),
+        }
+    }
 }
 
 /// Why a device could not be used.
@@ -126,11 +152,12 @@ impl Device {
         if reg(base, REG_QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
             return Err(VirtioError::QueueTooSmall);
         }
-        queue.avail.fill(0);
-        queue.used.fill(0);
+        queue.avail.0.fill(0);
+        queue.avail.0[0] = AVAIL_F_NO_INTERRUPT;
+        queue.used.0.fill(0);
         let desc = queue.desc.as_ptr() as u64;
-        let avail = queue.avail.as_ptr() as u64;
-        let used = queue.used.as_ptr() as u64;
+        let avail = queue.avail.0.as_ptr() as u64;
+        let used = queue.used.0.as_ptr() as u64;
         set_reg(base, REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
         set_reg(base, REG_QUEUE_DESC_LOW, desc as u32);
         set_reg(base, REG_QUEUE_DESC_HIGH, (desc >> 32) as u32);
@@ -171,11 +198,33 @@ impl Device {
             write_phys(&self.queue.desc[index] as *const _ as u64, *desc);
         }
         self.next_desc = (head + chain.len() as u16) % QUEUE_SIZE;
+        self.make_available(head);
+        self.notify();
+    }
+
+    /// Puts a chain whose descriptors are already in the table in the available ring.
+    pub fn make_available(&mut self, head: u16) {
         let slot = 2 + (self.next_avail % QUEUE_SIZE) as usize;
-        write_phys(&self.queue.avail[slot] as *const u16 as u64, head);
+        write_phys(&self.queue.avail.0[slot] as *const u16 as u64, head);
         self.next_avail = self.next_avail.wrapping_add(1);
-        write_phys(&self.queue.avail[1] as *const u16 as u64, self.next_avail);
-        set_reg(self.base, REG_QUEUE_NOTIFY, 0);
+        write_phys(&self.queue.avail.0[1] as *const u16 as u64, self.next_avail);
+    }
+
+    /// Tells the device about new buffers, unless it said it is already looking.
+    pub fn notify(&self) {
+        // The new available index must be visible before the flags are read, or the device
+        // could clear NO_NOTIFY, miss the new buffers and never hear of them (x86 reorders a
+        // later load before an earlier store).
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        let used_flags: u32 = read_phys(self.queue.used.0.as_ptr() as u64);
+        if used_flags & USED_F_NO_NOTIFY == 0 {
+            set_reg(self.base, REG_QUEUE_NOTIFY, 0);
+        }
+    }
+
+    /// Writes descriptor `index` of the table.
+    pub fn set_descriptor(&mut self, index: u16, desc: Descriptor) {
+        write_phys(&self.queue.desc[index as usize] as *const _ as u64, desc);
     }
 
     /// Links `chain` in order (NEXT flags and indexes) and submits it.
@@ -200,14 +249,20 @@ impl Device {
 
     /// Waits for the device to use one more chain; returns its used length.
     pub fn wait_used(&mut self) -> Result<u32, VirtioError> {
-        let idx_addr = self.queue.used.as_ptr() as u64 + 2;
+        self.wait_used_element().map(|(_, len)| len)
+    }
+
+    /// Waits for the device to use one more chain; returns its head and used length.
+    pub fn wait_used_element(&mut self) -> Result<(u16, u32), VirtioError> {
+        let idx_addr = self.queue.used.0.as_ptr() as u64 + 2;
         for _ in 0..POLL_LIMIT {
             let used_idx: u16 = read_phys(idx_addr);
             if used_idx != self.last_used {
                 let slot = (self.last_used % QUEUE_SIZE) as usize;
-                let len: u32 = read_phys(&self.queue.used[2 + 2 * slot] as *const u32 as u64);
+                let id: u32 = read_phys(&self.queue.used.0[1 + 2 * slot] as *const u32 as u64);
+                let len: u32 = read_phys(&self.queue.used.0[2 + 2 * slot] as *const u32 as u64);
                 self.last_used = self.last_used.wrapping_add(1);
-                return Ok(len);
+                return Ok((id as u16, len));
             }
             core::hint::spin_loop();
         }
