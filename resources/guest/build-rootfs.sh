@@ -5,6 +5,8 @@
 # Usage: build-rootfs.sh OUT_DIR
 # Installs busybox-static, e2fsprogs and cpio with apt-get when they are missing (as root).
 set -euo pipefail
+# mkfs.ext4 lives in /usr/sbin, which an ordinary user's PATH often leaves out.
+export PATH="$PATH:/usr/sbin:/sbin"
 out=${1:?usage: build-rootfs.sh OUT_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 
