@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -16,12 +17,14 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{
-    BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN,
+    BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_IRQ, I8042_PORT, I8042_PORT_LEN,
     MMIO_SLOT_SIZE,
 };
 use crate::arch::{self, DEFAULT_BOOT_ARGS};
 use crate::config::{validate_drives, ConfigError, DriveConfig, VmResources};
-use crate::device_manager::{block_device, open_drives, DeviceError, MmioDevices, Subscriber};
+use crate::device_manager::{
+    block_device, open_drives, DeviceError, DeviceHandles, MmioDevices, Subscriber,
+};
 use crate::vmm::Vmm;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::Vcpu;
@@ -29,6 +32,10 @@ use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("no kernel to boot: configure the boot source first (PUT /boot-source)")]
+    NoBootSource,
+    #[error("the microVM is already running")]
+    AlreadyStarted,
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot open {what} {path}: {source}")]
@@ -91,6 +98,22 @@ pub struct Console {
     pub input: Option<File>,
 }
 
+impl Console {
+    /// The monitor's own stdout and stdin.
+    pub fn stdio() -> std::io::Result<Self> {
+        // A raw fd, not io::Stdin: Stdin buffers, and bytes held in its buffer would never
+        // wake the event loop.
+        let input = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)?;
+        Ok(Self {
+            output: Box::new(std::io::stdout()),
+            input: Some(input),
+        })
+    }
+}
+
 /// Opens a file the guest boots from, checking it is a regular file.
 fn open_boot_file(what: &'static str, path: &Path) -> Result<File, BuildError> {
     let file = File::open(path).map_err(|source| BuildError::OpenFile {
@@ -119,7 +142,10 @@ fn build_cmdline(
     let names_root = args.split_whitespace().any(|arg| arg.starts_with("root="));
     if let Some(root) = root.filter(|_| !names_root) {
         let mode = if root.is_read_only { "ro" } else { "rw" };
-        args.push_str(&format!(" root=/dev/vda {mode}"));
+        match &root.partuuid {
+            Some(uuid) => args.push_str(&format!(" root=PARTUUID={uuid} {mode}")),
+            None => args.push_str(&format!(" root=/dev/vda {mode}")),
+        }
     }
     for device in devices {
         args.push(' ');
@@ -177,7 +203,10 @@ pub fn build_microvm(
 ) -> Result<(Vmm, Vec<Subscriber>), BuildError> {
     let vcpu_count = resources.machine_config.vcpus()?;
     validate_drives(&resources.drives)?;
-    let boot_source = &resources.boot_source;
+    let boot_source = resources
+        .boot_source
+        .as_ref()
+        .ok_or(BuildError::NoBootSource)?;
     let mut kernel = open_boot_file("kernel image", &boot_source.kernel_image_path)?;
     let drive_files = open_drives(&resources.drives)?;
 
@@ -199,7 +228,7 @@ pub fn build_microvm(
     let mut mmio_bus = Bus::new();
     let mut mmio_devices = MmioDevices::default();
     for (drive, file) in resources.drives.iter().zip(drive_files) {
-        mmio_devices.attach(&vm, &mut mmio_bus, block_device(drive, file)?)?;
+        mmio_devices.attach_block(&vm, &mut mmio_bus, block_device(drive, file)?)?;
     }
     let root = resources.drives.iter().find(|d| d.is_root_device);
     let cmdline = build_cmdline(
@@ -223,11 +252,17 @@ pub fn build_microvm(
     }
     pio_bus.insert(Arc::new(Mutex::new(serial)), COM1_PORT, COM1_PORT_LEN)?;
     let i8042_reset = reset_evt.try_clone().map_err(io_err("the reset event"))?;
-    pio_bus.insert(
-        Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(i8042_reset)))),
-        I8042_PORT,
-        I8042_PORT_LEN,
-    )?;
+    let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the keyboard IRQ event"))?;
+    vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        EventFdTrigger::new(i8042_reset),
+        EventFdTrigger::new(kbd_irq),
+    )));
+    pio_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+    let device_handles = DeviceHandles {
+        i8042,
+        drives: mmio_devices.drives.clone(),
+    };
     if resources.boot_timer {
         let timer = BootTimer::new(process_start, process_start_cpu_us);
         mmio_bus.insert(
@@ -253,7 +288,8 @@ pub fn build_microvm(
         vcpus.push(vcpu.start().map_err(io_err("a vCPU thread"))?);
     }
 
-    let vmm = Vmm::new(vm, vcpus, exit_evt, reset_evt).map_err(io_err("the signal handlers"))?;
+    let vmm = Vmm::new(vm, vcpus, exit_evt, reset_evt, device_handles)
+        .map_err(io_err("the signal handlers"))?;
     Ok((vmm, subscribers))
 }
 
@@ -290,6 +326,9 @@ mod tests {
             path_on_host: "/r".into(),
             is_root_device: true,
             is_read_only: true,
+            partuuid: None,
+            cache_type: Default::default(),
+            io_engine: Default::default(),
         };
         let devices = ["virtio_mmio.device=4K@0xc0001000:5".to_string()];
         let cmdline = build_cmdline(Some("console=ttyS0"), Some(&root), &devices).unwrap();

@@ -1,4 +1,5 @@
-//! The command line: `mote run …` for people, global flags shared with Firecracker's.
+//! The command line: `mote run …` for people; without `run`, Firecracker's process model
+//! (`mote --api-sock PATH [--config-file PATH] …`), with its flags and their meaning.
 
 use std::path::PathBuf;
 
@@ -18,9 +19,47 @@ pub struct Cli {
     /// The microVM's id, used in log lines.
     #[arg(long, global = true, default_value = "anonymous-instance")]
     pub id: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Without a command, mote serves the API (Firecracker's way).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
+
+/// Firecracker's flags for a monitor driven through its API or a config file.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The Unix socket the REST API listens on (must not exist).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_API_SOCK)]
+    pub api_sock: PathBuf,
+    /// Boot at once from this JSON configuration (the `GET /vm/config` form).
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// No API socket; needs --config-file.
+    #[arg(long, requires = "config_file")]
+    pub no_api: bool,
+    /// Log the time from the monitor's start to the guest's boot-complete signal.
+    #[arg(long)]
+    pub boot_timer: bool,
+    /// Write log lines to this file or named pipe instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// With --log-path: show each line's level.
+    #[arg(long)]
+    pub show_level: bool,
+    /// With --log-path: show each line's source file and line.
+    #[arg(long)]
+    pub show_log_origin: bool,
+    /// Write metrics (JSON lines) to this file or named pipe.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// The largest request body the API accepts, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::api::http::DEFAULT_MAX_PAYLOAD)]
+    pub http_api_max_payload_size: usize,
+}
+
+/// Where the API listens when no --api-sock is given (Firecracker: /run/firecracker.socket).
+pub const DEFAULT_API_SOCK: &str = "/run/mote.socket";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -115,17 +154,19 @@ impl RunArgs {
 
     pub fn resources(&self) -> VmResources {
         VmResources {
-            boot_source: BootSourceConfig {
+            boot_source: Some(BootSourceConfig {
                 kernel_image_path: self.kernel.clone(),
                 initrd_path: self.initrd.clone(),
                 boot_args: Some(self.boot_args()),
-            },
+            }),
             machine_config: MachineConfig {
                 vcpu_count: self.vcpus,
                 mem_size_mib: self.memory,
+                ..Default::default()
             },
             boot_timer: self.boot_timer,
             drives: self.drive_configs(),
+            ..Default::default()
         }
     }
 
@@ -135,6 +176,9 @@ impl RunArgs {
             path_on_host: spec.path.clone(),
             is_root_device: true,
             is_read_only: spec.read_only,
+            partuuid: None,
+            cache_type: Default::default(),
+            io_engine: Default::default(),
         });
         let others = self
             .drives
@@ -148,6 +192,9 @@ impl RunArgs {
                 path_on_host: spec.path.clone(),
                 is_root_device: false,
                 is_read_only: spec.read_only,
+                partuuid: None,
+                cache_type: Default::default(),
+                io_engine: Default::default(),
             });
         root.chain(others).collect()
     }
@@ -163,7 +210,8 @@ mod tests {
 
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
-            Command::Run(run) => run,
+            Some(Command::Run(run)) => run,
+            None => panic!("no run command"),
         }
     }
 
@@ -217,6 +265,31 @@ mod tests {
                 id: Some("x".into())
             })
         );
+    }
+
+    #[test]
+    fn firecrackers_flags_parse_without_a_command() {
+        let cli = parse(&[
+            "--api-sock",
+            "/tmp/a.sock",
+            "--id",
+            "vm1",
+            "--level",
+            "Debug",
+            "--boot-timer",
+            "--metrics-path",
+            "/tmp/m",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.api.api_sock, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(cli.id, "vm1");
+        assert!(cli.api.boot_timer);
+        assert!(
+            parse(&["--no-api"]).is_err(),
+            "--no-api needs --config-file"
+        );
+        assert!(parse(&["--no-api", "--config-file", "/c.json"]).is_ok());
     }
 
     #[test]

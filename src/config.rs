@@ -19,12 +19,28 @@ pub struct BootSourceConfig {
     pub boot_args: Option<String>,
 }
 
-/// Firecracker's `machine-config` (the parts a guest can observe so far).
+/// Firecracker's `machine-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     pub vcpu_count: u64,
     pub mem_size_mib: u64,
+    /// Simultaneous multithreading: with it, vCPUs pair up as sibling threads of one core.
+    #[serde(default)]
+    pub smt: bool,
+    /// Kept for snapshots (diff snapshots need dirty-page tracking); no effect on a boot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub huge_pages: HugePages,
+}
+
+/// How guest RAM is backed. Only ordinary pages so far; Firecracker's "2M" (hugetlbfs) is
+/// refused rather than silently ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    #[default]
+    None,
 }
 
 impl Default for MachineConfig {
@@ -32,6 +48,33 @@ impl Default for MachineConfig {
         Self {
             vcpu_count: 1,
             mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+        }
+    }
+}
+
+/// `PATCH /machine-config`: the fields to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    pub vcpu_count: Option<u64>,
+    pub mem_size_mib: Option<u64>,
+    pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
+    pub huge_pages: Option<HugePages>,
+}
+
+impl MachineConfig {
+    /// This configuration with `update`'s fields applied (not yet validated).
+    pub fn updated(&self, update: &MachineConfigUpdate) -> Self {
+        Self {
+            vcpu_count: update.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: update.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: update.smt.unwrap_or(self.smt),
+            track_dirty_pages: update.track_dirty_pages.unwrap_or(self.track_dirty_pages),
+            huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
         }
     }
 }
@@ -48,6 +91,8 @@ pub enum ConfigError {
     DuplicateDriveId(String),
     #[error("more than one drive has is_root_device set")]
     TwoRootDevices,
+    #[error("vcpu_count {0} does not suit smt: with smt the count must be 1 or even")]
+    SmtOddVcpus(u64),
 }
 
 impl MachineConfig {
@@ -57,6 +102,9 @@ impl MachineConfig {
         }
         if self.mem_size_mib == 0 {
             return Err(ConfigError::MemSizeZero);
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err(ConfigError::SmtOddVcpus(self.vcpu_count));
         }
         Ok(())
     }
@@ -78,6 +126,39 @@ pub struct DriveConfig {
     pub is_root_device: bool,
     #[serde(default)]
     pub is_read_only: bool,
+    /// The root partition's PARTUUID: with it the root is `root=PARTUUID=…` instead of
+    /// `/dev/vda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default)]
+    pub cache_type: CacheType,
+    #[serde(default)]
+    pub io_engine: IoEngine,
+}
+
+/// Firecracker's drive cache types. Accepted for compatibility; mote offers the guest
+/// VIRTIO_BLK_F_FLUSH and honours every flush (fdatasync) with either, as a flushed write must
+/// never be lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    #[default]
+    Unsafe,
+    Writeback,
+}
+
+/// Firecracker's drive I/O engines; only synchronous I/O on the event loop here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    #[default]
+    Sync,
+}
+
+/// `PATCH /drives/{id}`: a new backing file for a running guest's drive.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    pub drive_id: String,
+    pub path_on_host: Option<PathBuf>,
 }
 
 /// The longest drive id; also what the guest reads back with GET_ID (20 bytes).
@@ -110,15 +191,105 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Firecracker's `logger`: where log lines go and what they show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// A file (appended to, created if missing) or a named pipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<PathBuf>,
+    /// Error, Warning, Info, Debug, Trace or Off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub show_level: bool,
+    #[serde(default)]
+    pub show_log_origin: bool,
+    /// Only lines from this module path (for example `mote::api`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// Firecracker's `metrics`: where the JSON metrics lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A file (appended to, created if missing) or a named pipe.
+    pub metrics_path: PathBuf,
+}
+
 /// Everything needed to build and boot a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmResources {
-    pub boot_source: BootSourceConfig,
+    /// None until the API or a config file names a kernel.
+    pub boot_source: Option<BootSourceConfig>,
     pub machine_config: MachineConfig,
     /// In the order the guest sees them (`vda`, `vdb`, …); the root device, if any, first.
     pub drives: Vec<DriveConfig>,
     /// Add the boot-timer device and log the guest's boot time.
     pub boot_timer: bool,
+    pub logger: Option<LoggerConfig>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// The whole configuration in Firecracker's `--config-file` form, which `GET /vm/config`
+/// also returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigFile {
+    #[serde(rename = "boot-source")]
+    pub boot_source: Option<BootSourceConfig>,
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    #[serde(default)]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+impl VmResources {
+    /// Adds a drive, or replaces the one with the same id; a root device goes first.
+    pub fn insert_drive(&mut self, drive: DriveConfig) -> Result<(), ConfigError> {
+        drive.validate()?;
+        let mut drives = self.drives.clone();
+        match drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+            Some(existing) => *existing = drive,
+            None => drives.push(drive),
+        }
+        // The root device is vda: move it to the front, the rest keep their order.
+        drives.sort_by_key(|d| !d.is_root_device);
+        validate_drives(&drives)?;
+        self.drives = drives;
+        Ok(())
+    }
+
+    pub fn to_config_file(&self) -> VmConfigFile {
+        VmConfigFile {
+            boot_source: self.boot_source.clone(),
+            machine_config: self.machine_config.clone(),
+            drives: self.drives.clone(),
+            logger: self.logger.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// The resources a config file describes, checked.
+    pub fn from_config_file(file: VmConfigFile) -> Result<Self, ConfigError> {
+        file.machine_config.validate()?;
+        let mut resources = VmResources {
+            boot_source: file.boot_source,
+            machine_config: file.machine_config,
+            logger: file.logger,
+            metrics: file.metrics,
+            ..Default::default()
+        };
+        for drive in file.drives {
+            resources.insert_drive(drive)?;
+        }
+        Ok(resources)
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +313,9 @@ mod tests {
             path_on_host: "/d".into(),
             is_root_device: root,
             is_read_only: false,
+            partuuid: None,
+            cache_type: CacheType::Unsafe,
+            io_engine: IoEngine::Sync,
         }
     }
 
@@ -169,10 +343,56 @@ mod tests {
     #[test]
     fn zero_memory_is_refused() {
         let config = MachineConfig {
-            vcpu_count: 1,
             mem_size_mib: 0,
+            ..Default::default()
         };
         assert_eq!(config.validate(), Err(ConfigError::MemSizeZero));
+    }
+
+    #[test]
+    fn a_root_drive_goes_first_and_a_drive_id_is_replaced() {
+        let mut resources = VmResources::default();
+        resources.insert_drive(drive("data", false)).unwrap();
+        resources.insert_drive(drive("root", true)).unwrap();
+        let ids: Vec<_> = resources
+            .drives
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect();
+        assert_eq!(ids, ["root", "data"]);
+        let mut moved = drive("data", false);
+        moved.path_on_host = "/e".into();
+        resources.insert_drive(moved).unwrap();
+        assert_eq!(resources.drives[1].path_on_host, PathBuf::from("/e"));
+        assert_eq!(
+            resources.insert_drive(drive("other", true)),
+            Err(ConfigError::TwoRootDevices)
+        );
+        assert_eq!(resources.drives.len(), 2, "a refused drive changes nothing");
+    }
+
+    #[test]
+    fn smt_needs_an_even_vcpu_count() {
+        let config = MachineConfig {
+            vcpu_count: 3,
+            smt: true,
+            ..Default::default()
+        };
+        assert_eq!(config.validate(), Err(ConfigError::SmtOddVcpus(3)));
+    }
+
+    #[test]
+    fn a_config_file_round_trips() {
+        let text = r#"{"boot-source": {"kernel_image_path": "/k"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+            "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true}]}"#;
+        let file: VmConfigFile = serde_json::from_str(text).unwrap();
+        let resources = VmResources::from_config_file(file).unwrap();
+        assert_eq!(resources.machine_config.vcpu_count, 2);
+        let again: VmConfigFile =
+            serde_json::from_str(&serde_json::to_string(&resources.to_config_file()).unwrap())
+                .unwrap();
+        assert_eq!(VmResources::from_config_file(again).unwrap(), resources);
     }
 
     #[test]

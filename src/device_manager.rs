@@ -4,9 +4,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use devices::legacy::i8042::I8042;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use devices::virtio::VirtioDevice;
@@ -16,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
 use crate::config::DriveConfig;
+use crate::metrics::METRICS;
 use crate::vstate::vm::{Vm, VmError};
 
 /// A subscriber of the main thread's event loop.
@@ -42,6 +44,14 @@ pub enum DeviceError {
         id: String,
         source: devices::virtio::block::BlockError,
     },
+    #[error("no drive has the id {id}")]
+    UnknownDrive { id: String },
+    #[error("cannot switch drive {id} to {path}: {source}")]
+    UpdateDrive {
+        id: String,
+        path: PathBuf,
+        source: devices::virtio::block::BlockError,
+    },
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("no IRQ line is left for another virtio device (at most {max})")]
@@ -59,16 +69,31 @@ pub struct MmioDevices {
     /// `virtio_mmio.device=` arguments, one per device.
     pub cmdline_args: Vec<String>,
     pub subscribers: Vec<Subscriber>,
+    /// Handles to the block devices, for changes after boot.
+    pub drives: Drives,
 }
 
 impl MmioDevices {
-    /// Attaches `device`, whose data path `subscriber` serves on the event loop.
+    /// Attaches a block device and keeps a handle to it in `drives`.
+    pub fn attach_block(
+        &mut self,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        block: Block,
+    ) -> Result<(), DeviceError> {
+        let block = self.attach(vm, mmio_bus, block)?;
+        self.drives.0.push(block);
+        Ok(())
+    }
+
+    /// Attaches `device`, whose data path `subscriber` serves on the event loop; returns the
+    /// handle the transport and the event loop share.
     pub fn attach<D: VirtioDevice + MutEventSubscriber + 'static>(
         &mut self,
         vm: &Vm,
         mmio_bus: &mut Bus,
         device: D,
-    ) -> Result<(), DeviceError> {
+    ) -> Result<Arc<Mutex<D>>, DeviceError> {
         let irq = IRQ_BASE + self.next_slot;
         if irq > IRQ_MAX {
             return Err(DeviceError::OutOfIrqs {
@@ -83,12 +108,79 @@ impl MmioDevices {
         let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(vm.memory().clone(), device.clone());
         mmio_bus.insert(Arc::new(Mutex::new(transport)), addr, MMIO_SLOT_SIZE)?;
-        self.subscribers.push(device);
+        self.subscribers.push(device.clone());
         self.cmdline_args
             .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
         self.next_slot += 1;
-        Ok(())
+        Ok(device)
     }
+}
+
+fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The running VM's block devices. The transport (on vCPU threads) and the event loop share
+/// each one behind its lock; these handles let the Vmm reach them too.
+#[derive(Clone, Default)]
+pub struct Drives(Vec<Arc<Mutex<Block>>>);
+
+impl Drives {
+    /// The block device of drive `drive_id`.
+    pub fn find(&self, drive_id: &str) -> Option<&Arc<Mutex<Block>>> {
+        self.0.iter().find(|block| lock(block).id() == drive_id)
+    }
+
+    /// Backs drive `drive_id` with the file at `path` from now on (`PATCH /drives/{id}` with
+    /// `path_on_host`), opened read-only or read-write as the drive is; the guest is told the
+    /// new capacity.
+    pub fn update_path(&self, drive_id: &str, path: &Path) -> Result<(), DeviceError> {
+        let block = self
+            .find(drive_id)
+            .ok_or_else(|| DeviceError::UnknownDrive {
+                id: drive_id.to_string(),
+            })?;
+        let read_only = lock(block).read_only();
+        // Opened before the device is locked: a slow open must not stall the guest's I/O.
+        let file = open_disk(drive_id, path, read_only)?;
+        lock(block)
+            .update_backing(file)
+            .map_err(|source| DeviceError::UpdateDrive {
+                id: drive_id.to_string(),
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+}
+
+/// Handles to the devices the Vmm acts on after boot (the API's post-boot actions).
+pub struct DeviceHandles {
+    pub i8042: Arc<Mutex<I8042>>,
+    pub drives: Drives,
+}
+
+/// Opens a drive's file as the drive uses it, refusing anything but a file or block device.
+fn open_disk(id: &str, path: &Path, read_only: bool) -> Result<File, DeviceError> {
+    let open_err = |source| DeviceError::OpenDrive {
+        id: id.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(open_err)?;
+    let metadata = file.metadata().map_err(open_err)?;
+    if !(metadata.is_file() || metadata.file_type().is_block_device()) {
+        return Err(DeviceError::NotADisk {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
 }
 
 /// Opens every drive's file, refusing files that are not disks and a file that two drives
@@ -96,23 +188,12 @@ impl MmioDevices {
 pub fn open_drives(drives: &[DriveConfig]) -> Result<Vec<File>, DeviceError> {
     let mut opened: Vec<(File, (u64, u64))> = Vec::with_capacity(drives.len());
     for drive in drives {
-        let open_err = |source| DeviceError::OpenDrive {
+        let file = open_disk(&drive.drive_id, &drive.path_on_host, drive.is_read_only)?;
+        let metadata = file.metadata().map_err(|source| DeviceError::OpenDrive {
             id: drive.drive_id.clone(),
             path: drive.path_on_host.clone(),
             source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!drive.is_read_only)
-            .open(&drive.path_on_host)
-            .map_err(open_err)?;
-        let metadata = file.metadata().map_err(open_err)?;
-        if !(metadata.is_file() || metadata.file_type().is_block_device()) {
-            return Err(DeviceError::NotADisk {
-                id: drive.drive_id.clone(),
-                path: drive.path_on_host.clone(),
-            });
-        }
+        })?;
         let identity = (metadata.dev(), metadata.ino());
         let clash = opened.iter().zip(drives).find(|((_, other), other_drive)| {
             *other == identity && !(drive.is_read_only && other_drive.is_read_only)
@@ -132,10 +213,13 @@ pub fn open_drives(drives: &[DriveConfig]) -> Result<Vec<File>, DeviceError> {
 /// A virtio-blk device for `drive`, backed by its opened `file`.
 pub fn block_device(drive: &DriveConfig, file: File) -> Result<Block, DeviceError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    Block::new(drive.drive_id.clone(), file, drive.is_read_only, irq).map_err(|source| {
-        DeviceError::Block {
-            id: drive.drive_id.clone(),
-            source,
-        }
-    })
+    let block =
+        Block::new(drive.drive_id.clone(), file, drive.is_read_only, irq).map_err(|source| {
+            DeviceError::Block {
+                id: drive.drive_id.clone(),
+                source,
+            }
+        })?;
+    METRICS.register_block(&drive.drive_id, block.metrics().clone());
+    Ok(block)
 }

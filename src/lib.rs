@@ -1,23 +1,34 @@
 //! mote: a KVM microVM monitor. See `docs/architecture.md` for how the pieces fit.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod device_manager;
 pub mod logger;
+pub mod metrics;
+pub mod rpc;
 pub mod signals;
 pub mod terminal;
 pub mod thread;
 pub mod vmm;
 pub mod vstate;
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use api::{ApiChannel, ApiError};
 use builder::{build_microvm, BuildError, Console};
-use config::VmResources;
+use config::{ConfigError, VmConfigFile, VmResources};
+use controller::{ApiSubscriber, Controller, Started};
+use device_manager::Subscriber;
+use log::info;
+use metrics::METRICS;
+use rpc::{VmmAction, VmmData};
 use vmm::{run_until_exit, Outcome, RunError};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,28 +39,140 @@ pub enum MoteError {
     Run(#[from] RunError),
     #[error("cannot set up the console: {0}")]
     Console(io::Error),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("cannot read the config file {path}: {source}")]
+    ReadConfig { path: PathBuf, source: io::Error },
+    #[error("invalid config file {path}: {reason}")]
+    InvalidConfig { path: PathBuf, reason: String },
+    #[error("config file {path}: {source}")]
+    Config { path: PathBuf, source: ConfigError },
+    #[error(transparent)]
+    Logger(#[from] logger::LoggerError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error("the API thread has gone")]
+    ApiGone,
+}
+
+/// When the process started, to date the boot timer's measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessStart {
+    pub instant: Instant,
+    pub cpu_us: u64,
 }
 
 /// Boots the guest described by `resources` with its console on stdin/stdout, and runs it to
-/// the end. `process_start` and `process_start_cpu_us` date the boot timer's measurement.
-pub fn run_guest(
-    resources: &VmResources,
-    process_start: std::time::Instant,
-    process_start_cpu_us: u64,
-) -> Result<Outcome, MoteError> {
-    // A raw fd, not io::Stdin: Stdin buffers, and bytes held in its buffer would never wake
-    // the event loop.
-    let input = io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .map(File::from)
-        .map_err(MoteError::Console)?;
-    let console = Console {
-        output: Box::new(io::stdout()),
-        input: Some(input),
-    };
-    let (vmm, subscribers) =
-        build_microvm(resources, console, process_start, process_start_cpu_us)?;
+/// the end (`mote run`).
+pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome, MoteError> {
+    let console = Console::stdio().map_err(MoteError::Console)?;
+    let (vmm, subscribers) = build_microvm(resources, console, start.instant, start.cpu_us)?;
     let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
+    vmm.resume_vcpus();
+    Ok(run_until_exit(Arc::new(Mutex::new(vmm)), subscribers)?)
+}
+
+/// How `mote` without `run` was asked to work (Firecracker's process model).
+pub struct ApiOptions<'a> {
+    pub instance_id: String,
+    /// None with `--no-api`.
+    pub api_sock: Option<&'a Path>,
+    pub max_payload: usize,
+    pub config_file: Option<&'a Path>,
+    pub boot_timer: bool,
+    pub logger: Option<config::LoggerConfig>,
+    pub metrics_path: Option<&'a Path>,
+}
+
+/// Reads and checks a `--config-file`.
+pub fn read_config_file(path: &Path) -> Result<VmResources, MoteError> {
+    let text = std::fs::read(path).map_err(|source| MoteError::ReadConfig {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_slice(&text);
+    let file: VmConfigFile =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            MoteError::InvalidConfig {
+                path: path.to_path_buf(),
+                reason: format!("field `{}`: {}", err.path(), err.inner()),
+            }
+        })?;
+    VmResources::from_config_file(file).map_err(|source| MoteError::Config {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Serves the API (unless `--no-api`), boots from the config file or on `InstanceStart`, and
+/// runs the guest to the end.
+pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, MoteError> {
+    let mut resources = match options.config_file {
+        Some(path) => read_config_file(path)?,
+        None => VmResources::default(),
+    };
+    resources.boot_timer = options.boot_timer;
+    // Command-line logger and metrics first, then the config file's.
+    if let Some(config) = options.logger.as_ref().or(resources.logger.as_ref()) {
+        logger::configure(config)?;
+        resources.logger = Some(config.clone());
+    }
+    if let Some(path) = options.metrics_path {
+        resources.metrics = Some(config::MetricsConfig {
+            metrics_path: path.to_path_buf(),
+        });
+    }
+    if let Some(metrics) = &resources.metrics {
+        METRICS.configure(&metrics.metrics_path)?;
+    }
+    let api = options
+        .api_sock
+        .map(|path| api::start(path, options.max_payload))
+        .transpose()?;
+    let console = Console::stdio().map_err(MoteError::Console)?;
+    let mut controller = Controller::new(
+        options.instance_id,
+        resources,
+        console,
+        start.instant,
+        start.cpu_us,
+    );
+    let started = if options.config_file.is_some() {
+        controller.start()?
+    } else {
+        let api = api.as_ref().ok_or(MoteError::ApiGone)?;
+        serve_until_start(api, &mut controller)?
+    };
+    let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
+    let Started {
+        vmm,
+        mut subscribers,
+    } = started;
+    if let Some(api) = api {
+        let api: Subscriber = Arc::new(Mutex::new(ApiSubscriber { api, controller }));
+        subscribers.push(api);
+    }
     Ok(run_until_exit(vmm, subscribers)?)
+}
+
+/// Before boot the main thread has nothing to do but answer the API, in order, until a start
+/// succeeds.
+fn serve_until_start(api: &ApiChannel, controller: &mut Controller) -> Result<Started, MoteError> {
+    loop {
+        let request = api.requests.recv().map_err(|_| MoteError::ApiGone)?;
+        if request.action != VmmAction::InstanceStart {
+            let _ = request.reply.send(controller.handle(request.action));
+            continue;
+        }
+        match controller.start() {
+            Ok(started) => {
+                let _ = request.reply.send(Ok(VmmData::Empty));
+                return Ok(started);
+            }
+            Err(err) => {
+                info!("InstanceStart failed: {err}");
+                let _ = request.reply.send(Err(err.to_string()));
+            }
+        }
+    }
 }

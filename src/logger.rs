@@ -1,10 +1,50 @@
-//! The `log` backend: Firecracker's line format on stderr,
-//! `<UTC timestamp> [<instance id>:<thread>:<LEVEL>:<file>:<line>] <message>`.
+//! The `log` backend: Firecracker's line format,
+//! `<UTC timestamp> [<instance id>:<thread>:<LEVEL>:<file>:<line>] <message>`, on stderr until
+//! `--log-path` or `PUT /logger` sends it to a file or named pipe (where, as in Firecracker,
+//! the level and the origin are shown only when asked for).
 
+use std::fs::File;
 use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{LazyLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use crate::config::LoggerConfig;
+use crate::metrics::open_sink;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    #[error("the logger is already configured")]
+    AlreadyConfigured,
+    #[error("cannot open the log file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid level: {0}")]
+    Level(String),
+}
+
+/// Where lines go and what they show.
+struct Output {
+    file: Option<File>,
+    show_level: bool,
+    show_origin: bool,
+    module: Option<String>,
+    configured: bool,
+}
+
+static OUTPUT: LazyLock<RwLock<Output>> = LazyLock::new(|| {
+    RwLock::new(Output {
+        file: None,
+        show_level: true,
+        show_origin: true,
+        module: None,
+        configured: false,
+    })
+});
 
 struct Logger {
     instance_id: String,
@@ -57,19 +97,50 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        let Ok(output) = OUTPUT.read() else {
+            return;
+        };
+        if let Some(module) = &output.module {
+            if !record
+                .module_path()
+                .unwrap_or("")
+                .starts_with(module.as_str())
+            {
+                return;
+            }
+        }
         let thread = std::thread::current();
-        let line = format!(
-            "{} [{}:{}:{}:{}:{}] {}\n",
-            timestamp(SystemTime::now()),
+        let mut tag = format!(
+            "{}:{}",
             self.instance_id,
-            thread.name().unwrap_or("unnamed"),
-            level_name(record.level()),
-            record.file().unwrap_or("?"),
-            record.line().unwrap_or(0),
+            thread.name().unwrap_or("unnamed")
+        );
+        if output.show_level {
+            tag.push(':');
+            tag.push_str(level_name(record.level()));
+        }
+        if output.show_origin {
+            tag.push_str(&format!(
+                ":{}:{}",
+                record.file().unwrap_or("?"),
+                record.line().unwrap_or(0)
+            ));
+        }
+        let line = format!(
+            "{} [{tag}] {}\n",
+            timestamp(SystemTime::now()),
             record.args()
         );
-        // One write per line, so lines from several threads do not interleave.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        // One write per line, so lines from several threads do not interleave. A full pipe
+        // loses the line rather than stalling the monitor.
+        match &output.file {
+            Some(file) => {
+                let _ = (&*file).write_all(line.as_bytes());
+            }
+            None => {
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            }
+        }
     }
 
     fn flush(&self) {}
@@ -89,6 +160,41 @@ pub fn parse_level(name: &str) -> Result<LevelFilter, String> {
             "unknown log level {name:?}: use Error, Warning, Info, Debug, Trace or Off"
         )),
     }
+}
+
+/// Applies Firecracker's logger configuration; once per process.
+pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
+    let level = config
+        .level
+        .as_deref()
+        .map(parse_level)
+        .transpose()
+        .map_err(LoggerError::Level)?;
+    let file = config
+        .log_path
+        .as_deref()
+        .map(|path| {
+            open_sink(path).map_err(|source| LoggerError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
+        .transpose()?;
+    let mut output = OUTPUT.write().unwrap_or_else(|p| p.into_inner());
+    if output.configured {
+        return Err(LoggerError::AlreadyConfigured);
+    }
+    *output = Output {
+        file,
+        show_level: config.show_level,
+        show_origin: config.show_log_origin,
+        module: config.module.clone(),
+        configured: true,
+    };
+    if let Some(level) = level {
+        log::set_max_level(level);
+    }
+    Ok(())
 }
 
 /// Installs the logger for the process.

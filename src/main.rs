@@ -4,10 +4,14 @@ use std::time::Instant;
 use clap::Parser;
 use devices::legacy::boot_timer::process_cpu_time_us;
 use mote::cli::{Cli, Command};
+use mote::config::LoggerConfig;
+use mote::{ApiOptions, ProcessStart};
 
 fn main() -> ExitCode {
-    let process_start = Instant::now();
-    let process_start_cpu_us = process_cpu_time_us();
+    let start = ProcessStart {
+        instant: Instant::now(),
+        cpu_us: process_cpu_time_us(),
+    };
     let cli = Cli::parse();
     mote::logger::init(&cli.id, cli.level);
 
@@ -19,8 +23,26 @@ fn main() -> ExitCode {
     }));
 
     let result = match &cli.command {
-        Command::Run(args) => {
-            mote::run_guest(&args.resources(), process_start, process_start_cpu_us)
+        Some(Command::Run(args)) => mote::run_guest(&args.resources(), start),
+        None => {
+            let api = &cli.api;
+            let logger = api.log_path.as_ref().map(|path| LoggerConfig {
+                log_path: Some(path.clone()),
+                level: None,
+                show_level: api.show_level,
+                show_log_origin: api.show_log_origin,
+                module: None,
+            });
+            let options = ApiOptions {
+                instance_id: cli.id.clone(),
+                api_sock: (!api.no_api).then_some(api.api_sock.as_path()),
+                max_payload: api.http_api_max_payload_size,
+                config_file: api.config_file.as_deref(),
+                boot_timer: api.boot_timer,
+                logger,
+                metrics_path: api.metrics_path.as_deref(),
+            };
+            mote::run_api(options, start)
         }
     };
     match result {

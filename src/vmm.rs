@@ -3,9 +3,12 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::device_manager::Subscriber;
+use crate::device_manager::{DeviceError, DeviceHandles, Subscriber};
+use devices::legacy::i8042::I8042Error;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
@@ -58,6 +61,14 @@ pub struct Vmm {
     reset_evt: EventFd,
     signals: StopSignals,
     outcome: Option<Outcome>,
+    /// The vCPUs were paused through the API.
+    paused: bool,
+    /// vCPU exits seen while waiting for a pause or resume, for the event loop to conclude.
+    early_exits: Vec<VcpuExitReason>,
+    /// Which vCPUs' threads have stopped running the guest for good.
+    exited: Vec<bool>,
+    /// The devices post-boot actions reach.
+    devices: DeviceHandles,
 }
 
 impl Vmm {
@@ -66,7 +77,9 @@ impl Vmm {
         vcpus: Vec<VcpuHandle>,
         exit_evt: EventFd,
         reset_evt: EventFd,
+        devices: DeviceHandles,
     ) -> io::Result<Self> {
+        let vcpu_count = vcpus.len();
         Ok(Self {
             _vm: vm,
             vcpus,
@@ -74,7 +87,77 @@ impl Vmm {
             reset_evt,
             signals: StopSignals::register()?,
             outcome: None,
+            paused: false,
+            early_exits: Vec::new(),
+            exited: vec![false; vcpu_count],
+            devices,
         })
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's keyboard (`SendCtrlAltDel`).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), I8042Error> {
+        self.devices
+            .i8042
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .trigger_ctrl_alt_del()
+    }
+
+    /// Backs drive `drive_id` with the file at `path` (`PATCH /drives/{id}` with
+    /// `path_on_host` after boot); the guest sees the new capacity.
+    pub fn update_drive_path(&self, drive_id: &str, path: &Path) -> Result<(), DeviceError> {
+        self.devices.drives.update_path(drive_id, path)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU outside KVM_RUN and waits until all of them are (`PATCH /vm` Paused).
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        if !self.paused {
+            self.command_vcpus(VcpuEvent::Pause, &VcpuResponse::Paused)?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again (`PATCH /vm` Resumed).
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        if self.paused {
+            self.command_vcpus(VcpuEvent::Resume, &VcpuResponse::Resumed)?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Sends `event` to every vCPU still running the guest and waits for each to answer.
+    fn command_vcpus(&mut self, event: VcpuEvent, answer: &VcpuResponse) -> Result<(), VmmError> {
+        if self.outcome.is_some() {
+            return Err(VmmError::Stopping);
+        }
+        for (vcpu, exited) in self.vcpus.iter().zip(&self.exited) {
+            if !exited {
+                vcpu.send(event);
+            }
+        }
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        for index in 0..self.vcpus.len() {
+            while !self.exited[index] {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.vcpus[index].response_within(left) {
+                    Some(response) if &response == answer => break,
+                    Some(VcpuResponse::Exited(reason)) => {
+                        // The guest stopped meanwhile: the event loop concludes it.
+                        self.exited[index] = true;
+                        self.early_exits.push(reason);
+                    }
+                    Some(_) => {}
+                    None => return Err(VmmError::VcpuTimeout { index }),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Lets every vCPU run.
@@ -105,10 +188,11 @@ impl Vmm {
 
     fn on_vcpu_exit(&mut self) {
         let _ = self.exit_evt.read();
-        let mut reasons = Vec::new();
-        for vcpu in &self.vcpus {
+        let mut reasons = std::mem::take(&mut self.early_exits);
+        for (vcpu, exited) in self.vcpus.iter().zip(self.exited.iter_mut()) {
             while let Some(response) = vcpu.try_response() {
                 if let VcpuResponse::Exited(reason) = response {
+                    *exited = true;
                     reasons.push(reason);
                 }
             }
@@ -153,6 +237,17 @@ impl MutEventSubscriber for Vmm {
     }
 }
 
+/// How long a vCPU may take to leave or re-enter the guest when told to.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("vCPU {index} did not answer within {VCPU_ANSWER_TIMEOUT:?}")]
+    VcpuTimeout { index: usize },
+    #[error("the guest is stopping")]
+    Stopping,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot create the event loop: {0}")]
@@ -165,15 +260,17 @@ fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
     vmm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs the guest until it stops, fails or a signal stops the monitor; then ends the vCPUs.
-pub fn run_until_exit(vmm: Vmm, subscribers: Vec<Subscriber>) -> Result<Outcome, RunError> {
+/// Serves the running guest's event loop until the guest stops, fails or a signal stops the
+/// monitor; then ends the vCPUs.
+pub fn run_until_exit(
+    vmm: Arc<Mutex<Vmm>>,
+    subscribers: Vec<Subscriber>,
+) -> Result<Outcome, RunError> {
     let mut manager = EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
-    let vmm = Arc::new(Mutex::new(vmm));
     manager.add_subscriber(vmm.clone());
     for subscriber in subscribers {
         manager.add_subscriber(subscriber);
     }
-    lock(&vmm).resume_vcpus();
     let outcome = loop {
         if let Some(outcome) = lock(&vmm).outcome() {
             break outcome.clone();

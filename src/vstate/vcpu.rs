@@ -21,6 +21,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::metrics::METRICS;
 use crate::thread;
 
 /// Messages to a vCPU thread.
@@ -212,6 +213,7 @@ impl Vcpu {
         let index = self.index;
         let exit = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                METRICS.vcpu.exit_io_in.inc();
                 if !self.pio_bus.read(u64::from(port), data) {
                     // Nothing decodes this port: the bus floats high, as on real hardware.
                     data.fill(0xff);
@@ -219,16 +221,19 @@ impl Vcpu {
                 return RunOutcome::Continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                METRICS.vcpu.exit_io_out.inc();
                 self.pio_bus.write(u64::from(port), data);
                 return RunOutcome::Continue;
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                METRICS.vcpu.exit_mmio_read.inc();
                 if !self.mmio_bus.read(addr, data) {
                     data.fill(0);
                 }
                 return RunOutcome::Continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                METRICS.vcpu.exit_mmio_write.inc();
                 self.mmio_bus.write(addr, data);
                 return RunOutcome::Continue;
             }
@@ -267,6 +272,12 @@ impl Vcpu {
                 errno: err.errno(),
             },
         };
+        if !matches!(
+            exit,
+            VcpuExitReason::Reset | VcpuExitReason::PowerOff | VcpuExitReason::Crash
+        ) {
+            METRICS.vcpu.failures.inc();
+        }
         RunOutcome::Exit(exit)
     }
 }
@@ -295,6 +306,11 @@ impl VcpuHandle {
                 debug!("vCPU {}: kick failed: {err}", self.index);
             }
         }
+    }
+
+    /// The thread's next response, waiting at most `timeout`.
+    pub fn response_within(&self, timeout: std::time::Duration) -> Option<VcpuResponse> {
+        self.response_rx.recv_timeout(timeout).ok()
     }
 
     /// A response the thread sent, if any, without waiting.

@@ -127,7 +127,7 @@ impl MmioTransport {
                         0
                     }
             }
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.device().config_generation(),
             _ => {
                 debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -350,7 +350,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::block::Block;
-    use crate::virtio::TYPE_BLOCK;
+    use crate::virtio::{INTERRUPT_CONFIG, TYPE_BLOCK};
 
     fn transport() -> (MmioTransport, Arc<Mutex<Block>>, TempFile) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
@@ -502,6 +502,34 @@ mod tests {
         assert_eq!(lock_block(&block).queue_events()[0].read().unwrap(), 1);
         // A queue that does not exist is ignored.
         write(&mut t, REG_QUEUE_NOTIFY, 7);
+    }
+
+    #[test]
+    fn a_new_backing_file_shows_in_the_registers_until_acknowledged() {
+        let (mut t, block, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        set_up_queue(&mut t, 16);
+        write(&mut t, REG_STATUS, UP_TO_FEATURES_OK | STATUS_DRIVER_OK);
+        let generation = read(&mut t, REG_CONFIG_GENERATION);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0);
+
+        let bigger = TempFile::new().unwrap();
+        bigger.as_file().set_len(3 * 4096).unwrap();
+        let file = bigger.as_file().try_clone().unwrap();
+        lock_block(&block).update_backing(file).unwrap();
+
+        assert_ne!(read(&mut t, REG_CONFIG_GENERATION), generation);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), INTERRUPT_CONFIG);
+        let mut capacity = [0u8; 8];
+        t.read(0, CONFIG_SPACE, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 24);
+        write(&mut t, REG_INTERRUPT_ACK, INTERRUPT_CONFIG);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0);
+        // The device goes on running.
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            UP_TO_FEATURES_OK | STATUS_DRIVER_OK
+        );
     }
 
     fn lock_block(block: &Mutex<Block>) -> MutexGuard<'_, Block> {

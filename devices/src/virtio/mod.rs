@@ -73,6 +73,11 @@ impl Interrupt {
         self.raise(INTERRUPT_USED_RING);
     }
 
+    /// The device's configuration space changed: the driver should read it again.
+    pub fn signal_config_change(&self) {
+        self.raise(INTERRUPT_CONFIG);
+    }
+
     /// The driver broke the protocol: the device stops until the driver resets it.
     pub fn signal_needs_reset(&self) {
         self.needs_reset.store(true, Ordering::SeqCst);
@@ -111,6 +116,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device's configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Changes whenever the configuration space does, so that a driver can tell a read that
+    /// straddled a change (the ConfigGeneration register).
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// One event per queue, written when the driver notifies that queue.
     fn queue_events(&self) -> &[EventFd];
     /// The device's interrupt.

@@ -58,3 +58,5 @@ pub const COM1_IRQ: u32 = 4;
 /// The i8042's ports (0x60 data, 0x64 command) as one range.
 pub const I8042_PORT: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
+/// The i8042's keyboard IRQ line (the guest learns of keystrokes, e.g. Ctrl-Alt-Del).
+pub const I8042_IRQ: u32 = 1;

@@ -194,6 +194,11 @@ impl Blk {
         })
     }
 
+    /// The device's registers, for waiting on configuration changes.
+    pub fn base(&self) -> u64 {
+        self.device.base
+    }
+
     pub fn needs_reset(&self) -> bool {
         self.device.status() & STATUS_NEEDS_RESET != 0
     }

@@ -10,6 +10,7 @@
 mod blk;
 mod bootparams;
 mod entry;
+mod kbd;
 mod mptable;
 mod port;
 #[macro_use]

@@ -3,9 +3,10 @@
 
 use crate::blk::Blk;
 use crate::bootparams::ZeroPage;
-use crate::mptable;
+use crate::kbd::{self, Hex};
 use crate::port::{outb, write_phys};
 use crate::serial::Serial;
+use crate::{mptable, virtio};
 
 const RUN_KEY: &[u8] = b"probe.run=";
 /// Firecracker's boot timer and the value that means "booted".
@@ -14,6 +15,9 @@ const BOOT_COMPLETE: u8 = 123;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 const READ_MAX: usize = 256;
+/// Polls before `kbd` and `blk-wait-resize` give up: with a pause between polls, well over a
+/// minute at native speed, time for a test to send its API request.
+const WAIT_POLLS: u64 = 10_000_000;
 
 /// The value of `key` (e.g. `probe.run=`) on the command line.
 fn cmdline_value<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
@@ -93,6 +97,20 @@ pub fn run(zero_page: &ZeroPage) {
                     }
                     Err(err) => report!("blk-init error {err:?}"),
                 }
+            }
+            b"kbd" => {
+                let count = parse_u64(parts.next()).unwrap_or(1) as usize;
+                let polls = parse_u64(parts.next()).unwrap_or(WAIT_POLLS);
+                keyboard(count.min(kbd::MAX_BYTES), polls);
+            }
+            b"blk-wait-resize" => {
+                let Some(device) = blk.as_mut() else {
+                    report!("error blk-wait-resize before blk-init");
+                    continue;
+                };
+                let base = parse_u64(parts.next()).map_or(device.base(), virtio::slot_base);
+                let polls = parse_u64(parts.next()).unwrap_or(WAIT_POLLS);
+                wait_resize(device, base, polls);
             }
             b"blk-write" | b"blk-read" | b"blk-flush" | b"blk-id" | b"blk-hostile"
             | b"blk-bench" => {
@@ -179,6 +197,45 @@ fn blk_step<'a>(device: &mut Blk, name: &[u8], args: &mut impl Iterator<Item = &
                 }
             }
         }
+    }
+}
+
+/// `kbd:N[:POLLS]`: enables the keyboard, says it waits, and prints the first N bytes the
+/// keyboard delivers.
+fn keyboard(count: usize, polls: u64) {
+    if let Err(err) = kbd::enable() {
+        report!("kbd: error {err:?}");
+        return;
+    }
+    report!("kbd: waiting");
+    let mut bytes = [0u8; kbd::MAX_BYTES];
+    let got = kbd::read_bytes(&mut bytes[..count], polls);
+    if got == count {
+        report!("kbd: {}", Hex(&bytes[..got]));
+    } else if got == 0 {
+        report!("kbd: timeout after 0 bytes");
+    } else {
+        report!("kbd: timeout after {got} bytes: {}", Hex(&bytes[..got]));
+    }
+}
+
+/// `blk-wait-resize[:SLOT[:POLLS]]`: says it waits, then prints the block device's capacity
+/// once its configuration changes (a new backing file).
+fn wait_resize(device: &mut Blk, base: u64, polls: u64) {
+    // A change signalled before now is already in the capacity read below.
+    virtio::ack_config_change(base);
+    let generation = virtio::config_generation(base);
+    let before: u64 = virtio::read_config_stable(base, 0);
+    report!("blk: waiting for resize");
+    match virtio::wait_config_change(base, generation, polls) {
+        Ok(()) => {
+            let capacity: u64 = virtio::read_config_stable(base, 0);
+            if base == device.base() {
+                device.capacity = capacity;
+            }
+            report!("blk-capacity: {capacity}");
+        }
+        Err(_) => report!("blk-wait-resize timeout capacity={before}"),
     }
 }
 

@@ -20,6 +20,8 @@ const REG_QUEUE_NUM_MAX: u64 = 0x034;
 const REG_QUEUE_NUM: u64 = 0x038;
 const REG_QUEUE_READY: u64 = 0x044;
 const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
 const REG_STATUS: u64 = 0x070;
 const REG_QUEUE_DESC_LOW: u64 = 0x080;
 const REG_QUEUE_DESC_HIGH: u64 = 0x084;
@@ -27,7 +29,11 @@ const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
 const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
 const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const REG_CONFIG: u64 = 0x100;
+
+/// InterruptStatus bit: the configuration space changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
 
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
 pub const STATUS_DRIVER: u32 = 2;
@@ -114,6 +120,50 @@ fn set_reg(base: u64, offset: u64, value: u32) {
     write_phys(base + offset, value);
 }
 
+/// The registers of the device in `slot`.
+pub fn slot_base(slot: u64) -> u64 {
+    MMIO_BASE + slot * MMIO_SLOT
+}
+
+pub fn config_generation(base: u64) -> u32 {
+    reg(base, REG_CONFIG_GENERATION)
+}
+
+/// Reads `T` from the configuration space, again if the device changed it meanwhile (the
+/// generation differs after the read), so the value is never half old and half new.
+pub fn read_config_stable<T: Copy>(base: u64, offset: u64) -> T {
+    loop {
+        let before = config_generation(base);
+        let value = read_phys(base + REG_CONFIG + offset);
+        if config_generation(base) == before {
+            return value;
+        }
+    }
+}
+
+/// Forgets a configuration change already signalled, so that waiting sees only a new one.
+pub fn ack_config_change(base: u64) {
+    set_reg(base, REG_INTERRUPT_ACK, INTERRUPT_CONFIG);
+}
+
+/// Waits until the device's configuration differs from `generation` or it raises the
+/// configuration-change interrupt (polled up to `polls` times), and acknowledges that.
+pub fn wait_config_change(base: u64, generation: u32, polls: u64) -> Result<(), VirtioError> {
+    for _ in 0..polls {
+        let changed = reg(base, REG_INTERRUPT_STATUS) & INTERRUPT_CONFIG != 0
+            || config_generation(base) != generation;
+        if changed {
+            ack_config_change(base);
+            return Ok(());
+        }
+        // Each poll is an exit to the monitor: leave it some room between them.
+        for _ in 0..100 {
+            core::hint::spin_loop();
+        }
+    }
+    Err(VirtioError::Timeout)
+}
+
 impl Device {
     /// Finds a device of `device_type` in `slot` and brings it up with `features`, one status
     /// bit at a time.
@@ -123,7 +173,7 @@ impl Device {
         wanted_features: u64,
         queue: &'static mut QueueMemory,
     ) -> Result<(Self, u64), VirtioError> {
-        let base = MMIO_BASE + slot * MMIO_SLOT;
+        let base = slot_base(slot);
         if reg(base, REG_MAGIC) != 0x7472_6976 || reg(base, REG_VERSION) != 2 {
             return Err(VirtioError::NoDevice);
         }

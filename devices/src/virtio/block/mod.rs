@@ -1,4 +1,5 @@
-//! virtio-blk on a raw host file: read, write, flush (fdatasync), GET_ID, read-only drives.
+//! virtio-blk on a raw host file: read, write, flush (fdatasync), GET_ID, read-only drives,
+//! and a backing file that can change while the guest runs (`PATCH /drives/{id}`).
 //!
 //! Layout of this file: constants and the configuration space, the device state, activation,
 //! the queue handler, the event handler, tests.
@@ -6,11 +7,12 @@
 mod request;
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -22,6 +24,7 @@ use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::metrics::BlockMetrics;
 
 /// One request queue of up to 256 entries.
 pub const QUEUE_MAX_SIZES: &[u16] = &[256];
@@ -34,8 +37,34 @@ const MAX_CHAIN_LEN: usize = QUEUE_MAX_SIZES[0] as usize;
 pub enum BlockError {
     #[error("cannot read the size of the drive's file: {0}")]
     Size(std::io::Error),
+    #[error("cannot read how the drive's file was opened: {0}")]
+    AccessMode(std::io::Error),
+    #[error("the drive is read-write but its file was opened read-only")]
+    NotWritable,
     #[error("cannot create the queue event: {0}")]
     EventFd(std::io::Error),
+}
+
+/// The capacity in sectors of a drive backed by `file`, checking that a read-write drive's
+/// file was opened for writing.
+fn capacity_of(file: &File, read_only: bool) -> Result<u64, BlockError> {
+    if !read_only && !opened_for_writing(file).map_err(BlockError::AccessMode)? {
+        return Err(BlockError::NotWritable);
+    }
+    // The end offset, not the metadata's length: a block device's metadata says 0.
+    let size = (&*file).seek(SeekFrom::End(0)).map_err(BlockError::Size)?;
+    // A trailing partial sector cannot be addressed by the guest.
+    Ok(size / SECTOR_SIZE)
+}
+
+fn opened_for_writing(file: &File) -> std::io::Result<bool> {
+    // SAFETY: F_GETFL only reads the flags of the open file description behind an fd that
+    // `file` owns for the duration of the call.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(flags & libc::O_ACCMODE != libc::O_RDONLY)
 }
 
 /// The queue and memory of a device the driver has started.
@@ -50,19 +79,20 @@ pub struct Block {
     read_only: bool,
     capacity_sectors: u64,
     config: [u8; CONFIG_CAPACITY_LEN],
+    /// Bumped with every change of `config` (the transport's ConfigGeneration).
+    config_generation: u32,
     avail_features: u64,
     acked_features: u64,
     queue_events: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
     active: Option<Active>,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl Block {
     /// A drive backed by `file` (opened read-only or read-write to match `read_only`).
     pub fn new(id: String, file: File, read_only: bool, irq: EventFd) -> Result<Self, BlockError> {
-        let size = file.metadata().map_err(BlockError::Size)?.len();
-        // A trailing partial sector cannot be addressed by the guest.
-        let capacity_sectors = size / SECTOR_SIZE;
+        let capacity_sectors = capacity_of(&file, read_only)?;
         let mut avail_features =
             VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_BLK_F_FLUSH;
         if read_only {
@@ -74,16 +104,58 @@ impl Block {
             read_only,
             capacity_sectors,
             config: capacity_sectors.to_le_bytes(),
+            config_generation: 0,
             avail_features,
             acked_features: 0,
             queue_events: vec![EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
             interrupt: Arc::new(Interrupt::new(irq)),
             active: None,
+            metrics: Arc::new(BlockMetrics::default()),
         })
     }
 
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
+    }
+
+    /// The drive id the user gave (`drive_id`), also the guest's GET_ID answer.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The drive's counters, for the monitor's metrics.
+    pub fn metrics(&self) -> &Arc<BlockMetrics> {
+        &self.metrics
+    }
+
+    /// Backs the drive with `file` from now on (opened like the first one: read-write unless
+    /// the drive is read-only), and tells the guest the new capacity through a
+    /// configuration-change interrupt. The drive stays read-only or read-write as it was.
+    ///
+    /// No request is lost or split between the files: requests are carried out whole while
+    /// the device is locked, as this is, so each one the guest made available either finished
+    /// on the old file or will run on the new one. Writes already done on the old file are in
+    /// the host's page cache and survive it being closed.
+    pub fn update_backing(&mut self, file: File) -> Result<(), BlockError> {
+        let capacity_sectors = capacity_of(&file, self.read_only)?;
+        self.file = file;
+        self.capacity_sectors = capacity_sectors;
+        self.config = capacity_sectors.to_le_bytes();
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.metrics.update_count.inc();
+        info!(
+            "virtio-blk {}: new backing file, {capacity_sectors} sectors",
+            self.id
+        );
+        // A driver that has not started the device reads the configuration when it does.
+        if self.active.is_some() {
+            self.interrupt.signal_config_change();
+        }
+        Ok(())
     }
 
     /// Serves every request the driver has made available, then signals the guest once.
@@ -96,6 +168,7 @@ impl Block {
             read_only: self.read_only,
             capacity_sectors: self.capacity_sectors,
             id: self.id.as_bytes(),
+            metrics: &self.metrics,
         };
         let mem = &active.mem;
         let queue = &mut active.queue;
@@ -178,6 +251,10 @@ impl VirtioDevice for Block {
         );
     }
 
+    fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
     }
@@ -214,6 +291,7 @@ impl MutEventSubscriber for Block {
         if events.fd() == self.queue_events[0].as_raw_fd() {
             // Read first: a notification that lands while the queue is served is not lost.
             let _ = self.queue_events[0].read();
+            self.metrics.queue_event_count.inc();
             self.process_queue();
         }
     }
@@ -242,6 +320,7 @@ mod tests {
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
+    use crate::virtio::INTERRUPT_CONFIG;
 
     const QUEUE_LEN: u16 = 16;
     const HEADER_ADDR: u64 = 0x1_0000;
@@ -534,6 +613,104 @@ mod tests {
         f.standard(0x1234, 0, W, 512);
         assert_eq!(f.status(), VIRTIO_BLK_S_UNSUPP as u8);
         f.assert_still_serves();
+    }
+
+    /// A new backing file of `sectors` sectors, each filled with `byte`.
+    fn new_backing(sectors: u64, byte: u8, writable: bool) -> (TempFile, File) {
+        let file = TempFile::new().unwrap();
+        file.as_file()
+            .write_all(&vec![byte; (sectors * SECTOR_SIZE) as usize])
+            .unwrap();
+        let backing = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(file.as_path())
+            .unwrap();
+        (file, backing)
+    }
+
+    #[test]
+    fn new_backing_changes_capacity_and_generation_and_interrupts_the_guest() {
+        let mut f = fixture(false);
+        let generation = f.block.config_generation();
+        let _ = f.block.interrupt().irq_evt().read();
+        let (_new, backing) = new_backing(2 * DISK_SECTORS, 0x5a, true);
+        f.block.update_backing(backing).unwrap();
+
+        assert_eq!(f.block.capacity_sectors(), 2 * DISK_SECTORS);
+        let mut capacity = [0u8; 8];
+        f.block.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 2 * DISK_SECTORS);
+        assert_eq!(f.block.config_generation(), generation.wrapping_add(1));
+        assert_ne!(f.block.interrupt().status() & INTERRUPT_CONFIG, 0);
+        assert_eq!(f.block.interrupt().irq_evt().read().unwrap(), 1);
+
+        // Requests now reach the new file, including sectors the old one did not have.
+        f.standard(VIRTIO_BLK_T_IN, DISK_SECTORS + 1, W, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(f.guest_data(512), vec![0x5a; 512]);
+    }
+
+    #[test]
+    fn a_smaller_backing_file_shrinks_the_disk() {
+        let mut f = fixture(false);
+        let (_new, backing) = new_backing(4, 0, true);
+        f.block.update_backing(backing).unwrap();
+        assert_eq!(f.block.capacity_sectors(), 4);
+        f.standard(VIRTIO_BLK_T_IN, 4, W, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn a_read_only_drive_stays_read_only_on_a_new_file() {
+        let mut f = fixture(true);
+        let (new, backing) = new_backing(DISK_SECTORS, 0x11, true);
+        f.block.update_backing(backing).unwrap();
+        assert!(f.block.read_only());
+        assert_ne!(f.block.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        f.mem
+            .write_slice(&[0xab; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
+        f.standard(VIRTIO_BLK_T_OUT, 7, 0, 512);
+        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
+        let mut sector = vec![0u8; 512];
+        new.as_file()
+            .read_exact_at(&mut sector, 7 * SECTOR_SIZE)
+            .unwrap();
+        assert_eq!(sector, vec![0x11; 512]);
+        // A read-only file is fine for a read-only drive.
+        let (_other, backing) = new_backing(DISK_SECTORS, 0, false);
+        f.block.update_backing(backing).unwrap();
+    }
+
+    #[test]
+    fn a_read_write_drive_refuses_a_file_opened_read_only() {
+        let mut f = fixture(false);
+        let (_new, backing) = new_backing(2 * DISK_SECTORS, 0, false);
+        let generation = f.block.config_generation();
+        assert!(matches!(
+            f.block.update_backing(backing),
+            Err(BlockError::NotWritable)
+        ));
+        // Nothing changed: still the old file, size and generation.
+        assert_eq!(f.block.capacity_sectors(), DISK_SECTORS);
+        assert_eq!(f.block.config_generation(), generation);
+        f.assert_still_serves();
+    }
+
+    #[test]
+    fn a_device_not_started_changes_backing_without_an_interrupt() {
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(4096).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut block =
+            Block::new("d".into(), file.as_file().try_clone().unwrap(), false, irq).unwrap();
+        let (_new, backing) = new_backing(16, 0, true);
+        block.update_backing(backing).unwrap();
+        assert_eq!(block.capacity_sectors(), 16);
+        assert_eq!(block.config_generation(), 1);
+        assert_eq!(block.interrupt().status(), 0);
+        assert!(block.interrupt().irq_evt().read().is_err());
     }
 
     #[test]

@@ -12,6 +12,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::metrics::BlockMetrics;
+
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 /// Type (u32), reserved (u32), sector (u64).
@@ -52,6 +54,7 @@ pub struct Disk<'a> {
     pub read_only: bool,
     pub capacity_sectors: u64,
     pub id: &'a [u8],
+    pub metrics: &'a BlockMetrics,
 }
 
 /// Where the status byte goes and how many bytes the device wrote into the guest's buffers.
@@ -86,6 +89,11 @@ pub fn execute(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -
         };
     };
     let result = run(mem, &descriptors[..descriptors.len() - 1], disk);
+    match &result {
+        Ok(_) => {}
+        Err(RequestError::Io(_)) => disk.metrics.io_errors.inc(),
+        Err(_) => disk.metrics.invalid_reqs_count.inc(),
+    }
     let data_len = *result.as_ref().unwrap_or(&0);
     Completion {
         status_addr: Some(status_desc.addr()),
@@ -116,19 +124,27 @@ fn run(
     match request_type {
         VIRTIO_BLK_T_IN => {
             transfer(mem, data, disk, sector, Direction::ToGuest)?;
-            Ok(data.iter().map(|d| d.len()).sum())
+            let len: u32 = data.iter().map(|d| d.len()).sum();
+            disk.metrics.read_count.inc();
+            disk.metrics.read_bytes.add(u64::from(len));
+            Ok(len)
         }
         VIRTIO_BLK_T_OUT => {
             if disk.read_only {
                 return Err(RequestError::ReadOnly);
             }
             transfer(mem, data, disk, sector, Direction::FromGuest)?;
+            disk.metrics.write_count.inc();
+            disk.metrics
+                .write_bytes
+                .add(data.iter().map(|d| u64::from(d.len())).sum());
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
             disk.file
                 .sync_data()
                 .map_err(|e| RequestError::Io(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            disk.metrics.flush_count.inc();
             Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => {
@@ -142,6 +158,7 @@ fn run(
             let len = (buffer.len() as usize).min(id.len());
             mem.write_slice(&id[..len], buffer.addr())
                 .map_err(|_| RequestError::BadGuestAddress(buffer.addr().0))?;
+            disk.metrics.get_id_count.inc();
             Ok(len as u32)
         }
         other => Err(RequestError::Unsupported(other)),

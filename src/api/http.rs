@@ -1,0 +1,594 @@
+//! HTTP/1.1 over a Unix socket, as much of it as Firecracker's clients use: requests with
+//! Content-Length bodies, keep-alive, `Expect: 100-continue`, several clients at once on one
+//! epoll set. Each complete request goes to a handler; its response is written back in order.
+//!
+//! What a client sends can never stall the others or end the server: a malformed request is
+//! answered with 400 and its connection closed, an oversized body is refused from its headers
+//! alone, and a client that disconnects mid-request is forgotten.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use log::{debug, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// Firecracker's default limit on a request body (`--http-api-max-payload-size`).
+pub const DEFAULT_MAX_PAYLOAD: usize = 51_200;
+/// The most a request line and its headers may take.
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+const MAX_HEADERS: usize = 32;
+/// More clients than this at once are turned away (each costs buffers and an fd).
+const MAX_CONNECTIONS: usize = 64;
+const READ_CHUNK: usize = 4096;
+/// Epoll data of the listening socket; connections use their fd.
+const LISTENER_DATA: u64 = u64::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot bind the API socket {path}: {source}")]
+    Bind { path: String, source: io::Error },
+    #[error("the API socket's epoll set failed: {0}")]
+    Epoll(io::Error),
+}
+
+/// A complete request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// The path without a query string.
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// What the handler answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// A JSON document, or nothing (204).
+    pub body: Option<String>,
+}
+
+impl Response {
+    pub fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: None,
+        }
+    }
+
+    pub fn json(status: u16, body: String) -> Self {
+        Self {
+            status,
+            body: Some(body),
+        }
+    }
+
+    /// Firecracker's error shape: `{"fault_message": "..."}`.
+    pub fn fault(status: u16, message: &str) -> Self {
+        Self::json(
+            status,
+            serde_json::json!({ "fault_message": message }).to_string(),
+        )
+    }
+
+    fn reason(&self) -> &'static str {
+        match self.status {
+            100 => "Continue",
+            200 => "OK",
+            204 => "No Content",
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            413 => "Payload Too Large",
+            500 => "Internal Server Error",
+            _ => "",
+        }
+    }
+
+    fn render(&self, keep_alive: bool) -> Vec<u8> {
+        let connection = if keep_alive { "keep-alive" } else { "close" };
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nServer: mote API\r\nConnection: {connection}\r\n",
+            self.status,
+            self.reason()
+        );
+        match &self.body {
+            Some(body) => {
+                out.push_str(&format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                ));
+            }
+            None if self.status == 204 => out.push_str("\r\n"),
+            None => out.push_str("Content-Length: 0\r\n\r\n"),
+        }
+        out.into_bytes()
+    }
+}
+
+/// Where parsing the bytes received so far got to.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    /// More bytes are needed; `continue_100` asks the client to send its body.
+    Incomplete { continue_100: bool },
+    /// A whole request, `consumed` bytes long, and whether the connection stays open after it.
+    Complete {
+        request: Request,
+        consumed: usize,
+        keep_alive: bool,
+    },
+    /// Answer this and close the connection.
+    Refused(Response),
+}
+
+fn header_value<'a>(headers: &'a [httparse::Header], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// Parses one request from the front of `buf`.
+fn parse_request(buf: &[u8], max_payload: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let header_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEADER_BYTES => {
+            return Parsed::Refused(Response::fault(
+                400,
+                &format!("the request's headers are longer than {MAX_HEADER_BYTES} bytes"),
+            ))
+        }
+        Ok(httparse::Status::Partial) => {
+            return Parsed::Incomplete {
+                continue_100: false,
+            }
+        }
+        Err(err) => {
+            return Parsed::Refused(Response::fault(
+                400,
+                &format!("malformed HTTP request: {err}"),
+            ))
+        }
+    };
+    let method = request.method.unwrap_or_default().to_string();
+    let target = request.path.unwrap_or_default();
+    let path = target.split('?').next().unwrap_or_default().to_string();
+    let headers = request.headers;
+
+    if header_value(headers, "transfer-encoding").is_some() {
+        return Parsed::Refused(Response::fault(
+            400,
+            "Transfer-Encoding is not supported: send a Content-Length",
+        ));
+    }
+    let body_len = match header_value(headers, "content-length") {
+        None => 0,
+        Some(value) => match std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            Some(len) => len,
+            None => return Parsed::Refused(Response::fault(400, "invalid Content-Length header")),
+        },
+    };
+    if body_len > max_payload {
+        // Firecracker's wording; the body is never read.
+        return Parsed::Refused(Response::fault(
+            400,
+            &format!(
+                "Request payload with size {body_len} is larger than the limit of \
+                 {max_payload} allowed by server."
+            ),
+        ));
+    }
+    if buf.len() - header_len < body_len {
+        let expects_continue = header_value(headers, "expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
+        return Parsed::Incomplete {
+            continue_100: expects_continue,
+        };
+    }
+    let http_10 = request.version == Some(0);
+    let connection = header_value(headers, "connection");
+    let keep_alive = match connection {
+        Some(v) if v.eq_ignore_ascii_case(b"close") => false,
+        Some(v) if v.eq_ignore_ascii_case(b"keep-alive") => true,
+        _ => !http_10,
+    };
+    Parsed::Complete {
+        request: Request {
+            method,
+            path,
+            body: buf[header_len..header_len + body_len].to_vec(),
+        },
+        consumed: header_len + body_len,
+        keep_alive,
+    }
+}
+
+/// One client.
+struct Connection {
+    stream: UnixStream,
+    received: Vec<u8>,
+    /// Response bytes not yet written.
+    pending: Vec<u8>,
+    /// 100 Continue was already sent for the request being received.
+    continued: bool,
+    /// Close once `pending` is written.
+    closing: bool,
+}
+
+impl Connection {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            received: Vec::new(),
+            pending: Vec::new(),
+            continued: false,
+            closing: false,
+        }
+    }
+
+    /// Reads what is there. Ok(false) when the client has gone.
+    fn receive(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => self.received.extend_from_slice(&chunk[..n]),
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(true),
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Writes what it can of `pending`. Ok(true) when all of it is out.
+    fn flush(&mut self) -> io::Result<bool> {
+        while !self.pending.is_empty() {
+            match self.stream.write(&self.pending) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The API's HTTP server: owns the listening socket and its clients.
+pub struct HttpServer {
+    listener: UnixListener,
+    epoll: Epoll,
+    connections: HashMap<RawFd, Connection>,
+    max_payload: usize,
+}
+
+impl HttpServer {
+    /// Binds `path`, which must not exist (a stale socket is the caller's to remove).
+    pub fn bind(path: &Path, max_payload: usize) -> Result<Self, HttpError> {
+        let bind_err = |source| HttpError::Bind {
+            path: path.display().to_string(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let epoll = Epoll::new().map_err(HttpError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_DATA),
+            )
+            .map_err(HttpError::Epoll)?;
+        Ok(Self {
+            listener,
+            epoll,
+            connections: HashMap::new(),
+            max_payload,
+        })
+    }
+
+    /// Serves clients until the epoll set fails; `handler` answers each request in turn.
+    pub fn serve(&mut self, handler: &mut dyn FnMut(Request) -> Response) -> HttpError {
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let ready = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => return HttpError::Epoll(err),
+            };
+            for event in &events[..ready] {
+                if event.data() == LISTENER_DATA {
+                    self.accept();
+                } else {
+                    self.service(event.data() as RawFd, event.event_set(), handler);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    // Out of fds, for example: the client is dropped, the server goes on.
+                    warn!("API: cannot accept a client: {err}");
+                    return;
+                }
+            };
+            if self.connections.len() >= MAX_CONNECTIONS {
+                warn!("API: more than {MAX_CONNECTIONS} clients at once; turning one away");
+                continue;
+            }
+            let fd = stream.as_raw_fd();
+            let registered = stream.set_nonblocking(true).and_then(|()| {
+                self.epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, fd as u64),
+                )
+            });
+            match registered {
+                Ok(()) => {
+                    self.connections.insert(fd, Connection::new(stream));
+                }
+                Err(err) => warn!("API: cannot watch a client: {err}"),
+            }
+        }
+    }
+
+    fn close(&mut self, fd: RawFd) {
+        if let Some(connection) = self.connections.remove(&fd) {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            drop(connection);
+        }
+    }
+
+    fn service(
+        &mut self,
+        fd: RawFd,
+        events: EventSet,
+        handler: &mut dyn FnMut(Request) -> Response,
+    ) {
+        let alive = match self.progress(fd, events, handler) {
+            Ok(alive) => alive,
+            Err(err) => {
+                debug!("API: client dropped: {err}");
+                false
+            }
+        };
+        if !alive {
+            self.close(fd);
+        }
+    }
+
+    /// Reads, answers every complete request, writes. Ok(false) when the connection is done.
+    fn progress(
+        &mut self,
+        fd: RawFd,
+        events: EventSet,
+        handler: &mut dyn FnMut(Request) -> Response,
+    ) -> io::Result<bool> {
+        let max_payload = self.max_payload;
+        let Some(connection) = self.connections.get_mut(&fd) else {
+            return Ok(false);
+        };
+        let mut open = true;
+        if events.contains(EventSet::IN) && !connection.closing {
+            open = connection.receive()?;
+        }
+        while !connection.closing {
+            match parse_request(&connection.received, max_payload) {
+                Parsed::Incomplete { continue_100 } => {
+                    if continue_100 && !connection.continued {
+                        connection.continued = true;
+                        connection
+                            .pending
+                            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    break;
+                }
+                Parsed::Complete {
+                    request,
+                    consumed,
+                    keep_alive,
+                } => {
+                    connection.received.drain(..consumed);
+                    connection.continued = false;
+                    let response = handler(request);
+                    connection.pending.extend(response.render(keep_alive));
+                    connection.closing = !keep_alive;
+                }
+                Parsed::Refused(response) => {
+                    connection.received.clear();
+                    connection.pending.extend(response.render(false));
+                    connection.closing = true;
+                }
+            }
+        }
+        let written = connection.flush()?;
+        if written && (connection.closing || !open) {
+            return Ok(false);
+        }
+        if !open && !written {
+            // The client stopped sending but may still read: finish writing, then close.
+            connection.closing = true;
+        }
+        let mut wanted = EventSet::READ_HANG_UP;
+        if !connection.closing {
+            wanted |= EventSet::IN;
+        }
+        if !written {
+            wanted |= EventSet::OUT;
+        }
+        self.epoll
+            .ctl(
+                ControlOperation::Modify,
+                fd,
+                EpollEvent::new(wanted, fd as u64),
+            )
+            .map(|()| true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(buf: &[u8]) -> (Request, usize, bool) {
+        match parse_request(buf, DEFAULT_MAX_PAYLOAD) {
+            Parsed::Complete {
+                request,
+                consumed,
+                keep_alive,
+            } => (request, consumed, keep_alive),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn refused(buf: &[u8], max: usize) -> String {
+        match parse_request(buf, max) {
+            Parsed::Refused(response) => {
+                assert_eq!(response.status, 400);
+                response.body.unwrap()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_with_a_body_parses_and_keeps_the_connection() {
+        let raw = b"PUT /machine-config?x=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\n{}\r\nGET";
+        let (request, consumed, keep_alive) = complete(raw);
+        assert_eq!(request.method, "PUT");
+        assert_eq!(request.path, "/machine-config");
+        assert_eq!(request.body, b"{}\r\n");
+        assert_eq!(consumed, raw.len() - 3);
+        assert!(keep_alive);
+    }
+
+    #[test]
+    fn partial_requests_wait_for_more() {
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost:", DEFAULT_MAX_PAYLOAD),
+            Parsed::Incomplete {
+                continue_100: false
+            }
+        );
+        let raw = b"PUT /drives/a HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n{";
+        assert_eq!(
+            parse_request(raw, DEFAULT_MAX_PAYLOAD),
+            Parsed::Incomplete { continue_100: true }
+        );
+    }
+
+    #[test]
+    fn connection_close_and_http_10_end_the_connection() {
+        let (_, _, keep_alive) = complete(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(!keep_alive);
+        let (_, _, keep_alive) = complete(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!keep_alive);
+    }
+
+    #[test]
+    fn oversized_bodies_are_refused_from_the_headers() {
+        let body = refused(b"PUT / HTTP/1.1\r\nContent-Length: 51201\r\n\r\n", 51_200);
+        assert!(body.contains("larger than the limit of 51200"), "{body}");
+    }
+
+    #[test]
+    fn garbage_and_unsupported_framing_are_refused() {
+        assert!(refused(b"\x00\x01garbage\r\n\r\n", 100).contains("malformed"));
+        assert!(
+            refused(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 100)
+                .contains("Transfer-Encoding")
+        );
+        assert!(
+            refused(b"PUT / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 100)
+                .contains("Content-Length")
+        );
+        let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEADER_BYTES));
+        assert!(refused(long.as_bytes(), 100).contains("headers are longer"));
+    }
+
+    #[test]
+    fn responses_render_with_their_length() {
+        let out = Response::fault(400, "bad \"x\"").render(true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(text.contains("Connection: keep-alive\r\n"));
+        assert!(text.ends_with("\r\n\r\n{\"fault_message\":\"bad \\\"x\\\"\"}"));
+        assert!(text.contains("Content-Length: 29\r\n"), "{text}");
+        let text = String::from_utf8(Response::no_content().render(false)).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 204 No Content\r\nServer: mote API\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    /// A whole exchange over a real socket: keep-alive, a pipelined pair, a client that leaves
+    /// mid-request, and one that sends garbage, while another is served.
+    #[test]
+    fn serves_clients_over_a_unix_socket() {
+        let dir = std::env::temp_dir().join(format!("mote-http-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let mut server = HttpServer::bind(&path, 64).unwrap();
+        std::thread::spawn(move || {
+            server.serve(&mut |request| {
+                Response::json(200, format!("{{\"path\":\"{}\"}}", request.path))
+            })
+        });
+        let read_response = |stream: &mut UnixStream| {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 512];
+            while !String::from_utf8_lossy(&buf).contains('}') {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&buf));
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            String::from_utf8(buf).unwrap()
+        };
+        let mut idle = UnixStream::connect(&path).unwrap();
+        idle.write_all(b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+            .unwrap();
+        {
+            let mut gone = UnixStream::connect(&path).unwrap();
+            gone.write_all(b"PUT /y HTTP/1.1\r\nContent-Le").unwrap();
+        }
+        let mut garbage = UnixStream::connect(&path).unwrap();
+        garbage.write_all(b"\x16\x03\x01 not http\r\n\r\n").unwrap();
+        let answer = read_response(&mut garbage);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let mut both = read_response(&mut client);
+        if !both.contains("/b") {
+            both += &read_response(&mut client);
+        }
+        assert!(both.contains("{\"path\":\"/a\"}") && both.contains("{\"path\":\"/b\"}"));
+        client.write_all(b"GET /c HTTP/1.1\r\n\r\n").unwrap();
+        assert!(read_response(&mut client).contains("/c"));
+        drop(idle);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

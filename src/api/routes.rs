@@ -1,0 +1,243 @@
+//! From an HTTP request to a [`VmmAction`]: Firecracker's paths, methods and JSON bodies. Every
+//! refusal names what was wrong (the field, for a body) so a client can fix its request.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::config::{
+    BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    MetricsConfig,
+};
+use crate::rpc::VmmAction;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /version`, answered by the API thread itself.
+    Version,
+    Action(VmmAction),
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceActionInfo {
+    action_type: ActionType,
+}
+
+#[derive(Debug, Deserialize)]
+enum ActionType {
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmState {
+    state: State,
+}
+
+#[derive(Debug, Deserialize)]
+enum State {
+    Paused,
+    Resumed,
+}
+
+/// Parses a JSON body; the error names the body, the field's path in it, and the reason.
+fn body<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!("the {what} request needs a JSON body"));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if path == "." {
+            format!("invalid {what} body: {inner}")
+        } else {
+            format!("invalid {what} body: field `{path}`: {inner}")
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|err| format!("invalid {what} body: {err}"))?;
+    Ok(value)
+}
+
+/// Firecracker's answer for a path or method it does not serve.
+fn invalid(method: &str, path: &str) -> String {
+    format!("Invalid request method and/or path: {method} {path}.")
+}
+
+/// Firecracker paths mote does not implement yet: a clear refusal, not a generic one.
+const NOT_YET: [&str; 8] = [
+    "network-interfaces",
+    "vsock",
+    "snapshot",
+    "balloon",
+    "entropy",
+    "mmds",
+    "cpu-config",
+    "hotplug",
+];
+
+/// Maps a request to what it asks for.
+pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
+    let trimmed = path.trim_end_matches('/');
+    let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+    let action = match (method, segments.as_slice()) {
+        ("GET", [] | [""]) => VmmAction::GetInstanceInfo,
+        ("GET", ["version"]) => return Ok(Route::Version),
+        ("GET", ["vm", "config"]) => VmmAction::GetVmConfig,
+        ("GET", ["machine-config"]) => VmmAction::GetMachineConfig,
+        ("PUT", ["machine-config"]) => {
+            VmmAction::PutMachineConfig(body::<MachineConfig>("machine-config", bytes)?)
+        }
+        ("PATCH", ["machine-config"]) => {
+            VmmAction::PatchMachineConfig(body::<MachineConfigUpdate>("machine-config", bytes)?)
+        }
+        ("PUT", ["boot-source"]) => {
+            VmmAction::PutBootSource(body::<BootSourceConfig>("boot-source", bytes)?)
+        }
+        ("PUT", ["drives", id]) => {
+            let drive = body::<DriveConfig>("drive", bytes)?;
+            check_id(id, &drive.drive_id)?;
+            VmmAction::PutDrive(drive)
+        }
+        ("PATCH", ["drives", id]) => {
+            let update = body::<DriveUpdate>("drive", bytes)?;
+            check_id(id, &update.drive_id)?;
+            VmmAction::PatchDrive(update)
+        }
+        ("PUT", ["logger"]) => VmmAction::PutLogger(body::<LoggerConfig>("logger", bytes)?),
+        ("PUT", ["metrics"]) => VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?),
+        ("PUT", ["actions"]) => match body::<InstanceActionInfo>("actions", bytes)?.action_type {
+            ActionType::InstanceStart => VmmAction::InstanceStart,
+            ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
+            ActionType::FlushMetrics => VmmAction::FlushMetrics,
+        },
+        ("PATCH", ["vm"]) => match body::<VmState>("vm", bytes)?.state {
+            State::Paused => VmmAction::Pause,
+            State::Resumed => VmmAction::Resume,
+        },
+        (_, [first, ..]) if NOT_YET.contains(first) => {
+            return Err(format!(
+                "{method} {path}: /{first} is not implemented by mote yet"
+            ))
+        }
+        _ => return Err(invalid(method, path)),
+    };
+    Ok(Route::Action(action))
+}
+
+/// A drive's id in the path and in the body must agree (Firecracker's rule).
+fn check_id(path_id: &str, body_id: &str) -> Result<(), String> {
+    if path_id == body_id {
+        Ok(())
+    } else {
+        Err(format!(
+            "The id from the path ({path_id:?}) does not match the id from the body ({body_id:?})!"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(method: &str, path: &str, body: &str) -> VmmAction {
+        match route(method, path, body.as_bytes()) {
+            Ok(Route::Action(action)) => action,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn refusal(method: &str, path: &str, body: &str) -> String {
+        route(method, path, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn firecrackers_requests_map_to_actions() {
+        assert_eq!(action("GET", "/", ""), VmmAction::GetInstanceInfo);
+        assert_eq!(route("GET", "/version", b""), Ok(Route::Version));
+        assert_eq!(action("GET", "/vm/config", ""), VmmAction::GetVmConfig);
+        assert_eq!(
+            action("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+            VmmAction::InstanceStart
+        );
+        assert_eq!(
+            action("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
+            VmmAction::SendCtrlAltDel
+        );
+        assert_eq!(
+            action("PATCH", "/vm", r#"{"state": "Paused"}"#),
+            VmmAction::Pause
+        );
+        match action(
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true}"#,
+        ) {
+            VmmAction::PutDrive(drive) => assert!(drive.is_root_device),
+            other => panic!("{other:?}"),
+        }
+        match action("PATCH", "/machine-config", r#"{"vcpu_count": 2}"#) {
+            VmmAction::PatchMachineConfig(update) => assert_eq!(update.vcpu_count, Some(2)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn body_errors_name_the_field_and_the_reason() {
+        let err = refusal(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": "two", "mem_size_mib": 128}"#,
+        );
+        assert!(
+            err.contains("field `vcpu_count`") && err.contains("invalid type"),
+            "{err}"
+        );
+        let err = refusal(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "turbo": true}"#,
+        );
+        assert!(err.contains("unknown field `turbo`"), "{err}");
+        let err = refusal("PUT", "/machine-config", r#"{"vcpu_count": 1}"#);
+        assert!(err.contains("missing field `mem_size_mib`"), "{err}");
+        let err = refusal("PUT", "/boot-source", "{not json");
+        assert!(err.contains("invalid boot-source body"), "{err}");
+        let err = refusal("PUT", "/boot-source", "");
+        assert!(err.contains("needs a JSON body"), "{err}");
+        let err = refusal("PUT", "/actions", r#"{"action_type": "Explode"}"#);
+        assert!(
+            err.contains("field `action_type`") && err.contains("Explode"),
+            "{err}"
+        );
+        let err = refusal("PUT", "/boot-source", r#"{"kernel_image_path": "/k"} {}"#);
+        assert!(err.contains("trailing characters"), "{err}");
+    }
+
+    #[test]
+    fn unknown_paths_and_methods_are_refused() {
+        assert_eq!(
+            refusal("DELETE", "/machine-config", ""),
+            "Invalid request method and/or path: DELETE /machine-config."
+        );
+        assert!(refusal("GET", "/nowhere", "").starts_with("Invalid request"));
+        assert!(refusal("PUT", "/vsock", "{}").contains("not implemented by mote yet"));
+    }
+
+    #[test]
+    fn a_drive_id_must_match_its_path() {
+        let err = refusal(
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id": "b", "path_on_host": "/r", "is_root_device": false}"#,
+        );
+        assert!(err.contains("does not match"), "{err}");
+    }
+}

@@ -1,0 +1,300 @@
+//! The monitor's metrics, in Firecracker's shape: one JSON object a line, each counter the
+//! count since the previous line, written on `FlushMetrics` and every 60 s once the guest runs.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use devices::metrics::{BlockMetrics, Counter};
+use serde_json::{json, Map, Value};
+
+/// The process's metrics: counters are bumped where things happen, from any thread.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// How often metrics are written without being asked.
+pub const PERIOD_SECS: u64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("the metrics are already configured (to {0})")]
+    AlreadyConfigured(PathBuf),
+    #[error("cannot open the metrics file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the metrics are not configured: PUT /metrics or --metrics-path first")]
+    NotConfigured,
+    #[error("cannot write the metrics to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A request kind's count and its failures.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    pub count: Counter,
+    pub fails: Counter,
+}
+
+/// Firecracker's `api_server`, `get_api_requests`, `put_api_requests`, `patch_api_requests`.
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    pub sync_response_fails: Counter,
+    get: [RequestCounters; GET_NAMES.len()],
+    put: [RequestCounters; PUT_NAMES.len()],
+    patch: [RequestCounters; PATCH_NAMES.len()],
+}
+
+const GET_NAMES: [(&str, &str); 4] = [
+    ("", "instance_info"),
+    ("version", "vmm_version"),
+    ("machine-config", "machine_cfg"),
+    ("vm", "vm_config"),
+];
+const PUT_NAMES: [(&str, &str); 6] = [
+    ("actions", "actions"),
+    ("boot-source", "boot_source"),
+    ("drives", "drive"),
+    ("logger", "logger"),
+    ("machine-config", "machine_cfg"),
+    ("metrics", "metrics"),
+];
+const PATCH_NAMES: [(&str, &str); 3] = [
+    ("drives", "drive"),
+    ("machine-config", "machine_cfg"),
+    ("vm", "vm"),
+];
+
+impl ApiMetrics {
+    /// The counters of the request kind `METHOD /path…`, if it is one that is counted.
+    pub fn for_request(&self, method: &str, path: &str) -> Option<&RequestCounters> {
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        let (names, counters): (&[(&str, &str)], &[RequestCounters]) = match method {
+            "GET" => (&GET_NAMES, &self.get),
+            "PUT" => (&PUT_NAMES, &self.put),
+            "PATCH" => (&PATCH_NAMES, &self.patch),
+            _ => return None,
+        };
+        let index = names.iter().position(|(segment, _)| *segment == first)?;
+        counters.get(index)
+    }
+
+    fn report(names: &[(&str, &str)], counters: &[RequestCounters], fails: bool) -> Value {
+        let mut map = Map::new();
+        for ((_, name), counter) in names.iter().zip(counters) {
+            map.insert(format!("{name}_count"), counter.count.take_delta().into());
+            if fails {
+                map.insert(format!("{name}_fails"), counter.fails.take_delta().into());
+            }
+        }
+        Value::Object(map)
+    }
+}
+
+/// Firecracker's `vcpu`: exits the vCPU threads handled.
+#[derive(Debug, Default)]
+pub struct VcpuMetrics {
+    pub exit_io_in: Counter,
+    pub exit_io_out: Counter,
+    pub exit_mmio_read: Counter,
+    pub exit_mmio_write: Counter,
+    pub failures: Counter,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub api: ApiMetrics,
+    pub vcpu: VcpuMetrics,
+    /// Pauses and resumes.
+    pub vmm_pauses: Counter,
+    pub vmm_resumes: Counter,
+    pub i8042_ctrl_alt_del: Counter,
+    /// Metrics lines that could not be written (a full pipe, for example).
+    pub metrics_write_fails: Counter,
+    /// Each drive's counters, by drive id, in the guest's order.
+    blocks: Mutex<Vec<(String, Arc<BlockMetrics>)>>,
+    sink: Mutex<Option<Sink>>,
+}
+
+#[derive(Debug)]
+struct Sink {
+    path: PathBuf,
+    file: File,
+}
+
+/// Opens a metrics or log destination: a regular file is created if missing and appended to;
+/// a named pipe is opened read-write and non-blocking, so that neither opening it without a
+/// reader nor writing to a full one stalls the monitor.
+pub fn open_sink(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+impl Metrics {
+    /// Sends the metrics to `path` from now on.
+    pub fn configure(&self, path: &Path) -> Result<(), MetricsError> {
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = sink.as_ref() {
+            return Err(MetricsError::AlreadyConfigured(existing.path.clone()));
+        }
+        let file = open_sink(path).map_err(|source| MetricsError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        *sink = Some(Sink {
+            path: path.to_path_buf(),
+            file,
+        });
+        Ok(())
+    }
+
+    pub fn is_configured(&self) -> bool {
+        self.sink.lock().map(|s| s.is_some()).unwrap_or(false)
+    }
+
+    /// Counts a drive's I/O under `block_<id>` and in the `block` total.
+    pub fn register_block(&self, id: &str, metrics: Arc<BlockMetrics>) {
+        if let Ok(mut blocks) = self.blocks.lock() {
+            blocks.retain(|(existing, _)| existing != id);
+            blocks.push((id.to_string(), metrics));
+        }
+    }
+
+    /// The metrics since the previous report, as one JSON object.
+    pub fn report(&self) -> Value {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut top = Map::new();
+        top.insert("utc_timestamp_ms".into(), now_ms.into());
+        top.insert(
+            "api_server".into(),
+            json!({ "sync_response_fails": self.api.sync_response_fails.take_delta() }),
+        );
+        top.insert(
+            "get_api_requests".into(),
+            ApiMetrics::report(&GET_NAMES, &self.api.get, false),
+        );
+        top.insert(
+            "put_api_requests".into(),
+            ApiMetrics::report(&PUT_NAMES, &self.api.put, true),
+        );
+        top.insert(
+            "patch_api_requests".into(),
+            ApiMetrics::report(&PATCH_NAMES, &self.api.patch, true),
+        );
+        top.insert(
+            "vcpu".into(),
+            json!({
+                "exit_io_in": self.vcpu.exit_io_in.take_delta(),
+                "exit_io_out": self.vcpu.exit_io_out.take_delta(),
+                "exit_mmio_read": self.vcpu.exit_mmio_read.take_delta(),
+                "exit_mmio_write": self.vcpu.exit_mmio_write.take_delta(),
+                "failures": self.vcpu.failures.take_delta(),
+            }),
+        );
+        top.insert(
+            "vmm".into(),
+            json!({
+                "pause_count": self.vmm_pauses.take_delta(),
+                "resume_count": self.vmm_resumes.take_delta(),
+            }),
+        );
+        top.insert(
+            "i8042".into(),
+            json!({ "ctrl_alt_del_count": self.i8042_ctrl_alt_del.take_delta() }),
+        );
+        top.insert(
+            "metrics".into(),
+            json!({ "write_fails": self.metrics_write_fails.take_delta() }),
+        );
+        let mut total = Map::new();
+        if let Ok(blocks) = self.blocks.lock() {
+            for (id, block) in blocks.iter() {
+                let mut device = Map::new();
+                for (name, delta) in block.take_deltas() {
+                    device.insert(name.into(), delta.into());
+                    let sum = total.get(name).and_then(Value::as_u64).unwrap_or(0) + delta;
+                    total.insert(name.into(), sum.into());
+                }
+                top.insert(format!("block_{id}"), Value::Object(device));
+            }
+        }
+        top.insert("block".into(), Value::Object(total));
+        Value::Object(top)
+    }
+
+    /// Writes one metrics line to the configured destination.
+    pub fn flush(&self) -> Result<(), MetricsError> {
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let sink = sink.as_mut().ok_or(MetricsError::NotConfigured)?;
+        let mut line = self.report().to_string();
+        line.push('\n');
+        // One write: a line is whole or absent, never torn, in a pipe.
+        sink.file.write_all(line.as_bytes()).map_err(|source| {
+            self.metrics_write_fails.inc();
+            MetricsError::Write {
+                path: sink.path.clone(),
+                source,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_counts_since_the_previous_one() {
+        let metrics = Metrics::default();
+        let counters = metrics.api.for_request("PUT", "/drives/rootfs").unwrap();
+        counters.count.inc();
+        counters.fails.inc();
+        metrics.api.for_request("GET", "/").unwrap().count.add(2);
+        let block = Arc::new(BlockMetrics::default());
+        block.read_bytes.add(4096);
+        metrics.register_block("rootfs", block.clone());
+        let report = metrics.report();
+        assert_eq!(report["put_api_requests"]["drive_count"], 1);
+        assert_eq!(report["put_api_requests"]["drive_fails"], 1);
+        assert_eq!(report["get_api_requests"]["instance_info_count"], 2);
+        assert_eq!(report["block_rootfs"]["read_bytes"], 4096);
+        assert_eq!(report["block"]["read_bytes"], 4096);
+        let again = metrics.report();
+        assert_eq!(again["put_api_requests"]["drive_count"], 0);
+        assert_eq!(again["block"]["read_bytes"], 0);
+        assert!(metrics.api.for_request("DELETE", "/").is_none());
+    }
+
+    #[test]
+    fn flushing_needs_a_destination_and_writes_a_line() {
+        let metrics = Metrics::default();
+        assert!(matches!(metrics.flush(), Err(MetricsError::NotConfigured)));
+        let path = std::env::temp_dir().join(format!("mote-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        metrics.configure(&path).unwrap();
+        assert!(matches!(
+            metrics.configure(&path),
+            Err(MetricsError::AlreadyConfigured(_))
+        ));
+        metrics.flush().unwrap();
+        metrics.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert!(line["utc_timestamp_ms"].as_u64().unwrap() > 0);
+        let _ = std::fs::remove_file(&path);
+    }
+}

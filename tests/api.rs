@@ -1,0 +1,595 @@
+//! The Firecracker-compatible REST API, driven over its Unix socket as a client would: a whole
+//! probe-guest lifecycle, every class of refusal, config files, `GET /vm/config` round trips,
+//! pause and resume, Ctrl-Alt-Del, drive updates, metrics and the logger.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::api::{read_answer, ApiMote};
+use common::{probe_kernel, require_kvm, run_mote};
+
+const SECTOR: u64 = 512;
+const WAIT: Duration = Duration::from_secs(20);
+
+fn boot_source(steps: &str) -> String {
+    serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    })
+    .to_string()
+}
+
+fn drive_json(id: &str, path: &Path, root: bool, read_only: bool) -> String {
+    serde_json::json!({
+        "drive_id": id,
+        "path_on_host": path,
+        "is_root_device": root,
+        "is_read_only": read_only,
+    })
+    .to_string()
+}
+
+fn start(mote: &ApiMote) {
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+}
+
+#[test]
+fn a_whole_probe_lifecycle_through_the_api() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("lifecycle", &[]);
+    let info = mote.request("GET", "/", "").json();
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["id"], "anonymous-instance");
+    let disk = mote.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 * SECTOR as usize]).unwrap();
+
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("hello,cpus,mem,blk-init,blk-id"),
+    );
+    mote.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 96}"#,
+    );
+    mote.ok("PATCH", "/machine-config", r#"{"vcpu_count": 3}"#);
+    mote.ok(
+        "PUT",
+        "/drives/scratch",
+        &drive_json("scratch", &disk, false, false),
+    );
+    let config = mote.request("GET", "/machine-config", "").json();
+    assert_eq!(config["vcpu_count"], 3);
+    assert_eq!(config["mem_size_mib"], 96);
+    start(&mote);
+    let run = mote.wait(WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("probe: hello"), "{}", run.stdout);
+    assert!(run.stdout.contains("probe: cpus=3"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("probe: blk-id status=0 id=scratch"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn get_reports_running_and_paused_and_pause_stops_the_guest() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("pause", &[]);
+    mote.ok("PUT", "/boot-source", &boot_source("count:100000:200000"));
+    start(&mote);
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Running");
+    mote.wait_for_stdout("probe: count=3\n", WAIT);
+
+    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Paused");
+    let at_pause = mote.stdout();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mote.stdout(), at_pause, "the guest printed while paused");
+    // Pausing twice is harmless, as in Firecracker.
+    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+
+    mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Running");
+    let last = at_pause
+        .lines()
+        .filter_map(|l| l.strip_prefix("probe: count="))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    // It goes on from where it stopped.
+    mote.wait_for_stdout(&format!("probe: count={}\n", last + 2), WAIT);
+}
+
+#[test]
+fn ctrl_alt_del_reaches_the_guests_keyboard() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("ctrl-alt-del", &[]);
+    mote.ok("PUT", "/boot-source", &boot_source("kbd:8"));
+    start(&mote);
+    mote.wait_for_stdout("probe: kbd: waiting", WAIT);
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let run = mote.wait(WAIT);
+    assert!(
+        run.stdout.contains("probe: kbd: 14 11 e0 71 e0 f0 71 f0"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn a_drive_gets_a_new_file_after_boot_and_the_guest_sees_its_size() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("patch-drive", &[]);
+    let small = mote.dir.join("small.img");
+    let large = mote.dir.join("large.img");
+    std::fs::write(&small, vec![0u8; 16 * SECTOR as usize]).unwrap();
+    std::fs::write(&large, vec![0u8; 96 * SECTOR as usize]).unwrap();
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("blk-init,blk-wait-resize"),
+    );
+    mote.ok(
+        "PUT",
+        "/drives/data",
+        &drive_json("data", &small, false, false),
+    );
+    start(&mote);
+    mote.wait_for_stdout("probe: blk: waiting for resize", WAIT);
+
+    let missing = mote.dir.join("missing.img");
+    let patch =
+        |path: &Path| serde_json::json!({"drive_id": "data", "path_on_host": path}).to_string();
+    let fault = mote
+        .request("PATCH", "/drives/data", &patch(&missing))
+        .fault();
+    assert!(fault.contains("missing.img"), "{fault}");
+    let fault = mote
+        .request(
+            "PATCH",
+            "/drives/other",
+            &serde_json::json!({"drive_id": "other", "path_on_host": large}).to_string(),
+        )
+        .fault();
+    assert!(fault.contains("other"), "{fault}");
+
+    mote.ok("PATCH", "/drives/data", &patch(&large));
+    let run = mote.wait(WAIT);
+    assert!(
+        run.stdout.contains("probe: blk-capacity: 96"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn every_kind_of_bad_request_gets_a_400_naming_the_problem() {
+    let mote = ApiMote::spawn("bad-requests", &[]);
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "PUT",
+            "/machine-config",
+            "{\"vcpu_count\": 2",
+            "invalid machine-config body",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 64, "gpu": true}"#,
+            "unknown field `gpu`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": "two", "mem_size_mib": 64}"#,
+            "field `vcpu_count`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 0, "mem_size_mib": 64}"#,
+            "vcpu_count 0 is out of range",
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            r#"{"vcpu_count": 33}"#,
+            "vcpu_count 33 is out of range",
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            r#"{"mem_size_mib": 0}"#,
+            "mem_size_mib 0",
+        ),
+        (
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false}"#,
+            "does not match",
+        ),
+        (
+            "PUT",
+            "/drives/bad!id",
+            r#"{"drive_id": "bad!id", "path_on_host": "/x", "is_root_device": false}"#,
+            "drive_id \"bad!id\" is invalid",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "Reboot"}"#,
+            "field `action_type`",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            r#"{"state": "Paused"}"#,
+            "before starting the microVM",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "SendCtrlAltDel"}"#,
+            "before starting",
+        ),
+        (
+            "PATCH",
+            "/drives/a",
+            r#"{"drive_id": "a", "path_on_host": "/x"}"#,
+            "before starting",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+            "configure the boot source",
+        ),
+        (
+            "GET",
+            "/no/such/path",
+            "",
+            "Invalid request method and/or path",
+        ),
+        (
+            "DELETE",
+            "/machine-config",
+            "",
+            "Invalid request method and/or path",
+        ),
+        ("PUT", "/boot-source", "", "needs a JSON body"),
+        (
+            "PUT",
+            "/logger",
+            r#"{"level": "Loud"}"#,
+            "unknown log level",
+        ),
+    ];
+    for (method, path, body, expected) in cases {
+        let fault = mote.request(method, path, body).fault();
+        assert!(
+            fault.contains(expected),
+            "{method} {path} {body}: {fault:?} does not say {expected:?}"
+        );
+    }
+    // A boot source that names a missing kernel is refused at InstanceStart, and the
+    // monitor stays up for a corrected one.
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "/no/such/vmlinux"}"#,
+    );
+    let fault = mote
+        .request("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)
+        .fault();
+    assert!(fault.contains("/no/such/vmlinux"), "{fault}");
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
+}
+
+#[test]
+fn boot_only_requests_are_refused_after_boot() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("after-boot", &[]);
+    mote.ok("PUT", "/boot-source", &boot_source("spin"));
+    start(&mote);
+    for (method, path, body) in [
+        ("PUT", "/boot-source", boot_source("hello")),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64}"#.to_string(),
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            r#"{"vcpu_count": 2}"#.to_string(),
+        ),
+        (
+            "PUT",
+            "/drives/x",
+            r#"{"drive_id": "x", "path_on_host": "/x", "is_root_device": false}"#.to_string(),
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
+    ] {
+        let fault = mote.request(method, path, &body).fault();
+        assert!(
+            fault.contains("after starting the microVM"),
+            "{method} {path}: {fault}"
+        );
+    }
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Running");
+}
+
+#[test]
+fn oversized_garbage_and_abandoned_requests_never_stall_the_api() {
+    let mote = ApiMote::spawn("hostile-clients", &["--http-api-max-payload-size", "1024"]);
+    // A body over the limit is refused from its headers, before it is sent.
+    let mut big = UnixStream::connect(&mote.socket).unwrap();
+    big.write_all(b"PUT /boot-source HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    let answer = read_answer(&mut big);
+    assert!(
+        answer.fault().contains("larger than the limit of 1024"),
+        "{answer:?}"
+    );
+
+    // Idle, half-sent and garbage clients, all at once.
+    let mut idle = UnixStream::connect(&mote.socket).unwrap();
+    idle.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+        .unwrap();
+    for _ in 0..5 {
+        let mut gone = UnixStream::connect(&mote.socket).unwrap();
+        gone.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    }
+    let mut garbage = UnixStream::connect(&mote.socket).unwrap();
+    garbage
+        .write_all(&[0u8, 0xff, 0x13, b'\r', b'\n', b'\r', b'\n'])
+        .unwrap();
+    assert_eq!(read_answer(&mut garbage).status, 400);
+
+    // Meanwhile another client is served, with keep-alive.
+    let mut client = UnixStream::connect(&mote.socket).unwrap();
+    for _ in 0..3 {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let answer = read_answer(&mut client);
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    // A body that arrives in pieces, after `Expect: 100-continue`, is served whole.
+    let body = r#"{"vcpu_count": 2, "mem_size_mib": 64}"#;
+    let mut slow = UnixStream::connect(&mote.socket).unwrap();
+    write!(
+        slow,
+        "PUT /machine-config HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let continue_100 = read_answer(&mut slow);
+    assert_eq!(continue_100.status, 100);
+    slow.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    slow.write_all(&body.as_bytes()[10..]).unwrap();
+    assert_eq!(read_answer(&mut slow).status, 204);
+    drop(idle);
+    assert_eq!(
+        mote.request("GET", "/machine-config", "").json()["vcpu_count"],
+        2
+    );
+}
+
+#[test]
+fn a_config_file_boots_without_api_calls_and_vm_config_round_trips() {
+    if !require_kvm() {
+        return;
+    }
+    // Configure through the API, read the effective configuration back…
+    let mote = ApiMote::spawn("vm-config", &[]);
+    let disk = mote.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 32 * SECTOR as usize]).unwrap();
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("hello,cmdline,cpus,blk-init,blk-id"),
+    );
+    mote.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 80}"#,
+    );
+    mote.ok(
+        "PUT",
+        "/drives/rootfs",
+        &drive_json("rootfs", &disk, true, true),
+    );
+    let config = mote.request("GET", "/vm/config", "");
+    assert_eq!(config.status, 200);
+    let json = config.json();
+    assert_eq!(json["machine-config"]["vcpu_count"], 2);
+    assert_eq!(json["drives"][0]["drive_id"], "rootfs");
+
+    // …and boot another monitor from it, with no API at all.
+    let file = mote.dir.join("config.json");
+    std::fs::write(&file, &config.body).unwrap();
+    let run = run_mote(
+        &["--no-api", "--config-file", file.to_str().unwrap()],
+        None,
+        WAIT,
+    );
+    assert_eq!(run.status.code(), Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("probe: cpus=2"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("probe: blk-id status=0 id=rootfs"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("root=/dev/vda ro"), "{}", run.stdout);
+}
+
+#[test]
+fn a_config_file_boots_and_the_api_serves_the_running_guest() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("api/config-and-api");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.json");
+    let config = serde_json::json!({
+        "boot-source": serde_json::from_str::<serde_json::Value>(&boot_source("spin")).unwrap(),
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    });
+    std::fs::write(&file, config.to_string()).unwrap();
+    let mote = ApiMote::spawn(
+        "config-and-api-run",
+        &["--config-file", file.to_str().unwrap()],
+    );
+    let info = mote.request("GET", "/", "").json();
+    assert_eq!(info["state"], "Running");
+    let fault = mote
+        .request("PUT", "/boot-source", &boot_source("hello"))
+        .fault();
+    assert!(fault.contains("after starting"), "{fault}");
+}
+
+#[test]
+fn bad_config_files_and_flags_are_refused_with_a_reason() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("api/bad-config");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = run_mote(&["--no-api"], None, WAIT);
+    assert_ne!(run.status.code(), Some(0));
+    assert!(run.stderr.contains("--config-file"), "{}", run.stderr);
+
+    let missing = dir.join("missing.json");
+    let run = run_mote(
+        &["--no-api", "--config-file", missing.to_str().unwrap()],
+        None,
+        WAIT,
+    );
+    assert_eq!(run.status.code(), Some(1));
+    assert!(run.stderr.contains("missing.json"), "{}", run.stderr);
+
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"machine-config": {"vcpu_count": "one", "mem_size_mib": 64}}"#,
+    )
+    .unwrap();
+    let run = run_mote(
+        &["--no-api", "--config-file", bad.to_str().unwrap()],
+        None,
+        WAIT,
+    );
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        run.stderr.contains("bad.json") && run.stderr.contains("vcpu_count"),
+        "{}",
+        run.stderr
+    );
+
+    // A socket path that is taken.
+    let taken = dir.join("taken.sock");
+    std::fs::write(&taken, "").unwrap();
+    let run = run_mote(&["--api-sock", taken.to_str().unwrap()], None, WAIT);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(run.stderr.contains("taken.sock"), "{}", run.stderr);
+}
+
+#[test]
+fn metrics_count_api_requests_and_disk_io() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("metrics", &[]);
+    let metrics = mote.dir.join("metrics.json");
+    let disk = mote.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 * SECTOR as usize]).unwrap();
+    mote.ok(
+        "PUT",
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics }).to_string(),
+    );
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("blk-init,blk-write:0:8:5,blk-flush,blk-read:0:8:5,hello,spin"),
+    );
+    mote.ok(
+        "PUT",
+        "/drives/data",
+        &drive_json("data", &disk, false, false),
+    );
+    let _ = mote.request(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 0, "mem_size_mib": 1}"#,
+    );
+    start(&mote);
+    mote.wait_for_stdout("probe: hello", WAIT);
+    mote.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["put_api_requests"]["drive_count"], 1, "{line}");
+    assert_eq!(line["put_api_requests"]["machine_cfg_fails"], 1, "{line}");
+    assert_eq!(line["block_data"]["write_bytes"], 8 * SECTOR, "{line}");
+    assert_eq!(line["block_data"]["read_bytes"], 8 * SECTOR, "{line}");
+    assert_eq!(line["block_data"]["flush_count"], 1, "{line}");
+    assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
+    // Counters are per report: a second flush starts from zero.
+    mote.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["block_data"]["write_bytes"], 0, "{line}");
+    assert_eq!(line["put_api_requests"]["actions_count"], 1, "{line}");
+}
+
+#[test]
+fn the_logger_writes_to_its_file_in_firecrackers_format() {
+    let mote = ApiMote::spawn("logger", &["--id", "vm-7"]);
+    let log = mote.dir.join("mote.log");
+    mote.ok(
+        "PUT",
+        "/logger",
+        &serde_json::json!({"log_path": log, "level": "Info", "show_level": true,
+                            "show_log_origin": false})
+        .to_string(),
+    );
+    let fault = mote
+        .request(
+            "PUT",
+            "/logger",
+            &serde_json::json!({ "log_path": log }).to_string(),
+        )
+        .fault();
+    assert!(fault.contains("already configured"), "{fault}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The refusal was logged there: `<timestamp> [vm-7:mote_api:INFO] API: PUT /logger: 400 …`.
+    let line = text
+        .lines()
+        .find(|l| l.contains("PUT /logger: 400"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" [vm-7:mote_api:INFO] "), "{line}");
+}

@@ -1,0 +1,230 @@
+//! A monitor driven through its API: spawns `mote --api-sock …`, talks HTTP/1.1 to the socket,
+//! and watches the guest's console as it runs.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{mote_bin, Run};
+
+/// One HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|err| panic!("not JSON ({err}): {:?}", self.body))
+    }
+
+    /// The fault message of a 400.
+    pub fn fault(&self) -> String {
+        assert_eq!(self.status, 400, "expected a 400, got {self:?}");
+        self.json()["fault_message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fault_message in {:?}", self.body))
+            .to_string()
+    }
+}
+
+/// Reads one HTTP response (status line, headers, Content-Length body) from `stream`.
+pub fn read_answer(stream: &mut UnixStream) -> Answer {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("bad status line: {head:?}"));
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).expect("reading the answer");
+                assert!(n > 0, "the API closed mid-answer: {head:?}");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).to_string();
+            return Answer { status, body };
+        }
+        let n = stream.read(&mut chunk).expect("reading the answer");
+        assert!(n > 0, "the API closed without answering");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends one request on a new connection and reads the answer.
+pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> Answer {
+    let mut stream = UnixStream::connect(socket).expect("connecting to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(raw.as_bytes()).unwrap();
+    read_answer(&mut stream)
+}
+
+/// A running `mote --api-sock` process; killed when dropped.
+pub struct ApiMote {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    started: Instant,
+}
+
+fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+}
+
+impl ApiMote {
+    /// Starts `mote --api-sock DIR/api.sock EXTRA…` in a fresh scratch directory `name`, and
+    /// waits until the socket exists.
+    pub fn spawn(name: &str, extra: &[&str]) -> Self {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("api")
+            .join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let mut child = Command::new(mote_bin())
+            .arg("--api-sock")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start mote");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().unwrap(), stdout.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        let mote = Self {
+            dir,
+            socket,
+            child: Some(child),
+            stdout,
+            stderr,
+            started: Instant::now(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !mote.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no API socket after 10 s; stderr:\n{}",
+                mote.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        mote
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: &str) -> Answer {
+        request(&self.socket, method, path, body)
+    }
+
+    /// Sends a request that must succeed with 204.
+    pub fn ok(&self, method: &str, path: &str, body: &str) {
+        let answer = self.request(method, path, body);
+        assert_eq!(
+            answer.status,
+            204,
+            "{method} {path} {body}: {answer:?}\nstderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the console shows `text`.
+    pub fn wait_for_stdout(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.stdout();
+            if out.contains(text) {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} on the console within {timeout:?}:\n{out}\nstderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Waits for the process to end by itself.
+    pub fn wait(mut self, timeout: Duration) -> Run {
+        let mut child = self.child.take().unwrap();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if self.started.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "mote did not end within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        // The pipes close with the process; give the readers a moment to take the rest.
+        std::thread::sleep(Duration::from_millis(20));
+        Run {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for ApiMote {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
