@@ -53,6 +53,8 @@ pub enum MoteError {
     Metrics(#[from] metrics::MetricsError),
     #[error("the API thread has gone")]
     ApiGone,
+    #[error("cannot create the metrics timer: {0}")]
+    MetricsTimer(io::Error),
 }
 
 /// When the process started, to date the boot timer's measurement.
@@ -129,6 +131,8 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
         .api_sock
         .map(|path| api::start(path, options.max_payload))
         .transpose()?;
+    // The socket goes with the process, on every path out of here.
+    let _socket = options.api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
     let mut controller = Controller::new(
         options.instance_id,
@@ -152,7 +156,28 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
         let api: Subscriber = Arc::new(Mutex::new(ApiSubscriber { api, controller }));
         subscribers.push(api);
     }
-    Ok(run_until_exit(vmm, subscribers)?)
+    if METRICS.is_configured() {
+        let periodic = metrics::PeriodicFlush::new().map_err(MoteError::MetricsTimer)?;
+        subscribers.push(Arc::new(Mutex::new(periodic)));
+    }
+    let outcome = run_until_exit(vmm, subscribers);
+    // A last line, so a short-lived guest's counters are not lost.
+    if METRICS.is_configured() {
+        if let Err(err) = METRICS.flush() {
+            log::warn!("{err}");
+        }
+    }
+    Ok(outcome?)
+}
+
+/// Removes a file when dropped: the API socket, which would otherwise make the next
+/// `--api-sock` with the same path fail.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// Before boot the main thread has nothing to do but answer the API, in order, until a start

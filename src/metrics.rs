@@ -6,10 +6,13 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use devices::metrics::{BlockMetrics, Counter};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::warn;
 use serde_json::{json, Map, Value};
+use vmm_sys_util::timerfd::TimerFd;
 
 /// The process's metrics: counters are bumped where things happen, from any thread.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
@@ -249,6 +252,36 @@ impl Metrics {
                 source,
             }
         })
+    }
+}
+
+/// Writes the metrics every [`PERIOD_SECS`] from the event loop, while the guest runs.
+pub struct PeriodicFlush {
+    timer: TimerFd,
+}
+
+impl PeriodicFlush {
+    pub fn new() -> std::io::Result<Self> {
+        let mut timer = TimerFd::new()?;
+        let period = Duration::from_secs(PERIOD_SECS);
+        timer.reset(period, Some(period))?;
+        Ok(Self { timer })
+    }
+}
+
+impl MutEventSubscriber for PeriodicFlush {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Readable, so this read does not block; it only clears the expiry count.
+        let _ = self.timer.wait();
+        if let Err(err) = METRICS.flush() {
+            warn!("{err}");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            warn!("cannot watch the metrics timer: {err}");
+        }
     }
 }
 

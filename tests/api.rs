@@ -69,8 +69,10 @@ fn a_whole_probe_lifecycle_through_the_api() {
     assert_eq!(config["vcpu_count"], 3);
     assert_eq!(config["mem_size_mib"], 96);
     start(&mote);
+    let socket = mote.socket.clone();
     let run = mote.wait(WAIT);
     assert_eq!(run.status.code(), Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(!socket.exists(), "the API socket outlived the monitor");
     assert!(run.stdout.contains("probe: hello"), "{}", run.stdout);
     assert!(run.stdout.contains("probe: cpus=3"), "{}", run.stdout);
     assert!(
