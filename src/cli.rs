@@ -7,8 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
 
 use crate::arch::DEFAULT_BOOT_ARGS;
-use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VmResources};
+use crate::config::{
+    BootSourceConfig, DriveConfig, MacAddr, MachineConfig, NetworkInterfaceConfig, VmResources,
+    VsockConfig,
+};
 use crate::logger::parse_level;
+use crate::seccomp::SeccompConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "mote", version, about = "A KVM microVM monitor")]
@@ -19,11 +23,29 @@ pub struct Cli {
     /// The microVM's id, used in log lines.
     #[arg(long, global = true, default_value = "anonymous-instance")]
     pub id: String,
+    /// Run without seccomp filters (for debugging; never in production).
+    #[arg(long, global = true, conflicts_with = "seccomp_filter")]
+    pub no_seccomp: bool,
+    /// Seccomp filters to use instead of the built-in ones: JSON in seccompiler's format with
+    /// `build`, `vmm`, `api` and `vcpu` filters (see resources/seccomp/), or a compiled file.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub seccomp_filter: Option<PathBuf>,
     #[command(flatten)]
     pub api: ApiArgs,
     /// Without a command, mote serves the API (Firecracker's way).
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// Which seccomp filters the threads install.
+    pub fn seccomp(&self) -> SeccompConfig {
+        match (&self.seccomp_filter, self.no_seccomp) {
+            (_, true) => SeccompConfig::Disabled,
+            (Some(path), false) => SeccompConfig::Custom(path.clone()),
+            (None, false) => SeccompConfig::BuiltIn,
+        }
+    }
 }
 
 /// Firecracker's flags for a monitor driven through its API or a config file.
@@ -70,8 +92,22 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Guest kernel: an ELF vmlinux (PVH entry when it has one) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Restore this snapshot state file (with --mem-file) and run it, instead of booting.
+    #[arg(
+        long,
+        value_name = "SNAPSHOT",
+        requires = "mem_file",
+        conflicts_with = "kernel"
+    )]
+    pub restore: Option<PathBuf>,
+    /// The snapshot's memory file, for --restore.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub mem_file: Option<PathBuf>,
+    /// With --restore: also serve the API for the restored guest on this Unix socket.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub api_sock: Option<PathBuf>,
     /// Initial RAM disk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -101,6 +137,60 @@ pub struct RunArgs {
     /// Another drive (vdb, vdc, … in order). `PATH[,ro][,id=ID]`; may repeat.
     #[arg(long = "drive", value_name = "PATH[,ro][,id=ID]", value_parser = parse_drive)]
     pub drives: Vec<DriveSpec>,
+    /// A network interface (eth0, eth1, … in order) on an existing TAP device.
+    /// `tap=NAME[,mac=MAC]`; may repeat.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub nets: Vec<NetSpec>,
+    /// A vsock device: the guest's CID (3 or more) and the host Unix socket (which must not
+    /// exist) where host processes connect. `cid=N,uds=PATH`.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// `cid=N,uds=PATH`; the values are checked when the VM is built.
+fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
+    let mut cid = None;
+    let mut uds = None;
+    for option in spec.split(',') {
+        match option.split_once('=') {
+            Some(("cid", n)) => {
+                cid = Some(
+                    n.parse::<u64>()
+                        .map_err(|_| format!("invalid vsock cid {n:?}"))?,
+                )
+            }
+            Some(("uds", path)) if !path.is_empty() => uds = Some(PathBuf::from(path)),
+            _ => return Err(format!("unknown vsock option {option:?}")),
+        }
+    }
+    Ok(VsockConfig {
+        vsock_id: None,
+        guest_cid: cid.ok_or("no guest CID given (cid=N)")?,
+        uds_path: uds.ok_or("no socket path given (uds=PATH)")?,
+    })
+}
+
+/// A network interface as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: Option<MacAddr>,
+}
+
+fn parse_net(spec: &str) -> Result<NetSpec, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for option in spec.split(',') {
+        match option.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+            Some(("mac", text)) => mac = Some(text.parse::<MacAddr>()?),
+            _ => return Err(format!("unknown network option {option:?}")),
+        }
+    }
+    Ok(NetSpec {
+        tap: tap.ok_or("no TAP given (tap=NAME)")?,
+        mac,
+    })
 }
 
 /// A drive as given on the command line.
@@ -155,7 +245,7 @@ impl RunArgs {
     pub fn resources(&self) -> VmResources {
         VmResources {
             boot_source: Some(BootSourceConfig {
-                kernel_image_path: self.kernel.clone(),
+                kernel_image_path: self.kernel.clone().unwrap_or_default(),
                 initrd_path: self.initrd.clone(),
                 boot_args: Some(self.boot_args()),
             }),
@@ -166,8 +256,22 @@ impl RunArgs {
             },
             boot_timer: self.boot_timer,
             drives: self.drive_configs(),
+            network_interfaces: self.network_interfaces(),
+            vsock: self.vsock.clone(),
             ..Default::default()
         }
+    }
+
+    fn network_interfaces(&self) -> Vec<NetworkInterfaceConfig> {
+        self.nets
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| NetworkInterfaceConfig {
+                iface_id: format!("eth{index}"),
+                host_dev_name: spec.tap.clone(),
+                guest_mac: spec.mac,
+            })
+            .collect()
     }
 
     fn drive_configs(&self) -> Vec<DriveConfig> {
@@ -268,6 +372,36 @@ mod tests {
     }
 
     #[test]
+    fn nets_become_eth0_eth1_in_order() {
+        let run = run_args(&[
+            "run",
+            "--kernel",
+            "k",
+            "--net",
+            "tap=tap0,mac=06:00:00:00:00:02",
+            "--net",
+            "tap=tap1",
+        ]);
+        let ifaces = run.resources().network_interfaces;
+        assert_eq!(ifaces.len(), 2);
+        assert_eq!(
+            (
+                ifaces[0].iface_id.as_str(),
+                ifaces[0].host_dev_name.as_str()
+            ),
+            ("eth0", "tap0")
+        );
+        assert_eq!(ifaces[0].guest_mac.unwrap().0, [6, 0, 0, 0, 0, 2]);
+        assert_eq!(
+            (ifaces[1].iface_id.as_str(), ifaces[1].guest_mac),
+            ("eth1", None)
+        );
+        assert!(parse(&["run", "--kernel", "k", "--net", "mac=06:00:00:00:00:02"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--net", "tap=t,mac=06:00"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--net", "tap=t,fast"]).is_err());
+    }
+
+    #[test]
     fn firecrackers_flags_parse_without_a_command() {
         let cli = parse(&[
             "--api-sock",
@@ -293,9 +427,37 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_flags_work_before_and_after_run() {
+        let cli = parse(&["run", "--kernel", "k", "--no-seccomp"]).unwrap();
+        assert_eq!(cli.seccomp(), SeccompConfig::Disabled);
+        let cli = parse(&["--seccomp-filter", "/f.json", "run", "--kernel", "k"]).unwrap();
+        assert_eq!(cli.seccomp(), SeccompConfig::Custom("/f.json".into()));
+        let cli = parse(&["--api-sock", "/a", "--seccomp-filter", "/f.json"]).unwrap();
+        assert_eq!(cli.seccomp(), SeccompConfig::Custom("/f.json".into()));
+        assert_eq!(
+            parse(&["--api-sock", "/a"]).unwrap().seccomp(),
+            SeccompConfig::BuiltIn
+        );
+        assert!(parse(&["--no-seccomp", "--seccomp-filter", "/f.json"]).is_err());
+    }
+
+    #[test]
     fn defaults_are_one_vcpu_and_128_mib() {
         let resources = run_args(&["run", "--kernel", "k"]).resources();
         assert_eq!(resources.machine_config, MachineConfig::default());
         assert!(!resources.boot_timer);
+    }
+
+    #[test]
+    fn vsock_takes_a_cid_and_a_socket_path() {
+        let vsock = run_args(&["run", "--kernel", "k", "--vsock", "cid=3,uds=/tmp/v.sock"])
+            .resources()
+            .vsock
+            .unwrap();
+        assert_eq!((vsock.guest_cid, vsock.uds_path), (3, "/tmp/v.sock".into()));
+        assert!(parse(&["run", "--kernel", "k", "--vsock", "cid=3"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--vsock", "uds=/v"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--vsock", "cid=x,uds=/v"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--vsock", "cid=3,uds=/v,port=1"]).is_err());
     }
 }

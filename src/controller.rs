@@ -16,6 +16,7 @@ use crate::config::{ConfigError, VmResources};
 use crate::device_manager::Subscriber;
 use crate::metrics::METRICS;
 use crate::rpc::{ActionResult, VmmAction, VmmData};
+use crate::snapshot::actions::{create_snapshot, load_snapshot, LoadSnapshotParams};
 use crate::vmm::Vmm;
 
 /// Firecracker's words for a request in the wrong phase.
@@ -136,11 +137,11 @@ impl Controller {
                 .flush()
                 .map(|()| VmmData::Empty)
                 .map_err(|err| err.to_string()),
-            VmmAction::InstanceStart => match self.vmm {
+            VmmAction::InstanceStart | VmmAction::LoadSnapshot(_) => match self.vmm {
                 Some(_) => Err(NOT_AFTER_BOOT.to_string()),
                 // The event loop starts the VM itself (it must serve the new devices); reaching
                 // here means the caller has no loop to give them to.
-                None => Err("InstanceStart must go through the event loop".to_string()),
+                None => Err("starting a VM must go through the event loop".to_string()),
             },
             action => match self.vmm.clone() {
                 None => self.handle_before_boot(action),
@@ -167,6 +168,11 @@ impl Controller {
             VmmAction::PutDrive(drive) => {
                 self.resources.insert_drive(drive).map_err(config_err)?;
             }
+            VmmAction::PutNetworkInterface(iface) => {
+                self.resources
+                    .insert_network_interface(iface)
+                    .map_err(config_err)?;
+            }
             VmmAction::PutLogger(config) => {
                 crate::logger::configure(&config).map_err(|err| err.to_string())?;
                 self.resources.logger = Some(config);
@@ -177,17 +183,67 @@ impl Controller {
                     .map_err(|err| err.to_string())?;
                 self.resources.metrics = Some(config);
             }
+            VmmAction::PutVsock(config) => {
+                config.validate().map_err(config_err)?;
+                // Said now rather than at InstanceStart, where the socket is created.
+                config.check_path_free().map_err(config_err)?;
+                self.resources.vsock = Some(config);
+            }
             VmmAction::PatchDrive(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::Pause
-            | VmmAction::Resume => return Err(NOT_BEFORE_BOOT.to_string()),
+            | VmmAction::Resume
+            | VmmAction::CreateSnapshot(_) => return Err(NOT_BEFORE_BOOT.to_string()),
             VmmAction::GetInstanceInfo
             | VmmAction::GetVmConfig
             | VmmAction::GetMachineConfig
             | VmmAction::FlushMetrics
-            | VmmAction::InstanceStart => unreachable!("handled in Controller::handle"),
+            | VmmAction::InstanceStart
+            | VmmAction::LoadSnapshot(_) => unreachable!("handled in Controller::handle"),
         }
         Ok(VmmData::Empty)
+    }
+
+    /// Restores a snapshot instead of booting (`PUT /snapshot/load`): the VM takes the
+    /// snapshot's configuration (with this process's logger and metrics) and stays paused
+    /// unless `resume_vm`. A refused load leaves everything as it was.
+    pub fn load_snapshot(&mut self, params: &LoadSnapshotParams) -> Result<Started, String> {
+        if self.vmm.is_some() {
+            return Err(NOT_AFTER_BOOT.to_string());
+        }
+        let console = self.console.take().ok_or(NOT_AFTER_BOOT)?;
+        let loaded = load_snapshot(
+            params,
+            console,
+            self.process_start,
+            self.process_start_cpu_us,
+            self.resources.boot_timer,
+        );
+        let (mut resources, mut vmm, subscribers) = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                self.console = Console::stdio().ok();
+                return Err(err.to_string());
+            }
+        };
+        if params.resume_vm {
+            vmm.resume().map_err(|err| err.to_string())?;
+        }
+        resources.logger = self.resources.logger.take();
+        resources.metrics = self.resources.metrics.take();
+        self.resources = resources;
+        let vmm = Arc::new(Mutex::new(vmm));
+        self.vmm = Some(vmm.clone());
+        info!(
+            "restored {}{}",
+            params.snapshot_path.display(),
+            if params.resume_vm {
+                "; the guest is running"
+            } else {
+                "; the guest is paused"
+            }
+        );
+        Ok(Started { vmm, subscribers })
     }
 }
 
@@ -221,17 +277,24 @@ fn handle_after_boot(
                 drive.path_on_host = path;
             }
         }
+        VmmAction::CreateSnapshot(params) => {
+            create_snapshot(vmm, resources, &params).map_err(|err| err.to_string())?;
+            info!("snapshot written to {}", params.snapshot_path.display());
+        }
         VmmAction::PutBootSource(_)
         | VmmAction::PutMachineConfig(_)
         | VmmAction::PatchMachineConfig(_)
         | VmmAction::PutDrive(_)
+        | VmmAction::PutNetworkInterface(_)
         | VmmAction::PutLogger(_)
-        | VmmAction::PutMetrics(_) => return Err(NOT_AFTER_BOOT.to_string()),
+        | VmmAction::PutMetrics(_)
+        | VmmAction::PutVsock(_) => return Err(NOT_AFTER_BOOT.to_string()),
         VmmAction::GetInstanceInfo
         | VmmAction::GetVmConfig
         | VmmAction::GetMachineConfig
         | VmmAction::FlushMetrics
-        | VmmAction::InstanceStart => unreachable!("handled in Controller::handle"),
+        | VmmAction::InstanceStart
+        | VmmAction::LoadSnapshot(_) => unreachable!("handled in Controller::handle"),
     }
     Ok(VmmData::Empty)
 }

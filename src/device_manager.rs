@@ -8,15 +8,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::i8042::I8042;
+use devices::legacy::serial::SerialDevice;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use devices::virtio::net::{Net, NetError};
+use devices::virtio::vsock::{Vsock, VsockError};
 use devices::virtio::VirtioDevice;
 use devices::Bus;
 use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
-use crate::config::DriveConfig;
+use crate::config::{DriveConfig, NetworkInterfaceConfig, VsockConfig};
 use crate::metrics::METRICS;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -54,6 +57,10 @@ pub enum DeviceError {
     },
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("network interface {id}: {source}")]
+    Net { id: String, source: NetError },
+    #[error("vsock: {0}")]
+    Vsock(#[from] VsockError),
     #[error("no IRQ line is left for another virtio device (at most {max})")]
     OutOfIrqs { max: u32 },
     #[error(transparent)]
@@ -71,6 +78,8 @@ pub struct MmioDevices {
     pub subscribers: Vec<Subscriber>,
     /// Handles to the block devices, for changes after boot.
     pub drives: Drives,
+    /// Every transport with its slot's base address, in slot order (snapshots).
+    pub transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl MmioDevices {
@@ -106,8 +115,12 @@ impl MmioDevices {
             vm.register_mmio_ioevent(evt, addr + REG_QUEUE_NOTIFY, index as u32)?;
         }
         let device = Arc::new(Mutex::new(device));
-        let transport = MmioTransport::new(vm.memory().clone(), device.clone());
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), addr, MMIO_SLOT_SIZE)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            vm.memory().clone(),
+            device.clone(),
+        )));
+        mmio_bus.insert(transport.clone(), addr, MMIO_SLOT_SIZE)?;
+        self.transports.push((addr, transport));
         self.subscribers.push(device.clone());
         self.cmdline_args
             .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
@@ -159,6 +172,9 @@ impl Drives {
 pub struct DeviceHandles {
     pub i8042: Arc<Mutex<I8042>>,
     pub drives: Drives,
+    /// COM1 and the virtio-mmio transports, for snapshots.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
 }
 
 /// Opens a drive's file as the drive uses it, refusing anything but a file or block device.
@@ -222,4 +238,29 @@ pub fn block_device(drive: &DriveConfig, file: File) -> Result<Block, DeviceErro
         })?;
     METRICS.register_block(&drive.drive_id, block.metrics().clone());
     Ok(block)
+}
+
+/// A virtio-net device for `iface`, attached to its TAP (which must exist and be free).
+pub fn net_device(iface: &NetworkInterfaceConfig) -> Result<Net, DeviceError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+    let net = Net::new(
+        iface.iface_id.clone(),
+        &iface.host_dev_name,
+        iface.guest_mac.map(|mac| mac.0),
+        irq,
+    )
+    .map_err(|source| DeviceError::Net {
+        id: iface.iface_id.clone(),
+        source,
+    })?;
+    METRICS.register_net(&iface.iface_id, net.metrics().clone());
+    Ok(net)
+}
+
+/// The virtio-vsock device of `config`, listening on its `uds_path` (created here).
+pub fn vsock_device(config: &VsockConfig) -> Result<Vsock, DeviceError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+    let vsock = Vsock::new(config.guest_cid, &config.uds_path, irq)?;
+    METRICS.register_vsock(vsock.metrics().clone());
+    Ok(vsock)
 }

@@ -10,7 +10,10 @@ pub mod device_manager;
 pub mod logger;
 pub mod metrics;
 pub mod rpc;
+pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
+pub mod teardown;
 pub mod terminal;
 pub mod thread;
 pub mod vmm;
@@ -53,6 +56,10 @@ pub enum MoteError {
     Metrics(#[from] metrics::MetricsError),
     #[error("the API thread has gone")]
     ApiGone,
+    #[error("snapshot {path}: {reason}")]
+    Restore { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("cannot create the metrics timer: {0}")]
     MetricsTimer(io::Error),
 }
@@ -68,9 +75,13 @@ pub struct ProcessStart {
 /// the end (`mote run`).
 pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome, MoteError> {
     let console = Console::stdio().map_err(MoteError::Console)?;
+    // No `build` filter here: until the guest runs, the main thread acts only on the command
+    // line, and a filter costs start-up time (resources/seccomp/README.md). `vmm` comes before
+    // the event loop serves the guest.
     let (vmm, subscribers) = build_microvm(resources, console, start.instant, start.cpu_us)?;
     let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
     vmm.resume_vcpus();
+    seccomp::apply(seccomp::Filter::Vmm)?;
     Ok(run_until_exit(Arc::new(Mutex::new(vmm)), subscribers)?)
 }
 
@@ -134,6 +145,8 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     // The socket goes with the process, on every path out of here.
     let _socket = options.api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
+    // From here on the main thread acts on what clients send: pre-boot requests, then the build.
+    seccomp::apply(seccomp::Filter::Build)?;
     let mut controller = Controller::new(
         options.instance_id,
         resources,
@@ -160,6 +173,7 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
         let periodic = metrics::PeriodicFlush::new().map_err(MoteError::MetricsTimer)?;
         subscribers.push(Arc::new(Mutex::new(periodic)));
     }
+    seccomp::apply(seccomp::Filter::Vmm)?;
     let outcome = run_until_exit(vmm, subscribers);
     // A last line, so a short-lived guest's counters are not lost.
     if METRICS.is_configured() {
@@ -180,11 +194,71 @@ impl Drop for RemoveOnDrop<'_> {
     }
 }
 
+/// `mote run --restore SNAPSHOT --mem-file PATH [--api-sock PATH]`: restores the snapshot,
+/// resumes it and runs it to the end, serving the API on `api_sock` when given.
+pub fn run_restored(
+    instance_id: String,
+    snapshot: &Path,
+    mem_file: &Path,
+    api_sock: Option<&Path>,
+    start: ProcessStart,
+) -> Result<Outcome, MoteError> {
+    let api = api_sock
+        .map(|path| api::start(path, api::http::DEFAULT_MAX_PAYLOAD))
+        .transpose()?;
+    let console = Console::stdio().map_err(MoteError::Console)?;
+    let mut controller = Controller::new(
+        instance_id,
+        VmResources::default(),
+        console,
+        start.instant,
+        start.cpu_us,
+    );
+    let params = snapshot::actions::LoadSnapshotParams {
+        snapshot_path: snapshot.to_path_buf(),
+        mem_backend: None,
+        mem_file_path: Some(mem_file.to_path_buf()),
+        enable_diff_snapshots: false,
+        track_dirty_pages: false,
+        resume_vm: true,
+        network_overrides: Vec::new(),
+        vsock_override: None,
+    };
+    let Started {
+        vmm,
+        mut subscribers,
+    } = controller
+        .load_snapshot(&params)
+        .map_err(|reason| MoteError::Restore {
+            path: snapshot.to_path_buf(),
+            reason,
+        })?;
+    let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
+    if let Some(api) = api {
+        let api: Subscriber = Arc::new(Mutex::new(ApiSubscriber { api, controller }));
+        subscribers.push(api);
+    }
+    Ok(run_until_exit(vmm, subscribers)?)
+}
+
 /// Before boot the main thread has nothing to do but answer the API, in order, until a start
 /// succeeds.
 fn serve_until_start(api: &ApiChannel, controller: &mut Controller) -> Result<Started, MoteError> {
     loop {
         let request = api.requests.recv().map_err(|_| MoteError::ApiGone)?;
+        if let VmmAction::LoadSnapshot(params) = &request.action {
+            match controller.load_snapshot(params) {
+                Ok(started) => {
+                    let _ = request.reply.send(Ok(VmmData::Empty));
+                    return Ok(started);
+                }
+                Err(err) => {
+                    info!("snapshot load failed: {err}");
+                    let _ = request.reply.send(Err(err));
+                    continue;
+                }
+            }
+        }
         if request.action != VmmAction::InstanceStart {
             let _ = request.reply.send(controller.handle(request.action));
             continue;

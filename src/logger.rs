@@ -170,6 +170,11 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
         .map(parse_level)
         .transpose()
         .map_err(LoggerError::Level)?;
+    let mut output = OUTPUT.write().unwrap_or_else(|p| p.into_inner());
+    // Checked first: a refused configuration must not create its log file.
+    if output.configured {
+        return Err(LoggerError::AlreadyConfigured);
+    }
     let file = config
         .log_path
         .as_deref()
@@ -180,10 +185,6 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
             })
         })
         .transpose()?;
-    let mut output = OUTPUT.write().unwrap_or_else(|p| p.into_inner());
-    if output.configured {
-        return Err(LoggerError::AlreadyConfigured);
-    }
     *output = Output {
         file,
         show_level: config.show_level,

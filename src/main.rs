@@ -14,6 +14,14 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse();
     mote::logger::init(&cli.id, cli.level);
+    // Chosen before any thread starts; each thread installs its filter itself.
+    match mote::seccomp::SeccompFilters::load(&cli.seccomp()) {
+        Ok(filters) => mote::seccomp::init(filters),
+        Err(err) => {
+            eprintln!("mote: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
 
     // The release build aborts on panic, so no destructor would put the terminal back.
     let default_hook = std::panic::take_hook();
@@ -23,7 +31,16 @@ fn main() -> ExitCode {
     }));
 
     let result = match &cli.command {
-        Some(Command::Run(args)) => mote::run_guest(&args.resources(), start),
+        Some(Command::Run(args)) => match (&args.restore, &args.mem_file) {
+            (Some(snapshot), Some(mem_file)) => mote::run_restored(
+                cli.id.clone(),
+                snapshot,
+                mem_file,
+                args.api_sock.as_deref(),
+                start,
+            ),
+            _ => mote::run_guest(&args.resources(), start),
+        },
         None => {
             let api = &cli.api;
             let logger = api.log_path.as_ref().map(|path| LoggerConfig {
@@ -50,7 +67,8 @@ fn main() -> ExitCode {
             if let Some(message) = outcome.message() {
                 eprintln!("mote: {message}");
             }
-            ExitCode::from(outcome.exit_code())
+            // The VM ran: leave its teardown in the host kernel to a reaper.
+            mote::teardown::exit(outcome.exit_code())
         }
         Err(err) => {
             eprintln!("mote: {err}");

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use devices::metrics::{BlockMetrics, Counter};
+use devices::metrics::{BlockMetrics, Counter, NetMetrics, VsockMetrics};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::warn;
 use serde_json::{json, Map, Value};
@@ -60,13 +60,15 @@ const GET_NAMES: [(&str, &str); 4] = [
     ("machine-config", "machine_cfg"),
     ("vm", "vm_config"),
 ];
-const PUT_NAMES: [(&str, &str); 6] = [
+const PUT_NAMES: [(&str, &str); 8] = [
     ("actions", "actions"),
     ("boot-source", "boot_source"),
     ("drives", "drive"),
     ("logger", "logger"),
     ("machine-config", "machine_cfg"),
     ("metrics", "metrics"),
+    ("network-interfaces", "network"),
+    ("vsock", "vsock"),
 ];
 const PATCH_NAMES: [(&str, &str); 3] = [
     ("drives", "drive"),
@@ -122,6 +124,10 @@ pub struct Metrics {
     pub metrics_write_fails: Counter,
     /// Each drive's counters, by drive id, in the guest's order.
     blocks: Mutex<Vec<(String, Arc<BlockMetrics>)>>,
+    /// Each network interface's counters, by interface id, in the guest's order.
+    nets: Mutex<Vec<(String, Arc<NetMetrics>)>>,
+    /// The vsock device's counters, once it exists (reported as `vsock`).
+    vsock: Mutex<Option<Arc<VsockMetrics>>>,
     sink: Mutex<Option<Sink>>,
 }
 
@@ -170,6 +176,21 @@ impl Metrics {
         if let Ok(mut blocks) = self.blocks.lock() {
             blocks.retain(|(existing, _)| existing != id);
             blocks.push((id.to_string(), metrics));
+        }
+    }
+
+    /// Counts an interface's traffic under `net_<id>` and in the `net` total.
+    pub fn register_net(&self, id: &str, metrics: Arc<NetMetrics>) {
+        if let Ok(mut nets) = self.nets.lock() {
+            nets.retain(|(existing, _)| existing != id);
+            nets.push((id.to_string(), metrics));
+        }
+    }
+
+    /// Counts the vsock device's traffic under `vsock`.
+    pub fn register_vsock(&self, metrics: Arc<VsockMetrics>) {
+        if let Ok(mut vsock) = self.vsock.lock() {
+            *vsock = Some(metrics);
         }
     }
 
@@ -235,6 +256,26 @@ impl Metrics {
             }
         }
         top.insert("block".into(), Value::Object(total));
+        let mut total = Map::new();
+        if let Ok(nets) = self.nets.lock() {
+            for (id, net) in nets.iter() {
+                let mut device = Map::new();
+                for (name, delta) in net.take_deltas() {
+                    device.insert(name.into(), delta.into());
+                    let sum = total.get(name).and_then(Value::as_u64).unwrap_or(0) + delta;
+                    total.insert(name.into(), sum.into());
+                }
+                top.insert(format!("net_{id}"), Value::Object(device));
+            }
+        }
+        top.insert("net".into(), Value::Object(total));
+        let mut vsock = Map::new();
+        if let Ok(Some(metrics)) = self.vsock.lock().as_deref() {
+            for (name, delta) in metrics.take_deltas() {
+                vsock.insert(name.into(), delta.into());
+            }
+        }
+        top.insert("vsock".into(), Value::Object(vsock));
         Value::Object(top)
     }
 
@@ -309,6 +350,32 @@ mod tests {
         assert_eq!(again["put_api_requests"]["drive_count"], 0);
         assert_eq!(again["block"]["read_bytes"], 0);
         assert!(metrics.api.for_request("DELETE", "/").is_none());
+    }
+
+    #[test]
+    fn each_interface_is_reported_and_summed() {
+        let metrics = Metrics::default();
+        let (eth0, eth1) = (
+            Arc::new(NetMetrics::default()),
+            Arc::new(NetMetrics::default()),
+        );
+        eth0.tx_packets_count.add(3);
+        eth1.tx_packets_count.add(4);
+        eth1.tx_dropped_oversized.inc();
+        metrics.register_net("eth0", eth0);
+        metrics.register_net("eth1", eth1);
+        metrics
+            .api
+            .for_request("PUT", "/network-interfaces/eth0")
+            .unwrap()
+            .count
+            .inc();
+        let report = metrics.report();
+        assert_eq!(report["net_eth0"]["tx_packets_count"], 3);
+        assert_eq!(report["net_eth1"]["tx_dropped_oversized"], 1);
+        assert_eq!(report["net"]["tx_packets_count"], 7);
+        assert_eq!(report["put_api_requests"]["network_count"], 1);
+        assert_eq!(metrics.report()["net"]["tx_packets_count"], 0);
     }
 
     #[test]

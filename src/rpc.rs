@@ -3,8 +3,10 @@
 
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig,
+    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
 };
+
+use crate::snapshot::actions::{CreateSnapshotParams, LoadSnapshotParams};
 
 /// One request for the monitor, from the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,15 +20,23 @@ pub enum VmmAction {
     PutBootSource(BootSourceConfig),
     PutDrive(DriveConfig),
     PatchDrive(DriveUpdate),
+    /// `PUT /network-interfaces/{id}`, before boot only.
+    PutNetworkInterface(NetworkInterfaceConfig),
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
+    /// `PUT /vsock`, before boot only.
+    PutVsock(VsockConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
     Pause,
     Resume,
+    /// `PUT /snapshot/create`, after boot, while paused.
+    CreateSnapshot(CreateSnapshotParams),
+    /// `PUT /snapshot/load`, before boot: restores instead of booting.
+    LoadSnapshot(LoadSnapshotParams),
 }
 
 /// A successful answer.

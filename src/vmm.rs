@@ -13,6 +13,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::VcpuState;
 use crate::signals::{signal_name, StopSignals};
 use crate::vstate::vcpu::{VcpuEvent, VcpuExitReason, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
@@ -113,6 +114,11 @@ impl Vmm {
         self.paused
     }
 
+    /// Records that the vCPUs, started Paused, stay so (a restored snapshot not yet resumed).
+    pub fn mark_paused(&mut self) {
+        self.paused = true;
+    }
+
     /// Stops every vCPU outside KVM_RUN and waits until all of them are (`PATCH /vm` Paused).
     pub fn pause(&mut self) -> Result<(), VmmError> {
         if !self.paused {
@@ -146,7 +152,11 @@ impl Vmm {
             while !self.exited[index] {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match self.vcpus[index].response_within(left) {
-                    Some(response) if &response == answer => break,
+                    Some(response)
+                        if std::mem::discriminant(&response) == std::mem::discriminant(answer) =>
+                    {
+                        break
+                    }
                     Some(VcpuResponse::Exited(reason)) => {
                         // The guest stopped meanwhile: the event loop concludes it.
                         self.exited[index] = true;
@@ -158,6 +168,49 @@ impl Vmm {
             }
         }
         Ok(())
+    }
+
+    /// Each vCPU's KVM state, read by its own thread; the vCPUs must be paused.
+    pub fn save_vcpu_states(&mut self) -> Result<Vec<VcpuState>, VmmError> {
+        if self.outcome.is_some() || self.exited.iter().any(|exited| *exited) {
+            return Err(VmmError::Stopping);
+        }
+        for vcpu in &self.vcpus {
+            vcpu.send(VcpuEvent::SaveState);
+        }
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        let mut states = Vec::with_capacity(self.vcpus.len());
+        for index in 0..self.vcpus.len() {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.vcpus[index].response_within(left) {
+                    Some(VcpuResponse::Saved(saved)) => {
+                        let state =
+                            (*saved).map_err(|reason| VmmError::SaveVcpu { index, reason })?;
+                        states.push(state);
+                        break;
+                    }
+                    Some(VcpuResponse::Exited(reason)) => {
+                        self.exited[index] = true;
+                        self.early_exits.push(reason);
+                        return Err(VmmError::Stopping);
+                    }
+                    Some(_) => {}
+                    None => return Err(VmmError::VcpuTimeout { index }),
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    /// The VM: its KVM state and guest memory (snapshots).
+    pub fn vm(&self) -> &Vm {
+        &self._vm
+    }
+
+    /// The emulated devices (snapshots).
+    pub fn devices(&self) -> &DeviceHandles {
+        &self.devices
     }
 
     /// Lets every vCPU run.
@@ -246,6 +299,8 @@ pub enum VmmError {
     VcpuTimeout { index: usize },
     #[error("the guest is stopping")]
     Stopping,
+    #[error("cannot read vCPU {index}'s state: {reason}")]
+    SaveVcpu { index: usize, reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +339,10 @@ pub fn run_until_exit(
             }
         }
     };
-    lock(&vmm).stop();
+    let mut vmm = lock(&vmm);
+    vmm.stop();
+    // Dropping the VM would make this process wait for KVM's teardown: main's exit leaves it
+    // to a reaper (src/teardown.rs).
+    vmm.vm().keep_until_exit();
     Ok(outcome)
 }

@@ -276,6 +276,13 @@ fn every_kind_of_bad_request_gets_a_400_naming_the_problem() {
             "Invalid request method and/or path",
         ),
         ("PUT", "/boot-source", "", "needs a JSON body"),
+        // serde alone would read this as vcpu_count 2, mem_size_mib 64 (found by tools/api-fuzz).
+        (
+            "PUT",
+            "/machine-config",
+            "[2, 64]",
+            "expected a JSON object",
+        ),
         (
             "PUT",
             "/logger",

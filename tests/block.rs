@@ -445,3 +445,64 @@ fn a_drive_without_permission_is_refused() {
         "{stderr}"
     );
 }
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn discard_gives_space_back_and_write_zeroes_zeroes() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("discard");
+    // 1 MiB of 0xaa: every block allocated.
+    let image = disk(&dir, "disk.img", 2048, 0xaa);
+    let allocated = allocated_bytes(&image);
+    let run = probe_with(
+        "blk-init,blk-discard:0:1024,blk-zeroes:1024:8,blk-zeroes:1032:8:1,blk-flush",
+        &["--drive", image.to_str().unwrap()],
+    );
+    assert_ok(&run);
+    for line in [
+        "probe: blk-discard status=0\n",
+        "probe: blk-zeroes status=0\n",
+    ] {
+        assert!(run.stdout.contains(line), "{}", run.stdout);
+    }
+    assert_eq!(read_sectors(&image, 0, 1040), vec![0; 1040 * SECTOR]);
+    assert_eq!(read_sectors(&image, 1040, 1), vec![0xaa; SECTOR]);
+    let after = allocated_bytes(&image);
+    assert!(
+        after + (512 << 10) <= allocated,
+        "the discarded half MiB is still allocated: {allocated} -> {after} bytes"
+    );
+    assert_eq!(fs::metadata(&image).unwrap().len(), 2048 * SECTOR as u64);
+}
+
+#[test]
+fn a_read_only_drive_refuses_discard_and_write_zeroes() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("discard-ro");
+    let image = disk(&dir, "disk.img", 64, 0x55);
+    let drive = format!("{},ro", image.display());
+    let run = probe_with(
+        "blk-init,blk-discard:0:8,blk-zeroes:8:8",
+        &["--drive", &drive],
+    );
+    // VIRTIO_BLK_S_IOERR: the device did not offer the features, and refuses the requests.
+    assert!(
+        run.stdout.contains("probe: blk-discard status=1\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("probe: blk-zeroes status=1\n"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(read_sectors(&image, 0, 64), vec![0x55; 64 * SECTOR]);
+}

@@ -39,6 +39,8 @@ pub struct BlockMetrics {
     pub write_count: Counter,
     pub flush_count: Counter,
     pub get_id_count: Counter,
+    pub discard_count: Counter,
+    pub write_zeroes_count: Counter,
     pub read_bytes: Counter,
     pub write_bytes: Counter,
     /// Requests the device refused: malformed chains, bad types, out-of-range sectors.
@@ -51,18 +53,150 @@ pub struct BlockMetrics {
 
 impl BlockMetrics {
     /// The counters as (name, delta since the last report).
-    pub fn take_deltas(&self) -> [(&'static str, u64); 10] {
+    pub fn take_deltas(&self) -> [(&'static str, u64); 12] {
         [
             ("read_count", self.read_count.take_delta()),
             ("write_count", self.write_count.take_delta()),
             ("flush_count", self.flush_count.take_delta()),
             ("get_id_count", self.get_id_count.take_delta()),
+            ("discard_count", self.discard_count.take_delta()),
+            ("write_zeroes_count", self.write_zeroes_count.take_delta()),
             ("read_bytes", self.read_bytes.take_delta()),
             ("write_bytes", self.write_bytes.take_delta()),
             ("invalid_reqs_count", self.invalid_reqs_count.take_delta()),
             ("io_errors", self.io_errors.take_delta()),
             ("queue_event_count", self.queue_event_count.take_delta()),
             ("update_count", self.update_count.take_delta()),
+        ]
+    }
+}
+
+/// A virtio-net device's counters (Firecracker's `net` metrics, plus why frames were dropped).
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Frames and bytes (without the virtio-net header) delivered to the guest.
+    pub rx_packets_count: Counter,
+    pub rx_bytes_count: Counter,
+    /// Frames and bytes the guest sent that the TAP took.
+    pub tx_packets_count: Counter,
+    pub tx_bytes_count: Counter,
+    pub rx_queue_event_count: Counter,
+    pub tx_queue_event_count: Counter,
+    pub rx_tap_event_count: Counter,
+    /// Times the TAP had a frame and the guest had posted no receive buffer: reading stopped
+    /// until it posts one.
+    pub no_rx_avail_buffer: Counter,
+    /// Frames from the TAP dropped because the guest's buffer chain was too short for them.
+    pub rx_dropped_too_big: Counter,
+    /// Receive chains the device returned unused: a read-only or out-of-memory buffer.
+    pub rx_bad_chain: Counter,
+    /// Frames from the TAP dropped because the driver reset the device while one waited.
+    pub rx_dropped_reset: Counter,
+    /// Reads from the TAP that failed (other than "nothing to read").
+    pub rx_tap_errors: Counter,
+    /// Transmit chains dropped: a device-writable or out-of-memory buffer.
+    pub tx_dropped_bad_chain: Counter,
+    /// Transmit chains shorter than the virtio-net header.
+    pub tx_dropped_truncated_header: Counter,
+    /// Transmit headers asking for an offload the driver did not negotiate, or pointing past
+    /// the frame.
+    pub tx_dropped_bad_header: Counter,
+    /// Transmit frames over 64 KiB.
+    pub tx_dropped_oversized: Counter,
+    /// Frames the TAP refused.
+    pub tx_tap_errors: Counter,
+}
+
+impl NetMetrics {
+    /// The counters as (name, delta since the last report).
+    pub fn take_deltas(&self) -> [(&'static str, u64); 17] {
+        [
+            ("rx_packets_count", self.rx_packets_count.take_delta()),
+            ("rx_bytes_count", self.rx_bytes_count.take_delta()),
+            ("tx_packets_count", self.tx_packets_count.take_delta()),
+            ("tx_bytes_count", self.tx_bytes_count.take_delta()),
+            (
+                "rx_queue_event_count",
+                self.rx_queue_event_count.take_delta(),
+            ),
+            (
+                "tx_queue_event_count",
+                self.tx_queue_event_count.take_delta(),
+            ),
+            ("rx_tap_event_count", self.rx_tap_event_count.take_delta()),
+            ("no_rx_avail_buffer", self.no_rx_avail_buffer.take_delta()),
+            ("rx_dropped_too_big", self.rx_dropped_too_big.take_delta()),
+            ("rx_bad_chain", self.rx_bad_chain.take_delta()),
+            ("rx_dropped_reset", self.rx_dropped_reset.take_delta()),
+            ("rx_tap_errors", self.rx_tap_errors.take_delta()),
+            (
+                "tx_dropped_bad_chain",
+                self.tx_dropped_bad_chain.take_delta(),
+            ),
+            (
+                "tx_dropped_truncated_header",
+                self.tx_dropped_truncated_header.take_delta(),
+            ),
+            (
+                "tx_dropped_bad_header",
+                self.tx_dropped_bad_header.take_delta(),
+            ),
+            (
+                "tx_dropped_oversized",
+                self.tx_dropped_oversized.take_delta(),
+            ),
+            ("tx_tap_errors", self.tx_tap_errors.take_delta()),
+        ]
+    }
+}
+
+/// A virtio-vsock device's counters (Firecracker's `vsock` metrics). RX is toward the guest,
+/// TX from it.
+#[derive(Debug, Default)]
+pub struct VsockMetrics {
+    pub rx_queue_event_count: Counter,
+    pub tx_queue_event_count: Counter,
+    /// Packets and payload bytes delivered to the guest.
+    pub rx_packets_count: Counter,
+    pub rx_bytes_count: Counter,
+    /// Packets and payload bytes the guest sent that were well formed.
+    pub tx_packets_count: Counter,
+    pub tx_bytes_count: Counter,
+    /// Streams opened (either side), closed cleanly, and reset.
+    pub conns_added: Counter,
+    pub conns_removed: Counter,
+    pub conns_killed: Counter,
+    /// Guest packets dropped as malformed: short or lying headers, wrong CIDs, bad memory.
+    pub invalid_packets: Counter,
+    /// Well-formed guest packets nobody took (unknown stream, wrong type or state): answered
+    /// with an RST.
+    pub dropped_packets: Counter,
+    /// RX buffers too small for a header or outside guest memory, returned unused.
+    pub rx_invalid_buffers: Counter,
+}
+
+impl VsockMetrics {
+    /// The counters as (name, delta since the last report).
+    pub fn take_deltas(&self) -> [(&'static str, u64); 12] {
+        [
+            (
+                "rx_queue_event_count",
+                self.rx_queue_event_count.take_delta(),
+            ),
+            (
+                "tx_queue_event_count",
+                self.tx_queue_event_count.take_delta(),
+            ),
+            ("rx_packets_count", self.rx_packets_count.take_delta()),
+            ("rx_bytes_count", self.rx_bytes_count.take_delta()),
+            ("tx_packets_count", self.tx_packets_count.take_delta()),
+            ("tx_bytes_count", self.tx_bytes_count.take_delta()),
+            ("conns_added", self.conns_added.take_delta()),
+            ("conns_removed", self.conns_removed.take_delta()),
+            ("conns_killed", self.conns_killed.take_delta()),
+            ("invalid_packets", self.invalid_packets.take_delta()),
+            ("dropped_packets", self.dropped_packets.take_delta()),
+            ("rx_invalid_buffers", self.rx_invalid_buffers.take_delta()),
         ]
     }
 }

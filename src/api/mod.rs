@@ -45,6 +45,7 @@ pub fn start(socket: &Path, max_payload: usize) -> Result<ApiChannel, ApiError> 
     info!("API listening on {}", socket.display());
     crate::thread::spawn_named(
         "mote_api".to_string(),
+        crate::seccomp::thread_filter(crate::seccomp::Filter::Api),
         move || {
             let err = server.serve(&mut |request| handle(request, &to_vmm, &api_wake));
             error!("the API server stopped: {err}");

@@ -6,9 +6,10 @@ use serde::Deserialize;
 
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig,
+    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
 };
 use crate::rpc::VmmAction;
+use crate::snapshot::actions::{CreateSnapshotParams, LoadSnapshotParams};
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +51,11 @@ fn body<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(format!("the {what} request needs a JSON body"));
     }
+    // serde would also read a struct from a JSON array of its fields in order (`[1, 128]` as
+    // a machine-config); every body here is an object, so anything else is refused.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(format!("invalid {what} body: expected a JSON object"));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
@@ -72,16 +78,7 @@ fn invalid(method: &str, path: &str) -> String {
 }
 
 /// Firecracker paths mote does not implement yet: a clear refusal, not a generic one.
-const NOT_YET: [&str; 8] = [
-    "network-interfaces",
-    "vsock",
-    "snapshot",
-    "balloon",
-    "entropy",
-    "mmds",
-    "cpu-config",
-    "hotplug",
-];
+const NOT_YET: [&str; 5] = ["balloon", "entropy", "mmds", "cpu-config", "hotplug"];
 
 /// Maps a request to what it asks for.
 pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
@@ -111,13 +108,32 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             check_id(id, &update.drive_id)?;
             VmmAction::PatchDrive(update)
         }
+        ("PUT", ["network-interfaces", id]) => {
+            let iface = body::<NetworkInterfaceConfig>("network-interfaces", bytes)?;
+            check_id(id, &iface.iface_id)?;
+            VmmAction::PutNetworkInterface(iface)
+        }
+        ("PATCH", ["network-interfaces", _]) => {
+            return Err(format!(
+                "{method} {path}: rate limiters (the only thing PATCH changes) are not implemented by mote yet"
+            ))
+        }
         ("PUT", ["logger"]) => VmmAction::PutLogger(body::<LoggerConfig>("logger", bytes)?),
         ("PUT", ["metrics"]) => VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?),
+        ("PUT", ["vsock"]) => VmmAction::PutVsock(body::<VsockConfig>("vsock", bytes)?),
         ("PUT", ["actions"]) => match body::<InstanceActionInfo>("actions", bytes)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
             ActionType::FlushMetrics => VmmAction::FlushMetrics,
         },
+        ("PUT", ["snapshot", "create"]) => VmmAction::CreateSnapshot(body::<
+            CreateSnapshotParams,
+        >(
+            "snapshot/create", bytes
+        )?),
+        ("PUT", ["snapshot", "load"]) => {
+            VmmAction::LoadSnapshot(body::<LoadSnapshotParams>("snapshot/load", bytes)?)
+        }
         ("PATCH", ["vm"]) => match body::<VmState>("vm", bytes)?.state {
             State::Paused => VmmAction::Pause,
             State::Resumed => VmmAction::Resume,
@@ -219,6 +235,13 @@ mod tests {
         );
         let err = refusal("PUT", "/boot-source", r#"{"kernel_image_path": "/k"} {}"#);
         assert!(err.contains("trailing characters"), "{err}");
+        // serde reads a struct from an array of its fields too; a body must be an object.
+        for body in [r#"[null, null]"#, "[1, 128]", "7", r#""x""#] {
+            let err = refusal("PUT", "/logger", body);
+            assert!(err.contains("expected a JSON object"), "{body}: {err}");
+        }
+        let err = refusal("PUT", "/machine-config", " \n[1, 128]");
+        assert_eq!(err, "invalid machine-config body: expected a JSON object");
     }
 
     #[test]
@@ -228,7 +251,65 @@ mod tests {
             "Invalid request method and/or path: DELETE /machine-config."
         );
         assert!(refusal("GET", "/nowhere", "").starts_with("Invalid request"));
-        assert!(refusal("PUT", "/vsock", "{}").contains("not implemented by mote yet"));
+        assert!(refusal("PUT", "/balloon", "{}").contains("not implemented by mote yet"));
+    }
+
+    #[test]
+    fn vsock_maps_to_an_action_and_takes_the_deprecated_id() {
+        let expected = VsockConfig {
+            vsock_id: Some("vsock0".into()),
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+        };
+        assert_eq!(
+            action(
+                "PUT",
+                "/vsock",
+                r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}"#
+            ),
+            VmmAction::PutVsock(expected)
+        );
+        let err = refusal("PUT", "/vsock", r#"{"guest_cid": 3}"#);
+        assert!(err.contains("missing field `uds_path`"), "{err}");
+        let err = refusal("PUT", "/vsock", r#"{"guest_cid": -1, "uds_path": "/v"}"#);
+        assert!(err.contains("field `guest_cid`"), "{err}");
+    }
+
+    #[test]
+    fn network_interfaces_map_to_actions_and_refuse_rate_limiters() {
+        match action(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}"#,
+        ) {
+            VmmAction::PutNetworkInterface(iface) => {
+                assert_eq!(iface.host_dev_name, "tap0");
+                assert_eq!(iface.guest_mac.unwrap().to_string(), "06:00:ac:10:00:02");
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = refusal(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "tx_rate_limiter": {}}"#,
+        );
+        assert!(err.contains("unknown field `tx_rate_limiter`"), "{err}");
+        let err = refusal(
+            "PUT",
+            "/network-interfaces/eth1",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#,
+        );
+        assert!(err.contains("does not match"), "{err}");
+        let err = refusal(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "nope"}"#,
+        );
+        assert!(
+            err.contains("field `guest_mac`") && err.contains("invalid MAC"),
+            "{err}"
+        );
+        assert!(refusal("PATCH", "/network-interfaces/eth0", "{}").contains("not implemented"));
     }
 
     #[test]

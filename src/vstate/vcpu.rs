@@ -21,6 +21,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::VcpuState;
 use crate::metrics::METRICS;
 use crate::thread;
 
@@ -31,15 +32,19 @@ pub enum VcpuEvent {
     Resume,
     /// Leave KVM_RUN and wait.
     Pause,
+    /// Read this vCPU's KVM state for a snapshot (only while Paused); answered by `Saved`.
+    SaveState,
     /// End the thread.
     Finish,
 }
 
 /// Answers from a vCPU thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Resumed,
     Paused,
+    /// The vCPU's state, or why it could not be read.
+    Saved(Box<Result<VcpuState, String>>),
     /// The guest stopped this vCPU; the thread also wrote the VM's exit event.
     Exited(VcpuExitReason),
 }
@@ -139,6 +144,7 @@ impl Vcpu {
         let panic_exit_evt = self.exit_evt.try_clone()?;
         let thread = thread::spawn_named(
             format!("mote_vcpu{index}"),
+            crate::seccomp::thread_filter(crate::seccomp::Filter::Vcpu),
             move || self.run(event_rx, response_tx),
             move |what| {
                 let _ = panic_tx.send(VcpuResponse::Exited(VcpuExitReason::ThreadFailed {
@@ -194,6 +200,16 @@ impl Vcpu {
                 (Some(VcpuEvent::Resume), _) => {
                     state = State::Running;
                     let _ = responses.send(VcpuResponse::Resumed);
+                }
+                (Some(VcpuEvent::SaveState), State::Paused) => {
+                    // Read on the vCPU's own thread, out of KVM_RUN, so that nothing changes
+                    // the state while it is read.
+                    let saved = VcpuState::save(&self.fd).map_err(|err| err.to_string());
+                    let _ = responses.send(VcpuResponse::Saved(Box::new(saved)));
+                }
+                (Some(VcpuEvent::SaveState), State::Running) => {
+                    let refused = Err(format!("vCPU {} is running, not paused", self.index));
+                    let _ = responses.send(VcpuResponse::Saved(Box::new(refused)));
                 }
                 (None, _) => {
                     if let RunOutcome::Exit(reason) = self.run_once() {

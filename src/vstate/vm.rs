@@ -2,6 +2,7 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use std::os::fd::AsRawFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,6 +41,8 @@ pub enum VmError {
     },
     #[error("cannot route IRQ {gsi} to an eventfd: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot save or restore the VM's state: {0}")]
+    State(#[from] arch::StateError),
 }
 
 fn kvm_open_hint(err: &kvm_ioctls::Error) -> &'static str {
@@ -87,7 +90,35 @@ impl Vm {
             })?;
         }
         arch::create_vm_devices(&fd)?;
+        // For snapshots: vCPU threads save their MSRs from this list.
+        arch::read_msr_index_list(&kvm)?;
         Ok(Self { kvm, fd, memory })
+    }
+
+    /// The in-kernel devices' and the clock's state (a snapshot; the vCPUs are paused).
+    pub fn save_state(&self) -> Result<arch::VmState, VmError> {
+        Ok(arch::VmState::save(&self.fd)?)
+    }
+
+    /// Puts back what [`Vm::save_state`] read, before any vCPU runs.
+    pub fn restore_state(&self, state: &arch::VmState) -> Result<(), VmError> {
+        Ok(state.restore(&self.fd)?)
+    }
+
+    /// Keeps the VM and its memory alive until the process ends, whatever is dropped before:
+    /// a second descriptor for the VM and a second handle on its memory, never released here.
+    /// [`crate::teardown::exit`] then leaves their release to its reaper.
+    pub fn keep_until_exit(&self) {
+        // SAFETY: dup only duplicates the descriptor, which `self.fd` keeps open for the call;
+        // the copy is deliberately never closed by this process.
+        let copy = unsafe { libc::dup(self.fd.as_raw_fd()) };
+        if copy < 0 {
+            log::debug!(
+                "cannot keep the VM for the exit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        std::mem::forget(self.memory.clone());
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {

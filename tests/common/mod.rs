@@ -58,8 +58,12 @@ pub fn probe_kernel() -> PathBuf {
         .clone()
 }
 
+/// The mote binary; `MOTE_TEST_BIN` puts a wrapper in its place (`tools/seccomp-trace` runs
+/// the suite with one that records mote's system calls).
 pub fn mote_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mote"))
+    std::env::var_os("MOTE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mote")))
 }
 
 /// True when /dev/kvm can be used; otherwise says why this test is skipped, on both streams.

@@ -119,6 +119,17 @@ impl OutputBuffer {
     }
 }
 
+/// The controller's registers and waiting bytes, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub status: u8,
+    pub control: u8,
+    pub output_port: u8,
+    pub pending_command: Option<u8>,
+    /// The bytes waiting at port 0x60, oldest first.
+    pub output: Vec<u8>,
+}
+
 /// The i8042's two ports, 0x60 (data) and 0x64 (command/status), as one bus range from 0x60.
 pub struct I8042 {
     reset_evt: EventFdTrigger,
@@ -147,6 +158,30 @@ impl I8042 {
             pending_command: None,
             output: OutputBuffer::default(),
         }
+    }
+
+    /// The controller's state, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        let output = (0..self.output.len)
+            .map(|i| self.output.bytes[(self.output.head + i) % BUFFER_SIZE])
+            .collect();
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending_command: self.pending_command,
+            output,
+        }
+    }
+
+    /// Takes the state a snapshot saved.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), I8042Error> {
+        self.status = state.status;
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending_command = state.pending_command;
+        self.output.clear();
+        self.output.push(&state.output)
     }
 
     /// Types Ctrl-Alt-Del on the keyboard: the guest decides what it means (Linux calls

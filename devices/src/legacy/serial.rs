@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, warn};
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -35,6 +35,56 @@ impl SerialEvents for InputRoom {
 /// The UART model shared between the vCPU threads (register accesses) and the event loop (input).
 pub type SerialCore = Serial<EventFdTrigger, InputRoom, Box<dyn Write + Send>>;
 
+/// The UART's registers and receive FIFO, for a snapshot (vm-superio's `SerialState`, which
+/// is not serde-serializable, field for field).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialDeviceState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialDeviceState> for SerialState {
+    fn from(s: &SerialDeviceState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// COM1 on the port-I/O bus.
 pub struct SerialDevice {
     core: Arc<Mutex<SerialCore>>,
@@ -47,6 +97,29 @@ impl SerialDevice {
         Ok(Self {
             core: Arc::new(Mutex::new(Serial::with_events(interrupt, room, out))),
         })
+    }
+
+    /// A UART with the registers and FIFO of `state` (a restored snapshot).
+    pub fn from_state(
+        interrupt: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+        state: &SerialDeviceState,
+    ) -> io::Result<Self> {
+        let room = InputRoom(EventFd::new(EFD_NONBLOCK)?);
+        let core = Serial::from_state(&state.into(), interrupt, room, out).map_err(|err| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad serial state: {err:?}"),
+            )
+        })?;
+        Ok(Self {
+            core: Arc::new(Mutex::new(core)),
+        })
+    }
+
+    /// The UART's state, for a snapshot.
+    pub fn state(&self) -> SerialDeviceState {
+        lock(&self.core).state().into()
     }
 
     /// The event-loop side that feeds `input` to the guest.

@@ -7,6 +7,7 @@ use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::state::{queues_from, DeviceStateError, MmioTransportState, QueueSnapshot};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
@@ -81,6 +82,59 @@ impl MmioTransport {
             queues,
             activated: false,
         }
+    }
+
+    /// The registers, the queues' set-up and the device's state, for a snapshot.
+    pub fn save_state(&self) -> Result<MmioTransportState, DeviceStateError> {
+        let device = self.device();
+        let saved = device
+            .save_state()
+            .ok_or(DeviceStateError::Unsupported(device.device_type()))?;
+        let (interrupt_status, needs_reset) = device.interrupt().state();
+        Ok(MmioTransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            activated: self.activated,
+            interrupt_status,
+            needs_reset,
+            device: saved,
+        })
+    }
+
+    /// Takes a saved state into a freshly built transport and device; a device the driver
+    /// had started serves its queues again.
+    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), DeviceStateError> {
+        let built = self.device().device_type();
+        if state.device.device_type != built {
+            return Err(DeviceStateError::TypeMismatch {
+                saved: state.device.device_type,
+                built,
+            });
+        }
+        let queues = queues_from(&state.queues)?;
+        if queues.len() != self.queues.len() {
+            return Err(DeviceStateError::QueueCount {
+                saved: queues.len(),
+                built: self.queues.len(),
+            });
+        }
+        self.device()
+            .restore_state(self.mem.clone(), &state.device)?;
+        self.device()
+            .interrupt()
+            .restore(state.interrupt_status, state.needs_reset);
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues = queues;
+        self.activated = state.activated;
+        Ok(())
     }
 
     fn device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {

@@ -8,6 +8,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod state;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -19,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// Device types (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bits every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -96,6 +100,18 @@ impl Interrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// The InterruptStatus bits and the needs-reset flag, for a snapshot.
+    pub fn state(&self) -> (u32, bool) {
+        (self.status(), self.needs_reset())
+    }
+
+    /// Puts back what [`Interrupt::state`] saved, without raising the line: the interrupt
+    /// controllers' own state says whether the guest still has it pending.
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
@@ -129,6 +145,20 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
     /// Stops serving the queues and forgets them: the driver reset the device.
     fn reset(&mut self);
+    /// The device's state for a snapshot; None for a kind of device that cannot be
+    /// snapshotted (snapshot creation then refuses, naming it).
+    fn save_state(&self) -> Option<state::VirtioDeviceState> {
+        None
+    }
+    /// Takes a saved state into a device built from the same configuration; a device that was
+    /// serving its queues serves them again, in `mem`, from the saved positions.
+    fn restore_state(
+        &mut self,
+        _mem: GuestMemoryMmap,
+        state: &state::VirtioDeviceState,
+    ) -> Result<(), state::DeviceStateError> {
+        Err(state::DeviceStateError::Unsupported(state.device_type))
+    }
 }
 
 /// Reads `data.len()` bytes of a little-endian configuration space laid out in `config`.

@@ -7,6 +7,7 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod snapshot;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

@@ -16,6 +16,10 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
 pub const SECTOR: usize = 512;
 /// The largest transfer one request makes.
 pub const DATA_MAX: usize = 1 << 20;
@@ -65,8 +69,12 @@ impl Blk {
         // SAFETY: the probe is single-threaded and starts the block device once per step
         // sequence; the queue memory is handed to exactly one Device at a time.
         let queue = unsafe { &mut *addr_of_mut!(QUEUE) };
-        let (device, features) =
-            Device::start(slot, TYPE_BLOCK, F_VERSION_1 | F_FLUSH | F_RO, queue)?;
+        let (device, features) = Device::start(
+            slot,
+            TYPE_BLOCK,
+            F_VERSION_1 | F_FLUSH | F_RO | F_DISCARD | F_WRITE_ZEROES,
+            queue,
+        )?;
         let capacity = device.config::<u64>(0);
         Ok(Self {
             device,
@@ -140,6 +148,34 @@ impl Blk {
                 addr: Self::data_addr(),
                 len,
                 flags: data_flags,
+                next: 0,
+            },
+            Self::status_desc(),
+        ];
+        self.device.submit(&mut chain);
+        self.finish()
+    }
+
+    /// Discards, or writes zeros over (with `unmap`: may free the space), `sectors` sectors at
+    /// `sector`: one segment in the data buffer.
+    pub fn discard_or_zero(
+        &mut self,
+        discard: bool,
+        sector: u64,
+        sectors: u32,
+        unmap: bool,
+    ) -> Result<Done, VirtioError> {
+        Self::set_header(if discard { T_DISCARD } else { T_WRITE_ZEROES }, 0);
+        let segment = Self::data_addr();
+        write_phys(segment, sector);
+        write_phys(segment + 8, sectors);
+        write_phys(segment + 12, u32::from(unmap));
+        let mut chain = [
+            Self::header_desc(),
+            Descriptor {
+                addr: segment,
+                len: 16,
+                flags: 0,
                 next: 0,
             },
             Self::status_desc(),

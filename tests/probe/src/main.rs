@@ -12,11 +12,14 @@ mod bootparams;
 mod entry;
 mod kbd;
 mod mptable;
+mod net;
+mod net_steps;
 mod port;
 #[macro_use]
 mod serial;
 mod steps;
 mod virtio;
+mod vsock;
 
 use bootparams::ZeroPage;
 

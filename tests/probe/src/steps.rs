@@ -30,7 +30,7 @@ fn as_str(bytes: &[u8]) -> &str {
     core::str::from_utf8(bytes).unwrap_or("<not utf-8>")
 }
 
-fn parse_u64(bytes: Option<&[u8]>) -> Option<u64> {
+pub fn parse_u64(bytes: Option<&[u8]>) -> Option<u64> {
     let bytes = bytes?;
     if bytes.is_empty() {
         return None;
@@ -50,6 +50,8 @@ fn spin(iterations: u64) {
 pub fn run(zero_page: &ZeroPage) {
     let cmdline = zero_page.cmdline();
     let mut blk: Option<Blk> = None;
+    let mut net: Option<crate::net::Net> = None;
+    let mut vsock: Option<crate::vsock::Vsock> = None;
     let steps = cmdline_value(cmdline, RUN_KEY).unwrap_or(b"boot");
     for step in steps.split(|b| *b == b',').filter(|s| !s.is_empty()) {
         let mut parts = step.split(|b| *b == b':');
@@ -76,6 +78,16 @@ pub fn run(zero_page: &ZeroPage) {
                 let delay = parse_u64(parts.next()).unwrap_or(0);
                 for i in 1..=n {
                     report!("count={i}");
+                    spin(delay);
+                }
+            }
+            b"tsc" => {
+                // tsc:N[:SPINS]: the guest's TSC, N times; a restored snapshot must go on
+                // from where it was, never back.
+                let n = parse_u64(parts.next()).unwrap_or(0);
+                let delay = parse_u64(parts.next()).unwrap_or(0);
+                for _ in 0..n {
+                    report!("tsc={}", read_tsc());
                     spin(delay);
                 }
             }
@@ -113,12 +125,38 @@ pub fn run(zero_page: &ZeroPage) {
                 wait_resize(device, base, polls);
             }
             b"blk-write" | b"blk-read" | b"blk-flush" | b"blk-id" | b"blk-hostile"
-            | b"blk-bench" => {
+            | b"blk-bench" | b"blk-discard" | b"blk-zeroes" => {
                 let Some(device) = blk.as_mut() else {
                     report!("error {} before blk-init", as_str(name));
                     continue;
                 };
                 blk_step(device, name, &mut parts);
+            }
+            b"net-init" => {
+                // Slots follow the monitor's order: drives, then network interfaces.
+                net = crate::net_steps::init(parse_u64(parts.next()).unwrap_or(0));
+            }
+            b"net-serve" | b"net-send" | b"net-recv" | b"net-bench" | b"net-hostile" => {
+                let Some(device) = net.as_mut() else {
+                    report!("error {} before net-init", as_str(name));
+                    continue;
+                };
+                crate::net_steps::step(device, as_str(name), &mut parts);
+            }
+            b"vsock-init" => {
+                // Slots follow the monitor's order: drives, network interfaces, then vsock.
+                vsock = crate::vsock::steps::init(parse_u64(parts.next()).unwrap_or(0));
+            }
+            b"vsock-echo-listen"
+            | b"vsock-connect-echo"
+            | b"vsock-bench-recv"
+            | b"vsock-bench-send"
+            | b"vsock-hostile" => {
+                let Some(device) = vsock.as_mut() else {
+                    report!("error {} before vsock-init", as_str(name));
+                    continue;
+                };
+                crate::vsock::steps::step(device, as_str(name), &mut parts);
             }
             b"panic" => panic!("requested on the command line"),
             other => report!("error unknown step {}", as_str(other)),
@@ -162,6 +200,16 @@ fn blk_step<'a>(device: &mut Blk, name: &[u8], args: &mut impl Iterator<Item = &
             match device.bench(write, sectors, total, depth) {
                 Ok(r) => report!("blk-bench done requests={} errors={}", r.requests, r.errors),
                 Err(err) => report!("blk-bench error {err:?}"),
+            }
+        }
+        "blk-discard" | "blk-zeroes" => {
+            // blk-discard:SECTOR:COUNT, blk-zeroes:SECTOR:COUNT[:UNMAP]
+            let sector = parse_u64(args.next()).unwrap_or(0);
+            let count = parse_u64(args.next()).unwrap_or(1) as u32;
+            let unmap = parse_u64(args.next()).unwrap_or(0) != 0;
+            match device.discard_or_zero(name == "blk-discard", sector, count, unmap) {
+                Ok(done) => report!("{name} status={}", done.status),
+                Err(err) => report!("{name} error {err:?}"),
             }
         }
         "blk-flush" => match device.flush() {
@@ -254,6 +302,14 @@ fn read_line() {
         }
     }
     report!("read={}", as_str(&line[..len]));
+}
+
+/// The time-stamp counter; RDTSC is allowed at CPL 3 (the probe leaves CR4.TSD clear).
+fn read_tsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: RDTSC only reads the counter into EDX:EAX.
+    unsafe { core::arch::asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack)) };
+    (u64::from(high) << 32) | u64::from(low)
 }
 
 /// With no usable IDT, an exception escalates to a double fault and then a triple fault.

@@ -319,3 +319,134 @@ impl Device {
         Err(VirtioError::Timeout)
     }
 }
+
+/// One split queue of a device with several queues, driven by polling. Drivers that need one
+/// queue use [`Device`]; those with more bring the device up with [`negotiate`], set up a
+/// `Ring` per queue, and finish with [`driver_ok`].
+pub struct Ring {
+    mem: &'static mut QueueMemory,
+    index: u32,
+    next_avail: u16,
+    last_used: u16,
+}
+
+impl Ring {
+    /// Queue `index` of the device at `base`, in `mem`, registered with the device.
+    pub fn set_up(
+        base: u64,
+        index: u32,
+        mem: &'static mut QueueMemory,
+    ) -> Result<Self, VirtioError> {
+        set_reg(base, REG_QUEUE_SEL, index);
+        if reg(base, REG_QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
+            return Err(VirtioError::QueueTooSmall);
+        }
+        mem.avail.0.fill(0);
+        mem.avail.0[0] = AVAIL_F_NO_INTERRUPT;
+        mem.used.0.fill(0);
+        set_reg(base, REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        for (low, addr) in [
+            (REG_QUEUE_DESC_LOW, mem.desc.as_ptr() as u64),
+            (REG_QUEUE_DRIVER_LOW, mem.avail.0.as_ptr() as u64),
+            (REG_QUEUE_DEVICE_LOW, mem.used.0.as_ptr() as u64),
+        ] {
+            set_reg(base, low, addr as u32);
+            set_reg(base, low + 4, (addr >> 32) as u32);
+        }
+        set_reg(base, REG_QUEUE_READY, 1);
+        Ok(Self {
+            mem,
+            index,
+            next_avail: 0,
+            last_used: 0,
+        })
+    }
+
+    pub fn set_descriptor(&mut self, index: u16, desc: Descriptor) {
+        write_phys(&self.mem.desc[usize::from(index)] as *const _ as u64, desc);
+    }
+
+    /// Makes chain `head` available, without telling the device (see [`Ring::kick`]).
+    pub fn publish(&mut self, head: u16) {
+        let slot = 2 + (self.next_avail % QUEUE_SIZE) as usize;
+        write_phys(&self.mem.avail.0[slot] as *const u16 as u64, head);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        // The ring entry must be visible before the index that publishes it.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        write_phys(&self.mem.avail.0[1] as *const u16 as u64, self.next_avail);
+    }
+
+    /// Tells the device at `base` of new buffers, unless it said it is looking already.
+    pub fn kick(&self, base: u64) {
+        // As in `Device::notify`: the index must be visible before the flags are read.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        let used_flags: u32 = read_phys(self.mem.used.0.as_ptr() as u64);
+        if used_flags & USED_F_NO_NOTIFY == 0 {
+            set_reg(base, REG_QUEUE_NOTIFY, self.index);
+        }
+    }
+
+    /// The next chain the device returned (head, used length), if any.
+    pub fn poll_used(&mut self) -> Option<(u16, u32)> {
+        let used_idx: u16 = read_phys(self.mem.used.0.as_ptr() as u64 + 2);
+        if used_idx == self.last_used {
+            return None;
+        }
+        // The element is read only after the index said it is there.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        let slot = (self.last_used % QUEUE_SIZE) as usize;
+        let id: u32 = read_phys(&self.mem.used.0[1 + 2 * slot] as *const u32 as u64);
+        let len: u32 = read_phys(&self.mem.used.0[2 + 2 * slot] as *const u32 as u64);
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((id as u16, len))
+    }
+}
+
+/// Finds a device of `device_type` in `slot`, resets it and negotiates `wanted_features`, one
+/// status bit at a time up to FEATURES_OK; returns its registers' base and the features.
+pub fn negotiate(
+    slot: u64,
+    device_type: u32,
+    wanted_features: u64,
+) -> Result<(u64, u64), VirtioError> {
+    let base = slot_base(slot);
+    if reg(base, REG_MAGIC) != 0x7472_6976 || reg(base, REG_VERSION) != 2 {
+        return Err(VirtioError::NoDevice);
+    }
+    let id = reg(base, REG_DEVICE_ID);
+    if id != device_type {
+        return Err(VirtioError::WrongDevice(id));
+    }
+    set_reg(base, REG_STATUS, 0);
+    set_reg(base, REG_STATUS, STATUS_ACKNOWLEDGE);
+    set_reg(base, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    set_reg(base, REG_DEVICE_FEATURES_SEL, 0);
+    let low = u64::from(reg(base, REG_DEVICE_FEATURES));
+    set_reg(base, REG_DEVICE_FEATURES_SEL, 1);
+    let offered = low | u64::from(reg(base, REG_DEVICE_FEATURES)) << 32;
+    let features = offered & wanted_features;
+    set_reg(base, REG_DRIVER_FEATURES_SEL, 0);
+    set_reg(base, REG_DRIVER_FEATURES, features as u32);
+    set_reg(base, REG_DRIVER_FEATURES_SEL, 1);
+    set_reg(base, REG_DRIVER_FEATURES, (features >> 32) as u32);
+    set_reg(
+        base,
+        REG_STATUS,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    if reg(base, REG_STATUS) & STATUS_FEATURES_OK == 0 {
+        return Err(VirtioError::FeaturesRefused);
+    }
+    Ok((base, features))
+}
+
+/// Sets DRIVER_OK once the queues are set up: the device starts serving them.
+pub fn driver_ok(base: u64) -> Result<(), VirtioError> {
+    let up_to_features = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    set_reg(base, REG_STATUS, up_to_features | STATUS_DRIVER_OK);
+    let status = reg(base, REG_STATUS);
+    if status & STATUS_DRIVER_OK == 0 {
+        return Err(VirtioError::NotStarted(status));
+    }
+    Ok(())
+}

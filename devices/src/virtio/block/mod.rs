@@ -4,6 +4,7 @@
 //! Layout of this file: constants and the configuration space, the device state, activation,
 //! the queue handler, the event handler, tests.
 
+mod discard;
 mod request;
 
 use std::fs::File;
@@ -15,13 +16,18 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, info, warn};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::request::{execute, Disk};
 pub use self::request::{RequestError, SECTOR_SIZE};
+use super::state::{
+    queues_from, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
+};
 use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -30,8 +36,41 @@ use crate::metrics::BlockMetrics;
 
 /// One request queue of up to 256 entries.
 pub const QUEUE_MAX_SIZES: &[u16] = &[256];
-/// Configuration space: `capacity` (u64, in 512-byte sectors) is all the driver needs.
-const CONFIG_CAPACITY_LEN: usize = 8;
+/// Configuration space (`struct virtio_blk_config`) up to `write_zeroes_may_unmap`: the
+/// capacity (u64, in 512-byte sectors) at 0 and the discard and write-zeroes limits at 36..57.
+const CONFIG_LEN: usize = 60;
+const CONFIG_MAX_DISCARD_SECTORS: usize = 36;
+const CONFIG_MAX_DISCARD_SEG: usize = 40;
+const CONFIG_DISCARD_SECTOR_ALIGNMENT: usize = 44;
+const CONFIG_MAX_WRITE_ZEROES_SECTORS: usize = 48;
+const CONFIG_MAX_WRITE_ZEROES_SEG: usize = 52;
+const CONFIG_WRITE_ZEROES_MAY_UNMAP: usize = 56;
+
+/// The configuration space of a drive of `capacity_sectors`.
+fn config_space(capacity_sectors: u64) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    let mut put = |at: usize, value: &[u8]| config[at..at + value.len()].copy_from_slice(value);
+    put(0, &capacity_sectors.to_le_bytes());
+    put(
+        CONFIG_MAX_DISCARD_SECTORS,
+        &discard::MAX_SECTORS.to_le_bytes(),
+    );
+    put(CONFIG_MAX_DISCARD_SEG, &discard::MAX_SEGMENTS.to_le_bytes());
+    put(
+        CONFIG_DISCARD_SECTOR_ALIGNMENT,
+        &discard::SECTOR_ALIGNMENT.to_le_bytes(),
+    );
+    put(
+        CONFIG_MAX_WRITE_ZEROES_SECTORS,
+        &discard::MAX_SECTORS.to_le_bytes(),
+    );
+    put(
+        CONFIG_MAX_WRITE_ZEROES_SEG,
+        &discard::MAX_SEGMENTS.to_le_bytes(),
+    );
+    put(CONFIG_WRITE_ZEROES_MAY_UNMAP, &[1]);
+    config
+}
 /// Longest chain the device looks at: header, data buffers, status; longer chains loop or lie.
 const MAX_CHAIN_LEN: usize = QUEUE_MAX_SIZES[0] as usize;
 
@@ -80,7 +119,7 @@ pub struct Block {
     file: File,
     read_only: bool,
     capacity_sectors: u64,
-    config: [u8; CONFIG_CAPACITY_LEN],
+    config: [u8; CONFIG_LEN],
     /// Bumped with every change of `config` (the transport's ConfigGeneration).
     config_generation: u32,
     avail_features: u64,
@@ -100,13 +139,15 @@ impl Block {
             VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_BLK_F_FLUSH;
         if read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
         Ok(Self {
             id,
             file,
             read_only,
             capacity_sectors,
-            config: capacity_sectors.to_le_bytes(),
+            config: config_space(capacity_sectors),
             config_generation: 0,
             avail_features,
             acked_features: 0,
@@ -148,7 +189,7 @@ impl Block {
         let capacity_sectors = capacity_of(&file, self.read_only)?;
         self.file = file;
         self.capacity_sectors = capacity_sectors;
-        self.config = capacity_sectors.to_le_bytes();
+        self.config = config_space(capacity_sectors);
         self.config_generation = self.config_generation.wrapping_add(1);
         self.metrics.update_count.inc();
         info!(
@@ -352,6 +393,65 @@ impl VirtioDevice for Block {
         self.active = None;
         self.acked_features = 0;
     }
+
+    fn save_state(&self) -> Option<VirtioDeviceState> {
+        Some(VirtioDeviceState {
+            device_type: TYPE_BLOCK,
+            acked_features: self.acked_features,
+            queues: self
+                .active
+                .as_ref()
+                .map(|active| vec![QueueSnapshot::of(&active.queue)]),
+            specific: DeviceSpecificState::Block {
+                drive_id: self.id.clone(),
+                config_generation: self.config_generation,
+            },
+        })
+    }
+
+    fn restore_state(
+        &mut self,
+        mem: GuestMemoryMmap,
+        state: &VirtioDeviceState,
+    ) -> Result<(), DeviceStateError> {
+        // Other kinds of device add their own variants.
+        #[allow(irrefutable_let_patterns)]
+        let DeviceSpecificState::Block {
+            drive_id,
+            config_generation,
+        } = &state.specific
+        else {
+            return Err(DeviceStateError::TypeMismatch {
+                saved: state.device_type,
+                built: TYPE_BLOCK,
+            });
+        };
+        if *drive_id != self.id {
+            return Err(DeviceStateError::Mismatch {
+                what: "drive id",
+                saved: drive_id.clone(),
+                built: self.id.clone(),
+            });
+        }
+        self.acked_features = state.acked_features & self.avail_features;
+        self.config_generation = *config_generation;
+        self.active = None;
+        if let Some(saved) = &state.queues {
+            let mut queues = queues_from(saved)?;
+            if queues.len() != QUEUE_MAX_SIZES.len() {
+                return Err(DeviceStateError::QueueCount {
+                    saved: queues.len(),
+                    built: QUEUE_MAX_SIZES.len(),
+                });
+            }
+            let queue = queues.remove(0);
+            self.active = Some(Active { mem, queue });
+            // Requests the driver made available after the snapshot's last notification was
+            // read would otherwise wait for the next one.
+            self.process_queue();
+        }
+        Ok(())
+    }
 }
 
 impl MutEventSubscriber for Block {
@@ -372,421 +472,4 @@ impl MutEventSubscriber for Block {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-    use std::os::unix::fs::FileExt;
-
-    use virtio_bindings::virtio_blk::{
-        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
-        VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-    };
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
-    use vmm_sys_util::tempfile::TempFile;
-
-    use super::*;
-    use crate::virtio::INTERRUPT_CONFIG;
-
-    const QUEUE_LEN: u16 = 16;
-    const HEADER_ADDR: u64 = 0x1_0000;
-    const DATA_ADDR: u64 = 0x2_0000;
-    const STATUS_ADDR: u64 = 0x3_0000;
-    const DISK_SECTORS: u64 = 64;
-    const W: u16 = VRING_DESC_F_WRITE as u16;
-    const N: u16 = VRING_DESC_F_NEXT as u16;
-
-    struct Fixture {
-        mem: &'static GuestMemoryMmap,
-        /// The driver's view of the queue, for the whole test (creating one zeroes the rings).
-        mock: MockSplitQueue<'static, GuestMemoryMmap>,
-        file: TempFile,
-        block: Block,
-        next_desc: u16,
-    }
-
-    fn pattern(sector: u64) -> Vec<u8> {
-        (0..SECTOR_SIZE)
-            .map(|i| (sector as u8).wrapping_mul(7) ^ i as u8)
-            .collect()
-    }
-
-    fn fixture(read_only: bool) -> Fixture {
-        // Leaked so that the mock queue can borrow it for the whole test.
-        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
-        ));
-        let file = TempFile::new().unwrap();
-        for sector in 0..DISK_SECTORS {
-            file.as_file().write_all(&pattern(sector)).unwrap();
-        }
-        let backing = file.as_file().try_clone().unwrap();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut block = Block::new("drive-id".into(), backing, read_only, irq).unwrap();
-        block.set_acked_features(VIRTIO_F_VERSION_1);
-        let mock = MockSplitQueue::new(mem, QUEUE_LEN);
-        block
-            .activate(mem.clone(), vec![mock.create_queue::<Queue>().unwrap()])
-            .unwrap();
-        Fixture {
-            mem,
-            mock,
-            file,
-            block,
-            next_desc: 0,
-        }
-    }
-
-    impl Fixture {
-        fn header(&self, request_type: u32, sector: u64) {
-            self.mem
-                .write_obj(request_type, GuestAddress(HEADER_ADDR))
-                .unwrap();
-            self.mem
-                .write_obj(0u32, GuestAddress(HEADER_ADDR + 4))
-                .unwrap();
-            self.mem
-                .write_obj(sector, GuestAddress(HEADER_ADDR + 8))
-                .unwrap();
-            self.mem
-                .write_obj(0xffu8, GuestAddress(STATUS_ADDR))
-                .unwrap();
-        }
-
-        /// Makes `descs` (addr, len, flags, next relative to the chain's first) available as
-        /// one chain, and lets the device serve it.
-        fn submit(&mut self, descs: &[(u64, u32, u16, u16)]) {
-            let base = self.next_desc;
-            let raw: Vec<RawDescriptor> = descs
-                .iter()
-                .map(|&(addr, len, flags, next)| {
-                    RawDescriptor::from(SplitDescriptor::new(
-                        addr,
-                        len,
-                        flags,
-                        (base + next) % QUEUE_LEN,
-                    ))
-                })
-                .collect();
-            self.mock.add_desc_chains(&raw, base).unwrap();
-            self.next_desc = (base + descs.len() as u16) % QUEUE_LEN;
-            self.block.process_queue();
-        }
-
-        fn standard(&mut self, request_type: u32, sector: u64, data_flags: u16, data_len: u32) {
-            self.header(request_type, sector);
-            self.submit(&[
-                (HEADER_ADDR, 16, N, 1),
-                (DATA_ADDR, data_len, data_flags | N, 2),
-                (STATUS_ADDR, 1, W, 0),
-            ]);
-        }
-
-        fn status(&self) -> u8 {
-            self.mem.read_obj(GuestAddress(STATUS_ADDR)).unwrap()
-        }
-
-        /// (id, len) of the newest used-ring entry, and the used index.
-        fn last_used(&self) -> (u32, u32, u16) {
-            let idx = self.mock.used().idx().load();
-            let elem = self
-                .mock
-                .used()
-                .ring()
-                .ref_at(usize::from(idx.wrapping_sub(1) % QUEUE_LEN))
-                .unwrap()
-                .load();
-            (elem.id(), elem.len(), idx)
-        }
-
-        fn file_sector(&self, sector: u64) -> Vec<u8> {
-            let mut buf = vec![0u8; SECTOR_SIZE as usize];
-            self.file
-                .as_file()
-                .read_exact_at(&mut buf, sector * SECTOR_SIZE)
-                .unwrap();
-            buf
-        }
-
-        fn guest_data(&self, len: usize) -> Vec<u8> {
-            let mut buf = vec![0u8; len];
-            self.mem
-                .read_slice(&mut buf, GuestAddress(DATA_ADDR))
-                .unwrap();
-            buf
-        }
-
-        /// A good read still works: the device was not wedged by what came before.
-        fn assert_still_serves(&mut self) {
-            self.mem
-                .write_slice(&[0u8; 512], GuestAddress(DATA_ADDR))
-                .unwrap();
-            self.standard(VIRTIO_BLK_T_IN, 5, W, 512);
-            assert_eq!(self.status(), VIRTIO_BLK_S_OK as u8);
-            assert_eq!(self.guest_data(512), pattern(5));
-        }
-    }
-
-    #[test]
-    fn read_copies_file_sectors_into_the_guest() {
-        let mut f = fixture(false);
-        f.standard(VIRTIO_BLK_T_IN, 3, W, 1024);
-        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
-        assert_eq!(f.guest_data(1024), [pattern(3), pattern(4)].concat());
-        assert_eq!(f.last_used(), (0, 1025, 1));
-    }
-
-    #[test]
-    fn write_lands_in_the_host_file() {
-        let mut f = fixture(false);
-        f.mem
-            .write_slice(&[0xab; 512], GuestAddress(DATA_ADDR))
-            .unwrap();
-        f.standard(VIRTIO_BLK_T_OUT, 7, 0, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
-        assert_eq!(f.file_sector(7), vec![0xab; 512]);
-        assert_eq!(f.file_sector(8), pattern(8));
-        assert_eq!(f.last_used().1, 1);
-    }
-
-    #[test]
-    fn read_only_drive_rejects_write_and_leaves_the_file_unchanged() {
-        let mut f = fixture(true);
-        assert_ne!(f.block.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
-        f.mem
-            .write_slice(&[0xab; 512], GuestAddress(DATA_ADDR))
-            .unwrap();
-        f.standard(VIRTIO_BLK_T_OUT, 7, 0, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(f.file_sector(7), pattern(7));
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn flush_and_get_id() {
-        let mut f = fixture(false);
-        f.header(VIRTIO_BLK_T_FLUSH, 0);
-        f.submit(&[(HEADER_ADDR, 16, N, 1), (STATUS_ADDR, 1, W, 0)]);
-        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
-        f.standard(VIRTIO_BLK_T_GET_ID, 0, W, 20);
-        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
-        assert_eq!(&f.guest_data(20)[..10], b"drive-id\0\0");
-    }
-
-    #[test]
-    fn sectors_beyond_the_disk_fail() {
-        let mut f = fixture(false);
-        f.standard(VIRTIO_BLK_T_IN, DISK_SECTORS - 1, W, 1024);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        f.standard(VIRTIO_BLK_T_IN, u64::MAX, W, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn buffers_outside_guest_memory_fail() {
-        let mut f = fixture(false);
-        f.header(VIRTIO_BLK_T_IN, 0);
-        f.submit(&[
-            (HEADER_ADDR, 16, N, 1),
-            (0xdead_0000_0000, 512, W | N, 2),
-            (STATUS_ADDR, 1, W, 0),
-        ]);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        // A buffer that starts inside memory and runs past its end.
-        f.header(VIRTIO_BLK_T_OUT, 0);
-        f.submit(&[
-            (HEADER_ADDR, 16, N, 1),
-            (0xf_fe00, 1024, N, 2),
-            (STATUS_ADDR, 1, W, 0),
-        ]);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(f.file_sector(0), pattern(0));
-        // A header outside memory.
-        f.submit(&[(0xdead_0000_0000, 16, N, 1), (STATUS_ADDR, 1, W, 0)]);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn huge_and_zero_lengths_fail() {
-        let mut f = fixture(false);
-        f.standard(VIRTIO_BLK_T_IN, 0, W, 0xffff_fe00);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        f.standard(VIRTIO_BLK_T_IN, 0, W, 100);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8, "partial sector");
-        // A zero-length status buffer: nowhere to report, nothing written.
-        f.header(VIRTIO_BLK_T_IN, 0);
-        f.submit(&[
-            (HEADER_ADDR, 16, N, 1),
-            (DATA_ADDR, 512, W | N, 2),
-            (STATUS_ADDR, 0, W, 0),
-        ]);
-        assert_eq!(f.status(), 0xff);
-        assert_eq!(f.last_used().1, 0);
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn wrong_direction_buffers_fail_without_touching_memory() {
-        let mut f = fixture(false);
-        f.mem
-            .write_slice(&[0x11; 512], GuestAddress(DATA_ADDR))
-            .unwrap();
-        // A read into a buffer the device may not write.
-        f.standard(VIRTIO_BLK_T_IN, 1, 0, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(f.guest_data(512), vec![0x11; 512]);
-        // A writable header.
-        f.header(VIRTIO_BLK_T_IN, 1);
-        f.submit(&[
-            (HEADER_ADDR, 16, W | N, 1),
-            (DATA_ADDR, 512, W | N, 2),
-            (STATUS_ADDR, 1, W, 0),
-        ]);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn status_byte_that_is_not_writable_gets_nothing() {
-        let mut f = fixture(false);
-        f.header(VIRTIO_BLK_T_IN, 1);
-        f.submit(&[
-            (HEADER_ADDR, 16, N, 1),
-            (DATA_ADDR, 512, W | N, 2),
-            (STATUS_ADDR, 1, 0, 0),
-        ]);
-        assert_eq!(f.status(), 0xff);
-        assert_eq!(f.last_used().1, 0);
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn looping_chain_ends_and_the_device_goes_on() {
-        let mut f = fixture(false);
-        f.header(VIRTIO_BLK_T_IN, 1);
-        // Two descriptors that point at each other forever.
-        f.submit(&[(HEADER_ADDR, 16, N, 1), (DATA_ADDR, 512, W | N, 0)]);
-        let (_, len, idx) = f.last_used();
-        assert_eq!((len, idx), (0, 1), "completed with nothing written");
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn unknown_request_types_are_unsupported() {
-        let mut f = fixture(false);
-        f.standard(0x1234, 0, W, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_UNSUPP as u8);
-        f.assert_still_serves();
-    }
-
-    /// A new backing file of `sectors` sectors, each filled with `byte`.
-    fn new_backing(sectors: u64, byte: u8, writable: bool) -> (TempFile, File) {
-        let file = TempFile::new().unwrap();
-        file.as_file()
-            .write_all(&vec![byte; (sectors * SECTOR_SIZE) as usize])
-            .unwrap();
-        let backing = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(file.as_path())
-            .unwrap();
-        (file, backing)
-    }
-
-    #[test]
-    fn new_backing_changes_capacity_and_generation_and_interrupts_the_guest() {
-        let mut f = fixture(false);
-        let generation = f.block.config_generation();
-        let _ = f.block.interrupt().irq_evt().read();
-        let (_new, backing) = new_backing(2 * DISK_SECTORS, 0x5a, true);
-        f.block.update_backing(backing).unwrap();
-
-        assert_eq!(f.block.capacity_sectors(), 2 * DISK_SECTORS);
-        let mut capacity = [0u8; 8];
-        f.block.read_config(0, &mut capacity);
-        assert_eq!(u64::from_le_bytes(capacity), 2 * DISK_SECTORS);
-        assert_eq!(f.block.config_generation(), generation.wrapping_add(1));
-        assert_ne!(f.block.interrupt().status() & INTERRUPT_CONFIG, 0);
-        assert_eq!(f.block.interrupt().irq_evt().read().unwrap(), 1);
-
-        // Requests now reach the new file, including sectors the old one did not have.
-        f.standard(VIRTIO_BLK_T_IN, DISK_SECTORS + 1, W, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
-        assert_eq!(f.guest_data(512), vec![0x5a; 512]);
-    }
-
-    #[test]
-    fn a_smaller_backing_file_shrinks_the_disk() {
-        let mut f = fixture(false);
-        let (_new, backing) = new_backing(4, 0, true);
-        f.block.update_backing(backing).unwrap();
-        assert_eq!(f.block.capacity_sectors(), 4);
-        f.standard(VIRTIO_BLK_T_IN, 4, W, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-    }
-
-    #[test]
-    fn a_read_only_drive_stays_read_only_on_a_new_file() {
-        let mut f = fixture(true);
-        let (new, backing) = new_backing(DISK_SECTORS, 0x11, true);
-        f.block.update_backing(backing).unwrap();
-        assert!(f.block.read_only());
-        assert_ne!(f.block.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
-        f.mem
-            .write_slice(&[0xab; 512], GuestAddress(DATA_ADDR))
-            .unwrap();
-        f.standard(VIRTIO_BLK_T_OUT, 7, 0, 512);
-        assert_eq!(f.status(), VIRTIO_BLK_S_IOERR as u8);
-        let mut sector = vec![0u8; 512];
-        new.as_file()
-            .read_exact_at(&mut sector, 7 * SECTOR_SIZE)
-            .unwrap();
-        assert_eq!(sector, vec![0x11; 512]);
-        // A read-only file is fine for a read-only drive.
-        let (_other, backing) = new_backing(DISK_SECTORS, 0, false);
-        f.block.update_backing(backing).unwrap();
-    }
-
-    #[test]
-    fn a_read_write_drive_refuses_a_file_opened_read_only() {
-        let mut f = fixture(false);
-        let (_new, backing) = new_backing(2 * DISK_SECTORS, 0, false);
-        let generation = f.block.config_generation();
-        assert!(matches!(
-            f.block.update_backing(backing),
-            Err(BlockError::NotWritable)
-        ));
-        // Nothing changed: still the old file, size and generation.
-        assert_eq!(f.block.capacity_sectors(), DISK_SECTORS);
-        assert_eq!(f.block.config_generation(), generation);
-        f.assert_still_serves();
-    }
-
-    #[test]
-    fn a_device_not_started_changes_backing_without_an_interrupt() {
-        let file = TempFile::new().unwrap();
-        file.as_file().set_len(4096).unwrap();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut block =
-            Block::new("d".into(), file.as_file().try_clone().unwrap(), false, irq).unwrap();
-        let (_new, backing) = new_backing(16, 0, true);
-        block.update_backing(backing).unwrap();
-        assert_eq!(block.capacity_sectors(), 16);
-        assert_eq!(block.config_generation(), 1);
-        assert_eq!(block.interrupt().status(), 0);
-        assert!(block.interrupt().irq_evt().read().is_err());
-    }
-
-    #[test]
-    fn an_impossible_available_index_makes_the_device_need_a_reset() {
-        let mut f = fixture(false);
-        f.mock.avail().idx().store(QUEUE_LEN * 4);
-        f.block.process_queue();
-        assert!(f.block.interrupt().needs_reset());
-        assert!(f.block.active.is_none());
-    }
-}
+mod tests;

@@ -7,11 +7,13 @@ use std::os::fd::AsRawFd;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::discard::discard_or_zero;
 use crate::metrics::BlockMetrics;
 
 pub const SECTOR_SHIFT: u32 = 9;
@@ -44,6 +46,8 @@ pub enum RequestError {
     ReadOnly,
     #[error("request type {0} is not supported")]
     Unsupported(u32),
+    #[error("a discard or write-zeroes segment is {0} bytes, not 16")]
+    BadSegment(u32),
     #[error("host I/O failed: {0}")]
     Io(i32),
 }
@@ -160,6 +164,15 @@ fn run(
                 .map_err(|_| RequestError::BadGuestAddress(buffer.addr().0))?;
             disk.metrics.get_id_count.inc();
             Ok(len as u32)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            discard_or_zero(mem, data, disk, request_type)?;
+            if request_type == VIRTIO_BLK_T_DISCARD {
+                disk.metrics.discard_count.inc();
+            } else {
+                disk.metrics.write_zeroes_count.inc();
+            }
+            Ok(0)
         }
         other => Err(RequestError::Unsupported(other)),
     }

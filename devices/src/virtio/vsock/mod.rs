@@ -1,0 +1,330 @@
+//! virtio-vsock (virtio 1.2, section 5.10) with Firecracker's host-side contract: stream sockets
+//! between guest ports and Unix sockets on the host (see [`muxer`]).
+//!
+//! Layout: constants and the configuration space, the device state, the RX and TX queue
+//! handlers, activation, the event handler, tests. Everything runs on the event loop: the queue
+//! events, the listening socket and each stream's socket are watched there, and a stream's
+//! socket is read only when the guest has both credit and an RX buffer for its data.
+
+mod connection;
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::muxer::{Muxer, MuxerError};
+use self::packet::{read_packet, HDR_LEN, MAX_PAYLOAD, MIN_GUEST_CID};
+use super::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
+use crate::metrics::VsockMetrics;
+
+/// RX (device to guest), TX (guest to device) and event queues, 256 entries each.
+pub const QUEUE_MAX_SIZES: &[u16] = &[256, 256, 256];
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest CID {0} is reserved: a guest's CID is {MIN_GUEST_CID} or more")]
+    ReservedCid(u64),
+    #[error(transparent)]
+    Muxer(#[from] MuxerError),
+    #[error("cannot create the queue events: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// The queues and memory of a device the driver has started.
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    /// TX stopped because answers for the guest backed up; resumes as RX drains them.
+    tx_stalled: bool,
+}
+
+pub struct Vsock {
+    cid: u64,
+    config: [u8; 8],
+    acked_features: u64,
+    queue_events: Vec<EventFd>,
+    /// Wakes the event loop to catch up with changes made outside it (activation, reset).
+    kick: EventFd,
+    interrupt: Arc<Interrupt>,
+    active: Option<Active>,
+    muxer: Muxer,
+    /// Scratch space for one packet's payload toward the guest (always `MAX_PAYLOAD` long).
+    rx_payload: Vec<u8>,
+    /// Scratch space for one packet's payload from the guest (always `MAX_PAYLOAD` long).
+    tx_payload: Vec<u8>,
+    metrics: Arc<VsockMetrics>,
+}
+
+impl Vsock {
+    /// A device for guest `cid`, listening for host connections on `uds_path` (which must not
+    /// exist).
+    pub fn new(cid: u64, uds_path: &Path, irq: EventFd) -> Result<Self, VsockError> {
+        if cid < MIN_GUEST_CID {
+            return Err(VsockError::ReservedCid(cid));
+        }
+        let metrics = Arc::new(VsockMetrics::default());
+        let muxer = Muxer::new(cid, uds_path, metrics.clone())?;
+        let queue_events = (0..QUEUE_MAX_SIZES.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VsockError::EventFd)?;
+        Ok(Self {
+            cid,
+            config: cid.to_le_bytes(),
+            acked_features: 0,
+            queue_events,
+            kick: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            interrupt: Arc::new(Interrupt::new(irq)),
+            active: None,
+            muxer,
+            rx_payload: vec![0; MAX_PAYLOAD],
+            tx_payload: vec![0; MAX_PAYLOAD],
+            metrics,
+        })
+    }
+
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// The device's counters, for the monitor's metrics.
+    pub fn metrics(&self) -> &Arc<VsockMetrics> {
+        &self.metrics
+    }
+
+    /// Fills RX buffers while the muxer has packets for the guest.
+    fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[RX];
+        let mut used = false;
+        while self.muxer.has_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // No buffers: the guest notifies the RX queue when it posts some.
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(mem) {
+                Ok(writer) if writer.available_bytes() >= HDR_LEN => writer,
+                result => {
+                    debug!("vsock: unusable RX buffer {head}: {:?}", result.err());
+                    self.metrics.rx_invalid_buffers.inc();
+                    used |= add_used(queue, mem, head, 0);
+                    continue;
+                }
+            };
+            let room = (writer.available_bytes() - HDR_LEN).min(MAX_PAYLOAD);
+            let Some(header) = self.muxer.fill_rx(&mut self.rx_payload[..room]) else {
+                // Nothing came of it (a socket with no data after all): keep the buffer.
+                queue.go_to_previous_position();
+                continue;
+            };
+            let len = header.len as usize;
+            let written = std::io::Write::write_all(&mut writer, &header.to_bytes())
+                .and_then(|()| std::io::Write::write_all(&mut writer, &self.rx_payload[..len]));
+            if let Err(err) = written {
+                // The buffer was checked for room and memory: only a driver changing it under
+                // us gets here, and then the packet is lost with its stream's data.
+                warn!("vsock: cannot write an RX packet: {err}");
+                self.metrics.rx_invalid_buffers.inc();
+            }
+            self.metrics.rx_packets_count.inc();
+            self.metrics.rx_bytes_count.add(len as u64);
+            used |= add_used(queue, mem, head, (HDR_LEN + len) as u32);
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_used_ring();
+        }
+        if active.tx_stalled && !self.muxer.rx_backlog_full() {
+            active.tx_stalled = false;
+            self.process_tx();
+        }
+    }
+
+    /// Takes the guest's TX packets and hands them to the muxer.
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[TX];
+        let mut used = false;
+        'ring: loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                if self.muxer.rx_backlog_full() {
+                    // Notifications stay off: RX resumes TX itself once the backlog drains.
+                    queue.go_to_previous_position();
+                    active.tx_stalled = true;
+                    break 'ring;
+                }
+                let head = chain.head_index();
+                match chain.reader(mem) {
+                    Ok(mut reader) => {
+                        let available = reader.available_bytes();
+                        match read_packet(&mut reader, available, self.cid, &mut self.tx_payload) {
+                            Ok(header) => {
+                                self.metrics.tx_packets_count.inc();
+                                self.metrics.tx_bytes_count.add(u64::from(header.len));
+                                let payload = &self.tx_payload[..header.len as usize];
+                                self.muxer.send_to_host(&header, payload);
+                            }
+                            Err(err) => {
+                                debug!("vsock: TX packet {head} dropped: {err}");
+                                self.metrics.invalid_packets.inc();
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        debug!("vsock: TX packet {head} outside guest memory: {err}");
+                        self.metrics.invalid_packets.inc();
+                    }
+                }
+                used |= add_used(queue, mem, head, 0);
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        self.muxer.flush_burst();
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_used_ring();
+        }
+        // Packets from the guest may have answers (responses, resets, credit).
+        self.process_rx();
+    }
+
+    fn watch(&self, ops: &mut EventOps, fd: std::os::fd::RawFd, what: &str) {
+        if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            warn!("vsock: cannot watch {what}: {err}");
+        }
+    }
+}
+
+/// Returns the chain `head` to the guest with `len` bytes written; true when it went.
+fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(err) => {
+            warn!("vsock: cannot return buffer {head}: {err}");
+            false
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_MAX_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & VIRTIO_F_VERSION_1;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        debug!("vsock: ignored write to read-only config at {offset:#x}");
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        if queues.len() != QUEUE_MAX_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: QUEUE_MAX_SIZES.len(),
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            tx_stalled: false,
+        });
+        // Host connections may have waited for the guest; the event loop sends their requests.
+        self.kick.write(1).map_err(ActivateError::Io)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.muxer.reset();
+        // The closed streams are unwatched on the event loop.
+        if let Err(err) = self.kick.write(1) {
+            warn!("vsock: cannot wake the event loop: {err}");
+        }
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.queue_events[RX].as_raw_fd() {
+            let _ = self.queue_events[RX].read();
+            self.metrics.rx_queue_event_count.inc();
+            self.process_rx();
+        } else if fd == self.queue_events[TX].as_raw_fd() {
+            let _ = self.queue_events[TX].read();
+            self.metrics.tx_queue_event_count.inc();
+            self.process_tx();
+        } else if fd == self.queue_events[EVENT].as_raw_fd() {
+            // The event queue only carries transport resets (after a snapshot restore).
+            let _ = self.queue_events[EVENT].read();
+        } else if fd == self.kick.as_raw_fd() {
+            let _ = self.kick.read();
+            self.process_tx();
+        } else if fd == self.muxer.listener_fd() {
+            self.muxer.accept();
+        } else {
+            self.muxer.handle_event(fd, events.event_set());
+            self.process_rx();
+        }
+        self.muxer.sync_interest(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, evt) in self.queue_events.iter().enumerate() {
+            self.watch(ops, evt.as_raw_fd(), &format!("queue {index}"));
+        }
+        self.watch(ops, self.kick.as_raw_fd(), "its wake-up event");
+        self.watch(ops, self.muxer.listener_fd(), "its listening socket");
+    }
+}
+
+#[cfg(test)]
+mod tests;

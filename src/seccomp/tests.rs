@@ -1,0 +1,263 @@
+use std::collections::BTreeMap;
+
+use super::format::{deserialize, serialize, FilterMap, FormatError, MAGIC};
+use super::*;
+
+const FILTER_JSON: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/resources/seccomp/x86_64-unknown-linux-gnu.json"
+);
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mote-seccomp-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn compiled_form_round_trips() {
+    let mut filters = FilterMap::new();
+    filters.insert(
+        "a".into(),
+        vec![
+            sock_filter {
+                code: 0x20,
+                jt: 0,
+                jf: 0,
+                k: 4,
+            },
+            sock_filter {
+                code: 0x15,
+                jt: 1,
+                jf: 2,
+                k: 0xc000_003e,
+            },
+        ],
+    );
+    filters.insert(
+        "b".into(),
+        vec![sock_filter {
+            code: 6,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        }],
+    );
+    assert_eq!(deserialize(&serialize(&filters)).unwrap(), filters);
+}
+
+#[test]
+fn corrupt_compiled_form_is_refused() {
+    let mut filters = FilterMap::new();
+    filters.insert(
+        "vcpu".into(),
+        vec![sock_filter {
+            code: 6,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }],
+    );
+    let bytes = serialize(&filters);
+    assert_eq!(deserialize(b"{}"), Err(FormatError::BadMagic));
+    assert_eq!(
+        deserialize(&bytes[..bytes.len() - 1]),
+        Err(FormatError::Truncated)
+    );
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert_eq!(deserialize(&longer), Err(FormatError::TrailingBytes));
+    // A count of instructions the file cannot hold.
+    let mut huge = MAGIC.to_vec();
+    huge.extend_from_slice(&1u32.to_le_bytes());
+    huge.extend_from_slice(&1u32.to_le_bytes());
+    huge.push(b'x');
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(deserialize(&huge), Err(FormatError::Truncated));
+}
+
+#[test]
+fn built_in_filters_have_every_kind() {
+    let filters = SeccompFilters::load(&SeccompConfig::BuiltIn).unwrap();
+    for filter in Filter::ALL {
+        assert!(filters.get(filter).is_enabled(), "{}", filter.name());
+    }
+    assert!(!SeccompFilters::disabled().get(Filter::Vcpu).is_enabled());
+}
+
+#[test]
+fn built_in_filters_are_the_json_compiled() {
+    let json = std::fs::File::open(FILTER_JSON).unwrap();
+    let compiled: FilterMap = seccompiler::compile_from_json(json, seccompiler::TargetArch::x86_64)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(deserialize(DEFAULT_FILTERS).unwrap(), compiled);
+}
+
+/// The rules of one filter in the JSON file, each as (syscall, its conditions as JSON text).
+fn rules(json: &serde_json::Value, name: &str) -> BTreeMap<String, Vec<String>> {
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for rule in json[name]["filter"].as_array().unwrap() {
+        let syscall = rule["syscall"].as_str().unwrap().to_string();
+        let mut args = rule.get("args").cloned().unwrap_or_default();
+        // Comments do not change what a rule allows.
+        if let Some(conditions) = args.as_array_mut() {
+            for condition in conditions {
+                condition.as_object_mut().unwrap().remove("comment");
+            }
+        }
+        rules.entry(syscall).or_default().push(args.to_string());
+    }
+    rules
+}
+
+/// Whether every call `inner` allows, `outer` allows too (rule by rule: an unconditional rule
+/// covers any conditional one for the same call).
+fn covers(
+    outer: &BTreeMap<String, Vec<String>>,
+    inner: &BTreeMap<String, Vec<String>>,
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (syscall, conditions) in inner {
+        let Some(allowed) = outer.get(syscall) else {
+            missing.push(syscall.clone());
+            continue;
+        };
+        if allowed.iter().any(|c| c == "null") {
+            continue;
+        }
+        for condition in conditions {
+            if !allowed.contains(condition) {
+                missing.push(format!("{syscall} {condition}"));
+            }
+        }
+    }
+    missing
+}
+
+#[test]
+fn build_filter_covers_what_runs_under_it() {
+    // vCPU threads are spawned under `build` and `vmm` is stacked on it: a call that `build`
+    // refuses would kill them although their own filter allows it.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(FILTER_JSON).unwrap()).unwrap();
+    let build = rules(&json, "build");
+    for inner in ["vcpu", "vmm"] {
+        let missing = covers(&build, &rules(&json, inner));
+        assert!(
+            missing.is_empty(),
+            "`build` lacks what `{inner}` allows: {missing:?}"
+        );
+    }
+    for filter in Filter::ALL {
+        assert_eq!(
+            json[filter.name()]["default_action"],
+            "kill_process",
+            "{}",
+            filter.name()
+        );
+        // seccompiler ignores a rule without conditions when the same call also has rules
+        // with conditions: the call would be refused where the file seems to allow it.
+        for (syscall, conditions) in rules(&json, filter.name()) {
+            let whole = conditions.iter().any(|c| c == "null");
+            assert!(
+                !whole || conditions.len() == 1,
+                "`{}`: {syscall} is allowed both whole and with conditions",
+                filter.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn custom_json_and_compiled_files_load() {
+    let json = scratch("custom.json");
+    let allow_all = r#"{"default_action": "allow", "filter_action": {"errno": 1},
+                        "filter": [{"syscall": "kexec_load"}]}"#;
+    std::fs::write(
+        &json,
+        format!(r#"{{"build": {allow_all}, "vmm": {allow_all}, "api": {allow_all}, "vcpu": {allow_all}}}"#),
+    )
+    .unwrap();
+    let filters = SeccompFilters::load(&SeccompConfig::Custom(json.clone())).unwrap();
+    assert!(filters.get(Filter::Api).is_enabled());
+
+    let compiled = scratch("custom.bpf");
+    std::fs::write(&compiled, DEFAULT_FILTERS).unwrap();
+    assert!(SeccompFilters::load(&SeccompConfig::Custom(compiled)).is_ok());
+
+    std::fs::write(&json, format!(r#"{{"build": {allow_all}}}"#)).unwrap();
+    let err = SeccompFilters::load(&SeccompConfig::Custom(json.clone())).unwrap_err();
+    assert!(err.to_string().contains("no `vmm` filter"), "{err}");
+
+    std::fs::write(
+        &json,
+        r#"{"vcpu": {"default_action": "allow", "filter_action": "allow", "filter": []}}"#,
+    )
+    .unwrap();
+    let err = SeccompFilters::load(&SeccompConfig::Custom(json.clone())).unwrap_err();
+    assert!(
+        err.to_string().starts_with("invalid seccomp filter file"),
+        "{err}"
+    );
+
+    let err = SeccompFilters::load(&SeccompConfig::Custom(scratch("absent.json"))).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot read the seccomp filter file"),
+        "{err}"
+    );
+}
+
+/// Start-up cost of the filters (run by hand: `cargo test --release -p mote seccomp_cost --
+/// --ignored --nocapture`): loading the built-in ones, compiling the JSON instead, installing.
+#[test]
+#[ignore]
+fn seccomp_cost() {
+    let runs = 200u32;
+    let start = std::time::Instant::now();
+    for _ in 0..runs {
+        std::hint::black_box(SeccompFilters::load(&SeccompConfig::BuiltIn).unwrap());
+    }
+    let load = start.elapsed() / runs;
+    let json = std::fs::read(FILTER_JSON).unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..runs {
+        std::hint::black_box(
+            seccompiler::compile_from_json(json.as_slice(), seccompiler::TargetArch::x86_64)
+                .unwrap(),
+        );
+    }
+    let compile = start.elapsed() / runs;
+    let filters = SeccompFilters::load(&SeccompConfig::BuiltIn).unwrap();
+    // `build` allows installing filters, so it can be stacked on itself.
+    let vcpu = filters.get(Filter::Build);
+    // Stacking the same filter again costs what the first install did; the median of ten.
+    let install = std::thread::spawn(move || {
+        let mut times: Vec<_> = (0..10)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                vcpu.apply().unwrap();
+                start.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[5]
+    })
+    .join()
+    .unwrap();
+    println!("load built-in: {load:?}; compile JSON: {compile:?}; install build: {install:?}");
+    for filter in Filter::ALL {
+        let thread_filter = filters.get(filter);
+        let len = thread_filter.program.as_ref().map_or(0, |p| p.len());
+        let took = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            thread_filter.apply().unwrap();
+            start.elapsed()
+        })
+        .join()
+        .unwrap();
+        println!("install {}: {len} instructions, {took:?}", filter.name());
+    }
+}

@@ -1,0 +1,247 @@
+//! Full snapshots: a state file (everything but guest RAM) and a memory file (guest RAM, written
+//! once, mapped MAP_PRIVATE on restore so that restoring does not read it and clones of one
+//! snapshot share its clean pages).
+//!
+//! The state file is `MAGIC (8) | version (u32 LE) | body length (u64 LE) | body | CRC-64`,
+//! the body being [`MicrovmState`] in bincode and the CRC-64/ECMA-182 covering every byte
+//! before it. A file is refused, with the reason, when it is truncated, is not a mote snapshot,
+//! fails its checksum or has another format version.
+
+pub mod actions;
+pub mod memory;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crc::{Crc, CRC_64_ECMA_182};
+use devices::legacy::i8042::I8042State;
+use devices::legacy::serial::SerialDeviceState;
+use devices::virtio::state::MmioTransportState;
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{VcpuState, VmState};
+pub use memory::MemoryRegionState;
+
+/// The first bytes of every state file.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MOTESNAP";
+/// The state file's format version; a file of another version is refused, not misread.
+pub const SNAPSHOT_VERSION: u32 = 1;
+const HEADER_LEN: usize = SNAPSHOT_MAGIC.len() + 4 + 8;
+const CRC_LEN: usize = 8;
+const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_ECMA_182);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read the snapshot state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {what} {path}: {source}")]
+    Write {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the snapshot state file is truncated: {len} bytes, {expected} expected")]
+    Truncated { len: usize, expected: usize },
+    #[error("not a mote snapshot state file (wrong magic)")]
+    BadMagic,
+    #[error("the snapshot state file is corrupted: its CRC-64 is {stored:#018x}, its contents give {computed:#018x}")]
+    BadCrc { stored: u64, computed: u64 },
+    #[error("the snapshot state file has format version {found}; this mote reads version {SNAPSHOT_VERSION}")]
+    Version { found: u32 },
+    #[error("cannot encode the snapshot state: {0}")]
+    Encode(bincode::Error),
+    #[error("cannot decode the snapshot state: {0}")]
+    Decode(bincode::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryFileError),
+}
+
+/// A virtio-mmio device: where it sits and its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VirtioSlotState {
+    /// The base of its MMIO slot, checked against the rebuilt device's.
+    pub addr: u64,
+    pub transport: MmioTransportState,
+}
+
+/// The devices the monitor emulates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialDeviceState,
+    pub i8042: I8042State,
+    /// In slot order.
+    pub virtio: Vec<VirtioSlotState>,
+}
+
+/// Everything a snapshot holds but guest RAM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// The machine's configuration in the config-file form (`GET /vm/config`), as JSON text:
+    /// it names every backing (drive files, TAP devices, vsock socket) the restore reopens.
+    pub config: String,
+    /// Guest RAM regions, in the order the memory file holds them.
+    pub memory: Vec<MemoryRegionState>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+/// The state file's bytes for `state`.
+pub fn encode(state: &MicrovmState) -> Result<Vec<u8>, SnapshotError> {
+    let body = bincode::serialize(state).map_err(SnapshotError::Encode)?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + CRC_LEN);
+    bytes.extend_from_slice(&SNAPSHOT_MAGIC);
+    bytes.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    let crc = CRC64.checksum(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    Ok(bytes)
+}
+
+/// Checks and decodes a state file's bytes.
+pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
+    let min = HEADER_LEN + CRC_LEN;
+    if bytes.len() < min {
+        return Err(SnapshotError::Truncated {
+            len: bytes.len(),
+            expected: min,
+        });
+    }
+    if bytes[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    let field = |at: usize, len: usize| {
+        let mut buf = [0u8; 8];
+        buf[..len].copy_from_slice(&bytes[at..at + len]);
+        u64::from_le_bytes(buf)
+    };
+    let body_len = field(SNAPSHOT_MAGIC.len() + 4, 8);
+    let expected = usize::try_from(body_len)
+        .ok()
+        .and_then(|len| len.checked_add(min))
+        .unwrap_or(usize::MAX);
+    if bytes.len() != expected {
+        return Err(SnapshotError::Truncated {
+            len: bytes.len(),
+            expected,
+        });
+    }
+    let covered = &bytes[..bytes.len() - CRC_LEN];
+    let stored = field(covered.len(), CRC_LEN);
+    let computed = CRC64.checksum(covered);
+    if stored != computed {
+        return Err(SnapshotError::BadCrc { stored, computed });
+    }
+    let found = field(SNAPSHOT_MAGIC.len(), 4) as u32;
+    if found != SNAPSHOT_VERSION {
+        return Err(SnapshotError::Version { found });
+    }
+    bincode::deserialize(&covered[HEADER_LEN..]).map_err(SnapshotError::Decode)
+}
+
+/// Reads and checks a state file.
+pub fn read_state_file(path: &Path) -> Result<MicrovmState, SnapshotError> {
+    let bytes = fs::read(path).map_err(|source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode(&bytes)
+}
+
+/// Writes a state file whole or not at all: into a temporary file beside it, then renamed.
+pub fn write_state_file(path: &Path, state: &MicrovmState) -> Result<(), SnapshotError> {
+    let bytes = encode(state)?;
+    let write_err = |source| SnapshotError::Write {
+        what: "the snapshot state file",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let result = fs::File::create(&partial)
+        .and_then(|mut file| file.write_all(&bytes))
+        .and_then(|()| fs::rename(&partial, path));
+    if let Err(err) = result {
+        let _ = fs::remove_file(&partial);
+        return Err(write_err(err));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> MicrovmState {
+        MicrovmState {
+            config: r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#.into(),
+            memory: vec![MemoryRegionState {
+                guest_addr: 0,
+                size: 128 << 20,
+            }],
+            vm: VmState {
+                pit: Default::default(),
+                clock: Default::default(),
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+            },
+            vcpus: Vec::new(),
+            devices: DevicesState {
+                serial: vm_superio::serial::SerialState::default().into(),
+                i8042: I8042State {
+                    status: 0x14,
+                    control: 0x41,
+                    output_port: 3,
+                    pending_command: None,
+                    output: vec![0x1d],
+                },
+                virtio: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_state_file_round_trips() {
+        let bytes = encode(&state()).unwrap();
+        assert_eq!(&bytes[..8], b"MOTESNAP");
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.config, state().config);
+        assert_eq!(decoded.memory, state().memory);
+        assert_eq!(decoded.devices.i8042.output, vec![0x1d]);
+    }
+
+    #[test]
+    fn truncation_corruption_and_other_versions_are_refused() {
+        let bytes = encode(&state()).unwrap();
+        for len in [0, 10, bytes.len() - 1] {
+            let err = decode(&bytes[..len]).unwrap_err();
+            assert!(matches!(err, SnapshotError::Truncated { .. }), "{err}");
+        }
+        let mut flipped = bytes.clone();
+        flipped[HEADER_LEN + 3] ^= 1;
+        assert!(matches!(
+            decode(&flipped).unwrap_err(),
+            SnapshotError::BadCrc { .. }
+        ));
+        let mut other = bytes.clone();
+        other[0] = b'X';
+        assert!(matches!(
+            decode(&other).unwrap_err(),
+            SnapshotError::BadMagic
+        ));
+        let mut newer = bytes.clone();
+        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let end = newer.len() - CRC_LEN;
+        let crc = CRC64.checksum(&newer[..end]);
+        newer[end..].copy_from_slice(&crc.to_le_bytes());
+        let err = decode(&newer).unwrap_err();
+        assert!(matches!(err, SnapshotError::Version { found: 2 }), "{err}");
+    }
+}

@@ -1,0 +1,374 @@
+//! Snapshots with the probe guest: a paused guest is saved, its monitor killed, and a fresh
+//! monitor goes on exactly where it stopped (the count continues, the TSC never goes back, the
+//! disk keeps working); clones of one snapshot run side by side; bad snapshots and requests in
+//! the wrong state are refused with a reason and harm nothing.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::api::ApiMote;
+use common::{mote_bin, probe_kernel, require_kvm};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// `pause`s between two probe lines: tens of milliseconds each, so a test can pause mid-run.
+const SPINS: u64 = 3_000_000;
+
+fn boot_source(steps: &str) -> String {
+    serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    })
+    .to_string()
+}
+
+/// Boots the probe through the API with `steps`, optionally with a drive.
+fn boot(name: &str, steps: &str, drive: Option<&Path>) -> ApiMote {
+    let mote = ApiMote::spawn(name, &[]);
+    mote.ok("PUT", "/boot-source", &boot_source(steps));
+    if let Some(path) = drive {
+        let drive = serde_json::json!({
+            "drive_id": "data", "path_on_host": path, "is_root_device": false, "is_read_only": false,
+        });
+        mote.ok("PUT", "/drives/data", &drive.to_string());
+    }
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote
+}
+
+/// Pauses `mote` once its console shows `after`, snapshots it into its directory, and kills
+/// it; returns (state file, memory file, what the console showed).
+fn snapshot_and_kill(mote: ApiMote, after: &str) -> (PathBuf, PathBuf, String) {
+    mote.wait_for_stdout(after, WAIT);
+    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let state = mote.dir.join("state");
+    let mem = mote.dir.join("mem");
+    let body = serde_json::json!({
+        "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem,
+    });
+    mote.ok("PUT", "/snapshot/create", &body.to_string());
+    // Nothing more comes from a paused guest.
+    std::thread::sleep(Duration::from_millis(50));
+    let out = mote.stdout();
+    drop(mote);
+    (state, mem, out)
+}
+
+fn load_body(state: &Path, mem: &Path, resume: bool) -> String {
+    serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": resume,
+    })
+    .to_string()
+}
+
+/// The `probe: NAME=N` numbers in `out`, in order.
+fn numbers(out: &str, name: &str) -> Vec<u64> {
+    let prefix = format!("probe: {name}=");
+    out.lines()
+        .filter_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .collect()
+}
+
+/// `mote run --restore STATE --mem-file MEM`, its console collected.
+struct Restored {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Restored {
+    fn spawn(state: &Path, mem: &Path) -> Self {
+        let mut child = Command::new(mote_bin())
+            .arg("run")
+            .arg("--restore")
+            .arg(state)
+            .arg("--mem-file")
+            .arg(mem)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start mote");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let mut pipe = child.stdout.take().unwrap();
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Self { child, stdout }
+    }
+
+    /// Waits for the monitor to end; its console and whether it succeeded.
+    fn wait(mut self) -> (String, bool, String) {
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the restored guest never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        let out = String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned();
+        (out, status.success(), stderr)
+    }
+}
+
+#[test]
+fn a_guest_restored_in_a_fresh_process_counts_on_from_the_next_number() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("continue", &format!("count:40:{SPINS}"), None);
+    let (state, mem, before) = snapshot_and_kill(mote, "probe: count=3\n");
+    let (after, ok, stderr) = Restored::spawn(&state, &mem).wait();
+    assert!(ok, "the restored guest failed: {stderr}");
+    // A line cut by the pause is finished by the restored guest: join the two consoles.
+    let whole = format!("{before}{after}");
+    assert_eq!(
+        numbers(&whole, "count"),
+        (1..=40).collect::<Vec<_>>(),
+        "before:\n{before}\nafter:\n{after}"
+    );
+    assert!(!numbers(&after, "count").is_empty(), "{after}");
+    assert!(after.contains("probe: done"), "{after}");
+}
+
+#[test]
+fn the_guest_clock_does_not_go_backwards_across_a_restore() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("tsc", &format!("tsc:30:{SPINS}"), None);
+    let (state, mem, before) = snapshot_and_kill(mote, "probe: tsc=");
+    let (after, ok, stderr) = Restored::spawn(&state, &mem).wait();
+    assert!(ok, "{stderr}");
+    let values = numbers(&format!("{before}{after}"), "tsc");
+    assert_eq!(values.len(), 30, "before:\n{before}\nafter:\n{after}");
+    assert!(
+        values.windows(2).all(|pair| pair[0] < pair[1]),
+        "the TSC went back: {values:?}"
+    );
+}
+
+#[test]
+fn two_clones_of_one_snapshot_run_at_once_and_leave_it_unchanged() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("clones", &format!("count:30:{SPINS}"), None);
+    let (state, mem, before) = snapshot_and_kill(mote, "probe: count=2\n");
+    let mem_before = fs::read(&mem).unwrap();
+    let last = *numbers(&before, "count").last().unwrap();
+    let clones: Vec<ApiMote> = (0..2)
+        .map(|i| {
+            let clone = ApiMote::spawn(&format!("clone{i}"), &[]);
+            clone.ok("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+            clone
+        })
+        .collect();
+    for clone in &clones {
+        let info = clone.request("GET", "/", "");
+        assert!(info.body.contains("Running"), "{info:?}");
+    }
+    for clone in clones {
+        let run = clone.wait(WAIT);
+        assert!(run.status.success(), "{}", run.stderr);
+        let whole = format!("{before}{}", run.stdout);
+        assert_eq!(numbers(&whole, "count"), (1..=30).collect::<Vec<_>>());
+        assert!(numbers(&run.stdout, "count")[0] <= last + 1);
+    }
+    assert!(
+        fs::read(&mem).unwrap() == mem_before,
+        "a clone wrote the memory file"
+    );
+}
+
+/// The probe's disk test pattern (tests/probe/src/blk.rs).
+fn pattern(sector: u64, offset: usize, seed: u64) -> u8 {
+    (sector.wrapping_mul(31) ^ (offset as u64).wrapping_mul(7) ^ seed) as u8
+}
+
+#[test]
+fn the_disk_keeps_working_after_a_restore() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("snapshot-disk");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
+    let steps = format!(
+        "blk-init,blk-write:0:8:7,count:10:{SPINS},blk-read:0:8:7,blk-write:16:8:9,blk-read:16:8:9"
+    );
+    let mote = boot("disk", &steps, Some(&disk));
+    let (state, mem, before) = snapshot_and_kill(mote, "probe: count=2\n");
+    assert!(before.contains("blk-write status=0"), "{before}");
+    let (after, ok, stderr) = Restored::spawn(&state, &mem).wait();
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        after.matches("blk-read status=0 match=yes").count(),
+        2,
+        "{after}"
+    );
+    assert!(after.contains("blk-write status=0"), "{after}");
+    let mut written = vec![0u8; 8 * 512];
+    fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut written, 16 * 512)
+        .unwrap();
+    let expected: Vec<u8> = (16..24)
+        .flat_map(|s| (0..512).map(move |i| pattern(s, i, 9)))
+        .collect();
+    assert!(
+        written == expected,
+        "the restored guest's write is not in the file"
+    );
+}
+
+/// The CRC-64/ECMA-182 of the state file format.
+fn crc64(bytes: &[u8]) -> u64 {
+    crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182).checksum(bytes)
+}
+
+/// A copy of the state file with `change` applied to its bytes.
+fn altered(state: &Path, name: &str, change: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut bytes = fs::read(state).unwrap();
+    change(&mut bytes);
+    let path = state.with_file_name(name);
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn bad_snapshots_are_refused_and_leave_nothing_started() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("bad-source", &format!("count:20:{SPINS}"), None);
+    let (state, mem, _) = snapshot_and_kill(mote, "probe: count=2\n");
+    let len = fs::metadata(&state).unwrap().len() as usize;
+
+    let truncated = altered(&state, "truncated", |b| b.truncate(len / 2));
+    let corrupted = altered(&state, "corrupted", |b| b[len / 2] ^= 0x40);
+    let not_ours = altered(&state, "not-ours", |b| b[0] = b'X');
+    let new_version = altered(&state, "version", |b| {
+        b[8..12].copy_from_slice(&99u32.to_le_bytes());
+        let end = b.len() - 8;
+        let crc = crc64(&b[..end]);
+        b[end..].copy_from_slice(&crc.to_le_bytes());
+    });
+    let short_mem = state.with_file_name("short-mem");
+    fs::copy(&mem, &short_mem).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&short_mem)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+
+    let mote = ApiMote::spawn("bad-target", &[]);
+    let cases = [
+        (&truncated, &mem, "truncated"),
+        (&corrupted, &mem, "corrupted"),
+        (&not_ours, &mem, "not a mote snapshot"),
+        (&new_version, &mem, "format version 99"),
+        (&state, &short_mem, "has 67108864 bytes"),
+        (
+            &dir_missing(&state),
+            &mem,
+            "cannot read the snapshot state file",
+        ),
+    ];
+    for (state_file, mem_file, reason) in cases {
+        let answer = mote.request(
+            "PUT",
+            "/snapshot/load",
+            &load_body(state_file, mem_file, true),
+        );
+        let fault = answer.fault();
+        assert!(fault.contains(reason), "{reason}: {fault}");
+        let info = mote.request("GET", "/", "").json();
+        assert_eq!(info["state"], "Not started", "after {reason}");
+    }
+    let answer = mote.request(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}).to_string(),
+    );
+    assert!(answer.fault().contains("Uffd"), "{answer:?}");
+    // Nothing half-built stands in the way: the good snapshot still loads, paused.
+    mote.ok("PUT", "/snapshot/load", &load_body(&state, &mem, false));
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Paused");
+    let answer = mote.request("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert!(answer.fault().contains("after starting"), "{answer:?}");
+    mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let run = mote.wait(WAIT);
+    assert!(run.stdout.contains("probe: done"), "{}", run.stdout);
+}
+
+fn dir_missing(state: &Path) -> PathBuf {
+    state.with_file_name("no-such-state")
+}
+
+#[test]
+fn snapshots_are_refused_unless_paused_and_the_guest_goes_on() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("refusals", &[]);
+    let body = |kind: &str| {
+        serde_json::json!({
+            "snapshot_type": kind,
+            "snapshot_path": mote.dir.join("state"),
+            "mem_file_path": mote.dir.join("mem"),
+        })
+        .to_string()
+    };
+    let answer = mote.request("PUT", "/snapshot/create", &body("Full"));
+    assert!(answer.fault().contains("before starting"), "{answer:?}");
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source(&format!("count:15:{SPINS}")),
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: count=1\n", WAIT);
+    let answer = mote.request("PUT", "/snapshot/create", &body("Full"));
+    assert!(answer.fault().contains("must be paused"), "{answer:?}");
+    assert!(!mote.dir.join("state").exists() && !mote.dir.join("mem").exists());
+    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let answer = mote.request("PUT", "/snapshot/create", &body("Diff"));
+    assert!(
+        answer.fault().contains("Diff snapshots are not supported"),
+        "{answer:?}"
+    );
+    let answer = mote.request(
+        "PUT",
+        "/snapshot/create",
+        &serde_json::json!({"snapshot_path": "/nonexistent/dir/state", "mem_file_path": mote.dir.join("mem")}).to_string(),
+    );
+    assert!(answer.fault().contains("cannot write"), "{answer:?}");
+    mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let run = mote.wait(WAIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(numbers(&run.stdout, "count"), (1..=15).collect::<Vec<_>>());
+}

@@ -1,0 +1,458 @@
+//! virtio-vsock through the probe guest's polling driver and Firecracker's host-side contract:
+//! host processes connect to the `uds` socket and say `CONNECT <port>`, guest connections to
+//! host port P reach `<uds>_<P>`. 1 MiB echoes both ways, several streams at once, resets for
+//! ports nobody listens on, half-closes in both directions, hostile packets, bad settings
+//! refused before boot, and the API's `PUT /vsock`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::api::ApiMote;
+use common::{mote_bin, probe_kernel, require_kvm, run_mote};
+
+const MIB: usize = 1 << 20;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The probe's stream pattern (tests/probe/src/vsock/wire.rs).
+fn pattern(offset: u64) -> u8 {
+    ((offset as u32).wrapping_mul(2_654_435_761) >> 24) as u8 ^ (offset >> 16) as u8
+}
+
+/// The probe's checksum: FNV-1a, 64 bits.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Bytes that are not a simple pattern, different for each `seed`.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A fresh directory for one test's sockets.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("vsock")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `mote run` with the probe and a vsock device, its console watched while the test talks to
+/// the sockets; killed when dropped.
+struct Guest {
+    child: Option<Child>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn collect(pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let mut text = into.lock().unwrap();
+            text.push_str(&line);
+            text.push('\n');
+        }
+    });
+}
+
+impl Guest {
+    fn boot(steps: &str, uds: &Path) -> Self {
+        let probe = probe_kernel();
+        let mut child = Command::new(mote_bin())
+            .args(["run", "--kernel", probe.to_str().unwrap(), "--append"])
+            .arg(format!("probe.run={steps}"))
+            .arg("--vsock")
+            .arg(format!("cid=3,uds={}", uds.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start mote");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().unwrap(), stdout.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        Self {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout.lock().unwrap(),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.stdout.lock().unwrap().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} within {WAIT:?}\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits for the probe to finish its steps and the monitor to exit 0; the console.
+    fn finish(mut self) -> String {
+        self.wait_for("probe: done");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mote did not exit\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(status.code(), Some(0), "{}", self.output());
+        let out = self.stdout.lock().unwrap().clone();
+        assert!(!out.contains("error") && !out.contains("panic"), "{out}");
+        out
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Connects to the device's socket and asks for guest port `port`: the stream and the answer
+/// line (None when the stream closed without one).
+fn connect(uds: &Path, port: u32) -> (UnixStream, Option<String>) {
+    let mut stream = UnixStream::connect(uds).expect("connecting to the vsock socket");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return (stream, None),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => return (stream, None),
+            Err(err) => panic!("reading the CONNECT answer: {err}"),
+        }
+    }
+    (stream, Some(String::from_utf8(line).unwrap()))
+}
+
+/// Sends `data` on a stream to an echoing guest port, half-closes, and reads the echo to a
+/// clean EOF.
+fn echo_through(uds: &Path, port: u32, data: Vec<u8>) -> Vec<u8> {
+    let (stream, answer) = connect(uds, port);
+    let answer = answer.expect("the guest did not accept the stream");
+    let host_port: u32 = answer
+        .strip_prefix("OK ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad answer {answer:?}"));
+    assert!(host_port >= 1 << 30, "{answer}");
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&data).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut echo = Vec::new();
+    (&stream)
+        .read_to_end(&mut echo)
+        .expect("the echo ends in a clean EOF, not a reset");
+    sender.join().unwrap();
+    echo
+}
+
+#[test]
+fn host_streams_echo_a_mebibyte_each_four_at_once() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("host-echo");
+    let uds = dir.join("v.sock");
+    let guest = Guest::boot("vsock-init,vsock-echo-listen:5000:4", &uds);
+    guest.wait_for("probe: vsock: listening port=5000");
+    let streams: Vec<_> = (0..4)
+        .map(|seed| {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let data = noise(MIB, seed);
+                let echo = echo_through(&uds, 5000, data.clone());
+                assert_eq!(echo.len(), data.len(), "stream {seed}");
+                assert!(echo == data, "stream {seed}: the echo differs");
+            })
+        })
+        .collect();
+    for stream in streams {
+        stream.join().unwrap();
+    }
+    let out = guest.finish();
+    assert!(out.contains("probe: vsock-init cid=3\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "probe: vsock-echo-listen conns=4 bytes={}\n",
+            4 * MIB
+        )),
+        "{out}"
+    );
+    // The device removed its socket when mote exited.
+    assert!(!uds.exists());
+}
+
+/// Listens on `path` for one stream: reads all of it to EOF (the guest's half-close), then
+/// sends it all back and closes. Returns what it received.
+fn half_close_echo_server(path: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).unwrap();
+        stream.write_all(&all).unwrap();
+        all
+    })
+}
+
+#[test]
+fn a_guest_stream_reaches_the_hosts_port_socket_and_half_closes() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("guest-echo");
+    let uds = dir.join("v.sock");
+    let server = half_close_echo_server(&dir.join("v.sock_6000"));
+    let guest = Guest::boot("vsock-init,vsock-connect-echo:6000:1048576", &uds);
+    let received = server.join().unwrap();
+    let expected: Vec<u8> = (0..MIB as u64).map(pattern).collect();
+    assert_eq!(received.len(), MIB);
+    assert!(
+        received == expected,
+        "the host got other bytes than the pattern"
+    );
+    let out = guest.finish();
+    // The guest shut down its sending side first and still received the whole echo.
+    assert!(
+        out.contains(&format!(
+            "probe: vsock-connect-echo bytes={MIB} match=yes checksum={:#018x}\n",
+            fnv(&expected)
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn ports_nobody_listens_on_are_reset_both_ways() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("reset");
+    let uds = dir.join("v.sock");
+    // Guest side: host port 6001 has no `<uds>_6001` listener.
+    let guest = Guest::boot(
+        "vsock-init,vsock-connect-echo:6001:100,vsock-echo-listen:5000:1",
+        &uds,
+    );
+    guest.wait_for("probe: vsock: listening port=5000");
+    // Host side: the guest listens on 5000 only; 7777 is refused without an OK.
+    let (_, answer) = connect(&uds, 7777);
+    assert_eq!(
+        answer, None,
+        "a refused stream must close without an answer"
+    );
+    // Not a vsock client at all: closed too, and the device goes on.
+    let mut bogus = UnixStream::connect(&uds).unwrap();
+    bogus.write_all(b"HELLO 5000\n").unwrap();
+    let mut rest = Vec::new();
+    bogus.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(bogus.read_to_end(&mut rest).unwrap(), 0);
+    assert_eq!(
+        echo_through(&uds, 5000, b"still here".to_vec()),
+        b"still here"
+    );
+    let out = guest.finish();
+    assert!(out.contains("probe: vsock-connect-echo rst\n"), "{out}");
+    assert!(
+        out.contains("probe: vsock-echo-listen conns=1 bytes=10\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn hostile_packets_are_dropped_or_reset_and_the_device_goes_on() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("hostile");
+    let uds = dir.join("v.sock");
+    let server = half_close_echo_server(&dir.join("v.sock_6000"));
+    let cases = ["short", "oob", "len", "cid", "unknown", "type", "op"];
+    let steps: Vec<String> = cases.iter().map(|c| format!("vsock-hostile:{c}")).collect();
+    let guest = Guest::boot(
+        &format!(
+            "vsock-init,{},vsock-connect-echo:6000:65536",
+            steps.join(",")
+        ),
+        &uds,
+    );
+    server.join().unwrap();
+    let out = guest.finish();
+    // Malformed packets are dropped; well-formed ones for no stream get an RST.
+    for (case, rst) in [
+        ("short", "no"),
+        ("oob", "no"),
+        ("len", "no"),
+        ("cid", "no"),
+        ("unknown", "yes"),
+        ("type", "yes"),
+        ("op", "yes"),
+    ] {
+        let line = format!("probe: vsock-hostile {case} rst={rst} needs_reset=no\n");
+        assert!(out.contains(&line), "want {line:?} in\n{out}");
+    }
+    assert!(
+        out.contains("probe: vsock-connect-echo bytes=65536 match=yes"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_vsock_settings_are_refused_before_boot() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("bad");
+    let probe = probe_kernel();
+    let taken = dir.join("taken.sock");
+    std::fs::write(&taken, b"").unwrap();
+    let long = format!("{}/{}", dir.display(), "s".repeat(120));
+    let cases = [
+        (
+            format!("cid=2,uds={}", dir.join("unused.sock").display()),
+            "guest_cid 2 is out of range",
+        ),
+        (format!("cid=3,uds={long}"), "more than the 107"),
+        (format!("cid=3,uds={}", taken.display()), "already exists"),
+    ];
+    for (spec, message) in cases {
+        let run = run_mote(
+            &[
+                "run",
+                "--kernel",
+                probe.to_str().unwrap(),
+                "--append",
+                "probe.run=hello",
+                "--vsock",
+                &spec,
+            ],
+            None,
+            WAIT,
+        );
+        assert_eq!(run.status.code(), Some(1), "{spec}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{spec}: {}", run.stderr);
+        assert!(!run.stdout.contains("probe:"), "{spec}: the guest ran");
+    }
+    // The file that was in the way is left alone.
+    assert!(taken.is_file());
+}
+
+#[test]
+fn put_vsock_before_boot_serves_the_guest_and_counts_in_the_metrics() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("vsock", &[]);
+    let uds = mote.dir.join("v.sock");
+    let metrics = mote.dir.join("metrics.json");
+    mote.ok(
+        "PUT",
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics }).to_string(),
+    );
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &serde_json::json!({
+            "kernel_image_path": probe_kernel(),
+            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off \
+                          probe.run=vsock-init,vsock-echo-listen:5000:1,hello,spin",
+        })
+        .to_string(),
+    );
+    let fault = mote
+        .request(
+            "PUT",
+            "/vsock",
+            &serde_json::json!({"guest_cid": 1, "uds_path": uds}).to_string(),
+        )
+        .fault();
+    assert!(fault.contains("guest_cid 1 is out of range"), "{fault}");
+    mote.ok(
+        "PUT",
+        "/vsock",
+        &serde_json::json!({"vsock_id": "vsock0", "guest_cid": 7, "uds_path": uds}).to_string(),
+    );
+    let config = mote.request("GET", "/vm/config", "").json();
+    assert_eq!(
+        config["vsock"],
+        serde_json::json!({"guest_cid": 7, "uds_path": uds}),
+        "{config}"
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: vsock-init cid=7", WAIT);
+    mote.wait_for_stdout("probe: vsock: listening port=5000", WAIT);
+    let data = noise(256 * 1024, 9);
+    assert!(echo_through(&uds, 5000, data.clone()) == data);
+    mote.wait_for_stdout("probe: hello", WAIT);
+    let fault = mote
+        .request(
+            "PUT",
+            "/vsock",
+            &serde_json::json!({"guest_cid": 8, "uds_path": mote.dir.join("w.sock")}).to_string(),
+        )
+        .fault();
+    assert!(fault.contains("not supported after starting"), "{fault}");
+
+    mote.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let vsock = &line["vsock"];
+    assert_eq!(vsock["conns_added"], 1, "{line}");
+    assert_eq!(vsock["conns_removed"], 1, "{line}");
+    assert_eq!(vsock["tx_bytes_count"], 256 * 1024, "{line}");
+    assert_eq!(vsock["rx_bytes_count"], 256 * 1024, "{line}");
+    assert_eq!(vsock["invalid_packets"], 0, "{line}");
+    assert_eq!(line["put_api_requests"]["vsock_count"], 3, "{line}");
+    assert_eq!(line["put_api_requests"]["vsock_fails"], 2, "{line}");
+}
