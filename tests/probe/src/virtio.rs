@@ -173,31 +173,7 @@ impl Device {
         wanted_features: u64,
         queue: &'static mut QueueMemory,
     ) -> Result<(Self, u64), VirtioError> {
-        let base = slot_base(slot);
-        if reg(base, REG_MAGIC) != 0x7472_6976 || reg(base, REG_VERSION) != 2 {
-            return Err(VirtioError::NoDevice);
-        }
-        let id = reg(base, REG_DEVICE_ID);
-        if id != device_type {
-            return Err(VirtioError::WrongDevice(id));
-        }
-        set_reg(base, REG_STATUS, 0);
-        set_reg(base, REG_STATUS, STATUS_ACKNOWLEDGE);
-        set_reg(base, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        set_reg(base, REG_DEVICE_FEATURES_SEL, 0);
-        let low = u64::from(reg(base, REG_DEVICE_FEATURES));
-        set_reg(base, REG_DEVICE_FEATURES_SEL, 1);
-        let offered = low | u64::from(reg(base, REG_DEVICE_FEATURES)) << 32;
-        let features = offered & wanted_features;
-        set_reg(base, REG_DRIVER_FEATURES_SEL, 0);
-        set_reg(base, REG_DRIVER_FEATURES, features as u32);
-        set_reg(base, REG_DRIVER_FEATURES_SEL, 1);
-        set_reg(base, REG_DRIVER_FEATURES, (features >> 32) as u32);
-        let up_to_features = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        set_reg(base, REG_STATUS, up_to_features);
-        if reg(base, REG_STATUS) & STATUS_FEATURES_OK == 0 {
-            return Err(VirtioError::FeaturesRefused);
-        }
+        let (base, features) = negotiate(slot, device_type, wanted_features)?;
         set_reg(base, REG_QUEUE_SEL, 0);
         if reg(base, REG_QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
             return Err(VirtioError::QueueTooSmall);
@@ -216,6 +192,7 @@ impl Device {
         set_reg(base, REG_QUEUE_DEVICE_LOW, used as u32);
         set_reg(base, REG_QUEUE_DEVICE_HIGH, (used >> 32) as u32);
         set_reg(base, REG_QUEUE_READY, 1);
+        let up_to_features = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
         set_reg(base, REG_STATUS, up_to_features | STATUS_DRIVER_OK);
         let status = reg(base, REG_STATUS);
         if status & STATUS_DRIVER_OK == 0 {
