@@ -41,7 +41,7 @@ const USED_F_NO_NOTIFY: u32 = 1;
 pub const HDR_LEN: usize = 12;
 const BUF_LEN: usize = 2048;
 /// Receive and transmit buffers posted at once.
-const RX_COUNT: usize = 128;
+pub const RX_COUNT: usize = 128;
 const TX_COUNT: usize = 128;
 pub const ETH_HLEN: usize = 14;
 /// The longest frame the probe sends or takes (no jumbo frames, no offloads).
@@ -124,6 +124,12 @@ impl Ring {
         if flags & USED_F_NO_NOTIFY == 0 {
             set_reg(base, REG_QUEUE_NOTIFY, self.index);
         }
+    }
+
+    /// How many used elements wait to be taken.
+    fn used_waiting(&self) -> u16 {
+        let used_idx: u16 = read_phys(self.mem.used.0.as_ptr() as u64 + 2);
+        used_idx.wrapping_sub(self.last_used)
     }
 
     /// The next used element (head, length), if the device returned one.
@@ -381,6 +387,18 @@ impl Net {
             id,
             len: (len as usize).saturating_sub(HDR_LEN),
         })
+    }
+
+    /// Waits, taking nothing, until the device has filled every receive buffer or the time
+    /// stamp counter passes `until`; says whether it filled them.
+    pub fn wait_rx_full(&self, until: u64) -> bool {
+        while usize::from(self.rx.used_waiting()) + self.rx_held < RX_COUNT {
+            if rdtsc() > until {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+        true
     }
 
     /// Gives a receive buffer back to the device; tells it when `kick` is set.

@@ -3,7 +3,7 @@
 
 use crate::net::{
     answer, bulk_byte, bulk_header, parse_bulk, rdtsc, Answer, Checksum, Net, NetError, BULK_HLEN,
-    ETH_HLEN, FRAME_MAX, HDR_LEN, KIND_CREDIT, KIND_DATA,
+    ETH_HLEN, FRAME_MAX, HDR_LEN, KIND_CREDIT, KIND_DATA, RX_COUNT,
 };
 use crate::report;
 use crate::virtio::Descriptor;
@@ -204,6 +204,12 @@ fn recv(net: &mut Net, count: u32, seconds: u64) -> Result<(), NetError> {
     report!("net-recv ready");
     credit(net, 0)?;
     let end = deadline(seconds);
+    // The host may send twice as many frames as the guest has buffers: let them fill every one
+    // before taking any, so the device meets an empty ring and must wait for the guest.
+    if count as usize >= RX_COUNT && !net.wait_rx_full(end) {
+        report!("net-recv timeout frames=0");
+        return Ok(());
+    }
     let mut sum = Checksum::new();
     let (mut received, mut bytes, mut out_of_order, mut bad) = (0u32, 0u64, 0u32, 0u32);
     let mut last_credit = rdtsc();
