@@ -20,7 +20,9 @@ pub mod vmm;
 pub mod vstate;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -32,7 +34,9 @@ use device_manager::Subscriber;
 use log::info;
 use metrics::METRICS;
 use rpc::{VmmAction, VmmData};
+use signals::StopSignals;
 use vmm::{run_until_exit, Outcome, RunError};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoteError {
@@ -62,6 +66,10 @@ pub enum MoteError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("cannot create the metrics timer: {0}")]
     MetricsTimer(io::Error),
+    #[error("cannot catch stop signals: {0}")]
+    Signals(io::Error),
+    #[error("cannot wait for API requests: {0}")]
+    PreBootWait(io::Error),
 }
 
 /// When the process started, to date the boot timer's measurement.
@@ -145,6 +153,8 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     // The socket goes with the process, on every path out of here.
     let _socket = options.api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
+    // Before the filter: registering takes calls the main thread needs no more.
+    let signals = StopSignals::get().map_err(MoteError::Signals)?;
     // From here on the main thread acts on what clients send: pre-boot requests, then the build.
     seccomp::apply(seccomp::Filter::Build)?;
     let mut controller = Controller::new(
@@ -158,7 +168,13 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
         controller.start()?
     } else {
         let api = api.as_ref().ok_or(MoteError::ApiGone)?;
-        serve_until_start(api, &mut controller)?
+        match serve_until_start(api, &mut controller, signals)? {
+            PreBoot::Started(started) => started,
+            PreBoot::Stopped(signal) => {
+                info!("stopped by {} before boot", signals::signal_name(signal));
+                return Ok(Outcome::Signal(signal));
+            }
+        }
     };
     let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
     let Started {
@@ -206,6 +222,7 @@ pub fn run_restored(
     let api = api_sock
         .map(|path| api::start(path, api::http::DEFAULT_MAX_PAYLOAD))
         .transpose()?;
+    let _socket = api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
     let mut controller = Controller::new(
         instance_id,
@@ -238,19 +255,75 @@ pub fn run_restored(
         let api: Subscriber = Arc::new(Mutex::new(ApiSubscriber { api, controller }));
         subscribers.push(api);
     }
+    seccomp::apply(seccomp::Filter::Vmm)?;
     Ok(run_until_exit(vmm, subscribers)?)
 }
 
+/// How the wait for a start ended.
+enum PreBoot {
+    Started(Started),
+    /// A stop signal came first.
+    Stopped(libc::c_int),
+}
+
+/// Epoll data of the API's wake-up; the signal pipes carry their signal number.
+const API_WAKE_DATA: u64 = u64::MAX;
+
 /// Before boot the main thread has nothing to do but answer the API, in order, until a start
-/// succeeds.
-fn serve_until_start(api: &ApiChannel, controller: &mut Controller) -> Result<Started, MoteError> {
+/// succeeds, or until a stop signal, which ends the process in order (its socket removed).
+fn serve_until_start(
+    api: &ApiChannel,
+    controller: &mut Controller,
+    signals: &StopSignals,
+) -> Result<PreBoot, MoteError> {
+    let wait_err = |err| MoteError::PreBootWait(err);
+    let epoll = Epoll::new().map_err(wait_err)?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            api.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, API_WAKE_DATA),
+        )
+        .map_err(wait_err)?;
+    for (signal, fd) in signals.fds() {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, signal as u64),
+            )
+            .map_err(wait_err)?;
+    }
+    let mut events = [EpollEvent::default(); 4];
     loop {
-        let request = api.requests.recv().map_err(|_| MoteError::ApiGone)?;
+        let request = match api.requests.try_recv() {
+            Ok(request) => request,
+            Err(TryRecvError::Disconnected) => return Err(MoteError::ApiGone),
+            Err(TryRecvError::Empty) => {
+                // The API thread writes the wake-up after queueing a request, so a request
+                // that came after try_recv is not missed.
+                let ready = match epoll.wait(-1, &mut events) {
+                    Ok(ready) => ready,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => 0,
+                    Err(err) => return Err(wait_err(err)),
+                };
+                for event in &events[..ready] {
+                    if event.data() == API_WAKE_DATA {
+                        let _ = api.wake.read();
+                    } else {
+                        let signal = event.data() as libc::c_int;
+                        signals.drain(signal);
+                        return Ok(PreBoot::Stopped(signal));
+                    }
+                }
+                continue;
+            }
+        };
         if let VmmAction::LoadSnapshot(params) = &request.action {
             match controller.load_snapshot(params) {
                 Ok(started) => {
                     let _ = request.reply.send(Ok(VmmData::Empty));
-                    return Ok(started);
+                    return Ok(PreBoot::Started(started));
                 }
                 Err(err) => {
                     info!("snapshot load failed: {err}");
@@ -266,7 +339,7 @@ fn serve_until_start(api: &ApiChannel, controller: &mut Controller) -> Result<St
         match controller.start() {
             Ok(started) => {
                 let _ = request.reply.send(Ok(VmmData::Empty));
-                return Ok(started);
+                return Ok(PreBoot::Started(started));
             }
             Err(err) => {
                 info!("InstanceStart failed: {err}");

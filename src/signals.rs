@@ -4,6 +4,7 @@
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::OnceLock;
 
 /// Signals that ask the monitor to stop.
 pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -13,8 +14,21 @@ pub struct StopSignals {
     pipes: Vec<(libc::c_int, UnixStream)>,
 }
 
+static REGISTERED: OnceLock<StopSignals> = OnceLock::new();
+
 impl StopSignals {
-    pub fn register() -> io::Result<Self> {
+    /// The process's one set of pipes, registered on first use. One set, so that a signal
+    /// that lands while the API waits before boot, or while the VM is built, is still in its
+    /// pipe when the running monitor's event loop starts watching.
+    pub fn get() -> io::Result<&'static Self> {
+        if let Some(signals) = REGISTERED.get() {
+            return Ok(signals);
+        }
+        let signals = Self::register()?;
+        Ok(REGISTERED.get_or_init(|| signals))
+    }
+
+    fn register() -> io::Result<Self> {
         let mut pipes = Vec::new();
         for signal in STOP_SIGNALS {
             let (read_end, write_end) = UnixStream::pair()?;

@@ -60,7 +60,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     exit_evt: EventFd,
     reset_evt: EventFd,
-    signals: StopSignals,
+    signals: &'static StopSignals,
     outcome: Option<Outcome>,
     /// The vCPUs were paused through the API.
     paused: bool,
@@ -86,7 +86,7 @@ impl Vmm {
             vcpus,
             exit_evt,
             reset_evt,
-            signals: StopSignals::register()?,
+            signals: StopSignals::get()?,
             outcome: None,
             paused: false,
             early_exits: Vec::new(),

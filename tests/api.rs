@@ -82,6 +82,33 @@ fn a_whole_probe_lifecycle_through_the_api() {
     );
 }
 
+/// A stop signal before boot ends the monitor in order, as after boot: status 128 + N, a line
+/// naming the signal, and no socket left behind to make the next start fail.
+#[test]
+fn a_stop_signal_before_boot_ends_in_order_and_removes_the_socket() {
+    if !require_kvm() {
+        return;
+    }
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let mote = ApiMote::spawn(&format!("preboot-{name}"), &[]);
+        mote.ok(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+        );
+        common::send_signal(mote.pid(), signal);
+        let socket = mote.socket.clone();
+        let run = mote.wait(WAIT);
+        assert_eq!(run.status.code(), Some(128 + signal), "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("stopped by {name}")),
+            "{}",
+            run.stderr
+        );
+        assert!(!socket.exists(), "the API socket outlived the monitor");
+    }
+}
+
 #[test]
 fn get_reports_running_and_paused_and_pause_stops_the_guest() {
     if !require_kvm() {

@@ -166,6 +166,59 @@ fn every_thread_of_an_api_driven_mote_runs_under_a_filter() {
     assert_eq!(filters_of(&threads(pid), "mote").filters, 2);
 }
 
+/// `mote run --restore … --api-sock`: the restored monitor's threads are filtered like a booted
+/// one's, and its socket goes with it.
+#[test]
+fn every_thread_of_a_restored_mote_runs_under_a_filter() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("seccomp-restore-source", &[]);
+    start_spinning_guest(&mote);
+    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let state = mote.dir.join("vm.state");
+    let mem = mote.dir.join("vm.mem");
+    mote.ok(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    let socket = mote.dir.join("restored.sock");
+    let child = Command::new(mote_bin())
+        .args(["run", "--restore"])
+        .arg(&state)
+        .arg("--mem-file")
+        .arg(&mem)
+        .arg("--api-sock")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start mote");
+    let pid = child.id();
+    wait_for_threads(pid, "mote_vcpu", 2);
+    // The API answers once the event loop runs, which is after the main thread's filter.
+    let answer = common::api::request(&socket, "GET", "/", "");
+    assert_eq!(answer.json()["state"], "Running", "{answer:?}");
+    let threads = threads(pid);
+    common::send_signal(pid, libc::SIGTERM);
+    let mut child = child;
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert!(!socket.exists(), "the API socket outlived the monitor");
+    for thread in &threads {
+        assert_eq!(thread.mode, 2, "{thread:?} is not filtered: {threads:?}");
+    }
+    assert_eq!(filters_of(&threads, "mote").filters, 1, "{threads:?}");
+    assert_eq!(filters_of(&threads, "mote_api").filters, 1, "{threads:?}");
+    assert_eq!(filters_of(&threads, "mote_vcpu1").filters, 1, "{threads:?}");
+}
+
 #[test]
 fn no_seccomp_leaves_every_thread_unfiltered() {
     if !require_kvm() {
