@@ -1,12 +1,18 @@
 //! Snapshots with the probe guest: a paused guest is saved, its monitor killed, and a fresh
 //! monitor goes on exactly where it stopped (the count continues, the TSC never goes back, the
-//! disk keeps working); clones of one snapshot run side by side; bad snapshots and requests in
-//! the wrong state are refused with a reason and harm nothing.
+//! disk keeps working, the network interface answers through another TAP, vsock takes new
+//! streams after dropping the old ones); clones of one snapshot run side by side; bad snapshots
+//! and requests in the wrong state are refused with a reason and harm nothing.
 
 mod common;
 
+#[path = "vsock/host.rs"]
+mod host;
+#[path = "net/netns.rs"]
+mod netns;
+
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::api::ApiMote;
 use common::{mote_bin, probe_kernel, require_kvm};
+use netns::Netns;
 
 const WAIT: Duration = Duration::from_secs(20);
 /// `pause`s between two probe lines: tens of milliseconds each, so a test can pause mid-run.
@@ -371,4 +378,185 @@ fn snapshots_are_refused_unless_paused_and_the_guest_goes_on() {
     let run = mote.wait(WAIT);
     assert!(run.status.success(), "{}", run.stderr);
     assert_eq!(numbers(&run.stdout, "count"), (1..=15).collect::<Vec<_>>());
+}
+
+/// The guest's MAC in the network tests.
+const GUEST_MAC: &str = "06:00:0a:00:00:02";
+
+/// Waits for a monitor's API socket to appear.
+fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Sends an API request that must succeed with 204.
+fn api_ok(socket: &Path, method: &str, path: &str, body: &str) {
+    let answer = common::api::request(socket, method, path, body);
+    assert_eq!(answer.status, 204, "{method} {path} {body}: {answer:?}");
+}
+
+#[test]
+fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
+    if !require_kvm() || !netns::require_root() {
+        return;
+    }
+    // The namespace (and the TAPs in it) goes when the test ends, on a failure too.
+    let ns = Netns::new();
+    ns.add_tap("tap0", Some("10.0.0.1/24"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&ns.name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let api = dir.join("api.sock");
+    let mote = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
+    wait_for_socket(&api);
+    // Six echo requests in all: two before the snapshot, four after the restore.
+    api_ok(
+        &api,
+        "PUT",
+        "/boot-source",
+        &boot_source("net-init,net-serve:10.0.0.2:6:60"),
+    );
+    let eth0 =
+        serde_json::json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC});
+    api_ok(&api, "PUT", "/network-interfaces/eth0", &eth0.to_string());
+    api_ok(
+        &api,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    mote.wait_for_line("net-serve ready", WAIT);
+    let ping = ns.run(&["ping", "-c", "2", "-W", "2", "-i", "0.2", "10.0.0.2"]);
+    assert!(ping.stdout.contains("2 received"), "{}", ping.stdout);
+
+    api_ok(&api, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
+    api_ok(&api, "PUT", "/snapshot/create", &create.to_string());
+    drop(mote);
+    // tap0 goes: only the override can give the restored interface a TAP.
+    ns.ip(&["link", "del", "tap0"]);
+    ns.add_tap("tap1", Some("10.0.0.1/24"));
+
+    let api = dir.join("api-restored.sock");
+    let restored = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
+    wait_for_socket(&api);
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}],
+    });
+    api_ok(&api, "PUT", "/snapshot/load", &load.to_string());
+    ns.wait_for_carrier("tap1");
+    let ping = ns.run(&["ping", "-c", "3", "-W", "2", "-i", "0.2", "10.0.0.2"]);
+    assert!(ping.stdout.contains("3 received"), "{}", ping.stdout);
+    // The guest answered ARP through tap1 with the MAC it had before the snapshot. (Asked
+    // while the guest still serves: once it is done, mote exits, tap1 loses its carrier and
+    // the kernel forgets its neighbours.)
+    let neighbours = ns.run(&["ip", "neigh", "show", "dev", "tap1"]);
+    assert!(
+        neighbours.stdout.contains(&format!("lladdr {GUEST_MAC} ")),
+        "{}",
+        neighbours.stdout
+    );
+    let ping = ns.run(&["ping", "-c", "1", "-W", "2", "10.0.0.2"]);
+    assert!(ping.stdout.contains("1 received"), "{}", ping.stdout);
+    let run = restored.wait(WAIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("probe: net-serve answered=6 "),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn a_restored_guest_drops_its_vsock_streams_and_takes_new_ones_both_ways() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("snapshot-vsock", &[]);
+    let uds = mote.dir.join("v.sock");
+    let steps = "vsock-init,vsock-echo-listen:5000:1,vsock-echo-listen:5001:1,\
+                 vsock-connect-echo:6000:65536";
+    mote.ok("PUT", "/boot-source", &boot_source(steps));
+    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": uds});
+    mote.ok("PUT", "/vsock", &vsock.to_string());
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: vsock: listening port=5000", WAIT);
+    let data = host::noise(64 * 1024, 1);
+    assert!(
+        host::echo_through(&uds, 5000, data.clone()) == data,
+        "the echo differs"
+    );
+    mote.wait_for_stdout("probe: vsock: listening port=5001", WAIT);
+    // A stream still open when the snapshot is taken.
+    let (mut open, answer) = host::connect(&uds, 5001);
+    assert!(
+        answer.as_deref().is_some_and(|a| a.starts_with("OK ")),
+        "{answer:?}\n{}",
+        mote.stdout()
+    );
+    open.write_all(b"before").unwrap();
+    let mut echo = [0u8; 6];
+    open.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"before");
+
+    let (state, mem, _) = snapshot_and_kill(mote, "probe: vsock: listening port=5001");
+    // The stream died with its monitor, whose socket file stays behind: a restored guest
+    // needs a path of its own.
+    let mut rest = Vec::new();
+    let end = open.read_to_end(&mut rest);
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert!(uds.exists());
+
+    let restored = ApiMote::spawn("snapshot-vsock-restored", &[]);
+    let new_uds = restored.dir.join("v.sock");
+    let server = host::half_close_echo_server(&restored.dir.join("v.sock_6000"));
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+        "vsock_override": {"uds_path": new_uds},
+    });
+    restored.ok("PUT", "/snapshot/load", &load.to_string());
+    // The device told the driver its streams are gone; the guest dropped the open one.
+    restored.wait_for_stdout("probe: vsock: transport reset dropped=1 cid=3\n", WAIT);
+    let data = host::noise(256 * 1024, 2);
+    assert!(
+        host::echo_through(&new_uds, 5001, data.clone()) == data,
+        "the echo differs:\n{}",
+        restored.stdout()
+    );
+    let expected: Vec<u8> = (0..65536).map(host::pattern).collect();
+    let received = server.join();
+    assert!(
+        received.is_ok_and(|got| got == expected),
+        "the guest's stream did not arrive whole:\n{}",
+        restored.stdout()
+    );
+    let run = restored.wait(WAIT);
+    assert!(run.status.success(), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("probe: vsock-echo-listen conns=1 bytes=262144\n"),
+        "{}",
+        run.stdout
+    );
+    let checksum = format!("checksum={:#018x}", host::fnv(&expected));
+    assert!(
+        run.stdout.contains(&format!(
+            "probe: vsock-connect-echo bytes=65536 match=yes {checksum}"
+        )),
+        "{}",
+        run.stdout
+    );
 }

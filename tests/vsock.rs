@@ -6,8 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+#[path = "vsock/host.rs"]
+mod host;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,34 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::api::ApiMote;
 use common::{mote_bin, probe_kernel, require_kvm, run_mote};
+use host::{connect, echo_through, fnv, half_close_echo_server, noise, pattern, WAIT};
 
 const MIB: usize = 1 << 20;
-const WAIT: Duration = Duration::from_secs(30);
-
-/// The probe's stream pattern (tests/probe/src/vsock/wire.rs).
-fn pattern(offset: u64) -> u8 {
-    ((offset as u32).wrapping_mul(2_654_435_761) >> 24) as u8 ^ (offset >> 16) as u8
-}
-
-/// The probe's checksum: FNV-1a, 64 bits.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// Bytes that are not a simple pattern, different for each `seed`.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 /// A fresh directory for one test's sockets.
 fn scratch(name: &str) -> PathBuf {
@@ -150,51 +128,6 @@ impl Drop for Guest {
     }
 }
 
-/// Connects to the device's socket and asks for guest port `port`: the stream and the answer
-/// line (None when the stream closed without one).
-fn connect(uds: &Path, port: u32) -> (UnixStream, Option<String>) {
-    let mut stream = UnixStream::connect(uds).expect("connecting to the vsock socket");
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match stream.read(&mut byte) {
-            Ok(0) => return (stream, None),
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(err) if err.kind() == ErrorKind::ConnectionReset => return (stream, None),
-            Err(err) => panic!("reading the CONNECT answer: {err}"),
-        }
-    }
-    (stream, Some(String::from_utf8(line).unwrap()))
-}
-
-/// Sends `data` on a stream to an echoing guest port, half-closes, and reads the echo to a
-/// clean EOF.
-fn echo_through(uds: &Path, port: u32, data: Vec<u8>) -> Vec<u8> {
-    let (stream, answer) = connect(uds, port);
-    let answer = answer.expect("the guest did not accept the stream");
-    let host_port: u32 = answer
-        .strip_prefix("OK ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("bad answer {answer:?}"));
-    assert!(host_port >= 1 << 30, "{answer}");
-    let mut writer = stream.try_clone().unwrap();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&data).unwrap();
-        writer.shutdown(std::net::Shutdown::Write).unwrap();
-    });
-    let mut echo = Vec::new();
-    (&stream)
-        .read_to_end(&mut echo)
-        .expect("the echo ends in a clean EOF, not a reset");
-    sender.join().unwrap();
-    echo
-}
-
 #[test]
 fn host_streams_echo_a_mebibyte_each_four_at_once() {
     if !require_kvm() {
@@ -229,20 +162,6 @@ fn host_streams_echo_a_mebibyte_each_four_at_once() {
     );
     // The device removed its socket when mote exited.
     assert!(!uds.exists());
-}
-
-/// Listens on `path` for one stream: reads all of it to EOF (the guest's half-close), then
-/// sends it all back and closes. Returns what it received.
-fn half_close_echo_server(path: &Path) -> std::thread::JoinHandle<Vec<u8>> {
-    let listener = UnixListener::bind(path).unwrap();
-    std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        let mut all = Vec::new();
-        stream.read_to_end(&mut all).unwrap();
-        stream.write_all(&all).unwrap();
-        all
-    })
 }
 
 #[test]

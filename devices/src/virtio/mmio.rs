@@ -122,11 +122,13 @@ impl MmioTransport {
                 built: self.queues.len(),
             });
         }
-        self.device()
-            .restore_state(self.mem.clone(), &state.device)?;
+        // The interrupt first: a device that signals the guest as it restores (a request
+        // served, an event sent) adds its bit to the saved ones instead of losing it to them.
         self.device()
             .interrupt()
             .restore(state.interrupt_status, state.needs_reset);
+        self.device()
+            .restore_state(self.mem.clone(), &state.device)?;
         self.status = state.status;
         self.device_features_sel = state.device_features_sel;
         self.driver_features_sel = state.driver_features_sel;
@@ -398,7 +400,7 @@ impl BusDevice for MmioTransport {
 mod tests {
     use std::fs::File;
 
-    use vm_memory::GuestAddress;
+    use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::tempfile::TempFile;
 
@@ -583,6 +585,50 @@ mod tests {
         assert_eq!(
             read(&mut t, REG_STATUS),
             UP_TO_FEATURES_OK | STATUS_DRIVER_OK
+        );
+    }
+
+    #[test]
+    fn a_request_served_during_a_restore_shows_in_the_interrupt_status() {
+        let (mut t, _, file) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        set_up_queue(&mut t, 16);
+        write(&mut t, REG_STATUS, UP_TO_FEATURES_OK | STATUS_DRIVER_OK);
+        // A GET_ID request the driver made available without a notification the old monitor
+        // saw: header, 20-byte id buffer, status byte, chained from descriptor 0.
+        let mem = t.mem.clone();
+        let descriptors: [(u64, u32, u16, u16); 3] = [
+            (0x4000, 16, 1, 1),
+            (0x5000, 20, 1 | 2, 2),
+            (0x6000, 1, 2, 0),
+        ];
+        for (i, (addr, len, flags, next)) in descriptors.into_iter().enumerate() {
+            let at = GuestAddress(0x1000 + 16 * i as u64);
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+            mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        }
+        mem.write_obj(
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID,
+            GuestAddress(0x4000),
+        )
+        .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x6000)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        let saved = t.save_state().unwrap();
+
+        let backing: File = file.as_file().try_clone().unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let block = Block::new("id".into(), backing, false, irq).unwrap();
+        let mut restored = MmioTransport::new(mem.clone(), Arc::new(Mutex::new(block)));
+        restored.restore_state(&saved).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x6000)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1);
+        // The saved status (nothing pending) did not wipe the new used-ring bit.
+        assert_eq!(
+            read(&mut restored, REG_INTERRUPT_STATUS),
+            crate::virtio::INTERRUPT_USED_RING
         );
     }
 

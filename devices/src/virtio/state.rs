@@ -76,6 +76,17 @@ pub enum DeviceSpecificState {
         drive_id: String,
         config_generation: u32,
     },
+    /// virtio-net: the interface and the MAC in its configuration space, both checked against
+    /// the rebuilt device (the guest goes on using the MAC it read at probe time). A frame read
+    /// from the TAP but not yet delivered is not kept: the network may lose it.
+    Net {
+        iface_id: String,
+        mac: Option<[u8; 6]>,
+    },
+    /// virtio-vsock: the guest's CID, checked against the rebuilt device. Streams are not kept
+    /// (their host sockets belonged to the old monitor); a restored device tells the driver so
+    /// with a transport reset event.
+    Vsock { guest_cid: u64 },
 }
 
 /// A virtio device's own state.

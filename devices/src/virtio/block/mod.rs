@@ -414,8 +414,6 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         state: &VirtioDeviceState,
     ) -> Result<(), DeviceStateError> {
-        // Other kinds of device add their own variants.
-        #[allow(irrefutable_let_patterns)]
         let DeviceSpecificState::Block {
             drive_id,
             config_generation,

@@ -7,6 +7,10 @@
 //! frame it holds, stops reading the TAP, and asks the driver to notify it of new buffers, so
 //! frames wait in the TAP's queue instead of being dropped.
 //!
+//! A snapshot keeps the negotiated features and both queues' positions; the restored device
+//! reopens its TAP from the configuration (another one with a network override), keeps the MAC
+//! the guest knows, and drops the frame the old monitor held, as a lossy network may.
+//!
 //! Layout of this file: constants and the configuration space, the device state, activation,
 //! the queue handlers, the event handler, tests.
 
@@ -31,6 +35,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::frame::{check_tx_header, gather, scatter, RxRefusal, TxDrop};
 pub use self::tap::TapError;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use super::state::{
+    queues_from, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
+};
 use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -153,6 +160,34 @@ impl Net {
     /// The interface's counters, for the monitor's metrics.
     pub fn metrics(&self) -> &Arc<NetMetrics> {
         &self.metrics
+    }
+
+    /// The MAC in the configuration space; None when the guest picks its own.
+    fn mac(&self) -> Option<[u8; 6]> {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        (self.avail_features & 1 << VIRTIO_NET_F_MAC != 0).then_some(mac)
+    }
+
+    /// Serves `rx` and `tx` (set up and checked) in `mem`: at activation and after a restore.
+    fn serve(&mut self, mem: GuestMemoryMmap, rx: Queue, tx: Queue) -> Result<(), ActivateError> {
+        self.tap
+            .set_offload(self.tap_offloads())
+            .map_err(|err| ActivateError::Io(std::io::Error::other(err.to_string())))?;
+        self.active = Some(Active { mem, rx, tx });
+        info!(
+            "virtio-net {}: started on TAP {} (features {:#x})",
+            self.id,
+            self.tap.name(),
+            self.acked_features
+        );
+        // Buffers may have been posted, and frames may be waiting in the TAP, already. This
+        // runs on a vCPU thread (the driver's status write) or while the VM is being built:
+        // leave the TAP I/O to the event loop.
+        for event in &self.queue_events {
+            event.write(1)?;
+        }
+        Ok(())
     }
 
     /// The TAP offloads matching what the driver takes in the frames it receives.
@@ -434,22 +469,7 @@ impl VirtioDevice for Net {
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         rx.set_event_idx(event_idx);
         tx.set_event_idx(event_idx);
-        self.tap
-            .set_offload(self.tap_offloads())
-            .map_err(|err| ActivateError::Io(std::io::Error::other(err.to_string())))?;
-        self.active = Some(Active { mem, rx, tx });
-        info!(
-            "virtio-net {}: started on TAP {} (features {:#x})",
-            self.id,
-            self.tap.name(),
-            self.acked_features
-        );
-        // Buffers may have been posted, and frames may have waited, before DRIVER_OK. This runs
-        // on a vCPU thread (the driver's status write): leave the TAP I/O to the event loop.
-        for event in &self.queue_events {
-            event.write(1)?;
-        }
-        Ok(())
+        self.serve(mem, rx, tx)
     }
 
     fn reset(&mut self) {
@@ -461,6 +481,88 @@ impl VirtioDevice for Net {
         if let Err(err) = self.tap.set_offload(0) {
             warn!("virtio-net {}: {err}", self.id);
         }
+    }
+
+    fn save_state(&self) -> Option<VirtioDeviceState> {
+        Some(VirtioDeviceState {
+            device_type: TYPE_NET,
+            acked_features: self.acked_features,
+            queues: self
+                .active
+                .as_ref()
+                .map(|active| vec![QueueSnapshot::of(&active.rx), QueueSnapshot::of(&active.tx)]),
+            specific: DeviceSpecificState::Net {
+                iface_id: self.id.clone(),
+                mac: self.mac(),
+            },
+        })
+    }
+
+    fn restore_state(
+        &mut self,
+        mem: GuestMemoryMmap,
+        state: &VirtioDeviceState,
+    ) -> Result<(), DeviceStateError> {
+        let DeviceSpecificState::Net { iface_id, mac } = &state.specific else {
+            return Err(DeviceStateError::TypeMismatch {
+                saved: state.device_type,
+                built: TYPE_NET,
+            });
+        };
+        if *iface_id != self.id {
+            return Err(DeviceStateError::Mismatch {
+                what: "network interface id",
+                saved: iface_id.clone(),
+                built: self.id.clone(),
+            });
+        }
+        // The driver read the MAC once, at probe time: another one in the configuration space
+        // would not reach it, and the host would address frames to a MAC the guest never uses.
+        if *mac != self.mac() {
+            return Err(DeviceStateError::Mismatch {
+                what: "MAC address",
+                saved: mac_text(*mac),
+                built: mac_text(self.mac()),
+            });
+        }
+        let queues = match &state.queues {
+            Some(saved) => {
+                let queues = queues_from(saved)?;
+                let count = queues.len();
+                let mut queues = queues.into_iter();
+                match (queues.next(), queues.next(), queues.next()) {
+                    (Some(rx), Some(tx), None) => Some((rx, tx)),
+                    _ => {
+                        return Err(DeviceStateError::QueueCount {
+                            saved: count,
+                            built: QUEUE_MAX_SIZES.len(),
+                        })
+                    }
+                }
+            }
+            None => None,
+        };
+        self.acked_features = state.acked_features & self.avail_features;
+        self.active = None;
+        // The frame the old monitor held for the guest is lost, as a network may lose any.
+        self.rx_pending = None;
+        if let Some((rx, tx)) = queues {
+            // The queues come back as the driver had them, EVENT_IDX included.
+            self.serve(mem, rx, tx)?;
+        }
+        Ok(())
+    }
+}
+
+/// A MAC for messages: `06:00:0a:00:00:02`, or `none` when the guest picks its own.
+fn mac_text(mac: Option<[u8; 6]>) -> String {
+    match mac {
+        Some(mac) => mac
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        None => "none".to_string(),
     }
 }
 

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
+use crate::virtio::state::VirtioDeviceState;
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const QUEUE_LEN: u16 = 16;
@@ -31,6 +32,11 @@ fn private_tap() -> bool {
         );
         return false;
     }
+    add_tap("tap0")
+}
+
+/// Makes TAP `name` in this thread's namespace and brings it up; false (skipped) if `ip` fails.
+fn add_tap(name: &str) -> bool {
     // Commands started from this thread run in its namespace.
     let ip = |args: &[&str]| match Command::new("ip").args(args).status() {
         Ok(status) if status.success() => true,
@@ -39,16 +45,21 @@ fn private_tap() -> bool {
             false
         }
     };
-    if !ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"]) {
+    if !ip(&["tuntap", "add", "dev", name, "mode", "tap"]) {
         return false;
     }
     // No IPv6 announcements from the namespace's stack: only the test's frames reach the TAP.
-    let _ = std::fs::write("/proc/sys/net/ipv6/conf/tap0/disable_ipv6", "1");
-    ip(&["link", "set", "tap0", "up"])
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    ip(&["link", "set", name, "up"])
 }
 
 /// A packet socket on tap0: what it sends reaches the device's TAP fd.
 fn host_socket() -> OwnedFd {
+    host_socket_on(c"tap0")
+}
+
+/// A packet socket on TAP `name`.
+fn host_socket_on(name: &std::ffi::CStr) -> OwnedFd {
     let protocol = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: socket takes no pointers; the new fd is owned at once.
     let fd = unsafe {
@@ -63,7 +74,7 @@ fn host_socket() -> OwnedFd {
     addr.sll_family = libc::AF_PACKET as u16;
     addr.sll_protocol = protocol;
     // SAFETY: if_nametoindex reads the NUL-terminated name.
-    addr.sll_ifindex = unsafe { libc::if_nametoindex(c"tap0".as_ptr()) } as i32;
+    addr.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
     // SAFETY: bind reads a sockaddr_ll of the size given.
     let ret = unsafe {
         libc::bind(
@@ -91,12 +102,12 @@ fn frame(n: u8, len: usize) -> Vec<u8> {
     frame
 }
 
-/// Waits until tap0 has its carrier (which comes with the device's fd, through the kernel's
-/// link watch, up to a second later): until then the host's frames are dropped.
-fn wait_for_carrier() {
+/// Waits until TAP `name` has its carrier (which comes with the device's fd, through the
+/// kernel's link watch, up to a second later): until then the host's frames are dropped.
+fn wait_for_carrier(name: &str) {
     for _ in 0..300 {
         let out = Command::new("ip")
-            .args(["link", "show", "tap0"])
+            .args(["link", "show", name])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -105,7 +116,7 @@ fn wait_for_carrier() {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    panic!("tap0 never got its carrier");
+    panic!("{name} never got its carrier");
 }
 
 struct Fixture {
@@ -131,7 +142,7 @@ fn fixture() -> Fixture {
     net.activate(mem.clone(), queues).unwrap();
     // Leak the TX mock's borrow: it only had to lay out the ring.
     std::mem::forget(tx);
-    wait_for_carrier();
+    wait_for_carrier("tap0");
     Fixture {
         mem,
         rx,
@@ -232,6 +243,144 @@ fn an_impossible_available_index_makes_the_device_need_a_reset() {
             f.net.metrics.take_deltas()
         );
         assert!(f.net.active.is_none());
+    })
+    .join()
+    .unwrap();
+}
+
+/// The state saved from the fixture's device, which must be there.
+fn saved(net: &Net) -> VirtioDeviceState {
+    net.save_state().expect("virtio-net saves its state")
+}
+
+#[test]
+fn a_restored_interface_goes_on_from_the_saved_positions_on_another_tap() {
+    std::thread::spawn(|| {
+        if !private_tap() || !add_tap("tap1") {
+            return;
+        }
+        let host = host_socket();
+        let mut f = fixture();
+        f.post(BUFFERS, 2048, W);
+        host_send(&host, &frame(1, 100));
+        f.serve();
+        assert_eq!(f.used(0), (0, (VNET_HDR_LEN + 100) as u32, 1));
+        // No buffer for this one: the device holds it when the snapshot is taken.
+        host_send(&host, &frame(2, 100));
+        f.serve();
+        assert!(f.net.rx_pending.is_some());
+
+        let state = saved(&f.net);
+        assert_eq!(
+            state.specific,
+            DeviceSpecificState::Net {
+                iface_id: "eth0".into(),
+                mac: Some([6, 0, 0, 0, 0, 2]),
+            }
+        );
+        assert_eq!(state.acked_features, VIRTIO_F_VERSION_1);
+        let queues = state
+            .queues
+            .clone()
+            .expect("an active device saves its queues");
+        assert_eq!(queues.len(), 2);
+        assert_eq!((queues[0].next_avail, queues[0].next_used), (1, 1));
+
+        // As a restore in a fresh process with a network override: the same interface on
+        // another TAP, the old device gone.
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut restored = Net::new("eth0".into(), "tap1", Some([6, 0, 0, 0, 0, 2]), irq).unwrap();
+        restored.restore_state(f.mem.clone(), &state).unwrap();
+        assert_eq!(saved(&restored), state, "the state round-trips");
+        // The event loop is asked to serve both queues: the driver may have posted buffers
+        // and frames since the snapshot's last notification.
+        for event in restored.queue_events() {
+            assert_eq!(event.read().unwrap(), 1);
+        }
+        f.net = restored;
+        wait_for_carrier("tap1");
+
+        // The held frame was lost with the old monitor; the next one from the new TAP fills
+        // the next buffer of the ring.
+        let host = host_socket_on(c"tap1");
+        f.post(BUFFERS, 2048, W);
+        host_send(&host, &frame(3, 120));
+        f.serve();
+        assert_eq!(f.used(1), (1, (VNET_HDR_LEN + 120) as u32, 2));
+        let mut got = vec![0u8; 120];
+        f.mem
+            .read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, frame(3, 120));
+        assert!(!f.net.interrupt.needs_reset());
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn a_snapshot_of_another_interface_mac_or_device_is_refused() {
+    std::thread::spawn(|| {
+        if !private_tap() || !add_tap("tap1") {
+            return;
+        }
+        let f = fixture();
+        let state = saved(&f.net);
+        let restore = |id: &str, mac: Option<[u8; 6]>, state: &VirtioDeviceState| {
+            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mut net = Net::new(id.into(), "tap1", mac, irq).unwrap();
+            let result = net.restore_state(f.mem.clone(), state);
+            assert!(
+                net.active.is_none(),
+                "a refused state leaves the device stopped"
+            );
+            result
+        };
+        let mac = Some([6, 0, 0, 0, 0, 2]);
+        match restore("eth0", Some([6, 0, 0, 0, 0, 9]), &state) {
+            Err(DeviceStateError::Mismatch { what, saved, built }) => {
+                assert_eq!(what, "MAC address");
+                assert_eq!(
+                    (saved.as_str(), built.as_str()),
+                    ("06:00:00:00:00:02", "06:00:00:00:00:09")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            restore("eth0", None, &state),
+            Err(DeviceStateError::Mismatch {
+                what: "MAC address",
+                ..
+            })
+        ));
+        assert!(matches!(
+            restore("eth1", mac, &state),
+            Err(DeviceStateError::Mismatch {
+                what: "network interface id",
+                ..
+            })
+        ));
+        let mut one_queue = state.clone();
+        one_queue.queues.as_mut().unwrap().pop();
+        assert!(matches!(
+            restore("eth0", mac, &one_queue),
+            Err(DeviceStateError::QueueCount { saved: 1, built: 2 })
+        ));
+        let mut block = state.clone();
+        block.device_type = crate::virtio::TYPE_BLOCK;
+        block.specific = DeviceSpecificState::Block {
+            drive_id: "eth0".into(),
+            config_generation: 0,
+        };
+        assert!(matches!(
+            restore("eth0", mac, &block),
+            Err(DeviceStateError::TypeMismatch { .. })
+        ));
+        // A device the driver had not started comes back not started, serving nothing.
+        let mut idle = state.clone();
+        idle.queues = None;
+        assert!(restore("eth0", mac, &idle).is_ok());
     })
     .join()
     .unwrap();

@@ -1,10 +1,14 @@
 //! virtio-vsock (virtio 1.2, section 5.10) with Firecracker's host-side contract: stream sockets
 //! between guest ports and Unix sockets on the host (see [`muxer`]).
 //!
-//! Layout: constants and the configuration space, the device state, the RX and TX queue
+//! Layout: constants and the configuration space, the device state, the RX, TX and event queue
 //! handlers, activation, the event handler, tests. Everything runs on the event loop: the queue
 //! events, the listening socket and each stream's socket are watched there, and a stream's
 //! socket is read only when the guest has both credit and an RX buffer for its data.
+//!
+//! Streams do not survive a snapshot (Firecracker's contract): their host sockets belonged to
+//! the monitor that took it. A restored device sends the driver a transport reset on the event
+//! queue, and the driver drops the streams it had; new ones then work both ways.
 
 mod connection;
 pub mod muxer;
@@ -15,13 +19,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{read_packet, HDR_LEN, MAX_PAYLOAD, MIN_GUEST_CID};
+use super::state::{
+    queues_from, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
+};
 use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
@@ -32,6 +39,9 @@ pub const QUEUE_MAX_SIZES: &[u16] = &[256, 256, 256];
 const RX: usize = 0;
 const TX: usize = 1;
 const EVENT: usize = 2;
+/// `struct virtio_vsock_event`'s id for "every stream is gone" (virtio 1.2, 5.10.6.7); the
+/// event is this one little-endian u32.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -60,6 +70,9 @@ pub struct Vsock {
     kick: EventFd,
     interrupt: Arc<Interrupt>,
     active: Option<Active>,
+    /// The driver has yet to hear that its streams are gone (after a restore); sent once it
+    /// has an event buffer posted.
+    transport_reset_pending: bool,
     muxer: Muxer,
     /// Scratch space for one packet's payload toward the guest (always `MAX_PAYLOAD` long).
     rx_payload: Vec<u8>,
@@ -89,6 +102,7 @@ impl Vsock {
             kick: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
             interrupt: Arc::new(Interrupt::new(irq)),
             active: None,
+            transport_reset_pending: false,
             muxer,
             rx_payload: vec![0; MAX_PAYLOAD],
             tx_payload: vec![0; MAX_PAYLOAD],
@@ -107,6 +121,13 @@ impl Vsock {
 
     /// Fills RX buffers while the muxer has packets for the guest.
     fn process_rx(&mut self) {
+        self.process_event_queue();
+        if self.transport_reset_pending {
+            // The driver must drop its old streams before it hears of new ones: a REQUEST
+            // reusing an old stream's ports would be taken for that stream, and then dropped
+            // with it. Packets wait until the driver posts an event buffer.
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -212,6 +233,48 @@ impl Vsock {
         self.process_rx();
     }
 
+    /// Tells the driver its streams are gone, in the first event buffer it has posted.
+    fn process_event_queue(&mut self) {
+        if !self.transport_reset_pending {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[EVENT];
+        let mut used = false;
+        // No buffer yet: the driver notifies the event queue when it posts one.
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+            let written = chain
+                .writer(mem)
+                .map_err(|err| err.to_string())
+                .and_then(|mut w| {
+                    if w.available_bytes() < event.len() {
+                        return Err(format!("{} bytes", w.available_bytes()));
+                    }
+                    std::io::Write::write_all(&mut w, &event).map_err(|err| err.to_string())
+                });
+            match written {
+                Ok(()) => {
+                    used |= add_used(queue, mem, head, event.len() as u32);
+                    self.transport_reset_pending = false;
+                    info!("vsock: sent the guest a transport reset");
+                    break;
+                }
+                Err(err) => {
+                    debug!("vsock: unusable event buffer {head}: {err}");
+                    used |= add_used(queue, mem, head, 0);
+                }
+            }
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_used_ring();
+        }
+    }
+
     fn watch(&self, ops: &mut EventOps, fd: std::os::fd::RawFd, what: &str) {
         if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
             warn!("vsock: cannot watch {what}: {err}");
@@ -283,11 +346,80 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+        // A driver that starts afresh has no streams to drop.
+        self.transport_reset_pending = false;
         self.muxer.reset();
         // The closed streams are unwatched on the event loop.
         if let Err(err) = self.kick.write(1) {
             warn!("vsock: cannot wake the event loop: {err}");
         }
+    }
+
+    fn save_state(&self) -> Option<VirtioDeviceState> {
+        Some(VirtioDeviceState {
+            device_type: TYPE_VSOCK,
+            acked_features: self.acked_features,
+            queues: self
+                .active
+                .as_ref()
+                .map(|active| active.queues.iter().map(QueueSnapshot::of).collect()),
+            specific: DeviceSpecificState::Vsock {
+                guest_cid: self.cid,
+            },
+        })
+    }
+
+    fn restore_state(
+        &mut self,
+        mem: GuestMemoryMmap,
+        state: &VirtioDeviceState,
+    ) -> Result<(), DeviceStateError> {
+        let DeviceSpecificState::Vsock { guest_cid } = &state.specific else {
+            return Err(DeviceStateError::TypeMismatch {
+                saved: state.device_type,
+                built: TYPE_VSOCK,
+            });
+        };
+        // The driver keeps the CID it read (Linux rereads it only on a transport reset, which
+        // would then change the guest's address under its listeners).
+        if *guest_cid != self.cid {
+            return Err(DeviceStateError::Mismatch {
+                what: "vsock guest CID",
+                saved: guest_cid.to_string(),
+                built: self.cid.to_string(),
+            });
+        }
+        let queues = match &state.queues {
+            Some(saved) => {
+                let queues = queues_from(saved)?;
+                if queues.len() != QUEUE_MAX_SIZES.len() {
+                    return Err(DeviceStateError::QueueCount {
+                        saved: queues.len(),
+                        built: QUEUE_MAX_SIZES.len(),
+                    });
+                }
+                Some(queues)
+            }
+            None => None,
+        };
+        self.acked_features = state.acked_features & VIRTIO_F_VERSION_1;
+        self.active = None;
+        self.transport_reset_pending = false;
+        if let Some(queues) = queues {
+            self.active = Some(Active {
+                mem,
+                queues,
+                tx_stalled: false,
+            });
+            // The driver's streams were with the old monitor's sockets; it must drop them
+            // before it hears of new ones. The event loop sends the reset first, then serves
+            // what the driver left in its TX ring (packets of dropped streams get RSTs).
+            self.transport_reset_pending = true;
+            self.kick
+                .write(1)
+                .map_err(|err| DeviceStateError::Activate(ActivateError::Io(err)))?;
+        }
+        Ok(())
     }
 }
 
@@ -303,8 +435,10 @@ impl MutEventSubscriber for Vsock {
             self.metrics.tx_queue_event_count.inc();
             self.process_tx();
         } else if fd == self.queue_events[EVENT].as_raw_fd() {
-            // The event queue only carries transport resets (after a snapshot restore).
+            // The event queue only carries transport resets (after a snapshot restore): the
+            // driver posted a buffer for one, and packets may be waiting for it to go first.
             let _ = self.queue_events[EVENT].read();
+            self.process_rx();
         } else if fd == self.kick.as_raw_fd() {
             let _ = self.kick.read();
             self.process_tx();

@@ -17,12 +17,14 @@ use vmm_sys_util::tempdir::TempDir;
 use super::muxer::MAX_PENDING_RST;
 use super::packet::*;
 use super::*;
+use crate::virtio::state::VirtioDeviceState;
 
 const QUEUE_LEN: u16 = 16;
 const GUEST_CID: u64 = 3;
 const RX_BUFS: u64 = 0x10_0000;
 const RX_BUF_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
 const TX_BUFS: u64 = 0x80_0000;
+const EVENT_BUFS: u64 = 0xf0_0000;
 
 type Subscriber = Arc<Mutex<Vsock>>;
 
@@ -85,6 +87,7 @@ struct Fixture {
     mem: &'static GuestMemoryMmap,
     rx: Ring,
     tx: Ring,
+    event: Ring,
     device: Subscriber,
     manager: EventManager<Subscriber>,
     uds: PathBuf,
@@ -120,6 +123,7 @@ fn fixture() -> Fixture {
         mem,
         rx,
         tx,
+        event,
         device,
         manager,
         uds,
@@ -213,6 +217,73 @@ impl Fixture {
 
     fn tx_used(&self) -> u16 {
         self.tx.used_idx(self.mem)
+    }
+
+    /// Posts event buffer `index` (8 bytes, as Linux's) and notifies the event queue.
+    fn post_event(&mut self, index: u16) {
+        let addr = EVENT_BUFS + 8 * u64::from(index);
+        self.mem.write_obj(u64::MAX, GuestAddress(addr)).unwrap();
+        self.event
+            .make_available(self.mem, index, addr, 8, VRING_DESC_F_WRITE as u16);
+        self.kick(EVENT);
+        self.settle();
+    }
+
+    /// The (id, len) of used event buffer `n` and its 8 bytes, if the device used it.
+    fn event_used(&self, n: u16) -> Option<(u32, u32, u64)> {
+        if self.event.used_idx(self.mem) <= n {
+            return None;
+        }
+        let (id, len) = self.event.used_elem(self.mem, n);
+        let addr = GuestAddress(EVENT_BUFS + 8 * u64::from(id));
+        Some((id, len, self.mem.read_obj(addr).unwrap()))
+    }
+
+    /// Saves the device and restores the state into a new one listening on `uds`, as a
+    /// snapshot restore in a fresh monitor does (the old device and its socket are gone).
+    fn restore_into(self, uds: PathBuf) -> (Fixture, VirtioDeviceState) {
+        let saved = self.device.lock().unwrap().save_state().unwrap();
+        let Fixture {
+            mem,
+            rx,
+            tx,
+            event,
+            device,
+            manager,
+            _dir,
+            next_rx_desc,
+            next_tx_desc,
+            rx_seen,
+            ..
+        } = self;
+        drop(manager);
+        drop(device);
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut vsock = Vsock::new(GUEST_CID, &uds, irq).unwrap();
+        vsock.restore_state(mem.clone(), &saved).unwrap();
+        assert_eq!(
+            vsock.save_state().as_ref(),
+            Some(&saved),
+            "the state round-trips"
+        );
+        let device = Arc::new(Mutex::new(vsock));
+        let mut manager = EventManager::<Subscriber>::new().unwrap();
+        manager.add_subscriber(device.clone());
+        let mut f = Fixture {
+            mem,
+            rx,
+            tx,
+            event,
+            device,
+            manager,
+            uds,
+            _dir,
+            next_rx_desc,
+            next_tx_desc,
+            rx_seen,
+        };
+        f.settle();
+        (f, saved)
     }
 }
 
@@ -402,4 +473,146 @@ fn a_host_stream_gone_before_the_guest_heard_of_it_leaves_no_trace() {
     f.post_rx(4, RX_BUF_LEN);
     assert!(f.received().is_empty(), "no REQUEST and no RST for it");
     assert_eq!(f.metrics().conns_killed.total(), 1);
+}
+
+/// Opens a host stream to guest port `port` through `f`'s socket and plays the guest's side of
+/// the handshake; the stream, with its `OK` line read, and the guest's view of its ports.
+fn host_stream(f: &mut Fixture, port: u32) -> (UnixStream, Header) {
+    let mut host = UnixStream::connect(&f.uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.write_all(format!("CONNECT {port}\n").as_bytes())
+        .unwrap();
+    f.settle();
+    let packets = f.received();
+    assert_eq!(packets.len(), 1, "{packets:?}");
+    let request = packets[0].0;
+    assert_eq!((request.op, request.dst_port), (OP_REQUEST, port));
+    let mut response = guest_packet(OP_RESPONSE, port, request.src_port, 0);
+    response.buf_alloc = 4096;
+    f.send(response, &[]);
+    let mut line = vec![0u8; format!("OK {}\n", request.src_port).len()];
+    host.read_exact(&mut line).unwrap();
+    assert_eq!(line, format!("OK {}\n", request.src_port).as_bytes());
+    (host, request)
+}
+
+#[test]
+fn a_restored_device_resets_the_transport_and_takes_new_streams() {
+    let mut f = fixture();
+    f.post_rx(8, RX_BUF_LEN);
+    // As Linux does, the driver posted an event buffer when it started the device.
+    f.post_event(0);
+    assert_eq!(f.event_used(0), None, "no event before a restore");
+    let (mut old_stream, _) = host_stream(&mut f, 52);
+
+    let new_uds = f._dir.as_path().join("restored.sock");
+    let (mut f, saved) = f.restore_into(new_uds);
+    assert_eq!(
+        saved.specific,
+        DeviceSpecificState::Vsock {
+            guest_cid: GUEST_CID
+        }
+    );
+    assert_eq!(saved.queues.as_ref().map(Vec::len), Some(3));
+    // The driver hears that its streams are gone: TRANSPORT_RESET (id 0) in the buffer's
+    // first 4 bytes, the rest untouched.
+    assert_eq!(f.event_used(0), Some((0, 4, 0xffff_ffff_0000_0000)));
+    assert!(f.received().is_empty(), "nothing else goes to the guest");
+    // The old monitor's stream is closed (its device is gone).
+    let mut rest = Vec::new();
+    assert_eq!(old_stream.read_to_end(&mut rest).unwrap_or(0), 0);
+
+    // A new host stream, on the new socket, carries data both ways.
+    let (mut host, request) = host_stream(&mut f, 52);
+    f.send(guest_packet(OP_RW, 52, request.src_port, 5), b"hello");
+    let mut got = [0u8; 5];
+    host.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    host.write_all(b"world").unwrap();
+    f.settle();
+    let packets = f.received();
+    assert_eq!(
+        packets
+            .iter()
+            .map(|(h, data)| (h.op, data.as_slice()))
+            .collect::<Vec<_>>(),
+        vec![(OP_RW, &b"world"[..])]
+    );
+    // And so does a guest stream to a host listener.
+    let listener = UnixListener::bind(format!("{}_1234", f.uds.display())).unwrap();
+    f.send(guest_packet(OP_REQUEST, 5000, 1234, 0), &[]);
+    let _accepted = listener.accept().unwrap();
+    assert_eq!(f.received()[0].0.op, OP_RESPONSE);
+    // Only one reset, however often the loop runs.
+    f.post_event(1);
+    assert_eq!(f.event_used(1), None);
+}
+
+#[test]
+fn the_transport_reset_waits_for_an_event_buffer_and_goes_before_new_streams() {
+    let f = fixture();
+    let new_uds = f._dir.as_path().join("restored.sock");
+    let (mut f, _) = f.restore_into(new_uds);
+    assert_eq!(f.event_used(0), None);
+    // A host stream before the driver heard of the reset: its REQUEST waits.
+    f.post_rx(4, RX_BUF_LEN);
+    let mut host = UnixStream::connect(&f.uds).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    f.settle();
+    assert!(f.received().is_empty());
+    f.post_event(0);
+    let packets = f.received();
+    assert_eq!(packets.len(), 1);
+    assert_eq!((packets[0].0.op, packets[0].0.dst_port), (OP_REQUEST, 52));
+    assert_eq!(
+        f.event_used(0),
+        Some((0, 4, 0xffff_ffff_0000_0000)),
+        "the event goes out once the driver posts a buffer"
+    );
+}
+
+#[test]
+fn a_snapshot_of_another_cid_or_device_is_refused() {
+    let f = fixture();
+    let saved = f.device.lock().unwrap().save_state().unwrap();
+    let dir = scratch();
+    let restore = |cid: u64, state: &VirtioDeviceState| {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let uds = dir.as_path().join(format!("v{cid}.sock"));
+        let mut vsock = Vsock::new(cid, &uds, irq).unwrap();
+        let result = vsock.restore_state(f.mem.clone(), state);
+        assert!(
+            vsock.active.is_none(),
+            "a refused state leaves the device stopped"
+        );
+        assert!(!vsock.transport_reset_pending);
+        result
+    };
+    match restore(GUEST_CID + 1, &saved) {
+        Err(DeviceStateError::Mismatch { what, saved, built }) => {
+            assert_eq!(what, "vsock guest CID");
+            assert_eq!((saved.as_str(), built.as_str()), ("3", "4"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut two_queues = saved.clone();
+    two_queues.queues.as_mut().unwrap().pop();
+    assert!(matches!(
+        restore(GUEST_CID, &two_queues),
+        Err(DeviceStateError::QueueCount { saved: 2, built: 3 })
+    ));
+    let mut net = saved.clone();
+    net.device_type = crate::virtio::TYPE_NET;
+    net.specific = DeviceSpecificState::Net {
+        iface_id: "eth0".into(),
+        mac: None,
+    };
+    assert!(matches!(
+        restore(GUEST_CID, &net),
+        Err(DeviceStateError::TypeMismatch { .. })
+    ));
+    // A device the driver had not started comes back not started, with no reset to send.
+    let mut idle = saved.clone();
+    idle.queues = None;
+    assert!(restore(GUEST_CID, &idle).is_ok());
 }

@@ -1,6 +1,7 @@
 //! A polling virtio-vsock driver: RX, TX and event queues; stream connections in both
 //! directions with credit-based flow control; an echo server, a client that checks its echo,
-//! a sink and a source for throughput, and hostile packets.
+//! a sink and a source for throughput, and hostile packets. A transport reset (sent by a
+//! restored device) drops every connection, as Linux's driver does.
 //!
 //! Each RX buffer is one descriptor: a 44-byte header and up to `RX_DATA` bytes of payload.
 //! Each TX packet is one descriptor likewise. Connections live in a small table.
@@ -35,6 +36,8 @@ const IDLE_POLLS: u64 = 400_000_000;
 const NOWHERE: u64 = 0xdead_0000_0000;
 /// The port hostile packets come from and go to.
 const HOSTILE_PORT: u32 = 9;
+/// The event id for "the device's streams are gone" (virtio 1.2, 5.10.6.7).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 #[repr(C, align(4096))]
 struct Buffers {
@@ -83,7 +86,7 @@ pub struct Vsock {
     pub cid: u64,
     rx: Ring,
     tx: Ring,
-    _event: Ring,
+    event: Ring,
     tx_free: [u16; TX_COUNT],
     tx_free_len: usize,
     conns: [Conn; MAX_CONNS],
@@ -131,7 +134,7 @@ impl Vsock {
             cid: read_phys(base + REG_CONFIG),
             rx,
             tx,
-            _event: event,
+            event,
             tx_free,
             tx_free_len: TX_COUNT,
             conns: [IDLE_CONN; MAX_CONNS],
@@ -299,6 +302,32 @@ impl Vsock {
         self.post_tx(id, desc);
         self.kick_tx();
         true
+    }
+
+    /// Handles the device's events; true if any came. After a transport reset the streams
+    /// are gone (the peer knows nothing of them) and the CID may be new; listening goes on.
+    fn poll_events(&mut self) -> bool {
+        let mut any = false;
+        while let Some((id, len)) = self.event.poll_used() {
+            any = true;
+            let index = usize::from(id);
+            if index >= EVENT_COUNT {
+                continue;
+            }
+            let event: u32 = read_phys(event_buf_addr(index));
+            if len >= 4 && event == EVENT_TRANSPORT_RESET {
+                let dropped = self.conns.iter().filter(|c| c.in_use).count();
+                self.conns = [IDLE_CONN; MAX_CONNS];
+                self.rst_owed_len = 0;
+                self.cid = read_phys(self.base + REG_CONFIG);
+                report!("vsock: transport reset dropped={dropped} cid={}", self.cid);
+            }
+            self.event.publish(id);
+        }
+        if any {
+            self.event.kick(self.base);
+        }
+        any
     }
 
     /// Handles what the device delivered; true if anything came.
@@ -511,7 +540,8 @@ impl Vsock {
             if done(self) {
                 return true;
             }
-            let progress = self.reap_tx() | self.poll_rx() | self.pump();
+            // Events first: a reset must drop the old streams before a new one reuses ports.
+            let progress = self.poll_events() | self.reap_tx() | self.poll_rx() | self.pump();
             if progress {
                 idle = 0;
             } else {
