@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::request::{execute, Disk};
 pub use self::request::{RequestError, SECTOR_SIZE};
 use super::state::{
-    queues_from, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
+    device_queues, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
 };
 use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -434,15 +434,7 @@ impl VirtioDevice for Block {
         self.acked_features = state.acked_features & self.avail_features;
         self.config_generation = *config_generation;
         self.active = None;
-        if let Some(saved) = &state.queues {
-            let mut queues = queues_from(saved)?;
-            if queues.len() != QUEUE_MAX_SIZES.len() {
-                return Err(DeviceStateError::QueueCount {
-                    saved: queues.len(),
-                    built: QUEUE_MAX_SIZES.len(),
-                });
-            }
-            let queue = queues.remove(0);
+        if let Some([queue]) = device_queues(state.queues.as_deref())? {
             self.active = Some(Active { mem, queue });
             // Requests the driver made available after the snapshot's last notification was
             // read would otherwise wait for the next one.

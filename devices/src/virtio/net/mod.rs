@@ -36,7 +36,7 @@ use self::frame::{check_tx_header, gather, scatter, RxRefusal, TxDrop};
 pub use self::tap::TapError;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::state::{
-    queues_from, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
+    device_queues, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
 };
 use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -525,28 +525,12 @@ impl VirtioDevice for Net {
                 built: mac_text(self.mac()),
             });
         }
-        let queues = match &state.queues {
-            Some(saved) => {
-                let queues = queues_from(saved)?;
-                let count = queues.len();
-                let mut queues = queues.into_iter();
-                match (queues.next(), queues.next(), queues.next()) {
-                    (Some(rx), Some(tx), None) => Some((rx, tx)),
-                    _ => {
-                        return Err(DeviceStateError::QueueCount {
-                            saved: count,
-                            built: QUEUE_MAX_SIZES.len(),
-                        })
-                    }
-                }
-            }
-            None => None,
-        };
+        let queues = device_queues(state.queues.as_deref())?;
         self.acked_features = state.acked_features & self.avail_features;
         self.active = None;
         // The frame the old monitor held for the guest is lost, as a network may lose any.
         self.rx_pending = None;
-        if let Some((rx, tx)) = queues {
+        if let Some([rx, tx]) = queues {
             // The queues come back as the driver had them, EVENT_IDX included.
             self.serve(mem, rx, tx)?;
         }

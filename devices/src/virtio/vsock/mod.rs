@@ -27,7 +27,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{read_packet, HDR_LEN, MAX_PAYLOAD, MIN_GUEST_CID};
 use super::state::{
-    queues_from, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
+    device_queues, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
 };
 use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -389,26 +389,14 @@ impl VirtioDevice for Vsock {
                 built: self.cid.to_string(),
             });
         }
-        let queues = match &state.queues {
-            Some(saved) => {
-                let queues = queues_from(saved)?;
-                if queues.len() != QUEUE_MAX_SIZES.len() {
-                    return Err(DeviceStateError::QueueCount {
-                        saved: queues.len(),
-                        built: QUEUE_MAX_SIZES.len(),
-                    });
-                }
-                Some(queues)
-            }
-            None => None,
-        };
+        let queues = device_queues::<3>(state.queues.as_deref())?;
         self.acked_features = state.acked_features & VIRTIO_F_VERSION_1;
         self.active = None;
         self.transport_reset_pending = false;
         if let Some(queues) = queues {
             self.active = Some(Active {
                 mem,
-                queues,
+                queues: queues.into(),
                 tx_stalled: false,
             });
             // The driver's streams were with the old monitor's sockets; it must drop them
