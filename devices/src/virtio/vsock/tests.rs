@@ -241,49 +241,22 @@ impl Fixture {
 
     /// Saves the device and restores the state into a new one listening on `uds`, as a
     /// snapshot restore in a fresh monitor does (the old device and its socket are gone).
-    fn restore_into(self, uds: PathBuf) -> (Fixture, VirtioDeviceState) {
+    fn restore_into(mut self, uds: PathBuf) -> (Fixture, VirtioDeviceState) {
         let saved = self.device.lock().unwrap().save_state().unwrap();
-        let Fixture {
-            mem,
-            rx,
-            tx,
-            event,
-            device,
-            manager,
-            _dir,
-            next_rx_desc,
-            next_tx_desc,
-            rx_seen,
-            ..
-        } = self;
-        drop(manager);
-        drop(device);
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut vsock = Vsock::new(GUEST_CID, &uds, irq).unwrap();
-        vsock.restore_state(mem.clone(), &saved).unwrap();
+        // A new event loop and device on a new socket path; the old ones go when replaced.
+        self.manager = EventManager::<Subscriber>::new().unwrap();
+        let mut vsock = Vsock::new(GUEST_CID, &uds, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        vsock.restore_state(self.mem.clone(), &saved).unwrap();
         assert_eq!(
             vsock.save_state().as_ref(),
             Some(&saved),
             "the state round-trips"
         );
-        let device = Arc::new(Mutex::new(vsock));
-        let mut manager = EventManager::<Subscriber>::new().unwrap();
-        manager.add_subscriber(device.clone());
-        let mut f = Fixture {
-            mem,
-            rx,
-            tx,
-            event,
-            device,
-            manager,
-            uds,
-            _dir,
-            next_rx_desc,
-            next_tx_desc,
-            rx_seen,
-        };
-        f.settle();
-        (f, saved)
+        self.device = Arc::new(Mutex::new(vsock));
+        self.manager.add_subscriber(self.device.clone());
+        self.uds = uds;
+        self.settle();
+        (self, saved)
     }
 }
 
