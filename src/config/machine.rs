@@ -1,0 +1,101 @@
+//! The guest's kernel and machine: Firecracker's `boot-source` and `machine-config`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::arch::MAX_VCPUS;
+
+/// Firecracker's `boot-source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSourceConfig {
+    pub kernel_image_path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// The whole kernel command line; the default boot arguments when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// Firecracker's `machine-config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u64,
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading: with it, vCPUs pair up as sibling threads of one core.
+    #[serde(default)]
+    pub smt: bool,
+    /// Kept for snapshots (diff snapshots need dirty-page tracking); no effect on a boot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub huge_pages: HugePages,
+}
+
+/// How guest RAM is backed. Only ordinary pages so far; Firecracker's "2M" (hugetlbfs) is
+/// refused rather than silently ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    #[default]
+    None,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+        }
+    }
+}
+
+/// `PATCH /machine-config`: the fields to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    pub vcpu_count: Option<u64>,
+    pub mem_size_mib: Option<u64>,
+    pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
+    pub huge_pages: Option<HugePages>,
+}
+
+impl MachineConfig {
+    /// This configuration with `update`'s fields applied (not yet validated).
+    pub fn updated(&self, update: &MachineConfigUpdate) -> Self {
+        Self {
+            vcpu_count: update.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: update.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: update.smt.unwrap_or(self.smt),
+            track_dirty_pages: update.track_dirty_pages.unwrap_or(self.track_dirty_pages),
+            huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
+        }
+    }
+}
+
+impl MachineConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=u64::from(MAX_VCPUS)).contains(&self.vcpu_count) {
+            return Err(ConfigError::VcpuCount(self.vcpu_count));
+        }
+        if self.mem_size_mib == 0 {
+            return Err(ConfigError::MemSizeZero);
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err(ConfigError::SmtOddVcpus(self.vcpu_count));
+        }
+        Ok(())
+    }
+
+    /// The vCPU count once validated.
+    pub fn vcpus(&self) -> Result<u8, ConfigError> {
+        self.validate()?;
+        u8::try_from(self.vcpu_count).map_err(|_| ConfigError::VcpuCount(self.vcpu_count))
+    }
+}

@@ -1,0 +1,173 @@
+//! What a VM is made of, as data: the same serde types serve the command line, the config file
+//! and the API (Firecracker's JSON shapes). The builder is the only consumer that makes a VM.
+
+mod drive;
+mod machine;
+mod net;
+mod observability;
+#[cfg(test)]
+mod tests;
+mod vsock;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::MAX_VCPUS;
+pub use drive::*;
+pub use machine::*;
+pub use net::*;
+pub use observability::*;
+pub use vsock::*;
+
+/// Why a configuration is refused; each message names the field and the reason.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("vcpu_count {0} is out of range: a guest has 1 to {MAX_VCPUS} vCPUs")]
+    VcpuCount(u64),
+    #[error("mem_size_mib 0 is out of range: a guest needs memory")]
+    MemSizeZero,
+    #[error("drive_id {0:?} is invalid: use 1 to 20 letters, digits, '_' or '-'")]
+    DriveId(String),
+    #[error("drive_id {0:?} is given twice")]
+    DuplicateDriveId(String),
+    #[error("more than one drive has is_root_device set")]
+    TwoRootDevices,
+    #[error("vcpu_count {0} does not suit smt: with smt the count must be 1 or even")]
+    SmtOddVcpus(u64),
+    #[error("vsock guest_cid {0} is out of range: 0-2 are reserved, a guest's is 3 to 2^32-2")]
+    VsockCid(u64),
+    #[error(
+        "vsock uds_path {path:?} is {len} bytes, more than the {VSOCK_UDS_PATH_MAX} it may be"
+    )]
+    VsockPathTooLong { path: PathBuf, len: usize },
+    #[error("vsock uds_path {0:?} is empty")]
+    VsockPathEmpty(PathBuf),
+    #[error("vsock uds_path {0:?} already exists: mote creates the socket itself")]
+    VsockPathExists(PathBuf),
+    #[error("iface_id {0:?} is invalid: use 1 to 64 letters, digits, '_' or '-'")]
+    IfaceId(String),
+    #[error("iface_id {0:?} is given twice")]
+    DuplicateIfaceId(String),
+    #[error("host_dev_name {0:?} is invalid: a TAP name has 1 to 15 bytes, no '/', ' ' or ','")]
+    HostDevName(String),
+    #[error("interfaces {first} and {second} both use the TAP {tap:?}")]
+    DuplicateTap {
+        first: String,
+        second: String,
+        tap: String,
+    },
+    #[error("interfaces {first} and {second} both have the MAC address {mac}")]
+    DuplicateMac {
+        first: String,
+        second: String,
+        mac: MacAddr,
+    },
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmResources {
+    /// None until the API or a config file names a kernel.
+    pub boot_source: Option<BootSourceConfig>,
+    pub machine_config: MachineConfig,
+    /// In the order the guest sees them (`vda`, `vdb`, …); the root device, if any, first.
+    pub drives: Vec<DriveConfig>,
+    /// Add the boot-timer device and log the guest's boot time.
+    pub boot_timer: bool,
+    /// Network interfaces in the guest's order (eth0, eth1, …).
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    pub logger: Option<LoggerConfig>,
+    pub metrics: Option<MetricsConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The whole configuration in Firecracker's `--config-file` form, which `GET /vm/config`
+/// also returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigFile {
+    #[serde(rename = "boot-source")]
+    pub boot_source: Option<BootSourceConfig>,
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    #[serde(default)]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+impl VmResources {
+    /// Adds a drive, or replaces the one with the same id; a root device goes first.
+    pub fn insert_drive(&mut self, drive: DriveConfig) -> Result<(), ConfigError> {
+        drive.validate()?;
+        let mut drives = self.drives.clone();
+        match drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+            Some(existing) => *existing = drive,
+            None => drives.push(drive),
+        }
+        // The root device is vda: move it to the front, the rest keep their order.
+        drives.sort_by_key(|d| !d.is_root_device);
+        validate_drives(&drives)?;
+        self.drives = drives;
+        Ok(())
+    }
+
+    /// Adds a network interface, or replaces the one with the same id (keeping its place).
+    pub fn insert_network_interface(
+        &mut self,
+        iface: NetworkInterfaceConfig,
+    ) -> Result<(), ConfigError> {
+        iface.validate()?;
+        let mut ifaces = self.network_interfaces.clone();
+        match ifaces.iter_mut().find(|i| i.iface_id == iface.iface_id) {
+            Some(existing) => *existing = iface,
+            None => ifaces.push(iface),
+        }
+        validate_network_interfaces(&ifaces)?;
+        self.network_interfaces = ifaces;
+        Ok(())
+    }
+
+    pub fn to_config_file(&self) -> VmConfigFile {
+        VmConfigFile {
+            boot_source: self.boot_source.clone(),
+            machine_config: self.machine_config.clone(),
+            drives: self.drives.clone(),
+            network_interfaces: self.network_interfaces.clone(),
+            logger: self.logger.clone(),
+            metrics: self.metrics.clone(),
+            vsock: self.vsock.clone(),
+        }
+    }
+
+    /// The resources a config file describes, checked.
+    pub fn from_config_file(file: VmConfigFile) -> Result<Self, ConfigError> {
+        file.machine_config.validate()?;
+        let mut resources = VmResources {
+            boot_source: file.boot_source,
+            machine_config: file.machine_config,
+            logger: file.logger,
+            metrics: file.metrics,
+            ..Default::default()
+        };
+        for drive in file.drives {
+            resources.insert_drive(drive)?;
+        }
+        for iface in file.network_interfaces {
+            resources.insert_network_interface(iface)?;
+        }
+        if let Some(vsock) = file.vsock {
+            vsock.validate()?;
+            resources.vsock = Some(vsock);
+        }
+        Ok(resources)
+    }
+}

@@ -1,0 +1,120 @@
+//! Network interfaces: Firecracker's `network-interfaces` entries and MAC addresses.
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// A MAC address, written `aa:bb:cc:dd:ee:ff` in JSON and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!("invalid MAC address {text:?}: expected six hex bytes like 06:00:ac:10:00:02")
+        };
+        let mut bytes = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut bytes {
+            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(invalid)?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
+        }
+        if parts.next().is_some() {
+            return Err(invalid());
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Firecracker's `network-interfaces` entry: a virtio-net device on an existing host TAP.
+/// Firecracker's `rx_rate_limiter` and `tx_rate_limiter` are refused as unknown fields: mote
+/// has no rate limiter yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    pub iface_id: String,
+    /// The TAP device on the host (it must exist; mote does not create it).
+    pub host_dev_name: String,
+    /// The guest's MAC address; without one the guest picks its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<MacAddr>,
+}
+
+/// The longest interface id (Firecracker's limit for ids in paths).
+pub const IFACE_ID_MAX_LEN: usize = 64;
+/// The longest host interface name Linux takes.
+pub const HOST_DEV_NAME_MAX_LEN: usize = 15;
+
+impl NetworkInterfaceConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if self.iface_id.is_empty()
+            || self.iface_id.len() > IFACE_ID_MAX_LEN
+            || !self.iface_id.chars().all(valid_char)
+        {
+            return Err(ConfigError::IfaceId(self.iface_id.clone()));
+        }
+        let name = &self.host_dev_name;
+        if name.is_empty()
+            || name.len() > HOST_DEV_NAME_MAX_LEN
+            || name
+                .chars()
+                .any(|c| c == '/' || c == ',' || c.is_whitespace() || c == '\0')
+        {
+            return Err(ConfigError::HostDevName(name.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a set of interfaces: valid ids and names, no id, TAP or MAC used twice.
+pub fn validate_network_interfaces(ifaces: &[NetworkInterfaceConfig]) -> Result<(), ConfigError> {
+    for (index, iface) in ifaces.iter().enumerate() {
+        iface.validate()?;
+        for earlier in &ifaces[..index] {
+            if earlier.iface_id == iface.iface_id {
+                return Err(ConfigError::DuplicateIfaceId(iface.iface_id.clone()));
+            }
+            if earlier.host_dev_name == iface.host_dev_name {
+                return Err(ConfigError::DuplicateTap {
+                    first: earlier.iface_id.clone(),
+                    second: iface.iface_id.clone(),
+                    tap: iface.host_dev_name.clone(),
+                });
+            }
+            if let Some(mac) = iface
+                .guest_mac
+                .filter(|mac| Some(*mac) == earlier.guest_mac)
+            {
+                return Err(ConfigError::DuplicateMac {
+                    first: earlier.iface_id.clone(),
+                    second: iface.iface_id.clone(),
+                    mac,
+                });
+            }
+        }
+    }
+    Ok(())
+}

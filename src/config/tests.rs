@@ -1,0 +1,234 @@
+use super::*;
+
+#[test]
+fn vcpu_count_must_be_1_to_32() {
+    let mut config = MachineConfig::default();
+    for bad in [0, 33, 1000] {
+        config.vcpu_count = bad;
+        assert_eq!(config.validate(), Err(ConfigError::VcpuCount(bad)));
+    }
+    config.vcpu_count = 32;
+    assert_eq!(config.vcpus(), Ok(32));
+}
+
+fn drive(id: &str, root: bool) -> DriveConfig {
+    DriveConfig {
+        drive_id: id.into(),
+        path_on_host: "/d".into(),
+        is_root_device: root,
+        is_read_only: false,
+        partuuid: None,
+        cache_type: CacheType::Unsafe,
+        io_engine: IoEngine::Sync,
+    }
+}
+
+#[test]
+fn drive_ids_are_checked() {
+    assert!(validate_drives(&[drive("rootfs", true), drive("data_1", false)]).is_ok());
+    assert_eq!(
+        validate_drives(&[drive("a b", false)]),
+        Err(ConfigError::DriveId("a b".into()))
+    );
+    assert_eq!(
+        validate_drives(&[drive(&"x".repeat(21), false)]),
+        Err(ConfigError::DriveId("x".repeat(21)))
+    );
+    assert_eq!(
+        validate_drives(&[drive("a", false), drive("a", false)]),
+        Err(ConfigError::DuplicateDriveId("a".into()))
+    );
+    assert_eq!(
+        validate_drives(&[drive("a", true), drive("b", true)]),
+        Err(ConfigError::TwoRootDevices)
+    );
+}
+
+#[test]
+fn zero_memory_is_refused() {
+    let config = MachineConfig {
+        mem_size_mib: 0,
+        ..Default::default()
+    };
+    assert_eq!(config.validate(), Err(ConfigError::MemSizeZero));
+}
+
+#[test]
+fn a_root_drive_goes_first_and_a_drive_id_is_replaced() {
+    let mut resources = VmResources::default();
+    resources.insert_drive(drive("data", false)).unwrap();
+    resources.insert_drive(drive("root", true)).unwrap();
+    let ids: Vec<_> = resources
+        .drives
+        .iter()
+        .map(|d| d.drive_id.as_str())
+        .collect();
+    assert_eq!(ids, ["root", "data"]);
+    let mut moved = drive("data", false);
+    moved.path_on_host = "/e".into();
+    resources.insert_drive(moved).unwrap();
+    assert_eq!(resources.drives[1].path_on_host, PathBuf::from("/e"));
+    assert_eq!(
+        resources.insert_drive(drive("other", true)),
+        Err(ConfigError::TwoRootDevices)
+    );
+    assert_eq!(resources.drives.len(), 2, "a refused drive changes nothing");
+}
+
+#[test]
+fn smt_needs_an_even_vcpu_count() {
+    let config = MachineConfig {
+        vcpu_count: 3,
+        smt: true,
+        ..Default::default()
+    };
+    assert_eq!(config.validate(), Err(ConfigError::SmtOddVcpus(3)));
+}
+
+#[test]
+fn a_config_file_round_trips() {
+    let text = r#"{"boot-source": {"kernel_image_path": "/k"},
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true}]}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    assert_eq!(resources.machine_config.vcpu_count, 2);
+    let again: VmConfigFile =
+        serde_json::from_str(&serde_json::to_string(&resources.to_config_file()).unwrap()).unwrap();
+    assert_eq!(VmResources::from_config_file(again).unwrap(), resources);
+}
+
+fn iface(id: &str, tap: &str, mac: Option<&str>) -> NetworkInterfaceConfig {
+    NetworkInterfaceConfig {
+        iface_id: id.into(),
+        host_dev_name: tap.into(),
+        guest_mac: mac.map(|m| m.parse().unwrap()),
+    }
+}
+
+#[test]
+fn network_interfaces_parse_and_are_checked() {
+    let parsed: NetworkInterfaceConfig = serde_json::from_str(
+        r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}"#,
+    )
+    .unwrap();
+    assert_eq!(parsed, iface("eth0", "tap0", Some("06:00:ac:10:00:02")));
+    assert_eq!(
+        serde_json::to_string(&parsed).unwrap(),
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:ac:10:00:02"}"#
+    );
+    for bad in [
+        "06:00:ac:10:00",
+        "06:00:ac:10:00:02:03",
+        "06:00:ac:10:00:zz",
+        "0600ac100002",
+    ] {
+        let text = format!(r#"{{"iface_id": "a", "host_dev_name": "t", "guest_mac": "{bad}"}}"#);
+        let err = serde_json::from_str::<NetworkInterfaceConfig>(&text).unwrap_err();
+        assert!(err.to_string().contains("invalid MAC address"), "{err}");
+    }
+    let err = serde_json::from_str::<NetworkInterfaceConfig>(
+        r#"{"iface_id": "a", "host_dev_name": "t", "rx_rate_limiter": {}}"#,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("unknown field `rx_rate_limiter`"),
+        "{err}"
+    );
+
+    let mut resources = VmResources::default();
+    resources
+        .insert_network_interface(iface("eth0", "tap0", Some("06:00:00:00:00:01")))
+        .unwrap();
+    resources
+        .insert_network_interface(iface("eth1", "tap1", None))
+        .unwrap();
+    assert!(matches!(
+        resources.insert_network_interface(iface("eth2", "tap0", None)),
+        Err(ConfigError::DuplicateTap { .. })
+    ));
+    assert!(matches!(
+        resources.insert_network_interface(iface("eth2", "tap2", Some("06:00:00:00:00:01"))),
+        Err(ConfigError::DuplicateMac { .. })
+    ));
+    assert_eq!(
+        resources.insert_network_interface(iface("eth0", "much-too-long-name", None)),
+        Err(ConfigError::HostDevName("much-too-long-name".into()))
+    );
+    assert_eq!(
+        resources.insert_network_interface(iface("a b", "tap3", None)),
+        Err(ConfigError::IfaceId("a b".into()))
+    );
+    // Replacing eth0 keeps its place.
+    resources
+        .insert_network_interface(iface("eth0", "tap9", None))
+        .unwrap();
+    let taps: Vec<_> = resources
+        .network_interfaces
+        .iter()
+        .map(|i| i.host_dev_name.as_str())
+        .collect();
+    assert_eq!(taps, ["tap9", "tap1"]);
+}
+
+#[test]
+fn firecracker_json_shapes_parse_and_unknown_fields_do_not() {
+    let boot: BootSourceConfig =
+        serde_json::from_str(r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#)
+            .unwrap();
+    assert_eq!(boot.boot_args.as_deref(), Some("console=ttyS0"));
+    let err = serde_json::from_str::<MachineConfig>(
+        r#"{"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1}"#,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("bogus"), "{err}");
+}
+
+fn vsock(cid: u64, path: &str) -> VsockConfig {
+    VsockConfig {
+        vsock_id: None,
+        guest_cid: cid,
+        uds_path: path.into(),
+    }
+}
+
+#[test]
+fn vsock_cid_and_path_are_checked() {
+    assert_eq!(vsock(3, "/v.sock").validate(), Ok(()));
+    for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
+        assert_eq!(vsock(cid, "/v").validate(), Err(ConfigError::VsockCid(cid)));
+    }
+    let long = format!("/{}", "p".repeat(VSOCK_UDS_PATH_MAX));
+    assert_eq!(
+        vsock(3, &long).validate(),
+        Err(ConfigError::VsockPathTooLong {
+            path: long.clone().into(),
+            len: VSOCK_UDS_PATH_MAX + 1
+        })
+    );
+    assert!(vsock(3, &long[..VSOCK_UDS_PATH_MAX]).validate().is_ok());
+    assert_eq!(
+        vsock(3, "/").check_path_free(),
+        Err(ConfigError::VsockPathExists("/".into()))
+    );
+}
+
+#[test]
+fn vsock_takes_firecrackers_shape_with_the_deprecated_id() {
+    let text = r#"{"boot-source": {"kernel_image_path": "/k"},
+        "vsock": {"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    assert_eq!(resources.vsock.as_ref().unwrap().guest_cid, 3);
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
+    assert_eq!(
+        shown["vsock"],
+        serde_json::json!({"guest_cid": 3, "uds_path": "/tmp/v.sock"})
+    );
+    let bad: VmConfigFile =
+        serde_json::from_str(r#"{"vsock": {"guest_cid": 2, "uds_path": "/v"}}"#).unwrap();
+    assert_eq!(
+        VmResources::from_config_file(bad),
+        Err(ConfigError::VsockCid(2))
+    );
+}
