@@ -15,6 +15,7 @@
 //! the queue handlers, the event handler, tests.
 
 mod frame;
+mod mac;
 pub mod tap;
 
 use std::os::fd::AsRawFd;
@@ -33,6 +34,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::frame::{check_tx_header, gather, scatter, RxRefusal, TxDrop};
+pub use self::mac::MacAddr;
 pub use self::tap::TapError;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::state::{
@@ -540,14 +542,7 @@ impl VirtioDevice for Net {
 
 /// A MAC for messages: `06:00:0a:00:00:02`, or `none` when the guest picks its own.
 fn mac_text(mac: Option<[u8; 6]>) -> String {
-    match mac {
-        Some(mac) => mac
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect::<Vec<_>>()
-            .join(":"),
-        None => "none".to_string(),
-    }
+    mac.map_or_else(|| "none".to_string(), |mac| MacAddr(mac).to_string())
 }
 
 impl MutEventSubscriber for Net {
