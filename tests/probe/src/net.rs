@@ -134,8 +134,7 @@ impl Ring {
 
     /// The next used element (head, length), if the device returned one.
     fn poll_used(&mut self) -> Option<(u16, u32)> {
-        let used_idx: u16 = read_phys(self.mem.used.0.as_ptr() as u64 + 2);
-        if used_idx == self.last_used {
+        if self.used_waiting() == 0 {
             return None;
         }
         fence(Ordering::SeqCst);
