@@ -573,11 +573,9 @@ fn a_daemonized_monitor_in_a_new_pid_namespace_leaves_a_pid_file() {
         .trim()
         .parse()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !root.join("api.sock").exists() {
-        assert!(Instant::now() < deadline, "no API socket in the jail");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::api::wait_for_socket(&root.join("api.sock"), Duration::from_secs(20), || {
+        "in the jail".to_string()
+    });
     // Pid 1 of its own namespace, in a session of its own, as the jail's uid.
     let nspid = status_field(pid, "NSpid:");
     let kill = || common::send_signal(pid, libc::SIGKILL);

@@ -163,11 +163,7 @@ fn linux_snapshot_during_boot_reaches_init() {
     mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     // Early in the boot: the memory map is set up, timers and interrupts are not yet.
     mote.wait_for_stdout("Memory:", LINUX_TIMEOUT);
-    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let state = mote.dir.join("state");
-    let mem = mote.dir.join("mem");
-    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
-    mote.ok("PUT", "/snapshot/create", &create.to_string());
+    let (state, mem) = mote.pause_and_snapshot();
     let before = mote.stdout();
     drop(mote);
     assert!(!before.contains("Run /init"), "{before}");

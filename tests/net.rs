@@ -311,11 +311,7 @@ fn the_api_configures_an_interface_before_boot_only() {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("api.sock");
     let mote = ns.spawn_mote(&["--api-sock".to_string(), sock.display().to_string()]);
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < end, "no API socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::api::wait_for_socket(&sock, Duration::from_secs(10), String::new);
     let api =
         |method: &str, path: &str, body: &str| common::api::request(&sock, method, path, body);
 

@@ -175,18 +175,7 @@ fn every_thread_of_a_restored_mote_runs_under_a_filter() {
     }
     let mote = ApiMote::spawn("seccomp-restore-source", &[]);
     start_spinning_guest(&mote);
-    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let state = mote.dir.join("vm.state");
-    let mem = mote.dir.join("vm.mem");
-    mote.ok(
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
-    );
+    let (state, mem) = mote.pause_and_snapshot();
     let socket = mote.dir.join("restored.sock");
     let child = Command::new(mote_bin())
         .args(["run", "--restore"])

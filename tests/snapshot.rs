@@ -53,13 +53,7 @@ fn boot(name: &str, steps: &str, drive: Option<&Path>) -> ApiMote {
 /// it; returns (state file, memory file, what the console showed).
 fn snapshot_and_kill(mote: ApiMote, after: &str) -> (PathBuf, PathBuf, String) {
     mote.wait_for_stdout(after, WAIT);
-    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let state = mote.dir.join("state");
-    let mem = mote.dir.join("mem");
-    let body = serde_json::json!({
-        "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem,
-    });
-    mote.ok("PUT", "/snapshot/create", &body.to_string());
+    let (state, mem) = mote.pause_and_snapshot();
     // Nothing more comes from a paused guest.
     std::thread::sleep(Duration::from_millis(50));
     let out = mote.stdout();
@@ -383,25 +377,6 @@ fn snapshots_are_refused_unless_paused_and_the_guest_goes_on() {
 /// The guest's MAC in the network tests.
 const GUEST_MAC: &str = "06:00:0a:00:00:02";
 
-/// Waits for a monitor's API socket to appear.
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket at {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Sends an API request that must succeed with 204.
-fn api_ok(socket: &Path, method: &str, path: &str, body: &str) {
-    let answer = common::api::request(socket, method, path, body);
-    assert_eq!(answer.status, 204, "{method} {path} {body}: {answer:?}");
-}
-
 #[test]
 fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
     if !require_kvm() || !netns::require_root() {
@@ -415,9 +390,9 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
     fs::create_dir_all(&dir).unwrap();
     let api = dir.join("api.sock");
     let mote = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
-    wait_for_socket(&api);
+    common::api::wait_for_socket(&api, WAIT, String::new);
     // Six echo requests in all: two before the snapshot, four after the restore.
-    api_ok(
+    common::api::ok(
         &api,
         "PUT",
         "/boot-source",
@@ -425,8 +400,8 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
     );
     let eth0 =
         serde_json::json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC});
-    api_ok(&api, "PUT", "/network-interfaces/eth0", &eth0.to_string());
-    api_ok(
+    common::api::ok(&api, "PUT", "/network-interfaces/eth0", &eth0.to_string());
+    common::api::ok(
         &api,
         "PUT",
         "/actions",
@@ -436,10 +411,7 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
     let ping = ns.run(&["ping", "-c", "2", "-W", "2", "-i", "0.2", "10.0.0.2"]);
     assert!(ping.stdout.contains("2 received"), "{}", ping.stdout);
 
-    api_ok(&api, "PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let (state, mem) = (dir.join("state"), dir.join("mem"));
-    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
-    api_ok(&api, "PUT", "/snapshot/create", &create.to_string());
+    let (state, mem) = common::api::pause_and_snapshot(&api, &dir);
     drop(mote);
     // tap0 goes: only the override can give the restored interface a TAP.
     ns.ip(&["link", "del", "tap0"]);
@@ -447,14 +419,14 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
 
     let api = dir.join("api-restored.sock");
     let restored = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
-    wait_for_socket(&api);
+    common::api::wait_for_socket(&api, WAIT, String::new);
     let load = serde_json::json!({
         "snapshot_path": state,
         "mem_backend": {"backend_type": "File", "backend_path": mem},
         "resume_vm": true,
         "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}],
     });
-    api_ok(&api, "PUT", "/snapshot/load", &load.to_string());
+    common::api::ok(&api, "PUT", "/snapshot/load", &load.to_string());
     ns.wait_for_carrier("tap1");
     let ping = ns.run(&["ping", "-c", "3", "-W", "2", "-i", "0.2", "10.0.0.2"]);
     assert!(ping.stdout.contains("3 received"), "{}", ping.stdout);

@@ -82,6 +82,39 @@ pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> Answer {
     read_answer(&mut stream)
 }
 
+/// Waits up to `timeout` for the API socket at `path` (it appears once it accepts connections);
+/// on failure the message ends with `context()`.
+pub fn wait_for_socket(path: &Path, timeout: Duration, context: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {} after {timeout:?}; {}",
+            path.display(),
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sends a request that must succeed with 204.
+pub fn ok(socket: &Path, method: &str, path: &str, body: &str) {
+    let answer = request(socket, method, path, body);
+    assert_eq!(answer.status, 204, "{method} {path} {body}: {answer:?}");
+}
+
+/// Pauses the guest of the monitor at `socket` and writes a full snapshot of it into `dir`;
+/// returns (state file, memory file).
+pub fn pause_and_snapshot(socket: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    ok(socket, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let body = serde_json::json!({
+        "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem,
+    });
+    ok(socket, "PUT", "/snapshot/create", &body.to_string());
+    (state, mem)
+}
+
 /// A running `mote --api-sock` process; killed when dropped.
 pub struct ApiMote {
     pub dir: PathBuf,
@@ -135,15 +168,9 @@ impl ApiMote {
             stderr,
             started: Instant::now(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !mote.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "no API socket after 10 s; stderr:\n{}",
-                mote.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_socket(&mote.socket, Duration::from_secs(10), || {
+            format!("stderr:\n{}", mote.stderr())
+        });
         mote
     }
 
@@ -160,6 +187,11 @@ impl ApiMote {
             "{method} {path} {body}: {answer:?}\nstderr:\n{}",
             self.stderr()
         );
+    }
+
+    /// Pauses the guest and snapshots it into the scratch directory: (state file, memory file).
+    pub fn pause_and_snapshot(&self) -> (PathBuf, PathBuf) {
+        pause_and_snapshot(&self.socket, &self.dir)
     }
 
     pub fn stdout(&self) -> String {

@@ -305,19 +305,7 @@ fn a_guest_stream_to_a_host_listener_carries_data_both_ways() {
     assert_eq!(packets[0].0.op, OP_RESPONSE);
     assert_eq!((packets[0].0.src_port, packets[0].0.dst_port), (1234, 5000));
 
-    f.send(guest_packet(OP_RW, 5000, 1234, 5), b"hello");
-    let mut got = [0u8; 5];
-    host.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"hello");
-
-    host.write_all(b"world").unwrap();
-    f.settle();
-    let packets = f.received();
-    assert_eq!(packets.len(), 1);
-    assert_eq!(
-        (packets[0].0.op, packets[0].1.as_slice()),
-        (OP_RW, &b"world"[..])
-    );
+    exchange_hello_world(&mut f, &mut host, 5000, 1234);
     assert_eq!(f.metrics().conns_added.total(), 1);
 }
 
@@ -450,6 +438,25 @@ fn a_host_stream_gone_before_the_guest_heard_of_it_leaves_no_trace() {
 
 /// Opens a host stream to guest port `port` through `f`'s socket and plays the guest's side of
 /// the handshake; the stream, with its `OK` line read, and the guest's view of its ports.
+/// Over an established stream between guest port `guest_port` and `host_port`: "hello" from
+/// the guest reaches `host`, and "world" from `host` reaches the guest as exactly one RW packet.
+fn exchange_hello_world(f: &mut Fixture, host: &mut UnixStream, guest_port: u32, host_port: u32) {
+    f.send(guest_packet(OP_RW, guest_port, host_port, 5), b"hello");
+    let mut got = [0u8; 5];
+    host.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    host.write_all(b"world").unwrap();
+    f.settle();
+    let packets = f.received();
+    assert_eq!(
+        packets
+            .iter()
+            .map(|(h, data)| (h.op, data.as_slice()))
+            .collect::<Vec<_>>(),
+        vec![(OP_RW, &b"world"[..])]
+    );
+}
+
 fn host_stream(f: &mut Fixture, port: u32) -> (UnixStream, Header) {
     let mut host = UnixStream::connect(&f.uds).unwrap();
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -497,20 +504,7 @@ fn a_restored_device_resets_the_transport_and_takes_new_streams() {
 
     // A new host stream, on the new socket, carries data both ways.
     let (mut host, request) = host_stream(&mut f, 52);
-    f.send(guest_packet(OP_RW, 52, request.src_port, 5), b"hello");
-    let mut got = [0u8; 5];
-    host.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"hello");
-    host.write_all(b"world").unwrap();
-    f.settle();
-    let packets = f.received();
-    assert_eq!(
-        packets
-            .iter()
-            .map(|(h, data)| (h.op, data.as_slice()))
-            .collect::<Vec<_>>(),
-        vec![(OP_RW, &b"world"[..])]
-    );
+    exchange_hello_world(&mut f, &mut host, 52, request.src_port);
     // And so does a guest stream to a host listener.
     let listener = UnixListener::bind(format!("{}_1234", f.uds.display())).unwrap();
     f.send(guest_packet(OP_REQUEST, 5000, 1234, 0), &[]);
