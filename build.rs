@@ -18,6 +18,8 @@ fn main() {
         .join("resources/seccomp")
         .join(format!("{target}.json"));
     println!("cargo:rerun-if-changed={}", json.display());
+    // The tests compare the built-in filters with the JSON they came from.
+    println!("cargo:rustc-env=MOTE_SECCOMP_JSON={}", json.display());
     println!("cargo:rerun-if-changed=src/seccomp/format.rs");
 
     let file = std::fs::File::open(&json).unwrap_or_else(|err| {

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use common::api::ApiMote;
 use common::{mote_bin, probe_kernel, require_kvm};
 
-const FILTERS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/resources/seccomp/x86_64-unknown-linux-gnu.json"
-);
+const FILTERS: &str = env!("MOTE_SECCOMP_JSON");
 
 /// One thread's seccomp state, from /proc/PID/task/TID/status.
 #[derive(Debug)]

@@ -93,8 +93,8 @@ fn check_static(exec_file: &Path) -> Result<(), JailError> {
         .any(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP);
     if dynamic {
         return Err(not_static(
-            "it is dynamically linked (build it with RUSTFLAGS=\"-C target-feature=+crt-static\" \
-             and --target x86_64-unknown-linux-gnu, or for musl)",
+            "it is dynamically linked (tools/build makes a static mote: for the musl target, or \
+             for glibc with RUSTFLAGS=\"-C target-feature=+crt-static\" and an explicit --target)",
         ));
     }
     Ok(())

@@ -80,7 +80,13 @@ pub fn umount_detach(target: &CStr) -> io::Result<()> {
     Ok(())
 }
 
-pub fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+/// The type of setrlimit's resource argument: glibc has its own, musl takes an int.
+#[cfg(target_env = "gnu")]
+pub type RlimitResource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+pub type RlimitResource = libc::c_int;
+
+pub fn set_rlimit(resource: RlimitResource, value: u64) -> io::Result<()> {
     let limit = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,

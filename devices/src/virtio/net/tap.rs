@@ -14,9 +14,9 @@ const TUN_PATH: &str = "/dev/net/tun";
 
 // From <linux/if_tun.h>: _IOW('T', 202, int), _IOW('T', 208, unsigned int),
 // _IOW('T', 216, int).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETIFF: libc::Ioctl = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::Ioctl = 0x4004_54d8;
 const IFF_TAP: u16 = 0x0002;
 const IFF_NO_PI: u16 = 0x1000;
 const IFF_VNET_HDR: u16 = 0x4000;
@@ -121,7 +121,7 @@ impl Tap {
 
     fn ioctl_int(
         &self,
-        request: libc::c_ulong,
+        request: libc::Ioctl,
         value: libc::c_int,
         what: &'static str,
     ) -> Result<(), TapError> {
