@@ -116,12 +116,17 @@ impl Ring {
         write_phys(&self.mem.avail.0[1] as *const u16 as u64, self.next_avail);
     }
 
+    /// Whether the device asks to be told of new buffers (it clears VIRTQ_USED_F_NO_NOTIFY).
+    fn device_wants_notification(&self) -> bool {
+        let flags: u32 = read_phys(self.mem.used.0.as_ptr() as u64);
+        flags & USED_F_NO_NOTIFY == 0
+    }
+
     /// Tells the device of new buffers unless it said it is looking already.
     fn kick(&self, base: u64) {
         // The new index must be visible before the flags are read (see virtio.rs).
         fence(Ordering::SeqCst);
-        let flags: u32 = read_phys(self.mem.used.0.as_ptr() as u64);
-        if flags & USED_F_NO_NOTIFY == 0 {
+        if self.device_wants_notification() {
             set_reg(base, REG_QUEUE_NOTIFY, self.index);
         }
     }
@@ -388,10 +393,14 @@ impl Net {
         })
     }
 
-    /// Waits, taking nothing, until the device has filled every receive buffer or the time
-    /// stamp counter passes `until`; says whether it filled them.
-    pub fn wait_rx_full(&self, until: u64) -> bool {
-        while usize::from(self.rx.used_waiting()) + self.rx_held < RX_COUNT {
+    /// Waits, taking nothing, until the device has filled every receive buffer and then met the
+    /// empty ring with a frame in hand, or the time stamp counter passes `until`; says whether
+    /// it did. mote's device turns notifications off while it delivers and back on only when
+    /// it holds a frame and finds no buffer, so a filled ring with notifications on is that.
+    pub fn wait_rx_exhausted(&self, until: u64) -> bool {
+        while usize::from(self.rx.used_waiting()) + self.rx_held < RX_COUNT
+            || !self.rx.device_wants_notification()
+        {
             if rdtsc() > until {
                 return false;
             }
