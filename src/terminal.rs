@@ -10,22 +10,20 @@ static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
 /// Keeps stdin in raw mode while alive.
 pub struct RawTerminal(());
 
-fn stdin_is_terminal() -> bool {
-    // SAFETY: isatty only inspects the descriptor number.
-    unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
-}
-
 impl RawTerminal {
     /// Switches stdin to raw mode when it is a terminal; otherwise does nothing.
     pub fn enable() -> std::io::Result<Option<Self>> {
-        if !stdin_is_terminal() {
-            return Ok(None);
-        }
         // SAFETY: termios is plain data; tcgetattr fills it completely on success.
         let mut original: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: stdin is a valid descriptor and `original` outlives the call.
+        // tcgetattr is the terminal test too (isatty would be another ioctl, TIOCGWINSZ in musl,
+        // for the seccomp filters to allow). SAFETY: `original` outlives the call.
         if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut original) } != 0 {
-            return Err(std::io::Error::last_os_error());
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // Not a terminal, or no stdin at all.
+                Some(libc::ENOTTY) | Some(libc::EBADF) => Ok(None),
+                _ => Err(err),
+            };
         }
         let mut raw = original;
         raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
