@@ -4,6 +4,8 @@
 //! run at once.
 
 mod common;
+#[path = "vsock/host.rs"]
+mod host;
 #[path = "net/netns.rs"]
 mod netns;
 
@@ -187,6 +189,130 @@ fn linux_snapshot_during_boot_reaches_init() {
         "the kernel booted again"
     );
     assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+}
+
+/// A Linux guest snapshotted once its virtio-net and virtio-vsock drivers have set their devices
+/// up, and restored in a fresh monitor with another TAP and another vsock socket (the
+/// overrides): the kernel goes on to bring eth0 up and reach init, answers the host through the
+/// new TAP, and refuses through the restored vsock device a host connection to a port nobody
+/// listens on (its reset is a packet from the guest). All of it kernel code: no user space.
+#[test]
+fn linux_snapshot_with_net_and_vsock_up_goes_on_after_a_restore() {
+    if !require_kvm() || !netns::require_root() {
+        return;
+    }
+    const GUEST_MAC: [u8; 6] = [0x06, 0, 0x0a, 0, 0, 0x02];
+    let ns = netns::Netns::new();
+    ns.add_tap("tap0", Some("10.0.0.1/24"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&ns.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut append = String::from(
+        "console=ttyS0 reboot=k panic=1 pci=off microvm.poweroff \
+         ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off",
+    );
+    if is_pvm_host() {
+        append = format!("{append} {PVM_CLEARCPUID}");
+    }
+    let api = dir.join("api.sock");
+    let mote = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
+    common::api::wait_for_socket(&api, host::WAIT, String::new);
+    let put =
+        |path: &str, body: serde_json::Value| common::api::ok(&api, "PUT", path, &body.to_string());
+    put(
+        "/boot-source",
+        serde_json::json!({
+            "kernel_image_path": artifacts().join("vmlinux"),
+            "initrd_path": artifacts().join("initramfs.cpio.gz"),
+            "boot_args": append,
+        }),
+    );
+    put(
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 256}),
+    );
+    put(
+        "/network-interfaces/eth0",
+        serde_json::json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:0a:00:00:02"}),
+    );
+    put(
+        "/vsock",
+        serde_json::json!({"guest_cid": 3, "uds_path": dir.join("v.sock")}),
+    );
+    put(
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    // A late initcall: every driver has probed its device (DRIVER_OK, queues set up), and the
+    // kernel has not configured eth0 yet.
+    mote.wait_for_line("IPI shorthand broadcast", LINUX_TIMEOUT);
+    let (state, mem) = common::api::pause_and_snapshot(&api, &dir);
+    drop(mote);
+    ns.ip(&["link", "del", "tap0"]);
+    ns.add_tap("tap1", Some("10.0.0.1/24"));
+    let socket = netns::PacketSocket::open(&ns, "tap1");
+
+    let api = dir.join("api-restored.sock");
+    let restored = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
+    common::api::wait_for_socket(&api, host::WAIT, String::new);
+    let metrics = dir.join("metrics.json");
+    common::api::ok(
+        &api,
+        "PUT",
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics }).to_string(),
+    );
+    let uds = dir.join("v-restored.sock");
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}],
+        "vsock_override": {"uds_path": uds},
+    });
+    common::api::ok(&api, "PUT", "/snapshot/load", &load.to_string());
+    // The guest's kernel answers ARP once eth0 has its address.
+    let mut ping = ns.spawn(&["ping", "-i", "0.5", "-W", "1", "10.0.0.2"]);
+    let (_stream, answer) = host::connect(&uds, 4321);
+    assert_eq!(
+        answer, None,
+        "the guest accepted a connection nobody listens for"
+    );
+    let run = restored.wait(LINUX_TIMEOUT);
+    let _ = ping.kill();
+    let _ = ping.wait();
+    for expected in ["IP-Config: Complete", "Run /init as init process"] {
+        assert!(
+            run.stdout.contains(expected),
+            "no {expected:?} after the restore:\n{}\nstderr: {}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    assert!(
+        !run.stdout.contains("Linux version"),
+        "the kernel booted again"
+    );
+    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+    let mut buf = vec![0u8; 65536];
+    let mut from_guest = 0;
+    while let Some(len) = socket.recv(&mut buf, Duration::from_millis(200)) {
+        if len >= 12 && buf[6..12] == GUEST_MAC {
+            from_guest += 1;
+        }
+    }
+    assert!(from_guest > 0, "no frame from the guest reached tap1");
+    // Metrics lines hold what happened since the line before: add them up.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let from_guest_vsock: u64 = text
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .map(|line| line["vsock"]["tx_packets_count"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        from_guest_vsock > 0,
+        "no vsock packet from the guest: {text}"
+    );
 }
 
 /// `ip=` on the kernel command line brings eth0 up on virtio-net, inside a network namespace of
