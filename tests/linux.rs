@@ -178,17 +178,36 @@ fn linux_snapshot_during_boot_reaches_init() {
     });
     restored.ok("PUT", "/snapshot/load", &load.to_string());
     let run = restored.wait(LINUX_TIMEOUT);
-    assert!(
-        run.stdout.contains("Run /init as init process"),
-        "no init after the restore:\n{}\nstderr: {}",
-        run.stdout,
-        run.stderr
-    );
+    assert_went_on_after_a_restore(&run, &["Run /init as init process"]);
+}
+
+/// A restored kernel printed each of `expected`, did not boot again, and ended in order.
+fn assert_went_on_after_a_restore(run: &common::Run, expected: &[&str]) {
+    for expected in expected {
+        assert!(
+            run.stdout.contains(expected),
+            "no {expected:?} after the restore:\n{}\nstderr: {}",
+            run.stdout,
+            run.stderr
+        );
+    }
     assert!(
         !run.stdout.contains("Linux version"),
         "the kernel booted again"
     );
     assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+}
+
+/// How many frames from `mac` wait on the packet socket.
+fn frames_from(socket: &netns::PacketSocket, mac: &[u8; 6]) -> usize {
+    let mut buf = vec![0u8; 65536];
+    let mut frames = 0;
+    while let Some(len) = socket.recv(&mut buf, Duration::from_millis(200)) {
+        if len >= 12 && buf[6..12] == mac[..] {
+            frames += 1;
+        }
+    }
+    frames
 }
 
 /// A Linux guest snapshotted once its virtio-net and virtio-vsock drivers have set their devices
@@ -281,27 +300,11 @@ fn linux_snapshot_with_net_and_vsock_up_goes_on_after_a_restore() {
     let run = restored.wait(LINUX_TIMEOUT);
     let _ = ping.kill();
     let _ = ping.wait();
-    for expected in ["IP-Config: Complete", "Run /init as init process"] {
-        assert!(
-            run.stdout.contains(expected),
-            "no {expected:?} after the restore:\n{}\nstderr: {}",
-            run.stdout,
-            run.stderr
-        );
-    }
+    assert_went_on_after_a_restore(&run, &["IP-Config: Complete", "Run /init as init process"]);
     assert!(
-        !run.stdout.contains("Linux version"),
-        "the kernel booted again"
+        frames_from(&socket, &GUEST_MAC) > 0,
+        "no frame from the guest reached tap1"
     );
-    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
-    let mut buf = vec![0u8; 65536];
-    let mut from_guest = 0;
-    while let Some(len) = socket.recv(&mut buf, Duration::from_millis(200)) {
-        if len >= 12 && buf[6..12] == GUEST_MAC {
-            from_guest += 1;
-        }
-    }
-    assert!(from_guest > 0, "no frame from the guest reached tap1");
     // Metrics lines hold what happened since the line before: add them up.
     let text = std::fs::read_to_string(&metrics).unwrap();
     let from_guest_vsock: u64 = text
@@ -384,13 +387,9 @@ fn linux_mounts_its_root_from_virtio_blk_and_brings_eth0_up() {
             run.stderr
         );
     }
-    let mut buf = vec![0u8; 65536];
-    let mut from_guest = 0;
-    while let Some(len) = socket.recv(&mut buf, Duration::from_millis(200)) {
-        if len >= 12 && buf[6..12] == GUEST_MAC {
-            from_guest += 1;
-        }
-    }
-    assert!(from_guest > 0, "no frame from the guest reached the TAP");
+    assert!(
+        frames_from(&socket, &GUEST_MAC) > 0,
+        "no frame from the guest reached the TAP"
+    );
     assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
 }
