@@ -13,6 +13,7 @@ use crate::config::{
 };
 use crate::logger::parse_level;
 use crate::seccomp::SeccompConfig;
+use crate::snapshot::actions::{LoadSnapshotParams, NetworkOverride, VsockOverride};
 
 #[derive(Debug, Parser)]
 #[command(name = "mote", version, about = "A KVM microVM monitor")]
@@ -108,6 +109,19 @@ pub struct RunArgs {
     /// With --restore: also serve the API for the restored guest on this Unix socket.
     #[arg(long, value_name = "PATH", requires = "restore")]
     pub api_sock: Option<PathBuf>,
+    /// With --restore: the restored interface IFACE_ID uses the host TAP named TAP instead of
+    /// the one it had (the API's `network_overrides`). Once per interface.
+    #[arg(
+        long = "net-override",
+        value_name = "IFACE_ID=TAP",
+        requires = "restore",
+        value_parser = parse_net_override
+    )]
+    pub net_overrides: Vec<NetworkOverride>,
+    /// With --restore: the restored vsock device's host socket (the API's `vsock_override`);
+    /// a clone of a snapshot cannot share its original's.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub vsock_override: Option<PathBuf>,
     /// Initial RAM disk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -223,6 +237,18 @@ fn parse_drive_spec(spec: &str, allow_id: bool) -> Result<DriveSpec, String> {
     Ok(drive)
 }
 
+fn parse_net_override(spec: &str) -> Result<NetworkOverride, String> {
+    match spec.split_once('=') {
+        Some((iface_id, tap)) if !iface_id.is_empty() && !tap.is_empty() => Ok(NetworkOverride {
+            iface_id: iface_id.to_string(),
+            host_dev_name: tap.to_string(),
+        }),
+        _ => Err(format!(
+            "{spec:?} is not IFACE_ID=TAP (the interface's id in the snapshot, then the host TAP)"
+        )),
+    }
+}
+
 fn parse_rootfs(spec: &str) -> Result<DriveSpec, String> {
     parse_drive_spec(spec, false)
 }
@@ -232,6 +258,25 @@ fn parse_drive(spec: &str) -> Result<DriveSpec, String> {
 }
 
 impl RunArgs {
+    /// What `--restore` asks for, when it is given: the snapshot, its memory file and the
+    /// overrides, resumed at once.
+    pub fn restore_params(&self) -> Option<LoadSnapshotParams> {
+        let (snapshot, mem_file) = (self.restore.as_ref()?, self.mem_file.as_ref()?);
+        Some(LoadSnapshotParams {
+            snapshot_path: snapshot.clone(),
+            mem_backend: None,
+            mem_file_path: Some(mem_file.clone()),
+            enable_diff_snapshots: false,
+            track_dirty_pages: false,
+            resume_vm: true,
+            network_overrides: self.net_overrides.clone(),
+            vsock_override: self
+                .vsock_override
+                .clone()
+                .map(|uds_path| VsockOverride { uds_path }),
+        })
+    }
+
     fn boot_args(&self) -> String {
         match &self.cmdline {
             Some(cmdline) => cmdline.clone(),
@@ -316,6 +361,65 @@ mod tests {
         match parse(args).unwrap().command {
             Some(Command::Run(run)) => run,
             None => panic!("no run command"),
+        }
+    }
+
+    #[test]
+    fn restore_takes_overrides_for_interfaces_and_the_vsock_socket() {
+        let run = run_args(&[
+            "run",
+            "--restore",
+            "state",
+            "--mem-file",
+            "mem",
+            "--net-override",
+            "eth0=tap1",
+            "--net-override",
+            "eth1=tap2",
+            "--vsock-override",
+            "/v.sock",
+        ]);
+        let params = run.restore_params().unwrap();
+        assert_eq!(params.snapshot_path, PathBuf::from("state"));
+        assert_eq!(params.mem_file_path, Some(PathBuf::from("mem")));
+        assert!(params.resume_vm);
+        let overrides: Vec<_> = params
+            .network_overrides
+            .iter()
+            .map(|o| (o.iface_id.as_str(), o.host_dev_name.as_str()))
+            .collect();
+        assert_eq!(overrides, [("eth0", "tap1"), ("eth1", "tap2")]);
+        assert_eq!(
+            params.vsock_override,
+            Some(VsockOverride {
+                uds_path: "/v.sock".into()
+            })
+        );
+        assert!(run_args(&["run", "--kernel", "k"])
+            .restore_params()
+            .is_none());
+    }
+
+    #[test]
+    fn bad_overrides_are_refused() {
+        let err = parse(&[
+            "run",
+            "--restore",
+            "s",
+            "--mem-file",
+            "m",
+            "--net-override",
+            "eth0",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(r#""eth0" is not IFACE_ID=TAP"#), "{err}");
+        for args in [
+            &["run", "--kernel", "k", "--net-override", "eth0=tap1"][..],
+            &["run", "--kernel", "k", "--vsock-override", "/v.sock"][..],
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains("--restore"), "{args:?}: {err}");
         }
     }
 

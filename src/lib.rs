@@ -210,12 +210,12 @@ impl Drop for RemoveOnDrop<'_> {
     }
 }
 
-/// `mote run --restore SNAPSHOT --mem-file PATH [--api-sock PATH]`: restores the snapshot,
-/// resumes it and runs it to the end, serving the API on `api_sock` when given.
+/// `mote run --restore SNAPSHOT --mem-file PATH [--net-override ID=TAP]... [--vsock-override
+/// PATH] [--api-sock PATH]`: restores the snapshot as `params` say, resumes it and runs it to
+/// the end, serving the API on `api_sock` when given.
 pub fn run_restored(
     instance_id: String,
-    snapshot: &Path,
-    mem_file: &Path,
+    params: &snapshot::actions::LoadSnapshotParams,
     api_sock: Option<&Path>,
     start: ProcessStart,
 ) -> Result<Outcome, MoteError> {
@@ -231,23 +231,13 @@ pub fn run_restored(
         start.instant,
         start.cpu_us,
     );
-    let params = snapshot::actions::LoadSnapshotParams {
-        snapshot_path: snapshot.to_path_buf(),
-        mem_backend: None,
-        mem_file_path: Some(mem_file.to_path_buf()),
-        enable_diff_snapshots: false,
-        track_dirty_pages: false,
-        resume_vm: true,
-        network_overrides: Vec::new(),
-        vsock_override: None,
-    };
     let Started {
         vmm,
         mut subscribers,
     } = controller
-        .load_snapshot(&params)
+        .load_snapshot(params)
         .map_err(|reason| MoteError::Restore {
-            path: snapshot.to_path_buf(),
+            path: params.snapshot_path.clone(),
             reason,
         })?;
     let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;

@@ -43,15 +43,11 @@ fn main() -> ExitCode {
     }));
 
     let result = match &cli.command {
-        Some(Command::Run(args)) => match (&args.restore, &args.mem_file) {
-            (Some(snapshot), Some(mem_file)) => mote::run_restored(
-                cli.id.clone(),
-                snapshot,
-                mem_file,
-                args.api_sock.as_deref(),
-                start,
-            ),
-            _ => mote::run_guest(&args.resources(), start),
+        Some(Command::Run(args)) => match args.restore_params() {
+            Some(params) => {
+                mote::run_restored(cli.id.clone(), &params, args.api_sock.as_deref(), start)
+            }
+            None => mote::run_guest(&args.resources(), start),
         },
         None => {
             let api = &cli.api;

@@ -78,7 +78,7 @@ fn numbers(out: &str, name: &str) -> Vec<u64> {
         .collect()
 }
 
-/// `mote run --restore STATE --mem-file MEM`, its console collected.
+/// `mote run --restore STATE --mem-file MEM [EXTRA...]`, its console collected.
 struct Restored {
     child: Child,
     stdout: Arc<Mutex<Vec<u8>>>,
@@ -86,12 +86,17 @@ struct Restored {
 
 impl Restored {
     fn spawn(state: &Path, mem: &Path) -> Self {
+        Self::spawn_with(state, mem, &[])
+    }
+
+    fn spawn_with(state: &Path, mem: &Path, extra: &[&std::ffi::OsStr]) -> Self {
         let mut child = Command::new(mote_bin())
             .arg("run")
             .arg("--restore")
             .arg(state)
             .arg("--mem-file")
             .arg(mem)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -377,13 +382,11 @@ fn snapshots_are_refused_unless_paused_and_the_guest_goes_on() {
 /// The guest's MAC in the network tests.
 const GUEST_MAC: &str = "06:00:0a:00:00:02";
 
-#[test]
-fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
-    if !require_kvm() || !netns::require_root() {
-        return;
-    }
-    // The namespace (and the TAPs in it) goes when the test ends, on a failure too.
-    let ns = Netns::new();
+/// Boots the probe in `ns` serving `answers` echo requests at 10.0.0.2 through tap0, pings it
+/// `pings` times, snapshots it, kills it, and puts tap1 where tap0 was (so that only an override
+/// can give the restored interface a TAP). Returns the test's directory, the state file and
+/// the memory file.
+fn snapshot_a_net_guest(ns: &Netns, answers: u32, pings: u32) -> (PathBuf, PathBuf, PathBuf) {
     ns.add_tap("tap0", Some("10.0.0.1/24"));
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&ns.name);
     let _ = fs::remove_dir_all(&dir);
@@ -391,13 +394,8 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
     let api = dir.join("api.sock");
     let mote = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
     common::api::wait_for_socket(&api, WAIT, String::new);
-    // Six echo requests in all: two before the snapshot, four after the restore.
-    common::api::ok(
-        &api,
-        "PUT",
-        "/boot-source",
-        &boot_source("net-init,net-serve:10.0.0.2:6:60"),
-    );
+    let steps = format!("net-init,net-serve:10.0.0.2:{answers}:60");
+    common::api::ok(&api, "PUT", "/boot-source", &boot_source(&steps));
     let eth0 =
         serde_json::json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC});
     common::api::ok(&api, "PUT", "/network-interfaces/eth0", &eth0.to_string());
@@ -408,14 +406,29 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
         r#"{"action_type": "InstanceStart"}"#,
     );
     mote.wait_for_line("net-serve ready", WAIT);
-    let ping = ns.run(&["ping", "-c", "2", "-W", "2", "-i", "0.2", "10.0.0.2"]);
-    assert!(ping.stdout.contains("2 received"), "{}", ping.stdout);
-
+    let count = pings.to_string();
+    let ping = ns.run(&["ping", "-c", &count, "-W", "2", "-i", "0.2", "10.0.0.2"]);
+    assert!(
+        ping.stdout.contains(&format!("{pings} received")),
+        "{}",
+        ping.stdout
+    );
     let (state, mem) = common::api::pause_and_snapshot(&api, &dir);
     drop(mote);
-    // tap0 goes: only the override can give the restored interface a TAP.
     ns.ip(&["link", "del", "tap0"]);
     ns.add_tap("tap1", Some("10.0.0.1/24"));
+    (dir, state, mem)
+}
+
+#[test]
+fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
+    if !require_kvm() || !netns::require_root() {
+        return;
+    }
+    // The namespace (and the TAPs in it) goes when the test ends, on a failure too.
+    let ns = Netns::new();
+    // Six echo requests in all: two before the snapshot, four after the restore.
+    let (dir, state, mem) = snapshot_a_net_guest(&ns, 6, 2);
 
     let api = dir.join("api-restored.sock");
     let restored = ns.spawn_mote(&["--api-sock".into(), api.display().to_string()]);
@@ -445,6 +458,76 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
     assert!(run.status.success(), "{}", run.stderr);
     assert!(
         run.stdout.contains("probe: net-serve answered=6 "),
+        "{}",
+        run.stdout
+    );
+}
+
+/// `mote run --restore` takes the API's overrides as flags: the restored vsock device serves
+/// its guest on the socket `--vsock-override` names.
+#[test]
+fn mote_run_restore_serves_vsock_on_the_socket_of_its_override() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("snapshot-vsock-cli", &[]);
+    let uds = mote.dir.join("v.sock");
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("vsock-init,vsock-echo-listen:5001:1"),
+    );
+    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": uds});
+    mote.ok("PUT", "/vsock", &vsock.to_string());
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let dir = mote.dir.clone();
+    let (state, mem, _) = snapshot_and_kill(mote, "probe: vsock: listening port=5001");
+
+    let new_uds = dir.join("v-restored.sock");
+    let restored = Restored::spawn_with(
+        &state,
+        &mem,
+        &["--vsock-override".as_ref(), new_uds.as_os_str()],
+    );
+    common::api::wait_for_socket(&new_uds, WAIT, String::new);
+    let data = host::noise(64 * 1024, 3);
+    assert!(
+        host::echo_through(&new_uds, 5001, data.clone()) == data,
+        "the echo differs"
+    );
+    let (out, ok, stderr) = restored.wait();
+    assert!(ok, "{out}\n{stderr}");
+    assert!(
+        out.contains("probe: vsock-echo-listen conns=1 bytes=65536\n"),
+        "{out}"
+    );
+}
+
+/// `mote run --restore --net-override eth0=tap1`: the restored interface answers through tap1.
+#[test]
+fn mote_run_restore_attaches_the_tap_of_its_net_override() {
+    if !require_kvm() || !netns::require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    // Three echo requests in all: one before the snapshot, two after the restore.
+    let (_dir, state, mem) = snapshot_a_net_guest(&ns, 3, 1);
+    let restored = ns.spawn_mote(&[
+        "run".into(),
+        "--restore".into(),
+        state.display().to_string(),
+        "--mem-file".into(),
+        mem.display().to_string(),
+        "--net-override".into(),
+        "eth0=tap1".into(),
+    ]);
+    ns.wait_for_carrier("tap1");
+    let ping = ns.run(&["ping", "-c", "2", "-W", "2", "-i", "0.2", "10.0.0.2"]);
+    assert!(ping.stdout.contains("2 received"), "{}", ping.stdout);
+    let run = restored.wait(WAIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("probe: net-serve answered=3 "),
         "{}",
         run.stdout
     );
