@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod metrics;
+pub mod unix_socket;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -265,34 +265,6 @@ impl Connection {
     }
 }
 
-/// Longest path a `sockaddr_un` holds, its terminating NUL aside.
-const MAX_SOCKET_PATH: usize = 107;
-
-/// Binds a listening socket at `path` so that it accepts connections from the moment its file
-/// exists. `bind` makes the file before `listen` makes it answer, and clients (ours, and
-/// Firecracker's SDKs) wait for the file and then connect: in between they get ECONNREFUSED. So
-/// the socket is bound and listening under a private name beside `path` first, then hard-linked
-/// to `path`, which also never replaces a file that is already there.
-fn bind_listening(path: &Path) -> io::Result<UnixListener> {
-    let private = path.with_file_name(format!(".mote-{}.sock", std::process::id()));
-    if private.as_os_str().len() > MAX_SOCKET_PATH {
-        return UnixListener::bind(path);
-    }
-    // A leftover of a killed process that had our pid.
-    let _ = std::fs::remove_file(&private);
-    let listener = UnixListener::bind(&private)?;
-    let linked = std::fs::hard_link(&private, path);
-    let _ = std::fs::remove_file(&private);
-    match linked {
-        Ok(()) => Ok(listener),
-        Err(err) if err.kind() == ErrorKind::AlreadyExists => {
-            Err(io::Error::from_raw_os_error(libc::EADDRINUSE))
-        }
-        // A file system without hard links: the plain bind, with its short window.
-        Err(_) => UnixListener::bind(path),
-    }
-}
-
 /// The API's HTTP server: owns the listening socket and its clients.
 pub struct HttpServer {
     listener: UnixListener,
@@ -308,7 +280,7 @@ impl HttpServer {
             path: path.display().to_string(),
             source,
         };
-        let listener = bind_listening(path).map_err(bind_err)?;
+        let listener = devices::unix_socket::bind_listening(path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let epoll = Epoll::new().map_err(HttpError::Epoll)?;
         epoll

@@ -102,7 +102,8 @@ impl Muxer {
             path: uds_path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        // Listening before its file appears: a client that waits for the file must not be refused.
+        let listener = crate::unix_socket::bind_listening(uds_path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(Self {
             guest_cid,
