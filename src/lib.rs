@@ -266,7 +266,7 @@ fn serve_until_start(
     controller: &mut Controller,
     signals: &StopSignals,
 ) -> Result<PreBoot, MoteError> {
-    let wait_err = |err| MoteError::PreBootWait(err);
+    let wait_err = MoteError::PreBootWait;
     let epoll = Epoll::new().map_err(wait_err)?;
     epoll
         .ctl(

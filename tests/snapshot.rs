@@ -463,6 +463,18 @@ fn a_restored_guest_answers_pings_through_the_tap_of_a_network_override() {
     );
 }
 
+/// Boots the probe through the API with `steps` and a vsock device (CID 3) on `v.sock` in its
+/// directory; returns the monitor and the socket's path.
+fn boot_with_vsock(name: &str, steps: &str) -> (ApiMote, PathBuf) {
+    let mote = ApiMote::spawn(name, &[]);
+    let uds = mote.dir.join("v.sock");
+    mote.ok("PUT", "/boot-source", &boot_source(steps));
+    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": uds});
+    mote.ok("PUT", "/vsock", &vsock.to_string());
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    (mote, uds)
+}
+
 /// `mote run --restore` takes the API's overrides as flags: the restored vsock device serves
 /// its guest on the socket `--vsock-override` names.
 #[test]
@@ -470,16 +482,7 @@ fn mote_run_restore_serves_vsock_on_the_socket_of_its_override() {
     if !require_kvm() {
         return;
     }
-    let mote = ApiMote::spawn("snapshot-vsock-cli", &[]);
-    let uds = mote.dir.join("v.sock");
-    mote.ok(
-        "PUT",
-        "/boot-source",
-        &boot_source("vsock-init,vsock-echo-listen:5001:1"),
-    );
-    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": uds});
-    mote.ok("PUT", "/vsock", &vsock.to_string());
-    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let (mote, _) = boot_with_vsock("snapshot-vsock-cli", "vsock-init,vsock-echo-listen:5001:1");
     let dir = mote.dir.clone();
     let (state, mem, _) = snapshot_and_kill(mote, "probe: vsock: listening port=5001");
 
@@ -538,14 +541,9 @@ fn a_restored_guest_drops_its_vsock_streams_and_takes_new_ones_both_ways() {
     if !require_kvm() {
         return;
     }
-    let mote = ApiMote::spawn("snapshot-vsock", &[]);
-    let uds = mote.dir.join("v.sock");
     let steps = "vsock-init,vsock-echo-listen:5000:1,vsock-echo-listen:5001:1,\
                  vsock-connect-echo:6000:65536";
-    mote.ok("PUT", "/boot-source", &boot_source(steps));
-    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": uds});
-    mote.ok("PUT", "/vsock", &vsock.to_string());
-    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let (mote, uds) = boot_with_vsock("snapshot-vsock", steps);
     mote.wait_for_stdout("probe: vsock: listening port=5000", WAIT);
     let data = host::noise(64 * 1024, 1);
     assert!(
