@@ -335,6 +335,10 @@ impl Vsock {
         let mut any = false;
         while let Some((id, len)) = self.rx.poll_used() {
             any = true;
+            // The device uses an event buffer before any RX buffer that follows it: an event
+            // that came while this packet did is visible now, and a transport reset must drop
+            // the old streams before this packet (a new stream's REQUEST) is taken.
+            self.poll_events();
             let index = usize::from(id);
             if index >= RX_COUNT {
                 continue;
