@@ -26,6 +26,17 @@ const CARGO_ENV_TO_CLEAR: &[&str] = &[
     "CARGO_PKG_NAME",
 ];
 
+/// The cargo that runs the tests, without the outer build's environment: for the crates the
+/// tests build themselves (the probe guest, tests/hosted-tool).
+pub fn clean_cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    for var in CARGO_ENV_TO_CLEAR {
+        command.env_remove(var);
+    }
+    command
+}
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -36,16 +47,10 @@ pub fn probe_kernel() -> PathBuf {
     PROBE
         .get_or_init(|| {
             let target_dir = repo().join("target/probe");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut build = Command::new(cargo);
-            build
+            let output = clean_cargo()
                 .current_dir(repo().join("tests/probe"))
                 .args(["build", "--release", "--quiet", "--target-dir"])
-                .arg(&target_dir);
-            for var in CARGO_ENV_TO_CLEAR {
-                build.env_remove(var);
-            }
-            let output = build
+                .arg(&target_dir)
                 .output()
                 .expect("cannot run cargo to build the probe guest");
             assert!(
