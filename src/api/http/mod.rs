@@ -28,6 +28,11 @@ const LISTENER_DATA: u64 = u64::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    #[error(
+        "the API socket path {path} is {len} bytes; a Unix socket path holds at most {max}",
+        max = devices::unix_socket::MAX_SOCKET_PATH
+    )]
+    PathTooLong { path: String, len: usize },
     #[error("cannot bind the API socket {path}: {source}")]
     Bind { path: String, source: io::Error },
     #[error("the API socket's epoll set failed: {0}")]
@@ -276,6 +281,14 @@ pub struct HttpServer {
 impl HttpServer {
     /// Binds `path`, which must not exist (a stale socket is the caller's to remove).
     pub fn bind(path: &Path, max_payload: usize) -> Result<Self, HttpError> {
+        // Refused here with its own words: a longer path cannot be connected to.
+        let len = path.as_os_str().len();
+        if len > devices::unix_socket::MAX_SOCKET_PATH {
+            return Err(HttpError::PathTooLong {
+                path: path.display().to_string(),
+                len,
+            });
+        }
         let bind_err = |source| HttpError::Bind {
             path: path.display().to_string(),
             source,
