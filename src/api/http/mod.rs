@@ -6,6 +6,9 @@
 //! answered with 400 and its connection closed, an oversized body is refused from its headers
 //! alone, and a client that disconnects mid-request is forgotten.
 
+mod request;
+mod response;
+
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -15,11 +18,10 @@ use std::path::Path;
 use log::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// Firecracker's default limit on a request body (`--http-api-max-payload-size`).
-pub const DEFAULT_MAX_PAYLOAD: usize = 51_200;
-/// The most a request line and its headers may take.
-const MAX_HEADER_BYTES: usize = 8 * 1024;
-const MAX_HEADERS: usize = 32;
+use request::{parse_request, Parsed};
+pub use request::{Request, DEFAULT_MAX_PAYLOAD};
+pub use response::Response;
+
 /// More clients than this at once are turned away (each costs buffers and an fd).
 const MAX_CONNECTIONS: usize = 64;
 const READ_CHUNK: usize = 4096;
@@ -37,183 +39,6 @@ pub enum HttpError {
     Bind { path: String, source: io::Error },
     #[error("the API socket's epoll set failed: {0}")]
     Epoll(io::Error),
-}
-
-/// A complete request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    /// The path without a query string.
-    pub path: String,
-    pub body: Vec<u8>,
-}
-
-/// What the handler answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    /// A JSON document, or nothing (204).
-    pub body: Option<String>,
-}
-
-impl Response {
-    pub fn no_content() -> Self {
-        Self {
-            status: 204,
-            body: None,
-        }
-    }
-
-    pub fn json(status: u16, body: String) -> Self {
-        Self {
-            status,
-            body: Some(body),
-        }
-    }
-
-    /// Firecracker's error shape: `{"fault_message": "..."}`.
-    pub fn fault(status: u16, message: &str) -> Self {
-        Self::json(
-            status,
-            serde_json::json!({ "fault_message": message }).to_string(),
-        )
-    }
-
-    fn reason(&self) -> &'static str {
-        match self.status {
-            100 => "Continue",
-            200 => "OK",
-            204 => "No Content",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            413 => "Payload Too Large",
-            500 => "Internal Server Error",
-            _ => "",
-        }
-    }
-
-    fn render(&self, keep_alive: bool) -> Vec<u8> {
-        let connection = if keep_alive { "keep-alive" } else { "close" };
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nServer: mote API\r\nConnection: {connection}\r\n",
-            self.status,
-            self.reason()
-        );
-        match &self.body {
-            Some(body) => {
-                out.push_str(&format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                ));
-            }
-            None if self.status == 204 => out.push_str("\r\n"),
-            None => out.push_str("Content-Length: 0\r\n\r\n"),
-        }
-        out.into_bytes()
-    }
-}
-
-/// Where parsing the bytes received so far got to.
-#[derive(Debug, PartialEq, Eq)]
-enum Parsed {
-    /// More bytes are needed; `continue_100` asks the client to send its body.
-    Incomplete { continue_100: bool },
-    /// A whole request, `consumed` bytes long, and whether the connection stays open after it.
-    Complete {
-        request: Request,
-        consumed: usize,
-        keep_alive: bool,
-    },
-    /// Answer this and close the connection.
-    Refused(Response),
-}
-
-fn header_value<'a>(headers: &'a [httparse::Header], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value)
-}
-
-/// Parses one request from the front of `buf`.
-fn parse_request(buf: &[u8], max_payload: usize) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let header_len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEADER_BYTES => {
-            return Parsed::Refused(Response::fault(
-                400,
-                &format!("the request's headers are longer than {MAX_HEADER_BYTES} bytes"),
-            ))
-        }
-        Ok(httparse::Status::Partial) => {
-            return Parsed::Incomplete {
-                continue_100: false,
-            }
-        }
-        Err(err) => {
-            return Parsed::Refused(Response::fault(
-                400,
-                &format!("malformed HTTP request: {err}"),
-            ))
-        }
-    };
-    let method = request.method.unwrap_or_default().to_string();
-    let target = request.path.unwrap_or_default();
-    let path = target.split('?').next().unwrap_or_default().to_string();
-    let headers = request.headers;
-
-    if header_value(headers, "transfer-encoding").is_some() {
-        return Parsed::Refused(Response::fault(
-            400,
-            "Transfer-Encoding is not supported: send a Content-Length",
-        ));
-    }
-    let body_len = match header_value(headers, "content-length") {
-        None => 0,
-        Some(value) => match std::str::from_utf8(value)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-        {
-            Some(len) => len,
-            None => return Parsed::Refused(Response::fault(400, "invalid Content-Length header")),
-        },
-    };
-    if body_len > max_payload {
-        // Firecracker's wording; the body is never read.
-        return Parsed::Refused(Response::fault(
-            400,
-            &format!(
-                "Request payload with size {body_len} is larger than the limit of \
-                 {max_payload} allowed by server."
-            ),
-        ));
-    }
-    if buf.len() - header_len < body_len {
-        let expects_continue = header_value(headers, "expect")
-            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
-        return Parsed::Incomplete {
-            continue_100: expects_continue,
-        };
-    }
-    let http_10 = request.version == Some(0);
-    let connection = header_value(headers, "connection");
-    let keep_alive = match connection {
-        Some(v) if v.eq_ignore_ascii_case(b"close") => false,
-        Some(v) if v.eq_ignore_ascii_case(b"keep-alive") => true,
-        _ => !http_10,
-    };
-    Parsed::Complete {
-        request: Request {
-            method,
-            path,
-            body: buf[header_len..header_len + body_len].to_vec(),
-        },
-        consumed: header_len + body_len,
-        keep_alive,
-    }
 }
 
 /// One client.

@@ -1,3 +1,4 @@
+use super::request::{parse_request, Parsed, MAX_HEADER_BYTES};
 use super::*;
 
 fn complete(buf: &[u8]) -> (Request, usize, bool) {
@@ -162,4 +163,62 @@ fn serves_clients_over_a_unix_socket() {
     assert!(read_response(&mut client).contains("/c"));
     drop(idle);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn body_len(headers: &str) -> Result<usize, String> {
+    let raw = format!("PUT / HTTP/1.1\r\n{headers}\r\n{}", "x".repeat(64));
+    match parse_request(raw.as_bytes(), 1024) {
+        Parsed::Complete { request, .. } => Ok(request.body.len()),
+        Parsed::Refused(response) => Err(response.body.unwrap()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn content_length_is_digits_and_several_must_agree() {
+    assert_eq!(body_len("Content-Length: 37\r\n"), Ok(37));
+    assert_eq!(body_len("Content-Length:\t 37 \r\n"), Ok(37));
+    assert_eq!(
+        body_len("content-length: 5\r\nContent-Length: 5\r\n"),
+        Ok(5)
+    );
+    assert_eq!(body_len("Content-Length: 5, 5\r\n"), Ok(5));
+    assert_eq!(body_len("Content-Length: 007\r\n"), Ok(7));
+    assert_eq!(body_len(""), Ok(0));
+    for conflicting in [
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Content-Length: 5, 6\r\n",
+        "Content-Length: 0\r\nContent-Length: 37\r\n",
+    ] {
+        let fault = body_len(conflicting).unwrap_err();
+        assert!(fault.contains("conflicting Content-Length"), "{fault}");
+    }
+    for malformed in [
+        "+37",
+        "-1",
+        "3 7",
+        "0x25",
+        "37a",
+        "",
+        "5,",
+        ",5",
+        "1e3",
+        "٣",
+        "99999999999999999999999",
+    ] {
+        let fault = body_len(&format!("Content-Length: {malformed}\r\n")).unwrap_err();
+        assert!(
+            fault.contains("invalid Content-Length"),
+            "{malformed:?}: {fault}"
+        );
+    }
+}
+
+#[test]
+fn headers_over_the_limit_are_refused_even_when_they_come_whole() {
+    let raw = format!(
+        "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+        "a".repeat(MAX_HEADER_BYTES)
+    );
+    assert!(refused(raw.as_bytes(), 100).contains("headers are longer"));
 }
