@@ -35,6 +35,12 @@ pub(super) enum Parsed {
     Refused(Response),
 }
 
+/// The most bytes an incomplete request can take: a request that is still [`Parsed::Incomplete`]
+/// is always shorter, so a connection never needs to hold more than this of its input.
+pub(super) fn max_request_len(max_payload: usize) -> usize {
+    MAX_HEADER_BYTES + max_payload
+}
+
 fn header_value<'a>(headers: &'a [httparse::Header], name: &str) -> Option<&'a [u8]> {
     headers
         .iter()
