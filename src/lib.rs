@@ -256,8 +256,9 @@ enum PreBoot {
     Stopped(libc::c_int),
 }
 
-/// Epoll data of the API's wake-up; the signal pipes carry their signal number.
+/// Epoll data of the API's wake-up and of the stop signals' pipe.
 const API_WAKE_DATA: u64 = u64::MAX;
+const STOP_SIGNAL_DATA: u64 = u64::MAX - 1;
 
 /// Before boot the main thread has nothing to do but answer the API, in order, until a start
 /// succeeds, or until a stop signal, which ends the process in order (its socket removed).
@@ -275,15 +276,13 @@ fn serve_until_start(
             EpollEvent::new(EventSet::IN, API_WAKE_DATA),
         )
         .map_err(wait_err)?;
-    for (signal, fd) in signals.fds() {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, signal as u64),
-            )
-            .map_err(wait_err)?;
-    }
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            signals.fd(),
+            EpollEvent::new(EventSet::IN, STOP_SIGNAL_DATA),
+        )
+        .map_err(wait_err)?;
     let mut events = [EpollEvent::default(); 4];
     loop {
         let request = match api.requests.try_recv() {
@@ -300,9 +299,7 @@ fn serve_until_start(
                 for event in &events[..ready] {
                     if event.data() == API_WAKE_DATA {
                         let _ = api.wake.read();
-                    } else {
-                        let signal = event.data() as libc::c_int;
-                        signals.drain(signal);
+                    } else if let Some(signal) = signals.take() {
                         return Ok(PreBoot::Stopped(signal));
                     }
                 }

@@ -24,6 +24,11 @@ fn main() -> ExitCode {
         cpu_us: process_cpu_time_us(),
     };
     one_malloc_arena();
+    // Before any thread starts, so that every thread inherits it.
+    if let Err(err) = mote::signals::ignore_file_size_signal() {
+        eprintln!("mote: cannot ignore SIGXFSZ: {err}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     mote::logger::init(&cli.id, cli.level);
     // Chosen before any thread starts; each thread installs its filter itself.

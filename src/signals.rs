@@ -1,25 +1,49 @@
-//! The signals that stop the monitor in order (SIGTERM, SIGINT, SIGHUP), turned into readable
-//! fds for the event loop, so that stopping runs the same path as any other exit.
+//! The signals that would end the monitor, turned into one readable fd for the event loop, so
+//! that stopping runs the same path as any other exit (status 128 + N, the API socket and
+//! every other file mote made removed). Only the synchronous crash signals (SIGSEGV, SIGBUS,
+//! SIGILL, SIGFPE, SIGTRAP, SIGABRT, SIGSYS) keep their default action: after one of those the
+//! monitor's own state cannot be trusted to stop in order. SIGPIPE is ignored by Rust's
+//! runtime and SIGXFSZ by [`ignore_file_size_signal`], so both become write errors.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
-/// Signals that ask the monitor to stop.
-pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+/// Signals whose default action ends the process and that someone else sends (a supervisor,
+/// a terminal, a timer, the kernel at a CPU-time limit); the real-time ones from
+/// `SIGRTMIN() + 1` are added at registration (`SIGRTMIN()` itself is the vCPU kick).
+pub const STOP_SIGNALS: [libc::c_int; 13] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGXCPU,
+    libc::SIGIO,
+    libc::SIGPWR,
+    libc::SIGSTKFLT,
+];
 
-/// One readable end per stop signal.
+/// The first stop signal that arrived, 0 before any did.
+static FIRST: AtomicI32 = AtomicI32::new(0);
+
+/// The readable end of the one pipe every stop signal writes.
 pub struct StopSignals {
-    pipes: Vec<(libc::c_int, UnixStream)>,
+    pipe: UnixStream,
 }
 
 static REGISTERED: OnceLock<StopSignals> = OnceLock::new();
 
 impl StopSignals {
-    /// The process's one set of pipes, registered on first use. One set, so that a signal
-    /// that lands while the API waits before boot, or while the VM is built, is still in its
-    /// pipe when the running monitor's event loop starts watching.
+    /// The process's one pipe, registered on first use. One, so that a signal that lands
+    /// while the API waits before boot, or while the VM is built, is still in the pipe when
+    /// the running monitor's event loop starts watching.
     pub fn get() -> io::Result<&'static Self> {
         if let Some(signals) = REGISTERED.get() {
             return Ok(signals);
@@ -29,37 +53,132 @@ impl StopSignals {
     }
 
     fn register() -> io::Result<Self> {
-        let mut pipes = Vec::new();
-        for signal in STOP_SIGNALS {
-            let (read_end, write_end) = UnixStream::pair()?;
-            read_end.set_nonblocking(true)?;
-            signal_hook::low_level::pipe::register(signal, write_end)?;
-            pipes.push((signal, read_end));
+        let (read_end, write_end) = UnixStream::pair()?;
+        read_end.set_nonblocking(true)?;
+        // The handler never blocks: a full pipe already wakes the loop.
+        write_end.set_nonblocking(true)?;
+        let fd = write_end.as_raw_fd();
+        // The write end lives as long as the process.
+        std::mem::forget(write_end);
+        for signal in stop_signals() {
+            let action = move || {
+                let _ = FIRST.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+                // SAFETY: send(2) is async-signal-safe; `fd` is the pipe's write end, never
+                // closed, and the buffer is one byte on the stack. MSG_DONTWAIT is what the
+                // seccomp filters allow the handler on every thread.
+                unsafe {
+                    libc::send(fd, [1u8].as_ptr().cast(), 1, libc::MSG_DONTWAIT);
+                }
+            };
+            // SAFETY: the action only does an atomic compare-exchange and a send(2), both
+            // async-signal-safe; it takes no lock and does not allocate.
+            unsafe { signal_hook::low_level::register(signal, action) }?;
         }
-        Ok(Self { pipes })
+        Ok(Self { pipe: read_end })
     }
 
-    pub fn fds(&self) -> impl Iterator<Item = (libc::c_int, RawFd)> + '_ {
-        self.pipes
-            .iter()
-            .map(|(sig, pipe)| (*sig, pipe.as_raw_fd()))
+    /// The fd that turns readable when a stop signal arrived.
+    pub fn fd(&self) -> RawFd {
+        self.pipe.as_raw_fd()
     }
 
-    /// Empties the pipe of `signal` after it woke the loop.
-    pub fn drain(&self, signal: libc::c_int) {
-        if let Some((_, pipe)) = self.pipes.iter().find(|(sig, _)| *sig == signal) {
-            let mut buf = [0u8; 16];
-            while matches!((&*pipe).read(&mut buf), Ok(n) if n > 0) {}
+    /// Empties the pipe after it woke the loop, and says which signal came first.
+    pub fn take(&self) -> Option<libc::c_int> {
+        let mut buf = [0u8; 64];
+        while matches!((&self.pipe).read(&mut buf), Ok(n) if n > 0) {}
+        match FIRST.load(Ordering::SeqCst) {
+            0 => None,
+            signal => Some(signal),
         }
     }
 }
 
+/// Every signal that asks the monitor to stop: [`STOP_SIGNALS`] and the real-time signals
+/// after the vCPU kick.
+pub fn stop_signals() -> impl Iterator<Item = libc::c_int> {
+    STOP_SIGNALS
+        .into_iter()
+        .chain(libc::SIGRTMIN() + 1..=libc::SIGRTMAX())
+}
+
+/// A write past RLIMIT_FSIZE (`mote-jailer --resource-limit fsize=N`) raises SIGXFSZ, whose
+/// default action kills the process without a word and leaves its socket behind. Ignored,
+/// the write fails with EFBIG instead, and the device or file that made it reports the error
+/// (a guest's disk write gets IOERR). Call before any thread starts: threads inherit it.
+pub fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code; SIGXFSZ is not one Rust's runtime relies on.
+    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if previous == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The signal's name, for messages.
-pub fn signal_name(signal: libc::c_int) -> &'static str {
-    match signal {
+pub fn signal_name(signal: libc::c_int) -> String {
+    let name = match signal {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
         libc::SIGHUP => "SIGHUP",
-        _ => "a signal",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGSTKFLT => "SIGSTKFLT",
+        _ if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&signal) => {
+            return format!("SIGRTMIN+{}", signal - libc::SIGRTMIN())
+        }
+        _ => return format!("signal {signal}"),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_catchable_signal_that_would_end_the_process_is_a_stop_signal() {
+        let stops: Vec<_> = stop_signals().collect();
+        // Default action "terminate" or "core" (signal(7)), less the synchronous crashes,
+        // SIGKILL, the ignored SIGPIPE and SIGXFSZ, and the vCPU kick.
+        let not_stops = [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+            libc::SIGABRT,
+            libc::SIGSYS,
+            libc::SIGKILL,
+            libc::SIGPIPE,
+            libc::SIGXFSZ,
+            libc::SIGRTMIN(),
+        ];
+        let ignored_or_stopping = [
+            libc::SIGCHLD,
+            libc::SIGCONT,
+            libc::SIGSTOP,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGURG,
+            libc::SIGWINCH,
+        ];
+        for signal in 1..=libc::SIGRTMAX() {
+            // Reserved for the C library's own threads.
+            if (32..libc::SIGRTMIN()).contains(&signal) {
+                continue;
+            }
+            let expected = !not_stops.contains(&signal) && !ignored_or_stopping.contains(&signal);
+            assert_eq!(stops.contains(&signal), expected, "signal {signal}");
+        }
+        assert_eq!(signal_name(libc::SIGQUIT), "SIGQUIT");
+        assert_eq!(signal_name(libc::SIGRTMIN() + 2), "SIGRTMIN+2");
     }
 }

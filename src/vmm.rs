@@ -18,9 +18,10 @@ use crate::signals::{signal_name, StopSignals};
 use crate::vstate::vcpu::{VcpuEvent, VcpuExitReason, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
 
-/// Event data that tells the Vmm's fds apart (signal pipes carry their signal number).
+/// Event data that tells the Vmm's fds apart.
 const EXIT_EVT_DATA: u32 = u32::MAX;
 const RESET_EVT_DATA: u32 = u32::MAX - 1;
+const STOP_SIGNAL_DATA: u32 = u32::MAX - 2;
 
 /// How a guest's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,20 +269,21 @@ impl MutEventSubscriber for Vmm {
                 let _ = self.reset_evt.read();
                 self.conclude(Outcome::GuestStopped(VcpuExitReason::Reset));
             }
-            signal => {
-                let signal = signal as libc::c_int;
-                self.signals.drain(signal);
-                self.conclude(Outcome::Signal(signal));
+            STOP_SIGNAL_DATA => {
+                if let Some(signal) = self.signals.take() {
+                    self.conclude(Outcome::Signal(signal));
+                }
             }
+            other => debug!("event for unknown data {other}"),
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds = vec![
+        let fds = [
             (self.exit_evt.as_raw_fd(), EXIT_EVT_DATA),
             (self.reset_evt.as_raw_fd(), RESET_EVT_DATA),
+            (self.signals.fd(), STOP_SIGNAL_DATA),
         ];
-        fds.extend(self.signals.fds().map(|(sig, fd)| (fd, sig as u32)));
         for (fd, data) in fds {
             if let Err(err) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 warn!("cannot watch fd {fd}: {err}");

@@ -82,30 +82,63 @@ fn a_whole_probe_lifecycle_through_the_api() {
     );
 }
 
-/// A stop signal before boot ends the monitor in order, as after boot: status 128 + N, a line
-/// naming the signal, and no socket left behind to make the next start fail.
+/// Waits for `mote` to end after `signal` and checks that it ended in order: status 128 + N,
+/// a line naming the signal, and no socket left behind to make the next start fail.
+fn assert_stopped_in_order(mote: ApiMote, signal: libc::c_int, name: &str) {
+    common::send_signal(mote.pid(), signal);
+    let socket = mote.socket.clone();
+    let run = mote.wait(WAIT);
+    assert_eq!(
+        run.status.code(),
+        Some(128 + signal),
+        "{name}: {:?}\n{}",
+        run.status,
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(&format!("stopped by {name}")),
+        "{}",
+        run.stderr
+    );
+    assert!(!socket.exists(), "the API socket outlived the monitor");
+}
+
+/// Every signal that would end the monitor ends it in order, before boot as after: not only
+/// SIGTERM and SIGINT but SIGQUIT (Ctrl-\), SIGUSR1 and the others a supervisor may send.
 #[test]
 fn a_stop_signal_before_boot_ends_in_order_and_removes_the_socket() {
     if !require_kvm() {
         return;
     }
-    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+    for (signal, name) in [
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+    ] {
         let mote = ApiMote::spawn(&format!("preboot-{name}"), &[]);
         mote.ok(
             "PUT",
             "/machine-config",
             r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
         );
-        common::send_signal(mote.pid(), signal);
-        let socket = mote.socket.clone();
-        let run = mote.wait(WAIT);
-        assert_eq!(run.status.code(), Some(128 + signal), "{}", run.stderr);
-        assert!(
-            run.stderr.contains(&format!("stopped by {name}")),
-            "{}",
-            run.stderr
-        );
-        assert!(!socket.exists(), "the API socket outlived the monitor");
+        assert_stopped_in_order(mote, signal, name);
+    }
+}
+
+#[test]
+fn sigquit_and_sigusr1_stop_a_running_guest_in_order() {
+    if !require_kvm() {
+        return;
+    }
+    for (signal, name) in [(libc::SIGQUIT, "SIGQUIT"), (libc::SIGUSR1, "SIGUSR1")] {
+        let mote = ApiMote::spawn(&format!("running-{name}"), &[]);
+        mote.ok("PUT", "/boot-source", &boot_source("hello,spin"));
+        start(&mote);
+        mote.wait_for_stdout("probe: hello", WAIT);
+        assert_stopped_in_order(mote, signal, name);
     }
 }
 

@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{mote_bin, probe_kernel, require_kvm};
 
@@ -232,4 +233,49 @@ fn no_dev_kvm_at_all() {
         return;
     }
     assert_clean_failure(&output, "cannot open /dev/kvm: No such file or directory");
+}
+
+/// Runs `mote ARGS` and kills it after `timeout`: a monitor that took bad input for good
+/// would otherwise serve forever.
+fn mote_within(args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(mote_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+/// A `sockaddr_un` holds 107 bytes of path: a longer `--api-sock` could be bound under a
+/// shorter name and linked, and then nobody could connect to it.
+#[test]
+fn api_socket_path_longer_than_a_socket_address_holds() {
+    let dir = scratch("long-api-sock");
+    let long = dir.join("s".repeat(110));
+    let long = long.to_str().unwrap();
+    let expected = format!("the API socket path {long} is {} bytes", long.len());
+    for args in [
+        vec!["--api-sock", long],
+        vec![
+            "run",
+            "--restore",
+            "/nonexistent/state",
+            "--mem-file",
+            "/nonexistent/mem",
+            "--api-sock",
+            long,
+        ],
+    ] {
+        let output = mote_within(&args, Duration::from_secs(10));
+        let line = assert_clean_failure(&output, &expected);
+        assert!(line.contains("at most 107"), "{line}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "a file was left");
+    }
 }

@@ -506,3 +506,83 @@ fn a_read_only_drive_refuses_discard_and_write_zeroes() {
     );
     assert_eq!(read_sectors(&image, 0, 64), vec![0x55; 64 * SECTOR]);
 }
+
+/// A write past RLIMIT_FSIZE (what `mote-jailer --resource-limit fsize=N` sets) raised
+/// SIGXFSZ, which killed the monitor without a word. It is an I/O error for the guest and a
+/// log line; the monitor goes on, and writes below the limit still reach the file.
+#[test]
+fn a_write_past_the_file_size_limit_is_an_io_error_and_mote_goes_on() {
+    if !require_kvm() {
+        return;
+    }
+    /// Sector 32 is the first the limit refuses.
+    const LIMIT: u64 = 32 * SECTOR as u64;
+    let dir = scratch("fsize");
+    let image = disk(&dir, "disk.img", 64, 0);
+    let probe = probe_kernel();
+    let mut command = Command::new(mote_bin());
+    command
+        .arg("run")
+        .arg("--kernel")
+        .arg(&probe)
+        .arg("--append")
+        // Across the limit (the first sector is written, the second refused), wholly past
+        // it, then below it.
+        .arg("probe.run=blk-init,blk-write:31:2:1,blk-write:40:1:1,blk-write:0:2:2,blk-flush")
+        .arg("--drive")
+        .arg(&image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    let statuses: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("probe: blk-write") || l.starts_with("probe: blk-flush"))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "probe: blk-write status=1",
+            "probe: blk-write status=1",
+            "probe: blk-write status=0",
+            "probe: blk-flush status=0",
+        ],
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("virtio-blk") && stderr.contains("File too large"),
+        "{stderr}"
+    );
+    assert_eq!(read_sectors(&image, 0, 2), pattern_sectors(0, 2, 2));
+    assert_eq!(read_sectors(&image, 40, 1), vec![0; SECTOR]);
+}

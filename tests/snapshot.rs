@@ -379,6 +379,50 @@ fn snapshots_are_refused_unless_paused_and_the_guest_goes_on() {
     assert_eq!(numbers(&run.stdout, "count"), (1..=15).collect::<Vec<_>>());
 }
 
+/// A crash in mote is reported as that crash. Here a real one: the memory file of a restored
+/// guest is truncated under it (as another process may do), so the main thread's first read
+/// of a page that was never copied, while it writes a new snapshot, raises SIGBUS. Rust's
+/// handler resets the signal's action to re-raise it; the seccomp filters used to refuse that
+/// call, and the crash looked like a filter violation (SIGSYS).
+#[test]
+fn a_sigbus_in_mote_is_reported_as_sigbus_not_as_a_seccomp_violation() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("sigbus-source", "hello,spin", None);
+    let (state, mem, _) = snapshot_and_kill(mote, "probe: hello\n");
+    let restored = ApiMote::spawn("sigbus", &[]);
+    restored.ok("PUT", "/snapshot/load", &load_body(&state, &mem, false));
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&mem)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let body = serde_json::json!({
+        "snapshot_type": "Full",
+        "snapshot_path": restored.dir.join("state2"),
+        "mem_file_path": restored.dir.join("mem2"),
+    })
+    .to_string();
+    let mut stream = std::os::unix::net::UnixStream::connect(&restored.socket).unwrap();
+    write!(
+        stream,
+        "PUT /snapshot/create HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let run = restored.wait(WAIT);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        run.status.signal(),
+        Some(libc::SIGBUS),
+        "{:?}\n{}",
+        run.status,
+        run.stderr
+    );
+}
+
 /// The guest's MAC in the network tests.
 const GUEST_MAC: &str = "06:00:0a:00:00:02";
 

@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod log_limit;
 pub mod metrics;
 pub mod unix_socket;
 pub mod virtio;

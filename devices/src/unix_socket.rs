@@ -10,12 +10,20 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Longest path a `sockaddr_un` holds, its terminating NUL aside.
-const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Binds a listening socket at `path` so that it accepts connections from the moment its file
 /// exists: bound and listening under a private name beside `path` first, then hard-linked to
 /// `path`, which also never replaces a file that is already there (EADDRINUSE, as `bind`).
+/// A path longer than [`MAX_SOCKET_PATH`] is refused (InvalidInput): a shorter private name
+/// would bind, and the link would make a file no client can connect to.
 pub fn bind_listening(path: &Path) -> io::Result<UnixListener> {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("a Unix socket path holds at most {MAX_SOCKET_PATH} bytes"),
+        ));
+    }
     // One process may bind several sockets in one directory.
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let private = path.with_file_name(format!(
@@ -69,6 +77,18 @@ mod tests {
         let err = bind_listening(&taken).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
         assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_too_long_for_a_socket_address_is_refused_and_no_file_appears() {
+        let dir = std::env::temp_dir().join(format!("mote-bind-long-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let long = dir.join("s".repeat(MAX_SOCKET_PATH));
+        let err = bind_listening(&long).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -209,6 +209,47 @@ fn gnu_rules_for_musl(gnu: BTreeMap<String, Vec<String>>) -> RuleSet {
 }
 
 #[cfg(target_arch = "x86_64")]
+/// A crash is reported as itself, not as a filter violation: every filter lets the crash path
+/// restore a signal's default action (abort() for SIGABRT; the handler Rust's runtime installs
+/// for SIGSEGV and SIGBUS, which then returns so the fault repeats), and no other signal's.
+#[test]
+fn every_filter_lets_a_crash_be_reported_as_itself() {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(FILTER_JSON).unwrap()).unwrap();
+    for filter in Filter::ALL {
+        let name = filter.name();
+        // The signal each rt_sigaction rule allows, None for a rule without conditions.
+        let allowed: Vec<Option<u64>> = json[name]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|rule| rule["syscall"] == "rt_sigaction")
+            .map(|rule| {
+                let args = rule.get("args")?.as_array().unwrap();
+                assert_eq!(args.len(), 1, "`{name}`: {rule}");
+                assert_eq!(
+                    (&args[0]["index"], &args[0]["op"]),
+                    (&0.into(), &"eq".into())
+                );
+                args[0]["val"].as_u64()
+            })
+            .collect();
+        for signal in [libc::SIGABRT, libc::SIGBUS, libc::SIGSEGV] {
+            assert!(
+                allowed.contains(&None) || allowed.contains(&Some(signal as u64)),
+                "`{name}` kills a crash with SIGSYS before signal {signal} is reported"
+            );
+        }
+        if filter != Filter::Build {
+            assert_eq!(
+                allowed.len(),
+                3,
+                "`{name}` allows more handlers: {allowed:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn musl_and_glibc_filters_allow_the_same() {
     let read = |libc: &str| -> serde_json::Value {

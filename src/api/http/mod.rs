@@ -2,267 +2,52 @@
 //! Content-Length bodies, keep-alive, `Expect: 100-continue`, several clients at once on one
 //! epoll set. Each complete request goes to a handler; its response is written back in order.
 //!
-//! What a client sends can never stall the others or end the server: a malformed request is
-//! answered with 400 and its connection closed, an oversized body is refused from its headers
-//! alone, and a client that disconnects mid-request is forgotten.
+//! What a client sends, or does not read, can never stall the others, grow the server without
+//! bound, or end it: a malformed request is answered with 400 and its connection closed, an
+//! oversized body is refused from its headers alone, a client that does not read its answers
+//! is not read from either (`connection.rs`), a connection idle or stalled too long is closed,
+//! and when all [`MAX_CONNECTIONS`] are taken the one idle the longest makes room for a new
+//! client, or else the new client gets 503.
+
+mod connection;
+mod request;
+mod response;
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
+use devices::log_limit::{held_back_note, LogLimiter};
 use log::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// Firecracker's default limit on a request body (`--http-api-max-payload-size`).
-pub const DEFAULT_MAX_PAYLOAD: usize = 51_200;
-/// The most a request line and its headers may take.
-const MAX_HEADER_BYTES: usize = 8 * 1024;
-const MAX_HEADERS: usize = 32;
-/// More clients than this at once are turned away (each costs buffers and an fd).
-const MAX_CONNECTIONS: usize = 64;
-const READ_CHUNK: usize = 4096;
+pub use connection::Timeouts;
+use connection::{Connection, Turn};
+pub use request::{Request, DEFAULT_MAX_PAYLOAD};
+pub use response::Response;
+
+/// More clients than this at once cost buffers and fds; when all are busy, a new one gets 503.
+pub const MAX_CONNECTIONS: usize = 64;
 /// Epoll data of the listening socket; connections use their fd.
 const LISTENER_DATA: u64 = u64::MAX;
+/// At most one line per this long about clients turned away or failed accepts: a connect flood
+/// must not become a log flood.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    #[error(
+        "the API socket path {path} is {len} bytes; a Unix socket path holds at most {max}",
+        max = devices::unix_socket::MAX_SOCKET_PATH
+    )]
+    PathTooLong { path: String, len: usize },
     #[error("cannot bind the API socket {path}: {source}")]
     Bind { path: String, source: io::Error },
     #[error("the API socket's epoll set failed: {0}")]
     Epoll(io::Error),
-}
-
-/// A complete request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    /// The path without a query string.
-    pub path: String,
-    pub body: Vec<u8>,
-}
-
-/// What the handler answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    /// A JSON document, or nothing (204).
-    pub body: Option<String>,
-}
-
-impl Response {
-    pub fn no_content() -> Self {
-        Self {
-            status: 204,
-            body: None,
-        }
-    }
-
-    pub fn json(status: u16, body: String) -> Self {
-        Self {
-            status,
-            body: Some(body),
-        }
-    }
-
-    /// Firecracker's error shape: `{"fault_message": "..."}`.
-    pub fn fault(status: u16, message: &str) -> Self {
-        Self::json(
-            status,
-            serde_json::json!({ "fault_message": message }).to_string(),
-        )
-    }
-
-    fn reason(&self) -> &'static str {
-        match self.status {
-            100 => "Continue",
-            200 => "OK",
-            204 => "No Content",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            413 => "Payload Too Large",
-            500 => "Internal Server Error",
-            _ => "",
-        }
-    }
-
-    fn render(&self, keep_alive: bool) -> Vec<u8> {
-        let connection = if keep_alive { "keep-alive" } else { "close" };
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nServer: mote API\r\nConnection: {connection}\r\n",
-            self.status,
-            self.reason()
-        );
-        match &self.body {
-            Some(body) => {
-                out.push_str(&format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                ));
-            }
-            None if self.status == 204 => out.push_str("\r\n"),
-            None => out.push_str("Content-Length: 0\r\n\r\n"),
-        }
-        out.into_bytes()
-    }
-}
-
-/// Where parsing the bytes received so far got to.
-#[derive(Debug, PartialEq, Eq)]
-enum Parsed {
-    /// More bytes are needed; `continue_100` asks the client to send its body.
-    Incomplete { continue_100: bool },
-    /// A whole request, `consumed` bytes long, and whether the connection stays open after it.
-    Complete {
-        request: Request,
-        consumed: usize,
-        keep_alive: bool,
-    },
-    /// Answer this and close the connection.
-    Refused(Response),
-}
-
-fn header_value<'a>(headers: &'a [httparse::Header], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value)
-}
-
-/// Parses one request from the front of `buf`.
-fn parse_request(buf: &[u8], max_payload: usize) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let header_len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEADER_BYTES => {
-            return Parsed::Refused(Response::fault(
-                400,
-                &format!("the request's headers are longer than {MAX_HEADER_BYTES} bytes"),
-            ))
-        }
-        Ok(httparse::Status::Partial) => {
-            return Parsed::Incomplete {
-                continue_100: false,
-            }
-        }
-        Err(err) => {
-            return Parsed::Refused(Response::fault(
-                400,
-                &format!("malformed HTTP request: {err}"),
-            ))
-        }
-    };
-    let method = request.method.unwrap_or_default().to_string();
-    let target = request.path.unwrap_or_default();
-    let path = target.split('?').next().unwrap_or_default().to_string();
-    let headers = request.headers;
-
-    if header_value(headers, "transfer-encoding").is_some() {
-        return Parsed::Refused(Response::fault(
-            400,
-            "Transfer-Encoding is not supported: send a Content-Length",
-        ));
-    }
-    let body_len = match header_value(headers, "content-length") {
-        None => 0,
-        Some(value) => match std::str::from_utf8(value)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-        {
-            Some(len) => len,
-            None => return Parsed::Refused(Response::fault(400, "invalid Content-Length header")),
-        },
-    };
-    if body_len > max_payload {
-        // Firecracker's wording; the body is never read.
-        return Parsed::Refused(Response::fault(
-            400,
-            &format!(
-                "Request payload with size {body_len} is larger than the limit of \
-                 {max_payload} allowed by server."
-            ),
-        ));
-    }
-    if buf.len() - header_len < body_len {
-        let expects_continue = header_value(headers, "expect")
-            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
-        return Parsed::Incomplete {
-            continue_100: expects_continue,
-        };
-    }
-    let http_10 = request.version == Some(0);
-    let connection = header_value(headers, "connection");
-    let keep_alive = match connection {
-        Some(v) if v.eq_ignore_ascii_case(b"close") => false,
-        Some(v) if v.eq_ignore_ascii_case(b"keep-alive") => true,
-        _ => !http_10,
-    };
-    Parsed::Complete {
-        request: Request {
-            method,
-            path,
-            body: buf[header_len..header_len + body_len].to_vec(),
-        },
-        consumed: header_len + body_len,
-        keep_alive,
-    }
-}
-
-/// One client.
-struct Connection {
-    stream: UnixStream,
-    received: Vec<u8>,
-    /// Response bytes not yet written.
-    pending: Vec<u8>,
-    /// 100 Continue was already sent for the request being received.
-    continued: bool,
-    /// Close once `pending` is written.
-    closing: bool,
-}
-
-impl Connection {
-    fn new(stream: UnixStream) -> Self {
-        Self {
-            stream,
-            received: Vec::new(),
-            pending: Vec::new(),
-            continued: false,
-            closing: false,
-        }
-    }
-
-    /// Reads what is there. Ok(false) when the client has gone.
-    fn receive(&mut self) -> io::Result<bool> {
-        let mut chunk = [0u8; READ_CHUNK];
-        loop {
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Ok(false),
-                Ok(n) => self.received.extend_from_slice(&chunk[..n]),
-                Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(true),
-                Err(err) if err.kind() == ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
-            }
-        }
-    }
-
-    /// Writes what it can of `pending`. Ok(true) when all of it is out.
-    fn flush(&mut self) -> io::Result<bool> {
-        while !self.pending.is_empty() {
-            match self.stream.write(&self.pending) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.pending.drain(..n);
-                }
-                Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(false),
-                Err(err) if err.kind() == ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(true)
-    }
 }
 
 /// The API's HTTP server: owns the listening socket and its clients.
@@ -271,11 +56,24 @@ pub struct HttpServer {
     epoll: Epoll,
     connections: HashMap<RawFd, Connection>,
     max_payload: usize,
+    timeouts: Timeouts,
+    /// Connections whose last turn ended with work left, served again before the next wait.
+    again: Vec<RawFd>,
+    refusal_log: LogLimiter,
+    accept_error_log: LogLimiter,
 }
 
 impl HttpServer {
     /// Binds `path`, which must not exist (a stale socket is the caller's to remove).
     pub fn bind(path: &Path, max_payload: usize) -> Result<Self, HttpError> {
+        // Refused here with its own words: a longer path cannot be connected to.
+        let len = path.as_os_str().len();
+        if len > devices::unix_socket::MAX_SOCKET_PATH {
+            return Err(HttpError::PathTooLong {
+                path: path.display().to_string(),
+                len,
+            });
+        }
         let bind_err = |source| HttpError::Bind {
             path: path.display().to_string(),
             source,
@@ -295,29 +93,61 @@ impl HttpServer {
             epoll,
             connections: HashMap::new(),
             max_payload,
+            timeouts: Timeouts::default(),
+            again: Vec::new(),
+            refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
+            accept_error_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
         })
+    }
+
+    /// Other time-outs than the defaults (the tests' short ones).
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// Serves clients until the epoll set fails; `handler` answers each request in turn.
     pub fn serve(&mut self, handler: &mut dyn FnMut(Request) -> Response) -> HttpError {
         let mut events = vec![EpollEvent::default(); 16];
         loop {
-            let ready = match self.epoll.wait(-1, &mut events) {
+            let ready = match self.epoll.wait(self.wait_ms(), &mut events) {
                 Ok(n) => n,
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                 Err(err) => return HttpError::Epoll(err),
             };
             for event in &events[..ready] {
                 if event.data() == LISTENER_DATA {
-                    self.accept();
+                    self.accept(handler);
                 } else {
-                    self.service(event.data() as RawFd, event.event_set(), handler);
+                    self.service(event.data() as RawFd, handler);
                 }
             }
+            for fd in std::mem::take(&mut self.again) {
+                self.service(fd, handler);
+            }
+            self.expire(handler);
         }
     }
 
-    fn accept(&mut self) {
+    /// How long the next wait may take: until the first connection's time-out.
+    fn wait_ms(&self) -> i32 {
+        if !self.again.is_empty() {
+            return 0;
+        }
+        let Some(first) = self
+            .connections
+            .values()
+            .map(|c| c.deadline(&self.timeouts))
+            .min()
+        else {
+            return -1;
+        };
+        let wait = first.saturating_duration_since(Instant::now());
+        // Rounded up, so that the loop wakes after the deadline rather than just before it.
+        i32::try_from(wait.as_millis() + 1).unwrap_or(i32::MAX)
+    }
+
+    fn accept(&mut self, handler: &mut dyn FnMut(Request) -> Response) {
         loop {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
@@ -325,27 +155,106 @@ impl HttpServer {
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                 Err(err) => {
                     // Out of fds, for example: the client is dropped, the server goes on.
-                    warn!("API: cannot accept a client: {err}");
+                    if let Some(held_back) = self.accept_error_log.allow() {
+                        warn!(
+                            "API: cannot accept a client: {err}{}",
+                            held_back_note(held_back)
+                        );
+                    }
                     return;
                 }
             };
-            if self.connections.len() >= MAX_CONNECTIONS {
-                warn!("API: more than {MAX_CONNECTIONS} clients at once; turning one away");
+            if self.connections.len() >= MAX_CONNECTIONS && !self.evict_idle(handler) {
+                self.refuse(stream);
                 continue;
             }
             let fd = stream.as_raw_fd();
-            let registered = stream.set_nonblocking(true).and_then(|()| {
+            let connection = Connection::new(stream);
+            let registered = connection.stream_nonblocking().and_then(|()| {
                 self.epoll.ctl(
                     ControlOperation::Add,
                     fd,
-                    EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, fd as u64),
+                    EpollEvent::new(connection.interest, fd as u64),
                 )
             });
             match registered {
                 Ok(()) => {
-                    self.connections.insert(fd, Connection::new(stream));
+                    self.connections.insert(fd, connection);
                 }
                 Err(err) => warn!("API: cannot watch a client: {err}"),
+            }
+        }
+    }
+
+    /// Closes the connection idle the longest to make room for a new client; false when none
+    /// is idle. Each candidate is served first: one whose request has just come is not idle.
+    fn evict_idle(&mut self, handler: &mut dyn FnMut(Request) -> Response) -> bool {
+        let mut idle: Vec<(Instant, RawFd)> = self
+            .connections
+            .iter()
+            .filter_map(|(fd, c)| Some((c.idle_since()?, *fd)))
+            .collect();
+        idle.sort_unstable();
+        for (_, fd) in idle {
+            self.service(fd, handler);
+            match self.connections.get(&fd) {
+                None => return true,
+                Some(connection) if connection.idle_since().is_some() => {
+                    debug!(
+                        "API: all {MAX_CONNECTIONS} connections taken; closing the longest idle"
+                    );
+                    self.close(fd);
+                    return true;
+                }
+                Some(_) => {}
+            }
+        }
+        false
+    }
+
+    /// Answers a client the server has no room for with 503 and closes it.
+    fn refuse(&mut self, stream: UnixStream) {
+        let answer = Response::fault(
+            503,
+            &format!(
+                "the API serves at most {MAX_CONNECTIONS} clients at once and none is idle; \
+                 try again later"
+            ),
+        );
+        if stream.set_nonblocking(true).is_ok() {
+            // What the client has sent is read (and dropped) first: a socket closed with
+            // unread input resets its peer, which may then miss the answer.
+            let mut sent = [0u8; 1024];
+            let _ = (&stream).read(&mut sent);
+            // A fresh socket's buffer takes the whole answer in one write.
+            let _ = (&stream).write(&answer.render(false));
+        }
+        if let Some(held_back) = self.refusal_log.allow() {
+            warn!(
+                "API: {MAX_CONNECTIONS} clients at once, none idle: answered a new one 503{}",
+                held_back_note(held_back)
+            );
+        }
+    }
+
+    /// Closes the connections whose time-out passed, each served once more first: the loop
+    /// may have been busy (a long request) while it had something to read or write.
+    fn expire(&mut self, handler: &mut dyn FnMut(Request) -> Response) {
+        let now = Instant::now();
+        let expired: Vec<RawFd> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.deadline(&self.timeouts) <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in expired {
+            self.service(fd, handler);
+            let timeouts = &self.timeouts;
+            if let Some(connection) = self.connections.get(&fd) {
+                if connection.deadline(timeouts) <= Instant::now() {
+                    debug!("API: closing a client that was idle or stalled too long");
+                    self.close(fd);
+                }
             }
         }
     }
@@ -359,90 +268,40 @@ impl HttpServer {
         }
     }
 
-    fn service(
-        &mut self,
-        fd: RawFd,
-        events: EventSet,
-        handler: &mut dyn FnMut(Request) -> Response,
-    ) {
-        let alive = match self.progress(fd, events, handler) {
-            Ok(alive) => alive,
-            Err(err) => {
-                debug!("API: client dropped: {err}");
-                false
-            }
-        };
-        if !alive {
-            self.close(fd);
-        }
-    }
-
-    /// Reads, answers every complete request, writes. Ok(false) when the connection is done.
-    fn progress(
-        &mut self,
-        fd: RawFd,
-        events: EventSet,
-        handler: &mut dyn FnMut(Request) -> Response,
-    ) -> io::Result<bool> {
+    /// Gives a connection a turn, then watches it for what it waits for, or closes it.
+    fn service(&mut self, fd: RawFd, handler: &mut dyn FnMut(Request) -> Response) {
         let max_payload = self.max_payload;
         let Some(connection) = self.connections.get_mut(&fd) else {
-            return Ok(false);
+            return;
         };
-        let mut open = true;
-        if events.contains(EventSet::IN) && !connection.closing {
-            open = connection.receive()?;
-        }
-        while !connection.closing {
-            match parse_request(&connection.received, max_payload) {
-                Parsed::Incomplete { continue_100 } => {
-                    if continue_100 && !connection.continued {
-                        connection.continued = true;
-                        connection
-                            .pending
-                            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        let turn = match connection.serve(handler, max_payload) {
+            Ok(turn) => turn,
+            Err(err) => {
+                debug!("API: client dropped: {err}");
+                Turn::Done
+            }
+        };
+        match turn {
+            Turn::Done => self.close(fd),
+            Turn::Open { more } => {
+                if more {
+                    self.again.push(fd);
+                }
+                let wanted = connection.wanted(max_payload);
+                if wanted != connection.interest {
+                    let watched = self.epoll.ctl(
+                        ControlOperation::Modify,
+                        fd,
+                        EpollEvent::new(wanted, fd as u64),
+                    );
+                    connection.interest = wanted;
+                    if let Err(err) = watched {
+                        debug!("API: cannot watch a client: {err}");
+                        self.close(fd);
                     }
-                    break;
-                }
-                Parsed::Complete {
-                    request,
-                    consumed,
-                    keep_alive,
-                } => {
-                    connection.received.drain(..consumed);
-                    connection.continued = false;
-                    let response = handler(request);
-                    connection.pending.extend(response.render(keep_alive));
-                    connection.closing = !keep_alive;
-                }
-                Parsed::Refused(response) => {
-                    connection.received.clear();
-                    connection.pending.extend(response.render(false));
-                    connection.closing = true;
                 }
             }
         }
-        let written = connection.flush()?;
-        if written && (connection.closing || !open) {
-            return Ok(false);
-        }
-        if !open && !written {
-            // The client stopped sending but may still read: finish writing, then close.
-            connection.closing = true;
-        }
-        let mut wanted = EventSet::READ_HANG_UP;
-        if !connection.closing {
-            wanted |= EventSet::IN;
-        }
-        if !written {
-            wanted |= EventSet::OUT;
-        }
-        self.epoll
-            .ctl(
-                ControlOperation::Modify,
-                fd,
-                EpollEvent::new(wanted, fd as u64),
-            )
-            .map(|()| true)
     }
 }
 

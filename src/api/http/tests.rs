@@ -1,4 +1,7 @@
+use super::request::{parse_request, Parsed, MAX_HEADER_BYTES};
 use super::*;
+use std::io::{ErrorKind, Read, Write};
+use std::time::Duration;
 
 fn complete(buf: &[u8]) -> (Request, usize, bool) {
     match parse_request(buf, DEFAULT_MAX_PAYLOAD) {
@@ -162,4 +165,166 @@ fn serves_clients_over_a_unix_socket() {
     assert!(read_response(&mut client).contains("/c"));
     drop(idle);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn body_len(headers: &str) -> Result<usize, String> {
+    let raw = format!("PUT / HTTP/1.1\r\n{headers}\r\n{}", "x".repeat(64));
+    match parse_request(raw.as_bytes(), 1024) {
+        Parsed::Complete { request, .. } => Ok(request.body.len()),
+        Parsed::Refused(response) => Err(response.body.unwrap()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn content_length_is_digits_and_several_must_agree() {
+    assert_eq!(body_len("Content-Length: 37\r\n"), Ok(37));
+    assert_eq!(body_len("Content-Length:\t 37 \r\n"), Ok(37));
+    assert_eq!(
+        body_len("content-length: 5\r\nContent-Length: 5\r\n"),
+        Ok(5)
+    );
+    assert_eq!(body_len("Content-Length: 5, 5\r\n"), Ok(5));
+    assert_eq!(body_len("Content-Length: 007\r\n"), Ok(7));
+    assert_eq!(body_len(""), Ok(0));
+    for conflicting in [
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Content-Length: 5, 6\r\n",
+        "Content-Length: 0\r\nContent-Length: 37\r\n",
+    ] {
+        let fault = body_len(conflicting).unwrap_err();
+        assert!(fault.contains("conflicting Content-Length"), "{fault}");
+    }
+    for malformed in [
+        "+37",
+        "-1",
+        "3 7",
+        "0x25",
+        "37a",
+        "",
+        "5,",
+        ",5",
+        "1e3",
+        "٣",
+        "99999999999999999999999",
+    ] {
+        let fault = body_len(&format!("Content-Length: {malformed}\r\n")).unwrap_err();
+        assert!(
+            fault.contains("invalid Content-Length"),
+            "{malformed:?}: {fault}"
+        );
+    }
+}
+
+#[test]
+fn headers_over_the_limit_are_refused_even_when_they_come_whole() {
+    let raw = format!(
+        "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+        "a".repeat(MAX_HEADER_BYTES)
+    );
+    assert!(refused(raw.as_bytes(), 100).contains("headers are longer"));
+}
+
+/// A server on its own thread with `timeouts`; its socket path.
+fn serve_with(name: &str, timeouts: Timeouts) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mote-http-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("api.sock");
+    let mut server = HttpServer::bind(&path, 1024)
+        .unwrap()
+        .with_timeouts(timeouts);
+    std::thread::spawn(move || server.serve(&mut |_| Response::json(200, "{}".into())));
+    path
+}
+
+/// How long until the server closes `stream` (read returns 0 or a reset).
+fn time_to_close(stream: &mut UnixStream) -> Duration {
+    let started = std::time::Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => {}
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => return started.elapsed(),
+            Err(err) => panic!("not closed: {err}"),
+        }
+    }
+}
+
+const SHORT: Duration = Duration::from_millis(300);
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_its_time_out() {
+    let path = serve_with(
+        "idle",
+        Timeouts {
+            idle: SHORT,
+            ..Timeouts::default()
+        },
+    );
+    let mut client = UnixStream::connect(&path).unwrap();
+    // Requests closer together than the time-out keep it open.
+    for _ in 0..4 {
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = [0u8; 256];
+        assert!(client.read(&mut answer).unwrap() > 0);
+        std::thread::sleep(SHORT / 2);
+    }
+    let waited = time_to_close(&mut client);
+    assert!(waited < SHORT + Duration::from_millis(200), "{waited:?}");
+}
+
+#[test]
+fn a_request_stalled_midway_is_closed_after_its_time_out() {
+    let path = serve_with(
+        "stalled",
+        Timeouts {
+            request: SHORT,
+            ..Timeouts::default()
+        },
+    );
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .write_all(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        .unwrap();
+    // Bytes that trickle in do not extend it: the whole request has the time-out.
+    std::thread::sleep(SHORT / 2);
+    client.write_all(b"\"a").unwrap();
+    let waited = time_to_close(&mut client);
+    assert!(waited < SHORT, "{waited:?}");
+}
+
+#[test]
+fn a_client_that_does_not_take_its_answers_is_closed_after_its_time_out() {
+    let path = serve_with(
+        "unread",
+        Timeouts {
+            output: SHORT,
+            ..Timeouts::default()
+        },
+    );
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let requests = b"GET / HTTP/1.1\r\n\r\n".repeat(20_000);
+    let mut sent = 0;
+    let started = std::time::Instant::now();
+    // Writing stops working once the server stops reading, and fails once it has closed.
+    loop {
+        match client.write(&requests[sent % requests.len()..]) {
+            Ok(n) => sent += n,
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => break,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still open after {sent} bytes"
+        );
+    }
+    assert!(started.elapsed() >= SHORT, "{:?}", started.elapsed());
 }

@@ -32,6 +32,7 @@ use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::log_limit::{held_back_note, LogLimiter};
 use crate::metrics::BlockMetrics;
 
 /// One request queue of up to 256 entries.
@@ -129,7 +130,13 @@ pub struct Block {
     active: Option<Active>,
     metrics: Arc<BlockMetrics>,
     poller: AvailPoller,
+    /// Host I/O errors are logged, but a guest can make them at will (writing past the
+    /// file-size limit, on a full disk).
+    host_error_log: LogLimiter,
 }
+
+/// At most one host I/O error line per drive in this time.
+const HOST_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Block {
     /// A drive backed by `file` (opened read-only or read-write to match `read_only`).
@@ -156,6 +163,7 @@ impl Block {
             active: None,
             metrics: Arc::new(BlockMetrics::default()),
             poller: AvailPoller::default(),
+            host_error_log: LogLimiter::new(HOST_ERROR_LOG_INTERVAL),
         })
     }
 
@@ -240,6 +248,15 @@ impl Block {
                 descriptors.clear();
                 descriptors.extend(chain.take(MAX_CHAIN_LEN));
                 let completion = execute(mem, &descriptors, &disk);
+                if let Some(err) = &completion.host_error {
+                    if let Some(held_back) = self.host_error_log.allow() {
+                        warn!(
+                            "virtio-blk {}: {err}; the guest gets an I/O error{}",
+                            self.id,
+                            held_back_note(held_back)
+                        );
+                    }
+                }
                 if let Some(addr) = completion.status_addr {
                     if mem.write_obj(completion.status, addr).is_err() {
                         debug!("virtio-blk {}: status byte outside guest memory", self.id);

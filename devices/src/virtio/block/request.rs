@@ -48,7 +48,7 @@ pub enum RequestError {
     Unsupported(u32),
     #[error("a discard or write-zeroes segment is {0} bytes, not 16")]
     BadSegment(u32),
-    #[error("host I/O failed: {0}")]
+    #[error("host I/O failed: {}", std::io::Error::from_raw_os_error(*.0))]
     Io(i32),
 }
 
@@ -67,6 +67,8 @@ pub struct Completion {
     pub status: u8,
     /// Bytes written into device-writable buffers, the status byte included.
     pub used_len: u32,
+    /// The host's I/O error (errno) behind an IOERR, which the device logs.
+    pub host_error: Option<RequestError>,
 }
 
 fn status_of(result: &Result<u32, RequestError>) -> u8 {
@@ -90,6 +92,7 @@ pub fn execute(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -
             status_addr: None,
             status: VIRTIO_BLK_S_IOERR as u8,
             used_len: 0,
+            host_error: None,
         };
     };
     let result = run(mem, &descriptors[..descriptors.len() - 1], disk);
@@ -103,6 +106,9 @@ pub fn execute(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -
         status_addr: Some(status_desc.addr()),
         status: status_of(&result),
         used_len: data_len + 1,
+        host_error: result
+            .err()
+            .filter(|err| matches!(err, RequestError::Io(_))),
     }
 }
 
