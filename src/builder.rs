@@ -28,6 +28,7 @@ use crate::device_manager::{
     block_device, net_device, open_drives, vsock_device, DeviceError, DeviceHandles, MmioDevices,
     Subscriber,
 };
+use crate::host_file::{self, FileKind, HostFileError};
 use crate::snapshot::{DevicesState, MicrovmState};
 use crate::vmm::Vmm;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
@@ -42,14 +43,14 @@ pub enum BuildError {
     AlreadyStarted,
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot open {what} {path}: {source}")]
-    OpenFile {
+    #[error(transparent)]
+    OpenFile(#[from] HostFileError),
+    #[error("cannot read the size of {what} {path}: {source}")]
+    FileSize {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{what} {path} is not a regular file")]
-    NotAFile { what: &'static str, path: PathBuf },
     #[error("cannot load kernel image {path}: {source}")]
     LoadKernel {
         path: PathBuf,
@@ -129,19 +130,7 @@ impl Console {
 
 /// Opens a file the guest boots from, checking it is a regular file.
 fn open_boot_file(what: &'static str, path: &Path) -> Result<File, BuildError> {
-    let file = File::open(path).map_err(|source| BuildError::OpenFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-    if !is_file {
-        return Err(BuildError::NotAFile {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(file)
+    Ok(host_file::open(what, path, FileKind::Regular, false)?)
 }
 
 /// The kernel command line: the user's or the defaults, then the root device (unless the user
@@ -187,7 +176,7 @@ fn load_initrd(
     let mut file = open_boot_file("initrd", path)?;
     let size = file
         .metadata()
-        .map_err(|source| BuildError::OpenFile {
+        .map_err(|source| BuildError::FileSize {
             what: "initrd",
             path: path.to_path_buf(),
             source,
@@ -503,6 +492,9 @@ mod tests {
     #[test]
     fn a_directory_is_not_a_kernel() {
         let err = open_boot_file("kernel image", Path::new("/")).unwrap_err();
-        assert_eq!(err.to_string(), "kernel image / is not a regular file");
+        assert_eq!(
+            err.to_string(),
+            "kernel image / is not a regular file (a directory)"
+        );
     }
 }
