@@ -171,9 +171,9 @@ fn build_cmdline(
 fn load_initrd(
     mem: &GuestMemoryMmap,
     boot: &arch::BootEntry,
+    mut file: File,
     path: &Path,
 ) -> Result<arch::InitrdPlacement, BuildError> {
-    let mut file = open_boot_file("initrd", path)?;
     let size = file
         .metadata()
         .map_err(|source| BuildError::FileSize {
@@ -241,12 +241,21 @@ pub fn build(
         .boot_source
         .as_ref()
         .ok_or(BuildError::NoBootSource)?;
-    let kernel = match restore {
-        None => Some(open_boot_file(
-            "kernel image",
-            &boot_source.kernel_image_path,
-        )?),
-        Some(_) => None,
+    // Both opened before anything costly, so that a file that cannot be used fails the start
+    // at once.
+    let (kernel, initrd_file) = match restore {
+        None => (
+            Some(open_boot_file(
+                "kernel image",
+                &boot_source.kernel_image_path,
+            )?),
+            boot_source
+                .initrd_path
+                .as_deref()
+                .map(|path| open_boot_file("initrd", path).map(|file| (file, path)))
+                .transpose()?,
+        ),
+        Some(_) => (None, None),
     };
     let drive_files = open_drives(&resources.drives)?;
     // TAPs are taken before anything costly: a missing or busy TAP fails the start at once.
@@ -273,10 +282,8 @@ pub fn build(
                     path: boot_source.kernel_image_path.clone(),
                     source,
                 })?;
-            let initrd = boot_source
-                .initrd_path
-                .as_deref()
-                .map(|path| load_initrd(mem, &boot, path))
+            let initrd = initrd_file
+                .map(|(file, path)| load_initrd(mem, &boot, file, path))
                 .transpose()?;
             Some((boot, initrd))
         }

@@ -317,6 +317,10 @@ fn pipes_and_endless_devices_are_refused_at_once() {
         &["run", "--restore", "/dev/zero", "--mem-file", "/dev/zero"],
         "/dev/zero is not a regular file (a character device)",
     );
+    fails_at_once(
+        &["--seccomp-filter", fifo, "run", "--kernel", probe],
+        &format!("the seccomp filter file {fifo} is not a regular file (a named pipe)"),
+    );
 }
 
 #[test]
@@ -348,5 +352,37 @@ fn a_config_file_with_one_drive_id_twice_is_refused() {
     fails_at_once(
         &["--no-api", "--config-file", config.to_str().unwrap()],
         "drive_id \"data\" is given twice",
+    );
+}
+
+#[test]
+fn a_pipe_as_kernel_or_initrd_through_the_api_is_refused_and_the_api_goes_on() {
+    let dir = scratch("api_fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let mote = common::api::ApiMote::spawn("bad-input-fifo", &[]);
+    let sources = [
+        serde_json::json!({"kernel_image_path": fifo}),
+        serde_json::json!({"kernel_image_path": probe_kernel(), "initrd_path": fifo}),
+    ];
+    for (source, what) in sources.iter().zip(["kernel image", "initrd"]) {
+        mote.ok("PUT", "/boot-source", &source.to_string());
+        let answer = mote.request("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+        let expected = format!(
+            "{what} {} is not a regular file (a named pipe)",
+            fifo.display()
+        );
+        assert!(answer.fault().contains(&expected), "{answer:?}");
+        assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
+    }
+    // The monitor still answers its stop signals.
+    common::send_signal(mote.pid(), libc::SIGTERM);
+    let run = mote.wait(std::time::Duration::from_secs(5));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&run.status)
+            .or(run.status.code().map(|c| c - 128)),
+        Some(libc::SIGTERM),
+        "{}",
+        run.stderr
     );
 }
