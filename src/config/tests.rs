@@ -251,9 +251,11 @@ fn a_config_file_with_an_id_twice_is_refused() {
 
 #[test]
 fn memory_beyond_what_a_guest_addresses_is_refused() {
-    let mut config = MachineConfig::default();
     // 2^44 + 128 MiB would wrap to 128 MiB in bytes.
-    config.mem_size_mib = (1 << 44) + 128;
+    let mut config = MachineConfig {
+        mem_size_mib: (1 << 44) + 128,
+        ..Default::default()
+    };
     assert_eq!(
         config.validate(),
         Err(ConfigError::MemSizeTooLarge((1 << 44) + 128))

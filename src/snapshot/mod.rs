@@ -142,12 +142,12 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     if found != SNAPSHOT_VERSION {
         return Err(SnapshotError::Version { found });
     }
-    bincode::deserialize(&covered[HEADER_LEN..]).map_err(decode_error)
+    bincode::deserialize(&covered[HEADER_LEN..]).map_err(|err| decode_error(&err))
 }
 
 /// bincode reports a body that ends early as an I/O error with an empty message.
-fn decode_error(err: bincode::Error) -> SnapshotError {
-    match *err {
+fn decode_error(err: &bincode::ErrorKind) -> SnapshotError {
+    match err {
         bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             SnapshotError::EndsEarly
         }
