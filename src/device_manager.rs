@@ -168,7 +168,7 @@ impl Drives {
         // Opened before the device is locked: a slow open must not stall the guest's I/O.
         let mut file = open_disk(drive_id, path, read_only)?;
         let this = DiskUse {
-            id: drive_id,
+            id: drive_id.to_string(),
             read_only,
             identity: identity(&file, drive_id, path)?,
         };
@@ -177,34 +177,33 @@ impl Drives {
         for other in &self.0 {
             let other = lock(other);
             let current = other.backing_file();
-            let other_identity = identity(current, other.id(), path)?;
-            if other.id() == drive_id {
-                if other_identity == this.identity {
-                    // The file the drive has (a size change to announce): a second open of it
-                    // could not take the lock this drive holds, so share that open instead.
-                    same_file =
-                        Some(
-                            current
-                                .try_clone()
-                                .map_err(|source| DeviceError::OpenDrive {
-                                    id: drive_id.to_string(),
-                                    path: path.to_path_buf(),
-                                    source,
-                                })?,
-                        );
-                }
-                continue;
+            let metadata = current
+                .metadata()
+                .map_err(|source| DeviceError::OpenDrive {
+                    id: other.id().to_string(),
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            let other_use = DiskUse {
+                id: other.id().to_string(),
+                read_only: other.read_only(),
+                identity: (metadata.dev(), metadata.ino()),
+            };
+            if other.id() != drive_id {
+                others.push(other_use);
+            } else if other_use.identity == this.identity {
+                // The file the drive has already (a size change to announce): a second open
+                // of it could not take the lock this drive holds, so share that open instead.
+                let shared = current
+                    .try_clone()
+                    .map_err(|source| DeviceError::OpenDrive {
+                        id: drive_id.to_string(),
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                same_file = Some(shared);
             }
-            others.push((other.id().to_string(), other.read_only(), other_identity));
         }
-        let others: Vec<DiskUse<'_>> = others
-            .iter()
-            .map(|(id, read_only, identity)| DiskUse {
-                id,
-                read_only: *read_only,
-                identity: *identity,
-            })
-            .collect();
         check_not_shared(&this, path, &others)?;
         match same_file {
             Some(shared) => file = shared,
@@ -252,8 +251,8 @@ fn identity(file: &File, id: &str, path: &Path) -> Result<FileIdentity, DeviceEr
 }
 
 /// A drive's file as the sharing rule sees it.
-struct DiskUse<'a> {
-    id: &'a str,
+struct DiskUse {
+    id: String,
     read_only: bool,
     identity: FileIdentity,
 }
@@ -262,18 +261,14 @@ struct DiskUse<'a> {
 /// `PATCH /drives`): drives may read one file together, but none may write a file another
 /// drive uses (the guest would see its own writes change under it, and one file system
 /// mounted twice read-write is corrupted).
-fn check_not_shared(
-    drive: &DiskUse<'_>,
-    path: &Path,
-    others: &[DiskUse<'_>],
-) -> Result<(), DeviceError> {
+fn check_not_shared(drive: &DiskUse, path: &Path, others: &[DiskUse]) -> Result<(), DeviceError> {
     let clash = others
         .iter()
         .find(|other| other.identity == drive.identity && !(drive.read_only && other.read_only));
     match clash {
         Some(other) => Err(DeviceError::SharedDisk {
-            id: drive.id.to_string(),
-            other: other.id.to_string(),
+            id: drive.id.clone(),
+            other: other.id.clone(),
             path: path.to_path_buf(),
         }),
         None => Ok(()),
@@ -317,11 +312,11 @@ fn lock_disk(file: &File, id: &str, path: &Path, read_only: bool) -> Result<(), 
 /// would share while one of them writes it, and files another process has locked.
 pub fn open_drives(drives: &[DriveConfig]) -> Result<Vec<File>, DeviceError> {
     let mut files = Vec::with_capacity(drives.len());
-    let mut uses: Vec<DiskUse<'_>> = Vec::with_capacity(drives.len());
+    let mut uses: Vec<DiskUse> = Vec::with_capacity(drives.len());
     for drive in drives {
         let file = open_disk(&drive.drive_id, &drive.path_on_host, drive.is_read_only)?;
         let this = DiskUse {
-            id: &drive.drive_id,
+            id: drive.drive_id.clone(),
             read_only: drive.is_read_only,
             identity: identity(&file, &drive.drive_id, &drive.path_on_host)?,
         };
@@ -379,4 +374,59 @@ pub fn vsock_device(config: &VsockConfig) -> Result<Vsock, DeviceError> {
     let vsock = Vsock::new(config.guest_cid, &config.uds_path, irq)?;
     METRICS.register_vsock(vsock.metrics().clone());
     Ok(vsock)
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    #[test]
+    fn a_writer_locks_out_every_other_open_and_readers_share() {
+        let image = TempFile::new().unwrap();
+        let path = image.as_path();
+        let open = |read_only| open_disk("d", path, read_only).unwrap();
+        let reader = open(true);
+        lock_disk(&reader, "d", path, true).unwrap();
+        lock_disk(&open(true), "d", path, true).unwrap();
+        let err = lock_disk(&open(false), "d", path, false).unwrap_err();
+        assert!(matches!(err, DeviceError::DiskLocked { .. }), "{err}");
+        drop(reader);
+        let writer = open(false);
+        lock_disk(&writer, "d", path, false).unwrap();
+        for read_only in [true, false] {
+            let err = lock_disk(&open(read_only), "d", path, read_only).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "drive d's file {} is locked by another process",
+                    path.display()
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn drives_may_share_a_file_only_to_read_it() {
+        let disk = |id: &str, read_only| DiskUse {
+            id: id.into(),
+            read_only,
+            identity: (1, 2),
+        };
+        let path = Path::new("/img");
+        assert!(check_not_shared(&disk("b", true), path, &[disk("a", true)]).is_ok());
+        for (a, b) in [(true, false), (false, true), (false, false)] {
+            let err = check_not_shared(&disk("b", b), path, &[disk("a", a)]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "drives a and b both use /img, and one of them writes it"
+            );
+        }
+        let elsewhere = DiskUse {
+            identity: (1, 3),
+            ..disk("b", false)
+        };
+        assert!(check_not_shared(&elsewhere, path, &[disk("a", false)]).is_ok());
+    }
 }

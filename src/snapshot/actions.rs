@@ -387,3 +387,26 @@ pub fn load_snapshot(
     )?;
     Ok((resources, vmm, subscribers))
 }
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+
+    #[test]
+    fn one_file_under_two_names_is_one_file() {
+        let dir = TempDir::new().unwrap();
+        let (a, b) = (dir.as_path().join("a"), dir.as_path().join("b"));
+        // Neither exists yet: the same name in the same directory, however it is spelt.
+        assert!(same_file(&a, &a).unwrap());
+        assert!(same_file(&a, &dir.as_path().join(".").join("a")).unwrap());
+        assert!(!same_file(&a, &b).unwrap());
+        std::fs::write(&a, b"x").unwrap();
+        std::fs::hard_link(&a, &b).unwrap();
+        assert!(same_file(&a, &b).unwrap());
+        std::fs::remove_file(&b).unwrap();
+        std::fs::write(&b, b"y").unwrap();
+        assert!(!same_file(&a, &b).unwrap());
+    }
+}
