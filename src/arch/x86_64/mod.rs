@@ -2,6 +2,7 @@
 
 pub mod cpuid;
 pub mod gdt;
+pub mod kernel_image;
 pub mod lapic;
 pub mod layout;
 pub mod mptable;
@@ -44,7 +45,7 @@ const PVH_MODLIST_START: u64 = PVH_MEMMAP_START + 0x200;
 /// e820 / PVH memory types.
 const E820_RAM: u32 = 1;
 /// Linux boot protocol: "HdrS" magic, the 0xaa55 boot flag, and "loader type unknown".
-const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+pub(crate) const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 /// Where a relocatable kernel wants to be aligned (16 MiB, as Firecracker tells the guest).
@@ -55,22 +56,7 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const XLF_KERNEL_64: u16 = 1;
 /// The PVH start-info magic (Xen's `XEN_HVM_START_MAGIC_VALUE`).
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
-const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
-/// ELF identification: the class byte, and its value for 32-bit files.
-const EI_CLASS: usize = 4;
-const ELFCLASS32: u8 = 1;
-/// The ELF64 header fields that locate the program headers, and PT_LOAD.
-const ELF64_HEADER_LEN: usize = 64;
-const ELF64_PHOFF: usize = 0x20;
-const ELF64_PHENTSIZE: usize = 0x36;
-const ELF64_PHNUM: usize = 0x38;
-const ELF64_PHDR_LEN: usize = 56;
-const PT_LOAD: u32 = 1;
-/// bzImage setup header fields (offsets in the file) that say where the kernel goes.
-const BZIMAGE_SETUP_SECTS: usize = 0x1f1;
-const BZIMAGE_HDR_MAGIC: usize = 0x202;
-const BZIMAGE_CODE32_START: usize = 0x214;
-const BZIMAGE_HEADER_END: usize = 0x218;
+pub(crate) const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const PAGE_SIZE: u64 = 0x1000;
 
 /// How the boot CPU enters the kernel.
@@ -108,8 +94,8 @@ pub enum ArchError {
     Elf(linux_loader::loader::Error),
     #[error("not an ELF vmlinux nor a bzImage: {0}")]
     BzImage(linux_loader::loader::Error),
-    #[error("32-bit ELF kernels are not supported: give a 64-bit vmlinux or a bzImage")]
-    Elf32,
+    #[error(transparent)]
+    KernelImage(#[from] kernel_image::KernelImageError),
     #[error("the kernel image needs guest memory up to {end:#x}, more than the guest's {mem_mib} MiB of memory hold: give the guest more memory")]
     KernelNeedsMemory { end: u64, mem_mib: u64 },
     #[error("the bzImage has no 64-bit entry point")]
@@ -186,7 +172,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &mut File) -> Result<BootEntry,
     let himem = Some(GuestAddress(HIMEM_START));
     // The loaders' own error for a kernel beyond the end of memory is "Unable to read kernel
     // image", which misleads: say what is short before they try.
-    let needed = kernel_extent(image, &magic)?;
+    let needed = kernel_image::kernel_extent(image)?;
     image
         .seek(SeekFrom::Start(0))
         .map_err(ArchError::ReadHeader)?;
@@ -220,86 +206,6 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &mut File) -> Result<BootEntry,
             kernel_end: loaded.kernel_end,
             setup_header: Some(header),
         })
-    }
-}
-
-/// Reads as much of `image` from its start as `buf` holds, or less at its end.
-fn read_start(image: &mut File, buf: &mut [u8]) -> Result<usize, ArchError> {
-    image
-        .seek(SeekFrom::Start(0))
-        .map_err(ArchError::ReadHeader)?;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match image
-            .read(&mut buf[filled..])
-            .map_err(ArchError::ReadHeader)?
-        {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
-}
-
-/// The end of guest memory the kernel image will occupy, when its headers say (None when they
-/// cannot be read: the loader then reports what is wrong with them). Refuses a 32-bit ELF,
-/// which the ELF loader would otherwise read as 64-bit and enter.
-fn kernel_extent(image: &mut File, magic: &[u8; 4]) -> Result<Option<u64>, ArchError> {
-    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
-    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    let u64_at = |b: &[u8], at: usize| {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&b[at..at + 8]);
-        u64::from_le_bytes(bytes)
-    };
-    if magic == ELF_MAGIC {
-        let mut header = [0u8; ELF64_HEADER_LEN];
-        let len = read_start(image, &mut header)?;
-        if len > EI_CLASS && header[EI_CLASS] == ELFCLASS32 {
-            return Err(ArchError::Elf32);
-        }
-        if len < ELF64_HEADER_LEN {
-            return Ok(None);
-        }
-        let phoff = u64_at(&header, ELF64_PHOFF);
-        let phentsize = usize::from(u16_at(&header, ELF64_PHENTSIZE));
-        let phnum = usize::from(u16_at(&header, ELF64_PHNUM));
-        if phentsize < ELF64_PHDR_LEN {
-            return Ok(None);
-        }
-        let mut headers = vec![0u8; phentsize * phnum];
-        let readable = image
-            .seek(SeekFrom::Start(phoff))
-            .and_then(|_| image.read_exact(&mut headers));
-        if readable.is_err() {
-            return Ok(None);
-        }
-        // p_paddr (0x18) and p_memsz (0x28): the loader places each segment at p_paddr.
-        Ok(headers
-            .chunks_exact(phentsize)
-            .filter(|ph| u32_at(ph, 0) == PT_LOAD)
-            .filter_map(|ph| u64_at(ph, 0x18).checked_add(u64_at(ph, 0x28)))
-            .max())
-    } else {
-        let mut header = [0u8; BZIMAGE_HEADER_END];
-        if read_start(image, &mut header)? < BZIMAGE_HEADER_END
-            || u32_at(&header, BZIMAGE_HDR_MAGIC) != KERNEL_HDR_MAGIC
-        {
-            return Ok(None);
-        }
-        let file_len = image
-            .seek(SeekFrom::End(0))
-            .map_err(ArchError::ReadHeader)?;
-        // The protected-mode kernel follows the boot sector and the setup sectors (0 means 4).
-        let setup_sects = match header[BZIMAGE_SETUP_SECTS] {
-            0 => 4,
-            n => u64::from(n),
-        };
-        let kernel_len = file_len.checked_sub((setup_sects + 1) * 512);
-        let start = u64::from(u32_at(&header, BZIMAGE_CODE32_START));
-        Ok(kernel_len
-            .and_then(|len| start.checked_add(len))
-            .filter(|end| *end <= GUEST_PHYS_END))
     }
 }
 
