@@ -548,6 +548,14 @@ fn patch_drives_refuses_a_file_another_drive_writes() {
     mote.ok("PATCH", "/drives/b", &patch(&c));
     let config = mote.request("GET", "/vm/config", "").json();
     assert_eq!(config["drives"][1]["path_on_host"], c.to_str().unwrap());
+    // The file the drive has already (to announce a new size) is not refused by its own lock.
+    mote.ok("PATCH", "/drives/b", &patch(&c));
+    // The lock went with the old file and came with the new one.
+    assert_ok(&probe_with("blk-init", &["--drive", b.to_str().unwrap()]));
+    mote_fails_before_boot(
+        &["--drive", c.to_str().unwrap()],
+        "is locked by another process",
+    );
 }
 
 #[test]
