@@ -655,6 +655,14 @@ fn exec_files_that_cannot_run_bad_uids_and_linked_bases_leave_nothing_behind() {
     let mut gid = args(&mote, "12345", &base_arg);
     gid[7] = "4294967295".into();
     fails(gid, "gid 4294967295");
+    // A named pipe as the network namespace neither hangs the jailer nor leaves a jail.
+    let fifo = dir.join("netns-fifo");
+    let c_fifo = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let mut netns = args(&mote, "12345", &base_arg);
+    netns.extend(["--netns".to_string(), fifo.display().to_string()]);
+    fails(netns, "join the network namespace");
     // A base that is a symbolic link is named as one.
     let real_base = dir.join("real-base");
     std::fs::create_dir(&real_base).unwrap();

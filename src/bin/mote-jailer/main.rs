@@ -14,6 +14,7 @@ use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -118,11 +119,17 @@ fn run(args: &JailerArgs) -> Result<(), JailError> {
         .netns
         .as_ref()
         .map(|path| {
-            File::open(path).map_err(|source| JailError::Io {
-                what: "open the network namespace",
-                path: path.clone(),
-                source,
-            })
+            // Non-blocking: a named pipe given by mistake would otherwise hang the jailer here
+            // (setns then refuses what is not a namespace).
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|source| JailError::Io {
+                    what: "open the network namespace",
+                    path: path.clone(),
+                    source,
+                })
         })
         .transpose()?;
     let jail = Jail::create(
