@@ -28,6 +28,7 @@ use crate::device_manager::{
     block_device, net_device, open_drives, vsock_device, DeviceError, DeviceHandles, MmioDevices,
     Subscriber,
 };
+use crate::host_file::{self, FileKind, HostFileError};
 use crate::snapshot::{DevicesState, MicrovmState};
 use crate::vmm::Vmm;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
@@ -42,14 +43,14 @@ pub enum BuildError {
     AlreadyStarted,
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot open {what} {path}: {source}")]
-    OpenFile {
+    #[error(transparent)]
+    OpenFile(#[from] HostFileError),
+    #[error("cannot read the size of {what} {path}: {source}")]
+    FileSize {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{what} {path} is not a regular file")]
-    NotAFile { what: &'static str, path: PathBuf },
     #[error("cannot load kernel image {path}: {source}")]
     LoadKernel {
         path: PathBuf,
@@ -129,19 +130,7 @@ impl Console {
 
 /// Opens a file the guest boots from, checking it is a regular file.
 fn open_boot_file(what: &'static str, path: &Path) -> Result<File, BuildError> {
-    let file = File::open(path).map_err(|source| BuildError::OpenFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-    if !is_file {
-        return Err(BuildError::NotAFile {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(file)
+    Ok(host_file::open(what, path, FileKind::Regular, false)?)
 }
 
 /// The kernel command line: the user's or the defaults, then the root device (unless the user
@@ -182,12 +171,12 @@ fn build_cmdline(
 fn load_initrd(
     mem: &GuestMemoryMmap,
     boot: &arch::BootEntry,
+    mut file: File,
     path: &Path,
 ) -> Result<arch::InitrdPlacement, BuildError> {
-    let mut file = open_boot_file("initrd", path)?;
     let size = file
         .metadata()
-        .map_err(|source| BuildError::OpenFile {
+        .map_err(|source| BuildError::FileSize {
             what: "initrd",
             path: path.to_path_buf(),
             source,
@@ -252,12 +241,21 @@ pub fn build(
         .boot_source
         .as_ref()
         .ok_or(BuildError::NoBootSource)?;
-    let kernel = match restore {
-        None => Some(open_boot_file(
-            "kernel image",
-            &boot_source.kernel_image_path,
-        )?),
-        Some(_) => None,
+    // Both opened before anything costly, so that a file that cannot be used fails the start
+    // at once.
+    let (kernel, initrd_file) = match restore {
+        None => (
+            Some(open_boot_file(
+                "kernel image",
+                &boot_source.kernel_image_path,
+            )?),
+            boot_source
+                .initrd_path
+                .as_deref()
+                .map(|path| open_boot_file("initrd", path).map(|file| (file, path)))
+                .transpose()?,
+        ),
+        Some(_) => (None, None),
     };
     let drive_files = open_drives(&resources.drives)?;
     // TAPs are taken before anything costly: a missing or busy TAP fails the start at once.
@@ -284,10 +282,8 @@ pub fn build(
                     path: boot_source.kernel_image_path.clone(),
                     source,
                 })?;
-            let initrd = boot_source
-                .initrd_path
-                .as_deref()
-                .map(|path| load_initrd(mem, &boot, path))
+            let initrd = initrd_file
+                .map(|(file, path)| load_initrd(mem, &boot, file, path))
                 .transpose()?;
             Some((boot, initrd))
         }
@@ -503,6 +499,9 @@ mod tests {
     #[test]
     fn a_directory_is_not_a_kernel() {
         let err = open_boot_file("kernel image", Path::new("/")).unwrap_err();
-        assert_eq!(err.to_string(), "kernel image / is not a regular file");
+        assert_eq!(
+            err.to_string(),
+            "kernel image / is not a regular file (a directory)"
+        );
     }
 }

@@ -2,8 +2,9 @@
 //! ioeventfds, interrupts as irqfds, the transport on the MMIO bus, the device's data path on the
 //! event loop, and the slot announced on the kernel command line.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -16,10 +17,12 @@ use devices::virtio::vsock::{Vsock, VsockError};
 use devices::virtio::VirtioDevice;
 use devices::Bus;
 use event_manager::MutEventSubscriber;
+use log::warn;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
 use crate::config::{DriveConfig, NetworkInterfaceConfig, VsockConfig};
+use crate::host_file::{self, FileKind, HostFileError};
 use crate::metrics::METRICS;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -28,14 +31,20 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("cannot open drive {id}'s file {path}: {source}")]
+    #[error("cannot read drive {id}'s file {path}: {source}")]
     OpenDrive {
         id: String,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("drive {id}'s file {path} is not a regular file or block device")]
-    NotADisk { id: String, path: PathBuf },
+    #[error(transparent)]
+    DiskFile(#[from] HostFileError),
+    #[error("drive {id}'s file {path} is locked by another process ({why})")]
+    DiskLocked {
+        id: String,
+        path: PathBuf,
+        why: &'static str,
+    },
     #[error("drives {other} and {id} both use {path}, and one of them writes it")]
     SharedDisk {
         id: String,
@@ -157,7 +166,49 @@ impl Drives {
             })?;
         let read_only = lock(block).read_only();
         // Opened before the device is locked: a slow open must not stall the guest's I/O.
-        let file = open_disk(drive_id, path, read_only)?;
+        let mut file = open_disk(drive_id, path, read_only)?;
+        let this = DiskUse {
+            id: drive_id.to_string(),
+            read_only,
+            identity: identity(&file, drive_id, path)?,
+        };
+        let mut others = Vec::with_capacity(self.0.len());
+        let mut same_file = None;
+        for other in &self.0 {
+            let other = lock(other);
+            let current = other.backing_file();
+            let metadata = current
+                .metadata()
+                .map_err(|source| DeviceError::OpenDrive {
+                    id: other.id().to_string(),
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            let other_use = DiskUse {
+                id: other.id().to_string(),
+                read_only: other.read_only(),
+                identity: (metadata.dev(), metadata.ino()),
+            };
+            if other.id() != drive_id {
+                others.push(other_use);
+            } else if other_use.identity == this.identity {
+                // The file the drive has already (a size change to announce): a second open
+                // of it could not take the lock this drive holds, so share that open instead.
+                let shared = current
+                    .try_clone()
+                    .map_err(|source| DeviceError::OpenDrive {
+                        id: drive_id.to_string(),
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                same_file = Some(shared);
+            }
+        }
+        check_not_shared(&this, path, &others)?;
+        match same_file {
+            Some(shared) => file = shared,
+            None => lock_disk(&file, drive_id, path, read_only)?,
+        }
         lock(block)
             .update_backing(file)
             .map_err(|source| DeviceError::UpdateDrive {
@@ -179,51 +230,111 @@ pub struct DeviceHandles {
 
 /// Opens a drive's file as the drive uses it, refusing anything but a file or block device.
 fn open_disk(id: &str, path: &Path, read_only: bool) -> Result<File, DeviceError> {
-    let open_err = |source| DeviceError::OpenDrive {
+    Ok(host_file::open(
+        format!("drive {id}'s file"),
+        path,
+        FileKind::Disk,
+        !read_only,
+    )?)
+}
+
+/// Which file a drive uses: device and inode, so that two names of one file are one file.
+type FileIdentity = (u64, u64);
+
+fn identity(file: &File, id: &str, path: &Path) -> Result<FileIdentity, DeviceError> {
+    let metadata = file.metadata().map_err(|source| DeviceError::OpenDrive {
         id: id.to_string(),
         path: path.to_path_buf(),
         source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(open_err)?;
-    let metadata = file.metadata().map_err(open_err)?;
-    if !(metadata.is_file() || metadata.file_type().is_block_device()) {
-        return Err(DeviceError::NotADisk {
-            id: id.to_string(),
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(file)
+    })?;
+    Ok((metadata.dev(), metadata.ino()))
 }
 
-/// Opens every drive's file, refusing files that are not disks and a file that two drives
-/// would share while one of them writes it.
+/// A drive's file as the sharing rule sees it.
+struct DiskUse {
+    id: String,
+    read_only: bool,
+    identity: FileIdentity,
+}
+
+/// The one rule for drives sharing a file, wherever a drive gets its file (boot, restore,
+/// `PATCH /drives`): drives may read one file together, but none may write a file another
+/// drive uses (the guest would see its own writes change under it, and one file system
+/// mounted twice read-write is corrupted).
+fn check_not_shared(drive: &DiskUse, path: &Path, others: &[DiskUse]) -> Result<(), DeviceError> {
+    let clash = others
+        .iter()
+        .find(|other| other.identity == drive.identity && !(drive.read_only && other.read_only));
+    match clash {
+        Some(other) => Err(DeviceError::SharedDisk {
+            id: drive.id.clone(),
+            other: other.id.clone(),
+            path: path.to_path_buf(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Takes the advisory lock that keeps two monitors from one image: exclusive for a writable
+/// drive, shared for a read-only one. The lock goes with the last descriptor of this open file.
+fn lock_disk(file: &File, id: &str, path: &Path, read_only: bool) -> Result<(), DeviceError> {
+    let mode = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock only changes the lock of the open file behind a descriptor `file` owns for
+    // the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.kind() == std::io::ErrorKind::WouldBlock {
+        return Err(DeviceError::DiskLocked {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            why: if read_only {
+                "it is being written"
+            } else {
+                "a writable drive needs it to itself"
+            },
+        });
+    }
+    // A file system without locks (some network ones) still works, unprotected.
+    warn!(
+        "drive {id}: cannot lock {}: {err}; other monitors are not kept from it",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Opens every drive's file, refusing files that are not disks, a file that two drives
+/// would share while one of them writes it, and files another process has locked.
 pub fn open_drives(drives: &[DriveConfig]) -> Result<Vec<File>, DeviceError> {
-    let mut opened: Vec<(File, (u64, u64))> = Vec::with_capacity(drives.len());
+    let mut files = Vec::with_capacity(drives.len());
+    let mut uses: Vec<DiskUse> = Vec::with_capacity(drives.len());
     for drive in drives {
         let file = open_disk(&drive.drive_id, &drive.path_on_host, drive.is_read_only)?;
-        let metadata = file.metadata().map_err(|source| DeviceError::OpenDrive {
+        let this = DiskUse {
             id: drive.drive_id.clone(),
-            path: drive.path_on_host.clone(),
-            source,
-        })?;
-        let identity = (metadata.dev(), metadata.ino());
-        let clash = opened.iter().zip(drives).find(|((_, other), other_drive)| {
-            *other == identity && !(drive.is_read_only && other_drive.is_read_only)
-        });
-        if let Some((_, other)) = clash {
-            return Err(DeviceError::SharedDisk {
-                id: drive.drive_id.clone(),
-                other: other.drive_id.clone(),
-                path: drive.path_on_host.clone(),
-            });
-        }
-        opened.push((file, identity));
+            read_only: drive.is_read_only,
+            identity: identity(&file, &drive.drive_id, &drive.path_on_host)?,
+        };
+        check_not_shared(&this, &drive.path_on_host, &uses)?;
+        uses.push(this);
+        files.push(file);
     }
-    Ok(opened.into_iter().map(|(file, _)| file).collect())
+    // Locked once the drives agree among themselves: two read-only drives of one file each
+    // take a shared lock, and the sharing rule speaks before another process's lock does.
+    for (drive, file) in drives.iter().zip(&files) {
+        lock_disk(
+            file,
+            &drive.drive_id,
+            &drive.path_on_host,
+            drive.is_read_only,
+        )?;
+    }
+    Ok(files)
 }
 
 /// A virtio-blk device for `drive`, backed by its opened `file`.
@@ -263,4 +374,59 @@ pub fn vsock_device(config: &VsockConfig) -> Result<Vsock, DeviceError> {
     let vsock = Vsock::new(config.guest_cid, &config.uds_path, irq)?;
     METRICS.register_vsock(vsock.metrics().clone());
     Ok(vsock)
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    #[test]
+    fn a_writer_locks_out_every_other_open_and_readers_share() {
+        let image = TempFile::new().unwrap();
+        let path = image.as_path();
+        let open = |read_only| open_disk("d", path, read_only).unwrap();
+        let reader = open(true);
+        lock_disk(&reader, "d", path, true).unwrap();
+        lock_disk(&open(true), "d", path, true).unwrap();
+        let err = lock_disk(&open(false), "d", path, false).unwrap_err();
+        assert!(matches!(err, DeviceError::DiskLocked { .. }), "{err}");
+        drop(reader);
+        let writer = open(false);
+        lock_disk(&writer, "d", path, false).unwrap();
+        for read_only in [true, false] {
+            let err = lock_disk(&open(read_only), "d", path, read_only).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "drive d's file {} is locked by another process",
+                    path.display()
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn drives_may_share_a_file_only_to_read_it() {
+        let disk = |id: &str, read_only| DiskUse {
+            id: id.into(),
+            read_only,
+            identity: (1, 2),
+        };
+        let path = Path::new("/img");
+        assert!(check_not_shared(&disk("b", true), path, &[disk("a", true)]).is_ok());
+        for (a, b) in [(true, false), (false, true), (false, false)] {
+            let err = check_not_shared(&disk("b", b), path, &[disk("a", a)]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "drives a and b both use /img, and one of them writes it"
+            );
+        }
+        let elsewhere = DiskUse {
+            identity: (1, 3),
+            ..disk("b", false)
+        };
+        assert!(check_not_shared(&elsewhere, path, &[disk("a", false)]).is_ok());
+    }
 }

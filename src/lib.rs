@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod device_manager;
+pub mod host_file;
 pub mod logger;
 pub mod metrics;
 pub mod rpc;
@@ -48,8 +49,8 @@ pub enum MoteError {
     Console(io::Error),
     #[error(transparent)]
     Api(#[from] ApiError),
-    #[error("cannot read the config file {path}: {source}")]
-    ReadConfig { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    ReadConfig(#[from] host_file::HostFileError),
     #[error("invalid config file {path}: {reason}")]
     InvalidConfig { path: PathBuf, reason: String },
     #[error("config file {path}: {source}")]
@@ -105,12 +106,12 @@ pub struct ApiOptions<'a> {
     pub metrics_path: Option<&'a Path>,
 }
 
+/// The largest `--config-file` read: a configuration is a few KiB; more is a wrong file.
+const CONFIG_FILE_MAX_BYTES: u64 = 1 << 20;
+
 /// Reads and checks a `--config-file`.
 pub fn read_config_file(path: &Path) -> Result<VmResources, MoteError> {
-    let text = std::fs::read(path).map_err(|source| MoteError::ReadConfig {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = host_file::read_capped("config file", path, CONFIG_FILE_MAX_BYTES)?;
     let mut deserializer = serde_json::Deserializer::from_slice(&text);
     let file: VmConfigFile =
         serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {

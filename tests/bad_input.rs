@@ -168,11 +168,14 @@ fn zero_memory() {
 
 #[test]
 fn more_memory_than_the_host_has() {
-    let output = run_kernel(&probe_kernel(), &["--memory", "100000000"]);
+    let output = run_kernel(&probe_kernel(), &["--memory", "10000000"]);
     assert_clean_failure(
         &output,
-        "guest memory of 100000000 MiB is more than this host's",
+        "guest memory of 10000000 MiB is more than this host's",
     );
+    // Beyond what any guest can address: refused by the configuration check, before the host's.
+    let output = run_kernel(&probe_kernel(), &["--memory", "100000000"]);
+    assert_clean_failure(&output, "mem_size_mib 100000000 is out of range");
 }
 
 #[test]
@@ -278,4 +281,154 @@ fn api_socket_path_longer_than_a_socket_address_holds() {
         assert!(line.contains("at most 107"), "{line}");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "a file was left");
     }
+}
+
+#[test]
+fn too_little_memory_for_the_kernel() {
+    if !require_kvm() {
+        return;
+    }
+    for mib in ["1", "2"] {
+        let output = run_kernel(&probe_kernel(), &["--memory", mib]);
+        let line = assert_clean_failure(&output, &format!("the guest's {mib} MiB of memory"));
+        assert!(!line.contains("Unable to read"), "{line}");
+    }
+}
+
+#[test]
+fn a_32_bit_elf_kernel_is_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("elf32");
+    let kernel = dir.join("vmlinux");
+    let mut image = fs::read(probe_kernel()).unwrap();
+    // EI_CLASS: 1 is ELFCLASS32.
+    image[4] = 1;
+    fs::write(&kernel, image).unwrap();
+    let output = run_kernel(&kernel, &[]);
+    assert_clean_failure(&output, "32-bit ELF kernels are not supported");
+}
+
+/// Makes a named pipe at `path`.
+fn mkfifo(path: &Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+    let ret = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+    assert_eq!(ret, 0, "mkfifo: {}", std::io::Error::last_os_error());
+}
+
+/// Runs mote with a time limit (a blocking open would hang it) and checks its one error line.
+fn fails_at_once(args: &[&str], expected: &str) {
+    let run = common::run_mote(args, None, std::time::Duration::from_secs(5));
+    assert_eq!(run.status.code(), Some(1), "{args:?}: {}", run.stderr);
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("mote: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {}", run.stderr);
+    assert!(
+        lines[0].contains(expected),
+        "{args:?}: want {expected:?} in {:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn pipes_and_endless_devices_are_refused_at_once() {
+    let dir = scratch("fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.to_str().unwrap();
+    let probe = probe_kernel();
+    let probe = probe.to_str().unwrap();
+    fails_at_once(
+        &["run", "--kernel", fifo],
+        &format!("kernel image {fifo} is not a regular file (a named pipe)"),
+    );
+    fails_at_once(
+        &["run", "--kernel", probe, "--initrd", fifo],
+        &format!("initrd {fifo} is not a regular file (a named pipe)"),
+    );
+    fails_at_once(
+        &["--no-api", "--config-file", fifo],
+        &format!("config file {fifo} is not a regular file (a named pipe)"),
+    );
+    fails_at_once(
+        &["--no-api", "--config-file", "/dev/zero"],
+        "config file /dev/zero is not a regular file (a character device)",
+    );
+    fails_at_once(
+        &["run", "--restore", "/dev/zero", "--mem-file", "/dev/zero"],
+        "/dev/zero is not a regular file (a character device)",
+    );
+    fails_at_once(
+        &["--seccomp-filter", fifo, "run", "--kernel", probe],
+        &format!("the seccomp filter file {fifo} is not a regular file (a named pipe)"),
+    );
+}
+
+#[test]
+fn an_oversized_config_file_is_refused() {
+    let dir = scratch("big_config");
+    let config = dir.join("config.json");
+    // Sparse: the size alone says it is no configuration.
+    fs::File::create(&config).unwrap().set_len(1 << 30).unwrap();
+    fails_at_once(
+        &["--no-api", "--config-file", config.to_str().unwrap()],
+        "is larger than the",
+    );
+}
+
+#[test]
+fn a_config_file_with_one_drive_id_twice_is_refused() {
+    let dir = scratch("twice");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    fs::write(&a, vec![0u8; 4096]).unwrap();
+    fs::write(&b, vec![0u8; 4096]).unwrap();
+    let config = dir.join("config.json");
+    let drive = |path: &Path| serde_json::json!({"drive_id": "data", "path_on_host": path, "is_root_device": false});
+    let body = serde_json::json!({
+        "boot-source": {"kernel_image_path": probe_kernel(),
+                        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=hello"},
+        "drives": [drive(&a), drive(&b)],
+    });
+    fs::write(&config, body.to_string()).unwrap();
+    fails_at_once(
+        &["--no-api", "--config-file", config.to_str().unwrap()],
+        "drive_id \"data\" is given twice",
+    );
+}
+
+#[test]
+fn a_pipe_as_kernel_or_initrd_through_the_api_is_refused_and_the_api_goes_on() {
+    let dir = scratch("api_fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let mote = common::api::ApiMote::spawn("bad-input-fifo", &[]);
+    let sources = [
+        serde_json::json!({"kernel_image_path": fifo}),
+        serde_json::json!({"kernel_image_path": probe_kernel(), "initrd_path": fifo}),
+    ];
+    for (source, what) in sources.iter().zip(["kernel image", "initrd"]) {
+        mote.ok("PUT", "/boot-source", &source.to_string());
+        let answer = mote.request("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+        let expected = format!(
+            "{what} {} is not a regular file (a named pipe)",
+            fifo.display()
+        );
+        assert!(answer.fault().contains(&expected), "{answer:?}");
+        assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
+    }
+    // The monitor still answers its stop signals.
+    common::send_signal(mote.pid(), libc::SIGTERM);
+    let run = mote.wait(std::time::Duration::from_secs(5));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&run.status)
+            .or(run.status.code().map(|c| c - 128)),
+        Some(libc::SIGTERM),
+        "{}",
+        run.stderr
+    );
 }

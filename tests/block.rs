@@ -586,3 +586,106 @@ fn a_write_past_the_file_size_limit_is_an_io_error_and_mote_goes_on() {
     assert_eq!(read_sectors(&image, 0, 2), pattern_sectors(0, 2, 2));
     assert_eq!(read_sectors(&image, 40, 1), vec![0; SECTOR]);
 }
+
+/// Boots the probe through the API with drives `a` and `b` (both writable), counting slowly so
+/// that the guest runs while the test acts.
+fn boot_with_two_drives(name: &str, a: &Path, b: &Path) -> common::api::ApiMote {
+    let mote = common::api::ApiMote::spawn(name, &[]);
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=count:200:3000000",
+    });
+    mote.ok("PUT", "/boot-source", &boot_source.to_string());
+    for (id, path) in [("a", a), ("b", b)] {
+        let drive = serde_json::json!({
+            "drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": false,
+        });
+        mote.ok("PUT", &format!("/drives/{id}"), &drive.to_string());
+    }
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: count=1\n", Duration::from_secs(20));
+    mote
+}
+
+#[test]
+fn patch_drives_refuses_a_file_another_drive_writes() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("patch_shared");
+    let a = disk(&dir, "a.img", 8, 0);
+    let b = disk(&dir, "b.img", 8, 0);
+    let c = disk(&dir, "c.img", 8, 0);
+    let mote = boot_with_two_drives("patch-shared", &a, &b);
+    let patch =
+        |path: &Path| serde_json::json!({"drive_id": "b", "path_on_host": path}).to_string();
+    let answer = mote.request("PATCH", "/drives/b", &patch(&a));
+    assert!(
+        answer.fault().contains("drives a and b both use"),
+        "{answer:?}"
+    );
+    // Another file is fine, and the configuration shows the drive's file as it is.
+    mote.ok("PATCH", "/drives/b", &patch(&c));
+    let config = mote.request("GET", "/vm/config", "").json();
+    assert_eq!(config["drives"][1]["path_on_host"], c.to_str().unwrap());
+    // The file the drive has already (to announce a new size) is not refused by its own lock.
+    mote.ok("PATCH", "/drives/b", &patch(&c));
+    // The lock went with the old file and came with the new one.
+    assert_ok(&probe_with("blk-init", &["--drive", b.to_str().unwrap()]));
+    mote_fails_before_boot(
+        &["--drive", c.to_str().unwrap()],
+        "is locked by another process",
+    );
+}
+
+#[test]
+fn two_monitors_cannot_write_one_image() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("two_writers");
+    let a = disk(&dir, "a.img", 8, 0);
+    let b = disk(&dir, "b.img", 8, 0);
+    let first = boot_with_two_drives("two-writers", &a, &b);
+    let image = a.to_str().unwrap();
+    let ro = format!("{image},ro");
+    for drive in [image, ro.as_str()] {
+        mote_fails_before_boot(
+            &["--drive", drive],
+            &format!("drive drive1's file {image} is locked by another process"),
+        );
+    }
+    // Once the first monitor has gone, the image is free again.
+    drop(first);
+    let run = probe_with("blk-init", &["--drive", image]);
+    assert_ok(&run);
+}
+
+#[test]
+fn two_monitors_can_read_one_image() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("two_readers");
+    let image = disk(&dir, "disk.img", 8, 0);
+    let ro = format!("{},ro", image.display());
+    let mote = common::api::ApiMote::spawn("two-readers", &[]);
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=count:200:3000000",
+    });
+    mote.ok("PUT", "/boot-source", &boot_source.to_string());
+    let drive = serde_json::json!({
+        "drive_id": "a", "path_on_host": image, "is_root_device": false, "is_read_only": true,
+    });
+    mote.ok("PUT", "/drives/a", &drive.to_string());
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: count=1\n", Duration::from_secs(20));
+    let run = probe_with("blk-init", &["--drive", &ro]);
+    assert_ok(&run);
+    // A writer must wait for the readers.
+    mote_fails_before_boot(
+        &["--drive", image.to_str().unwrap()],
+        "is locked by another process",
+    );
+}

@@ -606,3 +606,107 @@ fn a_daemonized_monitor_in_a_new_pid_namespace_leaves_a_pid_file() {
     assert_eq!(answer.status, 200, "{answer:?}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn exec_files_that_cannot_run_bad_uids_and_linked_bases_leave_nothing_behind() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch("cannot-run");
+    let base = dir.join("base");
+    let base_arg = base.display().to_string();
+    let mote = static_mote();
+    let not_executable = dir.join("mote-noexec");
+    std::fs::copy(&mote, &not_executable).unwrap();
+    std::fs::set_permissions(
+        &not_executable,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let args = |exec: &Path, uid: &str, base: &str| -> Vec<String> {
+        [
+            "--id",
+            "vm",
+            "--exec-file",
+            exec.to_str().unwrap(),
+            "--uid",
+            uid,
+            "--gid",
+            "12345",
+            "--chroot-base-dir",
+            base,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let fails = |args: Vec<String>, expect: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stderr = jailer_fails(&args);
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!base.exists(), "{args:?} left {:?}", entries(&base));
+    };
+    fails(
+        args(&not_executable, "12345", &base_arg),
+        "is not executable",
+    );
+    fails(args(&mote, "4294967295", &base_arg), "uid 4294967295");
+    fails(args(&mote, "0", &base_arg), "--allow-root-uid");
+    let mut gid = args(&mote, "12345", &base_arg);
+    gid[7] = "4294967295".into();
+    fails(gid, "gid 4294967295");
+    // A named pipe as the network namespace neither hangs the jailer nor leaves a jail.
+    let fifo = dir.join("netns-fifo");
+    let c_fifo = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let mut netns = args(&mote, "12345", &base_arg);
+    netns.extend(["--netns".to_string(), fifo.display().to_string()]);
+    fails(netns, "join the network namespace");
+    // A base that is a symbolic link is named as one.
+    let real_base = dir.join("real-base");
+    std::fs::create_dir(&real_base).unwrap();
+    let linked_base = dir.join("linked-base");
+    std::os::unix::fs::symlink(&real_base, &linked_base).unwrap();
+    let stderr = jailer_fails(
+        &args(&mote, "12345", linked_base.to_str().unwrap())
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(stderr.contains("is a symbolic link"), "{stderr}");
+    assert!(entries(&real_base).is_empty(), "{:?}", entries(&real_base));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_symlinked_exec_file_runs_in_the_jail() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch("symlinked-exec");
+    let base = dir.join("base");
+    let link = dir.join("mote");
+    std::os::unix::fs::symlink(static_mote(), &link).unwrap();
+    let output = Command::new(jailer_bin())
+        .args(["--id", "vm", "--exec-file"])
+        .arg(&link)
+        .args(["--uid", "12345", "--gid", "12345", "--chroot-base-dir"])
+        .arg(&base)
+        .args(["--", "--version"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("mote"),
+        "{stderr}"
+    );
+    let installed = base.join("mote/vm/root/mote");
+    assert!(
+        installed.symlink_metadata().unwrap().file_type().is_file(),
+        "the jail holds a link, not the binary"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -318,7 +318,7 @@ fn the_filters_can_be_given_as_a_file() {
     assert!(
         missing
             .stderr
-            .contains("cannot read the seccomp filter file /nonexistent/filters.json"),
+            .contains("cannot open the seccomp filter file /nonexistent/filters.json"),
         "{}",
         missing.stderr
     );

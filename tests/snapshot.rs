@@ -301,7 +301,7 @@ fn bad_snapshots_are_refused_and_leave_nothing_started() {
         (
             &dir_missing(&state),
             &mem,
-            "cannot read the snapshot state file",
+            "cannot open the snapshot state file",
         ),
     ];
     for (state_file, mem_file, reason) in cases {
@@ -656,4 +656,224 @@ fn a_restored_guest_drops_its_vsock_streams_and_takes_new_ones_both_ways() {
         "{}",
         run.stdout
     );
+}
+
+/// `PUT /snapshot/create` of the paused guest of `mote` to these paths.
+fn create_body(state: &Path, mem: &Path) -> String {
+    serde_json::json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem})
+        .to_string()
+}
+
+#[test]
+fn a_restored_guest_is_not_snapshotted_onto_the_memory_file_it_runs_from() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("own-mem-source", &format!("count:20:{SPINS}"), None);
+    let (state, mem, _) = snapshot_and_kill(mote, "probe: count=2\n");
+    let mem_before = fs::read(&mem).unwrap();
+    // Another name for the same file: refused by what it is, not by how it is spelt.
+    let alias = state.with_file_name("mem-alias");
+    fs::hard_link(&mem, &alias).unwrap();
+
+    let restored = ApiMote::spawn("own-mem", &[]);
+    restored.ok("PUT", "/snapshot/load", &load_body(&state, &mem, false));
+    let new_state = restored.dir.join("state2");
+    for target in [&mem, &alias] {
+        let answer = restored.request("PUT", "/snapshot/create", &create_body(&new_state, target));
+        assert!(
+            answer.fault().contains("was restored from"),
+            "{target:?}: {answer:?}"
+        );
+    }
+    // The state and the memory file may not be one file either.
+    let same = restored.dir.join("both");
+    let answer = restored.request("PUT", "/snapshot/create", &create_body(&same, &same));
+    assert!(answer.fault().contains("the same file"), "{answer:?}");
+    assert!(!same.exists() && !new_state.exists());
+    assert!(
+        fs::read(&mem).unwrap() == mem_before,
+        "the memory file changed"
+    );
+    // The monitor lives on, and so does its guest.
+    restored.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let run = restored.wait(WAIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(run.stdout.contains("probe: done"), "{}", run.stdout);
+}
+
+#[test]
+fn a_new_snapshot_over_a_memory_file_that_clones_map_leaves_them_running() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("mapped-source", &format!("count:30:{SPINS}"), None);
+    let (state, mem, before) = snapshot_and_kill(mote, "probe: count=2\n");
+    let clones: Vec<ApiMote> = (0..2)
+        .map(|i| {
+            let clone = ApiMote::spawn(&format!("mapped-clone{i}"), &[]);
+            clone.ok("PUT", "/snapshot/load", &load_body(&state, &mem, false));
+            clone
+        })
+        .collect();
+    // Another guest's snapshot goes to the path the clones map.
+    let other = boot("mapped-other", &format!("count:5:{SPINS}"), None);
+    other.wait_for_stdout("probe: count=1\n", WAIT);
+    other.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let other_state = other.dir.join("state");
+    other.ok("PUT", "/snapshot/create", &create_body(&other_state, &mem));
+    drop(other);
+    for clone in &clones {
+        clone.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    }
+    for clone in clones {
+        let run = clone.wait(WAIT);
+        assert!(run.status.success(), "{}", run.stderr);
+        let whole = format!("{before}{}", run.stdout);
+        assert_eq!(numbers(&whole, "count"), (1..=30).collect::<Vec<_>>());
+    }
+    // The new memory file is the other guest's: it restores and counts to its own end.
+    let (after, ok, stderr) = Restored::spawn(&other_state, &mem).wait();
+    assert!(ok, "{stderr}");
+    assert!(numbers(&after, "count").last() == Some(&5), "{after}");
+}
+
+#[test]
+fn a_failed_state_write_leaves_no_memory_file_behind() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("failed-state", &format!("count:10:{SPINS}"), None);
+    mote.wait_for_stdout("probe: count=1\n", WAIT);
+    mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let mem = mote.dir.join("mem");
+    let answer = mote.request(
+        "PUT",
+        "/snapshot/create",
+        &create_body(Path::new("/nonexistent/dir/state"), &mem),
+    );
+    assert!(answer.fault().contains("cannot write"), "{answer:?}");
+    let left: Vec<_> = fs::read_dir(&mote.dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .filter(|name| name != "api.sock")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A copy of the state file with its configuration and memory regions changed, the body
+/// re-encoded (bincode: the config string, then the regions) and its checksum made right, so
+/// only the checks of what it says can refuse it.
+fn rewritten(
+    state: &Path,
+    name: &str,
+    change: impl FnOnce(&mut String, &mut Vec<(u64, u64)>),
+) -> PathBuf {
+    const HEADER: usize = 20;
+    let bytes = fs::read(state).unwrap();
+    let body = &bytes[HEADER..bytes.len() - 8];
+    let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
+    let config_len = u64_at(0) as usize;
+    let mut config = String::from_utf8(body[8..8 + config_len].to_vec()).unwrap();
+    let count = u64_at(8 + config_len) as usize;
+    let regions_at = 16 + config_len;
+    let mut regions: Vec<(u64, u64)> = (0..count)
+        .map(|i| (u64_at(regions_at + i * 16), u64_at(regions_at + i * 16 + 8)))
+        .collect();
+    let rest = &body[regions_at + count * 16..];
+    change(&mut config, &mut regions);
+    let mut new_body = Vec::new();
+    new_body.extend_from_slice(&(config.len() as u64).to_le_bytes());
+    new_body.extend_from_slice(config.as_bytes());
+    new_body.extend_from_slice(&(regions.len() as u64).to_le_bytes());
+    for (addr, size) in &regions {
+        new_body.extend_from_slice(&addr.to_le_bytes());
+        new_body.extend_from_slice(&size.to_le_bytes());
+    }
+    new_body.extend_from_slice(rest);
+    let mut out = bytes[..12].to_vec();
+    out.extend_from_slice(&(new_body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&new_body);
+    let crc = crc64(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    let path = state.with_file_name(name);
+    fs::write(&path, out).unwrap();
+    path
+}
+
+#[test]
+fn a_state_file_whose_memory_does_not_fit_the_machine_is_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("layout-source", &format!("count:20:{SPINS}"), None);
+    let (state, mem, _) = snapshot_and_kill(mote, "probe: count=2\n");
+    // The re-encoding alone changes nothing: this one loads.
+    let same = rewritten(&state, "same", |_, _| {});
+    // 2^44 + 128 MiB, which wraps to 128 MiB when shifted into bytes.
+    let huge = rewritten(&state, "huge", |config, _| {
+        *config = config.replace("\"mem_size_mib\":128", "\"mem_size_mib\":17592186044544");
+    });
+    // The same 128 MiB, moved so that it runs into the MMIO gap below 4 GiB.
+    let in_gap = rewritten(&state, "in-gap", |_, regions| {
+        regions[0].0 = 0xc000_0000 - (64 << 20);
+    });
+    let mote = ApiMote::spawn("layout-target", &[]);
+    for (file, reason) in [(&huge, "mem_size_mib"), (&in_gap, "layout")] {
+        let answer = mote.request("PUT", "/snapshot/load", &load_body(file, &mem, true));
+        let fault = answer.fault();
+        assert!(fault.contains(reason), "{file:?}: {fault}");
+        assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
+    }
+    mote.ok("PUT", "/snapshot/load", &load_body(&same, &mem, true));
+    let run = mote.wait(WAIT);
+    assert!(run.stdout.contains("probe: done"), "{}", run.stdout);
+}
+
+/// Makes a named pipe at `path`.
+fn mkfifo(path: &Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+    let ret = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+    assert_eq!(ret, 0, "mkfifo: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn pipes_and_devices_as_snapshot_files_are_refused_at_once() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = boot("fifo-source", &format!("count:20:{SPINS}"), None);
+    let (state, mem, _) = snapshot_and_kill(mote, "probe: count=2\n");
+    let fifo = state.with_file_name("fifo");
+    mkfifo(&fifo);
+    let zero = Path::new("/dev/zero");
+    let mote = ApiMote::spawn("fifo-target", &[]);
+    for (state_file, mem_file) in [(&fifo, &mem), (&zero.to_path_buf(), &mem), (&state, &fifo)] {
+        let started = Instant::now();
+        let answer = mote.request(
+            "PUT",
+            "/snapshot/load",
+            &load_body(state_file, mem_file, true),
+        );
+        let fault = answer.fault();
+        assert!(fault.contains("not a regular file"), "{fault}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{fault}");
+    }
+    // The command line's restore likewise.
+    for (state_file, mem_file) in [(&fifo, &mem), (&state, &fifo)] {
+        let run = common::run_mote(
+            &[
+                "run",
+                "--restore",
+                state_file.to_str().unwrap(),
+                "--mem-file",
+                mem_file.to_str().unwrap(),
+            ],
+            None,
+            Duration::from_secs(5),
+        );
+        assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+        assert!(run.stderr.contains("not a regular file"), "{}", run.stderr);
+    }
 }

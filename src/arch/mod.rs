@@ -10,5 +10,5 @@ pub use self::x86_64::snapshot::{read_msr_index_list, StateError, VcpuState, VmS
 pub use self::x86_64::{
     arch_memory_regions, cmdline_capacity, configure_system, configure_vcpu, create_vm_devices,
     initrd_placement, load_kernel, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
-    DEFAULT_BOOT_ARGS, MAX_VCPUS,
+    DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB, MAX_VCPUS,
 };

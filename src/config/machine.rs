@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
-use crate::arch::MAX_VCPUS;
+use crate::arch::{MAX_MEM_SIZE_MIB, MAX_VCPUS};
 
 /// Firecracker's `boot-source`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +86,10 @@ impl MachineConfig {
         }
         if self.mem_size_mib == 0 {
             return Err(ConfigError::MemSizeZero);
+        }
+        // Also what keeps the size in bytes from overflowing wherever it is computed.
+        if self.mem_size_mib > MAX_MEM_SIZE_MIB {
+            return Err(ConfigError::MemSizeTooLarge(self.mem_size_mib));
         }
         if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
             return Err(ConfigError::SmtOddVcpus(self.vcpu_count));

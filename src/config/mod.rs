@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::MAX_VCPUS;
+use crate::arch::{MAX_MEM_SIZE_MIB, MAX_VCPUS};
 pub use drive::*;
 pub use machine::*;
 pub use net::*;
@@ -27,6 +27,8 @@ pub enum ConfigError {
     VcpuCount(u64),
     #[error("mem_size_mib 0 is out of range: a guest needs memory")]
     MemSizeZero,
+    #[error("mem_size_mib {0} is out of range: a guest has at most {MAX_MEM_SIZE_MIB} MiB")]
+    MemSizeTooLarge(u64),
     #[error("drive_id {0:?} is invalid: use 1 to 20 letters, digits, '_' or '-'")]
     DriveId(String),
     #[error("drive_id {0:?} is given twice")]
@@ -151,6 +153,10 @@ impl VmResources {
     /// The resources a config file describes, checked.
     pub fn from_config_file(file: VmConfigFile) -> Result<Self, ConfigError> {
         file.machine_config.validate()?;
+        // Checked as given: inserting one by one would let a later entry with an id already
+        // used replace the earlier one, as a PUT does, and a file's mistake would go unseen.
+        validate_drives(&file.drives)?;
+        validate_network_interfaces(&file.network_interfaces)?;
         let mut resources = VmResources {
             boot_source: file.boot_source,
             machine_config: file.machine_config,

@@ -232,3 +232,34 @@ fn vsock_takes_firecrackers_shape_with_the_deprecated_id() {
         Err(ConfigError::VsockCid(2))
     );
 }
+
+#[test]
+fn a_config_file_with_an_id_twice_is_refused() {
+    let mut file = VmResources::default().to_config_file();
+    file.drives = vec![drive("data", false), drive("data", false)];
+    assert_eq!(
+        VmResources::from_config_file(file.clone()),
+        Err(ConfigError::DuplicateDriveId("data".into()))
+    );
+    file.drives.clear();
+    file.network_interfaces = vec![iface("eth0", "tap0", None), iface("eth0", "tap1", None)];
+    assert_eq!(
+        VmResources::from_config_file(file),
+        Err(ConfigError::DuplicateIfaceId("eth0".into()))
+    );
+}
+
+#[test]
+fn memory_beyond_what_a_guest_addresses_is_refused() {
+    // 2^44 + 128 MiB would wrap to 128 MiB in bytes.
+    let mut config = MachineConfig {
+        mem_size_mib: (1 << 44) + 128,
+        ..Default::default()
+    };
+    assert_eq!(
+        config.validate(),
+        Err(ConfigError::MemSizeTooLarge((1 << 44) + 128))
+    );
+    config.mem_size_mib = MAX_MEM_SIZE_MIB;
+    assert_eq!(config.validate(), Ok(()));
+}

@@ -15,16 +15,15 @@ use seccompiler::sock_filter;
 
 use format::FilterMap;
 
+use crate::host_file::{self, HostFileError};
+
 /// The filters compiled from `resources/seccomp/<target>.json` at build time.
 static DEFAULT_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("cannot read the seccomp filter file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] HostFileError),
     #[error("invalid seccomp filter file {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("the seccomp filter file {path} has no `{name}` filter")]
@@ -198,13 +197,13 @@ pub fn apply(filter: Filter) -> Result<(), SeccompError> {
     thread_filter(filter).apply()
 }
 
+/// The largest `--seccomp-filter` file read (mote's own JSON is some 30 KiB).
+const FILTER_FILE_MAX_BYTES: u64 = 1 << 20;
+
 /// Reads a `--seccomp-filter` file: the compiled form when it starts with [`format::MAGIC`],
 /// JSON in seccompiler's format otherwise.
 fn read_filter_file(path: &Path) -> Result<FilterMap, SeccompError> {
-    let bytes = std::fs::read(path).map_err(|source| SeccompError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = host_file::read_capped("the seccomp filter file", path, FILTER_FILE_MAX_BYTES)?;
     let invalid = |reason: String| SeccompError::Invalid {
         path: path.to_path_buf(),
         reason,

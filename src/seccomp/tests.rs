@@ -313,7 +313,7 @@ fn custom_json_and_compiled_files_load() {
     let err = SeccompFilters::load(&SeccompConfig::Custom(scratch("absent.json"))).unwrap_err();
     assert!(
         err.to_string()
-            .starts_with("cannot read the seccomp filter file"),
+            .starts_with("cannot open the seccomp filter file"),
         "{err}"
     );
 }

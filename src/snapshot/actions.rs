@@ -1,19 +1,23 @@
 //! `PUT /snapshot/create` and `PUT /snapshot/load`: their bodies (Firecracker's shapes) and
 //! what they do.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Deserialize;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::memory::map_memory_file;
+use super::memory::{map_memory_file, write_memory_file};
 use super::{
-    read_state_file, write_state_file, DevicesState, MicrovmState, SnapshotError, VirtioSlotState,
+    read_state_file, write_state_file, DevicesState, MicrovmState, NewFile, SnapshotError,
+    VirtioSlotState,
 };
 use crate::builder::{build, BuildError, Console, Restore};
 use crate::config::{VmConfigFile, VmResources};
 use crate::device_manager::Subscriber;
 use crate::vmm::Vmm;
+use crate::vstate::memory::{guest_memory_layout, MemoryError};
 
 /// `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -105,15 +109,32 @@ pub enum SnapshotActionError {
     UnknownIface(String),
     #[error("vsock_override given, but the snapshot has no vsock device")]
     NoVsock,
-    #[error("the snapshot's memory ({saved} MiB in its file layout) does not match its machine configuration ({configured} MiB)")]
-    MemoryLayout { saved: u64, configured: u64 },
+    #[error("the snapshot's memory regions ({saved}) do not match the machine's layout for its {configured} MiB ({expected})")]
+    MemoryLayout {
+        saved: String,
+        configured: u64,
+        expected: String,
+    },
+    #[error("the snapshot's guest memory: {0}")]
+    MemorySize(#[from] MemoryError),
+    #[error("snapshot_path and mem_file_path are the same file ({0}): a snapshot needs two")]
+    SameFile(PathBuf),
+    #[error("mem_file_path {0} is the memory file this microVM was restored from, which it still maps: write the snapshot to another file")]
+    OwnMemoryFile(PathBuf),
+    #[error("cannot look at {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot restore the snapshot: {0}")]
     Build(#[from] BuildError),
 }
 
-/// Writes a full snapshot of the paused `vmm`, whose configuration is `resources`: the memory
-/// file first, then the state file (so a state file on disk always has its memory written).
-/// The guest is not touched: a failure leaves it paused as it was.
+/// Writes a full snapshot of the paused `vmm`, whose configuration is `resources`. Both files
+/// are written under new names and then renamed into place, the memory file first (so a state
+/// file on disk always has its memory written); a failure leaves neither behind, and a file
+/// replaced is never truncated (running VMs may map the old memory file). The guest is not
+/// touched: a failure leaves it paused as it was.
 pub fn create_snapshot(
     vmm: &mut Vmm,
     resources: &VmResources,
@@ -125,6 +146,7 @@ pub fn create_snapshot(
     if !vmm.is_paused() {
         return Err(SnapshotActionError::NotPaused);
     }
+    check_destinations(vmm.vm().memory(), params)?;
     let save = |err: &dyn std::fmt::Display| SnapshotActionError::Save(err.to_string());
     let vcpus = vmm.save_vcpu_states().map_err(|err| save(&err))?;
     let vm = vmm.vm().save_state().map_err(|err| save(&err))?;
@@ -147,7 +169,13 @@ pub fn create_snapshot(
     config.logger = None;
     config.metrics = None;
     let config = serde_json::to_string(&config).map_err(|err| save(&err))?;
-    let memory = super::memory::write_memory_file(vmm.vm().memory(), &params.mem_file_path)
+    let mem_path = &params.mem_file_path;
+    let mem_file = NewFile::create(mem_path).map_err(|source| SnapshotError::Write {
+        what: "the memory file",
+        path: mem_path.clone(),
+        source,
+    })?;
+    let memory = write_memory_file(vmm.vm().memory(), mem_file.file(), mem_path)
         .map_err(SnapshotError::from)?;
     let state = MicrovmState {
         config,
@@ -156,7 +184,86 @@ pub fn create_snapshot(
         vcpus,
         devices,
     };
-    write_state_file(&params.snapshot_path, &state)?;
+    let state_file = write_state_file(&params.snapshot_path, &state)?;
+    mem_file.commit().map_err(|source| SnapshotError::Write {
+        what: "the memory file",
+        path: mem_path.clone(),
+        source,
+    })?;
+    if let Err(source) = state_file.commit() {
+        // No state file refers to the new memory file: it must not stay as if it were one.
+        let _ = std::fs::remove_file(mem_path);
+        return Err(SnapshotError::Write {
+            what: "the snapshot state file",
+            path: params.snapshot_path.clone(),
+            source,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Device and inode of the file at `path`, None when there is none.
+fn identity(path: &Path) -> Result<Option<(u64, u64)>, SnapshotActionError> {
+    match std::fs::metadata(path) {
+        Ok(metadata) => Ok(Some((metadata.dev(), metadata.ino()))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SnapshotActionError::Stat {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Whether two paths name one file: as spelt, by device and inode when the file exists, or
+/// by the same name in the same directory when it does not yet.
+fn same_file(a: &Path, b: &Path) -> Result<bool, SnapshotActionError> {
+    if a == b {
+        return Ok(true);
+    }
+    if let (Some(a), Some(b)) = (identity(a)?, identity(b)?) {
+        return Ok(a == b);
+    }
+    let dir = |path: &Path| match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(a.file_name() == b.file_name()
+        && identity(&dir(a))?.is_some()
+        && identity(&dir(a))? == identity(&dir(b))?)
+}
+
+/// Refuses destinations that cannot work: one file for both, or the memory file this VM was
+/// restored from (its guest memory is a private mapping of that file: replacing it would
+/// keep the guest whole, but a snapshot there is almost always a mistake that loses the old
+/// snapshot the guest still reads from).
+fn check_destinations(
+    mem: &GuestMemoryMmap,
+    params: &CreateSnapshotParams,
+) -> Result<(), SnapshotActionError> {
+    if same_file(&params.snapshot_path, &params.mem_file_path)? {
+        return Err(SnapshotActionError::SameFile(params.snapshot_path.clone()));
+    }
+    let Some(target) = identity(&params.mem_file_path)? else {
+        return Ok(());
+    };
+    for region in mem.iter() {
+        let Some(mapped) = region.file_offset() else {
+            continue;
+        };
+        let metadata = mapped
+            .file()
+            .metadata()
+            .map_err(|source| SnapshotActionError::Stat {
+                path: params.mem_file_path.clone(),
+                source,
+            })?;
+        if (metadata.dev(), metadata.ino()) == target {
+            return Err(SnapshotActionError::OwnMemoryFile(
+                params.mem_file_path.clone(),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -211,6 +318,43 @@ fn configuration(
     VmResources::from_config_file(file).map_err(|err| config_err(&err))
 }
 
+/// Checks the saved memory regions against the layout a fresh boot of the snapshot's machine
+/// would have: a CRC-valid file can still say anything, and a region the machine would not
+/// have (in the MMIO gap, or not matching the size) would start a guest that cannot run.
+fn check_memory_layout(
+    state: &MicrovmState,
+    resources: &VmResources,
+) -> Result<(), SnapshotActionError> {
+    let configured = resources.machine_config.mem_size_mib;
+    let expected = guest_memory_layout(configured)?;
+    let matches = state.memory.len() == expected.len()
+        && state
+            .memory
+            .iter()
+            .zip(&expected)
+            .all(|(saved, (addr, size))| {
+                saved.guest_addr == addr.raw_value() && saved.size == *size as u64
+            });
+    if !matches {
+        let show = |regions: &mut dyn Iterator<Item = (u64, u64)>| {
+            regions
+                .map(|(addr, size)| format!("{size:#x} bytes at {addr:#x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(SnapshotActionError::MemoryLayout {
+            saved: show(&mut state.memory.iter().map(|r| (r.guest_addr, r.size))),
+            configured,
+            expected: show(
+                &mut expected
+                    .iter()
+                    .map(|(addr, size)| (addr.raw_value(), *size as u64)),
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Restores a snapshot: checks the state file, maps the memory file, builds the VM in the saved
 /// state (vCPUs paused) with the snapshot's configuration, which it returns with the VM.
 /// Nothing is left behind on failure.
@@ -228,14 +372,7 @@ pub fn load_snapshot(
     let state = read_state_file(&params.snapshot_path)?;
     let mut resources = configuration(&state, params)?;
     resources.boot_timer = boot_timer;
-    let saved: u64 = state.memory.iter().map(|region| region.size).sum();
-    let configured = resources.machine_config.mem_size_mib;
-    if saved != configured << 20 {
-        return Err(SnapshotActionError::MemoryLayout {
-            saved: saved >> 20,
-            configured,
-        });
-    }
+    check_memory_layout(&state, &resources)?;
     let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
     let restore = Restore {
         state: &state,
@@ -249,4 +386,27 @@ pub fn load_snapshot(
         Some(restore),
     )?;
     Ok((resources, vmm, subscribers))
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+
+    #[test]
+    fn one_file_under_two_names_is_one_file() {
+        let dir = TempDir::new().unwrap();
+        let (a, b) = (dir.as_path().join("a"), dir.as_path().join("b"));
+        // Neither exists yet: the same name in the same directory, however it is spelt.
+        assert!(same_file(&a, &a).unwrap());
+        assert!(same_file(&a, &dir.as_path().join(".").join("a")).unwrap());
+        assert!(!same_file(&a, &b).unwrap());
+        std::fs::write(&a, b"x").unwrap();
+        std::fs::hard_link(&a, &b).unwrap();
+        assert!(same_file(&a, &b).unwrap());
+        std::fs::remove_file(&b).unwrap();
+        std::fs::write(&b, b"y").unwrap();
+        assert!(!same_file(&a, &b).unwrap());
+    }
 }

@@ -2,11 +2,13 @@
 //! are zero; and its restore, a MAP_PRIVATE mapping of it per region, so that restoring costs
 //! the same for any size and clones share the pages they have not written.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::host_file::{self, FileKind, HostFileError};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -25,8 +27,10 @@ pub enum MemoryFileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open the memory file {path}: {source}")]
-    Open {
+    #[error(transparent)]
+    Open(#[from] HostFileError),
+    #[error("cannot read the size of the memory file {path}: {source}")]
+    Size {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -64,25 +68,20 @@ fn touched_pages(start: usize, pages: usize) -> Option<Vec<bool>> {
     )
 }
 
-/// Writes every region of `mem` into a new file at `path` (replacing it), leaving holes for
-/// zero pages; returns the regions in file order.
+/// Writes every region of `mem` into `file`, new and empty, that will be the memory file
+/// `path`, leaving holes for zero pages; returns the regions in file order.
 ///
 /// The vCPUs must be paused and no device may be serving its queues (the caller runs on the
 /// event loop's thread, which is where devices do).
 pub fn write_memory_file(
     mem: &GuestMemoryMmap,
+    file: &File,
     path: &Path,
 ) -> Result<Vec<MemoryRegionState>, MemoryFileError> {
     let write_err = |source| MemoryFileError::Write {
         path: path.to_path_buf(),
         source,
     };
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(write_err)?;
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for region in mem.iter() {
@@ -136,13 +135,10 @@ pub fn map_memory_file(
     path: &Path,
     regions: &[MemoryRegionState],
 ) -> Result<GuestMemoryMmap, MemoryFileError> {
-    let file = File::open(path).map_err(|source| MemoryFileError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = host_file::open("the memory file", path, FileKind::Regular, false)?;
     let len = file
         .metadata()
-        .map_err(|source| MemoryFileError::Open {
+        .map_err(|source| MemoryFileError::Size {
             path: path.to_path_buf(),
             source,
         })?
@@ -197,7 +193,7 @@ mod tests {
         mem.write_obj(0x1234_u32, GuestAddress(0x10_0000 + 15 * 4096))
             .unwrap();
         let file = TempFile::new().unwrap();
-        let regions = write_memory_file(&mem, file.as_path()).unwrap();
+        let regions = write_memory_file(&mem, file.as_file(), file.as_path()).unwrap();
         assert_eq!(regions.len(), 2);
         let meta = std::fs::metadata(file.as_path()).unwrap();
         assert_eq!(meta.len(), 80 * PAGE_SIZE as u64);

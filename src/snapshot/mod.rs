@@ -9,8 +9,8 @@
 
 pub mod actions;
 pub mod memory;
+mod replace;
 
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -21,7 +21,9 @@ use devices::virtio::state::MmioTransportState;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{VcpuState, VmState};
+use crate::host_file::{self, HostFileError};
 pub use memory::MemoryRegionState;
+pub use replace::NewFile;
 
 /// The first bytes of every state file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MOTESNAP";
@@ -33,11 +35,8 @@ const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_ECMA_182);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot read the snapshot state file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] HostFileError),
     #[error("cannot write {what} {path}: {source}")]
     Write {
         what: &'static str,
@@ -54,8 +53,10 @@ pub enum SnapshotError {
     Version { found: u32 },
     #[error("cannot encode the snapshot state: {0}")]
     Encode(bincode::Error),
+    #[error("cannot decode the snapshot state: its body ends early (cut short, or written by another build of mote)")]
+    EndsEarly,
     #[error("cannot decode the snapshot state: {0}")]
-    Decode(bincode::Error),
+    Decode(String),
     #[error(transparent)]
     Memory(#[from] memory::MemoryFileError),
 }
@@ -141,37 +142,40 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     if found != SNAPSHOT_VERSION {
         return Err(SnapshotError::Version { found });
     }
-    bincode::deserialize(&covered[HEADER_LEN..]).map_err(SnapshotError::Decode)
+    bincode::deserialize(&covered[HEADER_LEN..]).map_err(|err| decode_error(&err))
 }
+
+/// bincode reports a body that ends early as an I/O error with an empty message.
+fn decode_error(err: &bincode::ErrorKind) -> SnapshotError {
+    match err {
+        bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            SnapshotError::EndsEarly
+        }
+        other => SnapshotError::Decode(other.to_string()),
+    }
+}
+
+/// The largest state file read. A 32-vCPU guest with every device saves well under 1 MiB;
+/// anything much larger is not a state file, and is refused before it is read into memory.
+const STATE_FILE_MAX_BYTES: u64 = 16 << 20;
 
 /// Reads and checks a state file.
 pub fn read_state_file(path: &Path) -> Result<MicrovmState, SnapshotError> {
-    let bytes = fs::read(path).map_err(|source| SnapshotError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = host_file::read_capped("the snapshot state file", path, STATE_FILE_MAX_BYTES)?;
     decode(&bytes)
 }
 
-/// Writes a state file whole or not at all: into a temporary file beside it, then renamed.
-pub fn write_state_file(path: &Path, state: &MicrovmState) -> Result<(), SnapshotError> {
+/// Writes `state` into a new file that will be the state file `path` once committed.
+pub fn write_state_file(path: &Path, state: &MicrovmState) -> Result<NewFile, SnapshotError> {
     let bytes = encode(state)?;
     let write_err = |source| SnapshotError::Write {
         what: "the snapshot state file",
         path: path.to_path_buf(),
         source,
     };
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let result = fs::File::create(&partial)
-        .and_then(|mut file| file.write_all(&bytes))
-        .and_then(|()| fs::rename(&partial, path));
-    if let Err(err) = result {
-        let _ = fs::remove_file(&partial);
-        return Err(write_err(err));
-    }
-    Ok(())
+    let new = NewFile::create(path).map_err(write_err)?;
+    new.file().write_all(&bytes).map_err(write_err)?;
+    Ok(new)
 }
 
 #[cfg(test)]
@@ -243,5 +247,27 @@ mod tests {
         newer[end..].copy_from_slice(&crc.to_le_bytes());
         let err = decode(&newer).unwrap_err();
         assert!(matches!(err, SnapshotError::Version { found: 2 }), "{err}");
+    }
+
+    /// A body cut short but framed and checksummed as whole: only the decoder can tell.
+    fn with_body(body: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&SNAPSHOT_MAGIC);
+        bytes.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(body);
+        let crc = CRC64.checksum(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn a_body_that_ends_early_says_so() {
+        let whole = encode(&state()).unwrap();
+        let body = &whole[HEADER_LEN..whole.len() - CRC_LEN];
+        let err = decode(&with_body(&body[..body.len() / 2])).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("ends early"), "{message}");
+        assert!(!message.trim_end().ends_with(':'), "{message}");
     }
 }

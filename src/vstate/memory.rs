@@ -2,7 +2,7 @@
 
 use std::fs;
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::arch;
 
@@ -12,6 +12,8 @@ pub enum MemoryError {
         "guest memory of {wanted_mib} MiB is more than this host's {host_mib} MiB of RAM and swap"
     )]
     MoreThanHost { wanted_mib: u64, host_mib: u64 },
+    #[error("guest memory of {mib} MiB is more than a guest can address")]
+    TooLarge { mib: u64 },
     #[error("cannot map {mib} MiB of guest memory: {source}")]
     Map {
         mib: u64,
@@ -35,9 +37,9 @@ fn host_memory_mib() -> Option<u64> {
     Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) / 1024)
 }
 
-/// Maps `mib` MiB of guest RAM. Pages are allocated by the host when the guest first touches
-/// them, so a guest costs what it uses; but a size the host could never back is refused.
-pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// The guest RAM regions of `mib` MiB in the arch's layout, once the size is checked as for
+/// any guest: a size the host could never back is refused (a boot and a restore alike).
+pub fn guest_memory_layout(mib: u64) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
     if let Some(host_mib) = host_memory_mib() {
         if mib > host_mib {
             return Err(MemoryError::MoreThanHost {
@@ -46,7 +48,16 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
             });
         }
     }
-    GuestMemoryMmap::from_ranges(&arch::arch_memory_regions(mib << 20))
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .ok_or(MemoryError::TooLarge { mib })?;
+    Ok(arch::arch_memory_regions(bytes))
+}
+
+/// Maps `mib` MiB of guest RAM. Pages are allocated by the host when the guest first touches
+/// them, so a guest costs what it uses; but a size the host could never back is refused.
+pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&guest_memory_layout(mib)?)
         .map_err(|source| MemoryError::Map { mib, source })
 }
 

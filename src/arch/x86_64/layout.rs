@@ -33,6 +33,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO gap; RAM beyond 3 GiB continues here.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The end of the guest-physical address space mote gives a guest (46 bits, what x86_64 hosts
+/// with the fewest physical address bits KVM runs on offer); RAM never reaches beyond.
+pub const GUEST_PHYS_END: u64 = 1 << 46;
 /// Firecracker's boot-timer device: the guest writes 123 here when it has booted.
 pub const BOOT_TIMER_START: u64 = MMIO_GAP_START;
 /// Size of one MMIO device slot.

@@ -2,6 +2,7 @@
 
 pub mod cpuid;
 pub mod gdt;
+pub mod kernel_image;
 pub mod lapic;
 pub mod layout;
 pub mod mptable;
@@ -27,11 +28,13 @@ use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use self::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, KVM_IDENTITY_MAP_ADDRESS,
-    KVM_TSS_ADDRESS, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START, PVH_MEMMAP_START,
-    ZERO_PAGE_START,
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, GUEST_PHYS_END, HIMEM_START,
+    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START,
+    PVH_MEMMAP_START, ZERO_PAGE_START,
 };
 
+/// The most guest RAM, in MiB: what fits below [`GUEST_PHYS_END`] around the MMIO gap.
+pub const MAX_MEM_SIZE_MIB: u64 = (GUEST_PHYS_END - (MMIO_GAP_END - MMIO_GAP_START)) >> 20;
 /// The most vCPUs a guest may have (the MP table and the I/O APIC IDs are sized for this).
 pub const MAX_VCPUS: u8 = 32;
 /// Boot arguments when the user gives none: the serial console, reset through the i8042, reboot
@@ -42,7 +45,7 @@ const PVH_MODLIST_START: u64 = PVH_MEMMAP_START + 0x200;
 /// e820 / PVH memory types.
 const E820_RAM: u32 = 1;
 /// Linux boot protocol: "HdrS" magic, the 0xaa55 boot flag, and "loader type unknown".
-const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+pub(crate) const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 /// Where a relocatable kernel wants to be aligned (16 MiB, as Firecracker tells the guest).
@@ -53,7 +56,7 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const XLF_KERNEL_64: u16 = 1;
 /// The PVH start-info magic (Xen's `XEN_HVM_START_MAGIC_VALUE`).
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
-const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+pub(crate) const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const PAGE_SIZE: u64 = 0x1000;
 
 /// How the boot CPU enters the kernel.
@@ -91,6 +94,10 @@ pub enum ArchError {
     Elf(linux_loader::loader::Error),
     #[error("not an ELF vmlinux nor a bzImage: {0}")]
     BzImage(linux_loader::loader::Error),
+    #[error(transparent)]
+    KernelImage(#[from] kernel_image::KernelImageError),
+    #[error("the kernel image needs guest memory up to {end:#x}, more than the guest's {mem_mib} MiB of memory hold: give the guest more memory")]
+    KernelNeedsMemory { end: u64, mem_mib: u64 },
     #[error("the bzImage has no 64-bit entry point")]
     BzImageNot64Bit,
     #[error("the initrd ({size} bytes) does not fit in guest memory between the kernel's end at {kernel_end:#x} and {low_ram_end:#x}")]
@@ -163,6 +170,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &mut File) -> Result<BootEntry,
         .and_then(|_| image.seek(SeekFrom::Start(0)))
         .map_err(ArchError::ReadHeader)?;
     let himem = Some(GuestAddress(HIMEM_START));
+    // The loaders' own error for a kernel beyond the end of memory is "Unable to read kernel
+    // image", which misleads: say what is short before they try.
+    let needed = kernel_image::kernel_extent(image)?;
+    image
+        .seek(SeekFrom::Start(0))
+        .map_err(ArchError::ReadHeader)?;
+    if let Some(end) = needed {
+        if end > HIMEM_START && !mem.address_in_range(GuestAddress(end - 1)) {
+            let mem_mib = mem.iter().map(|region| region.len()).sum::<u64>() >> 20;
+            return Err(ArchError::KernelNeedsMemory { end, mem_mib });
+        }
+    }
     if &magic == ELF_MAGIC {
         let loaded = Elf::load(mem, None, image, himem).map_err(ArchError::Elf)?;
         let (entry, protocol) = match loaded.pvh_boot_cap {

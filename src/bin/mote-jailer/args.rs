@@ -23,12 +23,16 @@ pub struct JailerArgs {
     /// The monitor binary to copy into the jail and run.
     #[arg(long, value_name = "PATH")]
     pub exec_file: PathBuf,
-    /// The uid the monitor runs as.
-    #[arg(long)]
+    /// The uid the monitor runs as; 0 (root) only with --allow-root-uid.
+    #[arg(long, value_parser = parse_uid)]
     pub uid: u32,
     /// The gid the monitor runs as.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_gid)]
     pub gid: u32,
+    /// Let --uid be 0: the monitor then runs as root inside the jail, which the jail exists to
+    /// avoid. Only for when that is really meant.
+    #[arg(long)]
+    pub allow_root_uid: bool,
     /// Jails are made at <BASE>/<exec file name>/<id>/root.
     #[arg(long, value_name = "BASE", default_value = DEFAULT_CHROOT_BASE)]
     pub chroot_base_dir: PathBuf,
@@ -100,6 +104,30 @@ pub fn parse_id(id: &str) -> Result<String, String> {
     Ok(id.to_string())
 }
 
+/// (uid_t) -1 and (gid_t) -1: to setresuid, setresgid and chown they mean "leave as it is",
+/// so a monitor "dropped" to them would keep the jailer's root.
+const NO_CHANGE_ID: u32 = u32::MAX;
+
+fn parse_uid(uid: &str) -> Result<u32, String> {
+    parse_id_number("uid", uid)
+}
+
+fn parse_gid(gid: &str) -> Result<u32, String> {
+    parse_id_number("gid", gid)
+}
+
+fn parse_id_number(kind: &str, value: &str) -> Result<u32, String> {
+    let id: u32 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a {kind} (0 to {})", NO_CHANGE_ID - 1))?;
+    if id == NO_CHANGE_ID {
+        return Err(format!(
+            "{kind} {id} is ({kind}_t) -1, which the kernel takes as \"no change\": give a real {kind}"
+        ));
+    }
+    Ok(id)
+}
+
 fn parse_cgroup_version(version: &str) -> Result<u8, String> {
     match version {
         "2" => Ok(2),
@@ -166,6 +194,18 @@ mod tests {
         assert!(parse_cgroup("../pids.max=1").is_err());
         assert!(parse_cgroup("pids=1").is_err());
         assert!(parse_cgroup("pids.max").is_err());
+    }
+
+    #[test]
+    fn the_no_change_ids_are_refused() {
+        assert_eq!(parse_uid("12345"), Ok(12345));
+        assert!(parse_uid("4294967295")
+            .unwrap_err()
+            .contains("uid 4294967295"));
+        assert!(parse_gid("4294967295")
+            .unwrap_err()
+            .contains("gid 4294967295"));
+        assert!(parse_uid("-1").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{chown, MetadataExt};
+use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -36,6 +36,21 @@ const DEVICE_NODES: [DeviceNode; 3] = [
         minor: 9,
     },
 ];
+
+/// Execute permission for the owner, the group and others.
+const EXEC_OWNER: u32 = 0o100;
+const EXEC_GROUP: u32 = 0o010;
+const EXEC_OTHER: u32 = 0o001;
+
+/// Whether the jailed uid and gid may run the binary. The jail's copy or link stays root's,
+/// so the owner's bit counts only for a root monitor; the group's when the file's group is
+/// the jailed gid (a link keeps it; a copy is the jailer's, which is then stricter).
+fn executable_by(metadata: &std::fs::Metadata, uid: u32, gid: u32) -> bool {
+    let mode = metadata.permissions().mode();
+    mode & EXEC_OTHER != 0
+        || (uid == 0 && mode & (EXEC_OWNER | EXEC_GROUP) != 0)
+        || (metadata.gid() == gid && mode & EXEC_GROUP != 0)
+}
 
 /// Read and write for the owner only: the jailed uid.
 const DEVICE_MODE: u32 = 0o600;
@@ -111,15 +126,39 @@ impl Jail {
         if !base.is_absolute() {
             return Err(JailError::RelativeBase(base.to_path_buf()));
         }
-        let metadata = std::fs::metadata(exec_file).map_err(|source| JailError::ExecFile {
+        // The jail's paths are made under the base as given; a link would put the jail, and
+        // everything removed on failure, somewhere the caller did not name.
+        if base
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return Err(JailError::BaseIsSymlink {
+                base: base.to_path_buf(),
+                target: std::fs::read_link(base).unwrap_or_default(),
+            });
+        }
+        let exec_err = |source| JailError::ExecFile {
             path: exec_file.to_path_buf(),
             source,
-        })?;
+        };
+        // A symbolic link would itself be hard-linked into the jail, where its target is out
+        // of reach: the jail gets the file it names. The name stays the one given.
+        let resolved = std::fs::canonicalize(exec_file).map_err(exec_err)?;
+        let metadata = std::fs::metadata(&resolved).map_err(exec_err)?;
         let exec_name = match exec_file.file_name() {
             Some(name) if metadata.is_file() => name.to_os_string(),
             _ => return Err(JailError::ExecNotAFile(exec_file.to_path_buf())),
         };
-        check_static(exec_file)?;
+        if !executable_by(&metadata, uid, gid) {
+            return Err(JailError::ExecNotExecutable {
+                path: exec_file.to_path_buf(),
+                mode: metadata.permissions().mode() & 0o7777,
+                uid,
+                gid,
+            });
+        }
+        check_static(&resolved)?;
+        let exec_file = resolved.as_path();
         let id_dir = base.join(&exec_name).join(id);
         if id_dir.symlink_metadata().is_ok() {
             return Err(JailError::JailExists(id_dir));

@@ -14,6 +14,7 @@ use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -34,6 +35,19 @@ pub enum JailError {
     ExecFile { path: PathBuf, source: io::Error },
     #[error("the exec file {0} is not a regular file")]
     ExecNotAFile(PathBuf),
+    #[error("the exec file {path} is not executable by uid {uid} gid {gid} (mode {mode:o})")]
+    ExecNotExecutable {
+        path: PathBuf,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    #[error("--uid 0 would run the monitor as root in the jail: give another uid, or pass --allow-root-uid if that is meant")]
+    RootUid,
+    #[error(
+        "--chroot-base-dir {base} is a symbolic link (to {target}): give the directory itself"
+    )]
+    BaseIsSymlink { base: PathBuf, target: PathBuf },
     #[error("the exec file {path} cannot run alone in a jail: {reason}")]
     ExecNotStatic { path: PathBuf, reason: String },
     #[error("--chroot-base-dir {0} is not an absolute path")]
@@ -97,16 +111,25 @@ fn main() -> ExitCode {
 
 /// Returns only on failure, or in the parent of a daemonized or pid-namespaced monitor.
 fn run(args: &JailerArgs) -> Result<(), JailError> {
+    if args.uid == 0 && !args.allow_root_uid {
+        return Err(JailError::RootUid);
+    }
     let argv = monitor_arguments(args)?;
     let netns = args
         .netns
         .as_ref()
         .map(|path| {
-            File::open(path).map_err(|source| JailError::Io {
-                what: "open the network namespace",
-                path: path.clone(),
-                source,
-            })
+            // Non-blocking: a named pipe given by mistake would otherwise hang the jailer here
+            // (setns then refuses what is not a namespace).
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|source| JailError::Io {
+                    what: "open the network namespace",
+                    path: path.clone(),
+                    source,
+                })
         })
         .transpose()?;
     let jail = Jail::create(

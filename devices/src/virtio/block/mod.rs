@@ -180,6 +180,11 @@ impl Block {
         self.read_only
     }
 
+    /// The file the drive reads and writes now (the monitor compares drives' files by it).
+    pub fn backing_file(&self) -> &File {
+        &self.file
+    }
+
     /// The drive's counters, for the monitor's metrics.
     pub fn metrics(&self) -> &Arc<BlockMetrics> {
         &self.metrics
