@@ -7,6 +7,16 @@
 //! readers of mote's output see it end with mote), then everything else, and exits, leaving
 //! the teardown to finish in its own time.
 
+//!
+//! What a supervisor sees: the monitor's exit (its wait status) comes before its VM is torn
+//! down; the reaper, a process of the same name, goes on for the teardown's length (tens of
+//! milliseconds, longer on a loaded host) and is then collected by whoever adopts it: init,
+//! or the supervisor itself where it is a child subreaper (`PR_SET_CHILD_SUBREAPER`: systemd,
+//! containerd shims), which must reap it as any orphan. Under a start storm reapers add up
+//! (185 at once were seen after 1000 back-to-back lifecycles), so a monitor hands over to one
+//! only while the host is far from its task limits ([`room_for_a_reaper`]); otherwise it pays
+//! for the teardown in its own exit, and a reaper can never be why a new monitor cannot start.
+
 use std::io::Write;
 
 /// The reaper's stack: it only makes system calls.
@@ -30,12 +40,61 @@ extern "C" fn reap(_: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// The share of the host's task budget below which reapers are used: past it, what is left is
+/// for monitors and everything else to start.
+const REAPER_BUDGET_SHARE: u64 = 2;
+
+/// True while the host runs fewer tasks than half of the smallest limit that applies to a new
+/// process of this user: the kernel's `threads-max` and this process's `RLIMIT_NPROC` (a
+/// count per user, compared here with every task on the host, which errs on the safe side).
+/// Read from /proc at the end of the process (about 15 µs), not at start-up. Where a figure
+/// cannot be read, no reaper.
+pub fn room_for_a_reaper() -> bool {
+    let tasks = read_proc("/proc/loadavg").and_then(|text| loadavg_tasks(&text));
+    let threads_max = read_proc("/proc/sys/kernel/threads-max").and_then(|t| t.trim().parse().ok());
+    let nproc = read_proc("/proc/self/limits").and_then(|text| max_processes(&text));
+    match (tasks, threads_max) {
+        (Some(tasks), Some(threads_max)) => {
+            let limit = nproc.map_or(threads_max, |n: u64| n.min(threads_max));
+            tasks.saturating_mul(REAPER_BUDGET_SHARE) < limit
+        }
+        _ => false,
+    }
+}
+
+fn read_proc(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// The task count of /proc/loadavg: `0.10 0.20 0.30 2/345 6789` → 345.
+fn loadavg_tasks(text: &str) -> Option<u64> {
+    text.split_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .1
+        .parse()
+        .ok()
+}
+
+/// The soft "Max processes" of /proc/self/limits; None when unlimited.
+fn max_processes(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("Max processes"))?;
+    line["Max processes".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Ends the process with `code`, leaving the kernel's VM teardown to a reaper. Only for the
 /// very end of `main`: nothing may run after it, and everything that should be closed in this
 /// process (devices, sockets) must be closed before.
 pub fn exit(code: u8) -> ! {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
+    if !room_for_a_reaper() {
+        std::process::exit(i32::from(code))
+    }
     // SAFETY: an anonymous private mapping of a fixed size, checked below; it is never unmapped
     // (the reaper runs on it until it exits, and the process is ending).
     let stack = unsafe {
@@ -69,4 +128,31 @@ pub fn exit(code: u8) -> ! {
     }
     // No reaper: exit the ordinary way, paying for the teardown here.
     std::process::exit(i32::from(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_task_count_and_the_process_limit_are_read_from_proc() {
+        assert_eq!(loadavg_tasks("0.10 0.20 0.30 2/345 6789\n"), Some(345));
+        assert_eq!(loadavg_tasks("garbage"), None);
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max cpu time              unlimited            unlimited            seconds\n\
+                      Max processes             4096                 8192                 processes\n";
+        assert_eq!(max_processes(limits), Some(4096));
+        let unlimited = limits.replace(
+            "4096                 8192",
+            "unlimited            unlimited",
+        );
+        assert_eq!(max_processes(&unlimited), None);
+    }
+
+    #[test]
+    fn this_host_has_room_for_a_reaper() {
+        // The test machine runs far fewer tasks than half its limits; this reads the real
+        // files, so a parse that broke on them would fail here.
+        assert!(room_for_a_reaper());
+    }
 }

@@ -229,3 +229,76 @@ fn sigterm_stops_a_running_guest_in_order() {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {stderr}");
     assert!(stderr.contains("mote: stopped by SIGTERM"), "{stderr}");
 }
+
+/// Runs the probe to its reset with RLIMIT_NPROC at `nproc` (when given), as a child of this
+/// process made a subreaper, and returns how many other processes (teardown reapers, which
+/// mote leaves behind when it exits) this process then collected within two seconds.
+fn reapers_left_behind(nproc: Option<u64>) -> usize {
+    let probe = probe_kernel();
+    let mut command = Command::new(mote_bin());
+    command
+        .args(["run", "--kernel", probe.to_str().unwrap()])
+        .args(["--append", "probe.run=boot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(limit) = nproc {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe and touches only the child, before exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let status = command.status().expect("cannot run mote");
+    assert_eq!(status.code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut collected = 0;
+    while Instant::now() < deadline {
+        // SAFETY: waitpid with WNOHANG only collects an exited child of this process.
+        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        match pid {
+            0 => std::thread::sleep(Duration::from_millis(1)),
+            -1 => break, // no children left
+            _ => collected += 1,
+        }
+    }
+    collected
+}
+
+/// mote hands its VM's teardown to a reaper and exits at once (src/teardown.rs). A supervisor
+/// that is a child subreaper inherits that reaper and collects it; and where the host is near
+/// its task limit, no reaper is made, so reapers can never be why a new monitor cannot start.
+#[test]
+fn the_teardown_reaper_goes_to_a_subreaper_and_is_skipped_near_the_process_limit() {
+    if !require_kvm() {
+        return;
+    }
+    // SAFETY: prctl only sets a flag of this test process (nextest runs one test a process).
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) }, 0);
+    assert_eq!(reapers_left_behind(None), 1, "no reaper with room for one");
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap();
+    let tasks: u64 = loadavg
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .split_once('/')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    // A limit of twice the tasks running now leaves less than half of it free.
+    assert_eq!(
+        reapers_left_behind(Some(tasks * 2)),
+        0,
+        "a reaper near the limit"
+    );
+}
