@@ -192,6 +192,8 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     }
     seccomp::apply(seccomp::Filter::Vmm)?;
     let outcome = run_until_exit(vmm, subscribers);
+    // The client that started a guest which ended at once still gets its answer.
+    api::http::wait_for_answers(ANSWER_GRACE);
     // A last line, so a short-lived guest's counters are not lost.
     if METRICS.is_configured() {
         if let Err(err) = METRICS.flush() {
@@ -200,6 +202,10 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     }
     Ok(outcome?)
 }
+
+/// How long an ending monitor waits for the API thread to write the answers it owes (usually
+/// microseconds; a client that does not read is not waited for past this).
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Removes a file when dropped: the API socket, which would otherwise make the next
 /// `--api-sock` with the same path fail.
@@ -247,7 +253,9 @@ pub fn run_restored(
         subscribers.push(api);
     }
     seccomp::apply(seccomp::Filter::Vmm)?;
-    Ok(run_until_exit(vmm, subscribers)?)
+    let outcome = run_until_exit(vmm, subscribers);
+    api::http::wait_for_answers(ANSWER_GRACE);
+    Ok(outcome?)
 }
 
 /// How the wait for a start ended.

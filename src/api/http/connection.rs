@@ -9,6 +9,7 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
@@ -24,6 +25,21 @@ const KEEP_CAPACITY: usize = 2 * READ_CHUNK;
 /// Read-serve-write rounds in one turn; a client that keeps all three busy then waits for the
 /// others' turns.
 const ROUNDS_PER_TURN: usize = 8;
+
+/// Requests handed to the handler whose answers have not yet been offered to their sockets.
+/// A monitor whose guest ends at once (a probe that resets right after `InstanceStart`) would
+/// otherwise exit between its main thread's reply and this thread's write, and the client that
+/// started the guest would see the connection close without an answer.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits, at most `limit`, until every request handed to the handler has had its answer
+/// offered to its socket. For the very end of the process: it yields rather than sleeps.
+pub fn wait_for_answers(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while IN_FLIGHT.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+}
 
 /// How long a connection may stay in each state before the server closes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,11 +157,10 @@ impl Connection {
     ) -> io::Result<Turn> {
         let max_input = max_request_len(max_payload);
         for _ in 0..ROUNDS_PER_TURN {
-            let mut moved = self.answer(handler, max_payload);
-            if self.wants_input(max_input) {
-                moved |= self.receive(max_input)?;
-            }
-            moved |= self.flush()?;
+            let (mut moved, answered) = self.answer(handler, max_payload);
+            let io = self.receive_and_flush(max_input);
+            IN_FLIGHT.fetch_sub(answered, Ordering::SeqCst);
+            moved |= io?;
             if moved && self.received.is_empty() && self.pending.is_empty() {
                 self.idle_since = Instant::now();
             }
@@ -160,9 +175,25 @@ impl Connection {
         Ok(Turn::Open { more: true })
     }
 
-    /// Answers the complete requests at the front of the input while the output has room.
-    fn answer(&mut self, handler: &mut dyn FnMut(Request) -> Response, max_payload: usize) -> bool {
+    /// Reads what it has room for, then writes what the socket takes. Ok(true) when either moved.
+    fn receive_and_flush(&mut self, max_input: usize) -> io::Result<bool> {
         let mut moved = false;
+        if self.wants_input(max_input) {
+            moved |= self.receive(max_input)?;
+        }
+        Ok(self.flush()? || moved)
+    }
+
+    /// Answers the complete requests at the front of the input while the output has room:
+    /// whether anything moved, and how many requests the handler answered (counted in
+    /// [`IN_FLIGHT`] until the caller has offered them to the socket).
+    fn answer(
+        &mut self,
+        handler: &mut dyn FnMut(Request) -> Response,
+        max_payload: usize,
+    ) -> (bool, usize) {
+        let mut moved = false;
+        let mut answered = 0;
         while !self.closing && self.pending.len() < MAX_PENDING_OUTPUT {
             match parse_request(&self.received, max_payload) {
                 Parsed::Incomplete { continue_100 } => {
@@ -182,6 +213,8 @@ impl Connection {
                     self.continued = false;
                     // A pipelined request's clock starts when the one before it is done.
                     self.request_since = (!self.received.is_empty()).then(Instant::now);
+                    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+                    answered += 1;
                     let response = handler(request);
                     self.owe(&response.render(keep_alive));
                     self.closing = !keep_alive;
@@ -199,7 +232,7 @@ impl Connection {
         if self.received.is_empty() && self.received.capacity() > KEEP_CAPACITY {
             self.received = Vec::new();
         }
-        moved
+        (moved, answered)
     }
 
     fn owe(&mut self, bytes: &[u8]) {

@@ -24,7 +24,7 @@ use devices::log_limit::{held_back_note, LogLimiter};
 use log::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-pub use connection::Timeouts;
+pub use connection::{wait_for_answers, Timeouts};
 use connection::{Connection, Turn};
 pub use request::{Request, DEFAULT_MAX_PAYLOAD};
 pub use response::Response;
