@@ -10,7 +10,7 @@ export PATH=/work:$PATH
 wait_for() {
   local file=$1 pattern=$2 limit=${3:-60} waited=0
   # A guest's console ends its lines with CR LF.
-  while ! tr -d '\r' <"$file" 2>/dev/null | grep -qE "$pattern"; do
+  while ! { [ -f "$file" ] && tr -d '\r' <"$file" | grep -qE "$pattern"; }; do
     if [ "$waited" -ge $((limit * 10)) ]; then
       echo "wait_for: no '$pattern' in $file after $limit s; it ends with:"
       tail -n 20 "$file" 2>/dev/null
