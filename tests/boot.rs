@@ -243,20 +243,7 @@ fn reapers_left_behind(nproc: Option<u64>) -> usize {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if let Some(limit) = nproc {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setrlimit is async-signal-safe and touches only the child, before exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        common::limit_in_child(&mut command, common::Limit::Processes, limit);
     }
     let status = command.status().expect("cannot run mote");
     assert_eq!(status.code(), Some(0));

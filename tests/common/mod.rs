@@ -41,25 +41,64 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The probe guest's ELF, built on first use (cargo's lock serialises parallel test processes).
+/// Builds a crate of the tests' own (`tests/<name>`) in release mode into `target/<name>`, with
+/// `args` added (a target), and returns the target directory. Cargo's lock serialises the
+/// parallel test processes that build it at once.
+pub fn build_test_crate(name: &str, args: &[&str]) -> PathBuf {
+    let target_dir = repo().join("target").join(name);
+    let output = clean_cargo()
+        .current_dir(repo().join("tests").join(name))
+        .args(["build", "--release", "--quiet"])
+        .args(args)
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build tests/{name}: {e}"));
+    assert!(
+        output.status.success(),
+        "building tests/{name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    target_dir
+}
+
+/// A resource limit a test sets for the monitor it starts.
+#[derive(Clone, Copy)]
+pub enum Limit {
+    /// RLIMIT_FSIZE: the largest file the process may write, in bytes.
+    FileSize,
+    /// RLIMIT_NPROC: how many tasks the process's user may have.
+    Processes,
+}
+
+/// Sets `limit` (soft and hard) to `value` in the child `command` starts, before it execs.
+pub fn limit_in_child(command: &mut Command, limit: Limit, value: u64) {
+    use std::os::unix::process::CommandExt;
+    // The constants' type differs between glibc and musl; match picks each one's own.
+    let resource = match limit {
+        Limit::FileSize => libc::RLIMIT_FSIZE,
+        Limit::Processes => libc::RLIMIT_NPROC,
+    };
+    // SAFETY: setrlimit is async-signal-safe and touches only the child, between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The probe guest's ELF, built on first use.
 pub fn probe_kernel() -> PathBuf {
     static PROBE: OnceLock<PathBuf> = OnceLock::new();
     PROBE
-        .get_or_init(|| {
-            let target_dir = repo().join("target/probe");
-            let output = clean_cargo()
-                .current_dir(repo().join("tests/probe"))
-                .args(["build", "--release", "--quiet", "--target-dir"])
-                .arg(&target_dir)
-                .output()
-                .expect("cannot run cargo to build the probe guest");
-            assert!(
-                output.status.success(),
-                "building the probe guest failed:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            target_dir.join("release/probe")
-        })
+        .get_or_init(|| build_test_crate("probe", &[]).join("release/probe"))
         .clone()
 }
 

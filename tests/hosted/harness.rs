@@ -109,20 +109,9 @@ pub fn hosted_tool() -> &'static Path {
     static TOOL: OnceLock<PathBuf> = OnceLock::new();
     TOOL.get_or_init(|| {
         let target = "x86_64-unknown-linux-musl";
-        let target_dir = repo().join("target/hosted-tool");
-        let output = crate::common::clean_cargo()
-            .current_dir(repo().join("tests/hosted-tool"))
-            .args(["build", "--release", "--quiet", "--target", target])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .output()
-            .expect("cannot run cargo to build tests/hosted-tool");
-        assert!(
-            output.status.success(),
-            "building tests/hosted-tool failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        target_dir.join(target).join("release/hosted-tool")
+        crate::common::build_test_crate("hosted-tool", &["--target", target])
+            .join(target)
+            .join("release/hosted-tool")
     })
 }
 
