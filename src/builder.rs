@@ -1,38 +1,32 @@
-//! Turns [`VmResources`] into a running [`Vmm`]: the only place that does.
+//! Turns [`VmResources`] into a VM, vCPUs paused: the only place that does. A boot and a
+//! restore share their steps (the backends opened first, the VM and its memory, the devices
+//! in one fixed order, the vCPUs) and differ in where the machine's state comes from: a kernel
+//! loaded with its boot parameters written, or a snapshot's state put back.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::legacy::boot_timer::BootTimer;
-use devices::legacy::i8042::I8042;
-use devices::legacy::serial::SerialDevice;
-use devices::legacy::EventFdTrigger;
-use devices::Bus;
+use devices::virtio::net::Net;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::layout::{
-    BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_IRQ, I8042_PORT, I8042_PORT_LEN,
-    MMIO_SLOT_SIZE,
-};
 use crate::arch::{self, DEFAULT_BOOT_ARGS};
 use crate::config::{
     validate_drives, validate_network_interfaces, ConfigError, DriveConfig, VmResources,
 };
+pub use crate::device_manager::Console;
 use crate::device_manager::{
-    block_device, net_device, open_drives, vsock_device, DeviceError, DeviceHandles, MmioDevices,
-    Subscriber,
+    block_device, net_device, open_drives, vsock_device, DeviceError, DeviceManager,
+    RestoreDevicesError, Subscriber,
 };
 use crate::host_file::{self, FileKind, HostFileError};
-use crate::snapshot::{DevicesState, MicrovmState};
+use crate::snapshot::MicrovmState;
 use crate::vmm::Vmm;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
-use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu::{Vcpu, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,17 +80,12 @@ pub enum BuildError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("cannot place a device: {0}")]
-    Bus(#[from] devices::BusError),
     #[error("cannot restore vCPU {index}: {source}")]
     RestoreVcpu { index: u8, source: arch::StateError },
-    #[error("the snapshot does not fit its own configuration: {0}")]
-    SnapshotMismatch(String),
-    #[error("cannot restore the virtio device at {addr:#x}: {source}")]
-    DeviceState {
-        addr: u64,
-        source: devices::virtio::state::DeviceStateError,
-    },
+    #[error("the snapshot does not fit its own configuration: {saved} saved vCPUs for a machine of {configured}")]
+    VcpuCount { saved: usize, configured: u8 },
+    #[error(transparent)]
+    RestoreDevices(#[from] RestoreDevicesError),
     #[error(transparent)]
     Device(#[from] DeviceError),
 }
@@ -105,27 +94,17 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Io { what, source }
 }
 
-/// Where the guest's console goes.
-pub struct Console {
-    pub output: Box<dyn Write + Send>,
-    /// Read by the event loop; None gives the guest no input.
-    pub input: Option<File>,
+/// When the process started, to date the boot timer's measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessStart {
+    pub instant: Instant,
+    pub cpu_us: u64,
 }
 
-impl Console {
-    /// The monitor's own stdout and stdin.
-    pub fn stdio() -> std::io::Result<Self> {
-        // A raw fd, not io::Stdin: Stdin buffers, and bytes held in its buffer would never
-        // wake the event loop.
-        let input = std::io::stdin()
-            .as_fd()
-            .try_clone_to_owned()
-            .map(File::from)?;
-        Ok(Self {
-            output: Box::new(std::io::stdout()),
-            input: Some(input),
-        })
-    }
+/// A built VM and what its event loop must serve (the devices' data paths, the console).
+pub struct Built {
+    pub vmm: Vmm,
+    pub subscribers: Vec<Subscriber>,
 }
 
 /// Opens a file the guest boots from, checking it is a regular file.
@@ -133,12 +112,11 @@ fn open_boot_file(what: &'static str, path: &Path) -> Result<File, BuildError> {
     Ok(host_file::open(what, path, FileKind::Regular, false)?)
 }
 
-/// The kernel command line: the user's or the defaults, then the root device (unless the user
-/// named one) and the virtio-mmio devices.
+/// The kernel command line: the user's or the defaults, then the root device unless the user
+/// named one. (The arch announces the devices on it, or elsewhere.)
 fn build_cmdline(
     boot_args: Option<&str>,
     root: Option<&DriveConfig>,
-    devices: &[String],
 ) -> Result<Cmdline, BuildError> {
     let mut args = boot_args.unwrap_or(DEFAULT_BOOT_ARGS).trim().to_string();
     let names_root = args.split_whitespace().any(|arg| arg.starts_with("root="));
@@ -148,10 +126,6 @@ fn build_cmdline(
             Some(uuid) => args.push_str(&format!(" root=PARTUUID={uuid} {mode}")),
             None => args.push_str(&format!(" root=/dev/vda {mode}")),
         }
-    }
-    for device in devices {
-        args.push(' ');
-        args.push_str(device);
     }
     let args = args.trim();
     let max = arch::cmdline_capacity() - 1;
@@ -195,254 +169,189 @@ fn load_initrd(
     Ok(placement)
 }
 
-/// Builds the VM described by `resources`, vCPUs paused, and returns it with the subscribers
-/// the event loop must serve (device data paths, the console's input).
-pub fn build_microvm(
-    resources: &VmResources,
-    console: Console,
-    process_start: Instant,
-    process_start_cpu_us: u64,
-) -> Result<(Vmm, Vec<Subscriber>), BuildError> {
-    build(
-        resources,
-        console,
-        process_start,
-        process_start_cpu_us,
-        None,
-    )
+/// The devices' host resources, taken before anything costly so that a file that cannot be
+/// used or a missing or busy TAP fails the start at once.
+struct Backends {
+    drive_files: Vec<File>,
+    nets: Vec<Net>,
 }
 
-/// A snapshot to restore instead of booting a kernel: its state and its mapped memory file.
-pub struct Restore<'a> {
-    pub state: &'a MicrovmState,
-    pub memory: GuestMemoryMmap,
-}
-
-/// Builds the VM of `resources`, vCPUs paused: booting its kernel, or, with `restore`, in the
-/// state a snapshot saved (its `resources` being the snapshot's own configuration). Either
-/// way the same devices are attached in the same order, so a snapshot finds its devices.
-pub fn build(
-    resources: &VmResources,
-    console: Console,
-    process_start: Instant,
-    process_start_cpu_us: u64,
-    restore: Option<Restore<'_>>,
-) -> Result<(Vmm, Vec<Subscriber>), BuildError> {
+/// Checks the configuration as a whole and opens the devices' backends; returns the vCPU count.
+fn open_backends(resources: &VmResources) -> Result<(u8, Backends), BuildError> {
     let vcpu_count = resources.machine_config.vcpus()?;
-    if let Some(restore) = &restore {
-        snapshot_matches(restore, vcpu_count)?;
-    }
     validate_drives(&resources.drives)?;
     validate_network_interfaces(&resources.network_interfaces)?;
     if let Some(vsock) = &resources.vsock {
         vsock.validate()?;
     }
-    let boot_source = resources
-        .boot_source
-        .as_ref()
-        .ok_or(BuildError::NoBootSource)?;
-    // Both opened before anything costly, so that a file that cannot be used fails the start
-    // at once.
-    let (kernel, initrd_file) = match restore {
-        None => (
-            Some(open_boot_file(
-                "kernel image",
-                &boot_source.kernel_image_path,
-            )?),
-            boot_source
-                .initrd_path
-                .as_deref()
-                .map(|path| open_boot_file("initrd", path).map(|file| (file, path)))
-                .transpose()?,
-        ),
-        Some(_) => (None, None),
-    };
     let drive_files = open_drives(&resources.drives)?;
-    // TAPs are taken before anything costly: a missing or busy TAP fails the start at once.
     let nets = resources
         .network_interfaces
         .iter()
         .map(net_device)
         .collect::<Result<Vec<_>, _>>()?;
+    Ok((vcpu_count, Backends { drive_files, nets }))
+}
 
-    let memory = match &restore {
-        Some(restore) => restore.memory.clone(),
-        None => create_guest_memory(resources.machine_config.mem_size_mib)?,
-    };
-    let vm = Vm::new(memory)?;
-    let mem = vm.memory();
-    if let Some(restore) = &restore {
-        vm.restore_state(&restore.state.vm)?;
+/// Attaches the configured devices in the order guests (and the probe's steps) rely on, the
+/// same for a boot and a restore so that a snapshot finds its devices: drives (vda, …), then
+/// network interfaces (eth0, …), then vsock, then the boot timer.
+fn attach_devices(
+    vm: &Vm,
+    devices: &mut DeviceManager,
+    resources: &VmResources,
+    backends: Backends,
+    start: ProcessStart,
+) -> Result<(), BuildError> {
+    for (drive, file) in resources.drives.iter().zip(backends.drive_files) {
+        devices.attach_block(vm, block_device(drive, file)?)?;
     }
-
-    let boot = match kernel {
-        Some(mut kernel) => {
-            let boot =
-                arch::load_kernel(mem, &mut kernel).map_err(|source| BuildError::LoadKernel {
-                    path: boot_source.kernel_image_path.clone(),
-                    source,
-                })?;
-            let initrd = initrd_file
-                .map(|(file, path)| load_initrd(mem, &boot, file, path))
-                .transpose()?;
-            Some((boot, initrd))
-        }
-        None => None,
-    };
-
-    let mut pio_bus = Bus::new();
-    let mut mmio_bus = Bus::new();
-    let mut mmio_devices = MmioDevices::default();
-    // virtio-mmio slots go in this order, which guests (and the probe's steps) rely on:
-    // drives (vda, …), then network interfaces (eth0, …), then vsock.
-    for (drive, file) in resources.drives.iter().zip(drive_files) {
-        mmio_devices.attach_block(&vm, &mut mmio_bus, block_device(drive, file)?)?;
+    for net in backends.nets {
+        devices.attach_virtio(vm, net)?;
     }
-    for net in nets {
-        mmio_devices.attach(&vm, &mut mmio_bus, net)?;
-    }
-    // vsock last, after the drives and the network interfaces.
     if let Some(vsock) = &resources.vsock {
-        mmio_devices.attach(&vm, &mut mmio_bus, vsock_device(vsock)?)?;
+        devices.attach_virtio(vm, vsock_device(vsock)?)?;
     }
-    if let Some((boot, initrd)) = &boot {
-        let root = resources.drives.iter().find(|d| d.is_root_device);
-        let cmdline = build_cmdline(
-            boot_source.boot_args.as_deref(),
-            root,
-            &mmio_devices.cmdline_args,
-        )?;
-        arch::configure_system(mem, boot, &cmdline, *initrd, vcpu_count)
-            .map_err(BuildError::Configure)?;
-    }
-
-    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset event"))?;
-
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial IRQ event"))?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let serial = match &restore {
-        Some(restore) => SerialDevice::from_state(
-            EventFdTrigger::new(serial_irq),
-            console.output,
-            &restore.state.devices.serial,
-        ),
-        None => SerialDevice::new(EventFdTrigger::new(serial_irq), console.output),
-    }
-    .map_err(io_err("the serial port"))?;
-    let mut subscribers = mmio_devices.subscribers;
-    if let Some(input) = console.input {
-        let input = serial.input(input).map_err(io_err("the serial input"))?;
-        subscribers.push(Arc::new(Mutex::new(input)));
-    }
-    let serial = Arc::new(Mutex::new(serial));
-    pio_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
-    let i8042_reset = reset_evt.try_clone().map_err(io_err("the reset event"))?;
-    let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the keyboard IRQ event"))?;
-    vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        EventFdTrigger::new(i8042_reset),
-        EventFdTrigger::new(kbd_irq),
-    )));
-    pio_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
-    let device_handles = DeviceHandles {
-        i8042,
-        serial,
-        transports: mmio_devices.transports.clone(),
-        drives: mmio_devices.drives.clone(),
-    };
     if resources.boot_timer {
-        let timer = BootTimer::new(process_start, process_start_cpu_us);
-        mmio_bus.insert(
-            Arc::new(Mutex::new(timer)),
-            BOOT_TIMER_START,
-            MMIO_SLOT_SIZE,
-        )?;
+        devices.attach_boot_timer(BootTimer::new(start.instant, start.cpu_us))?;
     }
+    Ok(())
+}
 
-    if let Some(restore) = &restore {
-        restore_devices(&device_handles, &restore.state.devices)?;
-    }
+/// Starts a thread for each vCPU, paused.
+fn start_vcpus(
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    devices: &DeviceManager,
+    exit_evt: &EventFd,
+) -> Result<Vec<VcpuHandle>, BuildError> {
+    let buses = devices.vcpu_buses();
+    vcpu_fds
+        .into_iter()
+        .zip(0u8..)
+        .map(|(fd, index)| {
+            let exit = exit_evt
+                .try_clone()
+                .map_err(io_err("the vCPU exit event"))?;
+            Vcpu::new(index, fd, buses.clone(), exit)
+                .start()
+                .map_err(io_err("a vCPU thread"))
+        })
+        .collect()
+}
 
-    let pio_bus = Arc::new(pio_bus);
-    let mmio_bus = Arc::new(mmio_bus);
+/// The VM's last steps, the same for a boot and a restore: the vCPU threads and the Vmm.
+fn finish(
+    vm: Vm,
+    mut devices: DeviceManager,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    reset_evt: EventFd,
+) -> Result<Built, BuildError> {
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU exit event"))?;
-    // A restored vCPU gets its CPUID from the snapshot: asking KVM costs a fraction of a
-    // millisecond that a restore need not pay.
-    let supported_cpuid = match boot {
-        Some(_) => Some(vm.supported_cpuid()?),
-        None => None,
-    };
-    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-    for index in 0..vcpu_count {
-        let fd = vm.create_vcpu(index)?;
-        if let Some(restore) = &restore {
-            restore.state.vcpus[usize::from(index)]
-                .restore(&fd)
-                .map_err(|source| BuildError::RestoreVcpu { index, source })?;
-        } else if let (Some((boot, _)), Some(supported_cpuid)) = (&boot, &supported_cpuid) {
-            arch::configure_vcpu(&fd, mem, boot, supported_cpuid, index, vcpu_count)
-                .map_err(|source| BuildError::ConfigureVcpu { index, source })?;
-        }
-        let exit = exit_evt
-            .try_clone()
-            .map_err(io_err("the vCPU exit event"))?;
-        let vcpu = Vcpu::new(index, fd, pio_bus.clone(), mmio_bus.clone(), exit);
-        vcpus.push(vcpu.start().map_err(io_err("a vCPU thread"))?);
-    }
-
-    let mut vmm = Vmm::new(vm, vcpus, exit_evt, reset_evt, device_handles)
-        .map_err(io_err("the signal handlers"))?;
-    if restore.is_some() {
-        // A restored guest stays paused until it is told to resume.
-        vmm.mark_paused();
-    }
-    Ok((vmm, subscribers))
+    let vcpus = start_vcpus(vcpu_fds, &devices, &exit_evt)?;
+    let subscribers = devices.take_subscribers();
+    let vmm =
+        Vmm::new(vm, vcpus, exit_evt, reset_evt, devices).map_err(io_err("the signal handlers"))?;
+    Ok(Built { vmm, subscribers })
 }
 
-/// Checks a snapshot against the configuration it carries, before anything is built.
-fn snapshot_matches(restore: &Restore<'_>, vcpu_count: u8) -> Result<(), BuildError> {
-    let state = restore.state;
+/// The device manager of a new VM, its legacy devices in place; `reset_evt` is the guest's
+/// reset request.
+fn device_manager(
+    vm: &Vm,
+    console: Console,
+    restored: Option<&MicrovmState>,
+) -> Result<(DeviceManager, EventFd), BuildError> {
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset event"))?;
+    let legacy_reset = reset_evt.try_clone().map_err(io_err("the reset event"))?;
+    let serial_state = restored.map(|state| &state.devices.serial);
+    let devices = DeviceManager::new(vm, console, serial_state, legacy_reset)?;
+    Ok((devices, reset_evt))
+}
+
+/// Builds the VM `resources` describe, booting its kernel; the vCPUs wait to be resumed.
+pub fn build_microvm_for_boot(
+    resources: &VmResources,
+    console: Console,
+    start: ProcessStart,
+) -> Result<Built, BuildError> {
+    let boot_source = resources
+        .boot_source
+        .as_ref()
+        .ok_or(BuildError::NoBootSource)?;
+    let (vcpu_count, backends) = open_backends(resources)?;
+    let mut kernel = open_boot_file("kernel image", &boot_source.kernel_image_path)?;
+    let initrd = boot_source
+        .initrd_path
+        .as_deref()
+        .map(|path| open_boot_file("initrd", path).map(|file| (file, path)))
+        .transpose()?;
+
+    let vm = Vm::new(create_guest_memory(resources.machine_config.mem_size_mib)?)?;
+    let mem = vm.memory();
+    let boot = arch::load_kernel(mem, &mut kernel).map_err(|source| BuildError::LoadKernel {
+        path: boot_source.kernel_image_path.clone(),
+        source,
+    })?;
+    let initrd = initrd
+        .map(|(file, path)| load_initrd(mem, &boot, file, path))
+        .transpose()?;
+
+    let (mut devices, reset_evt) = device_manager(&vm, console, None)?;
+    attach_devices(&vm, &mut devices, resources, backends, start)?;
+    let root = resources.drives.iter().find(|d| d.is_root_device);
+    let cmdline = build_cmdline(boot_source.boot_args.as_deref(), root)?;
+    arch::configure_system(
+        mem,
+        &boot,
+        cmdline,
+        devices.mmio_devices(),
+        initrd,
+        vcpu_count,
+    )
+    .map_err(BuildError::Configure)?;
+
+    let features = vm.vcpu_features()?;
+    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
+    for (fd, index) in vcpu_fds.iter().zip(0u8..) {
+        arch::configure_vcpu(fd, mem, &boot, &features, index, vcpu_count)
+            .map_err(|source| BuildError::ConfigureVcpu { index, source })?;
+    }
+    finish(vm, devices, vcpu_fds, reset_evt)
+}
+
+/// Builds the VM a snapshot saved, in its saved state, from the snapshot's own configuration
+/// `resources` and its mapped guest `memory`; the vCPUs stay paused until told to resume.
+pub fn build_microvm_from_snapshot(
+    resources: &VmResources,
+    console: Console,
+    start: ProcessStart,
+    state: &MicrovmState,
+    memory: GuestMemoryMmap,
+) -> Result<Built, BuildError> {
+    let (vcpu_count, backends) = open_backends(resources)?;
     if state.vcpus.len() != usize::from(vcpu_count) {
-        return Err(BuildError::SnapshotMismatch(format!(
-            "{} saved vCPUs for a machine of {vcpu_count}",
-            state.vcpus.len()
-        )));
+        return Err(BuildError::VcpuCount {
+            saved: state.vcpus.len(),
+            configured: vcpu_count,
+        });
     }
-    Ok(())
-}
 
-/// Puts the legacy devices' and the virtio transports' saved state into the rebuilt ones.
-fn restore_devices(handles: &DeviceHandles, saved: &DevicesState) -> Result<(), BuildError> {
-    handles
-        .i8042
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .restore(&saved.i8042)
-        .map_err(|err| BuildError::SnapshotMismatch(format!("i8042: {err}")))?;
-    if saved.virtio.len() != handles.transports.len() {
-        return Err(BuildError::SnapshotMismatch(format!(
-            "{} virtio devices saved, {} configured",
-            saved.virtio.len(),
-            handles.transports.len()
-        )));
+    let vm = Vm::new(memory)?;
+    let (mut devices, reset_evt) = device_manager(&vm, console, Some(state))?;
+    attach_devices(&vm, &mut devices, resources, backends, start)?;
+    devices.restore_state(&state.devices)?;
+
+    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
+    for ((fd, saved), index) in vcpu_fds.iter().zip(&state.vcpus).zip(0u8..) {
+        saved
+            .restore(fd)
+            .map_err(|source| BuildError::RestoreVcpu { index, source })?;
     }
-    for (slot, (addr, transport)) in saved.virtio.iter().zip(&handles.transports) {
-        if slot.addr != *addr {
-            return Err(BuildError::SnapshotMismatch(format!(
-                "a virtio device saved at {:#x} is at {addr:#x} now",
-                slot.addr
-            )));
-        }
-        transport
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .restore_state(&slot.transport)
-            .map_err(|source| BuildError::DeviceState {
-                addr: *addr,
-                source,
-            })?;
-    }
-    Ok(())
+    // After the vCPUs, as KVM needs on every arch (aarch64's GIC state names them).
+    vm.restore_state(&state.vm)?;
+    let mut built = finish(vm, devices, vcpu_fds, reset_evt)?;
+    built.vmm.mark_paused();
+    Ok(built)
 }
 
 #[cfg(test)]
@@ -451,7 +360,7 @@ mod tests {
 
     #[test]
     fn default_command_line_is_firecrackers() {
-        let cmdline = build_cmdline(None, None, &[]).unwrap();
+        let cmdline = build_cmdline(None, None).unwrap();
         assert_eq!(
             cmdline.as_cstring().unwrap().to_str().unwrap(),
             DEFAULT_BOOT_ARGS
@@ -461,18 +370,18 @@ mod tests {
     #[test]
     fn overlong_command_line_is_refused_with_its_length() {
         let args = "a".repeat(2048);
-        match build_cmdline(Some(&args), None, &[]) {
+        match build_cmdline(Some(&args), None) {
             Err(BuildError::CmdlineTooLong {
                 len: 2048,
                 max: 2047,
             }) => {}
             other => panic!("{:?}", other.map(|_| ())),
         }
-        assert!(build_cmdline(Some(&"a".repeat(2047)), None, &[]).is_ok());
+        assert!(build_cmdline(Some(&"a".repeat(2047)), None).is_ok());
     }
 
     #[test]
-    fn root_drive_and_devices_join_the_command_line() {
+    fn the_root_drive_joins_the_command_line() {
         let root = DriveConfig {
             drive_id: "rootfs".into(),
             path_on_host: "/r".into(),
@@ -482,14 +391,13 @@ mod tests {
             cache_type: Default::default(),
             io_engine: Default::default(),
         };
-        let devices = ["virtio_mmio.device=4K@0xc0001000:5".to_string()];
-        let cmdline = build_cmdline(Some("console=ttyS0"), Some(&root), &devices).unwrap();
+        let cmdline = build_cmdline(Some("console=ttyS0"), Some(&root)).unwrap();
         assert_eq!(
             cmdline.as_cstring().unwrap().to_str().unwrap(),
-            "console=ttyS0 root=/dev/vda ro virtio_mmio.device=4K@0xc0001000:5"
+            "console=ttyS0 root=/dev/vda ro"
         );
         // A root the user named wins.
-        let cmdline = build_cmdline(Some("root=/dev/vdb"), Some(&root), &[]).unwrap();
+        let cmdline = build_cmdline(Some("root=/dev/vdb"), Some(&root)).unwrap();
         assert_eq!(
             cmdline.as_cstring().unwrap().to_str().unwrap(),
             "root=/dev/vdb"

@@ -11,9 +11,9 @@ use crate::config::{
     BootSourceConfig, DriveConfig, MacAddr, MachineConfig, NetworkInterfaceConfig, VmResources,
     VsockConfig,
 };
+use crate::config::{LoadSnapshotParams, NetworkOverride, VsockOverride};
 use crate::logger::parse_level;
 use crate::seccomp::SeccompConfig;
-use crate::snapshot::actions::{LoadSnapshotParams, NetworkOverride, VsockOverride};
 
 #[derive(Debug, Parser)]
 #[command(name = "mote", version, about = "A KVM microVM monitor")]

@@ -1,28 +1,24 @@
-//! Acts on the API's requests: before boot they edit the [`VmResources`]; `InstanceStart` builds
-//! the VM from them; after boot they act on the running [`Vmm`]. Each answer is what the client
-//! reads, so every refusal says what was wrong.
+//! Acts on the API's requests, by phase, as Firecracker's `PrebootApiController` and
+//! `RuntimeApiController` do: before boot, requests edit the [`VmResources`], and
+//! `InstanceStart` or `PUT /snapshot/load` builds the VM from them; after boot, requests act on
+//! the running [`Vmm`]. Every rule of which request is allowed when lives here.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{info, warn};
 use serde_json::json;
 
 use crate::api::ApiChannel;
-use crate::builder::{build_microvm, BuildError, Console};
-use crate::config::{ConfigError, VmResources};
+use crate::builder::{build_microvm_for_boot, BuildError, Built, Console, ProcessStart};
+use crate::config::{LoadSnapshotParams, VmResources};
 use crate::device_manager::Subscriber;
 use crate::metrics::METRICS;
-use crate::rpc::{ActionResult, VmmAction, VmmData};
-use crate::snapshot::actions::{create_snapshot, load_snapshot, LoadSnapshotParams};
+use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
+use crate::snapshot::actions::{create_snapshot, load_snapshot};
+use crate::sync::lock;
 use crate::vmm::Vmm;
-
-/// Firecracker's words for a request in the wrong phase.
-const NOT_AFTER_BOOT: &str = "The requested operation is not supported after starting the microVM.";
-const NOT_BEFORE_BOOT: &str =
-    "The requested operation is not supported before starting the microVM.";
 
 /// What `GET /` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,198 +38,191 @@ impl InstanceState {
     }
 }
 
-/// What a successful start hands to the event loop.
-pub struct Started {
-    pub vmm: Arc<Mutex<Vmm>>,
-    pub subscribers: Vec<Subscriber>,
-}
-
-pub struct Controller {
-    instance_id: String,
-    /// The configuration: edited before boot, the effective one after.
-    resources: VmResources,
-    vmm: Option<Arc<Mutex<Vmm>>>,
-    /// Taken by the start.
-    console: Option<Console>,
-    process_start: Instant,
-    process_start_cpu_us: u64,
-}
-
-fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
-    vmm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn to_json<T: serde::Serialize>(value: &T) -> ActionResult {
     serde_json::to_string(value)
         .map(VmmData::Json)
-        .map_err(|err| format!("cannot render the answer: {err}"))
+        .map_err(VmmActionError::Render)
 }
 
-impl Controller {
+/// The requests answered the same way in both phases; None for the others.
+fn handle_any_phase(
+    instance_id: &str,
+    state: InstanceState,
+    resources: &VmResources,
+    action: &VmmAction,
+) -> Option<ActionResult> {
+    Some(match action {
+        VmmAction::GetInstanceInfo => to_json(&json!({
+            "app_name": "mote",
+            "id": instance_id,
+            "state": state.name(),
+            "vmm_version": env!("CARGO_PKG_VERSION"),
+        })),
+        VmmAction::GetVmConfig => to_json(&resources.to_config_file()),
+        VmmAction::GetMachineConfig => to_json(&resources.machine_config),
+        VmmAction::FlushMetrics => METRICS
+            .flush()
+            .map(|()| VmmData::Empty)
+            .map_err(VmmActionError::from),
+        _ => return None,
+    })
+}
+
+/// A VM that started: its controller from now on, and what the event loop must serve.
+pub struct Started {
+    pub vmm: Arc<Mutex<Vmm>>,
+    pub subscribers: Vec<Subscriber>,
+    pub controller: RuntimeController,
+}
+
+/// What a request before boot came to.
+pub enum PrebootAnswer {
+    /// Answered; the VM is still to be started.
+    Answered(ActionResult),
+    /// The request started the VM (its answer is 204).
+    Started(Box<Started>),
+}
+
+/// The controller before boot.
+pub struct PrebootController {
+    instance_id: String,
+    resources: VmResources,
+    /// Taken by the start.
+    console: Option<Console>,
+    process_start: ProcessStart,
+}
+
+impl PrebootController {
     pub fn new(
         instance_id: String,
         resources: VmResources,
         console: Console,
-        process_start: Instant,
-        process_start_cpu_us: u64,
+        process_start: ProcessStart,
     ) -> Self {
         Self {
             instance_id,
             resources,
-            vmm: None,
             console: Some(console),
             process_start,
-            process_start_cpu_us,
         }
-    }
-
-    pub fn state(&self) -> InstanceState {
-        match &self.vmm {
-            None => InstanceState::NotStarted,
-            Some(vmm) if lock(vmm).is_paused() => InstanceState::Paused,
-            Some(_) => InstanceState::Running,
-        }
-    }
-
-    /// Builds the VM and lets its vCPUs run.
-    pub fn start(&mut self) -> Result<Started, BuildError> {
-        if self.vmm.is_some() {
-            return Err(BuildError::AlreadyStarted);
-        }
-        let console = self.console.take().ok_or(BuildError::AlreadyStarted)?;
-        let (vmm, subscribers) = match build_microvm(
-            &self.resources,
-            console,
-            self.process_start,
-            self.process_start_cpu_us,
-        ) {
-            Ok(built) => built,
-            Err(err) => {
-                // A refused start can be retried with a corrected configuration; the console
-                // went into the failed build, so the retry gets stdout and stdin again.
-                self.console = Console::stdio().ok();
-                return Err(err);
-            }
-        };
-        vmm.resume_vcpus();
-        let vmm = Arc::new(Mutex::new(vmm));
-        self.vmm = Some(vmm.clone());
-        info!("the guest is running");
-        Ok(Started { vmm, subscribers })
     }
 
     /// Acts on one request.
-    pub fn handle(&mut self, action: VmmAction) -> ActionResult {
-        match action {
-            VmmAction::GetInstanceInfo => to_json(&json!({
-                "app_name": "mote",
-                "id": self.instance_id,
-                "state": self.state().name(),
-                "vmm_version": env!("CARGO_PKG_VERSION"),
-            })),
-            VmmAction::GetVmConfig => to_json(&self.resources.to_config_file()),
-            VmmAction::GetMachineConfig => to_json(&self.resources.machine_config),
-            VmmAction::FlushMetrics => METRICS
-                .flush()
-                .map(|()| VmmData::Empty)
-                .map_err(|err| err.to_string()),
-            VmmAction::InstanceStart | VmmAction::LoadSnapshot(_) => match self.vmm {
-                Some(_) => Err(NOT_AFTER_BOOT.to_string()),
-                // The event loop starts the VM itself (it must serve the new devices); reaching
-                // here means the caller has no loop to give them to.
-                None => Err("starting a VM must go through the event loop".to_string()),
-            },
-            action => match self.vmm.clone() {
-                None => self.handle_before_boot(action),
-                Some(vmm) => handle_after_boot(&mut lock(&vmm), &mut self.resources, action),
-            },
+    pub fn handle(&mut self, action: VmmAction) -> PrebootAnswer {
+        let any = handle_any_phase(
+            &self.instance_id,
+            InstanceState::NotStarted,
+            &self.resources,
+            &action,
+        );
+        if let Some(answer) = any {
+            return PrebootAnswer::Answered(answer);
+        }
+        let started = match action {
+            VmmAction::InstanceStart => self.start().map_err(|err| {
+                info!("InstanceStart failed: {err}");
+                VmmActionError::from(err)
+            }),
+            VmmAction::LoadSnapshot(params) => self.load_snapshot(&params).inspect_err(|err| {
+                info!("snapshot load failed: {err}");
+            }),
+            action => return PrebootAnswer::Answered(self.configure(action)),
+        };
+        match started {
+            Ok(started) => PrebootAnswer::Started(Box::new(started)),
+            Err(err) => PrebootAnswer::Answered(Err(err)),
         }
     }
 
-    fn handle_before_boot(&mut self, action: VmmAction) -> ActionResult {
-        let config_err = |err: ConfigError| err.to_string();
+    /// The requests that edit the configuration.
+    fn configure(&mut self, action: VmmAction) -> ActionResult {
+        let resources = &mut self.resources;
         match action {
             VmmAction::PutBootSource(boot_source) => {
-                self.resources.boot_source = Some(boot_source);
+                resources.boot_source = Some(boot_source);
             }
             VmmAction::PutMachineConfig(config) => {
-                config.validate().map_err(config_err)?;
-                self.resources.machine_config = config;
+                config.validate()?;
+                resources.machine_config = config;
             }
             VmmAction::PatchMachineConfig(update) => {
-                let config = self.resources.machine_config.updated(&update);
-                config.validate().map_err(config_err)?;
-                self.resources.machine_config = config;
+                let config = resources.machine_config.updated(&update);
+                config.validate()?;
+                resources.machine_config = config;
             }
-            VmmAction::PutDrive(drive) => {
-                self.resources.insert_drive(drive).map_err(config_err)?;
-            }
-            VmmAction::PutNetworkInterface(iface) => {
-                self.resources
-                    .insert_network_interface(iface)
-                    .map_err(config_err)?;
-            }
+            VmmAction::PutDrive(drive) => resources.insert_drive(drive)?,
+            VmmAction::PutNetworkInterface(iface) => resources.insert_network_interface(iface)?,
             VmmAction::PutLogger(config) => {
-                crate::logger::configure(&config).map_err(|err| err.to_string())?;
-                self.resources.logger = Some(config);
+                crate::logger::configure(&config)?;
+                resources.logger = Some(config);
             }
             VmmAction::PutMetrics(config) => {
-                METRICS
-                    .configure(&config.metrics_path)
-                    .map_err(|err| err.to_string())?;
-                self.resources.metrics = Some(config);
+                METRICS.configure(&config.metrics_path)?;
+                resources.metrics = Some(config);
             }
             VmmAction::PutVsock(config) => {
-                config.validate().map_err(config_err)?;
+                config.validate()?;
                 // Said now rather than at InstanceStart, where the socket is created.
-                config.check_path_free().map_err(config_err)?;
-                self.resources.vsock = Some(config);
+                config.check_path_free()?;
+                resources.vsock = Some(config);
             }
             VmmAction::PatchDrive(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::Pause
             | VmmAction::Resume
-            | VmmAction::CreateSnapshot(_) => return Err(NOT_BEFORE_BOOT.to_string()),
+            | VmmAction::CreateSnapshot(_) => return Err(VmmActionError::NotBeforeBoot),
             VmmAction::GetInstanceInfo
             | VmmAction::GetVmConfig
             | VmmAction::GetMachineConfig
             | VmmAction::FlushMetrics
             | VmmAction::InstanceStart
-            | VmmAction::LoadSnapshot(_) => unreachable!("handled in Controller::handle"),
+            | VmmAction::LoadSnapshot(_) => {
+                unreachable!("answered by PrebootController::handle")
+            }
         }
         Ok(VmmData::Empty)
+    }
+
+    fn console(&mut self) -> Result<Console, VmmActionError> {
+        self.console.take().ok_or(VmmActionError::NotAfterBoot)
+    }
+
+    /// A refused start can be retried with a corrected configuration; the console went into
+    /// the failed build, so the retry gets stdout and stdin again.
+    fn take_console_back(&mut self) {
+        self.console = Console::stdio().ok();
+    }
+
+    /// Builds the VM and lets its vCPUs run.
+    pub fn start(&mut self) -> Result<Started, BuildError> {
+        let console = self.console.take().ok_or(BuildError::AlreadyStarted)?;
+        let built = build_microvm_for_boot(&self.resources, console, self.process_start)
+            .inspect_err(|_| self.take_console_back())?;
+        built.vmm.resume_vcpus();
+        info!("the guest is running");
+        Ok(self.started(self.resources.clone(), built))
     }
 
     /// Restores a snapshot instead of booting (`PUT /snapshot/load`): the VM takes the
     /// snapshot's configuration (with this process's logger and metrics) and stays paused
     /// unless `resume_vm`. A refused load leaves everything as it was.
-    pub fn load_snapshot(&mut self, params: &LoadSnapshotParams) -> Result<Started, String> {
-        if self.vmm.is_some() {
-            return Err(NOT_AFTER_BOOT.to_string());
-        }
-        let console = self.console.take().ok_or(NOT_AFTER_BOOT)?;
+    pub fn load_snapshot(
+        &mut self,
+        params: &LoadSnapshotParams,
+    ) -> Result<Started, VmmActionError> {
+        let console = self.console()?;
         let loaded = load_snapshot(
             params,
             console,
             self.process_start,
-            self.process_start_cpu_us,
             self.resources.boot_timer,
         );
-        let (mut resources, mut vmm, subscribers) = match loaded {
-            Ok(loaded) => loaded,
-            Err(err) => {
-                self.console = Console::stdio().ok();
-                return Err(err.to_string());
-            }
-        };
+        let (mut resources, mut built) = loaded.inspect_err(|_| self.take_console_back())?;
         if params.resume_vm {
-            vmm.resume().map_err(|err| err.to_string())?;
+            built.vmm.resume()?;
         }
         resources.logger = self.resources.logger.take();
         resources.metrics = self.resources.metrics.take();
-        self.resources = resources;
-        let vmm = Arc::new(Mutex::new(vmm));
-        self.vmm = Some(vmm.clone());
         info!(
             "restored {}{}",
             params.snapshot_path.display(),
@@ -243,67 +232,93 @@ impl Controller {
                 "; the guest is paused"
             }
         );
-        Ok(Started { vmm, subscribers })
+        Ok(self.started(resources, built))
+    }
+
+    fn started(&self, resources: VmResources, built: Built) -> Started {
+        let vmm = Arc::new(Mutex::new(built.vmm));
+        Started {
+            vmm: vmm.clone(),
+            subscribers: built.subscribers,
+            controller: RuntimeController {
+                instance_id: self.instance_id.clone(),
+                resources,
+                vmm,
+            },
+        }
     }
 }
 
-fn handle_after_boot(
-    vmm: &mut Vmm,
-    resources: &mut VmResources,
-    action: VmmAction,
-) -> ActionResult {
-    match action {
-        VmmAction::Pause => {
-            vmm.pause().map_err(|err| err.to_string())?;
-            METRICS.vmm_pauses.inc();
+/// The controller of a running VM.
+pub struct RuntimeController {
+    instance_id: String,
+    /// The effective configuration.
+    resources: VmResources,
+    vmm: Arc<Mutex<Vmm>>,
+}
+
+impl RuntimeController {
+    /// Acts on one request.
+    pub fn handle(&mut self, action: VmmAction) -> ActionResult {
+        let mut vmm = lock(&self.vmm);
+        let state = match vmm.is_paused() {
+            true => InstanceState::Paused,
+            false => InstanceState::Running,
+        };
+        if let Some(answer) = handle_any_phase(&self.instance_id, state, &self.resources, &action) {
+            return answer;
         }
-        VmmAction::Resume => {
-            vmm.resume().map_err(|err| err.to_string())?;
-            METRICS.vmm_resumes.inc();
-        }
-        VmmAction::SendCtrlAltDel => {
-            vmm.send_ctrl_alt_del().map_err(|err| err.to_string())?;
-            METRICS.i8042_ctrl_alt_del.inc();
-        }
-        VmmAction::PatchDrive(update) => {
-            let drive = resources
-                .drives
-                .iter_mut()
-                .find(|d| d.drive_id == update.drive_id)
-                .ok_or_else(|| format!("no drive has the id {:?}", update.drive_id))?;
-            if let Some(path) = update.path_on_host {
-                vmm.update_drive_path(&update.drive_id, &path)
-                    .map_err(|err| err.to_string())?;
-                drive.path_on_host = path;
+        match action {
+            VmmAction::Pause => {
+                vmm.pause()?;
+                METRICS.vmm_pauses.inc();
             }
+            VmmAction::Resume => {
+                vmm.resume()?;
+                METRICS.vmm_resumes.inc();
+            }
+            VmmAction::SendCtrlAltDel => vmm.device_manager().send_ctrl_alt_del()?,
+            VmmAction::PatchDrive(update) => {
+                let drive = self
+                    .resources
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == update.drive_id)
+                    .ok_or_else(|| VmmActionError::UnknownDrive(update.drive_id.clone()))?;
+                if let Some(path) = update.path_on_host {
+                    vmm.device_manager()
+                        .update_drive_path(&update.drive_id, &path)?;
+                    drive.path_on_host = path;
+                }
+            }
+            VmmAction::CreateSnapshot(params) => {
+                create_snapshot(&mut vmm, &self.resources, &params)?;
+                info!("snapshot written to {}", params.snapshot_path.display());
+            }
+            VmmAction::PutBootSource(_)
+            | VmmAction::PutMachineConfig(_)
+            | VmmAction::PatchMachineConfig(_)
+            | VmmAction::PutDrive(_)
+            | VmmAction::PutNetworkInterface(_)
+            | VmmAction::PutLogger(_)
+            | VmmAction::PutMetrics(_)
+            | VmmAction::PutVsock(_)
+            | VmmAction::InstanceStart
+            | VmmAction::LoadSnapshot(_) => return Err(VmmActionError::NotAfterBoot),
+            VmmAction::GetInstanceInfo
+            | VmmAction::GetVmConfig
+            | VmmAction::GetMachineConfig
+            | VmmAction::FlushMetrics => unreachable!("answered by handle_any_phase"),
         }
-        VmmAction::CreateSnapshot(params) => {
-            create_snapshot(vmm, resources, &params).map_err(|err| err.to_string())?;
-            info!("snapshot written to {}", params.snapshot_path.display());
-        }
-        VmmAction::PutBootSource(_)
-        | VmmAction::PutMachineConfig(_)
-        | VmmAction::PatchMachineConfig(_)
-        | VmmAction::PutDrive(_)
-        | VmmAction::PutNetworkInterface(_)
-        | VmmAction::PutLogger(_)
-        | VmmAction::PutMetrics(_)
-        | VmmAction::PutVsock(_) => return Err(NOT_AFTER_BOOT.to_string()),
-        VmmAction::GetInstanceInfo
-        | VmmAction::GetVmConfig
-        | VmmAction::GetMachineConfig
-        | VmmAction::FlushMetrics
-        | VmmAction::InstanceStart
-        | VmmAction::LoadSnapshot(_) => unreachable!("handled in Controller::handle"),
+        Ok(VmmData::Empty)
     }
-    Ok(VmmData::Empty)
 }
 
 /// The API on the running VM's event loop: woken by the API thread, answers every waiting
-/// request through the controller.
+/// request through the runtime controller.
 pub struct ApiSubscriber {
     pub api: ApiChannel,
-    pub controller: Controller,
+    pub controller: RuntimeController,
 }
 
 impl ApiSubscriber {

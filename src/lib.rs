@@ -14,6 +14,7 @@ pub mod rpc;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
+pub mod sync;
 pub mod teardown;
 pub mod terminal;
 pub mod thread;
@@ -25,16 +26,16 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use api::{ApiChannel, ApiError};
-use builder::{build_microvm, BuildError, Console};
+pub use builder::ProcessStart;
+use builder::{build_microvm_for_boot, BuildError, Console};
 use config::{ConfigError, VmConfigFile, VmResources};
-use controller::{ApiSubscriber, Controller, Started};
+use controller::{ApiSubscriber, PrebootAnswer, PrebootController, Started};
 use device_manager::Subscriber;
 use log::info;
 use metrics::METRICS;
-use rpc::{VmmAction, VmmData};
+use rpc::{VmmActionError, VmmData};
 use signals::StopSignals;
 use vmm::{run_until_exit, Outcome, RunError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -61,8 +62,11 @@ pub enum MoteError {
     Metrics(#[from] metrics::MetricsError),
     #[error("the API thread has gone")]
     ApiGone,
-    #[error("snapshot {path}: {reason}")]
-    Restore { path: PathBuf, reason: String },
+    #[error("snapshot {path}: {source}")]
+    Restore {
+        path: PathBuf,
+        source: VmmActionError,
+    },
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
     #[error("cannot create the metrics timer: {0}")]
@@ -73,13 +77,6 @@ pub enum MoteError {
     PreBootWait(io::Error),
 }
 
-/// When the process started, to date the boot timer's measurement.
-#[derive(Debug, Clone, Copy)]
-pub struct ProcessStart {
-    pub instant: Instant,
-    pub cpu_us: u64,
-}
-
 /// Boots the guest described by `resources` with its console on stdin/stdout, and runs it to
 /// the end (`mote run`).
 pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome, MoteError> {
@@ -87,11 +84,10 @@ pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome
     // No `build` filter here: until the guest runs, the main thread acts only on the command
     // line, and a filter costs start-up time (resources/seccomp/README.md). `vmm` comes before
     // the event loop serves the guest.
-    let (vmm, subscribers) = build_microvm(resources, console, start.instant, start.cpu_us)?;
-    let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
-    vmm.resume_vcpus();
-    seccomp::apply(seccomp::Filter::Vmm)?;
-    Ok(run_until_exit(Arc::new(Mutex::new(vmm)), subscribers)?)
+    let built = build_microvm_for_boot(resources, console, start)?;
+    built.vmm.resume_vcpus();
+    let vmm = Arc::new(Mutex::new(built.vmm));
+    run_to_the_end(vmm, built.subscribers, None)
 }
 
 /// How `mote` without `run` was asked to work (Firecracker's process model).
@@ -158,34 +154,43 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     let signals = StopSignals::get().map_err(MoteError::Signals)?;
     // From here on the main thread acts on what clients send: pre-boot requests, then the build.
     seccomp::apply(seccomp::Filter::Build)?;
-    let mut controller = Controller::new(
-        options.instance_id,
-        resources,
-        console,
-        start.instant,
-        start.cpu_us,
-    );
+    let mut controller = PrebootController::new(options.instance_id, resources, console, start);
     let started = if options.config_file.is_some() {
         controller.start()?
     } else {
         let api = api.as_ref().ok_or(MoteError::ApiGone)?;
         match serve_until_start(api, &mut controller, signals)? {
-            PreBoot::Started(started) => started,
+            PreBoot::Started(started) => *started,
             PreBoot::Stopped(signal) => {
                 info!("stopped by {} before boot", signals::signal_name(signal));
                 return Ok(Outcome::Signal(signal));
             }
         }
     };
-    let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
+    run_started(started, api)
+}
+
+/// The one tail of every way mote runs a VM that started: the API (if any) on the event
+/// loop, periodic metrics, the raw terminal, the `vmm` filter, the event loop to the end, and
+/// the answers and metrics still owed.
+fn run_started(started: Started, api: Option<ApiChannel>) -> Result<Outcome, MoteError> {
     let Started {
         vmm,
-        mut subscribers,
+        subscribers,
+        controller,
     } = started;
-    if let Some(api) = api {
-        let api: Subscriber = Arc::new(Mutex::new(ApiSubscriber { api, controller }));
-        subscribers.push(api);
-    }
+    let api =
+        api.map(|api| -> Subscriber { Arc::new(Mutex::new(ApiSubscriber { api, controller })) });
+    run_to_the_end(vmm, subscribers, api)
+}
+
+fn run_to_the_end(
+    vmm: Arc<Mutex<vmm::Vmm>>,
+    mut subscribers: Vec<Subscriber>,
+    api: Option<Subscriber>,
+) -> Result<Outcome, MoteError> {
+    let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
+    subscribers.extend(api);
     if METRICS.is_configured() {
         let periodic = metrics::PeriodicFlush::new().map_err(MoteError::MetricsTimer)?;
         subscribers.push(Arc::new(Mutex::new(periodic)));
@@ -222,7 +227,7 @@ impl Drop for RemoveOnDrop<'_> {
 /// the end, serving the API on `api_sock` when given.
 pub fn run_restored(
     instance_id: String,
-    params: &snapshot::actions::LoadSnapshotParams,
+    params: &config::LoadSnapshotParams,
     api_sock: Option<&Path>,
     start: ProcessStart,
 ) -> Result<Outcome, MoteError> {
@@ -231,36 +236,20 @@ pub fn run_restored(
         .transpose()?;
     let _socket = api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
-    let mut controller = Controller::new(
-        instance_id,
-        VmResources::default(),
-        console,
-        start.instant,
-        start.cpu_us,
-    );
-    let Started {
-        vmm,
-        mut subscribers,
-    } = controller
+    let mut controller =
+        PrebootController::new(instance_id, VmResources::default(), console, start);
+    let started = controller
         .load_snapshot(params)
-        .map_err(|reason| MoteError::Restore {
+        .map_err(|source| MoteError::Restore {
             path: params.snapshot_path.clone(),
-            reason,
+            source,
         })?;
-    let _raw_terminal = terminal::RawTerminal::enable().map_err(MoteError::Console)?;
-    if let Some(api) = api {
-        let api: Subscriber = Arc::new(Mutex::new(ApiSubscriber { api, controller }));
-        subscribers.push(api);
-    }
-    seccomp::apply(seccomp::Filter::Vmm)?;
-    let outcome = run_until_exit(vmm, subscribers);
-    api::http::wait_for_answers(ANSWER_GRACE);
-    Ok(outcome?)
+    run_started(started, api)
 }
 
 /// How the wait for a start ended.
 enum PreBoot {
-    Started(Started),
+    Started(Box<Started>),
     /// A stop signal came first.
     Stopped(libc::c_int),
 }
@@ -273,7 +262,7 @@ const STOP_SIGNAL_DATA: u64 = u64::MAX - 1;
 /// succeeds, or until a stop signal, which ends the process in order (its socket removed).
 fn serve_until_start(
     api: &ApiChannel,
-    controller: &mut Controller,
+    controller: &mut PrebootController,
     signals: &StopSignals,
 ) -> Result<PreBoot, MoteError> {
     let wait_err = MoteError::PreBootWait;
@@ -315,31 +304,13 @@ fn serve_until_start(
                 continue;
             }
         };
-        if let VmmAction::LoadSnapshot(params) = &request.action {
-            match controller.load_snapshot(params) {
-                Ok(started) => {
-                    let _ = request.reply.send(Ok(VmmData::Empty));
-                    return Ok(PreBoot::Started(started));
-                }
-                Err(err) => {
-                    info!("snapshot load failed: {err}");
-                    let _ = request.reply.send(Err(err));
-                    continue;
-                }
+        match controller.handle(request.action) {
+            PrebootAnswer::Answered(answer) => {
+                let _ = request.reply.send(answer);
             }
-        }
-        if request.action != VmmAction::InstanceStart {
-            let _ = request.reply.send(controller.handle(request.action));
-            continue;
-        }
-        match controller.start() {
-            Ok(started) => {
+            PrebootAnswer::Started(started) => {
                 let _ = request.reply.send(Ok(VmmData::Empty));
                 return Ok(PreBoot::Started(started));
-            }
-            Err(err) => {
-                info!("InstanceStart failed: {err}");
-                let _ = request.reply.send(Err(err.to_string()));
             }
         }
     }

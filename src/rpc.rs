@@ -1,12 +1,17 @@
 //! What the API thread asks of the main thread, and what it gets back: typed actions in, typed
 //! answers out. The API thread never touches the VM; the main thread never parses HTTP.
 
+use crate::builder::BuildError;
 use crate::config::{
-    BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
+    BootSourceConfig, ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate,
+    LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    NetworkInterfaceConfig, VsockConfig,
 };
-
-use crate::snapshot::actions::{CreateSnapshotParams, LoadSnapshotParams};
+use crate::device_manager::DeviceError;
+use crate::logger::LoggerError;
+use crate::metrics::MetricsError;
+use crate::snapshot::actions::SnapshotActionError;
+use crate::vmm::VmmError;
 
 /// One request for the monitor, from the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,5 +53,36 @@ pub enum VmmData {
     Json(String),
 }
 
-/// An action's outcome: the error is the fault message the client reads.
-pub type ActionResult = Result<VmmData, String>;
+/// Why an action was refused or failed. The API renders it as the `fault_message` the client
+/// reads (`src/api/`); until then it stays typed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmActionError {
+    /// Firecracker's words for a request in the wrong phase.
+    #[error("The requested operation is not supported after starting the microVM.")]
+    NotAfterBoot,
+    #[error("The requested operation is not supported before starting the microVM.")]
+    NotBeforeBoot,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] BuildError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotActionError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Logger(#[from] LoggerError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("no drive has the id {0:?}")]
+    UnknownDrive(String),
+    #[error("cannot render the answer: {0}")]
+    Render(serde_json::Error),
+    #[error("the monitor is shutting down")]
+    ShuttingDown,
+}
+
+/// An action's outcome.
+pub type ActionResult = Result<VmmData, VmmActionError>;

@@ -3,19 +3,18 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::device_manager::{DeviceError, DeviceHandles, Subscriber};
-use devices::legacy::i8042::I8042Error;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::VcpuState;
+use crate::device_manager::{DeviceManager, Subscriber};
 use crate::signals::{signal_name, StopSignals};
-use crate::vstate::vcpu::{VcpuEvent, VcpuExitReason, VcpuHandle, VcpuResponse};
+use crate::sync::lock;
+use crate::vstate::vcpu::{SaveVcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
 
 /// Event data that tells the Vmm's fds apart.
@@ -56,8 +55,8 @@ impl Outcome {
 }
 
 pub struct Vmm {
-    /// Kept for the guest memory and the VM fd, which must outlive the vCPUs.
-    _vm: Vm,
+    /// The guest memory and the VM fd, which must outlive the vCPUs.
+    vm: Vm,
     vcpus: Vec<VcpuHandle>,
     exit_evt: EventFd,
     reset_evt: EventFd,
@@ -69,8 +68,8 @@ pub struct Vmm {
     early_exits: Vec<VcpuExitReason>,
     /// Which vCPUs' threads have stopped running the guest for good.
     exited: Vec<bool>,
-    /// The devices post-boot actions reach.
-    devices: DeviceHandles,
+    /// The emulated devices: post-boot actions and snapshots reach them here.
+    devices: DeviceManager,
 }
 
 impl Vmm {
@@ -79,11 +78,11 @@ impl Vmm {
         vcpus: Vec<VcpuHandle>,
         exit_evt: EventFd,
         reset_evt: EventFd,
-        devices: DeviceHandles,
+        devices: DeviceManager,
     ) -> io::Result<Self> {
         let vcpu_count = vcpus.len();
         Ok(Self {
-            _vm: vm,
+            vm,
             vcpus,
             exit_evt,
             reset_evt,
@@ -94,21 +93,6 @@ impl Vmm {
             exited: vec![false; vcpu_count],
             devices,
         })
-    }
-
-    /// Types Ctrl-Alt-Del on the guest's keyboard (`SendCtrlAltDel`).
-    pub fn send_ctrl_alt_del(&self) -> Result<(), I8042Error> {
-        self.devices
-            .i8042
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .trigger_ctrl_alt_del()
-    }
-
-    /// Backs drive `drive_id` with the file at `path` (`PATCH /drives/{id}` with
-    /// `path_on_host` after boot); the guest sees the new capacity.
-    pub fn update_drive_path(&self, drive_id: &str, path: &Path) -> Result<(), DeviceError> {
-        self.devices.drives.update_path(drive_id, path)
     }
 
     pub fn is_paused(&self) -> bool {
@@ -187,7 +171,7 @@ impl Vmm {
                 match self.vcpus[index].response_within(left) {
                     Some(VcpuResponse::Saved(saved)) => {
                         let state =
-                            (*saved).map_err(|reason| VmmError::SaveVcpu { index, reason })?;
+                            (*saved).map_err(|source| VmmError::SaveVcpu { index, source })?;
                         states.push(state);
                         break;
                     }
@@ -206,11 +190,11 @@ impl Vmm {
 
     /// The VM: its KVM state and guest memory (snapshots).
     pub fn vm(&self) -> &Vm {
-        &self._vm
+        &self.vm
     }
 
-    /// The emulated devices (snapshots).
-    pub fn devices(&self) -> &DeviceHandles {
+    /// The emulated devices (post-boot actions, snapshots).
+    pub fn device_manager(&self) -> &DeviceManager {
         &self.devices
     }
 
@@ -301,8 +285,8 @@ pub enum VmmError {
     VcpuTimeout { index: usize },
     #[error("the guest is stopping")]
     Stopping,
-    #[error("cannot read vCPU {index}'s state: {reason}")]
-    SaveVcpu { index: usize, reason: String },
+    #[error("cannot read vCPU {index}'s state: {source}")]
+    SaveVcpu { index: usize, source: SaveVcpuError },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -311,10 +295,6 @@ pub enum RunError {
     EventManager(event_manager::Error),
     #[error("the event loop failed: {0}")]
     Loop(event_manager::Error),
-}
-
-fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
-    vmm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Serves the running guest's event loop until the guest stops, fails or a signal stops the

@@ -12,7 +12,7 @@ use log::{error, info};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::metrics::METRICS;
-use crate::rpc::{ActionResult, VmmAction, VmmData};
+use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use http::{HttpError, HttpServer, Request, Response};
 use routes::Route;
 
@@ -70,7 +70,8 @@ fn handle(request: Request, to_vmm: &Sender<ApiRequest>, wake: &EventFd) -> Resp
         Ok(Route::Action(action)) => match ask_vmm(action, to_vmm, wake) {
             Ok(VmmData::Empty) => Response::no_content(),
             Ok(VmmData::Json(body)) => Response::json(200, body),
-            Err(message) => Response::fault(400, &message),
+            // The one place a typed refusal becomes the client's text.
+            Err(err) => Response::fault(400, &err.to_string()),
         },
         Err(message) => Response::fault(400, &message),
     };
@@ -91,13 +92,13 @@ fn handle(request: Request, to_vmm: &Sender<ApiRequest>, wake: &EventFd) -> Resp
 
 fn ask_vmm(action: VmmAction, to_vmm: &Sender<ApiRequest>, wake: &EventFd) -> ActionResult {
     let (reply, answer) = sync_channel(1);
-    let stopping = || "the monitor is shutting down".to_string();
+    let stopping = VmmActionError::ShuttingDown;
     to_vmm
         .send(ApiRequest { action, reply })
-        .map_err(|_| stopping())?;
-    wake.write(1).map_err(|_| stopping())?;
+        .map_err(|_| VmmActionError::ShuttingDown)?;
+    wake.write(1).map_err(|_| VmmActionError::ShuttingDown)?;
     answer.recv().map_err(|_| {
         METRICS.api.sync_response_fails.inc();
-        stopping()
+        stopping
     })?
 }

@@ -8,8 +8,8 @@ use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
     MetricsConfig, NetworkInterfaceConfig, VsockConfig,
 };
+use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
-use crate::snapshot::actions::{CreateSnapshotParams, LoadSnapshotParams};
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,14 +1,47 @@
 //! Everything that differs between guest architectures. The rest of the monitor calls only
-//! what this module re-exports; aarch64 will add a sibling module with the same interface.
+//! what this module re-exports, and never names a register, port, address or KVM structure of
+//! one arch. `src/arch/aarch64/` will implement the same interface:
+//!
+//! - **Layout**: `arch_memory_regions(bytes)` (guest RAM ranges), `MAX_MEM_SIZE_MIB`,
+//!   `MAX_VCPUS`, `DEFAULT_BOOT_ARGS`, `cmdline_capacity()`, and where MMIO devices go:
+//!   `BOOT_TIMER_START`, `VIRTIO_MMIO_START`, `MMIO_SLOT_SIZE`, `IRQ_BASE`..=`IRQ_MAX`.
+//! - **The VM**: `create_vm_devices(kvm, vm)` before any vCPU exists (x86_64: the irqchip,
+//!   PIT and KVM's real-mode pages), `finish_vm_devices(vm, vcpus)` once all vCPUs exist
+//!   (aarch64: the GIC, which must come after them), `VmState` (save/restore of those devices
+//!   and the clock, restored after the vCPUs' own state).
+//! - **Booting**: `load_kernel`, `initrd_placement`, `configure_system` (boot parameters, and
+//!   the virtio-mmio devices announced as the arch's guests expect: kernel command line on
+//!   x86_64, device tree on aarch64), `vcpu_features` (what KVM offers every vCPU, read once
+//!   per boot) and `configure_vcpu`.
+//! - **vCPUs**: `VcpuState` (save/restore on the vCPU's thread), `handle_exit` for the exits
+//!   only this arch has (x86_64: port I/O, through `VcpuIo`), `instruction_pointer` for
+//!   reports.
+//! - **Legacy devices**: `LegacyDevices` (x86_64: COM1 and the i8042 on the port-I/O bus;
+//!   aarch64: the UART on MMIO, no i8042) with `LegacyDevicesState` for snapshots and
+//!   `send_ctrl_alt_del`, which an arch without a keyboard refuses with a message.
 
 #[cfg(target_arch = "x86_64")]
-pub mod x86_64;
+mod x86_64;
 
-#[cfg(target_arch = "x86_64")]
-pub use self::x86_64::snapshot::{read_msr_index_list, StateError, VcpuState, VmState};
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
     arch_memory_regions, cmdline_capacity, configure_system, configure_vcpu, create_vm_devices,
-    initrd_placement, load_kernel, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
+    finish_vm_devices, initrd_placement, instruction_pointer,
+    layout::{BOOT_TIMER_START, IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START},
+    legacy::{handle_exit, LegacyDeviceError, LegacyDevices, LegacyDevicesState, VcpuIo},
+    load_kernel,
+    snapshot::{StateError, VcpuState, VmState},
+    vcpu_features, ArchError, ArchVcpuError, BootEntry, InitrdPlacement, VcpuFeatures,
     DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB, MAX_VCPUS,
 };
+
+/// A virtio-mmio device as the guest must be told of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDeviceInfo {
+    /// The base of its register window.
+    pub addr: u64,
+    /// The window's length.
+    pub len: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+}

@@ -5,6 +5,7 @@ mod drive;
 mod machine;
 mod net;
 mod observability;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 mod vsock;
@@ -18,6 +19,7 @@ pub use drive::*;
 pub use machine::*;
 pub use net::*;
 pub use observability::*;
+pub use snapshot::*;
 pub use vsock::*;
 
 /// Why a configuration is refused; each message names the field and the reason.

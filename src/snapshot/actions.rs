@@ -1,91 +1,21 @@
-//! `PUT /snapshot/create` and `PUT /snapshot/load`: their bodies (Firecracker's shapes) and
-//! what they do.
+//! What `PUT /snapshot/create` and `PUT /snapshot/load` do (their bodies are in `config/`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use serde::Deserialize;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::memory::{map_memory_file, write_memory_file};
-use super::{
-    read_state_file, write_state_file, DevicesState, MicrovmState, NewFile, SnapshotError,
-    VirtioSlotState,
+use super::{read_state_file, write_state_file, MicrovmState, NewFile, SnapshotError};
+use crate::builder::{build_microvm_from_snapshot, BuildError, Built, Console, ProcessStart};
+use crate::config::{
+    ConfigError, CreateSnapshotParams, LoadParamsError, LoadSnapshotParams, SnapshotType,
+    VmResources,
 };
-use crate::builder::{build, BuildError, Console, Restore};
-use crate::config::{VmConfigFile, VmResources};
-use crate::device_manager::Subscriber;
-use crate::vmm::Vmm;
+use crate::device_manager::SaveDevicesError;
+use crate::vmm::{Vmm, VmmError};
 use crate::vstate::memory::{guest_memory_layout, MemoryError};
-
-/// `PUT /snapshot/create`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSnapshotParams {
-    #[serde(default)]
-    pub snapshot_type: SnapshotType,
-    pub snapshot_path: PathBuf,
-    pub mem_file_path: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum SnapshotType {
-    #[default]
-    Full,
-    Diff,
-}
-
-/// `PUT /snapshot/load`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoadSnapshotParams {
-    pub snapshot_path: PathBuf,
-    #[serde(default)]
-    pub mem_backend: Option<MemBackend>,
-    /// Firecracker's older form of `mem_backend` with a file.
-    #[serde(default)]
-    pub mem_file_path: Option<PathBuf>,
-    #[serde(default)]
-    pub enable_diff_snapshots: bool,
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    #[serde(default)]
-    pub resume_vm: bool,
-    /// Other TAP devices for the snapshot's network interfaces (clones need their own).
-    #[serde(default)]
-    pub network_overrides: Vec<NetworkOverride>,
-    /// mote's extension: another socket path for the snapshot's vsock device (clones need
-    /// their own; the saved one belongs to the VM the snapshot was taken from).
-    #[serde(default)]
-    pub vsock_override: Option<VsockOverride>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemBackend {
-    pub backend_type: MemBackendType,
-    pub backend_path: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum MemBackendType {
-    File,
-    Uffd,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkOverride {
-    pub iface_id: String,
-    pub host_dev_name: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockOverride {
-    pub uds_path: PathBuf,
-}
+use crate::vstate::vm::VmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotActionError {
@@ -93,22 +23,18 @@ pub enum SnapshotActionError {
     NotPaused,
     #[error("Diff snapshots are not supported by mote: take a Full snapshot")]
     DiffUnsupported,
-    #[error("the Uffd memory backend is not supported by mote: use backend_type File")]
-    UffdUnsupported,
-    #[error("no memory file given: set mem_backend (or mem_file_path)")]
-    NoMemFile,
-    #[error("give the memory file once: mem_backend or mem_file_path, not both")]
-    TwoMemFiles,
+    #[error(transparent)]
+    Params(#[from] LoadParamsError),
     #[error("cannot save the microVM: {0}")]
-    Save(String),
+    SaveVcpus(#[from] VmmError),
+    #[error("cannot save the microVM: {0}")]
+    SaveVm(#[from] VmError),
+    #[error("cannot save the microVM: {0}")]
+    SaveDevices(#[from] SaveDevicesError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("the snapshot's configuration is invalid: {0}")]
-    Config(String),
-    #[error("network_overrides names {0:?}, which the snapshot has no network interface for")]
-    UnknownIface(String),
-    #[error("vsock_override given, but the snapshot has no vsock device")]
-    NoVsock,
+    Config(#[from] ConfigError),
     #[error("the snapshot's memory regions ({saved}) do not match the machine's layout for its {configured} MiB ({expected})")]
     MemoryLayout {
         saved: String,
@@ -147,28 +73,13 @@ pub fn create_snapshot(
         return Err(SnapshotActionError::NotPaused);
     }
     check_destinations(vmm.vm().memory(), params)?;
-    let save = |err: &dyn std::fmt::Display| SnapshotActionError::Save(err.to_string());
-    let vcpus = vmm.save_vcpu_states().map_err(|err| save(&err))?;
-    let vm = vmm.vm().save_state().map_err(|err| save(&err))?;
-    let handles = vmm.devices();
-    let mut virtio = Vec::with_capacity(handles.transports.len());
-    for (addr, transport) in &handles.transports {
-        let transport = lock(transport).save_state().map_err(|err| save(&err))?;
-        virtio.push(VirtioSlotState {
-            addr: *addr,
-            transport,
-        });
-    }
-    let devices = DevicesState {
-        serial: lock(&handles.serial).state(),
-        i8042: lock(&handles.i8042).state(),
-        virtio,
-    };
+    let vcpus = vmm.save_vcpu_states()?;
+    let vm = vmm.vm().save_state()?;
+    let devices = vmm.device_manager().save_state()?;
     let mut config = resources.to_config_file();
     // The logger and metrics belong to the monitor process, not to the machine.
     config.logger = None;
     config.metrics = None;
-    let config = serde_json::to_string(&config).map_err(|err| save(&err))?;
     let mem_path = &params.mem_file_path;
     let mem_file = NewFile::create(mem_path).map_err(|source| SnapshotError::Write {
         what: "the memory file",
@@ -267,55 +178,14 @@ fn check_destinations(
     Ok(())
 }
 
-fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl LoadSnapshotParams {
-    /// The memory file, from whichever form the request used.
-    pub fn mem_file(&self) -> Result<&Path, SnapshotActionError> {
-        match (&self.mem_backend, &self.mem_file_path) {
-            (Some(_), Some(_)) => Err(SnapshotActionError::TwoMemFiles),
-            (Some(backend), None) => match backend.backend_type {
-                MemBackendType::File => Ok(&backend.backend_path),
-                MemBackendType::Uffd => Err(SnapshotActionError::UffdUnsupported),
-            },
-            (None, Some(path)) => Ok(path),
-            (None, None) => Err(SnapshotActionError::NoMemFile),
-        }
-    }
-}
-
-/// The snapshot's configuration with the overrides applied, in the config file's JSON form (so
-/// that overrides reach devices whatever fields their configuration has).
+/// The snapshot's configuration with the overrides applied.
 fn configuration(
     state: &MicrovmState,
     params: &LoadSnapshotParams,
 ) -> Result<VmResources, SnapshotActionError> {
-    let config_err = |err: &dyn std::fmt::Display| SnapshotActionError::Config(err.to_string());
-    let mut config: serde_json::Value =
-        serde_json::from_str(&state.config).map_err(|err| config_err(&err))?;
-    for change in &params.network_overrides {
-        let iface = config
-            .get_mut("network-interfaces")
-            .and_then(|ifaces| ifaces.as_array_mut())
-            .and_then(|ifaces| {
-                ifaces
-                    .iter_mut()
-                    .find(|iface| iface["iface_id"] == change.iface_id.as_str())
-            })
-            .ok_or_else(|| SnapshotActionError::UnknownIface(change.iface_id.clone()))?;
-        iface["host_dev_name"] = change.host_dev_name.clone().into();
-    }
-    if let Some(vsock) = &params.vsock_override {
-        let saved = config
-            .get_mut("vsock")
-            .filter(|vsock| vsock.is_object())
-            .ok_or(SnapshotActionError::NoVsock)?;
-        saved["uds_path"] = vsock.uds_path.to_string_lossy().into_owned().into();
-    }
-    let file: VmConfigFile = serde_json::from_value(config).map_err(|err| config_err(&err))?;
-    VmResources::from_config_file(file).map_err(|err| config_err(&err))
+    let mut config = state.config.clone();
+    params.apply_overrides(&mut config)?;
+    Ok(VmResources::from_config_file(config)?)
 }
 
 /// Checks the saved memory regions against the layout a fresh boot of the snapshot's machine
@@ -361,10 +231,9 @@ fn check_memory_layout(
 pub fn load_snapshot(
     params: &LoadSnapshotParams,
     console: Console,
-    process_start: Instant,
-    process_start_cpu_us: u64,
+    start: ProcessStart,
     boot_timer: bool,
-) -> Result<(VmResources, Vmm, Vec<Subscriber>), SnapshotActionError> {
+) -> Result<(VmResources, Built), SnapshotActionError> {
     if params.enable_diff_snapshots || params.track_dirty_pages {
         return Err(SnapshotActionError::DiffUnsupported);
     }
@@ -374,18 +243,8 @@ pub fn load_snapshot(
     resources.boot_timer = boot_timer;
     check_memory_layout(&state, &resources)?;
     let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
-    let restore = Restore {
-        state: &state,
-        memory,
-    };
-    let (vmm, subscribers) = build(
-        &resources,
-        console,
-        process_start,
-        process_start_cpu_us,
-        Some(restore),
-    )?;
-    Ok((resources, vmm, subscribers))
+    let built = build_microvm_from_snapshot(&resources, console, start, &state, memory)?;
+    Ok((resources, built))
 }
 
 #[cfg(test)]

@@ -15,12 +15,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crc::{Crc, CRC_64_ECMA_182};
-use devices::legacy::i8042::I8042State;
-use devices::legacy::serial::SerialDeviceState;
-use devices::virtio::state::MmioTransportState;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{VcpuState, VmState};
+use crate::config::VmConfigFile;
+pub use crate::device_manager::{DevicesState, VirtioSlotState};
 use crate::host_file::{self, HostFileError};
 pub use memory::MemoryRegionState;
 pub use replace::NewFile;
@@ -61,34 +60,38 @@ pub enum SnapshotError {
     Memory(#[from] memory::MemoryFileError),
 }
 
-/// A virtio-mmio device: where it sits and its state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VirtioSlotState {
-    /// The base of its MMIO slot, checked against the rebuilt device's.
-    pub addr: u64,
-    pub transport: MmioTransportState,
-}
-
-/// The devices the monitor emulates.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DevicesState {
-    pub serial: SerialDeviceState,
-    pub i8042: I8042State,
-    /// In slot order.
-    pub virtio: Vec<VirtioSlotState>,
-}
-
 /// Everything a snapshot holds but guest RAM.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MicrovmState {
-    /// The machine's configuration in the config-file form (`GET /vm/config`), as JSON text:
-    /// it names every backing (drive files, TAP devices, vsock socket) the restore reopens.
-    pub config: String,
+    /// The machine's configuration in the config-file form (`GET /vm/config`): it names every
+    /// backing (drive files, TAP devices, vsock socket) the restore reopens.
+    #[serde(with = "config_as_json")]
+    pub config: VmConfigFile,
     /// Guest RAM regions, in the order the memory file holds them.
     pub memory: Vec<MemoryRegionState>,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
+}
+
+/// The configuration is kept in the state file as its JSON text: its types leave out unset
+/// optional fields when serialized (`skip_serializing_if`, for Firecracker's JSON shapes),
+/// which bincode, having no field names, cannot read back.
+mod config_as_json {
+    use serde::{de::Error as _, ser::Error as _, Deserialize, Deserializer, Serializer};
+
+    use crate::config::VmConfigFile;
+
+    pub fn serialize<S: Serializer>(config: &VmConfigFile, out: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(config).map_err(S::Error::custom)?;
+        out.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<VmConfigFile, D::Error> {
+        let text = String::deserialize(input)?;
+        serde_json::from_str(&text)
+            .map_err(|err| D::Error::custom(format!("its configuration: {err}")))
+    }
 }
 
 /// The state file's bytes for `state`.
@@ -184,28 +187,23 @@ mod tests {
 
     fn state() -> MicrovmState {
         MicrovmState {
-            config: r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#.into(),
+            config: serde_json::from_str(
+                r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#,
+            )
+            .unwrap(),
             memory: vec![MemoryRegionState {
                 guest_addr: 0,
                 size: 128 << 20,
             }],
-            vm: VmState {
-                pit: Default::default(),
-                clock: Default::default(),
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-            },
+            vm: VmState::default(),
             vcpus: Vec::new(),
             devices: DevicesState {
-                serial: vm_superio::serial::SerialState::default().into(),
-                i8042: I8042State {
-                    status: 0x14,
-                    control: 0x41,
-                    output_port: 3,
-                    pending_command: None,
-                    output: vec![0x1d],
-                },
+                serial: vm_superio::serial::SerialState {
+                    scratch: 0x5a,
+                    ..Default::default()
+                }
+                .into(),
+                legacy: Default::default(),
                 virtio: Vec::new(),
             },
         }
@@ -218,7 +216,7 @@ mod tests {
         let decoded = decode(&bytes).unwrap();
         assert_eq!(decoded.config, state().config);
         assert_eq!(decoded.memory, state().memory);
-        assert_eq!(decoded.devices.i8042.output, vec![0x1d]);
+        assert_eq!(decoded.devices.serial.scratch, 0x5a);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! vCPU threads as message-driven state machines.
 //!
 //! Each vCPU runs on its own thread, named `mote_vcpu{N}`, in one of three states: Paused (waits
-//! for a message), Running (KVM_RUN, dispatching port-I/O and MMIO exits to the buses) and
+//! for a message), Running (KVM_RUN, dispatching MMIO exits to the bus and the exits only the
+//! arch has, such as x86's port I/O, to `arch::handle_exit`) and
 //! Exited (the guest stopped this vCPU for good; waits to be finished). Messages come in over a
 //! channel; to reach a vCPU inside KVM_RUN the sender also kicks it with a signal whose handler
 //! sets `immediate_exit`, so KVM_RUN returns at once even if the kick lands just before it.
@@ -9,10 +10,9 @@
 use std::cell::Cell;
 use std::io;
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Once};
+use std::sync::Once;
 use std::thread::JoinHandle;
 
-use devices::Bus;
 use kvm_bindings::{
     kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -21,7 +21,8 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::arch::VcpuState;
+use crate::arch::{self, VcpuState};
+use crate::device_manager::VcpuBuses;
 use crate::metrics::METRICS;
 use crate::thread;
 
@@ -44,9 +45,18 @@ pub enum VcpuResponse {
     Resumed,
     Paused,
     /// The vCPU's state, or why it could not be read.
-    Saved(Box<Result<VcpuState, String>>),
+    Saved(Box<Result<VcpuState, SaveVcpuError>>),
     /// The guest stopped this vCPU; the thread also wrote the VM's exit event.
     Exited(VcpuExitReason),
+}
+
+/// Why a vCPU's state could not be read for a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveVcpuError {
+    #[error("vCPU {0} is running, not paused")]
+    Running(u8),
+    #[error(transparent)]
+    State(#[from] arch::StateError),
 }
 
 /// Why a vCPU stopped running the guest.
@@ -60,8 +70,8 @@ pub enum VcpuExitReason {
     Crash,
     #[error("the guest triple-faulted (vCPU {index} shut down)")]
     TripleFault { index: u8 },
-    #[error("KVM internal error {suberror} on vCPU {index} at guest RIP {rip:#x}")]
-    InternalError { index: u8, suberror: u32, rip: u64 },
+    #[error("KVM internal error {suberror} on vCPU {index} at guest instruction pointer {ip:#x}")]
+    InternalError { index: u8, suberror: u32, ip: u64 },
     #[error("KVM failed to enter vCPU {index}: hardware entry failure reason {reason:#x}")]
     FailEntry { index: u8, reason: u64 },
     #[error("vCPU {index} exited to the monitor for an unhandled reason: {what}")]
@@ -112,24 +122,16 @@ enum RunOutcome {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
-    pio_bus: Arc<Bus>,
-    mmio_bus: Arc<Bus>,
+    buses: VcpuBuses,
     exit_evt: EventFd,
 }
 
 impl Vcpu {
-    pub fn new(
-        index: u8,
-        fd: VcpuFd,
-        pio_bus: Arc<Bus>,
-        mmio_bus: Arc<Bus>,
-        exit_evt: EventFd,
-    ) -> Self {
+    pub fn new(index: u8, fd: VcpuFd, buses: VcpuBuses, exit_evt: EventFd) -> Self {
         Self {
             index,
             fd,
-            pio_bus,
-            mmio_bus,
+            buses,
             exit_evt,
         }
     }
@@ -204,11 +206,11 @@ impl Vcpu {
                 (Some(VcpuEvent::SaveState), State::Paused) => {
                     // Read on the vCPU's own thread, out of KVM_RUN, so that nothing changes
                     // the state while it is read.
-                    let saved = VcpuState::save(&self.fd).map_err(|err| err.to_string());
+                    let saved = VcpuState::save(&self.fd).map_err(SaveVcpuError::from);
                     let _ = responses.send(VcpuResponse::Saved(Box::new(saved)));
                 }
                 (Some(VcpuEvent::SaveState), State::Running) => {
-                    let refused = Err(format!("vCPU {} is running, not paused", self.index));
+                    let refused = Err(SaveVcpuError::Running(self.index));
                     let _ = responses.send(VcpuResponse::Saved(Box::new(refused)));
                 }
                 (None, _) => {
@@ -227,35 +229,28 @@ impl Vcpu {
 
     fn run_once(&mut self) -> RunOutcome {
         let index = self.index;
-        let exit = match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                METRICS.vcpu.exit_io_in.inc();
-                if !self.pio_bus.read(u64::from(port), data) {
-                    // Nothing decodes this port: the bus floats high, as on real hardware.
-                    data.fill(0xff);
-                }
-                return RunOutcome::Continue;
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                METRICS.vcpu.exit_io_out.inc();
-                self.pio_bus.write(u64::from(port), data);
-                return RunOutcome::Continue;
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
+        let exit = match self
+            .fd
+            .run()
+            .map(|exit| arch::handle_exit(exit, &self.buses.arch))
+        {
+            // The arch served it.
+            Ok(None) => return RunOutcome::Continue,
+            Ok(Some(VcpuExit::MmioRead(addr, data))) => {
                 METRICS.vcpu.exit_mmio_read.inc();
-                if !self.mmio_bus.read(addr, data) {
+                if !self.buses.mmio.read(addr, data) {
                     data.fill(0);
                 }
                 return RunOutcome::Continue;
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
+            Ok(Some(VcpuExit::MmioWrite(addr, data))) => {
                 METRICS.vcpu.exit_mmio_write.inc();
-                self.mmio_bus.write(addr, data);
+                self.buses.mmio.write(addr, data);
                 return RunOutcome::Continue;
             }
-            Ok(VcpuExit::Hlt | VcpuExit::Intr) => return RunOutcome::Continue,
-            Ok(VcpuExit::Shutdown) => VcpuExitReason::TripleFault { index },
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+            Ok(Some(VcpuExit::Hlt | VcpuExit::Intr)) => return RunOutcome::Continue,
+            Ok(Some(VcpuExit::Shutdown)) => VcpuExitReason::TripleFault { index },
+            Ok(Some(VcpuExit::SystemEvent(kind, _))) => match kind {
                 KVM_SYSTEM_EVENT_RESET => VcpuExitReason::Reset,
                 KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExitReason::PowerOff,
                 KVM_SYSTEM_EVENT_CRASH => VcpuExitReason::Crash,
@@ -264,18 +259,18 @@ impl Vcpu {
                     what: format!("system event {other}"),
                 },
             },
-            Ok(VcpuExit::FailEntry(reason, _)) => VcpuExitReason::FailEntry { index, reason },
-            Ok(VcpuExit::InternalError) => {
+            Ok(Some(VcpuExit::FailEntry(reason, _))) => VcpuExitReason::FailEntry { index, reason },
+            Ok(Some(VcpuExit::InternalError)) => {
                 // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member.
                 let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                let rip = self.fd.get_regs().map_or(0, |regs| regs.rip);
+                let ip = arch::instruction_pointer(&self.fd).unwrap_or(0);
                 VcpuExitReason::InternalError {
                     index,
                     suberror,
-                    rip,
+                    ip,
                 }
             }
-            Ok(other) => VcpuExitReason::Unhandled {
+            Ok(Some(other)) => VcpuExitReason::Unhandled {
                 index,
                 what: format!("{other:?}"),
             },

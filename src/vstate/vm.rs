@@ -1,6 +1,6 @@
 //! The KVM VM: its fd, its guest memory registered as memory slots, its interrupt controllers.
 
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use std::os::fd::AsRawFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -27,8 +27,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Arch(#[from] arch::ArchError),
-    #[error("cannot read KVM's supported CPUID: {0}")]
-    SupportedCpuid(kvm_ioctls::Error),
+    #[error(transparent)]
+    VcpuFeatures(#[from] arch::ArchVcpuError),
     #[error("cannot create vCPU {index}: {source}")]
     CreateVcpu {
         index: u8,
@@ -62,7 +62,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens KVM, creates a VM with its in-kernel devices and registers `memory` with it.
+    /// Opens KVM, creates a VM, registers `memory` with it and creates the in-kernel devices
+    /// that must exist before the vCPUs.
     pub fn new(memory: GuestMemoryMmap) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
@@ -89,9 +90,7 @@ impl Vm {
                 source,
             })?;
         }
-        arch::create_vm_devices(&fd)?;
-        // For snapshots: vCPU threads save their MSRs from this list.
-        arch::read_msr_index_list(&kvm)?;
+        arch::create_vm_devices(&kvm, &fd)?;
         Ok(Self { kvm, fd, memory })
     }
 
@@ -100,7 +99,7 @@ impl Vm {
         Ok(arch::VmState::save(&self.fd)?)
     }
 
-    /// Puts back what [`Vm::save_state`] read, before any vCPU runs.
+    /// Puts back what [`Vm::save_state`] read, once the vCPUs exist and before any runs.
     pub fn restore_state(&self, state: &arch::VmState) -> Result<(), VmError> {
         Ok(state.restore(&self.fd)?)
     }
@@ -125,16 +124,26 @@ impl Vm {
         &self.memory
     }
 
-    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
-        self.kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VmError::SupportedCpuid)
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
     }
 
-    pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
-        self.fd
-            .create_vcpu(u64::from(index))
-            .map_err(|source| VmError::CreateVcpu { index, source })
+    /// What KVM offers every vCPU of a booting guest.
+    pub fn vcpu_features(&self) -> Result<arch::VcpuFeatures, VmError> {
+        Ok(arch::vcpu_features(&self.kvm, &self.fd)?)
+    }
+
+    /// Creates `count` vCPUs, then the in-kernel devices that must come after them.
+    pub fn create_vcpus(&self, count: u8) -> Result<Vec<VcpuFd>, VmError> {
+        let fds = (0..count)
+            .map(|index| {
+                self.fd
+                    .create_vcpu(u64::from(index))
+                    .map_err(|source| VmError::CreateVcpu { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        arch::finish_vm_devices(&self.fd, count)?;
+        Ok(fds)
     }
 
     /// Makes a guest's 4-byte MMIO write of `value` at `addr` signal `evt` inside KVM, with no

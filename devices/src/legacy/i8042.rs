@@ -120,7 +120,7 @@ impl OutputBuffer {
 }
 
 /// The controller's registers and waiting bytes, for a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct I8042State {
     pub status: u8,
     pub control: u8,

@@ -3,8 +3,6 @@
 
 /// Global descriptor table used for the boot CPU's first instructions.
 pub const BOOT_GDT_START: u64 = 0x500;
-/// Entries in the boot GDT: null, code, data, TSS.
-pub const BOOT_GDT_MAX: usize = 4;
 /// An empty interrupt descriptor table (the kernel installs its own).
 pub const BOOT_IDT_START: u64 = 0x520;
 /// Linux's `struct boot_params`, the "zero page"; RSI points here on a 64-bit entry.

@@ -5,6 +5,7 @@ pub mod gdt;
 pub mod kernel_image;
 pub mod lapic;
 pub mod layout;
+pub mod legacy;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
@@ -13,8 +14,8 @@ pub mod snapshot;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
-use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -32,6 +33,7 @@ use self::layout::{
     KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START,
     PVH_MEMMAP_START, ZERO_PAGE_START,
 };
+use super::MmioDeviceInfo;
 
 /// The most guest RAM, in MiB: what fits below [`GUEST_PHYS_END`] around the MMIO gap.
 pub const MAX_MEM_SIZE_MIB: u64 = (GUEST_PHYS_END - (MMIO_GAP_END - MMIO_GAP_START)) >> 20;
@@ -108,6 +110,13 @@ pub enum ArchError {
     },
     #[error("cannot write the kernel command line: {0}")]
     Cmdline(linux_loader::loader::Error),
+    #[error(
+        "cannot announce the virtio-mmio device at {addr:#x} on the kernel command line: {source}"
+    )]
+    AnnounceDevice {
+        addr: u64,
+        source: linux_loader::cmdline::Error,
+    },
     #[error("cannot write the boot parameters: {0}")]
     BootParams(linux_loader::configurator::Error),
     #[error(transparent)]
@@ -117,10 +126,14 @@ pub enum ArchError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    State(#[from] snapshot::StateError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchVcpuError {
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
     #[error(transparent)]
     Cpuid(#[from] cpuid::CpuidError),
     #[error("cannot set the vCPU's CPUID: {0}")]
@@ -146,8 +159,10 @@ pub fn arch_memory_regions(size: u64) -> Vec<(GuestAddress, usize)> {
 }
 
 /// The in-kernel interrupt controllers and timer, and KVM's real-mode helper pages. Must run
-/// before any vCPU is created.
-pub fn create_vm_devices(vm: &VmFd) -> Result<(), ArchError> {
+/// before any vCPU is created. Also reads KVM's list of saveable MSRs, which vCPU threads
+/// (that may not open /dev/kvm) need for snapshots.
+pub fn create_vm_devices(kvm_fd: &Kvm, vm: &VmFd) -> Result<(), ArchError> {
+    snapshot::read_msr_index_list(kvm_fd)?;
     let kvm = |what| move |source| ArchError::Kvm { what, source };
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         .map_err(kvm("set the identity-map address"))?;
@@ -160,6 +175,29 @@ pub fn create_vm_devices(vm: &VmFd) -> Result<(), ArchError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm("create the in-kernel PIT"))
+}
+
+/// Nothing more once the vCPUs exist: x86's interrupt controllers came before them.
+pub fn finish_vm_devices(_vm: &VmFd, _vcpu_count: u8) -> Result<(), ArchError> {
+    Ok(())
+}
+
+/// What KVM offers every vCPU of a booting VM: its supported CPUID, read once per boot and
+/// shaped per vCPU by [`configure_vcpu`]. (A restored vCPU takes its CPUID from the snapshot.)
+pub struct VcpuFeatures {
+    supported_cpuid: CpuId,
+}
+
+pub fn vcpu_features(kvm_fd: &Kvm, _vm: &VmFd) -> Result<VcpuFeatures, ArchVcpuError> {
+    let supported_cpuid = kvm_fd
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ArchVcpuError::SupportedCpuid)?;
+    Ok(VcpuFeatures { supported_cpuid })
+}
+
+/// The vCPU's instruction pointer (RIP), for a report of where the guest failed.
+pub fn instruction_pointer(vcpu: &VcpuFd) -> Option<u64> {
+    vcpu.get_regs().ok().map(|regs| regs.rip)
 }
 
 /// Loads an ELF vmlinux or a bzImage at 1 MiB or above.
@@ -251,15 +289,26 @@ fn ram_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     ranges
 }
 
-/// Writes the command line, the MP table and the boot parameters of `boot.protocol`.
+/// Announces `devices` on the command line (`virtio_mmio.device=4K@0x…:IRQ`, there being no
+/// firmware to describe them), then writes it, the MP table and the boot parameters of
+/// `boot.protocol`.
 pub fn configure_system(
     mem: &GuestMemoryMmap,
     boot: &BootEntry,
-    cmdline: &Cmdline,
+    mut cmdline: Cmdline,
+    devices: &[MmioDeviceInfo],
     initrd: Option<InitrdPlacement>,
     vcpus: u8,
 ) -> Result<(), ArchError> {
-    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(ArchError::Cmdline)?;
+    for device in devices {
+        cmdline
+            .add_virtio_mmio_device(device.len, GuestAddress(device.addr), device.irq, None)
+            .map_err(|source| ArchError::AnnounceDevice {
+                addr: device.addr,
+                source,
+            })?;
+    }
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(ArchError::Cmdline)?;
     let cmdline_len = cmdline
         .as_cstring()
         .map(|c| c.as_bytes().len())
@@ -349,11 +398,11 @@ pub fn configure_vcpu(
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     boot: &BootEntry,
-    supported_cpuid: &CpuId,
+    features: &VcpuFeatures,
     index: u8,
     count: u8,
 ) -> Result<(), ArchVcpuError> {
-    let cpuid = cpuid::cpuid_for_vcpu(supported_cpuid, index, count)?;
+    let cpuid = cpuid::cpuid_for_vcpu(&features.supported_cpuid, index, count)?;
     vcpu.set_cpuid2(&cpuid).map_err(ArchVcpuError::SetCpuid)?;
     msr::setup_msrs(vcpu)?;
     regs::setup_regs(vcpu, boot.entry.raw_value(), boot.protocol)?;

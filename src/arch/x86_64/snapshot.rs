@@ -187,7 +187,7 @@ impl VcpuState {
 }
 
 /// The VM-wide in-kernel devices and the clock.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VmState {
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,

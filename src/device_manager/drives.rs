@@ -1,148 +1,20 @@
-//! Places virtio-mmio devices: an MMIO slot and an IRQ line each, queue notifications as KVM
-//! ioeventfds, interrupts as irqfds, the transport on the MMIO bus, the device's data path on the
-//! event loop, and the slot announced on the kernel command line.
+//! Drives' host files: opened as the drive uses them, one sharing rule wherever a drive gets
+//! its file (boot, restore, `PATCH /drives`), and an advisory lock that keeps two monitors
+//! from one image.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::i8042::I8042;
-use devices::legacy::serial::SerialDevice;
 use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use devices::virtio::net::{Net, NetError};
-use devices::virtio::vsock::{Vsock, VsockError};
-use devices::virtio::VirtioDevice;
-use devices::Bus;
-use event_manager::MutEventSubscriber;
 use log::warn;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
-use crate::config::{DriveConfig, NetworkInterfaceConfig, VsockConfig};
-use crate::host_file::{self, FileKind, HostFileError};
-use crate::metrics::METRICS;
-use crate::vstate::vm::{Vm, VmError};
-
-/// A subscriber of the main thread's event loop.
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("cannot read drive {id}'s file {path}: {source}")]
-    OpenDrive {
-        id: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    DiskFile(#[from] HostFileError),
-    #[error("drive {id}'s file {path} is locked by another process ({why})")]
-    DiskLocked {
-        id: String,
-        path: PathBuf,
-        why: &'static str,
-    },
-    #[error("drives {other} and {id} both use {path}, and one of them writes it")]
-    SharedDisk {
-        id: String,
-        other: String,
-        path: PathBuf,
-    },
-    #[error("cannot create drive {id}: {source}")]
-    Block {
-        id: String,
-        source: devices::virtio::block::BlockError,
-    },
-    #[error("no drive has the id {id}")]
-    UnknownDrive { id: String },
-    #[error("cannot switch drive {id} to {path}: {source}")]
-    UpdateDrive {
-        id: String,
-        path: PathBuf,
-        source: devices::virtio::block::BlockError,
-    },
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
-    #[error("network interface {id}: {source}")]
-    Net { id: String, source: NetError },
-    #[error("vsock: {0}")]
-    Vsock(#[from] VsockError),
-    #[error("no IRQ line is left for another virtio device (at most {max})")]
-    OutOfIrqs { max: u32 },
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error("cannot place a virtio device: {0}")]
-    Bus(#[from] devices::BusError),
-}
-
-/// Hands out MMIO slots and IRQs, in order.
-#[derive(Default)]
-pub struct MmioDevices {
-    next_slot: u32,
-    /// `virtio_mmio.device=` arguments, one per device.
-    pub cmdline_args: Vec<String>,
-    pub subscribers: Vec<Subscriber>,
-    /// Handles to the block devices, for changes after boot.
-    pub drives: Drives,
-    /// Every transport with its slot's base address, in slot order (snapshots).
-    pub transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
-}
-
-impl MmioDevices {
-    /// Attaches a block device and keeps a handle to it in `drives`.
-    pub fn attach_block(
-        &mut self,
-        vm: &Vm,
-        mmio_bus: &mut Bus,
-        block: Block,
-    ) -> Result<(), DeviceError> {
-        let block = self.attach(vm, mmio_bus, block)?;
-        self.drives.0.push(block);
-        Ok(())
-    }
-
-    /// Attaches `device`, whose data path `subscriber` serves on the event loop; returns the
-    /// handle the transport and the event loop share.
-    pub fn attach<D: VirtioDevice + MutEventSubscriber + 'static>(
-        &mut self,
-        vm: &Vm,
-        mmio_bus: &mut Bus,
-        device: D,
-    ) -> Result<Arc<Mutex<D>>, DeviceError> {
-        let irq = IRQ_BASE + self.next_slot;
-        if irq > IRQ_MAX {
-            return Err(DeviceError::OutOfIrqs {
-                max: IRQ_MAX - IRQ_BASE + 1,
-            });
-        }
-        let addr = VIRTIO_MMIO_START + u64::from(self.next_slot) * MMIO_SLOT_SIZE;
-        vm.register_irqfd(device.interrupt().irq_evt(), irq)?;
-        for (index, evt) in device.queue_events().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, addr + REG_QUEUE_NOTIFY, index as u32)?;
-        }
-        let device = Arc::new(Mutex::new(device));
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            vm.memory().clone(),
-            device.clone(),
-        )));
-        mmio_bus.insert(transport.clone(), addr, MMIO_SLOT_SIZE)?;
-        self.transports.push((addr, transport));
-        self.subscribers.push(device.clone());
-        self.cmdline_args
-            .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
-        self.next_slot += 1;
-        Ok(device)
-    }
-}
-
-fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use super::DeviceError;
+use crate::config::DriveConfig;
+use crate::host_file::{self, FileKind};
+use crate::sync::lock;
 
 /// The running VM's block devices. The transport (on vCPU threads) and the event loop share
 /// each one behind its lock; these handles let the Vmm reach them too.
@@ -150,6 +22,10 @@ fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Drives(Vec<Arc<Mutex<Block>>>);
 
 impl Drives {
+    pub(super) fn push(&mut self, block: Arc<Mutex<Block>>) {
+        self.0.push(block);
+    }
+
     /// The block device of drive `drive_id`.
     pub fn find(&self, drive_id: &str) -> Option<&Arc<Mutex<Block>>> {
         self.0.iter().find(|block| lock(block).id() == drive_id)
@@ -217,15 +93,6 @@ impl Drives {
                 source,
             })
     }
-}
-
-/// Handles to the devices the Vmm acts on after boot (the API's post-boot actions).
-pub struct DeviceHandles {
-    pub i8042: Arc<Mutex<I8042>>,
-    pub drives: Drives,
-    /// COM1 and the virtio-mmio transports, for snapshots.
-    pub serial: Arc<Mutex<SerialDevice>>,
-    pub transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
 }
 
 /// Opens a drive's file as the drive uses it, refusing anything but a file or block device.
@@ -335,45 +202,6 @@ pub fn open_drives(drives: &[DriveConfig]) -> Result<Vec<File>, DeviceError> {
         )?;
     }
     Ok(files)
-}
-
-/// A virtio-blk device for `drive`, backed by its opened `file`.
-pub fn block_device(drive: &DriveConfig, file: File) -> Result<Block, DeviceError> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    let block =
-        Block::new(drive.drive_id.clone(), file, drive.is_read_only, irq).map_err(|source| {
-            DeviceError::Block {
-                id: drive.drive_id.clone(),
-                source,
-            }
-        })?;
-    METRICS.register_block(&drive.drive_id, block.metrics().clone());
-    Ok(block)
-}
-
-/// A virtio-net device for `iface`, attached to its TAP (which must exist and be free).
-pub fn net_device(iface: &NetworkInterfaceConfig) -> Result<Net, DeviceError> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    let net = Net::new(
-        iface.iface_id.clone(),
-        &iface.host_dev_name,
-        iface.guest_mac.map(|mac| mac.0),
-        irq,
-    )
-    .map_err(|source| DeviceError::Net {
-        id: iface.iface_id.clone(),
-        source,
-    })?;
-    METRICS.register_net(&iface.iface_id, net.metrics().clone());
-    Ok(net)
-}
-
-/// The virtio-vsock device of `config`, listening on its `uds_path` (created here).
-pub fn vsock_device(config: &VsockConfig) -> Result<Vsock, DeviceError> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    let vsock = Vsock::new(config.guest_cid, &config.uds_path, irq)?;
-    METRICS.register_vsock(vsock.metrics().clone());
-    Ok(vsock)
 }
 
 #[cfg(test)]

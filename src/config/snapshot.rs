@@ -1,0 +1,196 @@
+//! The bodies of `PUT /snapshot/create` and `PUT /snapshot/load` (Firecracker's shapes), and
+//! what a load's overrides change in the snapshot's configuration.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::VmConfigFile;
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSnapshotParams {
+    pub snapshot_path: PathBuf,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Firecracker's older form of `mem_backend` with a file.
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Other TAP devices for the snapshot's network interfaces (clones need their own).
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// mote's extension: another socket path for the snapshot's vsock device (clones need
+    /// their own; the saved one belongs to the VM the snapshot was taken from).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
+/// A `PUT /snapshot/load` body that cannot be acted on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LoadParamsError {
+    #[error("the Uffd memory backend is not supported by mote: use backend_type File")]
+    UffdUnsupported,
+    #[error("no memory file given: set mem_backend (or mem_file_path)")]
+    NoMemFile,
+    #[error("give the memory file once: mem_backend or mem_file_path, not both")]
+    TwoMemFiles,
+    #[error("network_overrides names {0:?}, which the snapshot has no network interface for")]
+    UnknownIface(String),
+    #[error("vsock_override given, but the snapshot has no vsock device")]
+    NoVsock,
+}
+
+impl LoadSnapshotParams {
+    /// The memory file, from whichever form the request used.
+    pub fn mem_file(&self) -> Result<&Path, LoadParamsError> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => Err(LoadParamsError::TwoMemFiles),
+            (Some(backend), None) => match backend.backend_type {
+                MemBackendType::File => Ok(&backend.backend_path),
+                MemBackendType::Uffd => Err(LoadParamsError::UffdUnsupported),
+            },
+            (None, Some(path)) => Ok(path),
+            (None, None) => Err(LoadParamsError::NoMemFile),
+        }
+    }
+
+    /// Puts the overrides into the snapshot's configuration: the TAPs and the vsock socket a
+    /// clone uses instead of its original's.
+    pub fn apply_overrides(&self, config: &mut VmConfigFile) -> Result<(), LoadParamsError> {
+        for change in &self.network_overrides {
+            let iface = config
+                .network_interfaces
+                .iter_mut()
+                .find(|iface| iface.iface_id == change.iface_id)
+                .ok_or_else(|| LoadParamsError::UnknownIface(change.iface_id.clone()))?;
+            iface.host_dev_name = change.host_dev_name.clone();
+        }
+        if let Some(vsock) = &self.vsock_override {
+            let saved = config.vsock.as_mut().ok_or(LoadParamsError::NoVsock)?;
+            saved.uds_path = vsock.uds_path.clone();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(body: &str) -> LoadSnapshotParams {
+        serde_json::from_str(body).unwrap()
+    }
+
+    #[test]
+    fn overrides_change_only_what_they_name() {
+        let mut config: VmConfigFile = serde_json::from_str(
+            r#"{"network-interfaces": [
+                   {"iface_id": "eth0", "host_dev_name": "tap0"},
+                   {"iface_id": "eth1", "host_dev_name": "tap1"}],
+                "vsock": {"guest_cid": 3, "uds_path": "/old.sock"}}"#,
+        )
+        .unwrap();
+        let params = load(
+            r#"{"snapshot_path": "s", "mem_file_path": "m",
+                "network_overrides": [{"iface_id": "eth1", "host_dev_name": "tap9"}],
+                "vsock_override": {"uds_path": "/new.sock"}}"#,
+        );
+        params.apply_overrides(&mut config).unwrap();
+        let taps: Vec<_> = config
+            .network_interfaces
+            .iter()
+            .map(|iface| iface.host_dev_name.as_str())
+            .collect();
+        assert_eq!(taps, ["tap0", "tap9"]);
+        assert_eq!(config.vsock.unwrap().uds_path, Path::new("/new.sock"));
+    }
+
+    #[test]
+    fn overrides_for_devices_the_snapshot_lacks_are_refused() {
+        let mut config: VmConfigFile = serde_json::from_str("{}").unwrap();
+        let iface = load(
+            r#"{"snapshot_path": "s", "mem_file_path": "m",
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}]}"#,
+        );
+        assert_eq!(
+            iface.apply_overrides(&mut config),
+            Err(LoadParamsError::UnknownIface("eth0".into()))
+        );
+        let vsock = load(
+            r#"{"snapshot_path": "s", "mem_file_path": "m",
+                "vsock_override": {"uds_path": "/new.sock"}}"#,
+        );
+        assert_eq!(
+            vsock.apply_overrides(&mut config),
+            Err(LoadParamsError::NoVsock)
+        );
+    }
+
+    #[test]
+    fn the_memory_file_is_named_once() {
+        let both = load(
+            r#"{"snapshot_path": "s", "mem_file_path": "m",
+                "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
+        );
+        assert_eq!(both.mem_file(), Err(LoadParamsError::TwoMemFiles));
+        let none = load(r#"{"snapshot_path": "s"}"#);
+        assert_eq!(none.mem_file(), Err(LoadParamsError::NoMemFile));
+        let uffd = load(
+            r#"{"snapshot_path": "s",
+                "mem_backend": {"backend_type": "Uffd", "backend_path": "/u.sock"}}"#,
+        );
+        assert_eq!(uffd.mem_file(), Err(LoadParamsError::UffdUnsupported));
+        let old = load(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#);
+        assert_eq!(old.mem_file(), Ok(Path::new("m")));
+    }
+}
