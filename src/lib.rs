@@ -1,25 +1,27 @@
 //! mote: a KVM microVM monitor. See `docs/architecture.md` for how the pieces fit.
 
+// Public only what `main.rs` and the tests reach; the rest is private to the crate, so that
+// rustc reports what nothing uses.
 pub mod api;
-pub mod arch;
-pub mod builder;
+mod arch;
+mod builder;
 pub mod cli;
 pub mod config;
-pub mod controller;
-pub mod device_manager;
-pub mod host_file;
+mod controller;
+mod device_manager;
+mod host_file;
 pub mod logger;
-pub mod metrics;
-pub mod rpc;
+mod metrics;
+mod rpc;
 pub mod seccomp;
 pub mod signals;
-pub mod snapshot;
-pub mod sync;
+mod snapshot;
+mod sync;
 pub mod teardown;
 pub mod terminal;
-pub mod thread;
-pub mod vmm;
-pub mod vstate;
+mod thread;
+mod vmm;
+mod vstate;
 
 use std::io;
 use std::os::fd::AsRawFd;

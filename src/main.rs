@@ -40,11 +40,13 @@ fn main() -> ExitCode {
         }
     }
 
-    // The release build aborts on panic, so no destructor would put the terminal back.
+    // One panic model for every build (src/thread.rs): a panic on any thread puts the terminal
+    // back (no destructor runs when the process aborts), prints its message and ends mote.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         mote::terminal::restore();
         default_hook(info);
+        std::process::abort();
     }));
 
     let result = match &cli.command {

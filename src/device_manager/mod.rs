@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use self::drives::{open_drives, Drives};
 use self::mmio::MmioSlots;
-pub use self::persist::{DevicesState, RestoreDevicesError, SaveDevicesError, VirtioSlotState};
+pub use self::persist::{DevicesState, RestoreDevicesError, SaveDevicesError};
 use crate::arch::{
     LegacyDeviceError, LegacyDevices, MmioDeviceInfo, VcpuIo, BOOT_TIMER_START, MMIO_SLOT_SIZE,
 };

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{VcpuState, VmState};
 use crate::config::VmConfigFile;
-pub use crate::device_manager::{DevicesState, VirtioSlotState};
+pub use crate::device_manager::DevicesState;
 use crate::host_file::{self, HostFileError};
 pub use memory::MemoryRegionState;
 pub use replace::NewFile;

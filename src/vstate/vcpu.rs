@@ -78,7 +78,7 @@ pub enum VcpuExitReason {
     Unhandled { index: u8, what: String },
     #[error("KVM_RUN failed on vCPU {index}: {errno}")]
     RunFailed { index: u8, errno: i32 },
-    #[error("vCPU {index}'s thread failed: {what}")]
+    #[error("vCPU {index}'s thread cannot install its seccomp filter: {what}")]
     ThreadFailed { index: u8, what: String },
 }
 
@@ -142,18 +142,18 @@ impl Vcpu {
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
         let index = self.index;
-        let panic_tx = response_tx.clone();
-        let panic_exit_evt = self.exit_evt.try_clone()?;
+        let failed_tx = response_tx.clone();
+        let failed_exit_evt = self.exit_evt.try_clone()?;
         let thread = thread::spawn_named(
             format!("mote_vcpu{index}"),
             crate::seccomp::thread_filter(crate::seccomp::Filter::Vcpu),
             move || self.run(event_rx, response_tx),
             move |what| {
-                let _ = panic_tx.send(VcpuResponse::Exited(VcpuExitReason::ThreadFailed {
+                let _ = failed_tx.send(VcpuResponse::Exited(VcpuExitReason::ThreadFailed {
                     index,
                     what,
                 }));
-                let _ = panic_exit_evt.write(1);
+                let _ = failed_exit_evt.write(1);
             },
         )?;
         Ok(VcpuHandle {
@@ -302,10 +302,6 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    pub fn index(&self) -> u8 {
-        self.index
-    }
-
     /// Sends `event` and kicks the thread out of KVM_RUN.
     pub fn send(&self, event: VcpuEvent) {
         // A thread that is gone has nothing left to tell; its exit was already reported.
