@@ -40,6 +40,35 @@ pub enum MetricsError {
     },
 }
 
+/// Declares a group of counters that reports itself as one JSON object, each counter under its
+/// field's name, so that a counter's name is written once. Fields after a `;` are the struct's
+/// own and not reported.
+macro_rules! counters {
+    (
+        $(#[$doc:meta])*
+        pub struct $name:ident {
+            $($(#[$counter_doc:meta])* $counter:ident,)*
+            $(; $($(#[$field_doc:meta])* $field:ident: $field_type:ty,)*)?
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($(#[$counter_doc])* pub $counter: Counter,)*
+            $($($(#[$field_doc])* $field: $field_type,)*)?
+        }
+
+        impl $name {
+            /// Each counter's count since the previous report, by name.
+            fn take_deltas(&self) -> Value {
+                let mut deltas = Map::new();
+                $(deltas.insert(stringify!($counter).into(), self.$counter.take_delta().into());)*
+                Value::Object(deltas)
+            }
+        }
+    };
+}
+
 /// A request kind's count and its failures.
 #[derive(Debug, Default)]
 pub struct RequestCounters {
@@ -47,12 +76,15 @@ pub struct RequestCounters {
     pub fails: Counter,
 }
 
-/// Firecracker's `api_server`, `get_api_requests`, `put_api_requests`, `patch_api_requests`.
-#[derive(Debug, Default)]
-pub struct ApiMetrics {
-    pub sync_response_fails: Counter,
-    /// Each endpoint's counters, in the order of [`ENDPOINTS`].
-    requests: [RequestCounters; ENDPOINTS.len()],
+counters! {
+    /// Firecracker's `api_server`, and its `get_api_requests`, `put_api_requests` and
+    /// `patch_api_requests`.
+    pub struct ApiMetrics {
+        sync_response_fails,
+        ;
+        /// Each endpoint's counters, in the order of [`ENDPOINTS`].
+        requests: [RequestCounters; ENDPOINTS.len()],
+    }
 }
 
 impl ApiMetrics {
@@ -82,14 +114,15 @@ impl ApiMetrics {
     }
 }
 
-/// Firecracker's `vcpu`: exits the vCPU threads handled.
-#[derive(Debug, Default)]
-pub struct VcpuMetrics {
-    pub exit_io_in: Counter,
-    pub exit_io_out: Counter,
-    pub exit_mmio_read: Counter,
-    pub exit_mmio_write: Counter,
-    pub failures: Counter,
+counters! {
+    /// Firecracker's `vcpu`: exits the vCPU threads handled.
+    pub struct VcpuMetrics {
+        exit_io_in,
+        exit_io_out,
+        exit_mmio_read,
+        exit_mmio_write,
+        failures,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -182,23 +215,12 @@ impl Metrics {
             .unwrap_or(0);
         let mut top = Map::new();
         top.insert("utc_timestamp_ms".into(), now_ms.into());
-        top.insert(
-            "api_server".into(),
-            json!({ "sync_response_fails": self.api.sync_response_fails.take_delta() }),
-        );
+        top.insert("api_server".into(), self.api.take_deltas());
         top.insert("get_api_requests".into(), self.api.report("GET"));
         top.insert("put_api_requests".into(), self.api.report("PUT"));
         top.insert("patch_api_requests".into(), self.api.report("PATCH"));
-        top.insert(
-            "vcpu".into(),
-            json!({
-                "exit_io_in": self.vcpu.exit_io_in.take_delta(),
-                "exit_io_out": self.vcpu.exit_io_out.take_delta(),
-                "exit_mmio_read": self.vcpu.exit_mmio_read.take_delta(),
-                "exit_mmio_write": self.vcpu.exit_mmio_write.take_delta(),
-                "failures": self.vcpu.failures.take_delta(),
-            }),
-        );
+        top.insert("vcpu".into(), self.vcpu.take_deltas());
+        // These fields are named for what they count in mote; Firecracker's names are these.
         top.insert(
             "vmm".into(),
             json!({
