@@ -14,6 +14,8 @@ use log::warn;
 use serde_json::{json, Map, Value};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::paths::{self, ENDPOINTS};
+
 /// The process's metrics: counters are bumped where things happen, from any thread.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 
@@ -38,6 +40,35 @@ pub enum MetricsError {
     },
 }
 
+/// Declares a group of counters that reports itself as one JSON object, each counter under its
+/// field's name, so that a counter's name is written once. Fields after a `;` are the struct's
+/// own and not reported.
+macro_rules! counters {
+    (
+        $(#[$doc:meta])*
+        pub struct $name:ident {
+            $($(#[$counter_doc:meta])* $counter:ident,)*
+            $(; $($(#[$field_doc:meta])* $field:ident: $field_type:ty,)*)?
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($(#[$counter_doc])* pub $counter: Counter,)*
+            $($($(#[$field_doc])* $field: $field_type,)*)?
+        }
+
+        impl $name {
+            /// Each counter's count since the previous report, by name.
+            fn take_deltas(&self) -> Value {
+                let mut deltas = Map::new();
+                $(deltas.insert(stringify!($counter).into(), self.$counter.take_delta().into());)*
+                Value::Object(deltas)
+            }
+        }
+    };
+}
+
 /// A request kind's count and its failures.
 #[derive(Debug, Default)]
 pub struct RequestCounters {
@@ -45,71 +76,53 @@ pub struct RequestCounters {
     pub fails: Counter,
 }
 
-/// Firecracker's `api_server`, `get_api_requests`, `put_api_requests`, `patch_api_requests`.
-#[derive(Debug, Default)]
-pub struct ApiMetrics {
-    pub sync_response_fails: Counter,
-    get: [RequestCounters; GET_NAMES.len()],
-    put: [RequestCounters; PUT_NAMES.len()],
-    patch: [RequestCounters; PATCH_NAMES.len()],
+counters! {
+    /// Firecracker's `api_server`, and its `get_api_requests`, `put_api_requests` and
+    /// `patch_api_requests`.
+    pub struct ApiMetrics {
+        sync_response_fails,
+        ;
+        /// Each endpoint's counters, in the order of [`ENDPOINTS`].
+        requests: [RequestCounters; ENDPOINTS.len()],
+    }
 }
-
-const GET_NAMES: [(&str, &str); 4] = [
-    ("", "instance_info"),
-    ("version", "vmm_version"),
-    ("machine-config", "machine_cfg"),
-    ("vm", "vm_config"),
-];
-const PUT_NAMES: [(&str, &str); 8] = [
-    ("actions", "actions"),
-    ("boot-source", "boot_source"),
-    ("drives", "drive"),
-    ("logger", "logger"),
-    ("machine-config", "machine_cfg"),
-    ("metrics", "metrics"),
-    ("network-interfaces", "network"),
-    ("vsock", "vsock"),
-];
-const PATCH_NAMES: [(&str, &str); 3] = [
-    ("drives", "drive"),
-    ("machine-config", "machine_cfg"),
-    ("vm", "vm"),
-];
 
 impl ApiMetrics {
     /// The counters of the request kind `METHOD /path…`, if it is one that is counted.
     pub fn for_request(&self, method: &str, path: &str) -> Option<&RequestCounters> {
         let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        let (names, counters): (&[(&str, &str)], &[RequestCounters]) = match method {
-            "GET" => (&GET_NAMES, &self.get),
-            "PUT" => (&PUT_NAMES, &self.put),
-            "PATCH" => (&PATCH_NAMES, &self.patch),
-            _ => return None,
-        };
-        let index = names.iter().position(|(segment, _)| *segment == first)?;
-        counters.get(index)
+        let (index, endpoint) = paths::find(method, first)?;
+        endpoint.metrics?;
+        self.requests.get(index)
     }
 
-    fn report(names: &[(&str, &str)], counters: &[RequestCounters], fails: bool) -> Value {
+    /// The counters of the requests made with `method`, under their Firecracker names.
+    fn report(&self, method: &str) -> Value {
         let mut map = Map::new();
-        for ((_, name), counter) in names.iter().zip(counters) {
-            map.insert(format!("{name}_count"), counter.count.take_delta().into());
-            if fails {
-                map.insert(format!("{name}_fails"), counter.fails.take_delta().into());
+        let endpoints = ENDPOINTS.iter().zip(&self.requests);
+        for (endpoint, counters) in endpoints.filter(|(endpoint, _)| endpoint.method == method) {
+            let Some(name) = endpoint.metrics else {
+                continue;
+            };
+            map.insert(format!("{name}_count"), counters.count.take_delta().into());
+            // Firecracker reports no failures of GET requests.
+            if method != "GET" {
+                map.insert(format!("{name}_fails"), counters.fails.take_delta().into());
             }
         }
         Value::Object(map)
     }
 }
 
-/// Firecracker's `vcpu`: exits the vCPU threads handled.
-#[derive(Debug, Default)]
-pub struct VcpuMetrics {
-    pub exit_io_in: Counter,
-    pub exit_io_out: Counter,
-    pub exit_mmio_read: Counter,
-    pub exit_mmio_write: Counter,
-    pub failures: Counter,
+counters! {
+    /// Firecracker's `vcpu`: exits the vCPU threads handled.
+    pub struct VcpuMetrics {
+        exit_io_in,
+        exit_io_out,
+        exit_mmio_read,
+        exit_mmio_write,
+        failures,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -202,32 +215,12 @@ impl Metrics {
             .unwrap_or(0);
         let mut top = Map::new();
         top.insert("utc_timestamp_ms".into(), now_ms.into());
-        top.insert(
-            "api_server".into(),
-            json!({ "sync_response_fails": self.api.sync_response_fails.take_delta() }),
-        );
-        top.insert(
-            "get_api_requests".into(),
-            ApiMetrics::report(&GET_NAMES, &self.api.get, false),
-        );
-        top.insert(
-            "put_api_requests".into(),
-            ApiMetrics::report(&PUT_NAMES, &self.api.put, true),
-        );
-        top.insert(
-            "patch_api_requests".into(),
-            ApiMetrics::report(&PATCH_NAMES, &self.api.patch, true),
-        );
-        top.insert(
-            "vcpu".into(),
-            json!({
-                "exit_io_in": self.vcpu.exit_io_in.take_delta(),
-                "exit_io_out": self.vcpu.exit_io_out.take_delta(),
-                "exit_mmio_read": self.vcpu.exit_mmio_read.take_delta(),
-                "exit_mmio_write": self.vcpu.exit_mmio_write.take_delta(),
-                "failures": self.vcpu.failures.take_delta(),
-            }),
-        );
+        top.insert("api_server".into(), self.api.take_deltas());
+        top.insert("get_api_requests".into(), self.api.report("GET"));
+        top.insert("put_api_requests".into(), self.api.report("PUT"));
+        top.insert("patch_api_requests".into(), self.api.report("PATCH"));
+        top.insert("vcpu".into(), self.vcpu.take_deltas());
+        // These fields are named for what they count in mote; Firecracker's names are these.
         top.insert(
             "vmm".into(),
             json!({
@@ -350,6 +343,30 @@ mod tests {
         assert_eq!(again["put_api_requests"]["drive_count"], 0);
         assert_eq!(again["block"]["read_bytes"], 0);
         assert!(metrics.api.for_request("DELETE", "/").is_none());
+    }
+
+    #[test]
+    fn each_counted_endpoint_is_reported_under_its_own_name() {
+        for endpoint in &ENDPOINTS {
+            let metrics = Metrics::default();
+            let path = format!("/{}", endpoint.segment);
+            let counters = metrics.api.for_request(endpoint.method, &path);
+            let Some(name) = endpoint.metrics else {
+                assert!(counters.is_none(), "{endpoint:?}");
+                continue;
+            };
+            counters.unwrap().count.inc();
+            let report = metrics.report();
+            let section = format!("{}_api_requests", endpoint.method.to_lowercase());
+            assert_eq!(report[&section][format!("{name}_count")], 1, "{report}");
+            let all: u64 = ["get", "put", "patch"]
+                .iter()
+                .flat_map(|method| report[format!("{method}_api_requests")].as_object())
+                .flat_map(|section| section.values())
+                .map(|count| count.as_u64().unwrap())
+                .sum();
+            assert_eq!(all, 1, "{report}");
+        }
     }
 
     #[test]

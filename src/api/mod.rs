@@ -3,6 +3,7 @@
 //! reply channel, wakes it through an EventFd, and renders the typed answer as HTTP.
 
 pub mod http;
+pub mod paths;
 pub mod routes;
 
 use std::path::Path;
