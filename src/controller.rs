@@ -271,11 +271,11 @@ impl RuntimeController {
         match action {
             VmmAction::Pause => {
                 vmm.pause()?;
-                METRICS.vmm_pauses.inc();
+                METRICS.vmm.pause_count.inc();
             }
             VmmAction::Resume => {
                 vmm.resume()?;
-                METRICS.vmm_resumes.inc();
+                METRICS.vmm.resume_count.inc();
             }
             VmmAction::SendCtrlAltDel => vmm.device_manager().send_ctrl_alt_del()?,
             VmmAction::PatchDrive(update) => {

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use devices::metrics::{BlockMetrics, Counter, NetMetrics, VsockMetrics};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::warn;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::paths::{self, ENDPOINTS};
@@ -125,16 +125,35 @@ counters! {
     }
 }
 
+counters! {
+    /// Firecracker's `vmm`: pauses and resumes.
+    pub struct VmmMetrics {
+        pause_count,
+        resume_count,
+    }
+}
+
+counters! {
+    /// Firecracker's `i8042`.
+    pub struct I8042Metrics {
+        ctrl_alt_del_count,
+    }
+}
+
+counters! {
+    /// Firecracker's `metrics`: lines that could not be written (a full pipe, for example).
+    pub struct MetricsMetrics {
+        write_fails,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub api: ApiMetrics,
     pub vcpu: VcpuMetrics,
-    /// Pauses and resumes.
-    pub vmm_pauses: Counter,
-    pub vmm_resumes: Counter,
-    pub i8042_ctrl_alt_del: Counter,
-    /// Metrics lines that could not be written (a full pipe, for example).
-    pub metrics_write_fails: Counter,
+    pub vmm: VmmMetrics,
+    pub i8042: I8042Metrics,
+    pub metrics: MetricsMetrics,
     /// Each drive's counters, by drive id, in the guest's order.
     blocks: Mutex<Vec<(String, Arc<BlockMetrics>)>>,
     /// Each network interface's counters, by interface id, in the guest's order.
@@ -220,22 +239,9 @@ impl Metrics {
         top.insert("put_api_requests".into(), self.api.report("PUT"));
         top.insert("patch_api_requests".into(), self.api.report("PATCH"));
         top.insert("vcpu".into(), self.vcpu.take_deltas());
-        // These fields are named for what they count in mote; Firecracker's names are these.
-        top.insert(
-            "vmm".into(),
-            json!({
-                "pause_count": self.vmm_pauses.take_delta(),
-                "resume_count": self.vmm_resumes.take_delta(),
-            }),
-        );
-        top.insert(
-            "i8042".into(),
-            json!({ "ctrl_alt_del_count": self.i8042_ctrl_alt_del.take_delta() }),
-        );
-        top.insert(
-            "metrics".into(),
-            json!({ "write_fails": self.metrics_write_fails.take_delta() }),
-        );
+        top.insert("vmm".into(), self.vmm.take_deltas());
+        top.insert("i8042".into(), self.i8042.take_deltas());
+        top.insert("metrics".into(), self.metrics.take_deltas());
         let mut total = Map::new();
         if let Ok(blocks) = self.blocks.lock() {
             for (id, block) in blocks.iter() {
@@ -280,7 +286,7 @@ impl Metrics {
         line.push('\n');
         // One write: a line is whole or absent, never torn, in a pipe.
         sink.file.write_all(line.as_bytes()).map_err(|source| {
-            self.metrics_write_fails.inc();
+            self.metrics.write_fails.inc();
             MetricsError::Write {
                 path: sink.path.clone(),
                 source,

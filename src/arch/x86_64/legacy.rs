@@ -106,7 +106,7 @@ impl LegacyDevices {
     /// Types Ctrl-Alt-Del on the guest's keyboard (`SendCtrlAltDel`).
     pub fn send_ctrl_alt_del(&self) -> Result<(), LegacyDeviceError> {
         lock(&self.i8042).trigger_ctrl_alt_del()?;
-        METRICS.i8042_ctrl_alt_del.inc();
+        METRICS.i8042.ctrl_alt_del_count.inc();
         Ok(())
     }
 
