@@ -337,6 +337,7 @@ pub fn build_microvm_from_snapshot(
     }
 
     let vm = Vm::new(memory)?;
+    vm.restore_state_before_vcpus(&state.vm)?;
     let (mut devices, reset_evt) = device_manager(&vm, console, Some(state))?;
     attach_devices(&vm, &mut devices, resources, backends, start)?;
     devices.restore_state(&state.devices)?;
@@ -347,8 +348,7 @@ pub fn build_microvm_from_snapshot(
             .restore(fd)
             .map_err(|source| BuildError::RestoreVcpu { index, source })?;
     }
-    // After the vCPUs, as KVM needs on every arch (aarch64's GIC state names them).
-    vm.restore_state(&state.vm)?;
+    vm.restore_state_after_vcpus(&state.vm)?;
     let mut built = finish(vm, devices, vcpu_fds, reset_evt)?;
     built.vmm.mark_paused();
     Ok(built)

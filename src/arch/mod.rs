@@ -7,8 +7,9 @@
 //!   `BOOT_TIMER_START`, `VIRTIO_MMIO_START`, `MMIO_SLOT_SIZE`, `IRQ_BASE`..=`IRQ_MAX`.
 //! - **The VM**: `create_vm_devices(kvm, vm)` before any vCPU exists (x86_64: the irqchip,
 //!   PIT and KVM's real-mode pages), `finish_vm_devices(vm, vcpus)` once all vCPUs exist
-//!   (aarch64: the GIC, which must come after them), `VmState` (save/restore of those devices
-//!   and the clock, restored after the vCPUs' own state).
+//!   (aarch64: the GIC, which must come after them), `VmState` (save of those devices and
+//!   the clock; restored in two parts, `restore_before_vcpus` (x86_64: all of it, the
+//!   kvm-clock before the vCPUs' clock MSRs) and `restore_after_vcpus` (aarch64: the GIC)).
 //! - **Booting**: `load_kernel`, `initrd_placement`, `configure_system` (boot parameters, and
 //!   the virtio-mmio devices announced as the arch's guests expect: kernel command line on
 //!   x86_64, device tree on aarch64), `vcpu_features` (what KVM offers every vCPU, read once

@@ -99,9 +99,15 @@ impl Vm {
         Ok(arch::VmState::save(&self.fd)?)
     }
 
-    /// Puts back what [`Vm::save_state`] read, once the vCPUs exist and before any runs.
-    pub fn restore_state(&self, state: &arch::VmState) -> Result<(), VmError> {
-        Ok(state.restore(&self.fd)?)
+    /// Puts back the part of what [`Vm::save_state`] read that must come before the vCPUs
+    /// are created (x86_64: all of it, the kvm-clock before the vCPUs' clock MSRs).
+    pub fn restore_state_before_vcpus(&self, state: &arch::VmState) -> Result<(), VmError> {
+        Ok(state.restore_before_vcpus(&self.fd)?)
+    }
+
+    /// Puts back the part that needs the vCPUs restored first (aarch64: the GIC).
+    pub fn restore_state_after_vcpus(&self, state: &arch::VmState) -> Result<(), VmError> {
+        Ok(state.restore_after_vcpus(&self.fd)?)
     }
 
     /// Keeps the VM and its memory alive until the process ends, whatever is dropped before:

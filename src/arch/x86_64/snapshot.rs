@@ -220,10 +220,12 @@ impl VmState {
         })
     }
 
-    /// Writes the state into a VM whose irqchip and PIT exist and whose vCPUs have not run.
-    /// Setting the clock to the saved value keeps the guest's kvm-clock from going backwards
-    /// (or jumping by the time the snapshot spent on disk).
-    pub fn restore(&self, fd: &VmFd) -> Result<(), StateError> {
+    /// Writes the state into a VM whose irqchip and PIT exist, before its vCPUs are created
+    /// and their state restored: the kvm-clock must be set before the vCPUs' kvm-clock MSRs
+    /// are, or a restored guest's timers see its clock jump. Setting the clock to the saved
+    /// value keeps the guest's kvm-clock from going backwards (or jumping by the time the
+    /// snapshot spent on disk).
+    pub fn restore_before_vcpus(&self, fd: &VmFd) -> Result<(), StateError> {
         fd.set_pit2(&self.pit).map_err(kvm("set the PIT"))?;
         fd.set_clock(&self.clock)
             .map_err(kvm("set the KVM clock"))?;
@@ -233,6 +235,11 @@ impl VmState {
             .map_err(kvm("set the slave PIC"))?;
         fd.set_irqchip(&self.ioapic)
             .map_err(kvm("set the I/O APIC"))?;
+        Ok(())
+    }
+
+    /// Nothing of x86's VM state waits for the vCPUs (aarch64's GIC state does).
+    pub fn restore_after_vcpus(&self, _fd: &VmFd) -> Result<(), StateError> {
         Ok(())
     }
 }
