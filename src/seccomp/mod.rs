@@ -219,4 +219,6 @@ fn read_filter_file(path: &Path) -> Result<FilterMap, SeccompError> {
 }
 
 #[cfg(test)]
+mod rule_tests;
+#[cfg(test)]
 mod tests;
