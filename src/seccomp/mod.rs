@@ -218,5 +218,7 @@ fn read_filter_file(path: &Path) -> Result<FilterMap, SeccompError> {
     Ok(compiled.into_iter().collect())
 }
 
+#[cfg(all(test, target_arch = "x86_64"))]
+mod rule_tests;
 #[cfg(test)]
 mod tests;

@@ -171,6 +171,22 @@ fn build_filter_covers_what_runs_under_it() {
 #[cfg(target_arch = "x86_64")]
 type RuleSet = BTreeMap<String, std::collections::BTreeSet<String>>;
 
+/// The condition of musl's thread-starting `clone` rule, as [`rules`] writes it.
+#[cfg(target_arch = "x86_64")]
+fn musl_thread_clone_condition() -> String {
+    let flags = libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM
+        | libc::CLONE_SETTLS
+        | libc::CLONE_PARENT_SETTID
+        | libc::CLONE_CHILD_CLEARTID
+        | libc::CLONE_DETACHED;
+    serde_json::json!([{"index": 0, "type": "dword", "op": "eq", "val": flags}]).to_string()
+}
+
 /// The glibc filters in terms of musl's calls (resources/seccomp/README.md): what the musl
 /// filters must be, so that a rule added to one file and forgotten in the other shows here.
 #[cfg(target_arch = "x86_64")]
@@ -180,8 +196,17 @@ fn gnu_rules_for_musl(gnu: BTreeMap<String, Vec<String>>) -> RuleSet {
         let (names, conditions): (&[&str], Vec<String>) = match syscall.as_str() {
             // glibc registers these in every new thread; musl does not.
             "rseq" | "set_robust_list" => continue,
-            "clone3" => (&["clone"], conditions),
-            "openat" => (&["open"], conditions),
+            // glibc starts threads with clone3, whose flags are in a struct seccomp cannot
+            // read; musl starts them with clone, allowed with the thread flags only.
+            "clone3" => (&["clone"], vec![musl_thread_clone_condition()]),
+            // openat(dirfd, path, flags) becomes open(path, flags).
+            "openat" => (
+                &["open"],
+                conditions
+                    .iter()
+                    .map(|c| c.replace(r#""index":2"#, r#""index":1"#))
+                    .collect(),
+            ),
             // std's metadata calls: statx on glibc, stat (a path) or fstat (a file) on musl.
             "statx" => (&["stat", "fstat"], conditions),
             "newfstatat" => (&["stat", "lstat"], conditions),
