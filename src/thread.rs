@@ -26,8 +26,10 @@ where
     F: FnOnce() + Send + 'static,
     E: FnOnce(String) + Send + 'static,
 {
-    Builder::new().name(name).spawn(move || match filter.apply() {
-        Ok(()) => work(),
-        Err(err) => on_filter_error(err.to_string()),
-    })
+    Builder::new()
+        .name(name)
+        .spawn(move || match filter.apply() {
+            Ok(()) => work(),
+            Err(err) => on_filter_error(err.to_string()),
+        })
 }

@@ -275,16 +275,7 @@ fn clone_is_allowed_only_for_the_exit_reaper_and_new_threads() {
 #[cfg(target_env = "musl")]
 #[test]
 fn build_allows_clone_with_the_flags_of_a_new_thread() {
-    let thread = libc::CLONE_VM
-        | libc::CLONE_FS
-        | libc::CLONE_FILES
-        | libc::CLONE_SIGHAND
-        | libc::CLONE_THREAD
-        | libc::CLONE_SYSVSEM
-        | libc::CLONE_SETTLS
-        | libc::CLONE_PARENT_SETTID
-        | libc::CLONE_CHILD_CLEARTID
-        | libc::CLONE_DETACHED;
+    let thread = super::tests::MUSL_THREAD_CLONE_FLAGS;
     let clone_thread = || {
         let mut tid: libc::pid_t = 0;
         // SAFETY: the kernel checks the TLS base (above the user address space) before the

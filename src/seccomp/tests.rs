@@ -171,20 +171,24 @@ fn build_filter_covers_what_runs_under_it() {
 #[cfg(target_arch = "x86_64")]
 type RuleSet = BTreeMap<String, std::collections::BTreeSet<String>>;
 
+/// The flags musl's pthread_create passes to `clone` (glibc uses clone3, whose flags seccomp
+/// cannot read).
+pub(super) const MUSL_THREAD_CLONE_FLAGS: libc::c_int = libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID
+    | libc::CLONE_DETACHED;
+
 /// The condition of musl's thread-starting `clone` rule, as [`rules`] writes it.
 #[cfg(target_arch = "x86_64")]
 fn musl_thread_clone_condition() -> String {
-    let flags = libc::CLONE_VM
-        | libc::CLONE_FS
-        | libc::CLONE_FILES
-        | libc::CLONE_SIGHAND
-        | libc::CLONE_THREAD
-        | libc::CLONE_SYSVSEM
-        | libc::CLONE_SETTLS
-        | libc::CLONE_PARENT_SETTID
-        | libc::CLONE_CHILD_CLEARTID
-        | libc::CLONE_DETACHED;
-    serde_json::json!([{"index": 0, "type": "dword", "op": "eq", "val": flags}]).to_string()
+    serde_json::json!([{"index": 0, "type": "dword", "op": "eq", "val": MUSL_THREAD_CLONE_FLAGS}])
+        .to_string()
 }
 
 /// The glibc filters in terms of musl's calls (resources/seccomp/README.md): what the musl
