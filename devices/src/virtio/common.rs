@@ -35,14 +35,6 @@ pub struct Active {
     pub interrupt: Arc<Interrupt>,
 }
 
-impl Active {
-    /// The device put buffers in queue `index`'s used ring: interrupts the driver if it wants
-    /// that ([`needs_interrupt`]).
-    pub fn signal_used(&mut self, index: usize) {
-        signal_used(&self.interrupt, &mut self.queues[index], &self.mem);
-    }
-}
-
 /// The device put buffers in `queue`'s used ring: interrupts the driver if it wants that.
 pub fn signal_used(interrupt: &Interrupt, queue: &mut Queue, mem: &GuestMemoryMmap) {
     if needs_interrupt(queue, mem) {

@@ -138,10 +138,10 @@ fn a_restored_device_with_event_idx_interrupts_by_used_event() {
     set(&mem, AVAIL_RING, NO_INTERRUPT);
     let active = restored.active_mut().unwrap();
     active.queues[0].add_used(&mem, 0, 0).unwrap();
-    active.signal_used(0);
+    signal_used(&active.interrupt, &mut active.queues[0], &active.mem);
     assert_eq!(active.interrupt.status() & INTERRUPT_USED_RING, 0);
     active.queues[0].add_used(&mem, 0, 0).unwrap();
-    active.signal_used(0);
+    signal_used(&active.interrupt, &mut active.queues[0], &active.mem);
     assert_eq!(active.interrupt.status() & INTERRUPT_USED_RING, 1);
     assert_eq!(active.interrupt.irq_evt().read().unwrap(), 1);
 }

@@ -37,7 +37,7 @@ use self::frame::{check_tx_header, gather, scatter, RxRefusal, TxDrop};
 pub use self::mac::MacAddr;
 pub use self::tap::TapError;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use super::common::{needs_interrupt, Active, VirtioCommon};
+use super::common::{signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_NET};
 use crate::metrics::NetMetrics;
@@ -296,9 +296,8 @@ impl Net {
             }
             delivered = true;
         }
-        let notify = delivered && needs_interrupt(queue, mem);
-        if notify {
-            interrupt.signal_used_ring();
+        if delivered {
+            signal_used(interrupt, queue, mem);
         }
         if let Some(err) = broken {
             self.common.fail(&format!("receive ring: {err}"));
@@ -377,8 +376,8 @@ impl Net {
                 }
                 served = true;
             }
-            if served && needs_interrupt(queue, mem) {
-                interrupt.signal_used_ring();
+            if served {
+                signal_used(interrupt, queue, mem);
             }
             if started.elapsed() >= TX_SLICE {
                 // Busy for a whole slice: let the event loop serve the others, and come back.
