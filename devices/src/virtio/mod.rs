@@ -4,9 +4,12 @@
 //! MMIO registers; the transport ([`mmio::MmioTransport`]) knows the registers and the status
 //! state machine and nothing of blocks or packets. Queue notifications arrive on the device's
 //! queue [`EventFd`]s (KVM ioeventfds, so no vCPU exit), and the device signals the guest
-//! through an [`Interrupt`] (an irqfd underneath).
+//! through an [`Interrupt`] (an irqfd underneath). What the devices have alike (features,
+//! queue events, interrupt, configuration space, started queues, the rule for interrupting the
+//! driver) is in [`common`].
 
 pub mod block;
+pub mod common;
 pub mod mmio;
 pub mod net;
 pub mod state;
@@ -18,6 +21,8 @@ use log::warn;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+pub use self::common::VirtioCommon;
 
 /// Device types (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;
@@ -118,29 +123,51 @@ impl Interrupt {
     }
 }
 
-/// A virtio device as the transport sees it.
+/// A virtio device as the transport sees it. What every device has alike is answered from its
+/// [`VirtioCommon`]; a device implements activation, reset and its snapshot state, and
+/// overrides a provided method only where it differs.
 pub trait VirtioDevice: Send {
+    /// The part of the device that is the same for every kind.
+    fn common(&self) -> &VirtioCommon;
+    fn common_mut(&mut self) -> &mut VirtioCommon;
     /// The virtio device type (`TYPE_BLOCK`, …).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
     /// The most entries each queue may have; its length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
     /// The features the device offers.
-    fn avail_features(&self) -> u64;
-    /// The features the driver accepted (a subset of `avail_features`).
-    fn set_acked_features(&mut self, features: u64);
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features()
+    }
+    /// The features the driver accepted (the transport checked they are a subset of
+    /// `avail_features`).
+    fn set_acked_features(&mut self, features: u64) {
+        self.common_mut().set_acked_features(features);
+    }
     /// Reads the device's configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device's configuration space.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.common().config(), offset, data);
+    }
+    /// Writes the device's configuration space (read-only unless the device says otherwise).
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        self.common().write_config(offset);
+    }
     /// Changes whenever the configuration space does, so that a driver can tell a read that
     /// straddled a change (the ConfigGeneration register).
     fn config_generation(&self) -> u32 {
-        0
+        self.common().config_generation()
     }
     /// One event per queue, written when the driver notifies that queue.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        self.common().queue_events()
+    }
     /// The device's interrupt.
-    fn interrupt(&self) -> &std::sync::Arc<Interrupt>;
+    fn interrupt(&self) -> &std::sync::Arc<Interrupt> {
+        self.common().interrupt()
+    }
     /// Starts serving `queues` (validated by the transport) in `mem`.
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
     /// Stops serving the queues and forgets them: the driver reset the device.

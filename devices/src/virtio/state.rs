@@ -154,23 +154,6 @@ pub fn queues_from(saved: &[QueueSnapshot]) -> Result<Vec<Queue>, DeviceStateErr
         .collect()
 }
 
-/// A device's saved queues, `N` of them, or None when the driver had not started it.
-pub fn device_queues<const N: usize>(
-    saved: Option<&[QueueSnapshot]>,
-) -> Result<Option<[Queue; N]>, DeviceStateError> {
-    let Some(saved) = saved else {
-        return Ok(None);
-    };
-    let queues = queues_from(saved)?;
-    let count = queues.len();
-    <[Queue; N]>::try_from(queues)
-        .map(Some)
-        .map_err(|_| DeviceStateError::QueueCount {
-            saved: count,
-            built: N,
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,17 +180,5 @@ mod tests {
         let mut saved = QueueSnapshot::of(&Queue::new(256).unwrap());
         saved.size = 3;
         assert!(queues_from(&[saved]).is_err());
-    }
-
-    #[test]
-    fn a_device_gets_exactly_its_number_of_queues() {
-        let saved = QueueSnapshot::of(&Queue::new(256).unwrap());
-        assert!(device_queues::<2>(None).unwrap().is_none());
-        assert!(device_queues::<2>(Some(&[saved, saved])).unwrap().is_some());
-        let err = device_queues::<2>(Some(&[saved])).err().unwrap();
-        assert!(
-            matches!(err, DeviceStateError::QueueCount { saved: 1, built: 2 }),
-            "{err}"
-        );
     }
 }

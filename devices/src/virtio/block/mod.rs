@@ -21,17 +21,13 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use self::request::{execute, Disk};
 pub use self::request::{RequestError, SECTOR_SIZE};
-use super::state::{
-    device_queues, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
-};
-use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-};
+use super::common::{signal_used, Active, VirtioCommon};
+use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
+use super::{ActivateError, VirtioDevice, TYPE_BLOCK};
 use crate::log_limit::{held_back_note, LogLimiter};
 use crate::metrics::BlockMetrics;
 
@@ -109,25 +105,12 @@ fn opened_for_writing(file: &File) -> std::io::Result<bool> {
     Ok(flags & libc::O_ACCMODE != libc::O_RDONLY)
 }
 
-/// The queue and memory of a device the driver has started.
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-}
-
 pub struct Block {
     id: String,
     file: File,
     read_only: bool,
     capacity_sectors: u64,
-    config: [u8; CONFIG_LEN],
-    /// Bumped with every change of `config` (the transport's ConfigGeneration).
-    config_generation: u32,
-    avail_features: u64,
-    acked_features: u64,
-    queue_events: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    active: Option<Active>,
+    common: VirtioCommon,
     metrics: Arc<BlockMetrics>,
     poller: AvailPoller,
     /// Host I/O errors are logged, but a guest can make them at will (writing past the
@@ -142,25 +125,27 @@ impl Block {
     /// A drive backed by `file` (opened read-only or read-write to match `read_only`).
     pub fn new(id: String, file: File, read_only: bool, irq: EventFd) -> Result<Self, BlockError> {
         let capacity_sectors = capacity_of(&file, read_only)?;
-        let mut avail_features =
-            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_BLK_F_FLUSH;
+        let mut features = 1 << VIRTIO_BLK_F_FLUSH;
         if read_only {
-            avail_features |= 1 << VIRTIO_BLK_F_RO;
+            features |= 1 << VIRTIO_BLK_F_RO;
         } else {
-            avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
+        let common = VirtioCommon::new(
+            format!("virtio-blk {id}"),
+            TYPE_BLOCK,
+            QUEUE_MAX_SIZES,
+            features,
+            config_space(capacity_sectors).to_vec(),
+            irq,
+        )
+        .map_err(BlockError::EventFd)?;
         Ok(Self {
             id,
             file,
             read_only,
             capacity_sectors,
-            config: config_space(capacity_sectors),
-            config_generation: 0,
-            avail_features,
-            acked_features: 0,
-            queue_events: vec![EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            interrupt: Arc::new(Interrupt::new(irq)),
-            active: None,
+            common,
             metrics: Arc::new(BlockMetrics::default()),
             poller: AvailPoller::default(),
             host_error_log: LogLimiter::new(HOST_ERROR_LOG_INTERVAL),
@@ -202,16 +187,16 @@ impl Block {
         let capacity_sectors = capacity_of(&file, self.read_only)?;
         self.file = file;
         self.capacity_sectors = capacity_sectors;
-        self.config = config_space(capacity_sectors);
-        self.config_generation = self.config_generation.wrapping_add(1);
+        self.common
+            .set_config(config_space(capacity_sectors).to_vec());
         self.metrics.update_count.inc();
         info!(
             "virtio-blk {}: new backing file, {capacity_sectors} sectors",
             self.id
         );
         // A driver that has not started the device reads the configuration when it does.
-        if self.active.is_some() {
-            self.interrupt.signal_config_change();
+        if self.common.active().is_some() {
+            self.common.interrupt().signal_config_change();
         }
         Ok(())
     }
@@ -219,9 +204,15 @@ impl Block {
     /// Serves every request the driver has made available, signals the guest after each batch,
     /// and briefly polls for the next one before it goes back to waiting for a notification.
     fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(Active {
+            mem,
+            queues,
+            interrupt,
+        }) = self.common.active_mut()
+        else {
             return;
         };
+        let mem: &GuestMemoryMmap = mem;
         let disk = Disk {
             file: &self.file,
             read_only: self.read_only,
@@ -229,8 +220,7 @@ impl Block {
             id: self.id.as_bytes(),
             metrics: &self.metrics,
         };
-        let mem = &active.mem;
-        let queue = &mut active.queue;
+        let queue = &mut queues[0];
         let mut descriptors = Vec::with_capacity(4);
         loop {
             if queue.disable_notification(mem).is_err() {
@@ -241,9 +231,7 @@ impl Block {
                 Err(err) => {
                     // The available index is further ahead than the ring is long: the driver
                     // is broken or hostile, and nothing in the ring can be trusted.
-                    warn!("virtio-blk {}: {err}; the device needs a reset", self.id);
-                    self.interrupt.signal_needs_reset();
-                    self.active = None;
+                    self.common.fail(&err.to_string());
                     return;
                 }
             };
@@ -279,8 +267,8 @@ impl Block {
                 }
             }
             // Signal before polling: the guest must not wait for the poll window to end.
-            if completed && queue.needs_notification(mem).unwrap_or(true) {
-                self.interrupt.signal_used_ring();
+            if completed {
+                signal_used(interrupt, queue, mem);
             }
             // With notifications still off, a driver that submits its next request at once
             // (one request in flight) hands it over without an exit to the host.
@@ -355,80 +343,30 @@ impl AvailPoller {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_MAX_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        debug!(
-            "virtio-blk {}: ignored write to read-only config at {offset:#x}",
-            self.id
-        );
-    }
-
-    fn config_generation(&self) -> u32 {
-        self.config_generation
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let mut queue = queues
-            .into_iter()
-            .next()
-            .filter(|_| got == QUEUE_MAX_SIZES.len())
-            .ok_or(ActivateError::QueueCount {
-                got,
-                want: QUEUE_MAX_SIZES.len(),
-            })?;
-        queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
-        self.active = Some(Active { mem, queue });
+        self.common.activate(mem, queues)?;
         // Requests may have been made available before the driver said DRIVER_OK.
         self.process_queue();
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
+        self.common.reset();
     }
 
     fn save_state(&self) -> Option<VirtioDeviceState> {
-        Some(VirtioDeviceState {
-            device_type: TYPE_BLOCK,
-            acked_features: self.acked_features,
-            queues: self
-                .active
-                .as_ref()
-                .map(|active| vec![QueueSnapshot::of(&active.queue)]),
-            specific: DeviceSpecificState::Block {
-                drive_id: self.id.clone(),
-                config_generation: self.config_generation,
-            },
-        })
+        Some(self.common.save_state(DeviceSpecificState::Block {
+            drive_id: self.id.clone(),
+            config_generation: self.common.config_generation(),
+        }))
     }
 
     fn restore_state(
@@ -453,11 +391,9 @@ impl VirtioDevice for Block {
                 built: self.id.clone(),
             });
         }
-        self.acked_features = state.acked_features & self.avail_features;
-        self.config_generation = *config_generation;
-        self.active = None;
-        if let Some([queue]) = device_queues(state.queues.as_deref())? {
-            self.active = Some(Active { mem, queue });
+        let started = self.common.restore_state(mem, state)?;
+        self.common.set_config_generation(*config_generation);
+        if started {
             // Requests the driver made available after the snapshot's last notification was
             // read would otherwise wait for the next one.
             self.process_queue();
@@ -468,16 +404,17 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.queue_events[0].as_raw_fd() {
+        let queue_event = &self.common.queue_events()[0];
+        if events.fd() == queue_event.as_raw_fd() {
             // Read first: a notification that lands while the queue is served is not lost.
-            let _ = self.queue_events[0].read();
+            let _ = queue_event.read();
             self.metrics.queue_event_count.inc();
             self.process_queue();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+        if let Err(err) = ops.add(Events::new(&self.common.queue_events()[0], EventSet::IN)) {
             warn!("virtio-blk {}: cannot watch its queue: {err}", self.id);
         }
     }

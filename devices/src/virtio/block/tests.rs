@@ -13,16 +13,22 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
-use crate::virtio::INTERRUPT_CONFIG;
+use crate::virtio::{
+    INTERRUPT_CONFIG, INTERRUPT_USED_RING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 const QUEUE_LEN: u16 = 16;
 const HEADER_ADDR: u64 = 0x1_0000;
 const DATA_ADDR: u64 = 0x2_0000;
 const STATUS_ADDR: u64 = 0x3_0000;
+/// The used ring, away from the mock's: the mock lays its used ring over the end of its
+/// available ring (`used_event` included).
+const USED_RING_ADDR: u64 = 0x8000;
 const DISK_SECTORS: u64 = 64;
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const N: u16 = VRING_DESC_F_NEXT as u16;
@@ -43,6 +49,11 @@ fn pattern(sector: u64) -> Vec<u8> {
 }
 
 fn fixture(read_only: bool) -> Fixture {
+    fixture_with(read_only, VIRTIO_F_VERSION_1)
+}
+
+/// A drive whose driver accepted `features`.
+fn fixture_with(read_only: bool, features: u64) -> Fixture {
     // Leaked so that the mock queue can borrow it for the whole test.
     let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
@@ -54,11 +65,11 @@ fn fixture(read_only: bool) -> Fixture {
     let backing = file.as_file().try_clone().unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut block = Block::new("drive-id".into(), backing, read_only, irq).unwrap();
-    block.set_acked_features(VIRTIO_F_VERSION_1);
+    block.set_acked_features(features);
     let mock = MockSplitQueue::new(mem, QUEUE_LEN);
-    block
-        .activate(mem.clone(), vec![mock.create_queue::<Queue>().unwrap()])
-        .unwrap();
+    let mut queue = mock.create_queue::<Queue>().unwrap();
+    queue.set_used_ring_address(Some(USED_RING_ADDR as u32), Some(0));
+    block.activate(mem.clone(), vec![queue]).unwrap();
     Fixture {
         mem,
         mock,
@@ -124,15 +135,12 @@ impl Fixture {
 
     /// (id, len) of the newest used-ring entry, and the used index.
     fn last_used(&self) -> (u32, u32, u16) {
-        let idx = self.mock.used().idx().load();
-        let elem = self
-            .mock
-            .used()
-            .ring()
-            .ref_at(usize::from(idx.wrapping_sub(1) % QUEUE_LEN))
-            .unwrap()
-            .load();
-        (elem.id(), elem.len(), idx)
+        let used = GuestAddress(USED_RING_ADDR);
+        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
+        let elem = used.unchecked_add(4 + 8 * u64::from(idx.wrapping_sub(1) % QUEUE_LEN));
+        let id = self.mem.read_obj(elem).unwrap();
+        let len = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+        (id, len, idx)
     }
 
     fn file_sector(&self, sector: u64) -> Vec<u8> {
@@ -421,7 +429,70 @@ fn an_impossible_available_index_makes_the_device_need_a_reset() {
     f.mock.avail().idx().store(QUEUE_LEN * 4);
     f.block.process_queue();
     assert!(f.block.interrupt().needs_reset());
-    assert!(f.block.active.is_none());
+    assert!(f.block.common.active().is_none());
+}
+
+impl Fixture {
+    /// Whether the device raised its used-ring interrupt since the last call.
+    fn interrupted(&self) -> bool {
+        let raised = self.block.interrupt().irq_evt().read().is_ok();
+        assert_eq!(
+            raised,
+            self.block.interrupt().status() & INTERRUPT_USED_RING != 0,
+            "the status bit goes with the irqfd"
+        );
+        self.block.interrupt().acknowledge(INTERRUPT_USED_RING);
+        raised
+    }
+
+    fn read_sector(&mut self) {
+        self.standard(VIRTIO_BLK_T_IN, 1, W, SECTOR_SIZE as u32);
+        assert_eq!(self.status(), VIRTIO_BLK_S_OK as u8);
+    }
+}
+
+#[test]
+fn with_event_idx_a_completion_interrupts_only_once_used_event_is_passed() {
+    let mut f = fixture_with(false, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+    assert!(f.block.avail_features() & VIRTIO_RING_F_EVENT_IDX != 0);
+    // The driver wants to hear when the used index passes 1: after the second request.
+    let used_event = f
+        .mock
+        .avail_addr()
+        .unchecked_add(4 + 2 * u64::from(QUEUE_LEN));
+    f.mem.write_obj(1u16, used_event).unwrap();
+    // Also set: the flag is for drivers without EVENT_IDX, a device with it must ignore it.
+    f.mem.write_obj(1u16, f.mock.avail_addr()).unwrap();
+    f.read_sector();
+    assert!(!f.interrupted(), "used index 1 has not passed used_event 1");
+    f.read_sector();
+    assert!(f.interrupted(), "used index 2 passed used_event 1");
+    f.read_sector();
+    assert!(
+        !f.interrupted(),
+        "nothing new for the driver until it moves used_event"
+    );
+    // As Linux's driver does when it re-enables interrupts: tell me of the next one.
+    f.mem.write_obj(3u16, used_event).unwrap();
+    f.read_sector();
+    assert!(f.interrupted(), "used index 4 passed used_event 3");
+}
+
+#[test]
+fn without_event_idx_no_interrupt_silences_completions() {
+    let mut f = fixture(false);
+    f.mem.write_obj(1u16, f.mock.avail_addr()).unwrap();
+    f.read_sector();
+    assert!(!f.interrupted(), "VRING_AVAIL_F_NO_INTERRUPT is set");
+    // used_event means nothing without EVENT_IDX.
+    let used_event = f
+        .mock
+        .avail_addr()
+        .unchecked_add(4 + 2 * u64::from(QUEUE_LEN));
+    f.mem.write_obj(100u16, used_event).unwrap();
+    f.mem.write_obj(0u16, f.mock.avail_addr()).unwrap();
+    f.read_sector();
+    assert!(f.interrupted(), "interrupts are back on");
 }
 
 const SEGMENT_ADDR: u64 = 0x4_0000;

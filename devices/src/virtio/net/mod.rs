@@ -30,20 +30,16 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use self::frame::{check_tx_header, gather, scatter, RxRefusal, TxDrop};
 pub use self::mac::MacAddr;
 pub use self::tap::TapError;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use super::state::{
-    device_queues, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
-};
-use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-};
+use super::common::{signal_used, Active, VirtioCommon};
+use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
+use super::{ActivateError, VirtioDevice, TYPE_NET};
 use crate::metrics::NetMetrics;
 
 /// A receive queue and a transmit queue of up to 256 entries each.
@@ -55,15 +51,14 @@ pub const VNET_HDR_LEN: usize = 12;
 /// The largest frame: an Ethernet header and a 64 KiB (segmentation-offloaded) packet.
 pub const MAX_FRAME_LEN: usize = 14 + 65536;
 const FRAME_BUF_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
-/// Configuration space: `mac` (6 bytes), `status` (u16).
+/// Configuration space: `mac` (6 bytes), `status` (u16). Read-only: the MAC is the host's
+/// choice (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
 const CONFIG_LEN: usize = 8;
 /// Where `num_buffers` sits in the header: always 1 here (no merged receive buffers).
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// The longest the device serves transmit frames in one go before the event loop serves the
 /// others (it then comes back through its own queue event).
 const TX_SLICE: Duration = Duration::from_micros(500);
-/// The avail ring's flag with which a polling driver asks for no interrupts.
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Event data telling the device's fds apart.
 const RX_QUEUE_EVENT: u32 = 0;
@@ -78,22 +73,10 @@ pub enum NetError {
     EventFd(std::io::Error),
 }
 
-/// The queues and memory of a device the driver has started.
-struct Active {
-    mem: GuestMemoryMmap,
-    rx: Queue,
-    tx: Queue,
-}
-
 pub struct Net {
     id: String,
     tap: Tap,
-    config: [u8; CONFIG_LEN],
-    avail_features: u64,
-    acked_features: u64,
-    queue_events: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    active: Option<Active>,
+    common: VirtioCommon,
     metrics: Arc<NetMetrics>,
     /// A frame read from the TAP, kept while the guest has no buffer for it.
     rx_frame: Vec<u8>,
@@ -113,9 +96,7 @@ impl Net {
         irq: EventFd,
     ) -> Result<Self, NetError> {
         let tap = Tap::open(tap_name)?;
-        let mut avail_features = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | 1 << VIRTIO_NET_F_CSUM
+        let mut features = 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
             | 1 << VIRTIO_NET_F_GUEST_TSO4
             | 1 << VIRTIO_NET_F_GUEST_TSO6
@@ -124,24 +105,24 @@ impl Net {
             | 1 << VIRTIO_NET_F_STATUS;
         let mut config = [0u8; CONFIG_LEN];
         if let Some(mac) = mac {
-            avail_features |= 1 << VIRTIO_NET_F_MAC;
+            features |= 1 << VIRTIO_NET_F_MAC;
             config[..6].copy_from_slice(&mac);
         }
         // The TAP is up for as long as the device exists: the link is always up.
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        let queue_events = (0..QUEUE_MAX_SIZES.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(NetError::EventFd)?;
+        let common = VirtioCommon::new(
+            format!("virtio-net {id}"),
+            TYPE_NET,
+            QUEUE_MAX_SIZES,
+            features,
+            config.to_vec(),
+            irq,
+        )
+        .map_err(NetError::EventFd)?;
         Ok(Self {
             id,
             tap,
-            config,
-            avail_features,
-            acked_features: 0,
-            queue_events,
-            interrupt: Arc::new(Interrupt::new(irq)),
-            active: None,
+            common,
             metrics: Arc::new(NetMetrics::default()),
             rx_frame: vec![0; FRAME_BUF_LEN],
             rx_pending: None,
@@ -167,34 +148,42 @@ impl Net {
     /// The MAC in the configuration space; None when the guest picks its own.
     fn mac(&self) -> Option<[u8; 6]> {
         let mut mac = [0u8; 6];
-        mac.copy_from_slice(&self.config[..6]);
-        (self.avail_features & 1 << VIRTIO_NET_F_MAC != 0).then_some(mac)
+        mac.copy_from_slice(&self.common.config()[..6]);
+        (self.common.avail_features() & 1 << VIRTIO_NET_F_MAC != 0).then_some(mac)
     }
 
-    /// Serves `rx` and `tx` (set up and checked) in `mem`: at activation and after a restore.
-    fn serve(&mut self, mem: GuestMemoryMmap, rx: Queue, tx: Queue) -> Result<(), ActivateError> {
-        self.tap
+    /// Serves the queues the device now holds: at activation and after a restore. A device
+    /// that cannot start does not keep them.
+    fn start(&mut self) -> Result<(), ActivateError> {
+        let started = self
+            .tap
             .set_offload(self.tap_offloads())
-            .map_err(|err| ActivateError::Io(std::io::Error::other(err.to_string())))?;
-        self.active = Some(Active { mem, rx, tx });
+            .map_err(|err| ActivateError::Io(std::io::Error::other(err.to_string())))
+            .and_then(|()| {
+                // Buffers may have been posted, and frames may be waiting in the TAP, already.
+                // This runs on a vCPU thread (the driver's status write) or while the VM is
+                // being built: leave the TAP I/O to the event loop.
+                for event in self.common.queue_events() {
+                    event.write(1)?;
+                }
+                Ok(())
+            });
+        if let Err(err) = started {
+            self.common.deactivate();
+            return Err(err);
+        }
         info!(
             "virtio-net {}: started on TAP {} (features {:#x})",
             self.id,
             self.tap.name(),
-            self.acked_features
+            self.common.acked_features()
         );
-        // Buffers may have been posted, and frames may be waiting in the TAP, already. This
-        // runs on a vCPU thread (the driver's status write) or while the VM is being built:
-        // leave the TAP I/O to the event loop.
-        for event in &self.queue_events {
-            event.write(1)?;
-        }
         Ok(())
     }
 
     /// The TAP offloads matching what the driver takes in the frames it receives.
     fn tap_offloads(&self) -> u32 {
-        let has = |bit: u32| self.acked_features & (1 << bit) != 0;
+        let has = |bit: u32| self.common.acked(1 << bit);
         let mut flags = 0;
         if has(VIRTIO_NET_F_GUEST_CSUM) {
             flags |= TUN_F_CSUM;
@@ -208,24 +197,22 @@ impl Net {
         flags
     }
 
-    /// The driver broke the ring protocol: stop until it resets the device.
-    fn fail(&mut self, what: &str) {
-        warn!("virtio-net {}: {what}; the device needs a reset", self.id);
-        self.interrupt.signal_needs_reset();
-        self.active = None;
-    }
-
     /// Moves frames from the TAP to the guest while it has buffers for them.
     fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(Active {
+            mem,
+            queues,
+            interrupt,
+        }) = self.common.active_mut()
+        else {
             return;
         };
-        let mem = &active.mem;
-        let queue = &mut active.rx;
+        let mem: &GuestMemoryMmap = mem;
+        let queue = &mut queues[RX_INDEX];
         // The driver need not tell us of new buffers while the TAP has nothing for them: we
         // look at the ring when a frame arrives. Notifications come back on when we run out.
         if queue.disable_notification(mem).is_err() {
-            return self.fail("cannot reach the receive ring");
+            return self.common.fail("cannot reach the receive ring");
         }
         let mut delivered = false;
         let mut broken = None;
@@ -309,12 +296,11 @@ impl Net {
             }
             delivered = true;
         }
-        let notify = delivered && needs_interrupt(queue, mem);
-        if let Some(err) = broken {
-            return self.fail(&format!("receive ring: {err}"));
+        if delivered {
+            signal_used(interrupt, queue, mem);
         }
-        if notify {
-            self.interrupt.signal_used_ring();
+        if let Some(err) = broken {
+            self.common.fail(&format!("receive ring: {err}"));
         }
     }
 
@@ -324,11 +310,17 @@ impl Net {
     /// notifications). Polling the ring after a batch (as virtio-blk does) brought no more
     /// than that and cost much when the monitor's thread shared a CPU with the vCPU.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let acked_features = self.common.acked_features();
+        let Some(Active {
+            mem,
+            queues,
+            interrupt,
+        }) = self.common.active_mut()
+        else {
             return;
         };
-        let mem = &active.mem;
-        let queue = &mut active.tx;
+        let mem: &GuestMemoryMmap = mem;
+        let queue = &mut queues[TX_INDEX];
         let started = Instant::now();
         let mut reschedule = false;
         loop {
@@ -341,7 +333,7 @@ impl Net {
                     Ok(mut chains) => chains.next(),
                     Err(err) => {
                         // The available index is further ahead than the ring is long.
-                        return self.fail(&format!("transmit ring: {err}"));
+                        return self.common.fail(&format!("transmit ring: {err}"));
                     }
                 };
                 let Some(chain) = chain else {
@@ -350,7 +342,7 @@ impl Net {
                 let head = chain.head_index();
                 let sent = gather(mem, chain, &mut self.tx_frame).and_then(|len| {
                     let frame = &self.tx_frame[..len];
-                    check_tx_header(frame, self.acked_features)?;
+                    check_tx_header(frame, acked_features)?;
                     Ok(frame)
                 });
                 match sent {
@@ -380,12 +372,12 @@ impl Net {
                 // A transmit buffer is only read: the used length is 0 either way. Returned at
                 // once, so the driver can reuse it while we look for the next frame.
                 if let Err(err) = queue.add_used(mem, head, 0) {
-                    return self.fail(&format!("transmit ring: {err}"));
+                    return self.common.fail(&format!("transmit ring: {err}"));
                 }
                 served = true;
             }
-            if served && needs_interrupt(queue, mem) {
-                self.interrupt.signal_used_ring();
+            if served {
+                signal_used(interrupt, queue, mem);
             }
             if started.elapsed() >= TX_SLICE {
                 // Busy for a whole slice: let the event loop serve the others, and come back.
@@ -400,7 +392,7 @@ impl Net {
             }
         }
         if reschedule {
-            if let Err(err) = self.queue_events[TX_INDEX].write(1) {
+            if let Err(err) = self.common.queue_events()[TX_INDEX].write(1) {
                 warn!(
                     "virtio-net {}: cannot requeue its transmit work: {err}",
                     self.id
@@ -410,73 +402,22 @@ impl Net {
     }
 }
 
-/// Whether the driver wants an interrupt for new used buffers: by the used-event index with
-/// EVENT_IDX, otherwise unless it set VRING_AVAIL_F_NO_INTERRUPT (which virtio-queue ignores).
-fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    if queue.event_idx_enabled() {
-        return queue.needs_notification(mem).unwrap_or(true);
-    }
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
-        .map_or(true, |flags| flags & AVAIL_F_NO_INTERRUPT == 0)
-}
-
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        TYPE_NET
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_MAX_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // The MAC is the host's choice (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
-        debug!(
-            "virtio-net {}: ignored write to read-only config at {offset:#x}",
-            self.id
-        );
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let mut queues = queues.into_iter();
-        let (Some(mut rx), Some(mut tx), None) = (queues.next(), queues.next(), queues.next())
-        else {
-            return Err(ActivateError::QueueCount {
-                got,
-                want: QUEUE_MAX_SIZES.len(),
-            });
-        };
-        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        rx.set_event_idx(event_idx);
-        tx.set_event_idx(event_idx);
-        self.serve(mem, rx, tx)
+        self.common.activate(mem, queues)?;
+        self.start()
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
+        self.common.reset();
         if self.rx_pending.take().is_some() {
             self.metrics.rx_dropped_reset.inc();
         }
@@ -486,18 +427,10 @@ impl VirtioDevice for Net {
     }
 
     fn save_state(&self) -> Option<VirtioDeviceState> {
-        Some(VirtioDeviceState {
-            device_type: TYPE_NET,
-            acked_features: self.acked_features,
-            queues: self
-                .active
-                .as_ref()
-                .map(|active| vec![QueueSnapshot::of(&active.rx), QueueSnapshot::of(&active.tx)]),
-            specific: DeviceSpecificState::Net {
-                iface_id: self.id.clone(),
-                mac: self.mac(),
-            },
-        })
+        Some(self.common.save_state(DeviceSpecificState::Net {
+            iface_id: self.id.clone(),
+            mac: self.mac(),
+        }))
     }
 
     fn restore_state(
@@ -527,14 +460,11 @@ impl VirtioDevice for Net {
                 built: mac_text(self.mac()),
             });
         }
-        let queues = device_queues(state.queues.as_deref())?;
-        self.acked_features = state.acked_features & self.avail_features;
-        self.active = None;
+        let started = self.common.restore_state(mem, state)?;
         // The frame the old monitor held for the guest is lost, as a network may lose any.
         self.rx_pending = None;
-        if let Some([rx, tx]) = queues {
-            // The queues come back as the driver had them, EVENT_IDX included.
-            self.serve(mem, rx, tx)?;
+        if started {
+            self.start()?;
         }
         Ok(())
     }
@@ -550,12 +480,12 @@ impl MutEventSubscriber for Net {
         match events.data() {
             RX_QUEUE_EVENT => {
                 // Read first: a notification that lands while the queue is served is not lost.
-                let _ = self.queue_events[RX_INDEX].read();
+                let _ = self.common.queue_events()[RX_INDEX].read();
                 self.metrics.rx_queue_event_count.inc();
                 self.process_rx();
             }
             TX_QUEUE_EVENT => {
-                let _ = self.queue_events[TX_INDEX].read();
+                let _ = self.common.queue_events()[TX_INDEX].read();
                 self.metrics.tx_queue_event_count.inc();
                 self.process_tx();
             }
@@ -568,8 +498,8 @@ impl MutEventSubscriber for Net {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let rx = &self.queue_events[RX_INDEX];
-        let tx = &self.queue_events[TX_INDEX];
+        let rx = &self.common.queue_events()[RX_INDEX];
+        let tx = &self.common.queue_events()[TX_INDEX];
         // Edge-triggered: while the guest has no buffers the device leaves frames in the TAP,
         // and a level-triggered TAP would wake the loop again and again for them.
         let tap = Events::with_data_raw(

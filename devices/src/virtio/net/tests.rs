@@ -13,7 +13,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
+use crate::virtio::common::COMMON_FEATURES;
 use crate::virtio::state::VirtioDeviceState;
+use crate::virtio::VIRTIO_F_VERSION_1;
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const QUEUE_LEN: u16 = 16;
@@ -220,7 +222,7 @@ fn receive_waits_for_buffers_and_survives_bad_ones() {
         f.mem.read_slice(&mut got, GuestAddress(BUFFERS)).unwrap();
         assert_eq!(&got[VNET_HDR_LEN..VNET_HDR_LEN + 150], &frame(3, 150)[..]);
         assert_eq!(f.net.metrics.rx_packets_count.total(), 2);
-        assert!(!f.net.interrupt.needs_reset());
+        assert!(!f.net.interrupt().needs_reset());
     })
     .join();
     result.unwrap();
@@ -238,11 +240,11 @@ fn an_impossible_available_index_makes_the_device_need_a_reset() {
         host_send(&host, &frame(1, 60));
         f.serve();
         assert!(
-            f.net.interrupt.needs_reset(),
+            f.net.interrupt().needs_reset(),
             "{:?}",
             f.net.metrics.take_deltas()
         );
-        assert!(f.net.active.is_none());
+        assert!(f.net.common.active().is_none());
     })
     .join()
     .unwrap();
@@ -312,7 +314,7 @@ fn a_restored_interface_goes_on_from_the_saved_positions_on_another_tap() {
             .read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
             .unwrap();
         assert_eq!(got, frame(3, 120));
-        assert!(!f.net.interrupt.needs_reset());
+        assert!(!f.net.interrupt().needs_reset());
     })
     .join()
     .unwrap();
@@ -331,7 +333,7 @@ fn a_snapshot_of_another_interface_mac_or_device_is_refused() {
             let mut net = Net::new(id.into(), "tap1", mac, irq).unwrap();
             let result = net.restore_state(f.mem.clone(), state);
             assert!(
-                net.active.is_none(),
+                net.common.active().is_none(),
                 "a refused state leaves the device stopped"
             );
             result
@@ -381,6 +383,21 @@ fn a_snapshot_of_another_interface_mac_or_device_is_refused() {
         let mut idle = state.clone();
         idle.queues = None;
         assert!(restore("eth0", mac, &idle).is_ok());
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn the_interface_offers_event_idx() {
+    std::thread::spawn(|| {
+        if !private_tap() {
+            return;
+        }
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let net = Net::new("eth0".into(), "tap0", None, irq).unwrap();
+        let offered = net.avail_features();
+        assert_eq!(offered & COMMON_FEATURES, COMMON_FEATURES);
     })
     .join()
     .unwrap();

@@ -26,12 +26,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{read_packet, HDR_LEN, MAX_PAYLOAD, MIN_GUEST_CID};
-use super::state::{
-    device_queues, DeviceSpecificState, DeviceStateError, QueueSnapshot, VirtioDeviceState,
-};
-use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
-};
+use super::common::{next_chain, signal_used, Active, VirtioCommon};
+use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
+use super::{ActivateError, VirtioDevice, TYPE_VSOCK};
 use crate::metrics::VsockMetrics;
 
 /// RX (device to guest), TX (guest to device) and event queues, 256 entries each.
@@ -53,23 +50,13 @@ pub enum VsockError {
     EventFd(std::io::Error),
 }
 
-/// The queues and memory of a device the driver has started.
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    /// TX stopped because answers for the guest backed up; resumes as RX drains them.
-    tx_stalled: bool,
-}
-
 pub struct Vsock {
     cid: u64,
-    config: [u8; 8],
-    acked_features: u64,
-    queue_events: Vec<EventFd>,
+    common: VirtioCommon,
+    /// TX stopped because answers for the guest backed up; resumes as RX drains them.
+    tx_stalled: bool,
     /// Wakes the event loop to catch up with changes made outside it (activation, reset).
     kick: EventFd,
-    interrupt: Arc<Interrupt>,
-    active: Option<Active>,
     /// The driver has yet to hear that its streams are gone (after a restore); sent once it
     /// has an event buffer posted.
     transport_reset_pending: bool,
@@ -90,18 +77,20 @@ impl Vsock {
         }
         let metrics = Arc::new(VsockMetrics::default());
         let muxer = Muxer::new(cid, uds_path, metrics.clone())?;
-        let queue_events = (0..QUEUE_MAX_SIZES.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VsockError::EventFd)?;
+        let common = VirtioCommon::new(
+            "vsock".into(),
+            TYPE_VSOCK,
+            QUEUE_MAX_SIZES,
+            0,
+            cid.to_le_bytes().to_vec(),
+            irq,
+        )
+        .map_err(VsockError::EventFd)?;
         Ok(Self {
             cid,
-            config: cid.to_le_bytes(),
-            acked_features: 0,
-            queue_events,
+            common,
+            tx_stalled: false,
             kick: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
-            interrupt: Arc::new(Interrupt::new(irq)),
-            active: None,
             transport_reset_pending: false,
             muxer,
             rx_payload: vec![0; MAX_PAYLOAD],
@@ -128,17 +117,37 @@ impl Vsock {
             // with it. Packets wait until the driver posts an event buffer.
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(Active {
+            mem,
+            queues,
+            interrupt,
+        }) = self.common.active_mut()
+        else {
             return;
         };
-        let mem = &active.mem;
-        let queue = &mut active.queues[RX];
+        let mem: &GuestMemoryMmap = mem;
+        let queue = &mut queues[RX];
         let mut used = false;
+        let mut broken = None;
+        let mut rechecked = false;
         while self.muxer.has_rx() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // No buffers: the guest notifies the RX queue when it posts some.
+            let chain = match next_chain(queue, mem) {
+                Ok(chain) => chain,
+                Err(err) => {
+                    broken = Some(err);
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
+                // No buffers: have the driver notify the RX queue when it posts some (with
+                // EVENT_IDX only once told where), and take those it posted meanwhile.
+                if !rechecked && matches!(queue.enable_notification(mem), Ok(true)) {
+                    rechecked = true;
+                    continue;
+                }
                 break;
             };
+            rechecked = false;
             let head = chain.head_index();
             let mut writer = match chain.writer(mem) {
                 Ok(writer) if writer.available_bytes() >= HDR_LEN => writer,
@@ -168,32 +177,49 @@ impl Vsock {
             self.metrics.rx_bytes_count.add(len as u64);
             used |= add_used(queue, mem, head, (HDR_LEN + len) as u32);
         }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal_used_ring();
+        if used {
+            signal_used(interrupt, queue, mem);
         }
-        if active.tx_stalled && !self.muxer.rx_backlog_full() {
-            active.tx_stalled = false;
+        if let Some(err) = broken {
+            return self.common.fail(&format!("RX ring: {err}"));
+        }
+        if self.tx_stalled && !self.muxer.rx_backlog_full() {
+            self.tx_stalled = false;
             self.process_tx();
         }
     }
 
     /// Takes the guest's TX packets and hands them to the muxer.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(Active {
+            mem,
+            queues,
+            interrupt,
+        }) = self.common.active_mut()
+        else {
             return;
         };
-        let mem = &active.mem;
-        let queue = &mut active.queues[TX];
+        let mem: &GuestMemoryMmap = mem;
+        let queue = &mut queues[TX];
         let mut used = false;
+        let mut broken = None;
         'ring: loop {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            loop {
+                let chain = match next_chain(queue, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(err) => {
+                        broken = Some(err);
+                        break 'ring;
+                    }
+                };
                 if self.muxer.rx_backlog_full() {
                     // Notifications stay off: RX resumes TX itself once the backlog drains.
                     queue.go_to_previous_position();
-                    active.tx_stalled = true;
+                    self.tx_stalled = true;
                     break 'ring;
                 }
                 let head = chain.head_index();
@@ -226,8 +252,11 @@ impl Vsock {
             }
         }
         self.muxer.flush_burst();
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal_used_ring();
+        if used {
+            signal_used(interrupt, queue, mem);
+        }
+        if let Some(err) = broken {
+            return self.common.fail(&format!("TX ring: {err}"));
         }
         // Packets from the guest may have answers (responses, resets, credit).
         self.process_rx();
@@ -238,14 +267,36 @@ impl Vsock {
         if !self.transport_reset_pending {
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(Active {
+            mem,
+            queues,
+            interrupt,
+        }) = self.common.active_mut()
+        else {
             return;
         };
-        let mem = &active.mem;
-        let queue = &mut active.queues[EVENT];
+        let mem: &GuestMemoryMmap = mem;
+        let queue = &mut queues[EVENT];
         let mut used = false;
-        // No buffer yet: the driver notifies the event queue when it posts one.
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut broken = None;
+        let mut rechecked = false;
+        loop {
+            let chain = match next_chain(queue, mem) {
+                Ok(chain) => chain,
+                Err(err) => {
+                    broken = Some(err);
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
+                // No buffer yet: have the driver notify the event queue when it posts one.
+                if !rechecked && matches!(queue.enable_notification(mem), Ok(true)) {
+                    rechecked = true;
+                    continue;
+                }
+                break;
+            };
+            rechecked = false;
             let head = chain.head_index();
             let event = EVENT_TRANSPORT_RESET.to_le_bytes();
             let written = chain
@@ -270,8 +321,11 @@ impl Vsock {
                 }
             }
         }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal_used_ring();
+        if used {
+            signal_used(interrupt, queue, mem);
+        }
+        if let Some(err) = broken {
+            self.common.fail(&format!("event ring: {err}"));
         }
     }
 
@@ -294,58 +348,28 @@ fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bo
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        TYPE_VSOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_MAX_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & VIRTIO_F_VERSION_1;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        debug!("vsock: ignored write to read-only config at {offset:#x}");
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_MAX_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: QUEUE_MAX_SIZES.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            tx_stalled: false,
-        });
+        self.common.activate(mem, queues)?;
+        self.tx_stalled = false;
         // Host connections may have waited for the guest; the event loop sends their requests.
-        self.kick.write(1).map_err(ActivateError::Io)?;
+        if let Err(err) = self.kick.write(1) {
+            self.common.deactivate();
+            return Err(ActivateError::Io(err));
+        }
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
+        self.common.reset();
+        self.tx_stalled = false;
         // A driver that starts afresh has no streams to drop.
         self.transport_reset_pending = false;
         self.muxer.reset();
@@ -356,17 +380,9 @@ impl VirtioDevice for Vsock {
     }
 
     fn save_state(&self) -> Option<VirtioDeviceState> {
-        Some(VirtioDeviceState {
-            device_type: TYPE_VSOCK,
-            acked_features: self.acked_features,
-            queues: self
-                .active
-                .as_ref()
-                .map(|active| active.queues.iter().map(QueueSnapshot::of).collect()),
-            specific: DeviceSpecificState::Vsock {
-                guest_cid: self.cid,
-            },
-        })
+        Some(self.common.save_state(DeviceSpecificState::Vsock {
+            guest_cid: self.cid,
+        }))
     }
 
     fn restore_state(
@@ -389,20 +405,13 @@ impl VirtioDevice for Vsock {
                 built: self.cid.to_string(),
             });
         }
-        let queues = device_queues::<3>(state.queues.as_deref())?;
-        self.acked_features = state.acked_features & VIRTIO_F_VERSION_1;
-        self.active = None;
-        self.transport_reset_pending = false;
-        if let Some(queues) = queues {
-            self.active = Some(Active {
-                mem,
-                queues: queues.into(),
-                tx_stalled: false,
-            });
-            // The driver's streams were with the old monitor's sockets; it must drop them
-            // before it hears of new ones. The event loop sends the reset first, then serves
-            // what the driver left in its TX ring (packets of dropped streams get RSTs).
-            self.transport_reset_pending = true;
+        let started = self.common.restore_state(mem, state)?;
+        self.tx_stalled = false;
+        // The driver's streams were with the old monitor's sockets; it must drop them before
+        // it hears of new ones. The event loop sends the reset first, then serves what the
+        // driver left in its TX ring (packets of dropped streams get RSTs).
+        self.transport_reset_pending = started;
+        if started {
             self.kick
                 .write(1)
                 .map_err(|err| DeviceStateError::Activate(ActivateError::Io(err)))?;
@@ -414,18 +423,19 @@ impl VirtioDevice for Vsock {
 impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.queue_events[RX].as_raw_fd() {
-            let _ = self.queue_events[RX].read();
+        let queue_events = self.common.queue_events();
+        if fd == queue_events[RX].as_raw_fd() {
+            let _ = queue_events[RX].read();
             self.metrics.rx_queue_event_count.inc();
             self.process_rx();
-        } else if fd == self.queue_events[TX].as_raw_fd() {
-            let _ = self.queue_events[TX].read();
+        } else if fd == queue_events[TX].as_raw_fd() {
+            let _ = queue_events[TX].read();
             self.metrics.tx_queue_event_count.inc();
             self.process_tx();
-        } else if fd == self.queue_events[EVENT].as_raw_fd() {
+        } else if fd == queue_events[EVENT].as_raw_fd() {
             // The event queue only carries transport resets (after a snapshot restore): the
             // driver posted a buffer for one, and packets may be waiting for it to go first.
-            let _ = self.queue_events[EVENT].read();
+            let _ = queue_events[EVENT].read();
             self.process_rx();
         } else if fd == self.kick.as_raw_fd() {
             let _ = self.kick.read();
@@ -440,7 +450,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, evt) in self.queue_events.iter().enumerate() {
+        for (index, evt) in self.common.queue_events().iter().enumerate() {
             self.watch(ops, evt.as_raw_fd(), &format!("queue {index}"));
         }
         self.watch(ops, self.kick.as_raw_fd(), "its wake-up event");

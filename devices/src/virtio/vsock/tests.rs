@@ -18,6 +18,7 @@ use super::muxer::MAX_PENDING_RST;
 use super::packet::*;
 use super::*;
 use crate::virtio::state::VirtioDeviceState;
+use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const QUEUE_LEN: u16 = 16;
 const GUEST_CID: u64 = 3;
@@ -103,6 +104,11 @@ fn scratch() -> TempDir {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(VIRTIO_F_VERSION_1)
+}
+
+/// A device whose driver accepted `features`.
+fn fixture_with(features: u64) -> Fixture {
     let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
     ));
@@ -110,7 +116,7 @@ fn fixture() -> Fixture {
     let uds = dir.as_path().join("v.sock");
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut vsock = Vsock::new(GUEST_CID, &uds, irq).unwrap();
-    vsock.set_acked_features(VIRTIO_F_VERSION_1);
+    vsock.set_acked_features(features);
     let rx = Ring { base: 0 };
     let tx = Ring { base: 0x1_0000 };
     let event = Ring { base: 0x2_0000 };
@@ -549,7 +555,7 @@ fn a_snapshot_of_another_cid_or_device_is_refused() {
         let mut vsock = Vsock::new(cid, &uds, irq).unwrap();
         let result = vsock.restore_state(f.mem.clone(), state);
         assert!(
-            vsock.active.is_none(),
+            vsock.common.active().is_none(),
             "a refused state leaves the device stopped"
         );
         assert!(!vsock.transport_reset_pending);
@@ -582,4 +588,30 @@ fn a_snapshot_of_another_cid_or_device_is_refused() {
     let mut idle = saved.clone();
     idle.queues = None;
     assert!(restore(GUEST_CID, &idle).is_ok());
+}
+
+#[test]
+fn with_event_idx_a_device_out_of_rx_buffers_asks_to_hear_of_the_next() {
+    let mut f = fixture_with(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+    // The driver only notifies when its available index passes the device's avail_event.
+    let avail_event = f.rx.used().unchecked_add(4 + 8 * u64::from(QUEUE_LEN));
+    f.post_rx(1, RX_BUF_LEN);
+    let mut first = UnixStream::connect(&f.uds).unwrap();
+    first.write_all(b"CONNECT 52\n").unwrap();
+    f.settle();
+    assert_eq!(
+        f.received().len(),
+        1,
+        "the first REQUEST took the one buffer"
+    );
+    // The second REQUEST finds no buffer: the device must ask for the next one, the one at
+    // available index 1, or it waits for a notification the driver never sends.
+    let mut second = UnixStream::connect(&f.uds).unwrap();
+    second.write_all(b"CONNECT 53\n").unwrap();
+    f.settle();
+    assert_eq!(f.mem.read_obj::<u16>(avail_event).unwrap(), 1);
+    f.post_rx(1, RX_BUF_LEN);
+    let packets = f.received();
+    assert_eq!(packets.len(), 1);
+    assert_eq!((packets[0].0.op, packets[0].0.dst_port), (OP_REQUEST, 53));
 }
