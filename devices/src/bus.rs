@@ -5,6 +5,8 @@
 //! space and the MMIO space.
 
 use std::collections::BTreeMap;
+
+use crate::sync::lock;
 use std::sync::{Arc, Mutex};
 
 /// A device that answers guest accesses to a range of addresses.
@@ -94,14 +96,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device, carrying on with its state when another thread panicked while holding it:
-/// a device is plain data, and a poisoned lock must not take every other vCPU down too.
-fn lock(device: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

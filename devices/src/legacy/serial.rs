@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::EventFdTrigger;
 use crate::bus::BusDevice;
+use crate::sync::lock;
 
 /// Signals the input side when the guest has drained the receive FIFO, so that reading from the
 /// host resumes only when there is room (no busy loop on a full FIFO, no dropped input).
@@ -133,10 +134,6 @@ impl SerialDevice {
             closed: false,
         })
     }
-}
-
-fn lock(core: &Mutex<SerialCore>) -> std::sync::MutexGuard<'_, SerialCore> {
-    core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl BusDevice for SerialDevice {

@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use super::state::{queues_from, DeviceStateError, MmioTransportState, QueueSnapshot};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
+use crate::sync::lock;
 
 /// "virt" in little endian.
 const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -354,12 +355,6 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
     }
-}
-
-fn lock(device: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl BusDevice for MmioTransport {

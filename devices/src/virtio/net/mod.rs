@@ -136,10 +136,6 @@ impl Net {
         &self.id
     }
 
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
-    }
-
     /// The interface's counters, for the monitor's metrics.
     pub fn metrics(&self) -> &Arc<NetMetrics> {
         &self.metrics

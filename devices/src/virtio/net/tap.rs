@@ -25,7 +25,6 @@ const IFF_VNET_HDR: u16 = 0x4000;
 pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
 pub const TUN_F_TSO6: u32 = 0x04;
-pub const TUN_F_UFO: u32 = 0x10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
