@@ -301,6 +301,7 @@ fn hosted_restored_guest_programs_carry_on() {
     let run = Hosted::new().disk(&disk).run(&in_netns(
         r#"
 cmd=$(guest_cmd '
+for d in /sys/bus/virtio/devices/*; do echo features-$(cat $d/device)=$(cut -c30 $d/features); done
 mount /dev/vda /mnt || exit 1
 hosted-tool vsock-listen 5000 --echo &
 hosted-tool tcp-listen 7000 --echo &
@@ -323,6 +324,7 @@ hosted-tool api /tmp/api1.sock PUT /snapshot/create \
   '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' || fail "snapshot"
 last=$(latest out1 tick-)
 echo last-before-snapshot=$last
+grep '^features-' out1
 kill -9 $first
 wait $first
 ./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem --vsock-override /tmp/v2.sock >out2 2>&1 &
@@ -341,6 +343,16 @@ grep -v '^tick-' out2
 "#,
     ));
     run.assert_ok();
+    // Linux took VIRTIO_RING_F_EVENT_IDX (feature bit 29) from each device (blk, net,
+    // vsock), so the used_event / avail_event rule is what this guest ran with.
+    for device in ["0x0002", "0x0001", "0x0013"] {
+        assert_eq!(
+            run.value(&format!("features-{device}=")),
+            "1",
+            "virtio device {device} did not negotiate EVENT_IDX:\n{}",
+            run.output
+        );
+    }
     let last: u64 = run.value("last-before-snapshot=").parse().expect("a count");
     let first_after: u64 = run.value("first-after-restore=").parse().expect("a count");
     assert_eq!(

@@ -272,6 +272,14 @@ impl VirtioCommon {
                         built,
                     });
                 }
+                // As the transport checks before it activates a device: a queue served from a
+                // forged snapshot must not point the device outside guest memory.
+                if let Some(index) = queues
+                    .iter()
+                    .position(|queue| !queue.ready() || !queue.is_valid(&mem))
+                {
+                    return Err(DeviceStateError::QueueOutsideMemory { index });
+                }
                 Some(queues)
             }
             None => None,

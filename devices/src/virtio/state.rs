@@ -137,6 +137,8 @@ pub enum DeviceStateError {
     },
     #[error("the snapshot has {saved} queues for a device with {built}")]
     QueueCount { saved: usize, built: usize },
+    #[error("the snapshot's queue {index} is not ready or its rings are not in guest memory")]
+    QueueOutsideMemory { index: usize },
     #[error("cannot restart the device: {0}")]
     Activate(#[from] super::ActivateError),
 }
