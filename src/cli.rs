@@ -21,8 +21,9 @@ pub struct Cli {
     /// Log level: Error, Warning, Info, Debug, Trace or Off.
     #[arg(long, global = true, default_value = "Info", value_parser = parse_level)]
     pub level: LevelFilter,
-    /// The microVM's id, used in log lines.
-    #[arg(long, global = true, default_value = "anonymous-instance")]
+    /// The microVM's id, used in log lines: 1 to 64 characters, each alphanumeric or '-'
+    /// (Firecracker's rule).
+    #[arg(long, global = true, default_value = "anonymous-instance", value_parser = parse_instance_id)]
     pub id: String,
     /// Run without seccomp filters (for debugging; never in production).
     #[arg(long, global = true, conflicts_with = "seccomp_filter")]
@@ -33,9 +34,90 @@ pub struct Cli {
     pub seccomp_filter: Option<PathBuf>,
     #[command(flatten)]
     pub api: ApiArgs,
+    /// Print the snapshot state file format version this mote writes and reads, and exit.
+    #[arg(long)]
+    pub snapshot_version: bool,
+    /// Print the format version of this snapshot state file, and exit.
+    #[arg(long, value_name = "PATH", conflicts_with = "snapshot_version")]
+    pub describe_snapshot: Option<PathBuf>,
     /// Without a command, mote serves the API (Firecracker's way).
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// The snapshot state file format version this mote writes and reads (`--snapshot-version`).
+pub const SNAPSHOT_VERSION: u32 = crate::snapshot::SNAPSHOT_VERSION;
+
+/// The format version in the header of the snapshot state file `path`
+/// (`--describe-snapshot`); the error is the one line to show.
+pub fn snapshot_format_version(path: &std::path::Path) -> Result<u32, String> {
+    use crate::snapshot::SnapshotError;
+    crate::snapshot::read_format_version(path).map_err(|err| match err {
+        // Opening and reading errors name the file already.
+        SnapshotError::Read(_) => err.to_string(),
+        _ => format!("{}: {err}", path.display()),
+    })
+}
+
+/// The longest `--id` Firecracker accepts, in bytes.
+pub const MAX_INSTANCE_ID_LEN: usize = 64;
+
+/// Firecracker's rule for an instance id: 1 to 64 bytes, each character alphanumeric or '-'.
+/// The jailer applies the same rule, since it passes its `--id` on.
+pub fn parse_instance_id(id: &str) -> Result<String, String> {
+    const RULE: &str = "an id is 1 to 64 characters, each a letter, a digit or '-'";
+    if id.is_empty() || id.len() > MAX_INSTANCE_ID_LEN {
+        return Err(format!("{} bytes long; {RULE}", id.len()));
+    }
+    if let Some((position, bad)) = id
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(c.is_alphanumeric() || *c == '-'))
+    {
+        return Err(format!("{bad:?} at position {position}; {RULE}"));
+    }
+    Ok(id.to_string())
+}
+
+/// Firecracker flags mote knows but cannot honour: refused, naming what is missing, rather
+/// than accepted and ignored.
+fn refusal(api: &ApiArgs) -> Option<&'static str> {
+    if api.enable_pci {
+        return Some(
+            "--enable-pci: mote has no PCI transport yet; its virtio devices are on \
+             virtio-mmio only",
+        );
+    }
+    if api.mmds_size_limit.is_some() {
+        return Some(
+            "--mmds-size-limit: mote does not implement MMDS (the microVM metadata service) \
+             yet, so it has no data store to limit",
+        );
+    }
+    None
+}
+
+impl Cli {
+    /// Parses `args` (the program's name first), refusing the flags mote cannot honour with
+    /// the same kind of error, and exit status, as any other bad flag.
+    pub fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args)?;
+        match refusal(&cli.api) {
+            Some(message) => Err(<Cli as clap::CommandFactory>::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, message)),
+            None => Ok(cli),
+        }
+    }
+
+    /// [`Cli::try_parse_checked`] on the process's arguments; prints the error and exits on
+    /// failure, as clap does.
+    pub fn parse_checked() -> Cli {
+        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|err| err.exit())
+    }
 }
 
 impl Cli {
@@ -79,6 +161,35 @@ pub struct ApiArgs {
     /// The largest request body the API accepts, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = crate::api::http::DEFAULT_MAX_PAYLOAD)]
     pub http_api_max_payload_size: usize,
+    /// When the process was started (CLOCK_MONOTONIC, µs), as Firecracker's jailer passes it:
+    /// the metrics' `api_server.process_startup_time_us` counts from it.
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+    /// The process's CPU time (µs) when it was started, as Firecracker's jailer passes it: the
+    /// metrics' `api_server.process_startup_time_cpu_us` counts from it.
+    #[arg(long, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+    /// CPU time (µs) the starting parent (the jailer) spent, added to
+    /// `process_startup_time_cpu_us`.
+    #[arg(long, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
+    /// Refused: mote has no PCI transport yet (Firecracker: put devices on PCIe).
+    #[arg(long)]
+    pub enable_pci: bool,
+    /// Refused: mote has no MMDS yet (Firecracker: the MMDS data store's limit, in bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<String>,
+}
+
+impl ApiArgs {
+    /// What the starter said about the process's start, for the startup metrics.
+    pub fn startup_times(&self) -> crate::api::StartupTimes {
+        crate::api::StartupTimes {
+            start_time_us: self.start_time_us,
+            start_time_cpu_us: self.start_time_cpu_us,
+            parent_cpu_time_us: self.parent_cpu_time_us,
+        }
+    }
 }
 
 /// Where the API listens when no --api-sock is given (Firecracker: /run/firecracker.socket).
@@ -528,6 +639,84 @@ mod tests {
             "--no-api needs --config-file"
         );
         assert!(parse(&["--no-api", "--config-file", "/c.json"]).is_ok());
+    }
+
+    fn refusal_of(args: &[&str]) -> String {
+        let args = std::iter::once("mote").chain(args.iter().copied());
+        let err = Cli::try_parse_checked(args).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "as any other bad flag");
+        err.to_string()
+    }
+
+    #[test]
+    fn enable_pci_is_refused_naming_the_missing_transport() {
+        let err = refusal_of(&["--api-sock", "/a", "--enable-pci"]);
+        assert!(
+            err.contains("--enable-pci: mote has no PCI transport yet"),
+            "{err}"
+        );
+        assert!(Cli::try_parse_checked(["mote", "--api-sock", "/a"]).is_ok());
+    }
+
+    #[test]
+    fn mmds_size_limit_is_refused_naming_mmds() {
+        let err = refusal_of(&["--mmds-size-limit", "51200"]);
+        assert!(err.contains("mote does not implement MMDS"), "{err}");
+    }
+
+    #[test]
+    fn ids_follow_firecrackers_rule() {
+        let longest = "a".repeat(MAX_INSTANCE_ID_LEN);
+        for good in ["a", "vm-1", "Ünïcode-2", longest.as_str()] {
+            assert_eq!(parse(&["--id", good]).unwrap().id, good);
+        }
+        let too_long = "a".repeat(MAX_INSTANCE_ID_LEN + 1);
+        for (bad, why) in [
+            ("", "0 bytes long"),
+            (too_long.as_str(), "65 bytes long"),
+            ("vm_1", "'_' at position 2"),
+            ("a/b", "'/' at position 1"),
+            ("a b", "' ' at position 1"),
+        ] {
+            let err = parse(&["--id", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let err = err.to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert!(err.contains("1 to 64 characters"), "{bad:?}: {err}");
+        }
+        // The rule holds for `mote run` too.
+        assert!(parse(&["run", "--kernel", "k", "--id", "a:b"]).is_err());
+        assert_eq!(parse(&[]).unwrap().id, "anonymous-instance");
+    }
+
+    #[test]
+    fn the_jailers_start_times_are_taken() {
+        let cli = parse(&[
+            "--start-time-us",
+            "10",
+            "--start-time-cpu-us",
+            "20",
+            "--parent-cpu-time-us",
+            "30",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.api.startup_times(),
+            crate::api::StartupTimes {
+                start_time_us: Some(10),
+                start_time_cpu_us: Some(20),
+                parent_cpu_time_us: Some(30),
+            }
+        );
+        assert_eq!(parse(&[]).unwrap().api.startup_times(), Default::default());
+        assert!(parse(&["--start-time-us", "-1"]).is_err());
+    }
+
+    #[test]
+    fn snapshot_questions_parse() {
+        let cli = parse(&["--describe-snapshot", "/s"]).unwrap();
+        assert_eq!(cli.describe_snapshot, Some(PathBuf::from("/s")));
+        assert!(parse(&["--snapshot-version"]).unwrap().snapshot_version);
     }
 
     #[test]

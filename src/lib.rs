@@ -102,6 +102,8 @@ pub struct ApiOptions<'a> {
     pub boot_timer: bool,
     pub logger: Option<config::LoggerConfig>,
     pub metrics_path: Option<&'a Path>,
+    /// The jailer's `--start-time-us`, `--start-time-cpu-us` and `--parent-cpu-time-us`.
+    pub startup: api::StartupTimes,
 }
 
 /// The largest `--config-file` read: a configuration is a few KiB; more is a wrong file.
@@ -147,7 +149,7 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     }
     let api = options
         .api_sock
-        .map(|path| api::start(path, options.max_payload))
+        .map(|path| api::start(path, options.max_payload, options.startup))
         .transpose()?;
     // The socket goes with the process, on every path out of here.
     let _socket = options.api_sock.map(RemoveOnDrop);
@@ -234,7 +236,7 @@ pub fn run_restored(
     start: ProcessStart,
 ) -> Result<Outcome, MoteError> {
     let api = api_sock
-        .map(|path| api::start(path, api::http::DEFAULT_MAX_PAYLOAD))
+        .map(|path| api::start(path, api::http::DEFAULT_MAX_PAYLOAD, Default::default()))
         .transpose()?;
     let _socket = api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;

@@ -1,7 +1,6 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
 use devices::legacy::boot_timer::process_cpu_time_us;
 use mote::cli::{Cli, Command};
 use mote::config::LoggerConfig;
@@ -18,6 +17,19 @@ fn one_malloc_arena() {
     }
 }
 
+/// The status of a monitor that failed (ExitCode::FAILURE, as a number for the exit line).
+const EXIT_FAILURE: u8 = 1;
+
+/// The last log line, in Firecracker's words with mote's name, so that tools can match it:
+/// `mote exiting successfully. exit_code=0`, or `mote exiting with error. exit_code=N`.
+fn log_exit(code: u8) {
+    if code == 0 {
+        log::info!("mote exiting successfully. exit_code=0");
+    } else {
+        log::error!("mote exiting with error. exit_code={code}");
+    }
+}
+
 fn main() -> ExitCode {
     let start = ProcessStart {
         instant: Instant::now(),
@@ -29,7 +41,24 @@ fn main() -> ExitCode {
         eprintln!("mote: cannot ignore SIGXFSZ: {err}");
         return ExitCode::FAILURE;
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
+    // Questions about snapshots are answered before anything starts, as Firecracker does.
+    if cli.snapshot_version {
+        println!("v{}", mote::cli::SNAPSHOT_VERSION);
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.describe_snapshot {
+        return match mote::cli::snapshot_format_version(path) {
+            Ok(version) => {
+                println!("v{version}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("mote: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     mote::logger::init(&cli.id, cli.level);
     // Chosen before any thread starts; each thread installs its filter itself.
     match mote::seccomp::SeccompFilters::load(&cli.seccomp()) {
@@ -73,12 +102,15 @@ fn main() -> ExitCode {
                 boot_timer: api.boot_timer,
                 logger,
                 metrics_path: api.metrics_path.as_deref(),
+                startup: api.startup_times(),
             };
             mote::run_api(options, start)
         }
     };
     match result {
+        // The exit line first, so that a person reading stderr finds the reason last.
         Ok(outcome) => {
+            log_exit(outcome.exit_code());
             if let Some(message) = outcome.message() {
                 eprintln!("mote: {message}");
             }
@@ -86,6 +118,7 @@ fn main() -> ExitCode {
             mote::teardown::exit(outcome.exit_code())
         }
         Err(err) => {
+            log_exit(EXIT_FAILURE);
             eprintln!("mote: {err}");
             ExitCode::FAILURE
         }

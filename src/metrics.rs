@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,7 @@ use serde_json::{Map, Value};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::paths::{self, ENDPOINTS};
+use crate::api::StartupTimes;
 
 /// The process's metrics: counters are bumped where things happen, from any thread.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
@@ -41,13 +43,15 @@ pub enum MetricsError {
 }
 
 /// Declares a group of counters that reports itself as one JSON object, each counter under its
-/// field's name, so that a counter's name is written once. Fields after a `;` are the struct's
-/// own and not reported.
+/// field's name, so that a counter's name is written once. Gauges after `@gauges` are reported
+/// beside them with their current value. Fields after a `;` are the struct's own and not
+/// reported.
 macro_rules! counters {
     (
         $(#[$doc:meta])*
         pub struct $name:ident {
             $($(#[$counter_doc:meta])* $counter:ident,)*
+            $(@gauges $($(#[$gauge_doc:meta])* $gauge:ident,)*)?
             $(; $($(#[$field_doc:meta])* $field:ident: $field_type:ty,)*)?
         }
     ) => {
@@ -55,18 +59,48 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct $name {
             $($(#[$counter_doc])* pub $counter: Counter,)*
+            $($($(#[$gauge_doc])* pub $gauge: Gauge,)*)?
             $($($(#[$field_doc])* $field: $field_type,)*)?
         }
 
         impl $name {
-            /// Each counter's count since the previous report, by name.
+            /// Each counter's count since the previous report, and each gauge's value, by name.
             fn take_deltas(&self) -> Value {
                 let mut deltas = Map::new();
                 $(deltas.insert(stringify!($counter).into(), self.$counter.take_delta().into());)*
+                $($(deltas.insert(stringify!($gauge).into(), self.$gauge.get().into());)*)?
                 Value::Object(deltas)
             }
         }
     };
+}
+
+/// A value that is set rather than counted (Firecracker's `StoreMetric`): every report carries
+/// the latest value, 0 until one is set.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The clock `clock` now, in microseconds (0 if it cannot be read).
+fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into the timespec we pass, which outlives the call.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
 }
 
 /// A request kind's count and its failures.
@@ -81,6 +115,12 @@ counters! {
     /// `patch_api_requests`.
     pub struct ApiMetrics {
         sync_response_fails,
+        @gauges
+        /// From the starter's `--start-time-us` to the API's socket listening, µs.
+        process_startup_time_us,
+        /// The CPU time spent from the starter's `--start-time-cpu-us` to the API's socket
+        /// listening, plus its `--parent-cpu-time-us`, µs.
+        process_startup_time_cpu_us,
         ;
         /// Each endpoint's counters, in the order of [`ENDPOINTS`].
         requests: [RequestCounters; ENDPOINTS.len()],
@@ -88,6 +128,21 @@ counters! {
 }
 
 impl ApiMetrics {
+    /// Firecracker's startup metrics: set only from what the starter passed, so they stay 0
+    /// for a monitor started without the flags, as Firecracker's do.
+    pub fn record_startup(&self, startup: &StartupTimes) {
+        if let Some(start) = startup.start_time_us {
+            let now = clock_us(libc::CLOCK_MONOTONIC);
+            self.process_startup_time_us.set(now.saturating_sub(start));
+        }
+        if let Some(start_cpu) = startup.start_time_cpu_us {
+            let now = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID);
+            let parent = startup.parent_cpu_time_us.unwrap_or(0);
+            self.process_startup_time_cpu_us
+                .set(now.saturating_sub(start_cpu).saturating_add(parent));
+        }
+    }
+
     /// The counters of the request kind `METHOD /path…`, if it is one that is counted.
     pub fn for_request(&self, method: &str, path: &str) -> Option<&RequestCounters> {
         let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
@@ -349,6 +404,31 @@ mod tests {
         assert_eq!(again["put_api_requests"]["drive_count"], 0);
         assert_eq!(again["block"]["read_bytes"], 0);
         assert!(metrics.api.for_request("DELETE", "/").is_none());
+    }
+
+    #[test]
+    fn startup_gauges_are_zero_without_the_flags_and_stay_in_every_report() {
+        let metrics = Metrics::default();
+        metrics.api.record_startup(&StartupTimes::default());
+        let report = metrics.report();
+        assert_eq!(report["api_server"]["process_startup_time_us"], 0);
+        assert_eq!(report["api_server"]["process_startup_time_cpu_us"], 0);
+        let now = clock_us(libc::CLOCK_MONOTONIC);
+        metrics.api.record_startup(&StartupTimes {
+            start_time_us: Some(now - 5_000_000),
+            start_time_cpu_us: Some(0),
+            parent_cpu_time_us: Some(7_000_000),
+        });
+        for report in [metrics.report(), metrics.report()] {
+            let wall = report["api_server"]["process_startup_time_us"]
+                .as_u64()
+                .unwrap();
+            assert!((5_000_000..6_000_000).contains(&wall), "{report}");
+            let cpu = report["api_server"]["process_startup_time_cpu_us"]
+                .as_u64()
+                .unwrap();
+            assert!(cpu >= 7_000_000, "the parent's CPU time is added: {report}");
+        }
     }
 
     #[test]

@@ -315,7 +315,30 @@ fn a_jailed_monitor_runs_as_the_jail_says_and_boots_a_guest() {
     let socket = root.join("api.sock");
     wait_for(&socket, &mut child);
 
-    // Who and where it runs.
+    // Told its start as Firecracker's jailer tells it, before the arguments after `--`.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let flags: Vec<&str> = argv[1..].iter().step_by(2).map(String::as_str).collect();
+    assert_eq!(
+        flags[..5],
+        [
+            "--id",
+            "--start-time-us",
+            "--start-time-cpu-us",
+            "--parent-cpu-time-us",
+            "--api-sock"
+        ],
+        "{argv:?}"
+    );
+    for value in [&argv[4], &argv[6], &argv[8]] {
+        assert!(value.parse::<u64>().is_ok(), "{argv:?}");
+    }
+    assert_eq!(argv[2], id);
+
     assert_eq!(
         status_field(pid, "Uid:"),
         format!("{JAIL_UID} {JAIL_UID} {JAIL_UID} {JAIL_UID}")
@@ -487,7 +510,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
     };
     fails(
         with("bad_id!", &mote_arg, &[]),
-        "is not a letter, digit or '-'",
+        "'_' at position 3; an id is 1 to 64 characters, each a letter, a digit or '-'",
     );
     fails(with(&"x".repeat(65), &mote_arg, &[]), "1 to 64 characters");
     fails(

@@ -37,13 +37,35 @@ pub struct ApiChannel {
     pub wake: EventFd,
 }
 
+/// What the process's starter (Firecracker's jailer) said about its start, on the command line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartupTimes {
+    /// CLOCK_MONOTONIC when the starter began, µs.
+    pub start_time_us: Option<u64>,
+    /// The process's CPU time when the starter handed over to mote, µs.
+    pub start_time_cpu_us: Option<u64>,
+    /// The starter's own CPU time, µs (its process is not ours when it forked).
+    pub parent_cpu_time_us: Option<u64>,
+}
+
+/// The line tools wait for once the socket answers (Firecracker's words, exactly).
+pub const STARTED_LINE: &str = "API server started.";
+
 /// Binds the socket (so it answers as soon as this returns) and starts the API thread.
-pub fn start(socket: &Path, max_payload: usize) -> Result<ApiChannel, ApiError> {
+pub fn start(
+    socket: &Path,
+    max_payload: usize,
+    startup: StartupTimes,
+) -> Result<ApiChannel, ApiError> {
     let mut server = HttpServer::bind(socket, max_payload)?;
     let (to_vmm, requests) = channel();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(ApiError::Thread)?;
     let api_wake = wake.try_clone().map_err(ApiError::Thread)?;
     info!("API listening on {}", socket.display());
+    info!("{STARTED_LINE}");
+    // As Firecracker: how long the process took to serve its API, when its starter says when
+    // it began.
+    METRICS.api.record_startup(&startup);
     crate::thread::spawn_named(
         "mote_api".to_string(),
         crate::seccomp::thread_filter(crate::seccomp::Filter::Api),

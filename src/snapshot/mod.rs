@@ -11,7 +11,7 @@ pub mod actions;
 pub mod memory;
 mod replace;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crc::{Crc, CRC_64_ECMA_182};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::{VcpuState, VmState};
 use crate::config::VmConfigFile;
 pub use crate::device_manager::DevicesState;
-use crate::host_file::{self, HostFileError};
+use crate::host_file::{self, FileKind, HostFileError};
 pub use memory::MemoryRegionState;
 pub use replace::NewFile;
 
@@ -105,6 +105,44 @@ pub fn encode(state: &MicrovmState) -> Result<Vec<u8>, SnapshotError> {
     let crc = CRC64.checksum(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
     Ok(bytes)
+}
+
+/// The format version of the state file at `path`, from its header alone: the file may be of
+/// another version, whose body this mote could not decode.
+pub fn read_format_version(path: &Path) -> Result<u32, SnapshotError> {
+    const WHAT: &str = "the snapshot state file";
+    let mut file = host_file::open(WHAT, path, FileKind::Regular, false)?;
+    let mut header = [0u8; SNAPSHOT_MAGIC.len() + 4];
+    let mut len = 0;
+    while len < header.len() {
+        match file.read(&mut header[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(SnapshotError::Read(HostFileError::Read {
+                    what: WHAT.to_string(),
+                    path: path.to_path_buf(),
+                    source,
+                }))
+            }
+        }
+    }
+    // A short file that does not even start as a snapshot is not one.
+    let magic_len = len.min(SNAPSHOT_MAGIC.len());
+    if header[..magic_len] != SNAPSHOT_MAGIC[..magic_len] {
+        return Err(SnapshotError::BadMagic);
+    }
+    if len < header.len() {
+        return Err(SnapshotError::Truncated {
+            len,
+            expected: header.len(),
+        });
+    }
+    let version: [u8; 4] = header[SNAPSHOT_MAGIC.len()..]
+        .try_into()
+        .expect("the header ends with the 4-byte version");
+    Ok(u32::from_le_bytes(version))
 }
 
 /// Checks and decodes a state file's bytes.
@@ -207,6 +245,35 @@ mod tests {
                 virtio: Vec::new(),
             },
         }
+    }
+
+    #[test]
+    fn the_format_version_is_read_from_the_header_alone() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("state");
+        let mut bytes = encode(&state()).unwrap();
+        // A version this mote cannot decode is still described.
+        bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_format_version(&path).unwrap(), 7);
+        for (contents, want) in [
+            (&b"#!/bin/sh\necho hello\n"[..], "not a mote snapshot"),
+            (&bytes[..10], "truncated: 10 bytes, 12 expected"),
+            (&b""[..], "truncated: 0 bytes"),
+        ] {
+            std::fs::write(&path, contents).unwrap();
+            let err = read_format_version(&path).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let fifo = dir.as_path().join("fifo");
+        let fifo_c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+        let err = read_format_version(&fifo).unwrap_err().to_string();
+        assert!(
+            err.contains("is not a regular file (a named pipe)"),
+            "{err}"
+        );
     }
 
     #[test]

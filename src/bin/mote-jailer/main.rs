@@ -99,8 +99,12 @@ fn main() -> ExitCode {
         eprintln!("mote-jailer: cannot close inherited descriptors: {err}");
         return ExitCode::FAILURE;
     }
+    let start = Start {
+        time_us: sys::clock_us(libc::CLOCK_MONOTONIC),
+        cpu_time_us: sys::clock_us(libc::CLOCK_PROCESS_CPUTIME_ID),
+    };
     let args = JailerArgs::parse();
-    match run(&args) {
+    match run(&args, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mote-jailer: {err}");
@@ -109,12 +113,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// When the jailer started, for the monitor's startup metrics (Firecracker's contract).
+#[derive(Debug, Clone, Copy)]
+struct Start {
+    /// CLOCK_MONOTONIC, µs.
+    time_us: u64,
+    /// The process's CPU time, µs.
+    cpu_time_us: u64,
+}
+
 /// Returns only on failure, or in the parent of a daemonized or pid-namespaced monitor.
-fn run(args: &JailerArgs) -> Result<(), JailError> {
+fn run(args: &JailerArgs, start: Start) -> Result<(), JailError> {
     if args.uid == 0 && !args.allow_root_uid {
         return Err(JailError::RootUid);
     }
-    let argv = monitor_arguments(args)?;
+    // Checked before anything is made; the timed flags are added just before the exec.
+    monitor_arguments(args, &StartTimes::default())?;
     let netns = args
         .netns
         .as_ref()
@@ -183,6 +197,9 @@ fn run(args: &JailerArgs) -> Result<(), JailError> {
         cgroup.keep();
     }
     jail.keep();
+    // The jailer's own CPU time, counted before a fork leaves it in another process.
+    let parent_cpu_time_us =
+        sys::clock_us(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(start.cpu_time_us);
     if args.daemonize || args.new_pid_ns {
         // A new pid namespace takes effect for children only; a daemon leaves its caller.
         if let sys::Forked::Parent(pid) = sys::fork().map_err(sys_error("fork"))? {
@@ -204,6 +221,14 @@ fn run(args: &JailerArgs) -> Result<(), JailError> {
         .map_err(sys_error("drop to the jail's uid and gid"))?;
     let program = cstring(Path::new("/").join(&exec_name).as_os_str())?;
     let argv0 = cstring(&exec_name)?;
+    let times = StartTimes {
+        start_time_us: start.time_us,
+        // This process's CPU time from here on is the monitor's (the clock goes on across the
+        // exec); what the jailer spent is passed apart, as Firecracker's jailer does.
+        start_time_cpu_us: sys::clock_us(libc::CLOCK_PROCESS_CPUTIME_ID),
+        parent_cpu_time_us,
+    };
+    let argv = monitor_arguments(args, &times)?;
     Err(sys_error("exec the monitor")(sys::exec_clean(
         &program, &argv0, &argv,
     )))
@@ -213,12 +238,30 @@ fn cstring(s: &OsStr) -> Result<CString, JailError> {
     CString::new(s.as_bytes()).map_err(|_| JailError::NulInArgument)
 }
 
-/// `--id ID` (as Firecracker's jailer passes it) and the arguments after `--`.
-fn monitor_arguments(args: &JailerArgs) -> Result<Vec<CString>, JailError> {
-    ["--id", args.id.as_str()]
-        .into_iter()
-        .chain(args.exec_args.iter().map(String::as_str))
-        .map(|arg| cstring(OsStr::new(arg)))
+/// What the monitor is told of its start, in microseconds.
+#[derive(Debug, Default, Clone, Copy)]
+struct StartTimes {
+    /// When the jailer started (CLOCK_MONOTONIC).
+    start_time_us: u64,
+    /// The process's CPU time at the exec.
+    start_time_cpu_us: u64,
+    /// The CPU time the jailer spent.
+    parent_cpu_time_us: u64,
+}
+
+/// The monitor's arguments in the order Firecracker's jailer gives them: `--id ID
+/// --start-time-us T --start-time-cpu-us C --parent-cpu-time-us P`, then those after `--`.
+fn monitor_arguments(args: &JailerArgs, times: &StartTimes) -> Result<Vec<CString>, JailError> {
+    let own = [
+        ("--id", args.id.clone()),
+        ("--start-time-us", times.start_time_us.to_string()),
+        ("--start-time-cpu-us", times.start_time_cpu_us.to_string()),
+        ("--parent-cpu-time-us", times.parent_cpu_time_us.to_string()),
+    ];
+    own.into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .chain(args.exec_args.iter().cloned())
+        .map(|arg| cstring(OsStr::new(&arg)))
         .collect()
 }
 
@@ -254,4 +297,53 @@ fn enter_root(root: &Path) -> Result<(), JailError> {
     sys::umount_detach(&old_root_abs).map_err(sys_error("unmount the old root"))?;
     std::fs::remove_dir("/old_root").map_err(sys_error("remove the old root's mount point"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monitor_gets_the_id_and_start_times_first_as_from_firecrackers_jailer() {
+        let args = JailerArgs::try_parse_from([
+            "mote-jailer",
+            "--id",
+            "vm-1",
+            "--exec-file",
+            "/mote",
+            "--uid",
+            "100",
+            "--gid",
+            "100",
+            "--",
+            "--api-sock",
+            "/api.sock",
+        ])
+        .unwrap();
+        let times = StartTimes {
+            start_time_us: 11,
+            start_time_cpu_us: 22,
+            parent_cpu_time_us: 33,
+        };
+        let argv: Vec<String> = monitor_arguments(&args, &times)
+            .unwrap()
+            .into_iter()
+            .map(|arg| arg.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            argv,
+            [
+                "--id",
+                "vm-1",
+                "--start-time-us",
+                "11",
+                "--start-time-cpu-us",
+                "22",
+                "--parent-cpu-time-us",
+                "33",
+                "--api-sock",
+                "/api.sock"
+            ]
+        );
+    }
 }

@@ -164,6 +164,19 @@ pub fn redirect_stdio(fd: &impl AsRawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// The clock `clock` now, in microseconds (0 if it cannot be read).
+pub fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into the timespec we pass, which outlives the call.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
 /// Replaces this process with `program`, with `args` (argv[1..]) and an empty environment.
 pub fn exec_clean(program: &CStr, argv0: &CStr, args: &[CString]) -> io::Error {
     let mut argv: Vec<*const libc::c_char> = vec![argv0.as_ptr()];
