@@ -163,6 +163,27 @@ fn a_refused_restore_changes_nothing() {
 }
 
 #[test]
+fn a_restored_queue_outside_guest_memory_or_not_ready_is_refused() {
+    let mut saved = common(VIRTIO_F_VERSION_1);
+    saved.activate(memory(), vec![queue(false)]).unwrap();
+    let state = saved.save_state(DeviceSpecificState::Vsock { guest_cid: 3 });
+    let mut outside = state.clone();
+    outside.queues.as_mut().unwrap()[0].used_ring = 0x10_0000;
+    let mut not_ready = state.clone();
+    not_ready.queues.as_mut().unwrap()[0].ready = false;
+    for forged in [outside, not_ready] {
+        let mut restored = common(0);
+        assert!(matches!(
+            restored.restore_state(memory(), &forged),
+            Err(DeviceStateError::QueueOutsideMemory { index: 0 })
+        ));
+        assert!(restored.active().is_none());
+    }
+    // The same state as saved restores.
+    assert!(common(0).restore_state(memory(), &state).unwrap());
+}
+
+#[test]
 fn every_device_offers_event_idx() {
     // virtio-net needs a TAP: its own tests check it.
     let file = TempFile::new().unwrap();
