@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{self, DEFAULT_BOOT_ARGS};
 use crate::config::{
-    validate_drives, validate_network_interfaces, ConfigError, DriveConfig, VmResources,
+    validate_drives, validate_network_interfaces, BootSourceConfig, ConfigError, DriveConfig,
+    VmResources,
 };
 pub use crate::device_manager::Console;
 use crate::device_manager::{
@@ -110,6 +111,17 @@ pub struct Built {
 /// Opens a file the guest boots from, checking it is a regular file.
 fn open_boot_file(what: &'static str, path: &Path) -> Result<File, BuildError> {
     Ok(host_file::open(what, path, FileKind::Regular, false)?)
+}
+
+/// Opens the kernel and initrd a boot source names, as `PUT /boot-source` does when the request
+/// arrives (Firecracker's rule: a configuration that cannot boot is refused at the request that
+/// made it so), with the messages a start would give.
+pub fn check_boot_files(boot_source: &BootSourceConfig) -> Result<(), BuildError> {
+    open_boot_file("kernel image", &boot_source.kernel_image_path)?;
+    if let Some(initrd) = &boot_source.initrd_path {
+        open_boot_file("initrd", initrd)?;
+    }
+    Ok(())
 }
 
 /// The kernel command line: the user's or the defaults, then the root device unless the user

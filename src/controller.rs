@@ -11,9 +11,11 @@ use log::{info, warn};
 use serde_json::json;
 
 use crate::api::ApiChannel;
-use crate::builder::{build_microvm_for_boot, BuildError, Built, Console, ProcessStart};
+use crate::builder::{
+    build_microvm_for_boot, check_boot_files, BuildError, Built, Console, ProcessStart,
+};
 use crate::config::{LoadSnapshotParams, VmResources};
-use crate::device_manager::Subscriber;
+use crate::device_manager::{check_drive_file, Subscriber};
 use crate::metrics::METRICS;
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use crate::snapshot::actions::{create_snapshot, load_snapshot};
@@ -44,7 +46,8 @@ fn to_json<T: serde::Serialize>(value: &T) -> ActionResult {
         .map_err(VmmActionError::Render)
 }
 
-/// The requests answered the same way in both phases; None for the others.
+/// The requests answered the same way in both phases; None for the others. (FlushMetrics is
+/// not one: Firecracker refuses it before boot.)
 fn handle_any_phase(
     instance_id: &str,
     state: InstanceState,
@@ -60,10 +63,6 @@ fn handle_any_phase(
         })),
         VmmAction::GetVmConfig => to_json(&resources.to_config_file()),
         VmmAction::GetMachineConfig => to_json(&resources.machine_config),
-        VmmAction::FlushMetrics => METRICS
-            .flush()
-            .map(|()| VmmData::Empty)
-            .map_err(VmmActionError::from),
         _ => return None,
     })
 }
@@ -81,6 +80,9 @@ pub enum PrebootAnswer {
     Answered(ActionResult),
     /// The request started the VM (its answer is 204).
     Started(Box<Started>),
+    /// A snapshot load failed part-way: the client gets its answer and the monitor ends, as
+    /// Firecracker's does (a half-loaded monitor is not reused).
+    Fatal(VmmActionError),
 }
 
 /// The controller before boot.
@@ -90,6 +92,9 @@ pub struct PrebootController {
     /// Taken by the start.
     console: Option<Console>,
     process_start: ProcessStart,
+    /// A request configured what only a boot uses (boot source, machine, devices): a snapshot
+    /// may no longer be loaded (Firecracker's rule).
+    boot_configured: bool,
 }
 
 impl PrebootController {
@@ -104,6 +109,7 @@ impl PrebootController {
             resources,
             console: Some(console),
             process_start,
+            boot_configured: false,
         }
     }
 
@@ -123,10 +129,24 @@ impl PrebootController {
                 info!("InstanceStart failed: {err}");
                 VmmActionError::from(err)
             }),
-            VmmAction::LoadSnapshot(params) => self.load_snapshot(&params).inspect_err(|err| {
-                info!("snapshot load failed: {err}");
-            }),
-            action => return PrebootAnswer::Answered(self.configure(action)),
+            VmmAction::LoadSnapshot(_) if self.boot_configured => {
+                Err(VmmActionError::LoadAfterBootConfig)
+            }
+            VmmAction::LoadSnapshot(params) => match self.load_snapshot(&params) {
+                Ok(started) => Ok(started),
+                Err(err) if load_failure_is_fatal(&err) => {
+                    log::error!("snapshot load failed, so this monitor ends: {err}");
+                    return PrebootAnswer::Fatal(err);
+                }
+                Err(err) => {
+                    info!("snapshot load refused: {err}");
+                    Err(err)
+                }
+            },
+            action => {
+                let answer = self.configure(action);
+                return PrebootAnswer::Answered(answer);
+            }
         };
         match started {
             Ok(started) => PrebootAnswer::Started(Box::new(started)),
@@ -137,8 +157,18 @@ impl PrebootController {
     /// The requests that edit the configuration.
     fn configure(&mut self, action: VmmAction) -> ActionResult {
         let resources = &mut self.resources;
+        let boot_only = matches!(
+            action,
+            VmmAction::PutBootSource(_)
+                | VmmAction::PutMachineConfig(_)
+                | VmmAction::PatchMachineConfig(_)
+                | VmmAction::PutDrive(_)
+                | VmmAction::PutNetworkInterface(_)
+                | VmmAction::PutVsock(_)
+        );
         match action {
             VmmAction::PutBootSource(boot_source) => {
+                check_boot_files(&boot_source)?;
                 resources.boot_source = Some(boot_source);
             }
             VmmAction::PutMachineConfig(config) => {
@@ -150,7 +180,12 @@ impl PrebootController {
                 config.validate()?;
                 resources.machine_config = config;
             }
-            VmmAction::PutDrive(drive) => resources.insert_drive(drive)?,
+            VmmAction::PutDrive(drive) => {
+                // Checked before the file is opened, so that a bad id is named as such.
+                drive.validate()?;
+                check_drive_file(&drive)?;
+                resources.insert_drive(drive)?;
+            }
             VmmAction::PutNetworkInterface(iface) => resources.insert_network_interface(iface)?,
             VmmAction::PutLogger(config) => {
                 crate::logger::configure(&config)?;
@@ -168,18 +203,19 @@ impl PrebootController {
             }
             VmmAction::PatchDrive(_)
             | VmmAction::SendCtrlAltDel
+            | VmmAction::FlushMetrics
             | VmmAction::Pause
             | VmmAction::Resume
             | VmmAction::CreateSnapshot(_) => return Err(VmmActionError::NotBeforeBoot),
             VmmAction::GetInstanceInfo
             | VmmAction::GetVmConfig
             | VmmAction::GetMachineConfig
-            | VmmAction::FlushMetrics
             | VmmAction::InstanceStart
             | VmmAction::LoadSnapshot(_) => {
                 unreachable!("answered by PrebootController::handle")
             }
         }
+        self.boot_configured |= boot_only;
         Ok(VmmData::Empty)
     }
 
@@ -249,6 +285,15 @@ impl PrebootController {
     }
 }
 
+/// Whether a failed `PUT /snapshot/load` ends the monitor: any failure once the snapshot was
+/// being read or built does; a request refused for its shape alone does not.
+fn load_failure_is_fatal(err: &VmmActionError) -> bool {
+    match err {
+        VmmActionError::Snapshot(err) => !err.leaves_monitor_usable(),
+        _ => true,
+    }
+}
+
 /// The controller of a running VM.
 pub struct RuntimeController {
     instance_id: String,
@@ -278,6 +323,7 @@ impl RuntimeController {
                 METRICS.vmm.resume_count.inc();
             }
             VmmAction::SendCtrlAltDel => vmm.device_manager().send_ctrl_alt_del()?,
+            VmmAction::FlushMetrics => METRICS.flush()?,
             VmmAction::PatchDrive(update) => {
                 let drive = self
                     .resources
@@ -305,10 +351,9 @@ impl RuntimeController {
             | VmmAction::PutVsock(_)
             | VmmAction::InstanceStart
             | VmmAction::LoadSnapshot(_) => return Err(VmmActionError::NotAfterBoot),
-            VmmAction::GetInstanceInfo
-            | VmmAction::GetVmConfig
-            | VmmAction::GetMachineConfig
-            | VmmAction::FlushMetrics => unreachable!("answered by handle_any_phase"),
+            VmmAction::GetInstanceInfo | VmmAction::GetVmConfig | VmmAction::GetMachineConfig => {
+                unreachable!("answered by handle_any_phase")
+            }
         }
         Ok(VmmData::Empty)
     }

@@ -77,6 +77,8 @@ pub enum MoteError {
     Signals(io::Error),
     #[error("cannot wait for API requests: {0}")]
     PreBootWait(io::Error),
+    #[error("a snapshot load failed part-way (its API answer says why); a half-loaded monitor is not reused, so it ends")]
+    LoadFailed,
 }
 
 /// Boots the guest described by `resources` with its console on stdin/stdout, and runs it to
@@ -315,6 +317,11 @@ fn serve_until_start(
             PrebootAnswer::Started(started) => {
                 let _ = request.reply.send(Ok(VmmData::Empty));
                 return Ok(PreBoot::Started(started));
+            }
+            PrebootAnswer::Fatal(err) => {
+                let _ = request.reply.send(Err(err));
+                api::http::wait_for_answers(ANSWER_GRACE);
+                return Err(MoteError::LoadFailed);
             }
         }
     }

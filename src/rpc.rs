@@ -62,6 +62,9 @@ pub enum VmmActionError {
     NotAfterBoot,
     #[error("The requested operation is not supported before starting the microVM.")]
     NotBeforeBoot,
+    /// Firecracker's words: a snapshot brings its own configuration.
+    #[error("Loading a microVM snapshot not allowed after configuring boot-specific resources.")]
+    LoadAfterBootConfig,
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]

@@ -357,17 +357,62 @@ fn every_kind_of_bad_request_gets_a_400_naming_the_problem() {
             "{method} {path} {body}: {fault:?} does not say {expected:?}"
         );
     }
-    // A boot source that names a missing kernel is refused at InstanceStart, and the
+    // Firecracker opens the files a request names when it arrives: a boot source with a
+    // missing kernel or initrd, or a drive with a missing file, is refused then, and the
     // monitor stays up for a corrected one.
-    mote.ok(
-        "PUT",
-        "/boot-source",
-        r#"{"kernel_image_path": "/no/such/vmlinux"}"#,
-    );
+    let kernel = probe_kernel();
+    for (path, body, missing) in [
+        (
+            "/boot-source",
+            serde_json::json!({"kernel_image_path": "/no/such/vmlinux"}),
+            "/no/such/vmlinux",
+        ),
+        (
+            "/boot-source",
+            serde_json::json!({"kernel_image_path": kernel, "initrd_path": "/no/such/initrd"}),
+            "/no/such/initrd",
+        ),
+        (
+            "/drives/data",
+            serde_json::json!({"drive_id": "data", "path_on_host": "/no/such/disk",
+                               "is_root_device": false}),
+            "/no/such/disk",
+        ),
+    ] {
+        let fault = mote.request("PUT", path, &body.to_string()).fault();
+        assert!(fault.contains(missing), "{path}: {fault}");
+    }
     let fault = mote
         .request("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)
         .fault();
-    assert!(fault.contains("/no/such/vmlinux"), "{fault}");
+    assert!(fault.contains("configure the boot source"), "{fault}");
+    // FlushMetrics is for a running VM, as in Firecracker.
+    let fault = mote
+        .request("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#)
+        .fault();
+    assert!(fault.contains("before starting the microVM"), "{fault}");
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
+}
+
+/// A snapshot brings its own configuration: once a request configured what only a boot uses,
+/// Firecracker refuses to load one, and so does mote (the monitor stays up). The logger and
+/// metrics are the process's, not the machine's, and do not count.
+#[test]
+fn a_snapshot_load_after_boot_configuration_is_refused() {
+    let mote = ApiMote::spawn("load-after-config", &[]);
+    let load = r#"{"snapshot_path": "/no/such/state", "mem_file_path": "/no/such/mem"}"#;
+    let logger = serde_json::json!({"log_path": mote.dir.join("log")}).to_string();
+    mote.ok("PUT", "/logger", &logger);
+    mote.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    let fault = mote.request("PUT", "/snapshot/load", load).fault();
+    assert_eq!(
+        fault,
+        "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+    );
     assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
 }
 

@@ -125,9 +125,13 @@ fn example(doc: &Value, schema: &Value, full: bool) -> Value {
     match schema["type"].as_str() {
         Some("object") => {
             let required = required(schema);
+            let at_least = schema
+                .get("minProperties")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
             let mut object = Map::new();
             for (name, property) in properties(schema) {
-                if full || required.contains(name) {
+                if full || required.contains(name) || object.len() < at_least {
                     object.insert(name.clone(), example(doc, property, full));
                 }
             }

@@ -291,7 +291,6 @@ fn bad_snapshots_are_refused_and_leave_nothing_started() {
         .set_len(64 << 20)
         .unwrap();
 
-    let mote = ApiMote::spawn("bad-target", &[]);
     let cases = [
         (&truncated, &mem, "truncated"),
         (&corrupted, &mem, "corrupted"),
@@ -304,7 +303,11 @@ fn bad_snapshots_are_refused_and_leave_nothing_started() {
             "cannot open the snapshot state file",
         ),
     ];
-    for (state_file, mem_file, reason) in cases {
+    // A load that fails once the snapshot is being read gets its answer, and then the monitor
+    // ends (status 1, its socket gone), as Firecracker's does: a half-loaded monitor is not
+    // reused. A client starts a fresh one.
+    for (index, (state_file, mem_file, reason)) in cases.into_iter().enumerate() {
+        let mote = ApiMote::spawn(&format!("bad-target-{index}"), &[]);
         let answer = mote.request(
             "PUT",
             "/snapshot/load",
@@ -312,16 +315,26 @@ fn bad_snapshots_are_refused_and_leave_nothing_started() {
         );
         let fault = answer.fault();
         assert!(fault.contains(reason), "{reason}: {fault}");
-        let info = mote.request("GET", "/", "").json();
-        assert_eq!(info["state"], "Not started", "after {reason}");
+        let socket = mote.socket.clone();
+        let run = mote.wait(WAIT);
+        assert_eq!(run.status.code(), Some(1), "{reason}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("snapshot load failed"),
+            "{}",
+            run.stderr
+        );
+        assert!(!socket.exists(), "{reason}: the API socket stayed");
     }
+    // A request refused for its shape alone, before anything is read, leaves the monitor as it
+    // was: the good snapshot then loads, paused.
+    let mote = ApiMote::spawn("bad-target-shape", &[]);
     let answer = mote.request(
         "PUT",
         "/snapshot/load",
         &serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}).to_string(),
     );
     assert!(answer.fault().contains("Uffd"), "{answer:?}");
-    // Nothing half-built stands in the way: the good snapshot still loads, paused.
+    assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
     mote.ok("PUT", "/snapshot/load", &load_body(&state, &mem, false));
     assert_eq!(mote.request("GET", "/", "").json()["state"], "Paused");
     let answer = mote.request("PUT", "/snapshot/load", &load_body(&state, &mem, true));
@@ -818,13 +831,18 @@ fn a_state_file_whose_memory_does_not_fit_the_machine_is_refused() {
     let in_gap = rewritten(&state, "in-gap", |_, regions| {
         regions[0].0 = 0xc000_0000 - (64 << 20);
     });
-    let mote = ApiMote::spawn("layout-target", &[]);
-    for (file, reason) in [(&huge, "mem_size_mib"), (&in_gap, "layout")] {
+    for (index, (file, reason)) in [(&huge, "mem_size_mib"), (&in_gap, "layout")]
+        .into_iter()
+        .enumerate()
+    {
+        // A failed load ends its monitor (Firecracker's contract): one monitor each.
+        let mote = ApiMote::spawn(&format!("layout-target-{index}"), &[]);
         let answer = mote.request("PUT", "/snapshot/load", &load_body(file, &mem, true));
         let fault = answer.fault();
         assert!(fault.contains(reason), "{file:?}: {fault}");
-        assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
+        assert_eq!(mote.wait(WAIT).status.code(), Some(1), "{file:?}");
     }
+    let mote = ApiMote::spawn("layout-target", &[]);
     mote.ok("PUT", "/snapshot/load", &load_body(&same, &mem, true));
     let run = mote.wait(WAIT);
     assert!(run.stdout.contains("probe: done"), "{}", run.stdout);
@@ -848,8 +866,10 @@ fn pipes_and_devices_as_snapshot_files_are_refused_at_once() {
     let fifo = state.with_file_name("fifo");
     mkfifo(&fifo);
     let zero = Path::new("/dev/zero");
-    let mote = ApiMote::spawn("fifo-target", &[]);
-    for (state_file, mem_file) in [(&fifo, &mem), (&zero.to_path_buf(), &mem), (&state, &fifo)] {
+    let cases = [(&fifo, &mem), (&zero.to_path_buf(), &mem), (&state, &fifo)];
+    for (index, (state_file, mem_file)) in cases.into_iter().enumerate() {
+        // A failed load ends its monitor (Firecracker's contract): one monitor each.
+        let mote = ApiMote::spawn(&format!("fifo-target-{index}"), &[]);
         let started = Instant::now();
         let answer = mote.request(
             "PUT",
@@ -859,6 +879,7 @@ fn pipes_and_devices_as_snapshot_files_are_refused_at_once() {
         let fault = answer.fault();
         assert!(fault.contains("not a regular file"), "{fault}");
         assert!(started.elapsed() < Duration::from_secs(2), "{fault}");
+        assert_eq!(mote.wait(WAIT).status.code(), Some(1), "{fault}");
     }
     // The command line's restore likewise.
     for (state_file, mem_file) in [(&fifo, &mem), (&state, &fifo)] {

@@ -86,6 +86,10 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         Some((first, rest)) => (*first, rest),
         None => ("", &[][..]),
     };
+    // Firecracker's words for both.
+    if method == "GET" && !bytes.is_empty() {
+        return Err("GET request cannot have a body.".to_string());
+    }
     let Some((_, endpoint)) = paths::find(method, first) else {
         if NOT_YET.contains(&first) {
             return Err(format!(
@@ -103,7 +107,11 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             VmmAction::PutMachineConfig(body::<MachineConfig>("machine-config", bytes)?)
         }
         (Kind::PatchMachineConfig, []) => {
-            VmmAction::PatchMachineConfig(body::<MachineConfigUpdate>("machine-config", bytes)?)
+            let update = body::<MachineConfigUpdate>("machine-config", bytes)?;
+            if update == MachineConfigUpdate::default() {
+                return Err("Empty PATCH request.".to_string());
+            }
+            VmmAction::PatchMachineConfig(update)
         }
         (Kind::PutBootSource, []) => {
             VmmAction::PutBootSource(body::<BootSourceConfig>("boot-source", bytes)?)
@@ -179,6 +187,20 @@ mod tests {
 
     fn refusal(method: &str, path: &str, body: &str) -> String {
         route(method, path, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn a_get_with_a_body_and_an_empty_patch_are_refused_in_firecrackers_words() {
+        assert_eq!(
+            refusal("GET", "/machine-config", "{}"),
+            "GET request cannot have a body."
+        );
+        assert_eq!(refusal("GET", "/", "x"), "GET request cannot have a body.");
+        assert_eq!(
+            refusal("PATCH", "/machine-config", "{}"),
+            "Empty PATCH request."
+        );
+        assert!(route("PATCH", "/machine-config", br#"{"smt": false}"#).is_ok());
     }
 
     #[test]

@@ -175,6 +175,12 @@ fn lock_disk(file: &File, id: &str, path: &Path, read_only: bool) -> Result<(), 
     Ok(())
 }
 
+/// Opens `drive`'s file as the drive would use it, as `PUT /drives/{id}` does when the request
+/// arrives: a missing file, or one that is not a disk, is refused then.
+pub fn check_drive_file(drive: &DriveConfig) -> Result<(), DeviceError> {
+    open_disk(&drive.drive_id, &drive.path_on_host, drive.is_read_only).map(drop)
+}
+
 /// Opens every drive's file, refusing files that are not disks, a file that two drives
 /// would share while one of them writes it, and files another process has locked.
 pub fn open_drives(drives: &[DriveConfig]) -> Result<Vec<File>, DeviceError> {

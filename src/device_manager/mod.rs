@@ -26,7 +26,7 @@ use devices::Bus;
 use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use self::drives::{open_drives, Drives};
+pub use self::drives::{check_drive_file, open_drives, Drives};
 use self::mmio::MmioSlots;
 pub use self::persist::{DevicesState, RestoreDevicesError, SaveDevicesError};
 use crate::arch::{

@@ -56,6 +56,23 @@ pub enum SnapshotActionError {
     Build(#[from] BuildError),
 }
 
+impl SnapshotActionError {
+    /// Whether a failed load left the monitor as it was: only the request's own shape was
+    /// refused, before anything of the snapshot was read or built. Any other failed load ends
+    /// the monitor, as Firecracker's does: a half-loaded monitor is not reused.
+    pub fn leaves_monitor_usable(&self) -> bool {
+        matches!(
+            self,
+            SnapshotActionError::DiffUnsupported
+                | SnapshotActionError::Params(
+                    LoadParamsError::UffdUnsupported
+                        | LoadParamsError::NoMemFile
+                        | LoadParamsError::TwoMemFiles
+                )
+        )
+    }
+}
+
 /// Writes a full snapshot of the paused `vmm`, whose configuration is `resources`. Both files
 /// are written under new names and then renamed into place, the memory file first (so a state
 /// file on disk always has its memory written); a failure leaves neither behind, and a file
