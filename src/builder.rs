@@ -20,8 +20,8 @@ use crate::config::{
 };
 pub use crate::device_manager::Console;
 use crate::device_manager::{
-    block_device, net_device, open_drives, vsock_device, DeviceError, DeviceManager,
-    RestoreDevicesError, Subscriber,
+    block_device, entropy_device, net_device, open_drives, vsock_device, DeviceError,
+    DeviceManager, RestoreDevicesError, Subscriber,
 };
 use crate::host_file::{self, FileKind, HostFileError};
 use crate::snapshot::MicrovmState;
@@ -196,6 +196,9 @@ fn open_backends(resources: &VmResources) -> Result<(u8, Backends), BuildError> 
     if let Some(vsock) = &resources.vsock {
         vsock.validate()?;
     }
+    if let Some(entropy) = &resources.entropy {
+        entropy.validate()?;
+    }
     let drive_files = open_drives(&resources.drives)?;
     let nets = resources
         .network_interfaces
@@ -207,7 +210,7 @@ fn open_backends(resources: &VmResources) -> Result<(u8, Backends), BuildError> 
 
 /// Attaches the configured devices in the order guests (and the probe's steps) rely on, the
 /// same for a boot and a restore so that a snapshot finds its devices: drives (vda, …), then
-/// network interfaces (eth0, …), then vsock, then the boot timer.
+/// network interfaces (eth0, …), then vsock, then the entropy device, then the boot timer.
 fn attach_devices(
     vm: &Vm,
     devices: &mut DeviceManager,
@@ -223,6 +226,9 @@ fn attach_devices(
     }
     if let Some(vsock) = &resources.vsock {
         devices.attach_virtio(vm, vsock_device(vsock)?)?;
+    }
+    if let Some(entropy) = &resources.entropy {
+        devices.attach_virtio(vm, entropy_device(entropy)?)?;
     }
     if resources.boot_timer {
         devices.attach_boot_timer(BootTimer::new(start.instant, start.cpu_us))?;

@@ -8,8 +8,8 @@ use log::LevelFilter;
 
 use crate::arch::DEFAULT_BOOT_ARGS;
 use crate::config::{
-    BootSourceConfig, DriveConfig, MacAddr, MachineConfig, NetworkInterfaceConfig, VmResources,
-    VsockConfig,
+    BootSourceConfig, DriveConfig, EntropyConfig, MacAddr, MachineConfig, NetworkInterfaceConfig,
+    VmResources, VsockConfig,
 };
 use crate::config::{LoadSnapshotParams, NetworkOverride, VsockOverride};
 use crate::logger::parse_level;
@@ -270,6 +270,9 @@ pub struct RunArgs {
     /// exist) where host processes connect. `cid=N,uds=PATH`.
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
+    /// An entropy device (virtio-rng, /dev/hwrng in the guest) fed from the host's getrandom.
+    #[arg(long)]
+    pub entropy: bool,
 }
 
 /// `cid=N,uds=PATH`; the values are checked when the VM is built.
@@ -414,6 +417,7 @@ impl RunArgs {
             drives: self.drive_configs(),
             network_interfaces: self.network_interfaces(),
             vsock: self.vsock.clone(),
+            entropy: self.entropy.then(EntropyConfig::default),
             ..Default::default()
         }
     }
@@ -752,5 +756,13 @@ mod tests {
         assert!(parse(&["run", "--kernel", "k", "--vsock", "uds=/v"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--vsock", "cid=x,uds=/v"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--vsock", "cid=3,uds=/v,port=1"]).is_err());
+    }
+
+    #[test]
+    fn entropy_adds_the_device() {
+        let with = run_args(&["run", "--kernel", "k", "--entropy"]).resources();
+        assert_eq!(with.entropy, Some(EntropyConfig::default()));
+        let without = run_args(&["run", "--kernel", "k"]).resources();
+        assert_eq!(without.entropy, None);
     }
 }

@@ -201,6 +201,10 @@ impl PrebootController {
                 config.check_path_free()?;
                 resources.vsock = Some(config);
             }
+            VmmAction::PutEntropy(config) => {
+                config.validate()?;
+                resources.entropy = Some(config);
+            }
             VmmAction::PatchDrive(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::FlushMetrics
@@ -349,6 +353,7 @@ impl RuntimeController {
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
             | VmmAction::PutVsock(_)
+            | VmmAction::PutEntropy(_)
             | VmmAction::InstanceStart
             | VmmAction::LoadSnapshot(_) => return Err(VmmActionError::NotAfterBoot),
             VmmAction::GetInstanceInfo | VmmAction::GetVmConfig | VmmAction::GetMachineConfig => {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use devices::metrics::{BlockMetrics, Counter, NetMetrics, VsockMetrics};
+use devices::metrics::{BlockMetrics, Counter, EntropyMetrics, NetMetrics, VsockMetrics};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::warn;
 use serde_json::{Map, Value};
@@ -215,6 +215,8 @@ pub struct Metrics {
     nets: Mutex<Vec<(String, Arc<NetMetrics>)>>,
     /// The vsock device's counters, once it exists (reported as `vsock`).
     vsock: Mutex<Option<Arc<VsockMetrics>>>,
+    /// The entropy device's counters, once it exists (reported as `entropy`).
+    entropy: Mutex<Option<Arc<EntropyMetrics>>>,
     sink: Mutex<Option<Sink>>,
 }
 
@@ -281,6 +283,13 @@ impl Metrics {
         }
     }
 
+    /// Counts the entropy device's requests under `entropy`.
+    pub fn register_entropy(&self, metrics: Arc<EntropyMetrics>) {
+        if let Ok(mut entropy) = self.entropy.lock() {
+            *entropy = Some(metrics);
+        }
+    }
+
     /// The metrics since the previous report, as one JSON object.
     pub fn report(&self) -> Value {
         let now_ms = SystemTime::now()
@@ -330,6 +339,13 @@ impl Metrics {
             }
         }
         top.insert("vsock".into(), Value::Object(vsock));
+        let mut entropy = Map::new();
+        if let Ok(Some(metrics)) = self.entropy.lock().as_deref() {
+            for (name, delta) in metrics.take_deltas() {
+                entropy.insert(name.into(), delta.into());
+            }
+        }
+        top.insert("entropy".into(), Value::Object(entropy));
         Value::Object(top)
     }
 

@@ -3,7 +3,7 @@
 
 use crate::builder::BuildError;
 use crate::config::{
-    BootSourceConfig, ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate,
+    BootSourceConfig, ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig,
     LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
     NetworkInterfaceConfig, VsockConfig,
 };
@@ -33,6 +33,8 @@ pub enum VmmAction {
     PutMetrics(MetricsConfig),
     /// `PUT /vsock`, before boot only.
     PutVsock(VsockConfig),
+    /// `PUT /entropy`, before boot only.
+    PutEntropy(EntropyConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

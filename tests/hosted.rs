@@ -61,7 +61,8 @@ cat console.out
 }
 
 /// `microvm.cmd` runs in the guest's shell; what it sees of its machine is what mote was told
-/// (vCPUs, memory), and its exit status reaches the console.
+/// (vCPUs, memory, an entropy device that becomes its hardware RNG), and its exit status
+/// reaches the console.
 #[test]
 fn hosted_guest_sees_its_vcpus_memory_and_exit_status() {
     if !require_static_mote() {
@@ -69,13 +70,13 @@ fn hosted_guest_sees_its_vcpus_memory_and_exit_status() {
     }
     let run = Hosted::new().smp(2).run(
         r#"
-for vm in "1 128 3" "2 256 0"; do
+for vm in "1 128 3" "2 256 0 --entropy"; do
   set -- $vm
-  ./mote run --kernel vmlinux --initrd guest.cpio.gz --vcpus $1 --memory $2 \
-    --append "$GUEST_ARGS $(guest_cmd "echo cpus=\$(nproc); grep MemTotal /proc/meminfo; exit $3")" \
+  ./mote run --kernel vmlinux --initrd guest.cpio.gz --vcpus $1 --memory $2 ${4:-} \
+    --append "$GUEST_ARGS $(guest_cmd "echo cpus=\$(nproc); grep MemTotal /proc/meminfo; echo rng-current=\$(cat /sys/class/misc/hw_random/rng_current); echo hwrng-bytes=\$(head -c 64 /dev/hwrng | wc -c); exit $3")" \
     >out-$1 2>&1
   echo "vm$1-mote-status=$?"
-  grep -E 'cpus=|MemTotal|microvm-exit' out-$1 | sed "s/^/vm$1-/"
+  grep -E 'cpus=|MemTotal|microvm-exit|rng-current=|hwrng-bytes=' out-$1 | sed "s/^/vm$1-/"
 done
 "#,
     );
@@ -97,6 +98,9 @@ done
             run.output
         );
     }
+    // The second VM has an entropy device, which Linux takes as its hardware RNG.
+    assert_eq!(run.value("vm2-rng-current="), "virtio_rng.0");
+    assert_eq!(run.value("vm2-hwrng-bytes="), "64");
 }
 
 /// A file the guest writes and syncs on its ext4 root is in the disk image afterwards (read

@@ -201,6 +201,45 @@ impl VsockMetrics {
     }
 }
 
+/// The virtio-rng device's counters (Firecracker's `entropy` metrics).
+#[derive(Debug, Default)]
+pub struct EntropyMetrics {
+    /// Times the driver's start of the device failed.
+    pub activate_fails: Counter,
+    /// Requests refused (a read-only or out-of-memory buffer) and broken rings.
+    pub entropy_event_fails: Counter,
+    /// Queue notifications from the driver.
+    pub entropy_event_count: Counter,
+    /// Random bytes given to the guest.
+    pub entropy_bytes: Counter,
+    /// Times the host's `getrandom` failed.
+    pub host_rng_fails: Counter,
+    /// Firecracker's rate-limiter counters: always 0, as mote has no rate limiters yet.
+    pub entropy_rate_limiter_throttled: Counter,
+    pub rate_limiter_event_count: Counter,
+}
+
+impl EntropyMetrics {
+    /// The counters as (name, delta since the last report).
+    pub fn take_deltas(&self) -> [(&'static str, u64); 7] {
+        [
+            ("activate_fails", self.activate_fails.take_delta()),
+            ("entropy_event_fails", self.entropy_event_fails.take_delta()),
+            ("entropy_event_count", self.entropy_event_count.take_delta()),
+            ("entropy_bytes", self.entropy_bytes.take_delta()),
+            ("host_rng_fails", self.host_rng_fails.take_delta()),
+            (
+                "entropy_rate_limiter_throttled",
+                self.entropy_rate_limiter_throttled.take_delta(),
+            ),
+            (
+                "rate_limiter_event_count",
+                self.rate_limiter_event_count.take_delta(),
+            ),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

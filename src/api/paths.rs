@@ -23,6 +23,7 @@ pub enum Kind {
     /// `PUT /network-interfaces/{id}`.
     PutNetworkInterface,
     PutVsock,
+    PutEntropy,
     /// `PUT /snapshot/create` and `PUT /snapshot/load`.
     PutSnapshot,
     /// `PATCH /drives/{id}`.
@@ -61,7 +62,7 @@ const fn endpoint(
 }
 
 /// Every endpoint mote serves.
-pub const ENDPOINTS: [Endpoint; 17] = [
+pub const ENDPOINTS: [Endpoint; 18] = [
     endpoint(Kind::GetInstanceInfo, "GET", "", Some("instance_info")),
     endpoint(Kind::GetVersion, "GET", "version", Some("vmm_version")),
     endpoint(
@@ -94,6 +95,8 @@ pub const ENDPOINTS: [Endpoint; 17] = [
         Some("network"),
     ),
     endpoint(Kind::PutVsock, "PUT", "vsock", Some("vsock")),
+    // Firecracker's `put_api_requests` has no counters for it.
+    endpoint(Kind::PutEntropy, "PUT", "entropy", None),
     endpoint(Kind::PutSnapshot, "PUT", "snapshot", None),
     endpoint(Kind::PatchDrive, "PATCH", "drives", Some("drive")),
     endpoint(
@@ -112,7 +115,7 @@ pub const ENDPOINTS: [Endpoint; 17] = [
 ];
 
 /// Firecracker paths mote does not implement yet: a clear refusal, not a generic one.
-pub const NOT_YET: [&str; 5] = ["balloon", "entropy", "mmds", "cpu-config", "hotplug"];
+pub const NOT_YET: [&str; 4] = ["balloon", "mmds", "cpu-config", "hotplug"];
 
 /// The endpoint `method /segment/…` is, and its place in [`ENDPOINTS`], if mote serves it.
 pub fn find(method: &str, segment: &str) -> Option<(usize, &'static Endpoint)> {

@@ -6,8 +6,8 @@ use serde::Deserialize;
 
 use super::paths::{self, Kind, NOT_YET};
 use crate::config::{
-    BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
+    BootSourceConfig, DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, VsockConfig,
 };
 use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
@@ -141,6 +141,13 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?)
         }
         (Kind::PutVsock, []) => VmmAction::PutVsock(body::<VsockConfig>("vsock", bytes)?),
+        (Kind::PutEntropy, []) => {
+            let config = body::<EntropyConfig>("entropy", bytes)?;
+            config
+                .validate()
+                .map_err(|err| format!("invalid entropy body: {err}"))?;
+            VmmAction::PutEntropy(config)
+        }
         (Kind::PutActions, []) => match body::<InstanceActionInfo>("actions", bytes)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
@@ -284,6 +291,25 @@ mod tests {
     }
 
     #[test]
+    fn entropy_maps_to_an_action_and_refuses_a_rate_limiter() {
+        assert_eq!(
+            action("PUT", "/entropy", "{}"),
+            VmmAction::PutEntropy(EntropyConfig::default())
+        );
+        let err = refusal(
+            "PUT",
+            "/entropy",
+            r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+        );
+        assert!(
+            err.contains("rate limiters are not implemented by mote yet"),
+            "{err}"
+        );
+        let err = refusal("PUT", "/entropy", r#"{"bogus": 1}"#);
+        assert!(err.contains("unknown field `bogus`"), "{err}");
+    }
+
+    #[test]
     fn vsock_maps_to_an_action_and_takes_the_deprecated_id() {
         let expected = VsockConfig {
             vsock_id: Some("vsock0".into()),
@@ -342,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn every_endpoint_is_routed_and_all_but_two_are_counted() {
+    fn every_endpoint_is_routed_and_all_but_three_are_counted() {
         for endpoint in &ENDPOINTS {
             // Somewhere under its first segment: a refusal there, if any, is about the body.
             let routed = ["", "/config", "/create", "/rootfs"].iter().any(|rest| {
@@ -359,7 +385,11 @@ mod tests {
             .collect();
         assert_eq!(
             uncounted,
-            [("PUT", "snapshot"), ("PATCH", "network-interfaces")]
+            [
+                ("PUT", "entropy"),
+                ("PUT", "snapshot"),
+                ("PATCH", "network-interfaces")
+            ]
         );
     }
 

@@ -2,6 +2,7 @@
 //! and the API (Firecracker's JSON shapes). The builder is the only consumer that makes a VM.
 
 mod drive;
+mod entropy;
 mod machine;
 mod net;
 mod observability;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{MAX_MEM_SIZE_MIB, MAX_VCPUS};
 pub use drive::*;
+pub use entropy::*;
 pub use machine::*;
 pub use net::*;
 pub use observability::*;
@@ -49,6 +51,10 @@ pub enum ConfigError {
     VsockPathEmpty(PathBuf),
     #[error("vsock uds_path {0:?} already exists: mote creates the socket itself")]
     VsockPathExists(PathBuf),
+    #[error(
+        "entropy rate_limiter is not supported: rate limiters are not implemented by mote yet"
+    )]
+    EntropyRateLimiter,
     #[error("iface_id {0:?} is invalid: use 1 to 64 letters, digits, '_' or '-'")]
     IfaceId(String),
     #[error("iface_id {0:?} is given twice")]
@@ -85,6 +91,8 @@ pub struct VmResources {
     pub metrics: Option<MetricsConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// The entropy (virtio-rng) device, if any.
+    pub entropy: Option<EntropyConfig>,
 }
 
 /// The whole configuration in Firecracker's `--config-file` form, which `GET /vm/config`
@@ -106,6 +114,8 @@ pub struct VmConfigFile {
     pub metrics: Option<MetricsConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    #[serde(default)]
+    pub entropy: Option<EntropyConfig>,
 }
 
 impl VmResources {
@@ -149,6 +159,7 @@ impl VmResources {
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
             vsock: self.vsock.clone(),
+            entropy: self.entropy.clone(),
         }
     }
 
@@ -175,6 +186,10 @@ impl VmResources {
         if let Some(vsock) = file.vsock {
             vsock.validate()?;
             resources.vsock = Some(vsock);
+        }
+        if let Some(entropy) = file.entropy {
+            entropy.validate()?;
+            resources.entropy = Some(entropy);
         }
         Ok(resources)
     }

@@ -234,6 +234,26 @@ fn vsock_takes_firecrackers_shape_with_the_deprecated_id() {
 }
 
 #[test]
+fn entropy_takes_firecrackers_shape_and_refuses_a_rate_limiter() {
+    let text = r#"{"boot-source": {"kernel_image_path": "/k"}, "entropy": {}}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    assert_eq!(resources.entropy, Some(EntropyConfig::default()));
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
+    assert_eq!(shown["entropy"], serde_json::json!({}));
+    let none = serde_json::to_value(VmResources::default().to_config_file()).unwrap();
+    assert_eq!(none["entropy"], serde_json::Value::Null);
+    let limited: VmConfigFile = serde_json::from_str(
+        r#"{"entropy": {"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        VmResources::from_config_file(limited),
+        Err(ConfigError::EntropyRateLimiter)
+    );
+}
+
+#[test]
 fn a_config_file_with_an_id_twice_is_refused() {
     let mut file = VmResources::default().to_config_file();
     file.drives = vec![drive("data", false), drive("data", false)];

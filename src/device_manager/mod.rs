@@ -20,6 +20,7 @@ use devices::legacy::EventFdTrigger;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use devices::virtio::net::{Net, NetError};
+use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{Vsock, VsockError};
 use devices::virtio::VirtioDevice;
 use devices::Bus;
@@ -32,7 +33,7 @@ pub use self::persist::{DevicesState, RestoreDevicesError, SaveDevicesError};
 use crate::arch::{
     LegacyDeviceError, LegacyDevices, MmioDeviceInfo, VcpuIo, BOOT_TIMER_START, MMIO_SLOT_SIZE,
 };
-use crate::config::{DriveConfig, NetworkInterfaceConfig, VsockConfig};
+use crate::config::{DriveConfig, EntropyConfig, NetworkInterfaceConfig, VsockConfig};
 use crate::host_file::HostFileError;
 use crate::metrics::METRICS;
 use crate::vstate::vm::{Vm, VmError};
@@ -288,6 +289,14 @@ pub fn net_device(iface: &NetworkInterfaceConfig) -> Result<Net, DeviceError> {
     })?;
     METRICS.register_net(&iface.iface_id, net.metrics().clone());
     Ok(net)
+}
+
+/// The virtio-rng device (its `config` was checked: it asks for nothing yet).
+pub fn entropy_device(_config: &EntropyConfig) -> Result<Rng, DeviceError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("an IRQ event"))?;
+    let rng = Rng::new(irq).map_err(io_err("the virtio-rng queue event"))?;
+    METRICS.register_entropy(rng.metrics().clone());
+    Ok(rng)
 }
 
 /// The virtio-vsock device of `config`, listening on its `uds_path` (created here).

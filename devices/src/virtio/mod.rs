@@ -12,6 +12,7 @@ pub mod block;
 pub mod common;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 pub mod state;
 pub mod vsock;
 
@@ -27,6 +28,7 @@ pub use self::common::VirtioCommon;
 /// Device types (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bits every modern device offers.

@@ -87,6 +87,9 @@ pub enum DeviceSpecificState {
     /// (their host sockets belonged to the old monitor); a restored device tells the driver so
     /// with a transport reset event.
     Vsock { guest_cid: u64 },
+    /// virtio-rng: nothing beyond the common part (a request is served whole when it is
+    /// read, so none is half done).
+    Entropy,
 }
 
 /// A virtio device's own state.

@@ -15,6 +15,7 @@ mod mptable;
 mod net;
 mod net_steps;
 mod port;
+mod rng;
 #[macro_use]
 mod serial;
 mod steps;

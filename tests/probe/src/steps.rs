@@ -110,6 +110,21 @@ pub fn run(zero_page: &ZeroPage) {
                     Err(err) => report!("blk-init error {err:?}"),
                 }
             }
+            b"rng-read" => {
+                // rng-read:SLOT:LEN: two reads of LEN bytes from the virtio-rng device.
+                let slot = parse_u64(parts.next()).unwrap_or(0);
+                let len = parse_u64(parts.next()).unwrap_or(64) as usize;
+                match crate::rng::read_twice(slot, len) {
+                    Ok(reads) => report!(
+                        "rng-read used={},{} varied={} differ={}",
+                        reads.used[0],
+                        reads.used[1],
+                        reads.varied,
+                        reads.differ
+                    ),
+                    Err(err) => report!("rng-read error {err:?}"),
+                }
+            }
             b"kbd" => {
                 let count = parse_u64(parts.next()).unwrap_or(1) as usize;
                 let polls = parse_u64(parts.next()).unwrap_or(WAIT_POLLS);
