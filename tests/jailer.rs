@@ -548,17 +548,22 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
         }
         Err(reason) => println!("SKIPPED part: the unwritable cgroup case: {reason}"),
     }
-    // An existing jail is left as it was, and nothing is added to it.
-    let existing = base.join("mote").join("taken");
-    std::fs::create_dir_all(&existing).unwrap();
+    // A jail a monitor was started in is refused, left as it was, and nothing is added to it.
+    let used = base.join("mote").join("taken").join("root");
+    std::fs::create_dir_all(used.join("dev")).unwrap();
+    std::fs::write(used.join("dev/kvm"), "").unwrap();
+    let before = entries(&base);
     let stderr = jailer_fails(
         &with("taken", &mote_arg, &[])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
-    assert!(stderr.contains("exists already"), "{stderr}");
-    assert_eq!(entries(&base), [base.join("mote"), existing.clone()]);
+    assert!(
+        stderr.contains("was used already: it holds dev/kvm"),
+        "{stderr}"
+    );
+    assert_eq!(entries(&base), before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -852,4 +857,81 @@ fn a_jailed_monitor_attaches_a_tap_and_its_guest_answers_pings() {
         String::from_utf8_lossy(&output.stderr)
     );
     let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn a_jail_made_beforehand_is_used_as_firecrackers_jailer_does_and_a_used_one_is_refused() {
+    if !require_root() || !require_kvm() {
+        return;
+    }
+    let dir = scratch("made-beforehand");
+    let base = dir.join("base");
+    let id = "jail-pre-1";
+    let root = base.join("mote").join(id).join("root");
+    // As Firecracker's test framework does: the jail first, with the kernel and the
+    // configuration in it (and here an older binary, which the jailer replaces).
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(probe_kernel(), root.join("probe")).unwrap();
+    let config = r#"{"boot-source": {"kernel_image_path": "/probe", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=hello"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}"#;
+    std::fs::write(root.join("config.json"), config).unwrap();
+    std::fs::write(root.join("mote"), "an older binary").unwrap();
+    let jailer = |id: &str| {
+        let mut command = Command::new(jailer_bin());
+        command
+            .args(["--id", id, "--exec-file", static_mote().to_str().unwrap()])
+            .args([
+                "--uid",
+                &JAIL_UID.to_string(),
+                "--gid",
+                &JAIL_GID.to_string(),
+            ])
+            .args(["--chroot-base-dir", base.to_str().unwrap()])
+            .args(["--", "--no-api", "--config-file", "/config.json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let child = jailer(id).spawn().expect("cannot start mote-jailer");
+    let _kill_on_failure = KillOnDrop(child.id());
+    let output = wait_with_timeout(child, Duration::from_secs(20));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("probe: hello"),
+        "{:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("mote")).unwrap().len(),
+        std::fs::metadata(static_mote()).unwrap().len(),
+        "the older binary was not replaced"
+    );
+    assert!(root.join("probe").exists() && root.join("config.json").exists());
+
+    // The jail the monitor ran in holds its device nodes: a second start there is refused and
+    // changes nothing.
+    let before = entries(&base);
+    let output = jailer(id).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("was used already: it holds dev/"),
+        "{stderr}"
+    );
+    assert_eq!(entries(&base), before);
+
+    // A directory of the jail that is a link would put the device nodes outside it.
+    let outside = dir.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let linked_root = base.join("mote").join("jail-pre-2").join("root");
+    std::fs::create_dir_all(&linked_root).unwrap();
+    std::os::unix::fs::symlink(&outside, linked_root.join("dev")).unwrap();
+    let before = entries(&base);
+    let output = jailer("jail-pre-2").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not a directory"), "{stderr}");
+    assert_eq!(entries(&base), before);
+    assert!(entries(&outside).is_empty(), "{:?}", entries(&outside));
+    let _ = std::fs::remove_dir_all(&dir);
 }
