@@ -548,17 +548,22 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
         }
         Err(reason) => println!("SKIPPED part: the unwritable cgroup case: {reason}"),
     }
-    // An existing jail is left as it was, and nothing is added to it.
-    let existing = base.join("mote").join("taken");
-    std::fs::create_dir_all(&existing).unwrap();
+    // A jail a monitor was started in is refused, left as it was, and nothing is added to it.
+    let used = base.join("mote").join("taken").join("root");
+    std::fs::create_dir_all(used.join("dev")).unwrap();
+    std::fs::write(used.join("dev/kvm"), "").unwrap();
+    let before = entries(&base);
     let stderr = jailer_fails(
         &with("taken", &mote_arg, &[])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
-    assert!(stderr.contains("exists already"), "{stderr}");
-    assert_eq!(entries(&base), [base.join("mote"), existing.clone()]);
+    assert!(
+        stderr.contains("was used already: it holds dev/kvm"),
+        "{stderr}"
+    );
+    assert_eq!(entries(&base), before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -731,5 +736,202 @@ fn a_symlinked_exec_file_runs_in_the_jail() {
         installed.symlink_metadata().unwrap().file_type().is_file(),
         "the jail holds a link, not the binary"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ip -n NS ARGS`, which must succeed.
+fn ip_in(netns: &NetNs, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["-n", &netns.name])
+        .args(args)
+        .output()
+        .expect("cannot run ip");
+    assert!(
+        out.status.success(),
+        "ip -n {} {args:?}: {}",
+        netns.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_jailed_monitor_attaches_a_tap_and_its_guest_answers_pings() {
+    if !require_root() || !require_kvm() {
+        return;
+    }
+    let base = scratch("network");
+    let id = "jail-net-1";
+    // The TAP, the monitor and the pings all stay in this namespace; deleting it deletes the TAP.
+    let netns = NetNs::new(&format!("mote-jail-net-{}", std::process::id()));
+    ip_in(&netns, &["link", "set", "lo", "up"]);
+    // The jailed monitor has no CAP_NET_ADMIN: the TAP must be its uid's to attach.
+    let uid = JAIL_UID.to_string();
+    ip_in(
+        &netns,
+        &["tuntap", "add", "dev", "tap0", "mode", "tap", "user", &uid],
+    );
+    ip_in(&netns, &["addr", "add", "10.0.0.1/24", "dev", "tap0"]);
+    ip_in(&netns, &["link", "set", "tap0", "up"]);
+    let mut child = Command::new(jailer_bin())
+        .args(["--id", id, "--exec-file", static_mote().to_str().unwrap()])
+        .args(["--uid", &uid, "--gid", &JAIL_GID.to_string()])
+        .args(["--chroot-base-dir", base.to_str().unwrap()])
+        .args(["--netns", netns.path().to_str().unwrap()])
+        .args(["--", "--api-sock", "/api.sock"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start mote-jailer");
+    let _kill_on_failure = KillOnDrop(child.id());
+    let root = base.join("mote").join(id).join("root");
+    let socket = root.join("api.sock");
+    wait_for(&socket, &mut child);
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            all.push_str(&line);
+            all.push('\n');
+            let _ = lines_tx.send(line);
+        }
+        all
+    });
+    std::fs::copy(probe_kernel(), root.join("probe")).unwrap();
+    let ok = |method: &str, path: &str, body: &str| {
+        let answer = request(&socket, method, path, body);
+        assert_eq!(answer.status, 204, "{method} {path}: {answer:?}");
+    };
+    ok(
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "/probe", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=net-init,net-serve:10.0.0.2:3:30"}"#,
+    );
+    ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 32}"#,
+    );
+    ok(
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:0a:00:00:02"}"#,
+    );
+    ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("net-serve ready") => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let output = child.wait_with_output().unwrap();
+                panic!(
+                    "no net-serve ready from the jailed guest:\n{}\nstderr:\n{}",
+                    reader.join().unwrap(),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+    }
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .args(["ping", "-c", "3", "-W", "1", "-i", "0.2", "10.0.0.2"])
+        .output()
+        .expect("cannot run ping");
+    let ping_out = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && ping_out.contains("3 received"),
+        "ping failed:\n{ping_out}"
+    );
+    let output = wait_with_timeout(child, Duration::from_secs(40));
+    let stdout = reader.join().unwrap();
+    assert!(
+        output.status.success() && stdout.contains("net-serve answered=3"),
+        "{:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn a_jail_made_beforehand_is_used_as_firecrackers_jailer_does_and_a_used_one_is_refused() {
+    if !require_root() || !require_kvm() {
+        return;
+    }
+    let dir = scratch("made-beforehand");
+    let base = dir.join("base");
+    let id = "jail-pre-1";
+    let root = base.join("mote").join(id).join("root");
+    // As Firecracker's test framework does: the jail first, with the kernel and the
+    // configuration in it (and here an older binary, which the jailer replaces).
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(probe_kernel(), root.join("probe")).unwrap();
+    let config = r#"{"boot-source": {"kernel_image_path": "/probe", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=hello"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}"#;
+    std::fs::write(root.join("config.json"), config).unwrap();
+    std::fs::write(root.join("mote"), "an older binary").unwrap();
+    let jailer = |id: &str| {
+        let mut command = Command::new(jailer_bin());
+        command
+            .args(["--id", id, "--exec-file", static_mote().to_str().unwrap()])
+            .args([
+                "--uid",
+                &JAIL_UID.to_string(),
+                "--gid",
+                &JAIL_GID.to_string(),
+            ])
+            .args(["--chroot-base-dir", base.to_str().unwrap()])
+            .args(["--", "--no-api", "--config-file", "/config.json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let child = jailer(id).spawn().expect("cannot start mote-jailer");
+    let _kill_on_failure = KillOnDrop(child.id());
+    let output = wait_with_timeout(child, Duration::from_secs(20));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("probe: hello"),
+        "{:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("mote")).unwrap().len(),
+        std::fs::metadata(static_mote()).unwrap().len(),
+        "the older binary was not replaced"
+    );
+    assert!(root.join("probe").exists() && root.join("config.json").exists());
+
+    // The jail the monitor ran in holds its device nodes: a second start there is refused and
+    // changes nothing.
+    let before = entries(&base);
+    let output = jailer(id).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("was used already: it holds dev/"),
+        "{stderr}"
+    );
+    assert_eq!(entries(&base), before);
+
+    // A directory of the jail that is a link would put the device nodes outside it.
+    let outside = dir.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let linked_root = base.join("mote").join("jail-pre-2").join("root");
+    std::fs::create_dir_all(&linked_root).unwrap();
+    std::os::unix::fs::symlink(&outside, linked_root.join("dev")).unwrap();
+    let before = entries(&base);
+    let output = jailer("jail-pre-2").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not a directory"), "{stderr}");
+    assert_eq!(entries(&base), before);
+    assert!(entries(&outside).is_empty(), "{:?}", entries(&outside));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -114,9 +114,18 @@ fn ioctl(request: u64) -> [u64; 6] {
 #[test]
 fn build_allows_ioctl_only_for_the_requests_mote_makes() {
     let build = |request| under(Filter::Build, syscall(libc::SYS_ioctl, ioctl(request)));
-    // One request of each kind of descriptor: /dev/kvm, a VM, a vCPU, a TAP, a socket, the
-    // terminal.
-    for request in [0xae01, 0x4020_ae46, 0xae80, 0x4004_54ca, 0x5421, 0x5402] {
+    // One request of each kind of descriptor: /dev/kvm, a VM, a vCPU, a TAP (attaching and
+    // reading back), a socket (the TAP's index, non-blocking), the terminal.
+    for request in [
+        0xae01,
+        0x4020_ae46,
+        0xae80,
+        0x4004_54ca,
+        0x8004_54d2,
+        0x8933,
+        0x5421,
+        0x5402,
+    ] {
         assert_eq!(build(request), Allowed, "{request:#x}");
     }
     // TIOCSTI (typing into a terminal), KVM_CREATE_DEVICE, KVM_SET_GSI_ROUTING: mote makes

@@ -1,6 +1,6 @@
 //! The jail's directory: `<base>/<exec name>/<id>/root` with the monitor's binary and the
 //! device nodes it needs, owned by the jailed uid and gid. Until [`Jail::keep`], dropping it
-//! removes every directory it made.
+//! removes everything it made.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -16,6 +16,8 @@ struct DeviceNode {
     path: &'static str,
     major: u32,
     minor: u32,
+    /// Firecracker's jailer warns and goes on where it cannot make the node.
+    optional: bool,
 }
 
 /// /dev/kvm, the TAP clone device and the random source (the numbers are fixed by Linux).
@@ -24,16 +26,19 @@ const DEVICE_NODES: [DeviceNode; 3] = [
         path: "dev/kvm",
         major: 10,
         minor: 232,
+        optional: false,
     },
     DeviceNode {
         path: "dev/net/tun",
         major: 10,
         minor: 200,
+        optional: false,
     },
     DeviceNode {
         path: "dev/urandom",
         major: 1,
         minor: 9,
+        optional: true,
     },
 ];
 
@@ -60,8 +65,9 @@ pub struct Jail {
     pub root: PathBuf,
     /// The binary's name, also its path in the jail (`/<exec name>`).
     pub exec_name: OsString,
-    /// The outermost directory this jailer made, removed with all inside on failure.
-    created: Option<PathBuf>,
+    /// What this jailer made (directories and files), in order, removed on failure: a jail
+    /// made beforehand keeps what it held.
+    made: Vec<PathBuf>,
 }
 
 fn io_error<'a>(
@@ -159,36 +165,14 @@ impl Jail {
         }
         check_static(&resolved)?;
         let exec_file = resolved.as_path();
-        let id_dir = base.join(&exec_name).join(id);
-        if id_dir.symlink_metadata().is_ok() {
-            return Err(JailError::JailExists(id_dir));
-        }
+        let root = base.join(&exec_name).join(id).join("root");
+        check_reusable(&root, &exec_name)?;
         let mut jail = Jail {
-            root: id_dir.join("root"),
+            root,
             exec_name,
-            created: None,
+            made: Vec::new(),
         };
-        // Note the outermost missing directory before making any, to remove exactly those.
-        jail.created = id_dir
-            .ancestors()
-            .take_while(|dir| dir.symlink_metadata().is_err())
-            .last()
-            .map(Path::to_path_buf);
-        let exec_dir = base.join(&jail.exec_name);
-        std::fs::create_dir_all(&exec_dir).map_err(io_error("create", &exec_dir))?;
-        // create_dir, not create_dir_all: another jailer making the same jail loses here.
-        std::fs::create_dir(&id_dir).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
-                JailError::JailExists(id_dir.clone())
-            } else {
-                JailError::Io {
-                    what: "create",
-                    path: id_dir.clone(),
-                    source,
-                }
-            }
-        })?;
-        std::fs::create_dir(&jail.root).map_err(io_error("create", &jail.root))?;
+        jail.make_dirs(&jail.root.clone())?;
         jail.install_binary(exec_file, &metadata)?;
         jail.make_device_nodes(uid, gid)?;
         // The monitor makes its API socket (and any file it is told to) in its root.
@@ -196,14 +180,39 @@ impl Jail {
         Ok(jail)
     }
 
+    /// Makes `dir` and its missing parents, noting each to remove on failure.
+    fn make_dirs(&mut self, dir: &Path) -> Result<(), JailError> {
+        let missing: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|dir| dir.symlink_metadata().is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        for dir in missing.into_iter().rev() {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => self.made.push(dir),
+                // Made meanwhile by another jailer: it is not ours to remove.
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                Err(err) => return Err(io_error("create", &dir)(err)),
+            }
+        }
+        Ok(())
+    }
+
     /// A hard link when the binary is on the jail's file system (no copy of megabytes per
     /// start), a copy otherwise. Either way it stays root's: the monitor cannot change it.
     fn install_binary(
-        &self,
+        &mut self,
         exec_file: &Path,
         metadata: &std::fs::Metadata,
     ) -> Result<(), JailError> {
         let target = self.root.join(&self.exec_name);
+        // A jail made beforehand may hold an older binary: it is replaced, as Firecracker's
+        // jailer copies over it. Removed first, so that neither the link nor the copy follows
+        // a symbolic link out of the jail, nor writes through a hard link into the original.
+        if target.symlink_metadata().is_ok() {
+            std::fs::remove_file(&target).map_err(io_error("replace", &target))?;
+        }
+        self.made.push(target.clone());
         let root_dev = std::fs::metadata(&self.root)
             .map_err(io_error("stat", &self.root))?
             .dev();
@@ -217,14 +226,24 @@ impl Jail {
         Ok(())
     }
 
-    fn make_device_nodes(&self, uid: u32, gid: u32) -> Result<(), JailError> {
+    fn make_device_nodes(&mut self, uid: u32, gid: u32) -> Result<(), JailError> {
         for node in &DEVICE_NODES {
             let path = self.root.join(node.path);
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+                self.make_dirs(dir)?;
             }
-            sys::mknod_char(&path, DEVICE_MODE, node.major, node.minor)
-                .map_err(io_error("make the device node", &path))?;
+            if let Err(err) = sys::mknod_char(&path, DEVICE_MODE, node.major, node.minor) {
+                if node.optional {
+                    // As Firecracker's jailer: without it the monitor still runs.
+                    eprintln!(
+                        "mote-jailer: warning: cannot make the device node {}: {err}",
+                        path.display()
+                    );
+                    continue;
+                }
+                return Err(io_error("make the device node", &path)(err));
+            }
+            self.made.push(path.clone());
             chown(&path, Some(uid), Some(gid)).map_err(io_error("chown", &path))?;
         }
         Ok(())
@@ -232,14 +251,64 @@ impl Jail {
 
     /// The jail stays: the monitor is about to run in it.
     pub fn keep(mut self) {
-        self.created = None;
+        self.made.clear();
     }
 }
 
 impl Drop for Jail {
     fn drop(&mut self) {
-        if let Some(dir) = &self.created {
-            let _ = std::fs::remove_dir_all(dir);
+        // Newest first: what a directory this jailer made holds goes before it.
+        for path in self.made.iter().rev() {
+            match path.symlink_metadata() {
+                Ok(meta) if meta.is_dir() => {
+                    let _ = std::fs::remove_dir_all(path);
+                }
+                Ok(_) => {
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(_) => {}
+            }
         }
     }
+}
+
+/// What the monitor's root holds once it ran: the jailer cannot start it there again.
+const OLD_ROOT_DIR: &str = "old_root";
+
+/// Firecracker's jailer makes the root with create_dir_all: a jail made beforehand (its test
+/// framework makes it, to put the kernel and drives in) is used as it is, and an older binary
+/// in it is replaced. It refuses a jail a monitor was started in: making /dev/net/tun or
+/// /dev/kvm fails where they exist, as does writing the pid file. Checked here, before
+/// anything changes, so that a refused jail is left as it was. Unlike Firecracker's jailer
+/// (which makes the nodes after pivot_root), this one makes them from outside the jail: a
+/// directory on the way that is a symbolic link would put them outside it, so it is refused.
+fn check_reusable(root: &Path, exec_name: &OsString) -> Result<(), JailError> {
+    let id_dir = root.parent().unwrap_or(root);
+    let exec_dir = id_dir.parent().unwrap_or(id_dir);
+    for dir in [
+        exec_dir.to_path_buf(),
+        id_dir.to_path_buf(),
+        root.to_path_buf(),
+        root.join("dev"),
+        root.join("dev/net"),
+    ] {
+        match dir.symlink_metadata() {
+            Ok(meta) if !meta.is_dir() => return Err(JailError::JailPathNotADirectory(dir)),
+            _ => {}
+        }
+    }
+    let pid_file = Path::new(exec_name).with_extension("pid");
+    let used = DEVICE_NODES
+        .iter()
+        .filter(|node| !node.optional)
+        .map(|node| Path::new(node.path))
+        .chain([pid_file.as_path(), Path::new(OLD_ROOT_DIR)])
+        .find(|path| root.join(path).symlink_metadata().is_ok());
+    if let Some(found) = used {
+        return Err(JailError::JailUsed {
+            root: root.to_path_buf(),
+            found: found.to_path_buf(),
+        });
+    }
+    Ok(())
 }

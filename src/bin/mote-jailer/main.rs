@@ -52,8 +52,10 @@ pub enum JailError {
     ExecNotStatic { path: PathBuf, reason: String },
     #[error("--chroot-base-dir {0} is not an absolute path")]
     RelativeBase(PathBuf),
-    #[error("the jail {0} exists already")]
-    JailExists(PathBuf),
+    #[error("the jail {root} was used already: it holds {found}")]
+    JailUsed { root: PathBuf, found: PathBuf },
+    #[error("{0} is not a directory (a jail's own directories cannot be links)")]
+    JailPathNotADirectory(PathBuf),
     #[error("no cgroup2 file system is mounted (see /proc/self/mounts)")]
     NoCgroup2,
     #[error("--parent-cgroup {0} must be a relative path without '..'")]
@@ -204,7 +206,16 @@ fn run(args: &JailerArgs, start: Start) -> Result<(), JailError> {
         // A new pid namespace takes effect for children only; a daemon leaves its caller.
         if let sys::Forked::Parent(pid) = sys::fork().map_err(sys_error("fork"))? {
             let pid_file = root.join(Path::new(&exec_name).with_extension("pid"));
-            return std::fs::write(&pid_file, pid.to_string()).map_err(|source| JailError::Io {
+            // create_new, as Firecracker's jailer: never written through a link left in the jail.
+            let write = |path: &Path| {
+                use std::io::Write;
+                File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .and_then(|mut file| file.write_all(pid.to_string().as_bytes()))
+            };
+            return write(&pid_file).map_err(|source| JailError::Io {
                 what: "write",
                 path: pid_file,
                 source,

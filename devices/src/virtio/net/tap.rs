@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The longest interface name Linux takes (IFNAMSIZ less the terminating NUL).
@@ -13,13 +13,20 @@ pub const IFNAME_MAX_LEN: usize = 15;
 const TUN_PATH: &str = "/dev/net/tun";
 
 // From <linux/if_tun.h>: _IOW('T', 202, int), _IOW('T', 208, unsigned int),
-// _IOW('T', 216, int).
+// _IOR('T', 210, unsigned int), _IOW('T', 216, int).
 const TUNSETIFF: libc::Ioctl = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
+// The request has its top bit set: an int (musl) takes it negative, the bits unchanged.
+const TUNGETIFF: libc::Ioctl = 0x8004_54d2_u32 as libc::Ioctl;
 const TUNSETVNETHDRSZ: libc::Ioctl = 0x4004_54d8;
+const IFF_TUN: u16 = 0x0001;
 const IFF_TAP: u16 = 0x0002;
+const IFF_MULTI_QUEUE: u16 = 0x0100;
+const IFF_PERSIST: u16 = 0x0800;
 const IFF_NO_PI: u16 = 0x1000;
 const IFF_VNET_HDR: u16 = 0x4000;
+/// From <linux/sockios.h>: an interface's index by name, asked of any socket.
+const SIOCGIFINDEX: libc::Ioctl = 0x8933;
 
 /// TUNSETOFFLOAD bits: what the reader of the TAP (the guest) accepts in the frames it gets.
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -32,6 +39,8 @@ pub enum TapError {
     InvalidName(String),
     #[error("there is no network interface {0:?}: create the TAP first (ip tuntap add dev {0} mode tap)")]
     Missing(String),
+    #[error("cannot look up the network interface {name:?}: {source}")]
+    Lookup { name: String, source: io::Error },
     #[error("cannot open {TUN_PATH}: {0}")]
     OpenTun(io::Error),
     #[error("TAP {0:?} is busy: another process has it open")]
@@ -40,6 +49,11 @@ pub enum TapError {
         "{0:?} is not a TAP device (a TUN device, another kind of interface, or a multi-queue TAP)"
     )]
     NotATap(String),
+    #[error(
+        "TAP {0:?} is not this process's to attach: make it with `ip tuntap add dev {0} mode tap \
+         user UID` for the monitor's uid (a jailed monitor's is the jailer's --uid)"
+    )]
+    NotPermitted(String),
     #[error("cannot attach to TAP {name:?}: {source}")]
     Attach { name: String, source: io::Error },
     #[error("cannot set up TAP {name:?}: {what}: {source}")]
@@ -50,12 +64,26 @@ pub enum TapError {
     },
 }
 
-/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags in the union.
+/// `struct ifreq` as TUNSETIFF, TUNGETIFF and SIOCGIFINDEX use it: the name, then the flags
+/// (or the index) in the union.
 #[repr(C)]
 struct IfReq {
     name: [u8; 16],
     flags: u16,
     _union_rest: [u8; 22],
+}
+
+impl IfReq {
+    /// `name` must be a valid interface name (at most IFNAME_MAX_LEN bytes).
+    fn new(name: &str, flags: u16) -> Self {
+        let mut req = IfReq {
+            name: [0; 16],
+            flags,
+            _union_rest: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        req
+    }
 }
 
 /// An open TAP: frames in and out, each led by a `virtio_net_hdr_v1`.
@@ -75,7 +103,11 @@ impl Tap {
             return Err(TapError::InvalidName(name.to_string()));
         }
         // TUNSETIFF with a name that does not exist would create a new TAP nobody configured.
-        if !interface_exists(name) {
+        let exists = interface_exists(name).map_err(|source| TapError::Lookup {
+            name: name.to_string(),
+            source,
+        })?;
+        if !exists {
             return Err(TapError::Missing(name.to_string()));
         }
         let file = OpenOptions::new()
@@ -84,12 +116,7 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_PATH)
             .map_err(TapError::OpenTun)?;
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _union_rest: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut req = IfReq::new(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq` lays out in full
         // (40 bytes); the fd is the open tun device.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
@@ -98,6 +125,7 @@ impl Tap {
             return Err(match err.raw_os_error() {
                 Some(libc::EBUSY) => TapError::Busy(name.to_string()),
                 Some(libc::EINVAL) => TapError::NotATap(name.to_string()),
+                Some(libc::EPERM) => TapError::NotPermitted(name.to_string()),
                 _ => TapError::Attach {
                     name: name.to_string(),
                     source: err,
@@ -108,6 +136,7 @@ impl Tap {
             file,
             name: name.to_string(),
         };
+        tap.check_attached()?;
         // virtio 1.x always has the 12-byte header (with num_buffers).
         tap.ioctl_int(
             TUNSETVNETHDRSZ,
@@ -116,6 +145,32 @@ impl Tap {
         )?;
         tap.set_offload(0)?;
         Ok(tap)
+    }
+
+    /// What the kernel says it attached: a single-queue TAP with the virtio header, and one
+    /// that was there before. A TAP that is not persistent had no other holder (else it would
+    /// be busy), so TUNSETIFF made it: the interface went between the look-up and the attach.
+    /// Dropping the descriptor removes it again.
+    fn check_attached(&self) -> Result<(), TapError> {
+        let mut req = IfReq::new("", 0);
+        // SAFETY: TUNGETIFF writes a `struct ifreq`, which `IfReq` lays out in full; the fd
+        // is the tun device, attached above.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNGETIFF, &mut req) };
+        if ret < 0 {
+            return Err(TapError::Configure {
+                name: self.name.clone(),
+                what: "reading back its flags",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let kind = req.flags & (IFF_TUN | IFF_TAP | IFF_MULTI_QUEUE);
+        if kind != IFF_TAP || req.flags & IFF_VNET_HDR == 0 {
+            return Err(TapError::NotATap(self.name.clone()));
+        }
+        if req.flags & IFF_PERSIST == 0 {
+            return Err(TapError::Missing(self.name.clone()));
+        }
+        Ok(())
     }
 
     fn ioctl_int(
@@ -187,18 +242,29 @@ impl AsRawFd for Tap {
     }
 }
 
-/// Whether the network namespace this thread runs in has an interface `name`. Read from
-/// procfs rather than asked of a socket: the monitor's seccomp filter allows no sockets here.
-fn interface_exists(name: &str) -> bool {
-    let Ok(devices) = std::fs::read_to_string("/proc/thread-self/net/dev") else {
-        return false;
-    };
-    // Two header lines, then `  NAME: counters…` per interface.
-    devices
-        .lines()
-        .skip(2)
-        .filter_map(|line| line.split_once(':'))
-        .any(|(interface, _)| interface.trim() == name)
+/// Whether the network namespace this thread runs in has an interface `name`, asked of the
+/// kernel (a jail has no /proc). Any socket answers netdevice ioctls for its namespace; a Unix
+/// stream is the one kind the monitor's seccomp filter lets it make.
+fn interface_exists(name: &str) -> io::Result<bool> {
+    // SAFETY: socket takes no pointers.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReq::new(name, 0);
+    // SAFETY: SIOCGIFINDEX reads the name from and writes the index into the `struct ifreq`,
+    // which `IfReq` lays out in full.
+    let ret = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGIFINDEX, &mut req) };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENODEV) => Ok(false),
+        _ => Err(err),
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +279,13 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn the_kernel_is_asked_whether_an_interface_exists() {
+        // Every network namespace has a loopback interface.
+        assert!(interface_exists("lo").unwrap());
+        assert!(!interface_exists("mote-no-such0").unwrap());
     }
 
     #[test]
