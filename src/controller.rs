@@ -165,6 +165,7 @@ impl PrebootController {
                 | VmmAction::PutDrive(_)
                 | VmmAction::PutNetworkInterface(_)
                 | VmmAction::PutVsock(_)
+                | VmmAction::PutEntropy(_)
         );
         match action {
             VmmAction::PutBootSource(boot_source) => {
