@@ -71,6 +71,23 @@ pub fn next_chain<'a>(
     queue.iter(mem).map(|mut chains| chains.next())
 }
 
+/// The next chain, as [`next_chain`]; when the ring is empty, notifications are turned back on
+/// first (with EVENT_IDX that writes `avail_event`, without which the driver would not notify
+/// again) and the ring is looked at once more for a chain the driver posted meanwhile. For a
+/// device that waits for the driver's buffers.
+pub fn next_chain_or_notify<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    if let Some(chain) = next_chain(queue, mem)? {
+        return Ok(Some(chain));
+    }
+    match queue.enable_notification(mem) {
+        Ok(true) => next_chain(queue, mem),
+        _ => Ok(None),
+    }
+}
+
 /// The part of a virtio device that is the same for every kind.
 pub struct VirtioCommon {
     /// What log lines call the device (`virtio-blk rootfs`).

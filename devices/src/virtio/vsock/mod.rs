@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{read_packet, HDR_LEN, MAX_PAYLOAD, MIN_GUEST_CID};
-use super::common::{next_chain, signal_used, Active, VirtioCommon};
+use super::common::{next_chain, next_chain_or_notify, signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_VSOCK};
 use crate::metrics::VsockMetrics;
@@ -129,25 +129,16 @@ impl Vsock {
         let queue = &mut queues[RX];
         let mut used = false;
         let mut broken = None;
-        let mut rechecked = false;
         while self.muxer.has_rx() {
-            let chain = match next_chain(queue, mem) {
-                Ok(chain) => chain,
+            // No buffers: the driver is asked to notify the RX queue when it posts some.
+            let chain = match next_chain_or_notify(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
                 Err(err) => {
                     broken = Some(err);
                     break;
                 }
             };
-            let Some(chain) = chain else {
-                // No buffers: have the driver notify the RX queue when it posts some (with
-                // EVENT_IDX only once told where), and take those it posted meanwhile.
-                if !rechecked && matches!(queue.enable_notification(mem), Ok(true)) {
-                    rechecked = true;
-                    continue;
-                }
-                break;
-            };
-            rechecked = false;
             let head = chain.head_index();
             let mut writer = match chain.writer(mem) {
                 Ok(writer) if writer.available_bytes() >= HDR_LEN => writer,
@@ -279,24 +270,16 @@ impl Vsock {
         let queue = &mut queues[EVENT];
         let mut used = false;
         let mut broken = None;
-        let mut rechecked = false;
         loop {
-            let chain = match next_chain(queue, mem) {
-                Ok(chain) => chain,
+            // No buffer yet: the driver is asked to notify the event queue when it posts one.
+            let chain = match next_chain_or_notify(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
                 Err(err) => {
                     broken = Some(err);
                     break;
                 }
             };
-            let Some(chain) = chain else {
-                // No buffer yet: have the driver notify the event queue when it posts one.
-                if !rechecked && matches!(queue.enable_notification(mem), Ok(true)) {
-                    rechecked = true;
-                    continue;
-                }
-                break;
-            };
-            rechecked = false;
             let head = chain.head_index();
             let event = EVENT_TRANSPORT_RESET.to_le_bytes();
             let written = chain
