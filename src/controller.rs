@@ -224,10 +224,6 @@ impl PrebootController {
         Ok(VmmData::Empty)
     }
 
-    fn console(&mut self) -> Result<Console, VmmActionError> {
-        self.console.take().ok_or(VmmActionError::NotAfterBoot)
-    }
-
     /// A refused start can be retried with a corrected configuration; the console went into
     /// the failed build, so the retry gets stdout and stdin again.
     fn take_console_back(&mut self) {
@@ -241,7 +237,9 @@ impl PrebootController {
             .inspect_err(|_| self.take_console_back())?;
         built.vmm.resume_vcpus();
         info!("the guest is running");
-        Ok(self.started(self.resources.clone(), built))
+        // The controller's part ends here: the configuration goes to the runtime controller.
+        let resources = std::mem::take(&mut self.resources);
+        Ok(self.started(resources, built))
     }
 
     /// Restores a snapshot instead of booting (`PUT /snapshot/load`): the VM takes the
@@ -251,7 +249,7 @@ impl PrebootController {
         &mut self,
         params: &LoadSnapshotParams,
     ) -> Result<Started, VmmActionError> {
-        let console = self.console()?;
+        let console = self.console.take().ok_or(BuildError::AlreadyStarted)?;
         let loaded = load_snapshot(
             params,
             console,
