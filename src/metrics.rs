@@ -5,11 +5,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use devices::metrics::{BlockMetrics, Counter, EntropyMetrics, NetMetrics, VsockMetrics};
+use devices::counters;
+use devices::metrics::{BlockMetrics, Counter, Deltas, EntropyMetrics, NetMetrics, VsockMetrics};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::warn;
 use serde_json::{Map, Value};
@@ -42,52 +42,43 @@ pub enum MetricsError {
     },
 }
 
-/// Declares a group of counters that reports itself as one JSON object, each counter under its
-/// field's name, so that a counter's name is written once. Gauges after `@gauges` are reported
-/// beside them with their current value. Fields after a `;` are the struct's own and not
-/// reported.
-macro_rules! counters {
-    (
-        $(#[$doc:meta])*
-        pub struct $name:ident {
-            $($(#[$counter_doc:meta])* $counter:ident,)*
-            $(@gauges $($(#[$gauge_doc:meta])* $gauge:ident,)*)?
-            $(; $($(#[$field_doc:meta])* $field:ident: $field_type:ty,)*)?
-        }
-    ) => {
-        $(#[$doc])*
-        #[derive(Debug, Default)]
-        pub struct $name {
-            $($(#[$counter_doc])* pub $counter: Counter,)*
-            $($($(#[$gauge_doc])* pub $gauge: Gauge,)*)?
-            $($($(#[$field_doc])* $field: $field_type,)*)?
-        }
-
-        impl $name {
-            /// Each counter's count since the previous report, and each gauge's value, by name.
-            fn take_deltas(&self) -> Value {
-                let mut deltas = Map::new();
-                $(deltas.insert(stringify!($counter).into(), self.$counter.take_delta().into());)*
-                $($(deltas.insert(stringify!($gauge).into(), self.$gauge.get().into());)*)?
-                Value::Object(deltas)
-            }
-        }
-    };
+/// A group's report as a JSON object.
+fn object(deltas: Vec<(&'static str, u64)>) -> Value {
+    Value::Object(
+        deltas
+            .into_iter()
+            .map(|(name, delta)| (name.to_string(), delta.into()))
+            .collect(),
+    )
 }
 
-/// A value that is set rather than counted (Firecracker's `StoreMetric`): every report carries
-/// the latest value, 0 until one is set.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
+/// Each device of a kind under `<kind>_<id>`, and their sum under `<kind>`.
+fn report_each<T: Deltas>(
+    top: &mut Map<String, Value>,
+    kind: &str,
+    devices: &Mutex<Vec<(String, Arc<T>)>>,
+) {
+    let mut total = Map::new();
+    if let Ok(devices) = devices.lock() {
+        for (id, device) in devices.iter() {
+            let deltas = device.take_deltas();
+            for (name, delta) in &deltas {
+                let sum = total.get(*name).and_then(Value::as_u64).unwrap_or(0) + delta;
+                total.insert(name.to_string(), sum.into());
+            }
+            top.insert(format!("{kind}_{id}"), object(deltas));
+        }
     }
+    top.insert(kind.into(), Value::Object(total));
+}
 
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
+/// The one device of a kind under `<kind>`; an empty object while there is none.
+fn report_one<T: Deltas>(top: &mut Map<String, Value>, kind: &str, device: &Mutex<Option<Arc<T>>>) {
+    let deltas = match device.lock().as_deref() {
+        Ok(Some(device)) => device.take_deltas(),
+        _ => Vec::new(),
+    };
+    top.insert(kind.into(), object(deltas));
 }
 
 /// The clock `clock` now, in microseconds (0 if it cannot be read).
@@ -298,54 +289,18 @@ impl Metrics {
             .unwrap_or(0);
         let mut top = Map::new();
         top.insert("utc_timestamp_ms".into(), now_ms.into());
-        top.insert("api_server".into(), self.api.take_deltas());
+        top.insert("api_server".into(), object(self.api.take_deltas()));
         top.insert("get_api_requests".into(), self.api.report("GET"));
         top.insert("put_api_requests".into(), self.api.report("PUT"));
         top.insert("patch_api_requests".into(), self.api.report("PATCH"));
-        top.insert("vcpu".into(), self.vcpu.take_deltas());
-        top.insert("vmm".into(), self.vmm.take_deltas());
-        top.insert("i8042".into(), self.i8042.take_deltas());
-        top.insert("metrics".into(), self.metrics.take_deltas());
-        let mut total = Map::new();
-        if let Ok(blocks) = self.blocks.lock() {
-            for (id, block) in blocks.iter() {
-                let mut device = Map::new();
-                for (name, delta) in block.take_deltas() {
-                    device.insert(name.into(), delta.into());
-                    let sum = total.get(name).and_then(Value::as_u64).unwrap_or(0) + delta;
-                    total.insert(name.into(), sum.into());
-                }
-                top.insert(format!("block_{id}"), Value::Object(device));
-            }
-        }
-        top.insert("block".into(), Value::Object(total));
-        let mut total = Map::new();
-        if let Ok(nets) = self.nets.lock() {
-            for (id, net) in nets.iter() {
-                let mut device = Map::new();
-                for (name, delta) in net.take_deltas() {
-                    device.insert(name.into(), delta.into());
-                    let sum = total.get(name).and_then(Value::as_u64).unwrap_or(0) + delta;
-                    total.insert(name.into(), sum.into());
-                }
-                top.insert(format!("net_{id}"), Value::Object(device));
-            }
-        }
-        top.insert("net".into(), Value::Object(total));
-        let mut vsock = Map::new();
-        if let Ok(Some(metrics)) = self.vsock.lock().as_deref() {
-            for (name, delta) in metrics.take_deltas() {
-                vsock.insert(name.into(), delta.into());
-            }
-        }
-        top.insert("vsock".into(), Value::Object(vsock));
-        let mut entropy = Map::new();
-        if let Ok(Some(metrics)) = self.entropy.lock().as_deref() {
-            for (name, delta) in metrics.take_deltas() {
-                entropy.insert(name.into(), delta.into());
-            }
-        }
-        top.insert("entropy".into(), Value::Object(entropy));
+        top.insert("vcpu".into(), object(self.vcpu.take_deltas()));
+        top.insert("vmm".into(), object(self.vmm.take_deltas()));
+        top.insert("i8042".into(), object(self.i8042.take_deltas()));
+        top.insert("metrics".into(), object(self.metrics.take_deltas()));
+        report_each(&mut top, "block", &self.blocks);
+        report_each(&mut top, "net", &self.nets);
+        report_one(&mut top, "vsock", &self.vsock);
+        report_one(&mut top, "entropy", &self.entropy);
         Value::Object(top)
     }
 

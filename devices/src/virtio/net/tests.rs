@@ -242,7 +242,7 @@ fn an_impossible_available_index_makes_the_device_need_a_reset() {
         assert!(
             f.net.interrupt().needs_reset(),
             "{:?}",
-            f.net.metrics.take_deltas()
+            crate::metrics::Deltas::take_deltas(f.net.metrics.as_ref())
         );
         assert!(f.net.common.active().is_none());
     })
