@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{mote_bin, probe_kernel, require_kvm};
+use common::{mote, mote_bin, probe_kernel, require_kvm};
 
 /// A scratch directory for this test, readable by everyone (some cases run as `nobody`).
 fn scratch(name: &str) -> PathBuf {
@@ -20,14 +20,6 @@ fn scratch(name: &str) -> PathBuf {
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     dir
-}
-
-fn mote(args: &[&str]) -> Output {
-    Command::new(mote_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 /// Checks the one-line error and the status, and returns the line.

@@ -4,21 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::api::ApiMote;
-use common::{mote_bin, probe_kernel, require_kvm};
+use common::{mote, probe_kernel, require_kvm};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn mote(args: &[&str]) -> Output {
-    Command::new(mote_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 /// Checks that `args` are refused as a bad flag (clap's status 2) with `expected` in the one
 /// error line.

@@ -146,6 +146,15 @@ fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8
     })
 }
 
+/// Runs `mote ARGS` with no input to its end, for what should end at once (a refusal).
+pub fn mote(args: &[&str]) -> std::process::Output {
+    Command::new(mote_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// Runs `mote ARGS`, feeding `stdin` (or /dev/null), and kills it after `timeout`.
 pub fn run_mote(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Run {
     let started = Instant::now();
