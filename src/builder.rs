@@ -304,7 +304,10 @@ pub fn build_microvm_for_boot(
         .map(|path| open_boot_file("initrd", path).map(|file| (file, path)))
         .transpose()?;
 
-    let vm = Vm::new(create_guest_memory(resources.machine_config.mem_size_mib)?)?;
+    let mut vm = Vm::new(create_guest_memory(resources.machine_config.mem_size_mib)?)?;
+    // The vCPUs (and the interrupt controller that some arches create after them) come
+    // before the devices whose interrupt lines they route.
+    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
     let mem = vm.memory();
     let boot = arch::load_kernel(mem, &mut kernel).map_err(|source| BuildError::LoadKernel {
         path: boot_source.kernel_image_path.clone(),
@@ -329,7 +332,6 @@ pub fn build_microvm_for_boot(
     .map_err(BuildError::Configure)?;
 
     let features = vm.vcpu_features()?;
-    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
     for (fd, index) in vcpu_fds.iter().zip(0u8..) {
         arch::configure_vcpu(fd, mem, &boot, &features, index, vcpu_count)
             .map_err(|source| BuildError::ConfigureVcpu { index, source })?;
@@ -354,13 +356,13 @@ pub fn build_microvm_from_snapshot(
         });
     }
 
-    let vm = Vm::new(memory)?;
+    let mut vm = Vm::new(memory)?;
     vm.restore_state_before_vcpus(&state.vm)?;
+    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
     let (mut devices, reset_evt) = device_manager(&vm, console, Some(state))?;
     attach_devices(&vm, &mut devices, resources, backends, start)?;
     devices.restore_state(&state.devices)?;
 
-    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
     for ((fd, saved), index) in vcpu_fds.iter().zip(&state.vcpus).zip(0u8..) {
         saved
             .restore(fd)

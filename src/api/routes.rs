@@ -150,7 +150,11 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         }
         (Kind::PutActions, []) => match body::<InstanceActionInfo>("actions", bytes)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
-            ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
+            // An arch without a keyboard refuses it at once, in Firecracker's words.
+            ActionType::SendCtrlAltDel => match crate::arch::CTRL_ALT_DEL_UNSUPPORTED {
+                Some(refusal) => return Err(refusal.to_string()),
+                None => VmmAction::SendCtrlAltDel,
+            },
             ActionType::FlushMetrics => VmmAction::FlushMetrics,
         },
         (Kind::PutSnapshot, ["create"]) => VmmAction::CreateSnapshot(body::<CreateSnapshotParams>(
@@ -219,10 +223,17 @@ mod tests {
             action("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
             VmmAction::InstanceStart
         );
-        assert_eq!(
-            action("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
-            VmmAction::SendCtrlAltDel
-        );
+        let ctrl_alt_del = r#"{"action_type": "SendCtrlAltDel"}"#;
+        match crate::arch::CTRL_ALT_DEL_UNSUPPORTED {
+            None => assert_eq!(
+                action("PUT", "/actions", ctrl_alt_del),
+                VmmAction::SendCtrlAltDel
+            ),
+            Some(refusal) => assert_eq!(
+                route("PUT", "/actions", ctrl_alt_del.as_bytes()),
+                Err(refusal.to_string())
+            ),
+        }
         assert_eq!(
             action("PATCH", "/vm", r#"{"state": "Paused"}"#),
             VmmAction::Pause

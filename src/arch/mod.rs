@@ -1,15 +1,16 @@
 //! Everything that differs between guest architectures. The rest of the monitor calls only
 //! what this module re-exports, and never names a register, port, address or KVM structure of
-//! one arch. `src/arch/aarch64/` will implement the same interface:
+//! one arch. `src/arch/x86_64/` and `src/arch/aarch64/` implement the same interface:
 //!
 //! - **Layout**: `arch_memory_regions(bytes)` (guest RAM ranges), `MAX_MEM_SIZE_MIB`,
 //!   `MAX_VCPUS`, `DEFAULT_BOOT_ARGS`, `cmdline_capacity()`, and where MMIO devices go:
 //!   `BOOT_TIMER_START`, `VIRTIO_MMIO_START`, `MMIO_SLOT_SIZE`, `IRQ_BASE`..=`IRQ_MAX`.
 //! - **The VM**: `create_vm_devices(kvm, vm)` before any vCPU exists (x86_64: the irqchip,
 //!   PIT and KVM's real-mode pages), `finish_vm_devices(vm, vcpus)` once all vCPUs exist
-//!   (aarch64: the GIC, which must come after them), `VmState` (save of those devices and
-//!   the clock; restored in two parts, `restore_before_vcpus` (x86_64: all of it, the
-//!   kvm-clock before the vCPUs' clock MSRs) and `restore_after_vcpus` (aarch64: the GIC)).
+//!   (aarch64: the vCPUs' KVM_ARM_VCPU_INIT and the GIC, which must come after them), which
+//!   gives the `VmDevices` a VM keeps; `VmState` (save of those devices and the clock;
+//!   restored in two parts, `restore_before_vcpus` (x86_64: all of it, the kvm-clock before
+//!   the vCPUs' clock MSRs) and `restore_after_vcpus` (aarch64: the GIC)).
 //! - **Booting**: `load_kernel`, `initrd_placement`, `configure_system` (boot parameters, and
 //!   the virtio-mmio devices announced as the arch's guests expect: kernel command line on
 //!   x86_64, device tree on aarch64), `vcpu_features` (what KVM offers every vCPU, read once
@@ -18,11 +19,17 @@
 //!   only this arch has (x86_64: port I/O, through `VcpuIo`), `instruction_pointer` for
 //!   reports.
 //! - **Legacy devices**: `LegacyDevices` (x86_64: COM1 and the i8042 on the port-I/O bus;
-//!   aarch64: the UART on MMIO, no i8042) with `LegacyDevicesState` for snapshots and
-//!   `send_ctrl_alt_del`, which an arch without a keyboard refuses with a message.
+//!   aarch64: the UART and the RTC on MMIO, no i8042) with `LegacyDevicesState` for
+//!   snapshots and `send_ctrl_alt_del`; `CTRL_ALT_DEL_UNSUPPORTED` is the API's refusal on
+//!   an arch without a keyboard.
+//! - **Snapshots** name the arch that wrote them (`SNAPSHOT_ARCH`, the ELF machine number), so
+//!   that one arch's state is refused by the other's build before it is decoded.
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
@@ -32,9 +39,36 @@ pub use self::x86_64::{
     legacy::{handle_exit, LegacyDeviceError, LegacyDevices, LegacyDevicesState, VcpuIo},
     load_kernel,
     snapshot::{StateError, VcpuState, VmState},
-    vcpu_features, ArchError, ArchVcpuError, BootEntry, InitrdPlacement, VcpuFeatures,
-    DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB, MAX_VCPUS,
+    vcpu_features, ArchError, ArchVcpuError, BootEntry, InitrdPlacement, VcpuFeatures, VmDevices,
+    CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB, MAX_VCPUS,
 };
+
+#[cfg(target_arch = "aarch64")]
+pub use self::aarch64::{
+    arch_memory_regions, cmdline_capacity, configure_system, configure_vcpu, create_vm_devices,
+    finish_vm_devices, initrd_placement, instruction_pointer,
+    layout::{BOOT_TIMER_START, IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START},
+    legacy::{handle_exit, LegacyDeviceError, LegacyDevices, LegacyDevicesState, VcpuIo},
+    load_kernel,
+    snapshot::{StateError, VcpuState, VmState},
+    vcpu_features, ArchError, ArchVcpuError, BootEntry, InitrdPlacement, VcpuFeatures, VmDevices,
+    CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB, MAX_VCPUS,
+};
+
+/// The arch a snapshot's state belongs to, as its ELF machine number (EM_X86_64, EM_AARCH64).
+#[cfg(target_arch = "x86_64")]
+pub const SNAPSHOT_ARCH: u16 = 62;
+#[cfg(target_arch = "aarch64")]
+pub const SNAPSHOT_ARCH: u16 = 183;
+
+/// The name of the arch an ELF machine number stands for, for messages.
+pub fn arch_name(machine: u16) -> String {
+    match machine {
+        62 => "x86_64".to_string(),
+        183 => "aarch64".to_string(),
+        other => format!("machine {other}"),
+    }
+}
 
 /// A virtio-mmio device as the guest must be told of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -173,9 +173,16 @@ impl DeviceManager {
             subscribers.push(Arc::new(Mutex::new(input)));
         }
         let serial = Arc::new(Mutex::new(serial));
-        let legacy = LegacyDevices::create(vm.fd(), serial.clone(), &serial_irq, reset_evt)?;
+        let mut mmio_bus = Bus::new();
+        let legacy = LegacyDevices::create(
+            vm.fd(),
+            &mut mmio_bus,
+            serial.clone(),
+            &serial_irq,
+            reset_evt,
+        )?;
         Ok(Self {
-            mmio_bus: Arc::new(Bus::new()),
+            mmio_bus: Arc::new(mmio_bus),
             slots: MmioSlots::default(),
             transports: Vec::new(),
             drives: Drives::default(),

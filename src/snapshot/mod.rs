@@ -2,10 +2,11 @@
 //! once, mapped MAP_PRIVATE on restore so that restoring does not read it and clones of one
 //! snapshot share its clean pages).
 //!
-//! The state file is `MAGIC (8) | version (u32 LE) | body length (u64 LE) | body | CRC-64`,
-//! the body being [`MicrovmState`] in bincode and the CRC-64/ECMA-182 covering every byte
-//! before it. A file is refused, with the reason, when it is truncated, is not a mote snapshot,
-//! fails its checksum or has another format version.
+//! The state file is `MAGIC (8) | version (u32 LE) | arch (u32 LE) | body length (u64 LE) |
+//! body | CRC-64`, the arch being the ELF machine number of the guest's architecture, the body
+//! [`MicrovmState`] in bincode and the CRC-64/ECMA-182 covering every byte before it. A file
+//! is refused, with the reason, when it is truncated, is not a mote snapshot, fails its
+//! checksum, has another format version or belongs to another architecture.
 
 pub mod actions;
 pub mod memory;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use crc::{Crc, CRC_64_ECMA_182};
 use serde::{Deserialize, Serialize};
 
-use crate::arch::{VcpuState, VmState};
+use crate::arch::{arch_name, VcpuState, VmState, SNAPSHOT_ARCH};
 use crate::config::VmConfigFile;
 pub use crate::device_manager::DevicesState;
 use crate::host_file::{self, FileKind, HostFileError};
@@ -27,8 +28,12 @@ pub use replace::NewFile;
 /// The first bytes of every state file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MOTESNAP";
 /// The state file's format version; a file of another version is refused, not misread.
-pub const SNAPSHOT_VERSION: u32 = 1;
-const HEADER_LEN: usize = SNAPSHOT_MAGIC.len() + 4 + 8;
+/// (2: the header names the architecture.)
+pub const SNAPSHOT_VERSION: u32 = 2;
+const VERSION_AT: usize = SNAPSHOT_MAGIC.len();
+const ARCH_AT: usize = VERSION_AT + 4;
+const BODY_LEN_AT: usize = ARCH_AT + 4;
+const HEADER_LEN: usize = BODY_LEN_AT + 8;
 const CRC_LEN: usize = 8;
 const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_ECMA_182);
 
@@ -50,6 +55,8 @@ pub enum SnapshotError {
     BadCrc { stored: u64, computed: u64 },
     #[error("the snapshot state file has format version {found}; this mote reads version {SNAPSHOT_VERSION}")]
     Version { found: u32 },
+    #[error("the snapshot was taken of an {} guest; this mote runs {} guests", arch_name(*.found), arch_name(SNAPSHOT_ARCH))]
+    Arch { found: u16 },
     #[error("cannot encode the snapshot state: {0}")]
     Encode(bincode::Error),
     #[error("cannot decode the snapshot state: its body ends early (cut short, or written by another build of mote)")]
@@ -100,6 +107,7 @@ pub fn encode(state: &MicrovmState) -> Result<Vec<u8>, SnapshotError> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + CRC_LEN);
     bytes.extend_from_slice(&SNAPSHOT_MAGIC);
     bytes.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&u32::from(SNAPSHOT_ARCH).to_le_bytes());
     bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&body);
     let crc = CRC64.checksum(&bytes);
@@ -112,7 +120,7 @@ pub fn encode(state: &MicrovmState) -> Result<Vec<u8>, SnapshotError> {
 pub fn read_format_version(path: &Path) -> Result<u32, SnapshotError> {
     const WHAT: &str = "the snapshot state file";
     let mut file = host_file::open(WHAT, path, FileKind::Regular, false)?;
-    let mut header = [0u8; SNAPSHOT_MAGIC.len() + 4];
+    let mut header = [0u8; ARCH_AT];
     let mut len = 0;
     while len < header.len() {
         match file.read(&mut header[len..]) {
@@ -139,7 +147,7 @@ pub fn read_format_version(path: &Path) -> Result<u32, SnapshotError> {
             expected: header.len(),
         });
     }
-    let version: [u8; 4] = header[SNAPSHOT_MAGIC.len()..]
+    let version: [u8; 4] = header[VERSION_AT..]
         .try_into()
         .expect("the header ends with the 4-byte version");
     Ok(u32::from_le_bytes(version))
@@ -162,7 +170,13 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
         buf[..len].copy_from_slice(&bytes[at..at + len]);
         u64::from_le_bytes(buf)
     };
-    let body_len = field(SNAPSHOT_MAGIC.len() + 4, 8);
+    // A file of another version may have another header: its version is all that is read
+    // before it is refused.
+    let found = field(VERSION_AT, 4) as u32;
+    if found != SNAPSHOT_VERSION {
+        return Err(SnapshotError::Version { found });
+    }
+    let body_len = field(BODY_LEN_AT, 8);
     let expected = usize::try_from(body_len)
         .ok()
         .and_then(|len| len.checked_add(min))
@@ -179,9 +193,11 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     if stored != computed {
         return Err(SnapshotError::BadCrc { stored, computed });
     }
-    let found = field(SNAPSHOT_MAGIC.len(), 4) as u32;
-    if found != SNAPSHOT_VERSION {
-        return Err(SnapshotError::Version { found });
+    let arch = field(ARCH_AT, 4);
+    if arch != u64::from(SNAPSHOT_ARCH) {
+        return Err(SnapshotError::Arch {
+            found: u16::try_from(arch).unwrap_or(u16::MAX),
+        });
     }
     bincode::deserialize(&covered[HEADER_LEN..]).map_err(|err| decode_error(&err))
 }
@@ -306,12 +322,38 @@ mod tests {
             SnapshotError::BadMagic
         ));
         let mut newer = bytes.clone();
-        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let end = newer.len() - CRC_LEN;
-        let crc = CRC64.checksum(&newer[..end]);
-        newer[end..].copy_from_slice(&crc.to_le_bytes());
-        let err = decode(&newer).unwrap_err();
-        assert!(matches!(err, SnapshotError::Version { found: 2 }), "{err}");
+        newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&3u32.to_le_bytes());
+        let err = decode(&rechecksummed(newer)).unwrap_err();
+        assert!(matches!(err, SnapshotError::Version { found: 3 }), "{err}");
+        // Version 1 had no arch field: refused by its version, not misread.
+        let mut old = bytes.clone();
+        old[VERSION_AT..VERSION_AT + 4].copy_from_slice(&1u32.to_le_bytes());
+        let err = decode(&old).unwrap_err();
+        assert!(matches!(err, SnapshotError::Version { found: 1 }), "{err}");
+    }
+
+    fn rechecksummed(mut bytes: Vec<u8>) -> Vec<u8> {
+        let end = bytes.len() - CRC_LEN;
+        let crc = CRC64.checksum(&bytes[..end]);
+        bytes[end..].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn another_architectures_snapshot_is_refused_by_name() {
+        let mut bytes = encode(&state()).unwrap();
+        let other: u32 = if SNAPSHOT_ARCH == 62 { 183 } else { 62 };
+        bytes[ARCH_AT..ARCH_AT + 4].copy_from_slice(&other.to_le_bytes());
+        let err = decode(&rechecksummed(bytes)).unwrap_err().to_string();
+        let (theirs, ours) = if other == 62 {
+            ("x86_64", "aarch64")
+        } else {
+            ("aarch64", "x86_64")
+        };
+        assert_eq!(
+            err,
+            format!("the snapshot was taken of an {theirs} guest; this mote runs {ours} guests")
+        );
     }
 
     /// A body cut short but framed and checksummed as whole: only the decoder can tell.
@@ -319,6 +361,7 @@ mod tests {
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&SNAPSHOT_MAGIC);
         bytes.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&u32::from(SNAPSHOT_ARCH).to_le_bytes());
         bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
         bytes.extend_from_slice(body);
         let crc = CRC64.checksum(&bytes);

@@ -43,6 +43,8 @@ pub enum VmError {
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
     #[error("cannot save or restore the VM's state: {0}")]
     State(#[from] arch::StateError),
+    #[error("the VM has no vCPUs yet, so neither have its in-kernel devices")]
+    NoVcpus,
 }
 
 fn kvm_open_hint(err: &kvm_ioctls::Error) -> &'static str {
@@ -59,6 +61,8 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     memory: GuestMemoryMmap,
+    /// The in-kernel devices made once the vCPUs exist (aarch64: the GIC).
+    devices: Option<arch::VmDevices>,
 }
 
 impl Vm {
@@ -91,12 +95,18 @@ impl Vm {
             })?;
         }
         arch::create_vm_devices(&kvm, &fd)?;
-        Ok(Self { kvm, fd, memory })
+        Ok(Self {
+            kvm,
+            fd,
+            memory,
+            devices: None,
+        })
     }
 
     /// The in-kernel devices' and the clock's state (a snapshot; the vCPUs are paused).
     pub fn save_state(&self) -> Result<arch::VmState, VmError> {
-        Ok(arch::VmState::save(&self.fd)?)
+        let devices = self.devices.as_ref().ok_or(VmError::NoVcpus)?;
+        Ok(arch::VmState::save(&self.fd, devices)?)
     }
 
     /// Puts back the part of what [`Vm::save_state`] read that must come before the vCPUs
@@ -107,7 +117,8 @@ impl Vm {
 
     /// Puts back the part that needs the vCPUs restored first (aarch64: the GIC).
     pub fn restore_state_after_vcpus(&self, state: &arch::VmState) -> Result<(), VmError> {
-        Ok(state.restore_after_vcpus(&self.fd)?)
+        let devices = self.devices.as_ref().ok_or(VmError::NoVcpus)?;
+        Ok(state.restore_after_vcpus(&self.fd, devices)?)
     }
 
     /// Keeps the VM and its memory alive until the process ends, whatever is dropped before:
@@ -140,7 +151,7 @@ impl Vm {
     }
 
     /// Creates `count` vCPUs, then the in-kernel devices that must come after them.
-    pub fn create_vcpus(&self, count: u8) -> Result<Vec<VcpuFd>, VmError> {
+    pub fn create_vcpus(&mut self, count: u8) -> Result<Vec<VcpuFd>, VmError> {
         let fds = (0..count)
             .map(|index| {
                 self.fd
@@ -148,7 +159,7 @@ impl Vm {
                     .map_err(|source| VmError::CreateVcpu { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        arch::finish_vm_devices(&self.fd, count)?;
+        self.devices = Some(arch::finish_vm_devices(&self.fd, &fds)?);
         Ok(fds)
     }
 

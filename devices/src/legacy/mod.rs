@@ -1,7 +1,9 @@
-//! Legacy PC devices: the 16550 UART on COM1, the i8042 reset line, and the boot timer.
+//! Legacy devices: the 16550 UART (on COM1 on x86_64, on MMIO on aarch64), the i8042 reset
+//! line (x86_64), the PL031 real-time clock (aarch64), and the boot timer.
 
 pub mod boot_timer;
 pub mod i8042;
+pub mod rtc;
 pub mod serial;
 
 use vmm_sys_util::eventfd::EventFd;

@@ -68,9 +68,10 @@ fn irqfd(vm: &VmFd, evt: &EventFd, irq: u32, what: &'static str) -> Result<(), L
 
 impl LegacyDevices {
     /// Puts `serial` at COM1 (IRQ 4) and an i8042 whose reset line writes `reset_evt` at
-    /// 0x60-0x64 (IRQ 1). Returns the devices and the serial port's interrupt line to give it.
+    /// 0x60-0x64 (IRQ 1), both on a port-I/O bus of their own (nothing goes on `_mmio_bus`).
     pub fn create(
         vm: &VmFd,
+        _mmio_bus: &mut Bus,
         serial: Arc<Mutex<SerialDevice>>,
         serial_irq: &EventFd,
         reset_evt: EventFd,

@@ -42,6 +42,8 @@ pub const MAX_VCPUS: u8 = 32;
 /// Boot arguments when the user gives none: the serial console, reset through the i8042, reboot
 /// one second after a panic, and no PCI bus to probe.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// `SendCtrlAltDel` is served (the i8042's keyboard): no refusal.
+pub const CTRL_ALT_DEL_UNSUPPORTED: Option<&str> = None;
 /// Where the PVH module list (the initrd) goes, after the memory map.
 const PVH_MODLIST_START: u64 = PVH_MEMMAP_START + 0x200;
 /// e820 / PVH memory types.
@@ -177,9 +179,13 @@ pub fn create_vm_devices(kvm_fd: &Kvm, vm: &VmFd) -> Result<(), ArchError> {
     vm.create_pit2(pit).map_err(kvm("create the in-kernel PIT"))
 }
 
+/// The in-kernel devices a VM keeps once its vCPUs exist: none on x86_64, whose interrupt
+/// controllers came before them and are reached through the VM's fd.
+pub struct VmDevices;
+
 /// Nothing more once the vCPUs exist: x86's interrupt controllers came before them.
-pub fn finish_vm_devices(_vm: &VmFd, _vcpu_count: u8) -> Result<(), ArchError> {
-    Ok(())
+pub fn finish_vm_devices(_vm: &VmFd, _vcpus: &[VcpuFd]) -> Result<VmDevices, ArchError> {
+    Ok(VmDevices)
 }
 
 /// What KVM offers every vCPU of a booting VM: its supported CPUID, read once per boot and

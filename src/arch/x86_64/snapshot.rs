@@ -206,7 +206,7 @@ fn read_irqchip(fd: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqch
 }
 
 impl VmState {
-    pub fn save(fd: &VmFd) -> Result<Self, StateError> {
+    pub fn save(fd: &VmFd, _devices: &super::VmDevices) -> Result<Self, StateError> {
         let pit = fd.get_pit2().map_err(kvm("read the PIT"))?;
         let mut clock = fd.get_clock().map_err(kvm("read the KVM clock"))?;
         // Only the clock's value is restored: KVM refuses some flags it reports (TSC_STABLE).
@@ -239,7 +239,11 @@ impl VmState {
     }
 
     /// Nothing of x86's VM state waits for the vCPUs (aarch64's GIC state does).
-    pub fn restore_after_vcpus(&self, _fd: &VmFd) -> Result<(), StateError> {
+    pub fn restore_after_vcpus(
+        &self,
+        _fd: &VmFd,
+        _devices: &super::VmDevices,
+    ) -> Result<(), StateError> {
         Ok(())
     }
 }
