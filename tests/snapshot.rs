@@ -782,7 +782,8 @@ fn rewritten(
     name: &str,
     change: impl FnOnce(&mut String, &mut Vec<(u64, u64)>),
 ) -> PathBuf {
-    const HEADER: usize = 20;
+    // Magic, version, arch, then the body's length.
+    const HEADER: usize = 24;
     let bytes = fs::read(state).unwrap();
     let body = &bytes[HEADER..bytes.len() - 8];
     let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
@@ -804,7 +805,7 @@ fn rewritten(
         new_body.extend_from_slice(&size.to_le_bytes());
     }
     new_body.extend_from_slice(rest);
-    let mut out = bytes[..12].to_vec();
+    let mut out = bytes[..16].to_vec();
     out.extend_from_slice(&(new_body.len() as u64).to_le_bytes());
     out.extend_from_slice(&new_body);
     let crc = crc64(&out);
