@@ -31,6 +31,13 @@ const CARGO_ENV_TO_CLEAR: &[&str] = &[
 pub fn clean_cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
+    clear_cargo_env(&mut command);
+    command
+}
+
+/// Removes from `command` the outer build's environment that would change what a cargo it
+/// runs builds (a script that runs cargo, such as tools/build).
+pub fn clear_cargo_env(command: &mut Command) -> &mut Command {
     for var in CARGO_ENV_TO_CLEAR {
         command.env_remove(var);
     }
