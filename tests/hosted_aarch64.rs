@@ -12,6 +12,9 @@ mod common;
 #[path = "hosted/harness.rs"]
 mod harness;
 
+#[path = "hosted/cases.rs"]
+mod cases;
+
 use harness::{guest_dir_of, hosted_tool_of, require_emulated_host, Arch, Hosted};
 
 /// The plumbing: the emulated aarch64 host boots, has KVM (/dev/kvm a character device), runs
@@ -52,4 +55,39 @@ echo "image-bytes=$(wc -c < Image)"
     assert_eq!(run.value("echoed="), "hello", "{}", run.output);
     let image = std::fs::metadata(guest.join("Image")).expect("the guest's Image");
     assert_eq!(run.value("image-bytes="), image.len().to_string());
+}
+
+#[test]
+fn hosted_aarch64_console_is_an_interactive_shell() {
+    cases::console_is_an_interactive_shell(Arch::Aarch64);
+}
+
+#[test]
+fn hosted_aarch64_guest_sees_its_vcpus_memory_and_exit_status() {
+    cases::guest_sees_its_vcpus_memory_and_exit_status(Arch::Aarch64);
+}
+
+#[test]
+fn hosted_aarch64_guest_writes_reach_the_disk_and_a_read_only_drive_refuses_them() {
+    cases::guest_writes_reach_the_disk_and_a_read_only_drive_refuses_them(Arch::Aarch64);
+}
+
+#[test]
+fn hosted_aarch64_sigkill_right_after_a_guest_sync_loses_nothing() {
+    cases::sigkill_right_after_a_guest_sync_loses_nothing(Arch::Aarch64);
+}
+
+#[test]
+fn hosted_aarch64_guest_programs_talk_tcp_over_virtio_net() {
+    cases::guest_programs_talk_tcp_over_virtio_net(Arch::Aarch64);
+}
+
+#[test]
+fn hosted_aarch64_guest_programs_talk_vsock_both_ways_at_once() {
+    cases::guest_programs_talk_vsock_both_ways_at_once(Arch::Aarch64);
+}
+
+#[test]
+fn hosted_aarch64_restored_guest_programs_carry_on() {
+    cases::restored_guest_programs_carry_on(Arch::Aarch64);
 }

@@ -1,6 +1,6 @@
 # Shell helpers for the emulated-host tests (tests/hosted.rs), sourced by each test's script
 # inside the emulated host (busybox sh, in /work, as root). The harness puts beside it: mote,
-# vmlinux, guest.cpio.gz (the test guest's initramfs with hosted-tool in /bin), rootfs.ext4
+# the guest kernel ($KERNEL, below), guest.cpio.gz (the test guest's initramfs with hosted-tool in /bin), rootfs.ext4
 # and hosted-tool.
 set -u
 export PATH=/work:$PATH
@@ -55,3 +55,9 @@ fail() {
 # The guest's console output is short and its kernel quiet: each line crosses two emulated
 # UARTs.
 GUEST_ARGS="quiet"
+
+# The guest kernel the harness put beside mote: an ELF vmlinux on x86_64, an Image on arm64.
+case "$(uname -m)" in
+  aarch64) KERNEL=Image ;;
+  *) KERNEL=vmlinux ;;
+esac

@@ -28,6 +28,8 @@ pub enum RegsError {
     },
     #[error("cannot list the vCPU's registers: {0}")]
     List(kvm_ioctls::Error),
+    #[error("cannot make room for a list of {REG_LIST_CAPACITY} registers")]
+    ListCapacity,
     #[error("cannot read register {id:#x}: {source}")]
     GetOne { id: u64, source: kvm_ioctls::Error },
     #[error("cannot write register {id:#x}: {source}")]
@@ -36,8 +38,9 @@ pub enum RegsError {
     TooWide { id: u64, size: usize },
 }
 
-/// The most registers KVM lists for one vCPU (about 250 on an SVE-less host; room to spare).
-const REG_LIST_CAPACITY: usize = 1000;
+/// The most registers KVM lists for one vCPU: kvm-bindings' limit for the list (about 250 on
+/// an SVE-less host).
+const REG_LIST_CAPACITY: usize = 500;
 
 /// The boot vCPU starts at EL1h with debug, SError, IRQ and FIQ masked (arm64 boot protocol).
 const BOOT_PSTATE: u64 = (PSR_MODE_EL1h | PSR_A_BIT | PSR_F_BIT | PSR_I_BIT | PSR_D_BIT) as u64;
@@ -117,8 +120,7 @@ fn reg_size(id: u64) -> usize {
 /// Every register KVM lists for the vCPU, in its order: core, FP/SIMD, system, timer and
 /// firmware registers.
 pub fn save_all(vcpu: &VcpuFd) -> Result<Vec<SavedReg>, RegsError> {
-    let mut list = RegList::new(REG_LIST_CAPACITY)
-        .map_err(|_| RegsError::List(kvm_ioctls::Error::new(libc::ENOMEM)))?;
+    let mut list = RegList::new(REG_LIST_CAPACITY).map_err(|_| RegsError::ListCapacity)?;
     vcpu.get_reg_list(&mut list).map_err(RegsError::List)?;
     list.as_slice()
         .iter()

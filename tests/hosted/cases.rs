@@ -1,0 +1,373 @@
+//! The emulated-host tier's test cases, each for an [`Arch`]: tests/hosted.rs runs them in the
+//! emulated x86_64 host and tests/hosted_aarch64.rs in the emulated aarch64 host, so that both
+//! arches are held to the same observations. The scripts are busybox sh inside the emulated
+//! host, with the helpers of tests/hosted/lib.sh (`$KERNEL` is the guest kernel of its arch).
+
+use std::process::Command;
+
+use crate::harness::{read_ext4_file, require_emulated_host, scratch_rootfs_of, Arch, Hosted};
+
+/// sha256 of `data`, as sha256sum prints it.
+fn sha256(data: &[u8]) -> String {
+    let path = std::env::temp_dir().join(format!("mote-hosted-sha.{}", std::process::id()));
+    std::fs::write(&path, data).expect("cannot write a scratch file");
+    let out = Command::new("sha256sum")
+        .arg(&path)
+        .output()
+        .expect("cannot run sha256sum");
+    let _ = std::fs::remove_file(&path);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// What `tools/run-guest` gives a person: the guest's shell on the console. Lines typed on
+/// mote's stdin reach the shell and its answers come back on stdout.
+pub fn console_is_an_interactive_shell(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+mkfifo console-in
+./mote run --kernel "$KERNEL" --initrd guest.cpio.gz --append "$GUEST_ARGS" <console-in >console.out 2>&1 &
+mote=$!
+exec 3>console-in
+wait_for console.out 'microvm-init: up' 120 || fail "the guest never reached its init"
+wait_for console.out '^/ # ' 30 || fail "no shell prompt"
+echo 'echo answer-$((6 * 7)); uname -s' >&3
+wait_for console.out '^answer-42' 30 || fail "the shell did not answer"
+echo 'exit' >&3
+wait $mote
+echo "mote-status=$?"
+cat console.out
+"#,
+    );
+    run.assert_ok();
+    // The typed line is echoed as "echo answer-$((6 * 7))"; only the shell prints answer-42.
+    run.assert_line("answer-42").assert_line("Linux");
+    assert_eq!(run.value("mote-status="), "0", "{}", run.output);
+}
+
+/// `microvm.cmd` runs in the guest's shell; what it sees of its machine is what mote was told
+/// (vCPUs, memory, an entropy device that becomes its hardware RNG), and its exit status
+/// reaches the console.
+pub fn guest_sees_its_vcpus_memory_and_exit_status(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).smp(2).run(
+        r#"
+for vm in "1 128 3" "2 256 0 --entropy"; do
+  set -- $vm
+  ./mote run --kernel "$KERNEL" --initrd guest.cpio.gz --vcpus $1 --memory $2 ${4:-} \
+    --append "$GUEST_ARGS $(guest_cmd "echo cpus=\$(nproc); grep MemTotal /proc/meminfo; echo rng-current=\$(cat /sys/class/misc/hw_random/rng_current); echo hwrng-bytes=\$(head -c 64 /dev/hwrng | wc -c); exit $3")" \
+    >out-$1 2>&1
+  echo "vm$1-mote-status=$?"
+  grep -E 'cpus=|MemTotal|microvm-exit|rng-current=|hwrng-bytes=' out-$1 | sed "s/^/vm$1-/"
+done
+"#,
+    );
+    run.assert_ok();
+    for (vm, cpus, mib, exit) in [("vm1-", 1, 128, 3), ("vm2-", 2, 256, 0)] {
+        assert_eq!(run.value(&format!("{vm}cpus=")), cpus.to_string());
+        assert_eq!(run.value(&format!("{vm}microvm-exit: ")), exit.to_string());
+        assert_eq!(run.value(&format!("{vm}mote-status=")), "0");
+        let total_kib: u64 = run
+            .value(&format!("{vm}MemTotal:"))
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .expect("MemTotal in kB");
+        // The kernel keeps some for itself, never less than 80 % at these sizes.
+        assert!(
+            total_kib <= mib * 1024 && total_kib >= mib * 1024 * 8 / 10,
+            "{vm}: MemTotal {total_kib} kB for {mib} MiB:\n{}",
+            run.output
+        );
+    }
+    // The second VM has an entropy device, which Linux takes as its hardware RNG.
+    assert_eq!(run.value("vm2-rng-current="), "virtio_rng.0");
+    assert_eq!(run.value("vm2-hwrng-bytes="), "64");
+}
+
+/// A file the guest writes and syncs on its ext4 root is in the disk image afterwards (read
+/// here, outside both machines), and a read-only drive refuses the guest's writes.
+pub fn guest_writes_reach_the_disk_and_a_read_only_drive_refuses_them(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let disk = scratch_rootfs_of(arch, "write");
+    let run = Hosted::for_arch(arch).disk(&disk).run(
+        r#"
+before=$(sha256sum rootfs.ext4 | cut -d' ' -f1)
+./mote run --kernel "$KERNEL" --rootfs /dev/vda --drive rootfs.ext4,ro --append "$GUEST_ARGS $(guest_cmd '
+echo written-by-the-guest > /hello.txt
+sync
+if echo x | dd of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then echo ro-write=accepted; else echo ro-write=refused; fi
+')" >out 2>&1
+echo "mote-status=$?"
+after=$(sha256sum rootfs.ext4 | cut -d' ' -f1)
+[ "$before" = "$after" ] && echo ro-image=unchanged || echo ro-image=changed
+cat out
+"#,
+    );
+    run.assert_ok();
+    assert_eq!(run.value("mote-status="), "0");
+    assert_eq!(run.value("ro-write="), "refused");
+    assert_eq!(run.value("ro-image="), "unchanged");
+    assert_eq!(
+        String::from_utf8_lossy(&read_ext4_file(&disk, "/hello.txt")),
+        "written-by-the-guest\n"
+    );
+    let _ = std::fs::remove_file(disk);
+}
+
+/// A write the guest flushed is on the disk even when mote is killed right after the flush
+/// and the emulated host then powers off without writing back its own page cache: so mote
+/// must have passed the flush down (fdatasync) before completing it. Ignoring flushes fails
+/// this test, unlike a SIGKILL test on an ordinary host, where the page cache survives.
+pub fn sigkill_right_after_a_guest_sync_loses_nothing(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let disk = scratch_rootfs_of(arch, "sigkill");
+    let run = Hosted::for_arch(arch).disk(&disk).run(
+        r#"
+./mote run --kernel "$KERNEL" --rootfs /dev/vda --append "$GUEST_ARGS $(guest_cmd '
+head -c 4194304 /dev/urandom > /data.bin
+echo guest-sha=$(sha256sum /data.bin | cut -d" " -f1)
+sync
+echo synced
+sleep 600
+')" >out 2>&1 &
+wait_for out '^synced' 120 || fail "the guest never synced"
+kill -9 $!
+cat out
+"#,
+    );
+    run.assert_ok();
+    let guest_sha = run.value("guest-sha=");
+    let data = read_ext4_file(&disk, "/data.bin");
+    assert_eq!(data.len(), 4 << 20, "the synced file is not all there");
+    assert_eq!(
+        sha256(&data),
+        guest_sha,
+        "the synced file differs on the disk"
+    );
+    let _ = std::fs::remove_file(disk);
+}
+
+/// The network part of a script: a namespace of its own (unshare), a TAP in it at 172.31.0.1
+/// for a guest at 172.31.0.2. The addresses exist only inside the emulated host.
+const NETNS_SETUP: &str = r#"
+ip link set lo up
+tunctl -t tap0 >/dev/null || fail "cannot make tap0"
+ip addr add 172.31.0.1/24 dev tap0
+ip link set tap0 up
+GUEST_NET="ip=172.31.0.2::172.31.0.1:255.255.255.0::eth0:off"
+"#;
+
+/// Runs `body` inside a network namespace of its own in the emulated host.
+fn in_netns(body: &str) -> String {
+    format!(
+        "cat > netns.sh <<'NETNS'\n. ./lib.sh\n{NETNS_SETUP}\n{body}\nNETNS\nunshare -n sh netns.sh"
+    )
+}
+
+/// virtio-net with programs on both ends: the host pings the guest, sends it 2 MiB over TCP
+/// that a guest program echoes back, and receives 1 MiB that another guest program sends; the
+/// checksums match.
+pub fn guest_programs_talk_tcp_over_virtio_net(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(&in_netns(
+        r#"
+head -c 2097152 /dev/urandom > to-guest.bin
+hosted-tool tcp-listen 7001 </dev/null >from-guest.bin 2>/dev/null &
+listener=$!
+./mote run --kernel "$KERNEL" --initrd guest.cpio.gz --net tap=tap0 --append "$GUEST_ARGS $GUEST_NET $(guest_cmd '
+hosted-tool tcp-listen 7000 --echo &
+head -c 1048576 /dev/urandom > /tmp/out.bin
+echo guest-sent-sha=$(sha256sum /tmp/out.bin | cut -d" " -f1)
+hosted-tool tcp-connect 172.31.0.1:7001 </tmp/out.bin >/dev/null && echo guest-send=done
+sleep 600
+')" >out 2>&1 &
+mote=$!
+wait_for out '^ready' 120 || fail "the guest's TCP server never started"
+ping -c 3 -W 5 172.31.0.2 | grep -E 'packets (transmitted|received)'
+hosted-tool tcp-connect 172.31.0.2:7000 <to-guest.bin >echoed.bin || fail "tcp-connect failed"
+echo echo-sent=$(sha256sum to-guest.bin | cut -d' ' -f1)
+echo echo-back=$(sha256sum echoed.bin | cut -d' ' -f1)
+wait_for out '^guest-send=done' 60 || fail "the guest could not send"
+wait $listener
+echo host-received-sha=$(sha256sum from-guest.bin | cut -d' ' -f1)
+kill $mote
+cat out
+"#,
+    ));
+    run.assert_ok();
+    run.assert_line("3 packets transmitted, 3 packets received");
+    assert_eq!(run.value("echo-sent="), run.value("echo-back="));
+    assert_eq!(
+        run.value("guest-sent-sha="),
+        run.value("host-received-sha=")
+    );
+}
+
+/// vsock from guest programs, three streams at once each way: the guest accepts host
+/// connections (Firecracker's `CONNECT <port>` on mote's socket) and connects to a host
+/// listener on `<uds>_<port>`; 1 MiB echoed on each stream, checksums compared.
+pub fn guest_programs_talk_vsock_both_ways_at_once(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+hosted-tool unix-listen /tmp/v.sock_6000 --echo 2>/dev/null &
+echoer=$!
+./mote run --kernel "$KERNEL" --initrd guest.cpio.gz --vsock cid=3,uds=/tmp/v.sock --append "$GUEST_ARGS $(guest_cmd '
+hosted-tool vsock-listen 5000 --echo &
+pids=""
+for i in 1 2 3; do
+  (head -c 1048576 /dev/urandom > /tmp/g$i
+   sent=$(sha256sum < /tmp/g$i | cut -d" " -f1)
+   back=$(hosted-tool vsock-connect 2 6000 < /tmp/g$i | sha256sum | cut -d" " -f1)
+   [ "$sent" = "$back" ] && echo guest-stream-$i=ok || echo guest-stream-$i=bad) &
+  pids="$pids $!"
+done
+wait $pids
+sleep 600
+')" >out 2>&1 &
+mote=$!
+wait_for out '^ready' 120 || fail "the guest's vsock listener never started"
+pids=""
+for i in 1 2 3; do
+  (head -c 1048576 /dev/urandom > h$i.bin
+   { printf 'CONNECT 5000\n'; cat h$i.bin; } | hosted-tool unix-connect /tmp/v.sock > back$i
+   head -n1 back$i | sed "s/^/host-stream-$i-answer=/"
+   tail -c +$(( $(head -n1 back$i | wc -c) + 1 )) back$i > back$i.bin
+   [ "$(sha256sum < h$i.bin)" = "$(sha256sum < back$i.bin)" ] && echo host-stream-$i=ok || echo host-stream-$i=bad) &
+  pids="$pids $!"
+done
+wait $pids
+for i in 1 2 3; do wait_for out "^guest-stream-$i=" 60 || fail "guest stream $i never ended"; done
+kill $mote $echoer
+cat out
+"#,
+    );
+    run.assert_ok();
+    for i in 1..=3 {
+        assert_eq!(
+            run.value(&format!("host-stream-{i}=")),
+            "ok",
+            "{}",
+            run.output
+        );
+        assert!(run
+            .value(&format!("host-stream-{i}-answer="))
+            .starts_with("OK "));
+        assert_eq!(
+            run.value(&format!("guest-stream-{i}=")),
+            "ok",
+            "{}",
+            run.output
+        );
+    }
+}
+
+/// A guest whose user-space loop counts, writes each count to a data disk and syncs it, and
+/// serves TCP and vsock, is paused, snapshotted and killed; a fresh mote restores it and the
+/// loop carries on from where it was, while its disk, network and vsock still work.
+pub fn restored_guest_programs_carry_on(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let disk = scratch_rootfs_of(arch, "snapshot");
+    let run = Hosted::for_arch(arch).disk(&disk).run(&in_netns(
+        r#"
+cmd=$(guest_cmd '
+for d in /sys/bus/virtio/devices/*; do echo features-$(cat $d/device)=$(cut -c30 $d/features); done
+mount /dev/vda /mnt || exit 1
+hosted-tool vsock-listen 5000 --echo &
+hosted-tool tcp-listen 7000 --echo &
+i=0
+while :; do i=$((i + 1)); echo tick-$i; echo tick-$i >> /mnt/ticks; sync; sleep 0.2; done
+')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $GUEST_NET $cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+ "drives": [{"drive_id": "data", "path_on_host": "/dev/vda", "is_root_device": false, "is_read_only": false}],
+ "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+ "vsock": {"guest_cid": 3, "uds_path": "/tmp/v1.sock"}}
+JSON
+./mote --api-sock /tmp/api1.sock --config-file vm.json >out1 2>&1 &
+first=$!
+wait_count out1 tick- 5 120 || fail "the guest's loop never ran"
+hosted-tool api /tmp/api1.sock PATCH /vm '{"state": "Paused"}' || fail "pause"
+hosted-tool api /tmp/api1.sock PUT /snapshot/create \
+  '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' || fail "snapshot"
+last=$(latest out1 tick-)
+echo last-before-snapshot=$last
+grep '^features-' out1
+kill -9 $first
+wait $first
+./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem --vsock-override /tmp/v2.sock >out2 2>&1 &
+second=$!
+wait_count out2 tick- $((last + 5)) 60 || fail "the loop did not carry on"
+echo first-after-restore=$(grep -o 'tick-[0-9]*' out2 | head -n1 | cut -d- -f2)
+ping -c 2 -W 5 172.31.0.2 | grep -E 'packets (transmitted|received)'
+echo tcp-answer=$(echo hello-tcp | hosted-tool tcp-connect 172.31.0.2:7000)
+printf 'CONNECT 5000\nhello-vsock\n' | hosted-tool unix-connect /tmp/v2.sock | tr '\n' ' ' | sed 's/^/vsock-answer=/'
+echo
+# The loop syncs every count: what it wrote after the restore must be on the disk.
+wait_count out2 tick- $((last + 10)) 60 || fail "the loop stopped"
+kill -9 $second
+echo last-after-restore=$(latest out2 tick-)
+grep -v '^tick-' out2
+"#,
+    ));
+    run.assert_ok();
+    // Linux took VIRTIO_RING_F_EVENT_IDX (feature bit 29) from each device (blk, net,
+    // vsock), so the used_event / avail_event rule is what this guest ran with.
+    for device in ["0x0002", "0x0001", "0x0013"] {
+        assert_eq!(
+            run.value(&format!("features-{device}=")),
+            "1",
+            "virtio device {device} did not negotiate EVENT_IDX:\n{}",
+            run.output
+        );
+    }
+    let last: u64 = run.value("last-before-snapshot=").parse().expect("a count");
+    let first_after: u64 = run.value("first-after-restore=").parse().expect("a count");
+    assert_eq!(
+        first_after,
+        last + 1,
+        "the loop did not resume where it was paused"
+    );
+    run.assert_line("2 packets transmitted, 2 packets received");
+    assert_eq!(run.value("tcp-answer="), "hello-tcp");
+    assert!(
+        run.value("vsock-answer=").starts_with("OK ")
+            && run.value("vsock-answer=").ends_with("hello-vsock"),
+        "{}",
+        run.output
+    );
+    // Every count, before the snapshot and after the restore, is on the disk once, in order.
+    let after: u64 = run.value("last-after-restore=").parse().expect("a count");
+    let ticks = String::from_utf8_lossy(&read_ext4_file(&disk, "/ticks")).into_owned();
+    let counts: Vec<u64> = ticks
+        .lines()
+        .map(|l| l.trim_start_matches("tick-").parse().expect("a tick line"))
+        .collect();
+    assert!(counts.len() as u64 >= after - 1, "ticks lost: {ticks}");
+    assert!(
+        counts.iter().enumerate().all(|(i, n)| *n == i as u64 + 1),
+        "the disk's counts are not 1, 2, 3, ...: {ticks}"
+    );
+    let _ = std::fs::remove_file(disk);
+}
