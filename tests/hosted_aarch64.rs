@@ -15,7 +15,12 @@ mod harness;
 #[path = "hosted/cases.rs"]
 mod cases;
 
-use harness::{guest_dir_of, hosted_tool_of, require_emulated_host, Arch, Hosted};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::api::ApiMote;
+use common::{probe_kernel, require_kvm};
+use harness::{guest_dir, guest_dir_of, hosted_tool_of, require_emulated_host, Arch, Hosted};
 
 /// The plumbing: the emulated aarch64 host boots, has KVM (/dev/kvm a character device), runs
 /// a program cross-built here (hosted-tool, static, echoing over a Unix socket), and the guest
@@ -90,4 +95,155 @@ fn hosted_aarch64_guest_programs_talk_vsock_both_ways_at_once() {
 #[test]
 fn hosted_aarch64_restored_guest_programs_carry_on() {
     cases::restored_guest_programs_carry_on(Arch::Aarch64);
+}
+
+/// A snapshot of an x86_64 guest, taken here by this machine's own mote (the probe guest runs
+/// in milliseconds on any KVM); None where this machine has no KVM.
+fn x86_64_snapshot() -> Option<(PathBuf, PathBuf)> {
+    if !require_kvm() {
+        return None;
+    }
+    let api = ApiMote::spawn("x86-64-snapshot-for-aarch64", &[]);
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=hello,count:1000:3000000",
+    });
+    api.ok("PUT", "/boot-source", &boot.to_string());
+    api.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    api.wait_for_stdout("probe: count=1\n", Duration::from_secs(20));
+    Some(api.pause_and_snapshot())
+}
+
+/// What an aarch64 mote refuses, and how it says so: an x86_64 kernel (vmlinux and bzImage)
+/// is not an arm64 Image; an x86_64 snapshot is named as one; `SendCtrlAltDel` is a 400 with
+/// Firecracker's aarch64 words, before and after boot; and the guest's PSCI SYSTEM_OFF ends
+/// mote with status 0, as a reset does.
+#[test]
+fn hosted_aarch64_refuses_what_is_not_its_own_and_powers_off_through_psci() {
+    if !require_emulated_host(Arch::Aarch64) {
+        return;
+    }
+    let x86 = guest_dir();
+    let mut hosted = Hosted::for_arch(Arch::Aarch64)
+        .file(&x86.join("vmlinux"), "x86-vmlinux")
+        .file(&x86.join("bzImage"), "x86-bzImage");
+    let snapshot = x86_64_snapshot();
+    if let Some((state, _mem)) = &snapshot {
+        hosted = hosted.file(state, "x86.state");
+    }
+    let run = hosted.run(
+        r#"
+for kernel in x86-vmlinux x86-bzImage; do
+  ./mote run --kernel $kernel --initrd guest.cpio.gz >out-$kernel 2>&1
+  echo "$kernel-status=$?"
+  grep -o 'not an arm64 Image[^(]*' out-$kernel | head -n1 | sed "s/^/$kernel-error=/"
+done
+if [ -f x86.state ]; then
+  head -c 4096 /dev/zero > x86.mem
+  ./mote run --restore x86.state --mem-file x86.mem >out-snap 2>&1
+  echo "snapshot-status=$?"
+  grep -o 'the snapshot was taken of an [a-z0-9_]* guest; this mote runs [a-z0-9_]* guests' out-snap | sed 's/^/snapshot-error=/'
+fi
+./mote --api-sock /tmp/api.sock >out-api 2>&1 &
+api=$!
+i=0; while [ ! -S /tmp/api.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "preboot-cad=$(hosted-tool api /tmp/api.sock PUT /actions '{"action_type": "SendCtrlAltDel"}')"
+hosted-tool api /tmp/api.sock PUT /boot-source \
+  "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"guest.cpio.gz\", \"boot_args\": \"console=ttyS0 panic=1 $GUEST_ARGS microvm.wait\"}" >/dev/null
+hosted-tool api /tmp/api.sock PUT /actions '{"action_type": "InstanceStart"}' >/dev/null
+wait_for out-api 'microvm-init: waiting' 120 || fail "the API's guest never came up"
+echo "running-cad=$(hosted-tool api /tmp/api.sock PUT /actions '{"action_type": "SendCtrlAltDel"}')"
+kill $api
+./mote run --kernel "$KERNEL" --initrd guest.cpio.gz --append "$GUEST_ARGS $(guest_cmd 'echo going-off; poweroff -f')" >out-off 2>&1
+echo "poweroff-status=$?"
+grep -E 'going-off|reboot: Power down' out-off | tr -d '\r'
+"#,
+    );
+    run.assert_ok();
+    for kernel in ["x86-vmlinux", "x86-bzImage"] {
+        assert_eq!(
+            run.value(&format!("{kernel}-status=")),
+            "1",
+            "{}",
+            run.output
+        );
+        assert!(
+            run.value(&format!("{kernel}-error="))
+                .starts_with("not an arm64 Image: there is no \"ARM\\x64\" magic at byte 0x38"),
+            "{}",
+            run.output
+        );
+    }
+    if snapshot.is_some() {
+        assert_eq!(run.value("snapshot-status="), "1", "{}", run.output);
+        assert_eq!(
+            run.value("snapshot-error="),
+            "the snapshot was taken of an x86_64 guest; this mote runs aarch64 guests"
+        );
+    }
+    let refusal = r#"400 {"fault_message":"SendCtrlAltDel does not supported on aarch64."}"#;
+    assert_eq!(run.value("preboot-cad="), refusal, "{}", run.output);
+    assert_eq!(run.value("running-cad="), refusal, "{}", run.output);
+    run.assert_line("going-off")
+        .assert_line("reboot: Power down");
+    assert_eq!(run.value("poweroff-status="), "0", "{}", run.output);
+}
+
+/// Two clones of one snapshot run at once, each carrying on the user-space loop it was
+/// snapshotted in, with a vsock device of its own; the snapshot's files are unchanged.
+#[test]
+fn hosted_aarch64_two_clones_of_one_snapshot_carry_on_at_once() {
+    if !require_emulated_host(Arch::Aarch64) {
+        return;
+    }
+    let run = Hosted::for_arch(Arch::Aarch64).smp(2).run(
+        r#"
+cmd=$(guest_cmd 'hosted-tool vsock-listen 5000 --echo & i=0; while :; do i=$((i + 1)); echo tick-$i; sleep 0.2; done')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 panic=1 $GUEST_ARGS $cmd"},
+ "machine-config": {"vcpu_count": 2, "mem_size_mib": 128},
+ "vsock": {"guest_cid": 3, "uds_path": "/tmp/v0.sock"}}
+JSON
+./mote --api-sock /tmp/api0.sock --config-file vm.json >out0 2>&1 &
+origin=$!
+wait_count out0 tick- 5 120 || fail "the guest's loop never ran"
+hosted-tool api /tmp/api0.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"
+hosted-tool api /tmp/api0.sock PUT /snapshot/create \
+  '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
+last=$(latest out0 tick-)
+echo last-before-snapshot=$last
+kill -9 $origin
+sums_before=$(sha256sum /tmp/vm.state /tmp/vm.mem | cut -d' ' -f1 | tr '\n' ' ')
+for n in 1 2; do
+  ./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem --vsock-override /tmp/v$n.sock >clone$n 2>&1 &
+  eval clone_$n=$!
+done
+for n in 1 2; do
+  wait_count clone$n tick- $((last + 5)) 60 || fail "clone $n did not carry on"
+  echo clone$n-first=$(grep -o 'tick-[0-9]*' clone$n | head -n1 | cut -d- -f2)
+  printf 'CONNECT 5000\nhello-clone-%s\n' $n | hosted-tool unix-connect /tmp/v$n.sock | tr '\n' ' ' | sed "s/^/clone$n-vsock=/"
+  echo
+done
+kill -9 $clone_1 $clone_2
+sums_after=$(sha256sum /tmp/vm.state /tmp/vm.mem | cut -d' ' -f1 | tr '\n' ' ')
+[ "$sums_before" = "$sums_after" ] && echo snapshot-files=unchanged || echo snapshot-files=changed
+"#,
+    );
+    run.assert_ok();
+    let last: u64 = run.value("last-before-snapshot=").parse().expect("a count");
+    for n in 1..=2 {
+        let first: u64 = run
+            .value(&format!("clone{n}-first="))
+            .parse()
+            .expect("a count");
+        assert_eq!(first, last + 1, "clone {n}:\n{}", run.output);
+        let answer = run.value(&format!("clone{n}-vsock="));
+        assert!(
+            answer.starts_with("OK ") && answer.ends_with(&format!("hello-clone-{n}")),
+            "{}",
+            run.output
+        );
+    }
+    assert_eq!(run.value("snapshot-files="), "unchanged");
 }
