@@ -15,7 +15,7 @@ mod harness;
 #[path = "hosted/cases.rs"]
 mod cases;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::api::ApiMote;
@@ -246,4 +246,62 @@ sums_after=$(sha256sum /tmp/vm.state /tmp/vm.mem | cut -d' ' -f1 | tr '\n' ' ')
         );
     }
     assert_eq!(run.value("snapshot-files="), "unchanged");
+}
+
+/// The unit tests of the aarch64 build (the workspace's libraries and binaries, the device tree,
+/// GIC and register code among them), cross-built here and run on the emulated arm64 host,
+/// whose /dev/kvm is real.
+#[test]
+fn hosted_aarch64_unit_tests_pass_on_arm64() {
+    if !require_emulated_host(Arch::Aarch64) {
+        return;
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = Arch::Aarch64.musl_target();
+    let output = common::clean_cargo()
+        .current_dir(repo)
+        .args(["test", "--no-run", "--workspace", "--lib", "--bins"])
+        .args(["--target", &target, "--message-format=json"])
+        .args(["--config", &format!("target.{target}.linker=\"rust-lld\"")])
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        output.status.success(),
+        "building the aarch64 unit tests failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let binaries: Vec<PathBuf> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["profile"]["test"] == true)
+        .filter_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .collect();
+    assert!(binaries.len() >= 3, "too few test binaries: {binaries:?}");
+    let mut hosted = Hosted::bare(Arch::Aarch64);
+    let mut script = String::new();
+    for (index, binary) in binaries.iter().enumerate() {
+        hosted = hosted.file(binary, &format!("unit-{index}"));
+        script.push_str(&format!(
+            "./unit-{index} --test-threads 1 >out-{index} 2>&1; echo unit-{index}-status=$?; \
+             grep '^test result' out-{index} | sed 's/^/unit-{index}-/'; \
+             grep -E '(FAILED|panicked)' out-{index} | head -n 20\n"
+        ));
+    }
+    let run = hosted.run(&script);
+    run.assert_ok();
+    for (index, binary) in binaries.iter().enumerate() {
+        assert_eq!(
+            run.value(&format!("unit-{index}-status=")),
+            "0",
+            "{}:\n{}",
+            binary.display(),
+            run.output
+        );
+        assert!(
+            run.value(&format!("unit-{index}-test result:"))
+                .starts_with("ok."),
+            "{}",
+            run.output
+        );
+    }
 }

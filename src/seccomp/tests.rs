@@ -3,7 +3,14 @@ use std::collections::BTreeMap;
 use super::format::{deserialize, serialize, FilterMap, FormatError, MAGIC};
 use super::*;
 
-const FILTER_JSON: &str = env!("MOTE_SECCOMP_JSON");
+/// The JSON the built-in filters were compiled from, built into the tests so that they run where
+/// the source tree is not (the aarch64 unit tests run on an emulated arm64 host).
+const FILTER_JSON: &str = include_str!(env!("MOTE_SECCOMP_JSON"));
+
+/// The arch this build's filters are for.
+fn target_arch() -> seccompiler::TargetArch {
+    seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap()
+}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mote-seccomp-unit-{}", std::process::id()));
@@ -84,9 +91,7 @@ fn built_in_filters_have_every_kind() {
 
 #[test]
 fn built_in_filters_are_the_json_compiled() {
-    let json = std::fs::File::open(FILTER_JSON).unwrap();
-    let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap();
-    let compiled: FilterMap = seccompiler::compile_from_json(json, arch)
+    let compiled: FilterMap = seccompiler::compile_from_json(FILTER_JSON.as_bytes(), target_arch())
         .unwrap()
         .into_iter()
         .collect();
@@ -138,8 +143,7 @@ fn covers(
 fn build_filter_covers_what_runs_under_it() {
     // vCPU threads are spawned under `build` and `vmm` is stacked on it: a call that `build`
     // refuses would kill them although their own filter allows it.
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(FILTER_JSON).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(FILTER_JSON).unwrap();
     let build = rules(&json, "build");
     for inner in ["vcpu", "vmm"] {
         let missing = covers(&build, &rules(&json, inner));
@@ -245,8 +249,7 @@ fn gnu_rules_for_musl(gnu: BTreeMap<String, Vec<String>>) -> RuleSet {
 /// for SIGSEGV and SIGBUS, which then returns so the fault repeats), and no other signal's.
 #[test]
 fn every_filter_lets_a_crash_be_reported_as_itself() {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(FILTER_JSON).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(FILTER_JSON).unwrap();
     for filter in Filter::ALL {
         let name = filter.name();
         // The signal each rt_sigaction rule allows, None for a rule without conditions.
@@ -362,12 +365,10 @@ fn seccomp_cost() {
         std::hint::black_box(SeccompFilters::load(&SeccompConfig::BuiltIn).unwrap());
     }
     let load = start.elapsed() / runs;
-    let json = std::fs::read(FILTER_JSON).unwrap();
     let start = std::time::Instant::now();
     for _ in 0..runs {
         std::hint::black_box(
-            seccompiler::compile_from_json(json.as_slice(), seccompiler::TargetArch::x86_64)
-                .unwrap(),
+            seccompiler::compile_from_json(FILTER_JSON.as_bytes(), target_arch()).unwrap(),
         );
     }
     let compile = start.elapsed() / runs;
