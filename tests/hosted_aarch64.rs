@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use common::api::ApiMote;
 use common::{probe_kernel, require_kvm};
-use harness::{guest_dir, guest_dir_of, hosted_tool_of, require_emulated_host, Arch, Hosted};
+use harness::{
+    guest_dir, guest_dir_of, hosted_tool_of, mote_of, require_emulated_host, Arch, Hosted,
+};
 
 /// The plumbing: the emulated aarch64 host boots, has KVM (/dev/kvm a character device), runs
 /// a program cross-built here (hosted-tool, static, echoing over a Unix socket), and the guest
@@ -304,4 +306,74 @@ fn hosted_aarch64_unit_tests_pass_on_arm64() {
             run.output
         );
     }
+}
+
+/// `mote-jailer` for aarch64 jails the aarch64 mote as Firecracker's jailer does: in a chroot
+/// with its own /dev/kvm, as the uid and gid it is given, in a cgroup of its own with the
+/// limits given; the jailed monitor boots a guest through the API.
+#[test]
+fn hosted_aarch64_jailed_monitor_boots_a_guest() {
+    if !require_emulated_host(Arch::Aarch64) {
+        return;
+    }
+    // tools/build --arch aarch64 (run for mote) builds the jailer beside it.
+    let mote = mote_of(Arch::Aarch64);
+    let jailer = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(Arch::Aarch64.musl_target())
+        .join("release/mote-jailer");
+    assert!(
+        jailer.is_file(),
+        "no {} next to {}",
+        jailer.display(),
+        mote.display()
+    );
+    let run = Hosted::for_arch(Arch::Aarch64).file(&jailer, "mote-jailer").run(
+        r#"
+# The emulated host runs from its initramfs, on which pivot_root(2), as the jailer uses it, is
+# refused (EINVAL): the jail is made from a tmpfs moved over / in a mount namespace of its own,
+# as an init's switch_root does.
+cat > jail.sh <<'JAIL'
+. ./lib.sh
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup || fail "no cgroup2"
+echo +pids > /sys/fs/cgroup/cgroup.subtree_control
+./mote-jailer --id arm-jail --exec-file ./mote --uid 12345 --gid 12346 \
+  --chroot-base-dir /srv/jail --cgroup-version 2 --parent-cgroup mote-test \
+  --cgroup pids.max=64 -- --api-sock /api.sock >out 2>&1 &
+jailer=$!
+root=/srv/jail/mote/arm-jail/root
+i=0; while [ ! -S $root/api.sock ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+[ -S $root/api.sock ] || { cat out; fail "the jailed monitor has no API socket"; }
+cp "$KERNEL" guest.cpio.gz $root/
+chown 12345:12346 $root/$KERNEL $root/guest.cpio.gz
+pid=$(cat /sys/fs/cgroup/mote-test/arm-jail/cgroup.procs | head -n1)
+echo "jailed-uid=$(grep '^Uid:' /proc/$pid/status | tr -s '\t ' ' ' | cut -d' ' -f2)"
+# Its root, seen from here, is the jail: the API socket is at its top.
+[ -S /proc/$pid/root/api.sock ] && [ ! -e /proc/$pid/root/work ] && echo jailed-root=the-jail
+echo "pids-max=$(cat /sys/fs/cgroup/mote-test/arm-jail/pids.max)"
+ls -l $root/dev/kvm | sed 's/^/jail-kvm=/'
+hosted-tool api $root/api.sock PUT /boot-source \
+  "{\"kernel_image_path\": \"/$KERNEL\", \"initrd_path\": \"/guest.cpio.gz\", \"boot_args\": \"console=ttyS0 panic=1 $GUEST_ARGS $(guest_cmd 'echo jailed-guest=$(uname -m)')\"}" || fail "boot-source"
+hosted-tool api $root/api.sock PUT /actions '{"action_type": "InstanceStart"}' || fail "start"
+wait $jailer
+echo "jailer-status=$?"
+tr -d '\r' < out | grep -E 'jailed-guest=|microvm-exit'
+JAIL
+mkdir -p /newroot && mount -t tmpfs tmpfs /newroot
+for dir in bin sbin etc lib work root; do [ -e /$dir ] && cp -a /$dir /newroot/; done
+mkdir -p /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/srv /newroot/newroot
+unshare -m sh -c '
+  mount --make-rprivate /
+  mount --move /proc /newroot/proc; mount --move /sys /newroot/sys; mount --move /dev /newroot/dev
+  cd /newroot && mount --move . / && exec chroot . sh -c "cd /work && sh jail.sh"'
+"#,
+    );
+    run.assert_ok();
+    assert_eq!(run.value("jailed-uid="), "12345", "{}", run.output);
+    assert_eq!(run.value("jailed-root="), "the-jail", "{}", run.output);
+    assert_eq!(run.value("pids-max="), "64");
+    assert!(run.value("jail-kvm=").starts_with('c'), "{}", run.output);
+    assert_eq!(run.value("jailed-guest="), "aarch64", "{}", run.output);
+    assert_eq!(run.value("microvm-exit:"), "0");
+    assert_eq!(run.value("jailer-status="), "0", "{}", run.output);
 }

@@ -20,7 +20,7 @@ use super::regs::mpidr_affinity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GicError {
-    #[error("cannot create the vGICv3 (does this host's KVM offer one?): {0}")]
+    #[error("cannot create the vGICv3: {0} (mote needs a GICv3 host: a KVM that offers only a vGICv2 is not supported)")]
     Create(kvm_ioctls::Error),
     #[error("cannot {what} of the vGICv3: {source}")]
     Attr {
