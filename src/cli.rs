@@ -430,6 +430,8 @@ impl RunArgs {
                 iface_id: format!("eth{index}"),
                 host_dev_name: spec.tap.clone(),
                 guest_mac: spec.mac,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             })
             .collect()
     }
@@ -443,6 +445,7 @@ impl RunArgs {
             partuuid: None,
             cache_type: Default::default(),
             io_engine: Default::default(),
+            rate_limiter: None,
         });
         let others = self
             .drives
@@ -459,6 +462,7 @@ impl RunArgs {
                 partuuid: None,
                 cache_type: Default::default(),
                 io_engine: Default::default(),
+                rate_limiter: None,
             });
         root.chain(others).collect()
     }

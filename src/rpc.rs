@@ -5,7 +5,7 @@ use crate::builder::BuildError;
 use crate::config::{
     BootSourceConfig, ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig,
     LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterfaceConfig, VsockConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::device_manager::DeviceError;
 use crate::logger::LoggerError;
@@ -27,6 +27,8 @@ pub enum VmmAction {
     PatchDrive(DriveUpdate),
     /// `PUT /network-interfaces/{id}`, before boot only.
     PutNetworkInterface(NetworkInterfaceConfig),
+    /// `PATCH /network-interfaces/{id}`: new rate limits, after boot only.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
     PutLogger(LoggerConfig),
@@ -83,6 +85,8 @@ pub enum VmmActionError {
     Metrics(#[from] MetricsError),
     #[error("no drive has the id {0:?}")]
     UnknownDrive(String),
+    #[error("no network interface has the id {0:?}")]
+    UnknownNetworkInterface(String),
     #[error("cannot render the answer: {0}")]
     Render(serde_json::Error),
     #[error("the monitor is shutting down")]

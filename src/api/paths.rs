@@ -109,7 +109,7 @@ pub const ENDPOINTS: [Endpoint; 18] = [
         Kind::PatchNetworkInterface,
         "PATCH",
         "network-interfaces",
-        None,
+        Some("network"),
     ),
     endpoint(Kind::PatchVm, "PATCH", "vm", Some("vm")),
 ];

@@ -24,6 +24,22 @@ pub use observability::*;
 pub use snapshot::*;
 pub use vsock::*;
 
+pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+/// Checks a rate limiter given for `what` (`drive rootfs rate_limiter`).
+pub fn validate_rate_limiter(
+    what: impl FnOnce() -> String,
+    config: Option<&RateLimiterConfig>,
+) -> Result<(), ConfigError> {
+    match config.map(RateLimiterConfig::validate) {
+        Some(Err(err)) => Err(ConfigError::RateLimiter {
+            what: what(),
+            reason: err.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Why a configuration is refused; each message names the field and the reason.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -51,10 +67,8 @@ pub enum ConfigError {
     VsockPathEmpty(PathBuf),
     #[error("vsock uds_path {0:?} already exists: mote creates the socket itself")]
     VsockPathExists(PathBuf),
-    #[error(
-        "entropy rate_limiter is not supported: rate limiters are not implemented by mote yet"
-    )]
-    EntropyRateLimiter,
+    #[error("{what}: {reason}")]
+    RateLimiter { what: String, reason: String },
     #[error("iface_id {0:?} is invalid: use 1 to 64 letters, digits, '_' or '-'")]
     IfaceId(String),
     #[error("iface_id {0:?} is given twice")]

@@ -29,7 +29,7 @@ pub use replace::NewFile;
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MOTESNAP";
 /// The state file's format version; a file of another version is refused, not misread.
 /// (2: the header names the architecture.)
-pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSION: u32 = 3;
 const VERSION_AT: usize = SNAPSHOT_MAGIC.len();
 const ARCH_AT: usize = VERSION_AT + 4;
 const BODY_LEN_AT: usize = ARCH_AT + 4;
@@ -322,9 +322,9 @@ mod tests {
             SnapshotError::BadMagic
         ));
         let mut newer = bytes.clone();
-        newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&3u32.to_le_bytes());
+        newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&4u32.to_le_bytes());
         let err = decode(&rechecksummed(newer)).unwrap_err();
-        assert!(matches!(err, SnapshotError::Version { found: 3 }), "{err}");
+        assert!(matches!(err, SnapshotError::Version { found: 4 }), "{err}");
         // Version 1 had no arch field: refused by its version, not misread.
         let mut old = bytes.clone();
         old[VERSION_AT..VERSION_AT + 4].copy_from_slice(&1u32.to_le_bytes());
