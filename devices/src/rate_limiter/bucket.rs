@@ -48,10 +48,13 @@ impl TokenBucketConfig {
     }
 }
 
-/// A bucket's counters for a snapshot; its configuration comes with it.
+/// A bucket's counters for a snapshot; its configuration comes with it, field by field (the
+/// state file's bincode cannot read back fields serde skips, as the JSON form does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenBucketState {
-    pub config: TokenBucketConfig,
+    pub size: u64,
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
     /// Tokens in the bucket, or owed by it after an oversized request (one of the two is 0).
     pub budget: u64,
     pub debt: u64,
@@ -177,7 +180,9 @@ impl TokenBucket {
     pub fn state(&self, now: Instant) -> TokenBucketState {
         let elapsed = now.saturating_duration_since(self.last_update).as_nanos();
         TokenBucketState {
-            config: self.config,
+            size: self.config.size,
+            one_time_burst: self.config.one_time_burst,
+            refill_time: self.config.refill_time,
             budget: u64::try_from(self.budget.max(0)).unwrap_or(u64::MAX),
             debt: u64::try_from((-self.budget).max(0)).unwrap_or(u64::MAX),
             burst_left: self.burst_left,
@@ -188,7 +193,12 @@ impl TokenBucket {
 
     /// The bucket a snapshot saved, refilling on from where it was.
     pub fn from_state(state: &TokenBucketState, now: Instant) -> Result<Option<Self>, BucketError> {
-        let Some(mut bucket) = Self::new(state.config, now)? else {
+        let config = TokenBucketConfig {
+            size: state.size,
+            one_time_burst: state.one_time_burst,
+            refill_time: state.refill_time,
+        };
+        let Some(mut bucket) = Self::new(config, now)? else {
             return Ok(None);
         };
         bucket.budget = (i128::from(state.budget) - i128::from(state.debt)).min(bucket.size());
