@@ -603,7 +603,8 @@ fn bad_config_files_and_flags_are_refused_with_a_reason() {
         None,
         WAIT,
     );
-    assert_eq!(run.status.code(), Some(1));
+    // Firecracker's BadConfiguration status, for every config file it cannot use.
+    assert_eq!(run.status.code(), Some(152));
     assert!(run.stderr.contains("missing.json"), "{}", run.stderr);
 
     let bad = dir.join("bad.json");
@@ -617,12 +618,28 @@ fn bad_config_files_and_flags_are_refused_with_a_reason() {
         None,
         WAIT,
     );
-    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(run.status.code(), Some(152));
     assert!(
         run.stderr.contains("bad.json") && run.stderr.contains("vcpu_count"),
         "{}",
         run.stderr
     );
+
+    // A config file whose kernel is not there: read and parsed, but it cannot boot.
+    let unbootable = dir.join("unbootable.json");
+    std::fs::write(
+        &unbootable,
+        serde_json::json!({"boot-source": {"kernel_image_path": dir.join("no-such-kernel")}})
+            .to_string(),
+    )
+    .unwrap();
+    let run = run_mote(
+        &["--no-api", "--config-file", unbootable.to_str().unwrap()],
+        None,
+        WAIT,
+    );
+    assert_eq!(run.status.code(), Some(152), "{}", run.stderr);
+    assert!(run.stderr.contains("no-such-kernel"), "{}", run.stderr);
 
     // A socket path that is taken.
     let taken = dir.join("taken.sock");
