@@ -34,8 +34,8 @@ fn main() -> ExitCode {
     };
     one_malloc_arena();
     // Before any thread starts, so that every thread inherits it.
-    if let Err(err) = mote::signals::ignore_file_size_signal() {
-        eprintln!("mote: cannot ignore SIGXFSZ: {err}");
+    if let Err(err) = mote::signals::count_write_error_signals() {
+        eprintln!("mote: cannot catch SIGXFSZ and SIGPIPE: {err}");
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse_checked();
