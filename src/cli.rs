@@ -45,6 +45,9 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// Firecracker's exit status for arguments it cannot parse (`ArgParsing`).
+pub const EXIT_ARG_PARSING: u8 = 153;
+
 /// The snapshot state file format version this mote writes and reads (`--snapshot-version`).
 pub const SNAPSHOT_VERSION: u32 = crate::snapshot::SNAPSHOT_VERSION;
 
@@ -113,10 +116,17 @@ impl Cli {
         }
     }
 
-    /// [`Cli::try_parse_checked`] on the process's arguments; prints the error and exits on
-    /// failure, as clap does.
+    /// [`Cli::try_parse_checked`] on the process's arguments; on failure prints the error and
+    /// exits with Firecracker's status for bad arguments (`ArgParsing`, 153), where clap's own
+    /// would be 2; `--help` and `--version` print and exit with 0, as clap does.
     pub fn parse_checked() -> Cli {
-        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|err| err.exit())
+        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|err| {
+            if err.use_stderr() {
+                let _ = err.print();
+                std::process::exit(EXIT_ARG_PARSING.into());
+            }
+            err.exit()
+        })
     }
 }
 

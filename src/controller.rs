@@ -14,9 +14,9 @@ use crate::api::ApiChannel;
 use crate::builder::{
     build_microvm_for_boot, check_boot_files, BuildError, Built, Console, ProcessStart,
 };
-use crate::config::{LoadSnapshotParams, VmResources};
+use crate::config::{LoadSnapshotParams, SnapshotType, VmResources};
 use crate::device_manager::{check_drive_file, Subscriber};
-use crate::metrics::METRICS;
+use crate::metrics::{LatencyTimer, METRICS};
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use crate::snapshot::actions::{create_snapshot, load_snapshot};
 use crate::sync::lock;
@@ -115,6 +115,7 @@ impl PrebootController {
 
     /// Acts on one request.
     pub fn handle(&mut self, action: VmmAction) -> PrebootAnswer {
+        let _latency = api_latency(&action);
         let any = handle_any_phase(
             &self.instance_id,
             InstanceState::NotStarted,
@@ -298,6 +299,23 @@ fn load_failure_is_fatal(err: &VmmActionError) -> bool {
     }
 }
 
+/// The `latencies_us` gauge that times `action` as the API sees it (from the controller taking
+/// the request to its answer), for the actions Firecracker times.
+fn api_latency(action: &VmmAction) -> Option<LatencyTimer<'static>> {
+    let gauges = &METRICS.latencies_us;
+    let gauge = match action {
+        VmmAction::Pause => &gauges.pause_vm,
+        VmmAction::Resume => &gauges.resume_vm,
+        VmmAction::CreateSnapshot(params) => match params.snapshot_type {
+            SnapshotType::Full => &gauges.full_create_snapshot,
+            SnapshotType::Diff => &gauges.diff_create_snapshot,
+        },
+        VmmAction::LoadSnapshot(_) => &gauges.load_snapshot,
+        _ => return None,
+    };
+    Some(LatencyTimer::start(gauge))
+}
+
 /// The controller of a running VM.
 pub struct RuntimeController {
     instance_id: String,
@@ -309,6 +327,7 @@ pub struct RuntimeController {
 impl RuntimeController {
     /// Acts on one request.
     pub fn handle(&mut self, action: VmmAction) -> ActionResult {
+        let _latency = api_latency(&action);
         let mut vmm = lock(&self.vmm);
         let state = match vmm.is_paused() {
             true => InstanceState::Paused,

@@ -79,6 +79,25 @@ pub enum MoteError {
     PreBootWait(io::Error),
     #[error("a snapshot load failed part-way (its API answer says why); a half-loaded monitor is not reused, so it ends")]
     LoadFailed,
+    #[error("cannot boot the microVM of config file {path}: {source}")]
+    ConfigFileBoot { path: PathBuf, source: BuildError },
+}
+
+/// Firecracker's exit status for a bad `--config-file` (`BadConfiguration`).
+pub const EXIT_BAD_CONFIGURATION: u8 = 152;
+
+impl MoteError {
+    /// The process's exit status for this error: Firecracker's where a spawner can tell them
+    /// apart (152 for a config file that cannot be read, parsed or booted), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MoteError::ReadConfig(_)
+            | MoteError::InvalidConfig { .. }
+            | MoteError::Config { .. }
+            | MoteError::ConfigFileBoot { .. } => EXIT_BAD_CONFIGURATION,
+            _ => 1,
+        }
+    }
 }
 
 /// Boots the guest described by `resources` with its console on stdin/stdout, and runs it to
@@ -161,8 +180,13 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     // From here on the main thread acts on what clients send: pre-boot requests, then the build.
     seccomp::apply(seccomp::Filter::Build)?;
     let mut controller = PrebootController::new(options.instance_id, resources, console, start);
-    let started = if options.config_file.is_some() {
-        controller.start()?
+    let started = if let Some(path) = options.config_file {
+        controller
+            .start()
+            .map_err(|source| MoteError::ConfigFileBoot {
+                path: path.to_path_buf(),
+                source,
+            })?
     } else {
         let api = api.as_ref().ok_or(MoteError::ApiGone)?;
         match serve_until_start(api, &mut controller, signals)? {

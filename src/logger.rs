@@ -133,13 +133,12 @@ impl Log for Logger {
         );
         // One write per line, so lines from several threads do not interleave. A full pipe
         // loses the line rather than stalling the monitor.
-        match &output.file {
-            Some(file) => {
-                let _ = (&*file).write_all(line.as_bytes());
-            }
-            None => {
-                let _ = std::io::stderr().lock().write_all(line.as_bytes());
-            }
+        let written = match &output.file {
+            Some(file) => (&*file).write_all(line.as_bytes()),
+            None => std::io::stderr().lock().write_all(line.as_bytes()),
+        };
+        if written.is_err() {
+            crate::metrics::METRICS.logger.missed_log_count.inc();
         }
     }
 

@@ -11,12 +11,12 @@ use common::{mote, probe_kernel, require_kvm};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Checks that `args` are refused as a bad flag (clap's status 2) with `expected` in the one
-/// error line.
+/// Checks that `args` are refused as a bad flag (Firecracker's ArgParsing status, 153) with
+/// `expected` in the one error line.
 fn assert_refused(args: &[&str], expected: &str) {
     let output = mote(args);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(output.status.code(), Some(153), "{args:?}: {stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
     assert!(errors[0].contains(expected), "{args:?}: {stderr}");
