@@ -30,8 +30,9 @@ impl Timer {
     pub fn arm(&self, after: Duration) -> std::io::Result<()> {
         let after = after.max(Duration::from_nanos(1));
         self.set(libc::timespec {
-            tv_sec: after.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            // At most 68 years, which fits every libc's time_t.
+            tv_sec: after.as_secs().min(i32::MAX as u64) as _,
+            tv_nsec: after.subsec_nanos() as _,
         })
     }
 
