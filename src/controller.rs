@@ -196,8 +196,7 @@ impl PrebootController {
             }
             VmmAction::PutNetworkInterface(iface) => resources.insert_network_interface(iface)?,
             VmmAction::PutLogger(config) => {
-                crate::logger::configure(&config)?;
-                resources.logger = Some(config);
+                resources.logger = Some(crate::logger::configure(&config)?);
             }
             VmmAction::PutMetrics(config) => {
                 METRICS.configure(&config.metrics_path)?;

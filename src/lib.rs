@@ -157,8 +157,7 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     resources.boot_timer = options.boot_timer;
     // Command-line logger and metrics first, then the config file's.
     if let Some(config) = options.logger.as_ref().or(resources.logger.as_ref()) {
-        logger::configure(config)?;
-        resources.logger = Some(config.clone());
+        resources.logger = Some(logger::configure(config)?);
     }
     if let Some(path) = options.metrics_path {
         resources.metrics = Some(config::MetricsConfig {

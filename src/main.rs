@@ -87,8 +87,8 @@ fn main() -> ExitCode {
             let logger = api.log_path.as_ref().map(|path| LoggerConfig {
                 log_path: Some(path.clone()),
                 level: None,
-                show_level: api.show_level,
-                show_log_origin: api.show_log_origin,
+                show_level: Some(api.show_level),
+                show_log_origin: Some(api.show_log_origin),
                 module: None,
             });
             let options = ApiOptions {

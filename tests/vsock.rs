@@ -395,7 +395,10 @@ fn the_vsock_socket_listens_from_the_put_on() {
     // It takes connections at once (the guest will answer them once it runs).
     UnixStream::connect(&first).expect("the socket does not listen");
     put(&second, 3);
-    assert!(second.exists() && !first.exists(), "the socket did not move");
+    assert!(
+        second.exists() && !first.exists(),
+        "the socket did not move"
+    );
     put(&second, 4);
     assert!(second.exists(), "the same path was given up");
     let config = mote.request("GET", "/vm/config", "").json();
@@ -403,6 +406,11 @@ fn the_vsock_socket_listens_from_the_put_on() {
     let pid = mote.pid();
     common::send_signal(pid, libc::SIGTERM);
     let run = mote.wait(WAIT);
-    assert_eq!(run.status.code(), Some(128 + libc::SIGTERM), "{}", run.stderr);
+    assert_eq!(
+        run.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        run.stderr
+    );
     assert!(!second.exists(), "the socket outlived the monitor");
 }
