@@ -173,6 +173,10 @@ pub struct ApiArgs {
     /// With --log-path: show each line's source file and line.
     #[arg(long)]
     pub show_log_origin: bool,
+    /// Log only lines from this module path (for example `mote::api`), as Firecracker's
+    /// `--module`.
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
     /// Write metrics (JSON lines) to this file or named pipe.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
