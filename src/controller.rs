@@ -6,16 +6,18 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::vsock::Vsock;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{info, warn};
 use serde_json::json;
 
 use crate::api::ApiChannel;
 use crate::builder::{
-    build_microvm_for_boot, check_boot_files, BuildError, Built, Console, ProcessStart,
+    build_microvm_for_boot, check_boot_files, BuildError, Built, Console, EarlyDevices,
+    ProcessStart,
 };
 use crate::config::{LoadSnapshotParams, SnapshotType, VmResources};
-use crate::device_manager::{check_drive_file, Subscriber};
+use crate::device_manager::{check_drive_file, vsock_device, Subscriber};
 use crate::metrics::{LatencyTimer, METRICS};
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use crate::snapshot::actions::{create_snapshot, load_snapshot};
@@ -95,6 +97,9 @@ pub struct PrebootController {
     /// A request configured what only a boot uses (boot source, machine, devices): a snapshot
     /// may no longer be loaded (Firecracker's rule).
     boot_configured: bool,
+    /// The vsock device `PUT /vsock` made: its host socket listens from then on, as
+    /// Firecracker's does (clients wait for the file before they boot the guest).
+    early_vsock: Option<Vsock>,
 }
 
 impl PrebootController {
@@ -110,6 +115,7 @@ impl PrebootController {
             console: Some(console),
             process_start,
             boot_configured: false,
+            early_vsock: None,
         }
     }
 
@@ -190,8 +196,7 @@ impl PrebootController {
             }
             VmmAction::PutNetworkInterface(iface) => resources.insert_network_interface(iface)?,
             VmmAction::PutLogger(config) => {
-                crate::logger::configure(&config)?;
-                resources.logger = Some(config);
+                resources.logger = Some(crate::logger::configure(&config)?);
             }
             VmmAction::PutMetrics(config) => {
                 METRICS.configure(&config.metrics_path)?;
@@ -199,8 +204,13 @@ impl PrebootController {
             }
             VmmAction::PutVsock(config) => {
                 config.validate()?;
-                // Said now rather than at InstanceStart, where the socket is created.
+                // A vsock device replaced on the same path gives the path up first.
+                if resources.vsock.as_ref().map(|v| &v.uds_path) == Some(&config.uds_path) {
+                    self.early_vsock = None;
+                    resources.vsock = None;
+                }
                 config.check_path_free()?;
+                self.early_vsock = Some(vsock_device(&config)?);
                 resources.vsock = Some(config);
             }
             VmmAction::PutEntropy(config) => {
@@ -235,7 +245,10 @@ impl PrebootController {
     /// Builds the VM and lets its vCPUs run.
     pub fn start(&mut self) -> Result<Started, BuildError> {
         let console = self.console.take().ok_or(BuildError::AlreadyStarted)?;
-        let built = build_microvm_for_boot(&self.resources, console, self.process_start)
+        let early = EarlyDevices {
+            vsock: self.early_vsock.take(),
+        };
+        let built = build_microvm_for_boot(&self.resources, early, console, self.process_start)
             .inspect_err(|_| self.take_console_back())?;
         built.vmm.resume_vcpus();
         info!("the guest is running");

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use api::{ApiChannel, ApiError};
 pub use builder::ProcessStart;
-use builder::{build_microvm_for_boot, BuildError, Console};
+use builder::{build_microvm_for_boot, BuildError, Console, EarlyDevices};
 use config::{ConfigError, VmConfigFile, VmResources};
 use controller::{ApiSubscriber, PrebootAnswer, PrebootController, Started};
 use device_manager::Subscriber;
@@ -107,7 +107,7 @@ pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome
     // No `build` filter here: until the guest runs, the main thread acts only on the command
     // line, and a filter costs start-up time (resources/seccomp/README.md). `vmm` comes before
     // the event loop serves the guest.
-    let built = build_microvm_for_boot(resources, console, start)?;
+    let built = build_microvm_for_boot(resources, EarlyDevices::default(), console, start)?;
     built.vmm.resume_vcpus();
     let vmm = Arc::new(Mutex::new(built.vmm));
     run_to_the_end(vmm, built.subscribers, None)
@@ -157,8 +157,7 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     resources.boot_timer = options.boot_timer;
     // Command-line logger and metrics first, then the config file's.
     if let Some(config) = options.logger.as_ref().or(resources.logger.as_ref()) {
-        logger::configure(config)?;
-        resources.logger = Some(config.clone());
+        resources.logger = Some(logger::configure(config)?);
     }
     if let Some(path) = options.metrics_path {
         resources.metrics = Some(config::MetricsConfig {

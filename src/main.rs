@@ -84,12 +84,13 @@ fn main() -> ExitCode {
         },
         None => {
             let api = &cli.api;
-            let logger = api.log_path.as_ref().map(|path| LoggerConfig {
-                log_path: Some(path.clone()),
-                level: None,
-                show_level: api.show_level,
-                show_log_origin: api.show_log_origin,
-                module: None,
+            // Firecracker's flags configure the logger as PUT /logger would, with --level.
+            let logger = (api.log_path.is_some() || api.module.is_some()).then(|| LoggerConfig {
+                log_path: api.log_path.clone(),
+                level: Some(cli.level.to_string()),
+                show_level: Some(api.show_level),
+                show_log_origin: Some(api.show_log_origin),
+                module: api.module.clone(),
             });
             let options = ApiOptions {
                 instance_id: cli.id.clone(),

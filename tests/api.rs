@@ -805,19 +805,62 @@ fn the_logger_writes_to_its_file_in_firecrackers_format() {
                             "show_log_origin": false})
         .to_string(),
     );
+    // A refusal is logged there: `<timestamp> [vm-7:mote_api:INFO] API: PUT /boot-source: 400 …`.
+    let _ = mote.request("PUT", "/boot-source", "{}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("PUT /boot-source: 400"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" [vm-7:mote_api:INFO] "), "{line}");
+
+    // Configured again, as Firecracker allows before boot: what is given changes, the rest
+    // stays (the file, show_level), the level left out goes back to Info.
+    mote.ok(
+        "PUT",
+        "/logger",
+        &serde_json::json!({"show_log_origin": true, "level": "Warning"}).to_string(),
+    );
+    let _ = mote.request("PUT", "/boot-source", "{}");
+    mote.ok("PUT", "/logger", r#"{"show_level": false}"#);
+    let _ = mote.request("PUT", "/machine-config", "{}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // At Warning, the 400 (logged at Info) is not written; back at Info, it is, without the
+    // level but with the origin.
+    let machine = lines
+        .iter()
+        .find(|l| l.contains("PUT /machine-config: 400"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        machine.contains(" [vm-7:mote_api:src/api/mod.rs:"),
+        "{machine}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("PUT /boot-source: 400"))
+            .count(),
+        1,
+        "{text}"
+    );
+    let config = mote.request("GET", "/vm/config", "").json();
+    assert_eq!(
+        config["logger"],
+        serde_json::json!({"log_path": log, "level": "Info", "show_level": false,
+                           "show_log_origin": true}),
+        "{config}"
+    );
+    // A file that cannot be opened changes nothing.
     let fault = mote
         .request(
             "PUT",
             "/logger",
-            &serde_json::json!({ "log_path": log }).to_string(),
+            &serde_json::json!({"log_path": mote.dir.join("no/such/dir/log"), "level": "Off"})
+                .to_string(),
         )
         .fault();
-    assert!(fault.contains("already configured"), "{fault}");
-    let text = std::fs::read_to_string(&log).unwrap();
-    // The refusal was logged there: `<timestamp> [vm-7:mote_api:INFO] API: PUT /logger: 400 …`.
-    let line = text
-        .lines()
-        .find(|l| l.contains("PUT /logger: 400"))
-        .unwrap_or_else(|| panic!("{text}"));
-    assert!(line.contains(" [vm-7:mote_api:INFO] "), "{line}");
+    assert!(fault.contains("cannot open the log file"), "{fault}");
+    let config = mote.request("GET", "/vm/config", "").json();
+    assert_eq!(config["logger"]["level"], "Info", "{config}");
 }
