@@ -401,3 +401,18 @@ fn firecrackers_full_configuration_shape_loads_and_round_trips() {
         );
     }
 }
+
+/// A rate limiter and its buckets are JSON objects only: serde would otherwise take a struct
+/// from an array of its fields (`[null, null]`), which Firecracker's API does not allow.
+#[test]
+fn rate_limiters_and_buckets_are_objects_only() {
+    let entropy = |text: &str| serde_json::from_str::<EntropyConfig>(text);
+    assert!(entropy(r#"{"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}"#).is_ok());
+    for bad in [
+        r#"{"rate_limiter": [null, null]}"#,
+        r#"{"rate_limiter": {"ops": [10, null, 100]}}"#,
+    ] {
+        let err = entropy(bad).unwrap_err().to_string();
+        assert!(err.contains("expected an object"), "{bad}: {err}");
+    }
+}
