@@ -90,6 +90,10 @@ pub enum DeviceSpecificState {
     /// virtio-rng: nothing beyond the common part (a request is served whole when it is
     /// read, so none is half done).
     Entropy,
+    /// virtio-balloon: its target, the driver's actual size, the statistics interval and the
+    /// statistics buffer it holds. Pages given back stay given back: they are holes in the
+    /// memory file.
+    Balloon(super::balloon::BalloonState),
 }
 
 /// A virtio device's own state.
