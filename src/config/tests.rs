@@ -283,3 +283,52 @@ fn memory_beyond_what_a_guest_addresses_is_refused() {
     config.mem_size_mib = MAX_MEM_SIZE_MIB;
     assert_eq!(config.validate(), Ok(()));
 }
+
+#[test]
+fn balloon_takes_firecrackers_shape_and_must_fit_the_machine() {
+    let text = r#"{"boot-source": {"kernel_image_path": "/k"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+        "balloon": {"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    let balloon = resources.balloon.clone().unwrap();
+    assert_eq!(balloon.amount_mib, 64);
+    assert!(!balloon.free_page_reporting);
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
+    assert_eq!(
+        shown["balloon"],
+        serde_json::json!({"amount_mib": 64, "deflate_on_oom": true,
+            "stats_polling_interval_s": 1, "free_page_hinting": false,
+            "free_page_reporting": false})
+    );
+    // Larger than the guest's memory: refused, at a file as at a PUT.
+    let big: VmConfigFile = serde_json::from_str(
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+            "balloon": {"amount_mib": 129, "deflate_on_oom": false}}"#,
+    )
+    .unwrap();
+    let err = VmResources::from_config_file(big).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Amount of pages requested is too large"),
+        "{err}"
+    );
+    // A machine too small for the balloon already set.
+    let smaller = MachineConfig {
+        mem_size_mib: 32,
+        ..MachineConfig::default()
+    };
+    assert!(matches!(
+        resources.check_machine_fits_balloon(&smaller),
+        Err(ConfigError::MemSmallerThanBalloon { .. })
+    ));
+    // Free page hinting is refused by name.
+    let hinting = BalloonConfig {
+        free_page_hinting: true,
+        ..BalloonConfig::default()
+    };
+    assert_eq!(
+        hinting.validate(&MachineConfig::default()),
+        Err(ConfigError::BalloonFreePageHinting)
+    );
+}

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use devices::legacy::boot_timer::BootTimer;
 use devices::legacy::serial::{SerialDevice, SerialDeviceState};
 use devices::legacy::EventFdTrigger;
+use devices::virtio::balloon::{Balloon, BalloonOptions, PAGES_PER_MIB};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use devices::virtio::net::{Net, NetError};
@@ -33,7 +34,9 @@ pub use self::persist::{DevicesState, RestoreDevicesError, SaveDevicesError};
 use crate::arch::{
     LegacyDeviceError, LegacyDevices, MmioDeviceInfo, VcpuIo, BOOT_TIMER_START, MMIO_SLOT_SIZE,
 };
-use crate::config::{DriveConfig, EntropyConfig, NetworkInterfaceConfig, VsockConfig};
+use crate::config::{
+    BalloonConfig, DriveConfig, EntropyConfig, NetworkInterfaceConfig, VsockConfig,
+};
 use crate::host_file::HostFileError;
 use crate::metrics::METRICS;
 use crate::vstate::vm::{Vm, VmError};
@@ -139,6 +142,8 @@ pub struct DeviceManager {
     /// Every virtio transport with its slot, in slot order.
     transports: Vec<(MmioDeviceInfo, Arc<Mutex<MmioTransport>>)>,
     drives: Drives,
+    /// The balloon, for `PATCH /balloon` and its statistics.
+    balloon: Option<Arc<Mutex<Balloon>>>,
     /// The console's UART; where it sits is the arch's business.
     serial: Arc<Mutex<SerialDevice>>,
     legacy: LegacyDevices,
@@ -186,6 +191,7 @@ impl DeviceManager {
             slots: MmioSlots::default(),
             transports: Vec::new(),
             drives: Drives::default(),
+            balloon: None,
             serial,
             legacy,
             subscribers,
@@ -225,6 +231,17 @@ impl DeviceManager {
         let block = self.attach_virtio(vm, block)?;
         self.drives.push(block);
         Ok(())
+    }
+
+    /// Attaches the balloon and keeps a handle to it for the API.
+    pub fn attach_balloon(&mut self, vm: &Vm, balloon: Balloon) -> Result<(), DeviceError> {
+        self.balloon = Some(self.attach_virtio(vm, balloon)?);
+        Ok(())
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.balloon.as_ref()
     }
 
     /// Firecracker's boot timer, at the arch's address.
@@ -304,6 +321,20 @@ pub fn entropy_device(_config: &EntropyConfig) -> Result<Rng, DeviceError> {
     let rng = Rng::new(irq).map_err(io_err("the virtio-rng queue event"))?;
     METRICS.register_entropy(rng.metrics().clone());
     Ok(rng)
+}
+
+/// The virtio-balloon device of `config` (checked against the machine already).
+pub fn balloon_device(config: &BalloonConfig) -> Result<Balloon, DeviceError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("an IRQ event"))?;
+    let options = BalloonOptions {
+        target_pages: config.amount_mib.saturating_mul(PAGES_PER_MIB),
+        deflate_on_oom: config.deflate_on_oom,
+        stats_polling_interval_s: config.stats_polling_interval_s,
+        free_page_reporting: config.free_page_reporting,
+    };
+    let balloon = Balloon::new(options, irq).map_err(io_err("the virtio-balloon device"))?;
+    METRICS.register_balloon(balloon.metrics().clone());
+    Ok(balloon)
 }
 
 /// The virtio-vsock device of `config`, listening on its `uds_path` (created here).
