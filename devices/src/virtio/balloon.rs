@@ -221,7 +221,7 @@ impl Balloon {
         let stats_timer = TimerFd::new()?;
         // A timer re-armed between its event and its read must not block the event loop.
         set_nonblocking(&stats_timer)?;
-        Ok(Self {
+        let mut balloon = Self {
             common,
             metrics: Arc::new(BalloonMetrics::default()),
             options,
@@ -233,7 +233,11 @@ impl Balloon {
             guest_stats: [None; STAT_TAGS],
             pfn_bytes: Vec::new(),
             pfns: Vec::new(),
-        })
+        };
+        // Armed now and left running: activation and reset run on a vCPU thread, whose
+        // seccomp filter has no timer calls, and a poll with no buffer held does nothing.
+        balloon.arm_stats_timer();
+        Ok(balloon)
     }
 
     /// The device's counters, for the monitor's metrics.
@@ -566,7 +570,7 @@ fn inflate_descriptor(
     metrics: &BalloonMetrics,
 ) {
     let len = descriptor.len() as usize;
-    if descriptor.is_write_only() || len % 4 != 0 || len / 4 > MAX_PFNS_PER_DESCRIPTOR {
+    if descriptor.is_write_only() || !len.is_multiple_of(4) || len / 4 > MAX_PFNS_PER_DESCRIPTOR {
         debug!("virtio-balloon: skipped an inflate descriptor of {len} bytes");
         metrics.event_fails.inc();
         return;
@@ -721,7 +725,6 @@ impl VirtioDevice for Balloon {
             self.metrics.activate_fails.inc();
             return Err(err);
         }
-        self.arm_stats_timer();
         // Buffers may have been made available before the driver said DRIVER_OK.
         self.process_all();
         Ok(())
@@ -730,20 +733,19 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         self.common.reset();
         self.stats_head = None;
-        let _ = self.stats_timer.clear();
     }
 
     fn save_state(&self) -> Option<VirtioDeviceState> {
         Some(
             self.common
-                .save_state(DeviceSpecificState::Balloon(BalloonState {
+                .save_state(DeviceSpecificState::Balloon(Box::new(BalloonState {
                     target_pages: self.target_pages,
                     actual_pages: self.actual_pages,
                     stats_polling_interval_s: self.stats_interval_s,
                     stats_head: self.stats_head,
                     guest_stats: self.guest_stats,
                     config_generation: self.common.config_generation(),
-                })),
+                }))),
         )
     }
 
@@ -775,8 +777,8 @@ impl VirtioDevice for Balloon {
         self.common
             .set_config(config_bytes(self.target_pages, self.actual_pages));
         self.common.set_config_generation(saved.config_generation);
+        self.arm_stats_timer();
         if started {
-            self.arm_stats_timer();
             self.process_all();
         }
         Ok(())

@@ -93,7 +93,7 @@ pub enum DeviceSpecificState {
     /// virtio-balloon: its target, the driver's actual size, the statistics interval and the
     /// statistics buffer it holds. Pages given back stay given back: they are holes in the
     /// memory file.
-    Balloon(super::balloon::BalloonState),
+    Balloon(Box<super::balloon::BalloonState>),
 }
 
 /// A virtio device's own state.
