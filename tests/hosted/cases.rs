@@ -440,6 +440,7 @@ kill $pid
         "VmRSS {rss_touched} kB -> {rss_inflated} kB:\n{}",
         run.output
     );
+    eprintln!("{arch:?}: VmRSS {rss_touched} kB touched, {rss_inflated} kB inflated");
     let total_before = kib("guest-before=", "total=");
     let total_inflated = kib("guest-inflated=", "total=");
     // Without deflate_on_oom, Linux takes the balloon's pages out of MemTotal.
