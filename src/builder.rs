@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use devices::legacy::boot_timer::BootTimer;
 use devices::virtio::net::Net;
+use devices::virtio::vsock::Vsock;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -186,10 +187,21 @@ fn load_initrd(
 struct Backends {
     drive_files: Vec<File>,
     nets: Vec<Net>,
+    vsock: Option<Vsock>,
+}
+
+/// Devices made before the build, by the requests that configured them: the vsock device,
+/// whose host socket listens from `PUT /vsock` on, as Firecracker's does.
+#[derive(Default)]
+pub struct EarlyDevices {
+    pub vsock: Option<Vsock>,
 }
 
 /// Checks the configuration as a whole and opens the devices' backends; returns the vCPU count.
-fn open_backends(resources: &VmResources) -> Result<(u8, Backends), BuildError> {
+fn open_backends(
+    resources: &VmResources,
+    early: EarlyDevices,
+) -> Result<(u8, Backends), BuildError> {
     let vcpu_count = resources.machine_config.vcpus()?;
     validate_drives(&resources.drives)?;
     validate_network_interfaces(&resources.network_interfaces)?;
@@ -208,7 +220,21 @@ fn open_backends(resources: &VmResources) -> Result<(u8, Backends), BuildError> 
         .iter()
         .map(net_device)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((vcpu_count, Backends { drive_files, nets }))
+    // The early device serves the configured one; a configuration without one made (a config
+    // file, a snapshot) gets its device here.
+    let vsock = match (&resources.vsock, early.vsock) {
+        (Some(_), Some(made)) => Some(made),
+        (Some(config), None) => Some(vsock_device(config)?),
+        (None, _) => None,
+    };
+    Ok((
+        vcpu_count,
+        Backends {
+            drive_files,
+            nets,
+            vsock,
+        },
+    ))
 }
 
 /// Attaches the configured devices in the order guests (and the probe's steps) rely on, the
@@ -228,8 +254,8 @@ fn attach_devices(
     for net in backends.nets {
         devices.attach_virtio(vm, net)?;
     }
-    if let Some(vsock) = &resources.vsock {
-        devices.attach_virtio(vm, vsock_device(vsock)?)?;
+    if let Some(vsock) = backends.vsock {
+        devices.attach_virtio(vm, vsock)?;
     }
     if let Some(entropy) = &resources.entropy {
         devices.attach_virtio(vm, entropy_device(entropy)?)?;
@@ -296,6 +322,7 @@ fn device_manager(
 /// Builds the VM `resources` describe, booting its kernel; the vCPUs wait to be resumed.
 pub fn build_microvm_for_boot(
     resources: &VmResources,
+    early: EarlyDevices,
     console: Console,
     start: ProcessStart,
 ) -> Result<Built, BuildError> {
@@ -303,7 +330,7 @@ pub fn build_microvm_for_boot(
         .boot_source
         .as_ref()
         .ok_or(BuildError::NoBootSource)?;
-    let (vcpu_count, backends) = open_backends(resources)?;
+    let (vcpu_count, backends) = open_backends(resources, early)?;
     let mut kernel = open_boot_file("kernel image", &boot_source.kernel_image_path)?;
     let initrd = boot_source
         .initrd_path
@@ -355,7 +382,7 @@ pub fn build_microvm_from_snapshot(
     state: &MicrovmState,
     memory: GuestMemoryMmap,
 ) -> Result<Built, BuildError> {
-    let (vcpu_count, backends) = open_backends(resources)?;
+    let (vcpu_count, backends) = open_backends(resources, EarlyDevices::default())?;
     if state.vcpus.len() != usize::from(vcpu_count) {
         return Err(BuildError::VcpuCount {
             saved: state.vcpus.len(),

@@ -1,7 +1,7 @@
 //! The command line: `mote run …` for people; without `run`, Firecracker's process model
 //! (`mote --api-sock PATH [--config-file PATH] …`), with its flags and their meaning.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
@@ -44,6 +44,9 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 }
+
+/// Firecracker's exit status for arguments it cannot parse (`ArgParsing`).
+pub const EXIT_ARG_PARSING: u8 = 153;
 
 /// The snapshot state file format version this mote writes and reads (`--snapshot-version`).
 pub const SNAPSHOT_VERSION: u32 = crate::snapshot::SNAPSHOT_VERSION;
@@ -105,7 +108,15 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cli = Cli::try_parse_from(args)?;
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let matches = <Cli as clap::CommandFactory>::command().try_get_matches_from(&args)?;
+        let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+        let invoked_as = args.first().map(Path::new).and_then(Path::file_name);
+        if invoked_as == Some(std::ffi::OsStr::new(FIRECRACKER_NAME))
+            && matches.value_source("api_sock") == Some(clap::parser::ValueSource::DefaultValue)
+        {
+            cli.api.api_sock = PathBuf::from(FIRECRACKER_API_SOCK);
+        }
         match refusal(&cli.api) {
             Some(message) => Err(<Cli as clap::CommandFactory>::command()
                 .error(clap::error::ErrorKind::ArgumentConflict, message)),
@@ -113,10 +124,17 @@ impl Cli {
         }
     }
 
-    /// [`Cli::try_parse_checked`] on the process's arguments; prints the error and exits on
-    /// failure, as clap does.
+    /// [`Cli::try_parse_checked`] on the process's arguments; on failure prints the error and
+    /// exits with Firecracker's status for bad arguments (`ArgParsing`, 153), where clap's own
+    /// would be 2; `--help` and `--version` print and exit with 0, as clap does.
     pub fn parse_checked() -> Cli {
-        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|err| err.exit())
+        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|err| {
+            if err.use_stderr() {
+                let _ = err.print();
+                std::process::exit(EXIT_ARG_PARSING.into());
+            }
+            err.exit()
+        })
     }
 }
 
@@ -155,6 +173,10 @@ pub struct ApiArgs {
     /// With --log-path: show each line's source file and line.
     #[arg(long)]
     pub show_log_origin: bool,
+    /// Log only lines from this module path (for example `mote::api`), as Firecracker's
+    /// `--module`.
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
     /// Write metrics (JSON lines) to this file or named pipe.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
@@ -194,6 +216,12 @@ impl ApiArgs {
 
 /// Where the API listens when no --api-sock is given (Firecracker: /run/firecracker.socket).
 pub const DEFAULT_API_SOCK: &str = "/run/mote.socket";
+/// The name a drop-in for Firecracker is run under: a jailer copies the binary into the jail
+/// under its file name, and tools built for Firecracker run `firecracker` and look for its
+/// socket at its default path.
+const FIRECRACKER_NAME: &str = "firecracker";
+/// Firecracker's default API socket, mote's default when it runs as `firecracker`.
+pub const FIRECRACKER_API_SOCK: &str = "/run/firecracker.socket";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -650,6 +678,22 @@ mod tests {
         let err = Cli::try_parse_checked(args).unwrap_err();
         assert_eq!(err.exit_code(), 2, "as any other bad flag");
         err.to_string()
+    }
+
+    #[test]
+    fn run_as_firecracker_the_default_socket_is_firecrackers() {
+        let socket = |args: &[&str]| parse(args).unwrap().api.api_sock;
+        assert_eq!(socket(&[]), PathBuf::from(DEFAULT_API_SOCK));
+        let as_firecracker = |rest: &[&str]| {
+            let args = [&["/srv/jail/firecracker/x/root/firecracker"], rest].concat();
+            Cli::try_parse_checked(args).unwrap().api.api_sock
+        };
+        assert_eq!(as_firecracker(&[]), PathBuf::from(FIRECRACKER_API_SOCK));
+        // A socket given is the socket, whatever the name.
+        assert_eq!(
+            as_firecracker(&["--api-sock", "/tmp/a.sock"]),
+            PathBuf::from("/tmp/a.sock")
+        );
     }
 
     #[test]

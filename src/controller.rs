@@ -6,6 +6,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::vsock::Vsock;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{info, warn};
 use serde_json::json;
@@ -14,11 +15,12 @@ use devices::virtio::balloon::PAGES_PER_MIB;
 
 use crate::api::ApiChannel;
 use crate::builder::{
-    build_microvm_for_boot, check_boot_files, BuildError, Built, Console, ProcessStart,
+    build_microvm_for_boot, check_boot_files, BuildError, Built, Console, EarlyDevices,
+    ProcessStart,
 };
-use crate::config::{check_amount, LoadSnapshotParams, VmResources};
-use crate::device_manager::{check_drive_file, Subscriber};
-use crate::metrics::METRICS;
+use crate::config::{check_amount, LoadSnapshotParams, SnapshotType, VmResources};
+use crate::device_manager::{check_drive_file, vsock_device, Subscriber};
+use crate::metrics::{LatencyTimer, METRICS};
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use crate::snapshot::actions::{create_snapshot, load_snapshot};
 use crate::sync::lock;
@@ -101,6 +103,9 @@ pub struct PrebootController {
     /// A request configured what only a boot uses (boot source, machine, devices): a snapshot
     /// may no longer be loaded (Firecracker's rule).
     boot_configured: bool,
+    /// The vsock device `PUT /vsock` made: its host socket listens from then on, as
+    /// Firecracker's does (clients wait for the file before they boot the guest).
+    early_vsock: Option<Vsock>,
 }
 
 impl PrebootController {
@@ -116,11 +121,13 @@ impl PrebootController {
             console: Some(console),
             process_start,
             boot_configured: false,
+            early_vsock: None,
         }
     }
 
     /// Acts on one request.
     pub fn handle(&mut self, action: VmmAction) -> PrebootAnswer {
+        let _latency = api_latency(&action);
         let any = handle_any_phase(
             &self.instance_id,
             InstanceState::NotStarted,
@@ -198,8 +205,7 @@ impl PrebootController {
             }
             VmmAction::PutNetworkInterface(iface) => resources.insert_network_interface(iface)?,
             VmmAction::PutLogger(config) => {
-                crate::logger::configure(&config)?;
-                resources.logger = Some(config);
+                resources.logger = Some(crate::logger::configure(&config)?);
             }
             VmmAction::PutMetrics(config) => {
                 METRICS.configure(&config.metrics_path)?;
@@ -207,8 +213,13 @@ impl PrebootController {
             }
             VmmAction::PutVsock(config) => {
                 config.validate()?;
-                // Said now rather than at InstanceStart, where the socket is created.
+                // A vsock device replaced on the same path gives the path up first.
+                if resources.vsock.as_ref().map(|v| &v.uds_path) == Some(&config.uds_path) {
+                    self.early_vsock = None;
+                    resources.vsock = None;
+                }
                 config.check_path_free()?;
+                self.early_vsock = Some(vsock_device(&config)?);
                 resources.vsock = Some(config);
             }
             VmmAction::PutEntropy(config) => {
@@ -250,7 +261,10 @@ impl PrebootController {
     /// Builds the VM and lets its vCPUs run.
     pub fn start(&mut self) -> Result<Started, BuildError> {
         let console = self.console.take().ok_or(BuildError::AlreadyStarted)?;
-        let built = build_microvm_for_boot(&self.resources, console, self.process_start)
+        let early = EarlyDevices {
+            vsock: self.early_vsock.take(),
+        };
+        let built = build_microvm_for_boot(&self.resources, early, console, self.process_start)
             .inspect_err(|_| self.take_console_back())?;
         built.vmm.resume_vcpus();
         info!("the guest is running");
@@ -314,6 +328,23 @@ fn load_failure_is_fatal(err: &VmmActionError) -> bool {
     }
 }
 
+/// The `latencies_us` gauge that times `action` as the API sees it (from the controller taking
+/// the request to its answer), for the actions Firecracker times.
+fn api_latency(action: &VmmAction) -> Option<LatencyTimer<'static>> {
+    let gauges = &METRICS.latencies_us;
+    let gauge = match action {
+        VmmAction::Pause => &gauges.pause_vm,
+        VmmAction::Resume => &gauges.resume_vm,
+        VmmAction::CreateSnapshot(params) => match params.snapshot_type {
+            SnapshotType::Full => &gauges.full_create_snapshot,
+            SnapshotType::Diff => &gauges.diff_create_snapshot,
+        },
+        VmmAction::LoadSnapshot(_) => &gauges.load_snapshot,
+        _ => return None,
+    };
+    Some(LatencyTimer::start(gauge))
+}
+
 /// The controller of a running VM.
 pub struct RuntimeController {
     instance_id: String,
@@ -325,6 +356,7 @@ pub struct RuntimeController {
 impl RuntimeController {
     /// Acts on one request.
     pub fn handle(&mut self, action: VmmAction) -> ActionResult {
+        let _latency = api_latency(&action);
         let mut vmm = lock(&self.vmm);
         let state = match vmm.is_paused() {
             true => InstanceState::Paused,

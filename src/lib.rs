@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use api::{ApiChannel, ApiError};
 pub use builder::ProcessStart;
-use builder::{build_microvm_for_boot, BuildError, Console};
+use builder::{build_microvm_for_boot, BuildError, Console, EarlyDevices};
 use config::{ConfigError, VmConfigFile, VmResources};
 use controller::{ApiSubscriber, PrebootAnswer, PrebootController, Started};
 use device_manager::Subscriber;
@@ -79,6 +79,25 @@ pub enum MoteError {
     PreBootWait(io::Error),
     #[error("a snapshot load failed part-way (its API answer says why); a half-loaded monitor is not reused, so it ends")]
     LoadFailed,
+    #[error("cannot boot the microVM of config file {path}: {source}")]
+    ConfigFileBoot { path: PathBuf, source: BuildError },
+}
+
+/// Firecracker's exit status for a bad `--config-file` (`BadConfiguration`).
+pub const EXIT_BAD_CONFIGURATION: u8 = 152;
+
+impl MoteError {
+    /// The process's exit status for this error: Firecracker's where a spawner can tell them
+    /// apart (152 for a config file that cannot be read, parsed or booted), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MoteError::ReadConfig(_)
+            | MoteError::InvalidConfig { .. }
+            | MoteError::Config { .. }
+            | MoteError::ConfigFileBoot { .. } => EXIT_BAD_CONFIGURATION,
+            _ => 1,
+        }
+    }
 }
 
 /// Boots the guest described by `resources` with its console on stdin/stdout, and runs it to
@@ -88,7 +107,7 @@ pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome
     // No `build` filter here: until the guest runs, the main thread acts only on the command
     // line, and a filter costs start-up time (resources/seccomp/README.md). `vmm` comes before
     // the event loop serves the guest.
-    let built = build_microvm_for_boot(resources, console, start)?;
+    let built = build_microvm_for_boot(resources, EarlyDevices::default(), console, start)?;
     built.vmm.resume_vcpus();
     let vmm = Arc::new(Mutex::new(built.vmm));
     run_to_the_end(vmm, built.subscribers, None)
@@ -138,8 +157,7 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     resources.boot_timer = options.boot_timer;
     // Command-line logger and metrics first, then the config file's.
     if let Some(config) = options.logger.as_ref().or(resources.logger.as_ref()) {
-        logger::configure(config)?;
-        resources.logger = Some(config.clone());
+        resources.logger = Some(logger::configure(config)?);
     }
     if let Some(path) = options.metrics_path {
         resources.metrics = Some(config::MetricsConfig {
@@ -161,8 +179,13 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     // From here on the main thread acts on what clients send: pre-boot requests, then the build.
     seccomp::apply(seccomp::Filter::Build)?;
     let mut controller = PrebootController::new(options.instance_id, resources, console, start);
-    let started = if options.config_file.is_some() {
-        controller.start()?
+    let started = if let Some(path) = options.config_file {
+        controller
+            .start()
+            .map_err(|source| MoteError::ConfigFileBoot {
+                path: path.to_path_buf(),
+                source,
+            })?
     } else {
         let api = api.as_ref().ok_or(MoteError::ApiGone)?;
         match serve_until_start(api, &mut controller, signals)? {

@@ -16,8 +16,6 @@ use crate::metrics::open_sink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggerError {
-    #[error("the logger is already configured")]
-    AlreadyConfigured,
     #[error("cannot open the log file {path}: {source}")]
     Open {
         path: PathBuf,
@@ -30,6 +28,7 @@ pub enum LoggerError {
 /// Where lines go and what they show.
 struct Output {
     file: Option<File>,
+    path: Option<PathBuf>,
     show_level: bool,
     show_origin: bool,
     module: Option<String>,
@@ -39,6 +38,7 @@ struct Output {
 static OUTPUT: LazyLock<RwLock<Output>> = LazyLock::new(|| {
     RwLock::new(Output {
         file: None,
+        path: None,
         show_level: true,
         show_origin: true,
         module: None,
@@ -133,13 +133,12 @@ impl Log for Logger {
         );
         // One write per line, so lines from several threads do not interleave. A full pipe
         // loses the line rather than stalling the monitor.
-        match &output.file {
-            Some(file) => {
-                let _ = (&*file).write_all(line.as_bytes());
-            }
-            None => {
-                let _ = std::io::stderr().lock().write_all(line.as_bytes());
-            }
+        let written = match &output.file {
+            Some(file) => (&*file).write_all(line.as_bytes()),
+            None => std::io::stderr().lock().write_all(line.as_bytes()),
+        };
+        if written.is_err() {
+            crate::metrics::METRICS.logger.missed_log_count.inc();
         }
     }
 
@@ -162,19 +161,19 @@ pub fn parse_level(name: &str) -> Result<LevelFilter, String> {
     }
 }
 
-/// Applies Firecracker's logger configuration; once per process.
-pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
-    let level = config
-        .level
-        .as_deref()
-        .map(parse_level)
-        .transpose()
-        .map_err(LoggerError::Level)?;
-    let mut output = OUTPUT.write().unwrap_or_else(|p| p.into_inner());
-    // Checked first: a refused configuration must not create its log file.
-    if output.configured {
-        return Err(LoggerError::AlreadyConfigured);
-    }
+/// The level a configuration without one sets (Firecracker's default).
+const DEFAULT_LEVEL: &str = "Info";
+
+/// Applies Firecracker's logger configuration, as Firecracker does each time it is given
+/// (`--log-path`, the config file, then any number of `PUT /logger` before boot): a field
+/// given replaces what was there, a field left out keeps it, except the level, which goes back
+/// to Info. The first configuration turns off the level and origin that stderr's lines show
+/// (a log file shows them only when asked, as Firecracker's does). Returns the configuration
+/// now in force, for `GET /vm/config`.
+pub fn configure(config: &LoggerConfig) -> Result<LoggerConfig, LoggerError> {
+    let level_name = config.level.as_deref().unwrap_or(DEFAULT_LEVEL);
+    let level = parse_level(level_name).map_err(LoggerError::Level)?;
+    // Opened first: a refused configuration changes nothing.
     let file = config
         .log_path
         .as_deref()
@@ -185,17 +184,33 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
             })
         })
         .transpose()?;
-    *output = Output {
-        file,
-        show_level: config.show_level,
-        show_origin: config.show_log_origin,
-        module: config.module.clone(),
-        configured: true,
-    };
-    if let Some(level) = level {
-        log::set_max_level(level);
+    let mut output = OUTPUT.write().unwrap_or_else(|p| p.into_inner());
+    if !output.configured {
+        output.show_level = false;
+        output.show_origin = false;
+        output.configured = true;
     }
-    Ok(())
+    if let Some(file) = file {
+        output.file = Some(file);
+        output.path = config.log_path.clone();
+    }
+    if let Some(show_level) = config.show_level {
+        output.show_level = show_level;
+    }
+    if let Some(show_origin) = config.show_log_origin {
+        output.show_origin = show_origin;
+    }
+    if let Some(module) = &config.module {
+        output.module = Some(module.clone());
+    }
+    log::set_max_level(level);
+    Ok(LoggerConfig {
+        log_path: output.path.clone(),
+        level: Some(level_name.to_string()),
+        show_level: Some(output.show_level),
+        show_log_origin: Some(output.show_origin),
+        module: output.module.clone(),
+    })
 }
 
 /// Installs the logger for the process.

@@ -17,9 +17,6 @@ fn one_malloc_arena() {
     }
 }
 
-/// The status of a monitor that failed (ExitCode::FAILURE, as a number for the exit line).
-const EXIT_FAILURE: u8 = 1;
-
 /// The last log line, in Firecracker's words with mote's name, so that tools can match it:
 /// `mote exiting successfully. exit_code=0`, or `mote exiting with error. exit_code=N`.
 fn log_exit(code: u8) {
@@ -37,8 +34,8 @@ fn main() -> ExitCode {
     };
     one_malloc_arena();
     // Before any thread starts, so that every thread inherits it.
-    if let Err(err) = mote::signals::ignore_file_size_signal() {
-        eprintln!("mote: cannot ignore SIGXFSZ: {err}");
+    if let Err(err) = mote::signals::count_write_error_signals() {
+        eprintln!("mote: cannot catch SIGXFSZ and SIGPIPE: {err}");
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse_checked();
@@ -87,12 +84,13 @@ fn main() -> ExitCode {
         },
         None => {
             let api = &cli.api;
-            let logger = api.log_path.as_ref().map(|path| LoggerConfig {
-                log_path: Some(path.clone()),
-                level: None,
-                show_level: api.show_level,
-                show_log_origin: api.show_log_origin,
-                module: None,
+            // Firecracker's flags configure the logger as PUT /logger would, with --level.
+            let logger = (api.log_path.is_some() || api.module.is_some()).then(|| LoggerConfig {
+                log_path: api.log_path.clone(),
+                level: Some(cli.level.to_string()),
+                show_level: Some(api.show_level),
+                show_log_origin: Some(api.show_log_origin),
+                module: api.module.clone(),
             });
             let options = ApiOptions {
                 instance_id: cli.id.clone(),
@@ -118,9 +116,10 @@ fn main() -> ExitCode {
             mote::teardown::exit(outcome.exit_code())
         }
         Err(err) => {
-            log_exit(EXIT_FAILURE);
+            let code = err.exit_code();
+            log_exit(code);
             eprintln!("mote: {err}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use devices::counters;
 use devices::metrics::{
-    BalloonMetrics, BlockMetrics, Counter, Deltas, EntropyMetrics, NetMetrics, VsockMetrics,
+    BalloonMetrics, BlockMetrics, Counter, Deltas, EntropyMetrics, Gauge, NetMetrics, VsockMetrics,
+    INTERRUPT_METRICS, UART_METRICS,
 };
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::warn;
@@ -195,6 +196,67 @@ counters! {
     }
 }
 
+counters! {
+    /// Firecracker's `logger`: log lines that could not be written (`missed_log_count`), and
+    /// metrics lines that could not (`metrics_fails`, the same count as `metrics.write_fails`,
+    /// kept there too for mote's earlier readers). `missed_metrics_count` counts reports that
+    /// were skipped: none are, each is written or fails.
+    pub struct LoggerMetrics {
+        missed_metrics_count,
+        metrics_fails,
+        missed_log_count,
+    }
+}
+
+counters! {
+    /// Firecracker's `deprecated_api`: requests that used a deprecated form (the `vsock_id`
+    /// field of `PUT /vsock`, which Firecracker deprecated).
+    pub struct DeprecatedApiMetrics {
+        deprecated_http_api_calls,
+    }
+}
+
+counters! {
+    /// Firecracker's `latencies_us`: how long the last of each operation took, in µs, at the
+    /// API (from the request's arrival to its answer) and in the monitor (the operation
+    /// itself). Diff snapshots do not exist yet, so theirs stay 0.
+    pub struct LatencyMetrics {
+        @gauges
+        full_create_snapshot,
+        diff_create_snapshot,
+        load_snapshot,
+        pause_vm,
+        resume_vm,
+        vmm_full_create_snapshot,
+        vmm_diff_create_snapshot,
+        vmm_load_snapshot,
+        vmm_pause_vm,
+        vmm_resume_vm,
+    }
+}
+
+/// Times an operation into a [`Gauge`] of [`LatencyMetrics`] when dropped.
+pub struct LatencyTimer<'a> {
+    gauge: &'a Gauge,
+    start: std::time::Instant,
+}
+
+impl<'a> LatencyTimer<'a> {
+    pub fn start(gauge: &'a Gauge) -> Self {
+        Self {
+            gauge,
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for LatencyTimer<'_> {
+    fn drop(&mut self) {
+        let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.gauge.set(us);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub api: ApiMetrics,
@@ -202,6 +264,9 @@ pub struct Metrics {
     pub vmm: VmmMetrics,
     pub i8042: I8042Metrics,
     pub metrics: MetricsMetrics,
+    pub logger: LoggerMetrics,
+    pub deprecated_api: DeprecatedApiMetrics,
+    pub latencies_us: LatencyMetrics,
     /// Each drive's counters, by drive id, in the guest's order.
     blocks: Mutex<Vec<(String, Arc<BlockMetrics>)>>,
     /// Each network interface's counters, by interface id, in the guest's order.
@@ -308,6 +373,21 @@ impl Metrics {
         top.insert("vmm".into(), object(self.vmm.take_deltas()));
         top.insert("i8042".into(), object(self.i8042.take_deltas()));
         top.insert("metrics".into(), object(self.metrics.take_deltas()));
+        top.insert("logger".into(), object(self.logger.take_deltas()));
+        top.insert(
+            "deprecated_api".into(),
+            object(self.deprecated_api.take_deltas()),
+        );
+        top.insert(
+            "latencies_us".into(),
+            object(self.latencies_us.take_deltas()),
+        );
+        top.insert(
+            "signals".into(),
+            object(crate::signals::take_counts().to_vec()),
+        );
+        top.insert("uart".into(), object(UART_METRICS.take_deltas()));
+        top.insert("interrupts".into(), object(INTERRUPT_METRICS.take_deltas()));
         report_each(&mut top, "block", &self.blocks);
         report_each(&mut top, "net", &self.nets);
         report_one(&mut top, "vsock", &self.vsock);
@@ -325,6 +405,7 @@ impl Metrics {
         // One write: a line is whole or absent, never torn, in a pipe.
         sink.file.write_all(line.as_bytes()).map_err(|source| {
             self.metrics.write_fails.inc();
+            self.logger.metrics_fails.inc();
             MetricsError::Write {
                 path: sink.path.clone(),
                 source,

@@ -2,13 +2,14 @@
 //! that stopping runs the same path as any other exit (status 128 + N, the API socket and
 //! every other file mote made removed). Only the synchronous crash signals (SIGSEGV, SIGBUS,
 //! SIGILL, SIGFPE, SIGTRAP, SIGABRT, SIGSYS) keep their default action: after one of those the
-//! monitor's own state cannot be trusted to stop in order. SIGPIPE is ignored by Rust's
-//! runtime and SIGXFSZ by [`ignore_file_size_signal`], so both become write errors.
+//! monitor's own state cannot be trusted to stop in order. SIGPIPE and SIGXFSZ are caught by
+//! [`count_write_error_signals`], so both become write errors (EPIPE, EFBIG), and counted.
+//! Firecracker's `signals` metrics come from [`take_counts`].
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// Signals whose default action ends the process and that someone else sends (a supervisor,
@@ -61,7 +62,11 @@ impl StopSignals {
         // The write end lives as long as the process.
         std::mem::forget(write_end);
         for signal in stop_signals() {
+            let count = count_of(signal);
             let action = move || {
+                if let Some(count) = count {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
                 let _ = FIRST.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
                 // SAFETY: send(2) is async-signal-safe; `fd` is the pipe's write end, never
                 // closed, and the buffer is one byte on the stack. MSG_DONTWAIT is what the
@@ -70,8 +75,8 @@ impl StopSignals {
                     libc::send(fd, [1u8].as_ptr().cast(), 1, libc::MSG_DONTWAIT);
                 }
             };
-            // SAFETY: the action only does an atomic compare-exchange and a send(2), both
-            // async-signal-safe; it takes no lock and does not allocate.
+            // SAFETY: the action only does an atomic increment, an atomic compare-exchange and
+            // a send(2), all async-signal-safe; it takes no lock and does not allocate.
             unsafe { signal_hook::low_level::register(signal, action) }?;
         }
         Ok(Self { pipe: read_end })
@@ -101,15 +106,55 @@ pub fn stop_signals() -> impl Iterator<Item = libc::c_int> {
         .chain(libc::SIGRTMIN() + 1..=libc::SIGRTMAX())
 }
 
+/// How many times each signal of Firecracker's `signals` metrics that mote catches arrived
+/// since the last report: SIGHUP and SIGXCPU (stop signals), SIGXFSZ and SIGPIPE (write
+/// errors). Plain atomics, which a signal handler may touch; the crash signals (SIGBUS,
+/// SIGSEGV, SIGILL) are not caught (the process dies of them), so they are never counted.
+static SIGHUP_COUNT: AtomicU64 = AtomicU64::new(0);
+static SIGXCPU_COUNT: AtomicU64 = AtomicU64::new(0);
+static SIGXFSZ_COUNT: AtomicU64 = AtomicU64::new(0);
+static SIGPIPE_COUNT: AtomicU64 = AtomicU64::new(0);
+
+/// The counter of `signal`, if it is one that is counted.
+fn count_of(signal: libc::c_int) -> Option<&'static AtomicU64> {
+    match signal {
+        libc::SIGHUP => Some(&SIGHUP_COUNT),
+        libc::SIGXCPU => Some(&SIGXCPU_COUNT),
+        libc::SIGXFSZ => Some(&SIGXFSZ_COUNT),
+        libc::SIGPIPE => Some(&SIGPIPE_COUNT),
+        _ => None,
+    }
+}
+
+/// The counts since the previous call, by Firecracker's metric names.
+pub fn take_counts() -> [(&'static str, u64); 4] {
+    let take = |count: &AtomicU64| count.swap(0, Ordering::Relaxed);
+    [
+        ("sighup", take(&SIGHUP_COUNT)),
+        ("sigxcpu", take(&SIGXCPU_COUNT)),
+        ("sigxfsz", take(&SIGXFSZ_COUNT)),
+        ("sigpipe", take(&SIGPIPE_COUNT)),
+    ]
+}
+
 /// A write past RLIMIT_FSIZE (`mote-jailer --resource-limit fsize=N`) raises SIGXFSZ, whose
-/// default action kills the process without a word and leaves its socket behind. Ignored,
-/// the write fails with EFBIG instead, and the device or file that made it reports the error
-/// (a guest's disk write gets IOERR). Call before any thread starts: threads inherit it.
-pub fn ignore_file_size_signal() -> io::Result<()> {
-    // SAFETY: SIG_IGN installs no handler code; SIGXFSZ is not one Rust's runtime relies on.
-    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    if previous == libc::SIG_ERR {
-        return Err(io::Error::last_os_error());
+/// default action kills the process without a word and leaves its socket behind; a write to a
+/// pipe nobody reads raises SIGPIPE, which Rust's runtime ignores. Both are caught here by a
+/// handler that only counts them, so the write fails with EFBIG or EPIPE and the device or
+/// file that made it reports the error (a guest's disk write gets IOERR). Call before any
+/// thread starts: threads inherit it.
+pub fn count_write_error_signals() -> io::Result<()> {
+    for signal in [libc::SIGXFSZ, libc::SIGPIPE] {
+        let Some(count) = count_of(signal) else {
+            continue;
+        };
+        // SAFETY: the action is one relaxed atomic increment: async-signal-safe, no lock, no
+        // allocation, no system call (so every thread's seccomp filter allows it).
+        unsafe {
+            signal_hook::low_level::register(signal, move || {
+                count.fetch_add(1, Ordering::Relaxed);
+            })
+        }?;
     }
     Ok(())
 }

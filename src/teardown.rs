@@ -24,10 +24,21 @@ const REAPER_STACK_SIZE: usize = 64 * 1024;
 /// Highest descriptor closed one by one where close_range(2) is missing.
 const FALLBACK_MAX_FD: libc::c_int = 4096;
 
-extern "C" fn reap(_: *mut libc::c_void) -> libc::c_int {
+extern "C" fn reap(parent: *mut libc::c_void) -> libc::c_int {
+    let parent = parent as libc::pid_t;
     // SAFETY: the reaper runs on its own stack in the monitor's address space and makes only
     // system calls; closing descriptors it shares with the exiting monitor is its whole job.
     unsafe {
+        // The descriptor table is shared: closing before the monitor is gone would pull its
+        // descriptors from under its other threads (the API thread, a vCPU), which may then
+        // fail, panic and abort the monitor instead of letting it exit with its status. The
+        // monitor exits right after starting the reaper, which is then given to another
+        // parent: only then are the descriptors its alone.
+        // getppid and sched_yield: calls every seccomp filter allows (the reaper runs under
+        // the monitor's); the wait is the monitor's _exit, microseconds.
+        while libc::getppid() == parent {
+            libc::sched_yield();
+        }
         for fd in 0..3 {
             libc::close(fd);
         }
@@ -117,7 +128,7 @@ pub fn exit(code: u8) -> ! {
                 reap,
                 top,
                 libc::CLONE_VM | libc::CLONE_FILES | libc::SIGCHLD,
-                std::ptr::null_mut(),
+                libc::getpid() as usize as *mut libc::c_void,
             )
         };
         if pid > 0 {

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::VcpuState;
 use crate::device_manager::{DeviceManager, Subscriber};
+use crate::metrics::{LatencyTimer, METRICS};
 use crate::signals::{signal_name, StopSignals};
 use crate::sync::lock;
 use crate::vstate::vcpu::{SaveVcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuResponse};
@@ -106,6 +107,7 @@ impl Vmm {
 
     /// Stops every vCPU outside KVM_RUN and waits until all of them are (`PATCH /vm` Paused).
     pub fn pause(&mut self) -> Result<(), VmmError> {
+        let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_pause_vm);
         if !self.paused {
             self.command_vcpus(VcpuEvent::Pause, &VcpuResponse::Paused)?;
             self.paused = true;
@@ -115,6 +117,7 @@ impl Vmm {
 
     /// Lets paused vCPUs run again (`PATCH /vm` Resumed).
     pub fn resume(&mut self) -> Result<(), VmmError> {
+        let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_resume_vm);
         if self.paused {
             self.command_vcpus(VcpuEvent::Resume, &VcpuResponse::Resumed)?;
             self.paused = false;

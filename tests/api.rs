@@ -603,7 +603,8 @@ fn bad_config_files_and_flags_are_refused_with_a_reason() {
         None,
         WAIT,
     );
-    assert_eq!(run.status.code(), Some(1));
+    // Firecracker's BadConfiguration status, for every config file it cannot use.
+    assert_eq!(run.status.code(), Some(152));
     assert!(run.stderr.contains("missing.json"), "{}", run.stderr);
 
     let bad = dir.join("bad.json");
@@ -617,12 +618,28 @@ fn bad_config_files_and_flags_are_refused_with_a_reason() {
         None,
         WAIT,
     );
-    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(run.status.code(), Some(152));
     assert!(
         run.stderr.contains("bad.json") && run.stderr.contains("vcpu_count"),
         "{}",
         run.stderr
     );
+
+    // A config file whose kernel is not there: read and parsed, but it cannot boot.
+    let unbootable = dir.join("unbootable.json");
+    std::fs::write(
+        &unbootable,
+        serde_json::json!({"boot-source": {"kernel_image_path": dir.join("no-such-kernel")}})
+            .to_string(),
+    )
+    .unwrap();
+    let run = run_mote(
+        &["--no-api", "--config-file", unbootable.to_str().unwrap()],
+        None,
+        WAIT,
+    );
+    assert_eq!(run.status.code(), Some(152), "{}", run.stderr);
+    assert!(run.stderr.contains("no-such-kernel"), "{}", run.stderr);
 
     // A socket path that is taken.
     let taken = dir.join("taken.sock");
@@ -680,6 +697,103 @@ fn metrics_count_api_requests_and_disk_io() {
     assert_eq!(line["put_api_requests"]["actions_count"], 1, "{line}");
 }
 
+/// Firecracker's other metrics sections: `latencies_us` times pause, resume, snapshot create
+/// and load (at the API and in the monitor), `uart` counts the console's bytes, `interrupts`
+/// the devices' interrupts, `deprecated_api` a deprecated request (which is answered with
+/// `Deprecation: true`), and `signals` and `logger` are there with Firecracker's names.
+#[test]
+fn latencies_uart_interrupts_and_deprecations_are_in_the_metrics() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("metrics-sections", &[]);
+    let metrics = mote.dir.join("metrics.json");
+    mote.ok(
+        "PUT",
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics }).to_string(),
+    );
+    let vsock = serde_json::json!({"vsock_id": "vsock0", "guest_cid": 3,
+                                   "uds_path": mote.dir.join("v.sock")});
+    let answer = mote.request("PUT", "/vsock", &vsock.to_string());
+    assert_eq!(answer.status, 204, "{answer:?}");
+    assert!(answer.head.contains("\r\nDeprecation: true"), "{answer:?}");
+    let plain = mote.request("GET", "/machine-config", "");
+    assert!(!plain.head.contains("Deprecation"), "{plain:?}");
+    mote.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("hello,count:1000:3000000"),
+    );
+    start(&mote);
+    mote.wait_for_stdout("probe: count=1\n", WAIT);
+    let (state, mem) = mote.pause_and_snapshot();
+    mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    mote.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let latencies = &line["latencies_us"];
+    for name in [
+        "pause_vm",
+        "resume_vm",
+        "full_create_snapshot",
+        "vmm_pause_vm",
+        "vmm_resume_vm",
+        "vmm_full_create_snapshot",
+    ] {
+        assert!(latencies[name].as_u64().unwrap() > 0, "{name}: {line}");
+    }
+    // The API's view includes the monitor's.
+    assert!(
+        latencies["full_create_snapshot"].as_u64()
+            >= latencies["vmm_full_create_snapshot"].as_u64(),
+        "{line}"
+    );
+    assert_eq!(latencies["diff_create_snapshot"], 0, "{line}");
+    // The probe's console lines went through the UART, a byte at a time.
+    let written = line["uart"]["write_count"].as_u64().unwrap();
+    assert!(written >= "probe: hello\n".len() as u64, "{line}");
+    assert_eq!(line["uart"]["flush_count"], written, "{line}");
+    assert_eq!(line["uart"]["error_count"], 0, "{line}");
+    assert_eq!(line["interrupts"]["config_updates"], 0, "{line}");
+    assert_eq!(
+        line["deprecated_api"]["deprecated_http_api_calls"], 1,
+        "{line}"
+    );
+    for name in ["sighup", "sigxcpu", "sigxfsz", "sigpipe"] {
+        assert_eq!(line["signals"][name], 0, "{name}: {line}");
+    }
+    for name in ["missed_metrics_count", "metrics_fails", "missed_log_count"] {
+        assert_eq!(line["logger"][name], 0, "{name}: {line}");
+    }
+    drop(mote);
+
+    // A restore times the load, at the API and in the monitor.
+    let restored = ApiMote::spawn("metrics-sections-restored", &[]);
+    let metrics = restored.dir.join("metrics.json");
+    restored.ok(
+        "PUT",
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics }).to_string(),
+    );
+    let load = serde_json::json!({"snapshot_path": state, "mem_file_path": mem,
+                                  "resume_vm": true,
+                                  "vsock_override": {"uds_path": restored.dir.join("v.sock")}});
+    let answer = restored.request("PUT", "/snapshot/load", &load.to_string());
+    assert_eq!(answer.status, 204, "{answer:?}");
+    restored.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(
+        line["latencies_us"]["load_snapshot"].as_u64().unwrap() > 0,
+        "{line}"
+    );
+    assert!(
+        line["latencies_us"]["vmm_load_snapshot"].as_u64().unwrap() > 0,
+        "{line}"
+    );
+}
+
 #[test]
 fn the_logger_writes_to_its_file_in_firecrackers_format() {
     let mote = ApiMote::spawn("logger", &["--id", "vm-7"]);
@@ -691,19 +805,62 @@ fn the_logger_writes_to_its_file_in_firecrackers_format() {
                             "show_log_origin": false})
         .to_string(),
     );
+    // A refusal is logged there: `<timestamp> [vm-7:mote_api:INFO] API: PUT /boot-source: 400 …`.
+    let _ = mote.request("PUT", "/boot-source", "{}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("PUT /boot-source: 400"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" [vm-7:mote_api:INFO] "), "{line}");
+
+    // Configured again, as Firecracker allows before boot: what is given changes, the rest
+    // stays (the file, show_level), the level left out goes back to Info.
+    mote.ok(
+        "PUT",
+        "/logger",
+        &serde_json::json!({"show_log_origin": true, "level": "Warning"}).to_string(),
+    );
+    let _ = mote.request("PUT", "/boot-source", "{}");
+    mote.ok("PUT", "/logger", r#"{"show_level": false}"#);
+    let _ = mote.request("PUT", "/machine-config", "{}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // At Warning, the 400 (logged at Info) is not written; back at Info, it is, without the
+    // level but with the origin.
+    let machine = lines
+        .iter()
+        .find(|l| l.contains("PUT /machine-config: 400"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        machine.contains(" [vm-7:mote_api:src/api/mod.rs:"),
+        "{machine}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("PUT /boot-source: 400"))
+            .count(),
+        1,
+        "{text}"
+    );
+    let config = mote.request("GET", "/vm/config", "").json();
+    assert_eq!(
+        config["logger"],
+        serde_json::json!({"log_path": log, "level": "Info", "show_level": false,
+                           "show_log_origin": true}),
+        "{config}"
+    );
+    // A file that cannot be opened changes nothing.
     let fault = mote
         .request(
             "PUT",
             "/logger",
-            &serde_json::json!({ "log_path": log }).to_string(),
+            &serde_json::json!({"log_path": mote.dir.join("no/such/dir/log"), "level": "Off"})
+                .to_string(),
         )
         .fault();
-    assert!(fault.contains("already configured"), "{fault}");
-    let text = std::fs::read_to_string(&log).unwrap();
-    // The refusal was logged there: `<timestamp> [vm-7:mote_api:INFO] API: PUT /logger: 400 …`.
-    let line = text
-        .lines()
-        .find(|l| l.contains("PUT /logger: 400"))
-        .unwrap_or_else(|| panic!("{text}"));
-    assert!(line.contains(" [vm-7:mote_api:INFO] "), "{line}");
+    assert!(fault.contains("cannot open the log file"), "{fault}");
+    let config = mote.request("GET", "/vm/config", "").json();
+    assert_eq!(config["logger"]["level"], "Info", "{config}");
 }

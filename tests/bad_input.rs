@@ -311,9 +311,13 @@ fn mkfifo(path: &Path) {
 }
 
 /// Runs mote with a time limit (a blocking open would hang it) and checks its one error line.
-fn fails_at_once(args: &[&str], expected: &str) {
+/// Firecracker's exit status for a config file it cannot use.
+const BAD_CONFIGURATION: i32 = 152;
+
+/// Checks that mote ends at once with `status` and one `mote:` line containing `expected`.
+fn fails_at_once_with(status: i32, args: &[&str], expected: &str) {
     let run = common::run_mote(args, None, std::time::Duration::from_secs(5));
-    assert_eq!(run.status.code(), Some(1), "{args:?}: {}", run.stderr);
+    assert_eq!(run.status.code(), Some(status), "{args:?}: {}", run.stderr);
     let lines: Vec<&str> = run
         .stderr
         .lines()
@@ -335,27 +339,33 @@ fn pipes_and_endless_devices_are_refused_at_once() {
     let fifo = fifo.to_str().unwrap();
     let probe = probe_kernel();
     let probe = probe.to_str().unwrap();
-    fails_at_once(
+    fails_at_once_with(
+        1,
         &["run", "--kernel", fifo],
         &format!("kernel image {fifo} is not a regular file (a named pipe)"),
     );
-    fails_at_once(
+    fails_at_once_with(
+        1,
         &["run", "--kernel", probe, "--initrd", fifo],
         &format!("initrd {fifo} is not a regular file (a named pipe)"),
     );
-    fails_at_once(
+    fails_at_once_with(
+        BAD_CONFIGURATION,
         &["--no-api", "--config-file", fifo],
         &format!("config file {fifo} is not a regular file (a named pipe)"),
     );
-    fails_at_once(
+    fails_at_once_with(
+        BAD_CONFIGURATION,
         &["--no-api", "--config-file", "/dev/zero"],
         "config file /dev/zero is not a regular file (a character device)",
     );
-    fails_at_once(
+    fails_at_once_with(
+        1,
         &["run", "--restore", "/dev/zero", "--mem-file", "/dev/zero"],
         "/dev/zero is not a regular file (a character device)",
     );
-    fails_at_once(
+    fails_at_once_with(
+        1,
         &["--seccomp-filter", fifo, "run", "--kernel", probe],
         &format!("the seccomp filter file {fifo} is not a regular file (a named pipe)"),
     );
@@ -367,7 +377,8 @@ fn an_oversized_config_file_is_refused() {
     let config = dir.join("config.json");
     // Sparse: the size alone says it is no configuration.
     fs::File::create(&config).unwrap().set_len(1 << 30).unwrap();
-    fails_at_once(
+    fails_at_once_with(
+        BAD_CONFIGURATION,
         &["--no-api", "--config-file", config.to_str().unwrap()],
         "is larger than the",
     );
@@ -387,7 +398,8 @@ fn a_config_file_with_one_drive_id_twice_is_refused() {
         "drives": [drive(&a), drive(&b)],
     });
     fs::write(&config, body.to_string()).unwrap();
-    fails_at_once(
+    fails_at_once_with(
+        BAD_CONFIGURATION,
         &["--no-api", "--config-file", config.to_str().unwrap()],
         "drive_id \"data\" is given twice",
     );

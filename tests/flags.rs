@@ -11,12 +11,12 @@ use common::{mote, probe_kernel, require_kvm};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Checks that `args` are refused as a bad flag (clap's status 2) with `expected` in the one
-/// error line.
+/// Checks that `args` are refused as a bad flag (Firecracker's ArgParsing status, 153) with
+/// `expected` in the one error line.
 fn assert_refused(args: &[&str], expected: &str) {
     let output = mote(args);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(output.status.code(), Some(153), "{args:?}: {stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
     assert!(errors[0].contains(expected), "{args:?}: {stderr}");
@@ -232,4 +232,50 @@ fn the_jailers_start_times_become_the_startup_metrics() {
     let api_server = flushed_api_server(&mote, &metrics);
     assert_eq!(api_server["process_startup_time_us"], 0, "{api_server}");
     assert_eq!(api_server["process_startup_time_cpu_us"], 0, "{api_server}");
+}
+
+/// `--level` holds for the log file `--log-path` names, and `--module` (Firecracker's flag)
+/// keeps only one module's lines.
+#[test]
+fn level_and_module_flags_filter_the_log_file() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("flags-level-module");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (warned, api_only) = (dir.join("warning.log"), dir.join("api.log"));
+    for log in [&warned, &api_only] {
+        let _ = std::fs::remove_file(log);
+    }
+    // At Warning, a refused request (logged at Info) is not written.
+    let mote = ApiMote::spawn(
+        "level-flag",
+        &["--log-path", warned.to_str().unwrap(), "--level", "Warning"],
+    );
+    assert_eq!(mote.request("PUT", "/boot-source", "{}").status, 400);
+    mote.ok("PUT", "/logger", r#"{"level": "Warning"}"#);
+    drop(mote);
+    let text = std::fs::read_to_string(&warned).unwrap_or_default();
+    assert!(!text.contains("PUT /boot-source: 400"), "{text}");
+    assert!(!text.contains("API server started."), "{text}");
+
+    // With --module mote::api, the API's lines are there and the exit line (mote's) is not.
+    let mote = ApiMote::spawn(
+        "module-flag",
+        &[
+            "--log-path",
+            api_only.to_str().unwrap(),
+            "--module",
+            "mote::api",
+        ],
+    );
+    assert_eq!(mote.request("PUT", "/boot-source", "{}").status, 400);
+    common::send_signal(mote.pid(), libc::SIGTERM);
+    let run = mote.wait(WAIT);
+    assert_eq!(
+        run.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        run.stderr
+    );
+    let text = wait_for_file_text(&api_only, "PUT /boot-source: 400");
+    assert!(text.contains("API server started."), "{text}");
+    assert!(!text.contains("exiting"), "{text}");
 }

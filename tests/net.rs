@@ -430,8 +430,8 @@ fn an_invalid_mac_is_refused_before_boot() {
         .wait(Duration::from_secs(20));
     assert_eq!(
         run.status.code(),
-        Some(2),
-        "clap's usage error: {}",
+        Some(153),
+        "a usage error, Firecracker's ArgParsing status: {}",
         run.stderr
     );
     assert!(run.stderr.contains("invalid MAC address"), "{}", run.stderr);

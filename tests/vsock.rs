@@ -375,3 +375,42 @@ fn put_vsock_before_boot_serves_the_guest_and_counts_in_the_metrics() {
     assert_eq!(line["put_api_requests"]["vsock_count"], 3, "{line}");
     assert_eq!(line["put_api_requests"]["vsock_fails"], 2, "{line}");
 }
+
+/// The host socket listens from `PUT /vsock` on, as Firecracker's does: a client waiting for
+/// the file finds it before boot; a second `PUT` on another path moves it, on the same path
+/// keeps it; a monitor that ends before boot leaves none behind.
+#[test]
+fn the_vsock_socket_listens_from_the_put_on() {
+    let mote = ApiMote::spawn("vsock-early", &[]);
+    let (first, second) = (mote.dir.join("first.sock"), mote.dir.join("second.sock"));
+    let put = |uds: &Path, cid: u32| {
+        mote.ok(
+            "PUT",
+            "/vsock",
+            &serde_json::json!({"guest_cid": cid, "uds_path": uds}).to_string(),
+        )
+    };
+    put(&first, 3);
+    assert!(first.exists(), "no socket after PUT /vsock");
+    // It takes connections at once (the guest will answer them once it runs).
+    UnixStream::connect(&first).expect("the socket does not listen");
+    put(&second, 3);
+    assert!(
+        second.exists() && !first.exists(),
+        "the socket did not move"
+    );
+    put(&second, 4);
+    assert!(second.exists(), "the same path was given up");
+    let config = mote.request("GET", "/vm/config", "").json();
+    assert_eq!(config["vsock"]["guest_cid"], 4, "{config}");
+    let pid = mote.pid();
+    common::send_signal(pid, libc::SIGTERM);
+    let run = mote.wait(WAIT);
+    assert_eq!(
+        run.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        run.stderr
+    );
+    assert!(!second.exists(), "the socket outlived the monitor");
+}

@@ -2,6 +2,7 @@
 //! happened since the previous report, so a counter remembers what it last reported.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 
 /// A monotonically increasing count, reported as deltas.
 #[derive(Debug, Default)]
@@ -235,3 +236,34 @@ mod tests {
         assert_eq!(counter.total(), 5);
     }
 }
+
+counters! {
+    /// Firecracker's `uart`: the console UART's traffic. `read_count` and `write_count` are
+    /// bytes the guest read and wrote, `flush_count` flushes of the output, `error_count` output
+    /// writes or flushes that failed, `missed_write_count` guest bytes lost with them, and
+    /// `missed_read_count` host input that could not be put in the receive FIFO.
+    pub struct UartMetrics {
+        error_count,
+        flush_count,
+        missed_read_count,
+        missed_write_count,
+        read_count,
+        write_count,
+    }
+}
+
+counters! {
+    /// Firecracker's `interrupts`: interrupts the virtio devices raised (`triggers`), and
+    /// changes to an interrupt's routing (`config_updates`), which only PCI's MSI-X makes: with
+    /// mote's fixed virtio-mmio lines there are none.
+    pub struct InterruptMetrics {
+        triggers,
+        config_updates,
+    }
+}
+
+/// The console UART's counters (a monitor has one console).
+pub static UART_METRICS: LazyLock<UartMetrics> = LazyLock::new(UartMetrics::default);
+
+/// The virtio devices' interrupts, all devices together.
+pub static INTERRUPT_METRICS: LazyLock<InterruptMetrics> = LazyLock::new(InterruptMetrics::default);

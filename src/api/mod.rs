@@ -9,7 +9,7 @@ pub mod routes;
 use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 
-use log::{error, info};
+use log::{error, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::metrics::METRICS;
@@ -90,12 +90,21 @@ fn handle(request: Request, to_vmm: &Sender<ApiRequest>, wake: &EventFd) -> Resp
             200,
             serde_json::json!({ "firecracker_version": env!("CARGO_PKG_VERSION") }).to_string(),
         ),
-        Ok(Route::Action(action)) => match ask_vmm(action, to_vmm, wake) {
-            Ok(VmmData::Empty) => Response::no_content(),
-            Ok(VmmData::Json(body)) => Response::json(200, body),
-            // The one place a typed refusal becomes the client's text.
-            Err(err) => Response::fault(400, &err.to_string()),
-        },
+        Ok(Route::Action(action)) => {
+            let deprecation = routes::deprecation(&action);
+            if let Some(what) = deprecation {
+                METRICS.deprecated_api.deprecated_http_api_calls.inc();
+                warn!("{} {}: {what}", request.method, request.path);
+            }
+            let mut response = match ask_vmm(action, to_vmm, wake) {
+                Ok(VmmData::Empty) => Response::no_content(),
+                Ok(VmmData::Json(body)) => Response::json(200, body),
+                // The one place a typed refusal becomes the client's text.
+                Err(err) => Response::fault(400, &err.to_string()),
+            };
+            response.deprecated = deprecation.is_some();
+            response
+        }
         Err(message) => Response::fault(400, &message),
     };
     if response.status >= 400 {

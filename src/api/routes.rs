@@ -188,6 +188,17 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
     Ok(Route::Action(action))
 }
 
+/// What is deprecated in `action`'s request, as Firecracker says it, if anything: such an
+/// answer carries `Deprecation: true` and the request is counted in `deprecated_api`.
+pub fn deprecation(action: &VmmAction) -> Option<&'static str> {
+    match action {
+        VmmAction::PutVsock(config) if config.vsock_id.is_some() => {
+            Some("the vsock_id field is deprecated")
+        }
+        _ => None,
+    }
+}
+
 /// A drive's id in the path and in the body must agree (Firecracker's rule).
 fn check_id(path_id: &str, body_id: &str) -> Result<(), String> {
     if path_id == body_id {

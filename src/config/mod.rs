@@ -63,6 +63,13 @@ pub enum ConfigError {
     MemSmallerThanBalloon { mem_size_mib: u64, amount_mib: u32 },
     #[error("balloon free_page_hinting is not supported: free page hinting is not implemented by mote yet (free_page_reporting is)")]
     BalloonFreePageHinting,
+    #[error(
+        "{section} is not supported: mote has no {feature} yet (give it as null, or leave it out)"
+    )]
+    UnsupportedSection {
+        section: &'static str,
+        feature: &'static str,
+    },
     #[error("iface_id {0:?} is invalid: use 1 to 64 letters, digits, '_' or '-'")]
     IfaceId(String),
     #[error("iface_id {0:?} is given twice")]
@@ -129,6 +136,43 @@ pub struct VmConfigFile {
     pub entropy: Option<EntropyConfig>,
     #[serde(default)]
     pub balloon: Option<BalloonConfig>,
+    /// Firecracker's sections for features mote does not have yet: written as Firecracker
+    /// writes them when unset (`null`, `pmem` an empty list), so that a configuration
+    /// Firecracker wrote or accepts loads here, and refused by name when they say anything.
+    #[serde(rename = "cpu-config", default)]
+    pub cpu_config: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default)]
+    pub mmds_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub pmem: Option<Vec<serde_json::Value>>,
+    #[serde(rename = "memory-hotplug", default)]
+    pub memory_hotplug: Option<serde_json::Value>,
+}
+
+impl VmConfigFile {
+    /// The first section given for a feature mote does not have, as (section, feature).
+    fn unsupported_section(&self) -> Option<(&'static str, &'static str)> {
+        [
+            ("cpu-config", "CPU templates", self.cpu_config.is_some()),
+            (
+                "mmds-config",
+                "the metadata service (MMDS)",
+                self.mmds_config.is_some(),
+            ),
+            (
+                "pmem",
+                "virtio-pmem devices",
+                self.pmem.as_ref().is_some_and(|pmem| !pmem.is_empty()),
+            ),
+            (
+                "memory-hotplug",
+                "memory hot-plugging (virtio-mem)",
+                self.memory_hotplug.is_some(),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(section, feature, given)| given.then_some((section, feature)))
+    }
 }
 
 impl VmResources {
@@ -187,11 +231,18 @@ impl VmResources {
             vsock: self.vsock.clone(),
             entropy: self.entropy.clone(),
             balloon: self.balloon.clone(),
+            cpu_config: None,
+            mmds_config: None,
+            pmem: Some(Vec::new()),
+            memory_hotplug: None,
         }
     }
 
     /// The resources a config file describes, checked.
     pub fn from_config_file(file: VmConfigFile) -> Result<Self, ConfigError> {
+        if let Some((section, feature)) = file.unsupported_section() {
+            return Err(ConfigError::UnsupportedSection { section, feature });
+        }
         file.machine_config.validate()?;
         // Checked as given: inserting one by one would let a later entry with an id already
         // used replace the earlier one, as a PUT does, and a file's mistake would go unseen.

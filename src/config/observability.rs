@@ -14,10 +14,12 @@ pub struct LoggerConfig {
     /// Error, Warning, Info, Debug, Trace or Off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
-    #[serde(default)]
-    pub show_level: bool,
-    #[serde(default)]
-    pub show_log_origin: bool,
+    /// Left out: as before (false the first time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Left out: as before (false the first time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
     /// Only lines from this module path (for example `mote::api`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,

@@ -332,3 +332,50 @@ fn balloon_takes_firecrackers_shape_and_must_fit_the_machine() {
         Err(ConfigError::BalloonFreePageHinting)
     );
 }
+
+/// A configuration as Firecracker 1.17 writes it (`GET /vm/config`), its sections for features
+/// mote lacks null or empty, loads; the same sections given are refused by name; and mote
+/// writes every section Firecracker does.
+#[test]
+fn firecrackers_full_configuration_shape_loads_and_round_trips() {
+    let text = r#"{"boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+        "drives": [], "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "cpu-config": null, "balloon": null, "network-interfaces": [], "vsock": null,
+        "logger": null, "metrics": null, "mmds-config": null, "entropy": null, "pmem": [],
+        "memory-hotplug": null}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    assert_eq!(resources.machine_config.vcpu_count, 2);
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
+    for section in ["cpu-config", "mmds-config", "memory-hotplug"] {
+        assert!(shown[section].is_null(), "{section}: {shown}");
+        assert!(shown.as_object().unwrap().contains_key(section), "{shown}");
+    }
+    assert_eq!(shown["pmem"], serde_json::json!([]));
+    for (section, body, feature) in [
+        ("cpu-config", r#"{"kvm_capabilities": []}"#, "CPU templates"),
+        (
+            "mmds-config",
+            r#"{"network_interfaces": ["eth0"]}"#,
+            "(MMDS)",
+        ),
+        (
+            "pmem",
+            r#"[{"id": "p0", "path_on_host": "/p"}]"#,
+            "virtio-pmem",
+        ),
+        (
+            "memory-hotplug",
+            r#"{"total_size_mib": 1024}"#,
+            "virtio-mem",
+        ),
+    ] {
+        let text = format!(r#"{{"{section}": {body}}}"#);
+        let file: VmConfigFile = serde_json::from_str(&text).unwrap();
+        let err = VmResources::from_config_file(file).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{section} is not supported")) && err.contains(feature),
+            "{err}"
+        );
+    }
+}

@@ -13,6 +13,7 @@ use crate::config::{
     VmResources,
 };
 use crate::device_manager::SaveDevicesError;
+use crate::metrics::{LatencyTimer, METRICS};
 use crate::vmm::{Vmm, VmmError};
 use crate::vstate::memory::{guest_memory_layout, MemoryError};
 use crate::vstate::vm::VmError;
@@ -86,6 +87,7 @@ pub fn create_snapshot(
     if params.snapshot_type == SnapshotType::Diff {
         return Err(SnapshotActionError::DiffUnsupported);
     }
+    let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_full_create_snapshot);
     if !vmm.is_paused() {
         return Err(SnapshotActionError::NotPaused);
     }
@@ -254,6 +256,7 @@ pub fn load_snapshot(
     if params.enable_diff_snapshots || params.track_dirty_pages {
         return Err(SnapshotActionError::DiffUnsupported);
     }
+    let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_load_snapshot);
     let mem_file = params.mem_file()?;
     let state = read_state_file(&params.snapshot_path)?;
     let mut resources = configuration(&state, params)?;

@@ -53,7 +53,7 @@ pub enum SnapshotError {
     BadMagic,
     #[error("the snapshot state file is corrupted: its CRC-64 is {stored:#018x}, its contents give {computed:#018x}")]
     BadCrc { stored: u64, computed: u64 },
-    #[error("the snapshot state file has format version {found}; this mote reads version {SNAPSHOT_VERSION}")]
+    #[error("the snapshot state file has format version {found}; this mote reads versions 1 to {SNAPSHOT_VERSION}")]
     Version { found: u32 },
     #[error("the snapshot was taken of an {} guest; this mote runs {} guests", arch_name(*.found), arch_name(SNAPSHOT_ARCH))]
     Arch { found: u16 },
@@ -153,17 +153,40 @@ pub fn read_format_version(path: &Path) -> Result<u32, SnapshotError> {
     Ok(u32::from_le_bytes(version))
 }
 
+/// The header's layout in a format version: where the body's length is, how long the header
+/// is, and the arch (read from the header, or implied by the version).
+struct Layout {
+    body_len_at: usize,
+    header_len: usize,
+    arch_at: Option<usize>,
+}
+
+/// Version 1 (before aarch64) had no arch field: only x86_64 builds wrote it, and its body is
+/// the same as version 2's, so it is still read.
+const V1_LAYOUT: Layout = Layout {
+    body_len_at: VERSION_AT + 4,
+    header_len: VERSION_AT + 4 + 8,
+    arch_at: None,
+};
+const V2_LAYOUT: Layout = Layout {
+    body_len_at: BODY_LEN_AT,
+    header_len: HEADER_LEN,
+    arch_at: Some(ARCH_AT),
+};
+/// The ELF machine number of the only arch version 1 was written for (x86_64).
+const V1_ARCH: u64 = 62;
+
 /// Checks and decodes a state file's bytes.
 pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
-    let min = HEADER_LEN + CRC_LEN;
-    if bytes.len() < min {
+    let magic_len = bytes.len().min(SNAPSHOT_MAGIC.len());
+    if bytes[..magic_len] != SNAPSHOT_MAGIC[..magic_len] {
+        return Err(SnapshotError::BadMagic);
+    }
+    if bytes.len() < VERSION_AT + 4 {
         return Err(SnapshotError::Truncated {
             len: bytes.len(),
-            expected: min,
+            expected: HEADER_LEN + CRC_LEN,
         });
-    }
-    if bytes[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
-        return Err(SnapshotError::BadMagic);
     }
     let field = |at: usize, len: usize| {
         let mut buf = [0u8; 8];
@@ -173,10 +196,19 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     // A file of another version may have another header: its version is all that is read
     // before it is refused.
     let found = field(VERSION_AT, 4) as u32;
-    if found != SNAPSHOT_VERSION {
-        return Err(SnapshotError::Version { found });
+    let layout = match found {
+        1 => V1_LAYOUT,
+        SNAPSHOT_VERSION => V2_LAYOUT,
+        _ => return Err(SnapshotError::Version { found }),
+    };
+    let min = layout.header_len + CRC_LEN;
+    if bytes.len() < min {
+        return Err(SnapshotError::Truncated {
+            len: bytes.len(),
+            expected: min,
+        });
     }
-    let body_len = field(BODY_LEN_AT, 8);
+    let body_len = field(layout.body_len_at, 8);
     let expected = usize::try_from(body_len)
         .ok()
         .and_then(|len| len.checked_add(min))
@@ -193,13 +225,13 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     if stored != computed {
         return Err(SnapshotError::BadCrc { stored, computed });
     }
-    let arch = field(ARCH_AT, 4);
+    let arch = layout.arch_at.map_or(V1_ARCH, |at| field(at, 4));
     if arch != u64::from(SNAPSHOT_ARCH) {
         return Err(SnapshotError::Arch {
             found: u16::try_from(arch).unwrap_or(u16::MAX),
         });
     }
-    bincode::deserialize(&covered[HEADER_LEN..]).map_err(|err| decode_error(&err))
+    bincode::deserialize(&covered[layout.header_len..]).map_err(|err| decode_error(&err))
 }
 
 /// bincode reports a body that ends early as an I/O error with an empty message.
@@ -325,11 +357,41 @@ mod tests {
         newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&3u32.to_le_bytes());
         let err = decode(&rechecksummed(newer)).unwrap_err();
         assert!(matches!(err, SnapshotError::Version { found: 3 }), "{err}");
-        // Version 1 had no arch field: refused by its version, not misread.
-        let mut old = bytes.clone();
-        old[VERSION_AT..VERSION_AT + 4].copy_from_slice(&1u32.to_le_bytes());
-        let err = decode(&old).unwrap_err();
-        assert!(matches!(err, SnapshotError::Version { found: 1 }), "{err}");
+    }
+
+    /// A version-1 file: the same body under the header without the arch field.
+    fn as_version_1(v2: &[u8]) -> Vec<u8> {
+        let mut bytes = v2[..VERSION_AT].to_vec();
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&v2[BODY_LEN_AT..v2.len() - CRC_LEN]);
+        let crc = CRC64.checksum(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn version_1_files_are_still_read_as_x86_64_ones() {
+        let v1 = as_version_1(&encode(&state()).unwrap());
+        match decode(&v1) {
+            Ok(decoded) => {
+                assert_eq!(SNAPSHOT_ARCH, 62);
+                assert_eq!(decoded.devices.serial.scratch, 0x5a);
+            }
+            Err(err) => {
+                assert_eq!(SNAPSHOT_ARCH, 183);
+                assert_eq!(
+                    err.to_string(),
+                    "the snapshot was taken of an x86_64 guest; this mote runs aarch64 guests"
+                );
+            }
+        }
+        for len in [0, 10, v1.len() - 1] {
+            let err = decode(&v1[..len]).unwrap_err();
+            assert!(
+                matches!(err, SnapshotError::Truncated { .. }),
+                "{len}: {err}"
+            );
+        }
     }
 
     fn rechecksummed(mut bytes: Vec<u8>) -> Vec<u8> {

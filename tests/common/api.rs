@@ -14,6 +14,8 @@ use super::{mote_bin, Run};
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
+    /// The status line and the headers, as sent.
+    pub head: String,
     pub body: String,
 }
 
@@ -59,7 +61,7 @@ pub fn read_answer(stream: &mut UnixStream) -> Answer {
                 buf.extend_from_slice(&chunk[..n]);
             }
             let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).to_string();
-            return Answer { status, body };
+            return Answer { status, head, body };
         }
         let n = stream.read(&mut chunk).expect("reading the answer");
         assert!(n > 0, "the API closed without answering");

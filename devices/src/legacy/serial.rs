@@ -1,6 +1,6 @@
-//! The 16550 UART on COM1: vm-superio's model on the port-I/O bus, its output to a writer
-//! (the monitor's stdout) and its input from a readable fd (the monitor's stdin), the latter
-//! flow-controlled by the guest's reads.
+//! The 16550 UART (COM1 on x86_64, MMIO on aarch64): vm-superio's model on a bus, its output
+//! to a writer (the monitor's stdout) and its input from a readable fd (the monitor's stdin),
+//! the latter flow-controlled by the guest's reads.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::EventFdTrigger;
 use crate::bus::BusDevice;
+use crate::metrics::UART_METRICS;
 use crate::sync::lock;
 
 /// Signals the input side when the guest has drained the receive FIFO, so that reading from the
@@ -21,9 +22,14 @@ use crate::sync::lock;
 pub struct InputRoom(EventFd);
 
 impl SerialEvents for InputRoom {
-    fn buffer_read(&self) {}
-    fn out_byte(&self) {}
+    fn buffer_read(&self) {
+        UART_METRICS.read_count.inc();
+    }
+    fn out_byte(&self) {
+        UART_METRICS.write_count.inc();
+    }
     fn tx_lost_byte(&self) {
+        UART_METRICS.missed_write_count.inc();
         debug!("serial: the host output failed; a guest byte was lost");
     }
     fn in_buffer_empty(&self) {
@@ -31,6 +37,29 @@ impl SerialEvents for InputRoom {
             warn!("serial: cannot signal the input side: {err}");
         }
     }
+}
+
+/// The console's output, counting its flushes and failures for the `uart` metrics (vm-superio
+/// writes and flushes each byte the guest transmits).
+struct CountedOutput(Box<dyn Write + Send>);
+
+impl Write for CountedOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .write(buf)
+            .inspect_err(|_| UART_METRICS.error_count.inc())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        UART_METRICS.flush_count.inc();
+        self.0
+            .flush()
+            .inspect_err(|_| UART_METRICS.error_count.inc())
+    }
+}
+
+fn counted(out: Box<dyn Write + Send>) -> Box<dyn Write + Send> {
+    Box::new(CountedOutput(out))
 }
 
 /// The UART model shared between the vCPU threads (register accesses) and the event loop (input).
@@ -96,7 +125,11 @@ impl SerialDevice {
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let room = InputRoom(EventFd::new(EFD_NONBLOCK)?);
         Ok(Self {
-            core: Arc::new(Mutex::new(Serial::with_events(interrupt, room, out))),
+            core: Arc::new(Mutex::new(Serial::with_events(
+                interrupt,
+                room,
+                counted(out),
+            ))),
         })
     }
 
@@ -107,12 +140,13 @@ impl SerialDevice {
         state: &SerialDeviceState,
     ) -> io::Result<Self> {
         let room = InputRoom(EventFd::new(EFD_NONBLOCK)?);
-        let core = Serial::from_state(&state.into(), interrupt, room, out).map_err(|err| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad serial state: {err:?}"),
-            )
-        })?;
+        let core =
+            Serial::from_state(&state.into(), interrupt, room, counted(out)).map_err(|err| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad serial state: {err:?}"),
+                )
+            })?;
         Ok(Self {
             core: Arc::new(Mutex::new(core)),
         })
@@ -182,6 +216,7 @@ impl<R: Read + AsRawFd + Send> SerialInput<R> {
             }
             Ok(n) => {
                 if let Err(err) = core.enqueue_raw_bytes(&buf[..n]) {
+                    UART_METRICS.missed_read_count.add(n as u64);
                     warn!("serial: cannot pass input to the guest: {err:?}");
                 }
             }

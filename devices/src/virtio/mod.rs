@@ -75,6 +75,7 @@ impl Interrupt {
     }
 
     fn raise(&self, bit: u32) {
+        crate::metrics::INTERRUPT_METRICS.triggers.inc();
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(err) = self.irq.write(1) {
             warn!("virtio: cannot raise the interrupt: {err}");

@@ -6,6 +6,9 @@ pub struct Response {
     pub status: u16,
     /// A JSON document, or nothing (204).
     pub body: Option<String>,
+    /// The request used a form Firecracker deprecated: the answer carries its
+    /// `Deprecation: true` header.
+    pub deprecated: bool,
 }
 
 impl Response {
@@ -13,6 +16,7 @@ impl Response {
         Self {
             status: 204,
             body: None,
+            deprecated: false,
         }
     }
 
@@ -20,6 +24,7 @@ impl Response {
         Self {
             status,
             body: Some(body),
+            deprecated: false,
         }
     }
 
@@ -53,6 +58,9 @@ impl Response {
             self.status,
             self.reason()
         );
+        if self.deprecated {
+            out.push_str("Deprecation: true\r\n");
+        }
         match &self.body {
             Some(body) => {
                 out.push_str(&format!(

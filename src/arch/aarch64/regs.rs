@@ -1,15 +1,17 @@
-//! vCPU registers: KVM's vCPU initialisation (PSCI 0.2, secondaries powered off), the boot
-//! vCPU's entry state for the arm64 Linux boot protocol, and every register KVM lists for a
-//! snapshot (`KVM_GET_REG_LIST`, `KVM_GET_ONE_REG` / `KVM_SET_ONE_REG`).
+//! vCPU registers: KVM's vCPU initialisation (PSCI 0.2, pointer authentication, secondaries
+//! powered off), the boot vCPU's entry state for the arm64 Linux boot protocol, and every
+//! register KVM lists for a snapshot (`KVM_GET_REG_LIST`, `KVM_GET_ONE_REG` /
+//! `KVM_SET_ONE_REG`).
 
 use std::mem::offset_of;
 
 use kvm_bindings::{
     kvm_regs, kvm_vcpu_init, user_pt_regs, PSR_MODE_EL1h, RegList, KVM_ARM_VCPU_POWER_OFF,
-    KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_MASK, KVM_REG_SIZE_SHIFT,
-    KVM_REG_SIZE_U64, PSR_A_BIT, PSR_D_BIT, PSR_F_BIT, PSR_I_BIT,
+    KVM_ARM_VCPU_PSCI_0_2, KVM_ARM_VCPU_PTRAUTH_ADDRESS, KVM_ARM_VCPU_PTRAUTH_GENERIC,
+    KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_MASK, KVM_REG_SIZE_SHIFT, KVM_REG_SIZE_U64,
+    PSR_A_BIT, PSR_D_BIT, PSR_F_BIT, PSR_I_BIT,
 };
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,13 +69,20 @@ pub const fn mpidr_affinity(index: u8) -> u64 {
     (id & 0xf) | (((id >> 4) & 0xff) << 8)
 }
 
-/// KVM_ARM_VCPU_INIT for every vCPU with the host's preferred target and PSCI 0.2; all but the
-/// boot vCPU start powered off until the guest turns them on with PSCI CPU_ON.
+/// KVM_ARM_VCPU_INIT for every vCPU with the host's preferred target, PSCI 0.2 and, where the
+/// host has it, pointer authentication (as Firecracker gives its guests: arm64 kernels sign
+/// return addresses with it); all but the boot vCPU start powered off until the guest turns
+/// them on with PSCI CPU_ON. A snapshot's vCPUs are initialised the same way, so it restores
+/// on a host with the same features (its pointer-authentication keys are registers KVM lists).
 pub fn init_vcpus(vm: &VmFd, vcpus: &[VcpuFd]) -> Result<(), RegsError> {
     let mut preferred = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut preferred)
         .map_err(RegsError::PreferredTarget)?;
     preferred.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    if vm.check_extension(Cap::ArmPtrAuthAddress) && vm.check_extension(Cap::ArmPtrAuthGeneric) {
+        preferred.features[0] |=
+            (1 << KVM_ARM_VCPU_PTRAUTH_ADDRESS) | (1 << KVM_ARM_VCPU_PTRAUTH_GENERIC);
+    }
     for (fd, index) in vcpus.iter().zip(0u8..) {
         let mut init = preferred;
         if index > 0 {

@@ -1,6 +1,7 @@
 //! One static program for both sides of the emulated-host tests (tests/hosted.rs): inside a
 //! guest it is the guest program that talks vsock, inside the emulated host it is the host
-//! side (Unix sockets: mote's vsock socket and API). It has no dependencies, so the tests
+//! side (Unix sockets: mote's vsock socket and API); tools/bench aarch64-boot times monitors
+//! with it in the emulated arm64 host (`time-to-line`). It has no dependencies, so the tests
 //! build it in seconds for any target.
 //!
 //! ```text
@@ -14,16 +15,27 @@
 //! hosted-tool api SOCKET METHOD PATH [BODY]
 //!                                         one HTTP request to mote's API; prints the status
 //!                                         code and the body; exit 0 on a 2xx
+//! hosted-tool time-to-line TEXT SECONDS COMMAND [ARG...]
+//!                                         run COMMAND (stdin /dev/null, stderr ours), copy
+//!                                         its stdout to ours, and time from just before the
+//!                                         spawn to the first line holding TEXT and to its
+//!                                         exit; then print `time-to-line: line-ms=M
+//!                                         exit-ms=E status=S` on a line of its own
+//!                                         (line-ms=none: no such line; status=timeout: killed
+//!                                         after SECONDS); exit 0 when the line came and the
+//!                                         command exited with 0
 //! ```
 //! Listeners print `ready` on stderr once they accept connections. A stream copies stdin to
 //! the socket (then half-closes it) and the socket to stdout, until both have ended.
 
 mod sock;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use sock::Stream;
 
@@ -57,6 +69,9 @@ fn main() -> ExitCode {
             }),
         ["api", socket, method, path, body @ ..] => {
             return api(socket, method, path, body.first().copied())
+        }
+        ["time-to-line", text, seconds, program, args @ ..] => {
+            return time_to_line(text, number(seconds), program, args)
         }
         _ => {
             eprintln!("usage: see the header of tests/hosted-tool/src/main.rs");
@@ -131,6 +146,89 @@ fn api(socket: &str, method: &str, path: &str, body: Option<&str>) -> ExitCode {
     let content = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     println!("{code} {content}");
     if code.starts_with('2') {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs `program` with `args`, copying its stdout to ours, and times (from just before the
+/// spawn) the first line holding `text` and the program's exit; kills it after `seconds`.
+/// For boot-time measurements inside the emulated host, where busybox has no finer clock
+/// than the shell's.
+fn time_to_line(text: &str, seconds: f64, program: &str, args: &[&str]) -> ExitCode {
+    let start = Instant::now();
+    let spawned = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            eprintln!("hosted-tool: cannot run {program}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let output = child.stdout.take().expect("the child's stdout is piped");
+    let text = text.as_bytes().to_vec();
+    // The reader owns the pipe; it tells the main thread when the pipe has ended, so that the
+    // main thread can wait for that with a time-out and kill the child.
+    let (ended, end) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut output = BufReader::new(output);
+        let mut stdout = std::io::stdout().lock();
+        let (mut line, mut seen, mut at_line_start) = (Vec::new(), None, true);
+        loop {
+            line.clear();
+            match output.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if seen.is_none()
+                && (text.is_empty() || line.windows(text.len()).any(|w| w == text.as_slice()))
+            {
+                seen = Some(start.elapsed());
+            }
+            let _ = stdout.write_all(&line);
+            at_line_start = line.ends_with(b"\n");
+        }
+        if !at_line_start {
+            let _ = stdout.write_all(b"\n");
+        }
+        let _ = stdout.flush();
+        let _ = ended.send(());
+        seen
+    });
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let mut in_time = end.recv_timeout(left()).is_ok();
+    // The pipe has ended: the child is exiting (or has closed its stdout and hangs).
+    while in_time && matches!(child.try_wait(), Ok(None)) {
+        in_time = !left().is_zero();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if !in_time {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let exited = start.elapsed();
+    let seen = reader.join().expect("the reading thread panicked");
+    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
+    let status = match status {
+        _ if !in_time => "timeout".to_string(),
+        Ok(status) => match status.code() {
+            Some(code) => code.to_string(),
+            None => format!("{status}").replace(' ', "-"),
+        },
+        Err(err) => format!("wait-failed:{}", err.kind()),
+    };
+    println!(
+        "time-to-line: line-ms={} exit-ms={} status={status}",
+        seen.map_or("none".to_string(), ms),
+        ms(exited),
+    );
+    if seen.is_some() && status == "0" {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
