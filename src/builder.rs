@@ -252,7 +252,7 @@ fn attach_devices(
         devices.attach_block(vm, block_device(drive, file)?)?;
     }
     for net in backends.nets {
-        devices.attach_virtio(vm, net)?;
+        devices.attach_net(vm, net)?;
     }
     if let Some(vsock) = backends.vsock {
         devices.attach_virtio(vm, vsock)?;
@@ -444,6 +444,7 @@ mod tests {
             partuuid: None,
             cache_type: Default::default(),
             io_engine: Default::default(),
+            rate_limiter: None,
         };
         let cmdline = build_cmdline(Some("console=ttyS0"), Some(&root)).unwrap();
         assert_eq!(

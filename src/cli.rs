@@ -458,6 +458,8 @@ impl RunArgs {
                 iface_id: format!("eth{index}"),
                 host_dev_name: spec.tap.clone(),
                 guest_mac: spec.mac,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             })
             .collect()
     }
@@ -471,6 +473,7 @@ impl RunArgs {
             partuuid: None,
             cache_type: Default::default(),
             io_engine: Default::default(),
+            rate_limiter: None,
         });
         let others = self
             .drives
@@ -487,6 +490,7 @@ impl RunArgs {
                 partuuid: None,
                 cache_type: Default::default(),
                 io_engine: Default::default(),
+                rate_limiter: None,
             });
         root.chain(others).collect()
     }

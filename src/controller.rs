@@ -234,6 +234,7 @@ impl PrebootController {
             | VmmAction::GetBalloonStats
             | VmmAction::PatchBalloon(_)
             | VmmAction::PatchBalloonStats(_)
+            | VmmAction::PatchNetworkInterface(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::FlushMetrics
             | VmmAction::Pause
@@ -383,10 +384,37 @@ impl RuntimeController {
                     .iter_mut()
                     .find(|d| d.drive_id == update.drive_id)
                     .ok_or_else(|| VmmActionError::UnknownDrive(update.drive_id.clone()))?;
+                update.validate()?;
                 if let Some(path) = update.path_on_host {
                     vmm.device_manager()
                         .update_drive_path(&update.drive_id, &path)?;
                     drive.path_on_host = path;
+                }
+                if let Some(limits) = &update.rate_limiter {
+                    vmm.device_manager()
+                        .update_drive_rate_limiter(&update.drive_id, limits)?;
+                    drive.rate_limiter =
+                        Some(drive.rate_limiter.unwrap_or_default().updated(limits));
+                }
+            }
+            VmmAction::PatchNetworkInterface(update) => {
+                update.validate()?;
+                let iface = self
+                    .resources
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|i| i.iface_id == update.iface_id)
+                    .ok_or_else(|| {
+                        VmmActionError::UnknownNetworkInterface(update.iface_id.clone())
+                    })?;
+                vmm.device_manager().update_net_rate_limiters(&update)?;
+                if let Some(rx) = &update.rx_rate_limiter {
+                    iface.rx_rate_limiter =
+                        Some(iface.rx_rate_limiter.unwrap_or_default().updated(rx));
+                }
+                if let Some(tx) = &update.tx_rate_limiter {
+                    iface.tx_rate_limiter =
+                        Some(iface.tx_rate_limiter.unwrap_or_default().updated(tx));
                 }
             }
             VmmAction::GetBalloonStats => {

@@ -6,7 +6,7 @@ use crate::config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError,
     CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig, LoadSnapshotParams,
     LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
-    VsockConfig,
+    NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::device_manager::DeviceError;
 use crate::logger::LoggerError;
@@ -28,6 +28,8 @@ pub enum VmmAction {
     PatchDrive(DriveUpdate),
     /// `PUT /network-interfaces/{id}`, before boot only.
     PutNetworkInterface(NetworkInterfaceConfig),
+    /// `PATCH /network-interfaces/{id}`: new rate limits, after boot only.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
     PutLogger(LoggerConfig),
@@ -101,6 +103,8 @@ pub enum VmmActionError {
     Balloon(#[from] devices::virtio::balloon::BalloonError),
     #[error("no drive has the id {0:?}")]
     UnknownDrive(String),
+    #[error("no network interface has the id {0:?}")]
+    UnknownNetworkInterface(String),
     #[error("cannot render the answer: {0}")]
     Render(serde_json::Error),
     #[error("the monitor is shutting down")]

@@ -142,7 +142,7 @@ fn describe_snapshot_prints_the_version_of_a_real_snapshot() {
     let described = mote(&["--describe-snapshot", state.to_str().unwrap()]);
     let version = mote(&["--snapshot-version"]);
     assert!(described.status.success(), "{described:?}");
-    assert_eq!(String::from_utf8_lossy(&described.stdout), "v2\n");
+    assert_eq!(String::from_utf8_lossy(&described.stdout), "v3\n");
     assert_eq!(described.stdout, version.stdout);
 }
 

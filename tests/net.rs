@@ -315,10 +315,16 @@ fn the_api_configures_an_interface_before_boot_only() {
     let api =
         |method: &str, path: &str, body: &str| common::api::request(&sock, method, path, body);
 
-    // Firecracker's rate limiters are not there yet: refused by name, not ignored.
-    let limited = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {}}"#;
+    // A bad bucket is refused naming it; PATCH waits for the guest to run.
+    let limited = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"ops": {"size": 9, "refill_time": 0}}}"#;
     let fault = api("PUT", "/network-interfaces/eth0", limited).fault();
-    assert!(fault.contains("unknown field `rx_rate_limiter`"), "{fault}");
+    assert!(
+        fault.contains("interface eth0 rx_rate_limiter: ops: refill_time is 0"),
+        "{fault}"
+    );
+    let patch = r#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 100000, "refill_time": 1000}}}"#;
+    let fault = api("PATCH", "/network-interfaces/eth0", patch).fault();
+    assert!(fault.contains("not supported before starting"), "{fault}");
     let eth0 = format!(
         r#"{{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "{GUEST_MAC_ARG}"}}"#
     );
@@ -348,6 +354,19 @@ fn the_api_configures_an_interface_before_boot_only() {
     mote.wait_for_line("net-serve ready", Duration::from_secs(20));
     let fault = api("PUT", "/network-interfaces/eth0", &eth0).fault();
     assert!(fault.contains("not supported after starting"), "{fault}");
+    // Limits far above what a ping needs, taken at once by the running device.
+    assert_eq!(api("PATCH", "/network-interfaces/eth0", patch).status, 204);
+    assert_eq!(
+        api("GET", "/vm/config", "").json()["network-interfaces"][0]["tx_rate_limiter"],
+        serde_json::json!({"ops": {"size": 100000, "refill_time": 1000}})
+    );
+    let fault = api(
+        "PATCH",
+        "/network-interfaces/eth9",
+        r#"{"iface_id": "eth9"}"#,
+    )
+    .fault();
+    assert!(fault.contains("no network interface has the id"), "{fault}");
     let ping = ns.run(&["ping", "-c", "1", "-W", "2", "10.0.0.2"]);
     assert!(ping.status.success(), "ping failed:\n{}", ping.stdout);
     let run = mote.wait(Duration::from_secs(20));

@@ -104,6 +104,10 @@ counters! {
         io_errors,
         queue_event_count,
         update_count,
+        /// Requests the rate limiter held back (also queue notifications that came meanwhile).
+        rate_limiter_throttled_events,
+        /// Times the rate limiter's timer woke the device.
+        rate_limiter_event_count,
     }
 }
 
@@ -141,6 +145,16 @@ counters! {
         tx_dropped_oversized,
         /// Frames the TAP refused.
         tx_tap_errors,
+        /// Times a frame from the TAP waited for the receive rate limiter (also wake-ups that
+        /// came meanwhile).
+        rx_rate_limiter_throttled,
+        /// Times the receive rate limiter's timer woke the device.
+        rx_event_rate_limiter_count,
+        /// Times a frame from the guest waited for the transmit rate limiter (also
+        /// notifications that came meanwhile).
+        tx_rate_limiter_throttled,
+        /// Times the transmit rate limiter's timer woke the device.
+        tx_rate_limiter_event_count,
     }
 }
 
@@ -183,8 +197,9 @@ counters! {
         entropy_bytes,
         /// Times the host's `getrandom` failed.
         host_rng_fails,
-        /// Firecracker's rate-limiter counters: always 0, as mote has no rate limiters yet.
+        /// Requests the rate limiter held back (also notifications that came meanwhile).
         entropy_rate_limiter_throttled,
+        /// Times the rate limiter's timer woke the device.
         rate_limiter_event_count,
     }
 }

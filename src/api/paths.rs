@@ -118,7 +118,7 @@ pub const ENDPOINTS: [Endpoint; 21] = [
         Kind::PatchNetworkInterface,
         "PATCH",
         "network-interfaces",
-        None,
+        Some("network"),
     ),
     endpoint(Kind::PatchVm, "PATCH", "vm", Some("vm")),
 ];

@@ -8,7 +8,7 @@ use super::paths::{self, Kind, NOT_YET};
 use crate::config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
     EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterfaceConfig, VsockConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
@@ -125,6 +125,9 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         (Kind::PatchDrive, [id]) => {
             let update = body::<DriveUpdate>("drive", bytes)?;
             check_id(id, &update.drive_id)?;
+            update
+                .validate()
+                .map_err(|err| format!("invalid drive body: {err}"))?;
             VmmAction::PatchDrive(update)
         }
         (Kind::PutNetworkInterface, [id]) => {
@@ -132,15 +135,16 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             check_id(id, &iface.iface_id)?;
             VmmAction::PutNetworkInterface(iface)
         }
-        (Kind::PatchNetworkInterface, [_]) => {
-            return Err(format!(
-                "{method} {path}: rate limiters (the only thing PATCH changes) are not implemented by mote yet"
-            ))
+        (Kind::PatchNetworkInterface, [id]) => {
+            let update = body::<NetworkInterfaceUpdate>("network-interfaces", bytes)?;
+            check_id(id, &update.iface_id)?;
+            update
+                .validate()
+                .map_err(|err| format!("invalid network-interfaces body: {err}"))?;
+            VmmAction::PatchNetworkInterface(update)
         }
         (Kind::PutLogger, []) => VmmAction::PutLogger(body::<LoggerConfig>("logger", bytes)?),
-        (Kind::PutMetrics, []) => {
-            VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?)
-        }
+        (Kind::PutMetrics, []) => VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?),
         (Kind::PutVsock, []) => VmmAction::PutVsock(body::<VsockConfig>("vsock", bytes)?),
         (Kind::PutEntropy, []) => {
             let config = body::<EntropyConfig>("entropy", bytes)?;
@@ -155,9 +159,9 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         (Kind::PatchBalloon, []) => {
             VmmAction::PatchBalloon(body::<BalloonUpdate>("balloon", bytes)?)
         }
-        (Kind::PatchBalloon, ["statistics"]) => VmmAction::PatchBalloonStats(
-            body::<BalloonStatsUpdate>("balloon/statistics", bytes)?,
-        ),
+        (Kind::PatchBalloon, ["statistics"]) => {
+            VmmAction::PatchBalloonStats(body::<BalloonStatsUpdate>("balloon/statistics", bytes)?)
+        }
         (Kind::GetBalloon | Kind::PatchBalloon, ["hinting", ..]) => {
             return Err(format!(
                 "{method} {path}: free page hinting is not implemented by mote yet"
@@ -172,10 +176,9 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             },
             ActionType::FlushMetrics => VmmAction::FlushMetrics,
         },
-        (Kind::PutSnapshot, ["create"]) => VmmAction::CreateSnapshot(body::<CreateSnapshotParams>(
-            "snapshot/create",
-            bytes,
-        )?),
+        (Kind::PutSnapshot, ["create"]) => {
+            VmmAction::CreateSnapshot(body::<CreateSnapshotParams>("snapshot/create", bytes)?)
+        }
         (Kind::PutSnapshot, ["load"]) => {
             VmmAction::LoadSnapshot(body::<LoadSnapshotParams>("snapshot/load", bytes)?)
         }
@@ -328,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn entropy_maps_to_an_action_and_refuses_a_rate_limiter() {
+    fn entropy_maps_to_an_action() {
         assert_eq!(
             action("PUT", "/entropy", "{}"),
             VmmAction::PutEntropy(EntropyConfig::default())
@@ -336,10 +339,10 @@ mod tests {
         let err = refusal(
             "PUT",
             "/entropy",
-            r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+            r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 0}}}"#,
         );
         assert!(
-            err.contains("rate limiters are not implemented by mote yet"),
+            err.contains("entropy rate_limiter: bandwidth: refill_time is 0"),
             "{err}"
         );
         let err = refusal("PUT", "/entropy", r#"{"bogus": 1}"#);
@@ -418,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn network_interfaces_map_to_actions_and_refuse_rate_limiters() {
+    fn network_interfaces_map_to_actions() {
         match action(
             "PUT",
             "/network-interfaces/eth0",
@@ -433,9 +436,9 @@ mod tests {
         let err = refusal(
             "PUT",
             "/network-interfaces/eth0",
-            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "tx_rate_limiter": {}}"#,
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "tx_limiter": {}}"#,
         );
-        assert!(err.contains("unknown field `tx_rate_limiter`"), "{err}");
+        assert!(err.contains("unknown field `tx_limiter`"), "{err}");
         let err = refusal(
             "PUT",
             "/network-interfaces/eth1",
@@ -451,7 +454,87 @@ mod tests {
             err.contains("field `guest_mac`") && err.contains("invalid MAC"),
             "{err}"
         );
-        assert!(refusal("PATCH", "/network-interfaces/eth0", "{}").contains("not implemented"));
+        let err = refusal("PATCH", "/network-interfaces/eth0", "{}");
+        assert!(err.contains("missing field `iface_id`"), "{err}");
+    }
+
+    #[test]
+    fn rate_limiters_are_taken_on_drives_interfaces_and_entropy() {
+        let limiter = r#"{"bandwidth": {"size": 1000, "one_time_burst": 10, "refill_time": 100}, "ops": {"size": 5, "refill_time": 1}}"#;
+        match action(
+            "PUT",
+            "/network-interfaces/eth0",
+            &format!(
+                r#"{{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {limiter}, "tx_rate_limiter": {{"ops": {{"size": 1, "refill_time": 1}}}}}}"#
+            ),
+        ) {
+            VmmAction::PutNetworkInterface(iface) => {
+                assert_eq!(iface.rx_rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
+                assert_eq!(iface.tx_rate_limiter.unwrap().ops.unwrap().size, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        match action(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}"#,
+        ) {
+            VmmAction::PatchNetworkInterface(update) => {
+                assert!(update.rx_rate_limiter.is_none());
+                assert_eq!(update.tx_rate_limiter.unwrap().bandwidth.unwrap().size, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        match action(
+            "PATCH",
+            "/drives/d",
+            &format!(r#"{{"drive_id": "d", "rate_limiter": {limiter}}}"#),
+        ) {
+            VmmAction::PatchDrive(update) => {
+                assert_eq!(update.rate_limiter.unwrap().ops.unwrap().refill_time, 1);
+                assert!(update.path_on_host.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        match action(
+            "PUT",
+            "/entropy",
+            &format!(r#"{{"rate_limiter": {limiter}}}"#),
+        ) {
+            VmmAction::PutEntropy(config) => assert!(config.rate_limiter.is_some()),
+            other => panic!("{other:?}"),
+        }
+        // Bad buckets are refused with what was wrong.
+        let err = refusal(
+            "PATCH",
+            "/drives/d",
+            r#"{"drive_id": "d", "rate_limiter": {"ops": {"size": 5, "refill_time": 0}}}"#,
+        );
+        assert!(
+            err.contains("drive d rate_limiter: ops: refill_time is 0 for a bucket of size 5"),
+            "{err}"
+        );
+        let err = refusal(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": -5, "refill_time": 1}}}"#,
+        );
+        assert!(
+            err.contains("field `rx_rate_limiter.ops.size`") && err.contains("-5"),
+            "{err}"
+        );
+        let err = refusal(
+            "PUT",
+            "/entropy",
+            r#"{"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1, "burst": 3}}}"#,
+        );
+        assert!(err.contains("unknown field `burst`"), "{err}");
+        let err = refusal(
+            "PATCH",
+            "/network-interfaces/eth1",
+            r#"{"iface_id": "eth0"}"#,
+        );
+        assert!(err.contains("does not match"), "{err}");
     }
 
     #[test]
@@ -478,7 +561,6 @@ mod tests {
                 ("GET", "balloon"),
                 ("PUT", "balloon"),
                 ("PATCH", "balloon"),
-                ("PATCH", "network-interfaces"),
             ]
         );
     }

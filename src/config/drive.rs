@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{validate_rate_limiter, ConfigError, RateLimiterConfig};
 
 /// Firecracker's `drives` entry: a virtio-blk device backed by a host file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +24,9 @@ pub struct DriveConfig {
     pub cache_type: CacheType,
     #[serde(default)]
     pub io_engine: IoEngine,
+    /// Bytes (`bandwidth`) and requests (`ops`) the guest may move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Firecracker's drive cache types. Accepted for compatibility; mote offers the guest
@@ -43,12 +46,24 @@ pub enum IoEngine {
     Sync,
 }
 
-/// `PATCH /drives/{id}`: a new backing file for a running guest's drive.
+/// `PATCH /drives/{id}`: a new backing file and/or new limits for a running guest's drive.
+/// A bucket of the rate limiter left out stays as it is; one of size 0 is removed.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
     pub drive_id: String,
     pub path_on_host: Option<PathBuf>,
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl DriveUpdate {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_rate_limiter(
+            || format!("drive {} rate_limiter", self.drive_id),
+            self.rate_limiter.as_ref(),
+        )
+    }
 }
 
 /// The longest drive id; also what the guest reads back with GET_ID (20 bytes).
@@ -63,7 +78,10 @@ impl DriveConfig {
         {
             return Err(ConfigError::DriveId(self.drive_id.clone()));
         }
-        Ok(())
+        validate_rate_limiter(
+            || format!("drive {} rate_limiter", self.drive_id),
+            self.rate_limiter.as_ref(),
+        )
     }
 }
 

@@ -26,6 +26,22 @@ pub use observability::*;
 pub use snapshot::*;
 pub use vsock::*;
 
+pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+/// Checks a rate limiter given for `what` (`drive rootfs rate_limiter`).
+pub fn validate_rate_limiter(
+    what: impl FnOnce() -> String,
+    config: Option<&RateLimiterConfig>,
+) -> Result<(), ConfigError> {
+    match config.map(RateLimiterConfig::validate) {
+        Some(Err(err)) => Err(ConfigError::RateLimiter {
+            what: what(),
+            reason: err.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Why a configuration is refused; each message names the field and the reason.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -53,10 +69,8 @@ pub enum ConfigError {
     VsockPathEmpty(PathBuf),
     #[error("vsock uds_path {0:?} already exists: mote creates the socket itself")]
     VsockPathExists(PathBuf),
-    #[error(
-        "entropy rate_limiter is not supported: rate limiters are not implemented by mote yet"
-    )]
-    EntropyRateLimiter,
+    #[error("{what}: {reason}")]
+    RateLimiter { what: String, reason: String },
     #[error("Amount of pages requested is too large: balloon amount_mib {amount_mib} is more than the guest's {mem_size_mib} MiB")]
     BalloonTooLarge { amount_mib: u32, mem_size_mib: u64 },
     #[error("The memory size (MiB) is smaller than the previously set balloon device target size: mem_size_mib {mem_size_mib}, balloon amount_mib {amount_mib}")]

@@ -4,11 +4,10 @@ use serde::{Deserialize, Serialize};
 
 pub use devices::virtio::net::MacAddr;
 
-use super::ConfigError;
+use super::{validate_rate_limiter, ConfigError, RateLimiterConfig};
 
-/// Firecracker's `network-interfaces` entry: a virtio-net device on an existing host TAP.
-/// Firecracker's `rx_rate_limiter` and `tx_rate_limiter` are refused as unknown fields: mote
-/// has no rate limiter yet.
+/// Firecracker's `network-interfaces` entry: a virtio-net device on an existing host TAP, with
+/// optional rate limiters for what it receives and what it sends (bytes of frames, frames).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceConfig {
@@ -18,6 +17,41 @@ pub struct NetworkInterfaceConfig {
     /// The guest's MAC address; without one the guest picks its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PATCH /network-interfaces/{id}`: new limits for a running guest's interface. A limiter or
+/// bucket left out stays as it is; a bucket of size 0 is removed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetworkInterfaceUpdate {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_limiters(
+            &self.iface_id,
+            self.rx_rate_limiter.as_ref(),
+            self.tx_rate_limiter.as_ref(),
+        )
+    }
+}
+
+fn validate_limiters(
+    iface_id: &str,
+    rx: Option<&RateLimiterConfig>,
+    tx: Option<&RateLimiterConfig>,
+) -> Result<(), ConfigError> {
+    validate_rate_limiter(|| format!("interface {iface_id} rx_rate_limiter"), rx)?;
+    validate_rate_limiter(|| format!("interface {iface_id} tx_rate_limiter"), tx)
 }
 
 /// The longest interface id (Firecracker's limit for ids in paths).
@@ -43,7 +77,11 @@ impl NetworkInterfaceConfig {
         {
             return Err(ConfigError::HostDevName(name.clone()));
         }
-        Ok(())
+        validate_limiters(
+            &self.iface_id,
+            self.rx_rate_limiter.as_ref(),
+            self.tx_rate_limiter.as_ref(),
+        )
     }
 }
 

@@ -20,6 +20,7 @@ fn drive(id: &str, root: bool) -> DriveConfig {
         partuuid: None,
         cache_type: CacheType::Unsafe,
         io_engine: IoEngine::Sync,
+        rate_limiter: None,
     }
 }
 
@@ -103,6 +104,8 @@ fn iface(id: &str, tap: &str, mac: Option<&str>) -> NetworkInterfaceConfig {
         iface_id: id.into(),
         host_dev_name: tap.into(),
         guest_mac: mac.map(|m| m.parse().unwrap()),
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
     }
 }
 
@@ -128,13 +131,10 @@ fn network_interfaces_parse_and_are_checked() {
         assert!(err.to_string().contains("invalid MAC address"), "{err}");
     }
     let err = serde_json::from_str::<NetworkInterfaceConfig>(
-        r#"{"iface_id": "a", "host_dev_name": "t", "rx_rate_limiter": {}}"#,
+        r#"{"iface_id": "a", "host_dev_name": "t", "rx_rate_limiter": {"op": {}}}"#,
     )
     .unwrap_err();
-    assert!(
-        err.to_string().contains("unknown field `rx_rate_limiter`"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("unknown field `op`"), "{err}");
 
     let mut resources = VmResources::default();
     resources
@@ -234,7 +234,7 @@ fn vsock_takes_firecrackers_shape_with_the_deprecated_id() {
 }
 
 #[test]
-fn entropy_takes_firecrackers_shape_and_refuses_a_rate_limiter() {
+fn entropy_takes_firecrackers_shape_with_a_rate_limiter() {
     let text = r#"{"boot-source": {"kernel_image_path": "/k"}, "entropy": {}}"#;
     let file: VmConfigFile = serde_json::from_str(text).unwrap();
     let resources = VmResources::from_config_file(file).unwrap();
@@ -247,10 +247,78 @@ fn entropy_takes_firecrackers_shape_and_refuses_a_rate_limiter() {
         r#"{"entropy": {"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}}"#,
     )
     .unwrap();
+    let resources = VmResources::from_config_file(limited).unwrap();
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
     assert_eq!(
-        VmResources::from_config_file(limited),
-        Err(ConfigError::EntropyRateLimiter)
+        shown["entropy"],
+        serde_json::json!({"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}})
     );
+    let bad: VmConfigFile = serde_json::from_str(
+        r#"{"entropy": {"rate_limiter": {"bandwidth": {"size": 10, "refill_time": 0}}}}"#,
+    )
+    .unwrap();
+    let err = VmResources::from_config_file(bad).unwrap_err().to_string();
+    assert!(
+        err.starts_with("entropy rate_limiter: bandwidth: refill_time is 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rate_limiters_on_drives_and_interfaces_round_trip_and_bad_buckets_are_named() {
+    let text = r#"{
+        "drives": [{"drive_id": "d", "path_on_host": "/d", "is_root_device": false,
+                    "rate_limiter": {"bandwidth": {"size": 1000, "one_time_burst": 50, "refill_time": 10},
+                                     "ops": {"size": 5, "refill_time": 1}}}],
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
+                                "rx_rate_limiter": {"ops": {"size": 5, "refill_time": 1}},
+                                "tx_rate_limiter": {"bandwidth": {"size": 7, "refill_time": 2}}}]
+    }"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file.clone()).unwrap();
+    let again = resources.to_config_file();
+    assert_eq!(again.drives, file.drives);
+    assert_eq!(again.network_interfaces, file.network_interfaces);
+    let limiter = resources.drives[0].rate_limiter.unwrap();
+    assert_eq!(limiter.bandwidth.unwrap().one_time_burst, Some(50));
+    let mut bad = file.clone();
+    bad.network_interfaces[0].tx_rate_limiter = Some(RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(TokenBucketConfig {
+            size: 3,
+            one_time_burst: None,
+            refill_time: 0,
+        }),
+    });
+    let err = VmResources::from_config_file(bad).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "interface eth0 tx_rate_limiter: ops: refill_time is 0 for a bucket of size 3: \
+         a bucket that never refills would stop the device for good"
+    );
+    let mut bad = file;
+    bad.drives[0].rate_limiter = Some(RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig {
+            size: 3,
+            one_time_burst: None,
+            refill_time: u64::MAX,
+        }),
+        ops: None,
+    });
+    let err = VmResources::from_config_file(bad).unwrap_err().to_string();
+    assert!(
+        err.starts_with(
+            "drive d rate_limiter: bandwidth: refill_time 18446744073709551615 ms is too long"
+        ),
+        "{err}"
+    );
+    // Negative sizes are not numbers a bucket can have.
+    let negative = r#"{"drives": [{"drive_id": "d", "path_on_host": "/d", "is_root_device": false,
+                      "rate_limiter": {"ops": {"size": -1, "refill_time": 1}}}]}"#;
+    let err = serde_json::from_str::<VmConfigFile>(negative)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid value: integer `-1`"), "{err}");
 }
 
 #[test]

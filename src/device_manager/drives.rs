@@ -13,6 +13,7 @@ use log::warn;
 
 use super::DeviceError;
 use crate::config::DriveConfig;
+use crate::config::RateLimiterConfig;
 use crate::host_file::{self, FileKind};
 use crate::sync::lock;
 
@@ -29,6 +30,25 @@ impl Drives {
     /// The block device of drive `drive_id`.
     pub fn find(&self, drive_id: &str) -> Option<&Arc<Mutex<Block>>> {
         self.0.iter().find(|block| lock(block).id() == drive_id)
+    }
+
+    /// Gives drive `drive_id` new limits at once (`PATCH /drives/{id}` with `rate_limiter`).
+    pub fn update_rate_limiter(
+        &self,
+        drive_id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<(), DeviceError> {
+        let block = self
+            .find(drive_id)
+            .ok_or_else(|| DeviceError::UnknownDrive {
+                id: drive_id.to_string(),
+            })?;
+        lock(block)
+            .update_rate_limiter(update)
+            .map_err(|source| DeviceError::Block {
+                id: drive_id.to_string(),
+                source,
+            })
     }
 
     /// Backs drive `drive_id` with the file at `path` from now on (`PATCH /drives/{id}` with

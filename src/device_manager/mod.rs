@@ -20,8 +20,8 @@ use devices::legacy::EventFdTrigger;
 use devices::virtio::balloon::{Balloon, BalloonOptions, PAGES_PER_MIB};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use devices::virtio::net::{Net, NetError};
-use devices::virtio::rng::Rng;
+use devices::virtio::net::{Net, NetError, NetLimits};
+use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockError};
 use devices::virtio::VirtioDevice;
 use devices::Bus;
@@ -35,10 +35,12 @@ use crate::arch::{
     LegacyDeviceError, LegacyDevices, MmioDeviceInfo, VcpuIo, BOOT_TIMER_START, MMIO_SLOT_SIZE,
 };
 use crate::config::{
-    BalloonConfig, DriveConfig, EntropyConfig, NetworkInterfaceConfig, VsockConfig,
+    BalloonConfig, DriveConfig, EntropyConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate,
+    RateLimiterConfig, VsockConfig,
 };
 use crate::host_file::HostFileError;
 use crate::metrics::METRICS;
+use crate::sync::lock;
 use crate::vstate::vm::{Vm, VmError};
 
 /// A subscriber of the main thread's event loop.
@@ -86,6 +88,10 @@ pub enum DeviceError {
     },
     #[error("network interface {id}: {source}")]
     Net { id: String, source: NetError },
+    #[error("entropy device: {0}")]
+    Rng(#[from] RngError),
+    #[error("no network interface has the id {id}")]
+    UnknownNet { id: String },
     #[error("vsock: {0}")]
     Vsock(#[from] VsockError),
     #[error("no IRQ line is left for another virtio device (at most {max})")]
@@ -144,6 +150,8 @@ pub struct DeviceManager {
     drives: Drives,
     /// The balloon, for `PATCH /balloon` and its statistics.
     balloon: Option<Arc<Mutex<Balloon>>>,
+    /// The network interfaces, for `PATCH /network-interfaces`.
+    nets: Vec<Arc<Mutex<Net>>>,
     /// The console's UART; where it sits is the arch's business.
     serial: Arc<Mutex<SerialDevice>>,
     legacy: LegacyDevices,
@@ -192,6 +200,7 @@ impl DeviceManager {
             transports: Vec::new(),
             drives: Drives::default(),
             balloon: None,
+            nets: Vec::new(),
             serial,
             legacy,
             subscribers,
@@ -244,6 +253,13 @@ impl DeviceManager {
         self.balloon.as_ref()
     }
 
+    /// Attaches a network device and keeps a handle to it for `PATCH /network-interfaces`.
+    pub fn attach_net(&mut self, vm: &Vm, net: Net) -> Result<(), DeviceError> {
+        let net = self.attach_virtio(vm, net)?;
+        self.nets.push(net);
+        Ok(())
+    }
+
     /// Firecracker's boot timer, at the arch's address.
     pub fn attach_boot_timer(&mut self, timer: BootTimer) -> Result<(), DeviceError> {
         self.mmio_bus_mut()?.insert(
@@ -277,6 +293,38 @@ impl DeviceManager {
         Ok(self.legacy.send_ctrl_alt_del()?)
     }
 
+    /// New limits for drive `drive_id`, at once (`PATCH /drives/{id}` with `rate_limiter`).
+    pub fn update_drive_rate_limiter(
+        &self,
+        drive_id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<(), DeviceError> {
+        self.drives.update_rate_limiter(drive_id, update)
+    }
+
+    /// New limits for a network interface, at once (`PATCH /network-interfaces/{id}`).
+    pub fn update_net_rate_limiters(
+        &self,
+        update: &NetworkInterfaceUpdate,
+    ) -> Result<(), DeviceError> {
+        let net = self
+            .nets
+            .iter()
+            .find(|net| lock(net).id() == update.iface_id)
+            .ok_or_else(|| DeviceError::UnknownNet {
+                id: update.iface_id.clone(),
+            })?;
+        lock(net)
+            .update_rate_limiters(
+                update.rx_rate_limiter.as_ref(),
+                update.tx_rate_limiter.as_ref(),
+            )
+            .map_err(|source| DeviceError::Net {
+                id: update.iface_id.clone(),
+                source,
+            })
+    }
+
     /// Backs drive `drive_id` with the file at `path` (`PATCH /drives/{id}` with
     /// `path_on_host` after boot); the guest sees the new capacity.
     pub fn update_drive_path(&self, drive_id: &str, path: &Path) -> Result<(), DeviceError> {
@@ -287,13 +335,17 @@ impl DeviceManager {
 /// A virtio-blk device for `drive`, backed by its opened `file`.
 pub fn block_device(drive: &DriveConfig, file: File) -> Result<Block, DeviceError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("an IRQ event"))?;
-    let block =
-        Block::new(drive.drive_id.clone(), file, drive.is_read_only, irq).map_err(|source| {
-            DeviceError::Block {
-                id: drive.drive_id.clone(),
-                source,
-            }
-        })?;
+    let block = Block::new(
+        drive.drive_id.clone(),
+        file,
+        drive.is_read_only,
+        &drive.rate_limiter.unwrap_or_default(),
+        irq,
+    )
+    .map_err(|source| DeviceError::Block {
+        id: drive.drive_id.clone(),
+        source,
+    })?;
     METRICS.register_block(&drive.drive_id, block.metrics().clone());
     Ok(block)
 }
@@ -305,6 +357,10 @@ pub fn net_device(iface: &NetworkInterfaceConfig) -> Result<Net, DeviceError> {
         iface.iface_id.clone(),
         &iface.host_dev_name,
         iface.guest_mac.map(|mac| mac.0),
+        NetLimits {
+            rx: iface.rx_rate_limiter.unwrap_or_default(),
+            tx: iface.tx_rate_limiter.unwrap_or_default(),
+        },
         irq,
     )
     .map_err(|source| DeviceError::Net {
@@ -315,10 +371,10 @@ pub fn net_device(iface: &NetworkInterfaceConfig) -> Result<Net, DeviceError> {
     Ok(net)
 }
 
-/// The virtio-rng device (its `config` was checked: it asks for nothing yet).
-pub fn entropy_device(_config: &EntropyConfig) -> Result<Rng, DeviceError> {
+/// The virtio-rng device, with the rate limiter `config` gives.
+pub fn entropy_device(config: &EntropyConfig) -> Result<Rng, DeviceError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("an IRQ event"))?;
-    let rng = Rng::new(irq).map_err(io_err("the virtio-rng queue event"))?;
+    let rng = Rng::new(&config.rate_limiter.unwrap_or_default(), irq)?;
     METRICS.register_entropy(rng.metrics().clone());
     Ok(rng)
 }

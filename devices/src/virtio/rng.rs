@@ -19,6 +19,7 @@ use super::common::{signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_RNG};
 use crate::metrics::EntropyMetrics;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// One request queue (`requestq`) of up to 256 entries.
 pub const QUEUE_MAX_SIZES: &[u16] = &[256];
@@ -30,15 +31,27 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Longest chain the device looks at; longer chains loop or lie.
 const MAX_CHAIN_LEN: usize = QUEUE_MAX_SIZES[0] as usize;
 
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("cannot create the queue event: {0}")]
+    EventFd(std::io::Error),
+    #[error("rate_limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
+}
+
 pub struct Rng {
     common: VirtioCommon,
     metrics: Arc<EntropyMetrics>,
     /// The bytes of one request, kept between requests (at most [`MAX_REQUEST_BYTES`]).
     bytes: Vec<u8>,
+    /// Requests wait at the head of the queue while it says so (bandwidth: the bytes a request
+    /// gets; ops: requests).
+    rate_limiter: RateLimiter,
 }
 
 impl Rng {
-    pub fn new(irq: EventFd) -> std::io::Result<Self> {
+    pub fn new(rate_limiter: &RateLimiterConfig, irq: EventFd) -> Result<Self, RngError> {
+        let rate_limiter = RateLimiter::new(rate_limiter)?;
         let common = VirtioCommon::new(
             "virtio-rng".into(),
             TYPE_RNG,
@@ -46,11 +59,13 @@ impl Rng {
             0,
             Vec::new(),
             irq,
-        )?;
+        )
+        .map_err(RngError::EventFd)?;
         Ok(Self {
             common,
             metrics: Arc::new(EntropyMetrics::default()),
             bytes: Vec::new(),
+            rate_limiter,
         })
     }
 
@@ -77,20 +92,32 @@ impl Rng {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
-            let chains = match queue.iter(mem) {
-                Ok(chains) => chains,
-                Err(err) => {
-                    // The available index is further ahead than the ring is long.
-                    self.metrics.entropy_event_fails.inc();
-                    self.common.fail(&err.to_string());
-                    return;
-                }
-            };
             let mut done = Vec::new();
-            for chain in chains {
+            let mut throttled = false;
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut chains) => chains.next(),
+                    Err(err) => {
+                        // The available index is further ahead than the ring is long.
+                        self.metrics.entropy_event_fails.inc();
+                        self.common.fail(&err.to_string());
+                        return;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
                 let head = chain.head_index();
                 descriptors.clear();
                 descriptors.extend(chain.take(MAX_CHAIN_LEN));
+                let bytes = request_len(mem, &descriptors).unwrap_or(0) as u64;
+                if !self.rate_limiter.consume(bytes) {
+                    // The request stays at the head; the limiter's timer brings us back.
+                    queue.go_to_previous_position();
+                    self.metrics.entropy_rate_limiter_throttled.inc();
+                    throttled = true;
+                    break;
+                }
                 let len = fill_request(mem, &descriptors, &mut self.bytes, &self.metrics);
                 done.push((head, len));
             }
@@ -102,6 +129,9 @@ impl Rng {
             }
             if completed {
                 signal_used(interrupt, queue, mem);
+            }
+            if throttled {
+                break;
             }
             // Re-enable notifications; if the driver added requests meanwhile, serve those too.
             match queue.enable_notification(mem) {
@@ -231,7 +261,9 @@ impl VirtioDevice for Rng {
     }
 
     fn save_state(&self) -> Option<VirtioDeviceState> {
-        Some(self.common.save_state(DeviceSpecificState::Entropy))
+        Some(self.common.save_state(DeviceSpecificState::Entropy {
+            rate_limiter: self.rate_limiter.state(),
+        }))
     }
 
     fn restore_state(
@@ -239,12 +271,15 @@ impl VirtioDevice for Rng {
         mem: GuestMemoryMmap,
         state: &VirtioDeviceState,
     ) -> Result<(), DeviceStateError> {
-        if state.specific != DeviceSpecificState::Entropy {
+        let DeviceSpecificState::Entropy { rate_limiter } = &state.specific else {
             return Err(DeviceStateError::TypeMismatch {
                 saved: state.device_type,
                 built: TYPE_RNG,
             });
-        }
+        };
+        self.rate_limiter
+            .restore(rate_limiter)
+            .map_err(|err| DeviceStateError::RateLimiter(err.to_string()))?;
         if self.common.restore_state(mem, state)? {
             // Requests made available after the snapshot's last notification was read would
             // otherwise wait for the next one.
@@ -261,13 +296,25 @@ impl MutEventSubscriber for Rng {
             // Read first: a notification that lands while the queue is served is not lost.
             let _ = queue_event.read();
             self.metrics.entropy_event_count.inc();
+            if self.rate_limiter.is_blocked() {
+                self.metrics.entropy_rate_limiter_throttled.inc();
+            } else {
+                self.process_queue();
+            }
+        } else if events.fd() == self.rate_limiter.as_raw_fd() {
+            self.metrics.rate_limiter_event_count.inc();
+            self.rate_limiter.on_timer();
             self.process_queue();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(Events::new(&self.common.queue_events()[0], EventSet::IN)) {
-            warn!("virtio-rng: cannot watch its queue: {err}");
+        let queue = Events::new(&self.common.queue_events()[0], EventSet::IN);
+        let timer = Events::new_raw(self.rate_limiter.as_raw_fd(), EventSet::IN);
+        for events in [queue, timer] {
+            if let Err(err) = ops.add(events) {
+                warn!("virtio-rng: cannot watch its queue: {err}");
+            }
         }
     }
 }
@@ -303,7 +350,7 @@ mod tests {
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
         let queue = MockSplitQueue::create(mem, GuestAddress(RING), QUEUE_LEN);
-        let mut rng = Rng::new(EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        let mut rng = Rng::new(&Default::default(), EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
         rng.set_acked_features(VIRTIO_F_VERSION_1);
         rng.activate(mem.clone(), vec![queue.create_queue::<Queue>().unwrap()])
             .unwrap();
@@ -430,7 +477,7 @@ mod tests {
         f.request(&[(BUFFERS, 16, W)]);
         let state = f.rng.save_state().unwrap();
         assert_eq!(state.device_type, TYPE_RNG);
-        let mut again = Rng::new(EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        let mut again = Rng::new(&Default::default(), EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
         again.restore_state(f.mem.clone(), &state).unwrap();
         f.rng = again;
         f.request(&[(BUFFERS + 0x1000, 16, W)]);
@@ -439,7 +486,7 @@ mod tests {
         // Another kind of device's state is refused.
         let mut other = state.clone();
         other.specific = DeviceSpecificState::Vsock { guest_cid: 3 };
-        let mut fresh = Rng::new(EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        let mut fresh = Rng::new(&Default::default(), EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
         assert!(fresh.restore_state(f.mem.clone(), &other).is_err());
     }
 }

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
 use virtio_queue::{Queue, QueueState};
 
+use crate::rate_limiter::RateLimiterState;
+
 /// One virtio queue: its set-up by the driver and the device's positions in its rings
 /// (virtio-queue's `QueueState`, field for field, which is not serde-serializable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +77,8 @@ pub enum DeviceSpecificState {
     Block {
         drive_id: String,
         config_generation: u32,
+        /// The limiter's buckets, with the configuration PATCH may have changed.
+        rate_limiter: RateLimiterState,
     },
     /// virtio-net: the interface and the MAC in its configuration space, both checked against
     /// the rebuilt device (the guest goes on using the MAC it read at probe time). A frame read
@@ -82,14 +86,16 @@ pub enum DeviceSpecificState {
     Net {
         iface_id: String,
         mac: Option<[u8; 6]>,
+        rx_rate_limiter: RateLimiterState,
+        tx_rate_limiter: RateLimiterState,
     },
     /// virtio-vsock: the guest's CID, checked against the rebuilt device. Streams are not kept
     /// (their host sockets belonged to the old monitor); a restored device tells the driver so
     /// with a transport reset event.
     Vsock { guest_cid: u64 },
-    /// virtio-rng: nothing beyond the common part (a request is served whole when it is
-    /// read, so none is half done).
-    Entropy,
+    /// virtio-rng: its rate limiter's buckets (a request is served whole when it is read, so
+    /// none is half done).
+    Entropy { rate_limiter: RateLimiterState },
     /// virtio-balloon: its target, the driver's actual size, the statistics interval and the
     /// statistics buffer it holds. Pages given back stay given back: they are holes in the
     /// memory file.
@@ -146,6 +152,8 @@ pub enum DeviceStateError {
     QueueCount { saved: usize, built: usize },
     #[error("the snapshot's queue {index} is not ready or its rings are not in guest memory")]
     QueueOutsideMemory { index: usize },
+    #[error("the snapshot's rate limiter is not valid: {0}")]
+    RateLimiter(String),
     #[error("cannot restart the device: {0}")]
     Activate(#[from] super::ActivateError),
 }

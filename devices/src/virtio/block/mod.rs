@@ -23,13 +23,14 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::request::{execute, Disk};
+use self::request::{data_bytes, execute, Disk};
 pub use self::request::{RequestError, SECTOR_SIZE};
 use super::common::{signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_BLOCK};
 use crate::log_limit::{held_back_note, LogLimiter};
 use crate::metrics::BlockMetrics;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// One request queue of up to 256 entries.
 pub const QUEUE_MAX_SIZES: &[u16] = &[256];
@@ -81,6 +82,8 @@ pub enum BlockError {
     NotWritable,
     #[error("cannot create the queue event: {0}")]
     EventFd(std::io::Error),
+    #[error("rate_limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// The capacity in sectors of a drive backed by `file`, checking that a read-write drive's
@@ -113,6 +116,8 @@ pub struct Block {
     common: VirtioCommon,
     metrics: Arc<BlockMetrics>,
     poller: AvailPoller,
+    /// Requests wait at the head of the queue while it says so.
+    rate_limiter: RateLimiter,
     /// Host I/O errors are logged, but a guest can make them at will (writing past the
     /// file-size limit, on a full disk).
     host_error_log: LogLimiter,
@@ -123,7 +128,14 @@ const HOST_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Block {
     /// A drive backed by `file` (opened read-only or read-write to match `read_only`).
-    pub fn new(id: String, file: File, read_only: bool, irq: EventFd) -> Result<Self, BlockError> {
+    pub fn new(
+        id: String,
+        file: File,
+        read_only: bool,
+        rate_limiter: &RateLimiterConfig,
+        irq: EventFd,
+    ) -> Result<Self, BlockError> {
+        let rate_limiter = RateLimiter::new(rate_limiter)?;
         let capacity_sectors = capacity_of(&file, read_only)?;
         let mut features = 1 << VIRTIO_BLK_F_FLUSH;
         if read_only {
@@ -148,6 +160,7 @@ impl Block {
             common,
             metrics: Arc::new(BlockMetrics::default()),
             poller: AvailPoller::default(),
+            rate_limiter,
             host_error_log: LogLimiter::new(HOST_ERROR_LOG_INTERVAL),
         })
     }
@@ -201,6 +214,24 @@ impl Block {
         Ok(())
     }
 
+    /// The rate limiter in force (`GET /vm/config` shows what PATCH made of it).
+    pub fn rate_limiter_config(&self) -> RateLimiterConfig {
+        self.rate_limiter.config()
+    }
+
+    /// Takes new limits at once (`PATCH /drives/{id}` with `rate_limiter`): the buckets named
+    /// are replaced, and a request waiting at the head of the queue is tried again under them.
+    pub fn update_rate_limiter(&mut self, update: &RateLimiterConfig) -> Result<(), BlockError> {
+        self.rate_limiter.update(update)?;
+        info!(
+            "virtio-blk {}: rate limiter now {:?}",
+            self.id,
+            self.rate_limiter.config()
+        );
+        self.process_queue();
+        Ok(())
+    }
+
     /// Serves every request the driver has made available, signals the guest after each batch,
     /// and briefly polls for the next one before it goes back to waiting for a notification.
     fn process_queue(&mut self) {
@@ -226,20 +257,32 @@ impl Block {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
-            let chains = match queue.iter(mem) {
-                Ok(chains) => chains,
-                Err(err) => {
-                    // The available index is further ahead than the ring is long: the driver
-                    // is broken or hostile, and nothing in the ring can be trusted.
-                    self.common.fail(&err.to_string());
-                    return;
-                }
-            };
             let mut done = Vec::new();
-            for chain in chains {
+            let mut throttled = false;
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut chains) => chains.next(),
+                    Err(err) => {
+                        // The available index is further ahead than the ring is long: the
+                        // driver is broken or hostile, and nothing in the ring can be trusted.
+                        self.common.fail(&err.to_string());
+                        return;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
                 let head = chain.head_index();
                 descriptors.clear();
                 descriptors.extend(chain.take(MAX_CHAIN_LEN));
+                if !self.rate_limiter.consume(data_bytes(mem, &descriptors)) {
+                    // Not now: the request stays at the head, and the limiter's timer brings
+                    // the device back when it fits.
+                    queue.go_to_previous_position();
+                    self.metrics.rate_limiter_throttled_events.inc();
+                    throttled = true;
+                    break;
+                }
                 let completion = execute(mem, &descriptors, &disk);
                 if let Some(err) = &completion.host_error {
                     if let Some(held_back) = self.host_error_log.allow() {
@@ -269,6 +312,10 @@ impl Block {
             // Signal before polling: the guest must not wait for the poll window to end.
             if completed {
                 signal_used(interrupt, queue, mem);
+            }
+            if throttled {
+                // Notifications stay off: the timer, not the driver, says when to look again.
+                break;
             }
             // With notifications still off, a driver that submits its next request at once
             // (one request in flight) hands it over without an exit to the host.
@@ -366,6 +413,7 @@ impl VirtioDevice for Block {
         Some(self.common.save_state(DeviceSpecificState::Block {
             drive_id: self.id.clone(),
             config_generation: self.common.config_generation(),
+            rate_limiter: self.rate_limiter.state(),
         }))
     }
 
@@ -377,6 +425,7 @@ impl VirtioDevice for Block {
         let DeviceSpecificState::Block {
             drive_id,
             config_generation,
+            rate_limiter,
         } = &state.specific
         else {
             return Err(DeviceStateError::TypeMismatch {
@@ -391,6 +440,9 @@ impl VirtioDevice for Block {
                 built: self.id.clone(),
             });
         }
+        self.rate_limiter
+            .restore(rate_limiter)
+            .map_err(|err| DeviceStateError::RateLimiter(err.to_string()))?;
         let started = self.common.restore_state(mem, state)?;
         self.common.set_config_generation(*config_generation);
         if started {
@@ -409,13 +461,26 @@ impl MutEventSubscriber for Block {
             // Read first: a notification that lands while the queue is served is not lost.
             let _ = queue_event.read();
             self.metrics.queue_event_count.inc();
+            if self.rate_limiter.is_blocked() {
+                // The timer will serve it.
+                self.metrics.rate_limiter_throttled_events.inc();
+            } else {
+                self.process_queue();
+            }
+        } else if events.fd() == self.rate_limiter.as_raw_fd() {
+            self.metrics.rate_limiter_event_count.inc();
+            self.rate_limiter.on_timer();
             self.process_queue();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(Events::new(&self.common.queue_events()[0], EventSet::IN)) {
-            warn!("virtio-blk {}: cannot watch its queue: {err}", self.id);
+        let queue = Events::new(&self.common.queue_events()[0], EventSet::IN);
+        let timer = Events::new_raw(self.rate_limiter.as_raw_fd(), EventSet::IN);
+        for events in [queue, timer] {
+            if let Err(err) = ops.add(events) {
+                warn!("virtio-blk {}: cannot watch its queue: {err}", self.id);
+            }
         }
     }
 }

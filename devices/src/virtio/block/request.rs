@@ -259,3 +259,16 @@ fn transfer(
     }
     Ok(())
 }
+
+/// The bytes a request moves, for the rate limiter's bandwidth bucket: the data buffers of a
+/// read or a write; 0 for other requests and for chains too malformed to say (they fail
+/// without touching the disk).
+pub fn data_bytes(mem: &GuestMemoryMmap, descriptors: &[Descriptor]) -> u64 {
+    let [header, data @ .., _status] = descriptors else {
+        return 0;
+    };
+    match mem.read_obj::<u32>(header.addr()) {
+        Ok(VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT) => data.iter().map(|d| u64::from(d.len())).sum(),
+        _ => 0,
+    }
+}

@@ -64,7 +64,14 @@ fn fixture_with(read_only: bool, features: u64) -> Fixture {
     }
     let backing = file.as_file().try_clone().unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut block = Block::new("drive-id".into(), backing, read_only, irq).unwrap();
+    let mut block = Block::new(
+        "drive-id".into(),
+        backing,
+        read_only,
+        &Default::default(),
+        irq,
+    )
+    .unwrap();
     block.set_acked_features(features);
     let mock = MockSplitQueue::new(mem, QUEUE_LEN);
     let mut queue = mock.create_queue::<Queue>().unwrap();
@@ -413,8 +420,14 @@ fn a_device_not_started_changes_backing_without_an_interrupt() {
     let file = TempFile::new().unwrap();
     file.as_file().set_len(4096).unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut block =
-        Block::new("d".into(), file.as_file().try_clone().unwrap(), false, irq).unwrap();
+    let mut block = Block::new(
+        "d".into(),
+        file.as_file().try_clone().unwrap(),
+        false,
+        &Default::default(),
+        irq,
+    )
+    .unwrap();
     let (_new, backing) = new_backing(16, 0, true);
     block.update_backing(backing).unwrap();
     assert_eq!(block.capacity_sectors(), 16);

@@ -188,7 +188,14 @@ fn every_device_offers_event_idx() {
     // virtio-net needs a TAP: its own tests check it.
     let file = TempFile::new().unwrap();
     let irq = || EventFd::new(EFD_NONBLOCK).unwrap();
-    let block = Block::new("d".into(), file.into_file(), false, irq()).unwrap();
+    let block = Block::new(
+        "d".into(),
+        file.into_file(),
+        false,
+        &Default::default(),
+        irq(),
+    )
+    .unwrap();
     let dir = TempDir::new_with_prefix(std::env::temp_dir().join("mote-common-")).unwrap();
     let vsock = Vsock::new(3, &dir.as_path().join("v.sock"), irq()).unwrap();
     let devices: [&dyn VirtioDevice; 2] = [&block, &vsock];

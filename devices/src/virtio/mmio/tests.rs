@@ -18,6 +18,7 @@ fn transport() -> (MmioTransport, Arc<Mutex<Block>>, TempFile) {
             "id".into(),
             backing,
             false,
+            &Default::default(),
             EventFd::new(EFD_NONBLOCK).unwrap(),
         )
         .unwrap(),
@@ -220,7 +221,7 @@ fn a_request_served_during_a_restore_shows_in_the_interrupt_status() {
 
     let backing: File = file.as_file().try_clone().unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let block = Block::new("id".into(), backing, false, irq).unwrap();
+    let block = Block::new("id".into(), backing, false, &Default::default(), irq).unwrap();
     let mut restored = MmioTransport::new(mem.clone(), Arc::new(Mutex::new(block)));
     restored.restore_state(&saved).unwrap();
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x6000)).unwrap(), 0);

@@ -41,6 +41,7 @@ use super::common::{signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_NET};
 use crate::metrics::NetMetrics;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// A receive queue and a transmit queue of up to 256 entries each.
 pub const QUEUE_MAX_SIZES: &[u16] = &[256, 256];
@@ -64,6 +65,8 @@ const TX_SLICE: Duration = Duration::from_micros(500);
 const RX_QUEUE_EVENT: u32 = 0;
 const TX_QUEUE_EVENT: u32 = 1;
 const TAP_EVENT: u32 = 2;
+const RX_RATE_LIMITER_EVENT: u32 = 3;
+const TX_RATE_LIMITER_EVENT: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -71,6 +74,18 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("cannot create a queue event: {0}")]
     EventFd(std::io::Error),
+    #[error("rx_rate_limiter: {0}")]
+    RxRateLimiter(RateLimiterError),
+    #[error("tx_rate_limiter: {0}")]
+    TxRateLimiter(RateLimiterError),
+}
+
+/// The limits on what an interface receives and sends: bytes of frames (without the
+/// virtio-net header) and frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetLimits {
+    pub rx: RateLimiterConfig,
+    pub tx: RateLimiterConfig,
 }
 
 pub struct Net {
@@ -84,6 +99,10 @@ pub struct Net {
     tx_frame: Vec<u8>,
     /// The buffers of the receive chain being filled (kept to reuse the allocation).
     rx_scratch: Vec<(GuestAddress, usize)>,
+    /// While the receive limiter blocks, the frame waits in `rx_frame` and the rest in the TAP.
+    rx_rate_limiter: RateLimiter,
+    /// While the transmit limiter blocks, frames wait in the transmit ring.
+    tx_rate_limiter: RateLimiter,
 }
 
 impl Net {
@@ -93,8 +112,11 @@ impl Net {
         id: String,
         tap_name: &str,
         mac: Option<[u8; 6]>,
+        limits: NetLimits,
         irq: EventFd,
     ) -> Result<Self, NetError> {
+        let rx_rate_limiter = RateLimiter::new(&limits.rx).map_err(NetError::RxRateLimiter)?;
+        let tx_rate_limiter = RateLimiter::new(&limits.tx).map_err(NetError::TxRateLimiter)?;
         let tap = Tap::open(tap_name)?;
         let mut features = 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
@@ -128,7 +150,61 @@ impl Net {
             rx_pending: None,
             tx_frame: vec![0; FRAME_BUF_LEN],
             rx_scratch: Vec::with_capacity(32),
+            rx_rate_limiter,
+            tx_rate_limiter,
         })
+    }
+
+    /// The limits in force (`GET /vm/config` shows what PATCH made of them).
+    pub fn limits(&self) -> NetLimits {
+        NetLimits {
+            rx: self.rx_rate_limiter.config(),
+            tx: self.tx_rate_limiter.config(),
+        }
+    }
+
+    /// Takes new limits at once (`PATCH /network-interfaces/{id}`): the buckets named are
+    /// replaced, and the queues are looked at again under them (from the event loop).
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), NetError> {
+        // Both checked before either changes.
+        for (config, wrap) in [
+            (
+                rx,
+                NetError::RxRateLimiter as fn(RateLimiterError) -> NetError,
+            ),
+            (tx, NetError::TxRateLimiter),
+        ] {
+            if let Some(config) = config {
+                config.validate().map_err(wrap)?;
+            }
+        }
+        if let Some(rx) = rx {
+            self.rx_rate_limiter
+                .update(rx)
+                .map_err(NetError::RxRateLimiter)?;
+        }
+        if let Some(tx) = tx {
+            self.tx_rate_limiter
+                .update(tx)
+                .map_err(NetError::TxRateLimiter)?;
+        }
+        info!(
+            "virtio-net {}: rate limiters now {:?}",
+            self.id,
+            self.limits()
+        );
+        if self.common.active().is_some() {
+            for event in self.common.queue_events() {
+                if let Err(err) = event.write(1) {
+                    warn!("virtio-net {}: cannot requeue its work: {err}", self.id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The interface id the user gave (`iface_id`).
@@ -193,8 +269,14 @@ impl Net {
         flags
     }
 
-    /// Moves frames from the TAP to the guest while it has buffers for them.
+    /// Moves frames from the TAP to the guest while it has buffers for them and the receive
+    /// limiter lets them through.
     fn process_rx(&mut self) {
+        if self.rx_rate_limiter.is_blocked() {
+            // The limiter's timer comes back here, and reads the TAP dry then.
+            self.metrics.rx_rate_limiter_throttled.inc();
+            return;
+        }
         let Some(Active {
             mem,
             queues,
@@ -256,6 +338,15 @@ impl Net {
                     }
                 }
             };
+            if !self
+                .rx_rate_limiter
+                .consume((frame_len - VNET_HDR_LEN) as u64)
+            {
+                // The frame waits, and the TAP's queue behind it, until the timer fires.
+                queue.go_to_previous_position();
+                self.metrics.rx_rate_limiter_throttled.inc();
+                break;
+            }
             let head = chain.head_index();
             // No merged buffers: the whole frame goes in this one chain.
             self.rx_frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
@@ -319,6 +410,7 @@ impl Net {
         let queue = &mut queues[TX_INDEX];
         let started = Instant::now();
         let mut reschedule = false;
+        let mut throttled = false;
         loop {
             if queue.disable_notification(mem).is_err() {
                 break;
@@ -341,6 +433,18 @@ impl Net {
                     check_tx_header(frame, acked_features)?;
                     Ok(frame)
                 });
+                if let Ok(frame) = &sent {
+                    if !self
+                        .tx_rate_limiter
+                        .consume((frame.len() - VNET_HDR_LEN) as u64)
+                    {
+                        // The frame stays in the ring; the limiter's timer resumes sending.
+                        queue.go_to_previous_position();
+                        self.metrics.tx_rate_limiter_throttled.inc();
+                        throttled = true;
+                        break;
+                    }
+                }
                 match sent {
                     Ok(frame) => match self.tap.write_frame(frame) {
                         Ok(_) => {
@@ -374,6 +478,10 @@ impl Net {
             }
             if served {
                 signal_used(interrupt, queue, mem);
+            }
+            if throttled {
+                // Notifications stay off: the timer says when to look again.
+                break;
             }
             if started.elapsed() >= TX_SLICE {
                 // Busy for a whole slice: let the event loop serve the others, and come back.
@@ -426,6 +534,8 @@ impl VirtioDevice for Net {
         Some(self.common.save_state(DeviceSpecificState::Net {
             iface_id: self.id.clone(),
             mac: self.mac(),
+            rx_rate_limiter: self.rx_rate_limiter.state(),
+            tx_rate_limiter: self.tx_rate_limiter.state(),
         }))
     }
 
@@ -434,7 +544,13 @@ impl VirtioDevice for Net {
         mem: GuestMemoryMmap,
         state: &VirtioDeviceState,
     ) -> Result<(), DeviceStateError> {
-        let DeviceSpecificState::Net { iface_id, mac } = &state.specific else {
+        let DeviceSpecificState::Net {
+            iface_id,
+            mac,
+            rx_rate_limiter,
+            tx_rate_limiter,
+        } = &state.specific
+        else {
             return Err(DeviceStateError::TypeMismatch {
                 saved: state.device_type,
                 built: TYPE_NET,
@@ -455,6 +571,14 @@ impl VirtioDevice for Net {
                 saved: mac_text(*mac),
                 built: mac_text(self.mac()),
             });
+        }
+        for (limiter, saved) in [
+            (&mut self.rx_rate_limiter, rx_rate_limiter),
+            (&mut self.tx_rate_limiter, tx_rate_limiter),
+        ] {
+            limiter
+                .restore(saved)
+                .map_err(|err| DeviceStateError::RateLimiter(err.to_string()))?;
         }
         let started = self.common.restore_state(mem, state)?;
         // The frame the old monitor held for the guest is lost, as a network may lose any.
@@ -483,6 +607,20 @@ impl MutEventSubscriber for Net {
             TX_QUEUE_EVENT => {
                 let _ = self.common.queue_events()[TX_INDEX].read();
                 self.metrics.tx_queue_event_count.inc();
+                if self.tx_rate_limiter.is_blocked() {
+                    self.metrics.tx_rate_limiter_throttled.inc();
+                } else {
+                    self.process_tx();
+                }
+            }
+            RX_RATE_LIMITER_EVENT => {
+                self.metrics.rx_event_rate_limiter_count.inc();
+                self.rx_rate_limiter.on_timer();
+                self.process_rx();
+            }
+            TX_RATE_LIMITER_EVENT => {
+                self.metrics.tx_rate_limiter_event_count.inc();
+                self.tx_rate_limiter.on_timer();
                 self.process_tx();
             }
             TAP_EVENT => {
@@ -507,6 +645,16 @@ impl MutEventSubscriber for Net {
             Events::with_data(rx, RX_QUEUE_EVENT, EventSet::IN),
             Events::with_data(tx, TX_QUEUE_EVENT, EventSet::IN),
             tap,
+            Events::with_data_raw(
+                self.rx_rate_limiter.as_raw_fd(),
+                RX_RATE_LIMITER_EVENT,
+                EventSet::IN,
+            ),
+            Events::with_data_raw(
+                self.tx_rate_limiter.as_raw_fd(),
+                TX_RATE_LIMITER_EVENT,
+                EventSet::IN,
+            ),
         ] {
             if let Err(err) = ops.add(events) {
                 warn!("virtio-net {}: cannot watch its fds: {err}", self.id);

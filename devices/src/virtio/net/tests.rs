@@ -135,7 +135,14 @@ fn fixture() -> Fixture {
     let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), QUEUE_LEN);
     let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), QUEUE_LEN);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut net = Net::new("eth0".into(), "tap0", Some([6, 0, 0, 0, 0, 2]), irq).unwrap();
+    let mut net = Net::new(
+        "eth0".into(),
+        "tap0",
+        Some([6, 0, 0, 0, 0, 2]),
+        Default::default(),
+        irq,
+    )
+    .unwrap();
     net.set_acked_features(VIRTIO_F_VERSION_1);
     let queues = vec![
         rx.create_queue::<Queue>().unwrap(),
@@ -278,6 +285,8 @@ fn a_restored_interface_goes_on_from_the_saved_positions_on_another_tap() {
             DeviceSpecificState::Net {
                 iface_id: "eth0".into(),
                 mac: Some([6, 0, 0, 0, 0, 2]),
+                rx_rate_limiter: Default::default(),
+                tx_rate_limiter: Default::default(),
             }
         );
         assert_eq!(state.acked_features, VIRTIO_F_VERSION_1);
@@ -291,7 +300,14 @@ fn a_restored_interface_goes_on_from_the_saved_positions_on_another_tap() {
         // As a restore in a fresh process with a network override: the same interface on
         // another TAP, the old device gone.
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut restored = Net::new("eth0".into(), "tap1", Some([6, 0, 0, 0, 0, 2]), irq).unwrap();
+        let mut restored = Net::new(
+            "eth0".into(),
+            "tap1",
+            Some([6, 0, 0, 0, 0, 2]),
+            Default::default(),
+            irq,
+        )
+        .unwrap();
         restored.restore_state(f.mem.clone(), &state).unwrap();
         assert_eq!(saved(&restored), state, "the state round-trips");
         // The event loop is asked to serve both queues: the driver may have posted buffers
@@ -330,7 +346,7 @@ fn a_snapshot_of_another_interface_mac_or_device_is_refused() {
         let state = saved(&f.net);
         let restore = |id: &str, mac: Option<[u8; 6]>, state: &VirtioDeviceState| {
             let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-            let mut net = Net::new(id.into(), "tap1", mac, irq).unwrap();
+            let mut net = Net::new(id.into(), "tap1", mac, Default::default(), irq).unwrap();
             let result = net.restore_state(f.mem.clone(), state);
             assert!(
                 net.common.active().is_none(),
@@ -374,6 +390,7 @@ fn a_snapshot_of_another_interface_mac_or_device_is_refused() {
         block.specific = DeviceSpecificState::Block {
             drive_id: "eth0".into(),
             config_generation: 0,
+            rate_limiter: Default::default(),
         };
         assert!(matches!(
             restore("eth0", mac, &block),
@@ -395,7 +412,7 @@ fn the_interface_offers_event_idx() {
             return;
         }
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let net = Net::new("eth0".into(), "tap0", None, irq).unwrap();
+        let net = Net::new("eth0".into(), "tap0", None, Default::default(), irq).unwrap();
         let offered = net.avail_features();
         assert_eq!(offered & COMMON_FEATURES, COMMON_FEATURES);
     })

@@ -579,6 +579,8 @@ fn a_snapshot_of_another_cid_or_device_is_refused() {
     net.specific = DeviceSpecificState::Net {
         iface_id: "eth0".into(),
         mac: None,
+        rx_rate_limiter: Default::default(),
+        tx_rate_limiter: Default::default(),
     };
     assert!(matches!(
         restore(GUEST_CID, &net),
