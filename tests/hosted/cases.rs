@@ -434,9 +434,10 @@ kill $pid
     };
     let rss_touched: u64 = run.value("rss-touched=").parse().expect("VmRSS in kB");
     let rss_inflated: u64 = run.value("rss-inflated=").parse().expect("VmRSS in kB");
-    // 128 MiB given back, less what the guest had not touched or touched again meanwhile.
+    // 128 MiB given back, less the balloon pages the guest had never touched (its own free
+    // pages dd did not reach) or touched again meanwhile: 106 MiB on x86_64.
     assert!(
-        rss_touched > rss_inflated + 100 * 1024,
+        rss_touched > rss_inflated + 96 * 1024,
         "VmRSS {rss_touched} kB -> {rss_inflated} kB:\n{}",
         run.output
     );
