@@ -899,3 +899,69 @@ fn pipes_and_devices_as_snapshot_files_are_refused_at_once() {
         assert!(run.stderr.contains("not a regular file"), "{}", run.stderr);
     }
 }
+
+/// A snapshot written by an earlier mote (format version 1, checked in under
+/// tests/data/snapshot-v1) restores with this one, and its guest carries on counting.
+#[test]
+fn a_version_1_snapshot_from_an_earlier_mote_restores_and_runs() {
+    if cfg!(not(target_arch = "x86_64")) || !require_kvm() {
+        return;
+    }
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/snapshot-v1");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("snapshot-v1");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let mem = dir.join("mem");
+    let unpacked = Command::new("sh")
+        .arg("-c")
+        .arg(r#"gzip -dc "$0" > "$1""#)
+        .arg(data.join("mem.gz"))
+        .arg(&mem)
+        .status()
+        .unwrap();
+    assert!(unpacked.success(), "gzip -d failed");
+    let described = common::mote(&["--describe-snapshot", data.join("state").to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&described.stdout), "v1\n");
+    let mut child = Command::new(mote_bin())
+        .args(["run", "--restore"])
+        .arg(data.join("state"))
+        .arg("--mem-file")
+        .arg(&mem)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 256];
+            while let Ok(n) = stdout.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        })
+    };
+    let started = Instant::now();
+    while !seen.lock().unwrap().contains("probe: count=4\n") {
+        if started.elapsed() > WAIT || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    let _ = reader.join();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.starts_with("probe: count=3\nprobe: count=4\n"),
+        "the restored guest did not carry on from count=2: {seen:?}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

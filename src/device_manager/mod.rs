@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use self::drives::{check_drive_file, open_drives, Drives};
 use self::mmio::MmioSlots;
-pub use self::persist::{DevicesState, RestoreDevicesError, SaveDevicesError};
+pub use self::persist::{DevicesState, RestoreDevicesError, SaveDevicesError, VirtioSlotState};
 use crate::arch::{
     LegacyDeviceError, LegacyDevices, MmioDeviceInfo, VcpuIo, BOOT_TIMER_START, MMIO_SLOT_SIZE,
 };

@@ -9,6 +9,7 @@
 //! checksum, has another format version or belongs to another architecture.
 
 pub mod actions;
+mod legacy;
 pub mod memory;
 mod replace;
 
@@ -53,7 +54,7 @@ pub enum SnapshotError {
     BadMagic,
     #[error("the snapshot state file is corrupted: its CRC-64 is {stored:#018x}, its contents give {computed:#018x}")]
     BadCrc { stored: u64, computed: u64 },
-    #[error("the snapshot state file has format version {found}; this mote reads version {SNAPSHOT_VERSION}")]
+    #[error("the snapshot state file has format version {found}; this mote reads versions 1 to {SNAPSHOT_VERSION}")]
     Version { found: u32 },
     #[error("the snapshot was taken of an {} guest; this mote runs {} guests", arch_name(*.found), arch_name(SNAPSHOT_ARCH))]
     Arch { found: u16 },
@@ -161,10 +162,9 @@ struct Layout {
     arch_at: Option<usize>,
 }
 
-/// Version 1 (before aarch64) had no arch field, and was read as long as its body was the
-/// same as version 2's; version 3 added rate limiters to the devices' state, so neither is read
-/// now (the layout stays for the next version whose body an older one shares).
-#[allow(dead_code)]
+/// Version 1 (before aarch64) had no arch field; its body is version 2's. Version 3 (rate
+/// limiters in the devices' state) has version 2's header: both older bodies are read by
+/// [`legacy`].
 const V1_LAYOUT: Layout = Layout {
     body_len_at: VERSION_AT + 4,
     header_len: VERSION_AT + 4 + 8,
@@ -199,8 +199,8 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     // before it is refused.
     let found = field(VERSION_AT, 4) as u32;
     let layout = match found {
-        // Versions 1 and 2 (before rate limiters) have devices' state this mote cannot read.
-        SNAPSHOT_VERSION => V2_LAYOUT,
+        1 => V1_LAYOUT,
+        2 | SNAPSHOT_VERSION => V2_LAYOUT,
         _ => return Err(SnapshotError::Version { found }),
     };
     let min = layout.header_len + CRC_LEN;
@@ -233,7 +233,12 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
             found: u16::try_from(arch).unwrap_or(u16::MAX),
         });
     }
-    bincode::deserialize(&covered[layout.header_len..]).map_err(|err| decode_error(&err))
+    let body = &covered[layout.header_len..];
+    let decoded = match found {
+        1 | 2 => bincode::deserialize::<legacy::MicrovmStateV2>(body).map(MicrovmState::from),
+        _ => bincode::deserialize(body),
+    };
+    decoded.map_err(|err| decode_error(&err))
 }
 
 /// bincode reports a body that ends early as an I/O error with an empty message.
@@ -372,18 +377,26 @@ mod tests {
     }
 
     #[test]
-    fn version_1_and_2_files_are_refused_by_their_version() {
-        // Their devices' state has no rate limiters: bincode would misread it.
-        let v1 = as_version_1(&encode(&state()).unwrap());
-        assert!(matches!(
-            decode(&v1).unwrap_err(),
-            SnapshotError::Version { found: 1 }
-        ));
+    fn version_1_and_2_files_are_read_through_their_own_layout() {
+        // Without virtio devices, the bodies of versions 1 to 3 are the same: under an older
+        // header they read back whole (legacy.rs's tests read devices' older state).
         let mut v2 = encode(&state()).unwrap();
         v2[VERSION_AT..VERSION_AT + 4].copy_from_slice(&2u32.to_le_bytes());
+        let v2 = rechecksummed(v2);
+        let v1 = as_version_1(&v2);
+        for (old, version) in [(&v2, 2), (&v1, 1)] {
+            match decode(old) {
+                Ok(decoded) => assert_eq!(decoded.devices.serial.scratch, 0x5a),
+                // Version 1 was only ever x86_64's.
+                Err(err) => assert!(
+                    version == 1 && SNAPSHOT_ARCH != 62,
+                    "version {version}: {err}"
+                ),
+            }
+        }
         assert!(matches!(
-            decode(&rechecksummed(v2)).unwrap_err(),
-            SnapshotError::Version { found: 2 }
+            decode(&v1[..v1.len() - 1]).unwrap_err(),
+            SnapshotError::Truncated { .. }
         ));
     }
 
