@@ -111,6 +111,23 @@ pub fn run(zero_page: &ZeroPage) {
                     Err(err) => report!("blk-init error {err:?}"),
                 }
             }
+            b"blk-init-early" => {
+                // blk-init-early:SLOT:SECTOR:COUNT: a read made available before DRIVER_OK.
+                let slot = parse_u64(parts.next()).unwrap_or(0);
+                let sector = parse_u64(parts.next()).unwrap_or(0);
+                let count = parse_u64(parts.next()).unwrap_or(1) as usize;
+                match Blk::start_with_early_read(slot, sector, count) {
+                    Ok((device, done)) => {
+                        report!(
+                            "blk-init-early status={} used={}",
+                            done.status,
+                            done.used_len
+                        );
+                        blk = Some(device);
+                    }
+                    Err(err) => report!("blk-init-early error {err:?}"),
+                }
+            }
             b"rng-read" => {
                 // rng-read:SLOT:LEN: two reads of LEN bytes from the virtio-rng device.
                 let slot = parse_u64(parts.next()).unwrap_or(0);
