@@ -462,3 +462,16 @@ fn rate_limiters_and_buckets_are_objects_only() {
         assert!(err.contains("expected an object"), "{bad}: {err}");
     }
 }
+
+/// Firecracker's `Async` engine is refused by name, not as an unknown word.
+#[test]
+fn the_async_io_engine_is_refused_by_name() {
+    let drive: DriveConfig = serde_json::from_str(
+        r#"{"drive_id": "d", "path_on_host": "/d", "is_root_device": false, "io_engine": "Async"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        drive.validate().unwrap_err().to_string(),
+        "drive d: io_engine Async (io_uring) is not implemented by mote yet; use Sync"
+    );
+}
