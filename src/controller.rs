@@ -6,6 +6,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::balloon::Balloon;
 use devices::virtio::vsock::Vsock;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{info, warn};
@@ -18,7 +19,7 @@ use crate::builder::{
     build_microvm_for_boot, check_boot_files, BuildError, Built, Console, EarlyDevices,
     ProcessStart,
 };
-use crate::config::{check_amount, LoadSnapshotParams, SnapshotType, VmResources};
+use crate::config::{check_amount, BalloonConfig, LoadSnapshotParams, SnapshotType, VmResources};
 use crate::device_manager::{check_drive_file, vsock_device, Subscriber};
 use crate::metrics::{LatencyTimer, METRICS};
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
@@ -346,6 +347,22 @@ fn api_latency(action: &VmmAction) -> Option<LatencyTimer<'static>> {
     Some(LatencyTimer::start(gauge))
 }
 
+/// The running balloon and its configuration, which a PATCH changes together.
+fn configured_balloon<'a>(
+    resources: &'a mut VmResources,
+    vmm: &'a Vmm,
+) -> Result<(&'a mut BalloonConfig, &'a Arc<Mutex<Balloon>>), VmmActionError> {
+    let config = resources
+        .balloon
+        .as_mut()
+        .ok_or(VmmActionError::NoBalloon)?;
+    let balloon = vmm
+        .device_manager()
+        .balloon()
+        .ok_or(VmmActionError::NoBalloon)?;
+    Ok((config, balloon))
+}
+
 /// The controller of a running VM.
 pub struct RuntimeController {
     instance_id: String,
@@ -426,32 +443,16 @@ impl RuntimeController {
                 return to_json(&stats.ok_or(VmmActionError::BalloonStatsDisabled)?);
             }
             VmmAction::PatchBalloon(update) => {
-                let config = self
-                    .resources
-                    .balloon
-                    .as_mut()
-                    .ok_or(VmmActionError::NoBalloon)?;
-                let balloon = vmm
-                    .device_manager()
-                    .balloon()
-                    .ok_or(VmmActionError::NoBalloon)?;
                 check_amount(
                     update.amount_mib,
                     self.resources.machine_config.mem_size_mib,
                 )?;
+                let (config, balloon) = configured_balloon(&mut self.resources, &vmm)?;
                 lock(balloon).set_target_pages(update.amount_mib * PAGES_PER_MIB)?;
                 config.amount_mib = update.amount_mib;
             }
             VmmAction::PatchBalloonStats(update) => {
-                let config = self
-                    .resources
-                    .balloon
-                    .as_mut()
-                    .ok_or(VmmActionError::NoBalloon)?;
-                let balloon = vmm
-                    .device_manager()
-                    .balloon()
-                    .ok_or(VmmActionError::NoBalloon)?;
+                let (config, balloon) = configured_balloon(&mut self.resources, &vmm)?;
                 lock(balloon).set_stats_polling_interval(update.stats_polling_interval_s)?;
                 config.stats_polling_interval_s = update.stats_polling_interval_s;
             }

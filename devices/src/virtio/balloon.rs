@@ -257,84 +257,18 @@ impl Balloon {
 
     /// Serves the inflate queue: every frame number in guest memory is given back.
     fn process_inflate(&mut self) {
-        let Some(Active {
-            mem,
-            queues,
-            interrupt,
-        }) = self.common.active_mut()
-        else {
-            return;
-        };
-        let mem: &GuestMemoryMmap = mem;
-        let queue = &mut queues[INFLATE];
-        let mut used = false;
-        loop {
-            let chain = match next_chain_or_notify(queue, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(err) => {
-                    self.metrics.event_fails.inc();
-                    self.common.fail(&format!("inflate queue: {err}"));
-                    return;
-                }
-            };
-            let head = chain.head_index();
+        let (pfn_bytes, pfns, metrics) = (&mut self.pfn_bytes, &mut self.pfns, &self.metrics);
+        drain(&mut self.common, metrics, INFLATE, |mem, chain| {
             for descriptor in chain.take(MAX_CHAIN_LEN) {
-                inflate_descriptor(
-                    mem,
-                    &descriptor,
-                    &mut self.pfn_bytes,
-                    &mut self.pfns,
-                    &self.metrics,
-                );
+                inflate_descriptor(mem, &descriptor, pfn_bytes, pfns, metrics);
             }
-            if let Err(err) = queue.add_used(mem, head, 0) {
-                warn!("virtio-balloon: cannot return inflate request {head}: {err}");
-            }
-            used = true;
-        }
-        if used {
-            signal_used(interrupt, queue, mem);
-        }
+        });
     }
 
     /// Serves the deflate queue: nothing to do but return the chains, as the device does not
     /// ask to be told before the guest uses a page again (no VIRTIO_BALLOON_F_MUST_TELL_HOST).
     fn process_deflate(&mut self) {
-        self.return_all(DEFLATE);
-    }
-
-    /// Returns every chain of queue `index` unread.
-    fn return_all(&mut self, index: usize) {
-        let Some(Active {
-            mem,
-            queues,
-            interrupt,
-        }) = self.common.active_mut()
-        else {
-            return;
-        };
-        let mem: &GuestMemoryMmap = mem;
-        let queue = &mut queues[index];
-        let mut used = false;
-        loop {
-            let head = match next_chain_or_notify(queue, mem) {
-                Ok(Some(chain)) => chain.head_index(),
-                Ok(None) => break,
-                Err(err) => {
-                    self.metrics.event_fails.inc();
-                    self.common.fail(&format!("queue {index}: {err}"));
-                    return;
-                }
-            };
-            if let Err(err) = queue.add_used(mem, head, 0) {
-                warn!("virtio-balloon: cannot return request {head}: {err}");
-            }
-            used = true;
-        }
-        if used {
-            signal_used(interrupt, queue, mem);
-        }
+        drain(&mut self.common, &self.metrics, DEFLATE, |_, _| {});
     }
 
     /// Serves the free page reporting queue: each descriptor is a range of free guest memory,
@@ -343,29 +277,9 @@ impl Balloon {
         let Some(index) = self.reporting_queue() else {
             return;
         };
-        let Some(Active {
-            mem,
-            queues,
-            interrupt,
-        }) = self.common.active_mut()
-        else {
-            return;
-        };
-        let mem: &GuestMemoryMmap = mem;
-        let queue = &mut queues[index];
-        let mut used = false;
-        loop {
-            let chain = match next_chain_or_notify(queue, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(err) => {
-                    self.metrics.event_fails.inc();
-                    self.common.fail(&format!("reporting queue: {err}"));
-                    return;
-                }
-            };
-            let head = chain.head_index();
-            self.metrics.free_page_report_count.inc();
+        let metrics = &self.metrics;
+        drain(&mut self.common, metrics, index, |mem, chain| {
+            metrics.free_page_report_count.inc();
             for descriptor in chain.take(MAX_CHAIN_LEN) {
                 // Only whole pages inside the range.
                 let start = descriptor.addr().0.next_multiple_of(PAGE_SIZE);
@@ -374,19 +288,12 @@ impl Balloon {
                     continue;
                 }
                 let outcome = give_back(mem, GuestAddress(start), end - start);
-                self.metrics.free_page_report_freed.add(outcome.freed);
+                metrics.free_page_report_freed.add(outcome.freed);
                 if outcome.outside > 0 || outcome.failed > 0 {
-                    self.metrics.free_page_report_fails.inc();
+                    metrics.free_page_report_fails.inc();
                 }
             }
-            if let Err(err) = queue.add_used(mem, head, 0) {
-                warn!("virtio-balloon: cannot return report {head}: {err}");
-            }
-            used = true;
-        }
-        if used {
-            signal_used(interrupt, queue, mem);
-        }
+        });
     }
 
     /// Reads the statistics the driver posted and holds the buffer until the next poll.
@@ -837,6 +744,47 @@ impl MutEventSubscriber for Balloon {
         if let Err(err) = ops.add(Events::new(&self.stats_timer, EventSet::IN)) {
             warn!("virtio-balloon: cannot watch the statistics timer: {err}");
         }
+    }
+}
+
+/// Serves queue `index` of an active device: `serve` reads each chain (the device writes
+/// nothing into them), which is then returned, and the driver is told once at the end. A
+/// broken queue stops the device until the driver resets it.
+fn drain<F>(common: &mut VirtioCommon, metrics: &BalloonMetrics, index: usize, mut serve: F)
+where
+    F: for<'m> FnMut(&'m GuestMemoryMmap, virtio_queue::DescriptorChain<&'m GuestMemoryMmap>),
+{
+    let Some(Active {
+        mem,
+        queues,
+        interrupt,
+    }) = common.active_mut()
+    else {
+        return;
+    };
+    let mem: &GuestMemoryMmap = mem;
+    let queue = &mut queues[index];
+    let mut used = false;
+    loop {
+        let chain = match next_chain_or_notify(queue, mem) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => break,
+            Err(err) => {
+                metrics.event_fails.inc();
+                let message = format!("queue {index}: {err}");
+                common.fail(&message);
+                return;
+            }
+        };
+        let head = chain.head_index();
+        serve(mem, chain);
+        if let Err(err) = queue.add_used(mem, head, 0) {
+            warn!("virtio-balloon: cannot return chain {head} of queue {index}: {err}");
+        }
+        used = true;
+    }
+    if used {
+        signal_used(interrupt, queue, mem);
     }
 }
 
