@@ -21,8 +21,8 @@ use crate::config::{
 };
 pub use crate::device_manager::Console;
 use crate::device_manager::{
-    block_device, entropy_device, net_device, open_drives, vsock_device, DeviceError,
-    DeviceManager, RestoreDevicesError, Subscriber,
+    balloon_device, block_device, entropy_device, net_device, open_drives, vsock_device,
+    DeviceError, DeviceManager, RestoreDevicesError, Subscriber,
 };
 use crate::host_file::{self, FileKind, HostFileError};
 use crate::snapshot::MicrovmState;
@@ -211,6 +211,9 @@ fn open_backends(
     if let Some(entropy) = &resources.entropy {
         entropy.validate()?;
     }
+    if let Some(balloon) = &resources.balloon {
+        balloon.validate(&resources.machine_config)?;
+    }
     let drive_files = open_drives(&resources.drives)?;
     let nets = resources
         .network_interfaces
@@ -236,7 +239,8 @@ fn open_backends(
 
 /// Attaches the configured devices in the order guests (and the probe's steps) rely on, the
 /// same for a boot and a restore so that a snapshot finds its devices: drives (vda, …), then
-/// network interfaces (eth0, …), then vsock, then the entropy device, then the boot timer.
+/// network interfaces (eth0, …), then vsock, then the entropy device, then the balloon, then
+/// the boot timer.
 fn attach_devices(
     vm: &Vm,
     devices: &mut DeviceManager,
@@ -255,6 +259,9 @@ fn attach_devices(
     }
     if let Some(entropy) = &resources.entropy {
         devices.attach_virtio(vm, entropy_device(entropy)?)?;
+    }
+    if let Some(balloon) = &resources.balloon {
+        devices.attach_balloon(vm, balloon_device(balloon)?)?;
     }
     if resources.boot_timer {
         devices.attach_boot_timer(BootTimer::new(start.instant, start.cpu_us))?;

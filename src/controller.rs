@@ -6,17 +6,20 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::balloon::Balloon;
 use devices::virtio::vsock::Vsock;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{info, warn};
 use serde_json::json;
+
+use devices::virtio::balloon::PAGES_PER_MIB;
 
 use crate::api::ApiChannel;
 use crate::builder::{
     build_microvm_for_boot, check_boot_files, BuildError, Built, Console, EarlyDevices,
     ProcessStart,
 };
-use crate::config::{LoadSnapshotParams, SnapshotType, VmResources};
+use crate::config::{check_amount, BalloonConfig, LoadSnapshotParams, SnapshotType, VmResources};
 use crate::device_manager::{check_drive_file, vsock_device, Subscriber};
 use crate::metrics::{LatencyTimer, METRICS};
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
@@ -65,6 +68,10 @@ fn handle_any_phase(
         })),
         VmmAction::GetVmConfig => to_json(&resources.to_config_file()),
         VmmAction::GetMachineConfig => to_json(&resources.machine_config),
+        VmmAction::GetBalloon => match &resources.balloon {
+            Some(balloon) => to_json(balloon),
+            None => Err(VmmActionError::NoBalloon),
+        },
         _ => return None,
     })
 }
@@ -173,6 +180,7 @@ impl PrebootController {
                 | VmmAction::PutNetworkInterface(_)
                 | VmmAction::PutVsock(_)
                 | VmmAction::PutEntropy(_)
+                | VmmAction::PutBalloon(_)
         );
         match action {
             VmmAction::PutBootSource(boot_source) => {
@@ -181,11 +189,13 @@ impl PrebootController {
             }
             VmmAction::PutMachineConfig(config) => {
                 config.validate()?;
+                resources.check_machine_fits_balloon(&config)?;
                 resources.machine_config = config;
             }
             VmmAction::PatchMachineConfig(update) => {
                 let config = resources.machine_config.updated(&update);
                 config.validate()?;
+                resources.check_machine_fits_balloon(&config)?;
                 resources.machine_config = config;
             }
             VmmAction::PutDrive(drive) => {
@@ -217,7 +227,14 @@ impl PrebootController {
                 config.validate()?;
                 resources.entropy = Some(config);
             }
+            VmmAction::PutBalloon(config) => {
+                config.validate(&resources.machine_config)?;
+                resources.balloon = Some(config);
+            }
             VmmAction::PatchDrive(_)
+            | VmmAction::GetBalloonStats
+            | VmmAction::PatchBalloon(_)
+            | VmmAction::PatchBalloonStats(_)
             | VmmAction::PatchNetworkInterface(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::FlushMetrics
@@ -227,6 +244,7 @@ impl PrebootController {
             VmmAction::GetInstanceInfo
             | VmmAction::GetVmConfig
             | VmmAction::GetMachineConfig
+            | VmmAction::GetBalloon
             | VmmAction::InstanceStart
             | VmmAction::LoadSnapshot(_) => {
                 unreachable!("answered by PrebootController::handle")
@@ -329,6 +347,22 @@ fn api_latency(action: &VmmAction) -> Option<LatencyTimer<'static>> {
     Some(LatencyTimer::start(gauge))
 }
 
+/// The running balloon and its configuration, which a PATCH changes together.
+fn configured_balloon<'a>(
+    resources: &'a mut VmResources,
+    vmm: &'a Vmm,
+) -> Result<(&'a mut BalloonConfig, &'a Arc<Mutex<Balloon>>), VmmActionError> {
+    let config = resources
+        .balloon
+        .as_mut()
+        .ok_or(VmmActionError::NoBalloon)?;
+    let balloon = vmm
+        .device_manager()
+        .balloon()
+        .ok_or(VmmActionError::NoBalloon)?;
+    Ok((config, balloon))
+}
+
 /// The controller of a running VM.
 pub struct RuntimeController {
     instance_id: String,
@@ -400,6 +434,28 @@ impl RuntimeController {
                         Some(iface.tx_rate_limiter.unwrap_or_default().updated(tx));
                 }
             }
+            VmmAction::GetBalloonStats => {
+                let balloon = vmm
+                    .device_manager()
+                    .balloon()
+                    .ok_or(VmmActionError::NoBalloon)?;
+                let stats = lock(balloon).stats();
+                return to_json(&stats.ok_or(VmmActionError::BalloonStatsDisabled)?);
+            }
+            VmmAction::PatchBalloon(update) => {
+                check_amount(
+                    update.amount_mib,
+                    self.resources.machine_config.mem_size_mib,
+                )?;
+                let (config, balloon) = configured_balloon(&mut self.resources, &vmm)?;
+                lock(balloon).set_target_pages(update.amount_mib * PAGES_PER_MIB)?;
+                config.amount_mib = update.amount_mib;
+            }
+            VmmAction::PatchBalloonStats(update) => {
+                let (config, balloon) = configured_balloon(&mut self.resources, &vmm)?;
+                lock(balloon).set_stats_polling_interval(update.stats_polling_interval_s)?;
+                config.stats_polling_interval_s = update.stats_polling_interval_s;
+            }
             VmmAction::CreateSnapshot(params) => {
                 create_snapshot(&mut vmm, &self.resources, &params)?;
                 info!("snapshot written to {}", params.snapshot_path.display());
@@ -413,9 +469,13 @@ impl RuntimeController {
             | VmmAction::PutMetrics(_)
             | VmmAction::PutVsock(_)
             | VmmAction::PutEntropy(_)
+            | VmmAction::PutBalloon(_)
             | VmmAction::InstanceStart
             | VmmAction::LoadSnapshot(_) => return Err(VmmActionError::NotAfterBoot),
-            VmmAction::GetInstanceInfo | VmmAction::GetVmConfig | VmmAction::GetMachineConfig => {
+            VmmAction::GetInstanceInfo
+            | VmmAction::GetVmConfig
+            | VmmAction::GetMachineConfig
+            | VmmAction::GetBalloon => {
                 unreachable!("answered by handle_any_phase")
             }
         }

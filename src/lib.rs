@@ -167,6 +167,10 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     if let Some(metrics) = &resources.metrics {
         METRICS.configure(&metrics.metrics_path)?;
     }
+    // Before the API answers anything: a client that saw the socket and sends a stop signal
+    // must find it caught (an orderly stop that removes the socket), not the default action.
+    // Before the filter too: registering takes calls the main thread needs no more.
+    let signals = StopSignals::get().map_err(MoteError::Signals)?;
     let api = options
         .api_sock
         .map(|path| api::start(path, options.max_payload, options.startup))
@@ -174,8 +178,6 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     // The socket goes with the process, on every path out of here.
     let _socket = options.api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
-    // Before the filter: registering takes calls the main thread needs no more.
-    let signals = StopSignals::get().map_err(MoteError::Signals)?;
     // From here on the main thread acts on what clients send: pre-boot requests, then the build.
     seccomp::apply(seccomp::Filter::Build)?;
     let mut controller = PrebootController::new(options.instance_id, resources, console, start);
@@ -260,6 +262,8 @@ pub fn run_restored(
     api_sock: Option<&Path>,
     start: ProcessStart,
 ) -> Result<Outcome, MoteError> {
+    // Caught before the API answers, as in run_api.
+    StopSignals::get().map_err(MoteError::Signals)?;
     let api = api_sock
         .map(|path| api::start(path, api::http::DEFAULT_MAX_PAYLOAD, Default::default()))
         .transpose()?;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use devices::counters;
 use devices::metrics::{
-    BlockMetrics, Counter, Deltas, EntropyMetrics, Gauge, NetMetrics, VsockMetrics,
+    BalloonMetrics, BlockMetrics, Counter, Deltas, EntropyMetrics, Gauge, NetMetrics, VsockMetrics,
     INTERRUPT_METRICS, UART_METRICS,
 };
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -275,6 +275,8 @@ pub struct Metrics {
     vsock: Mutex<Option<Arc<VsockMetrics>>>,
     /// The entropy device's counters, once it exists (reported as `entropy`).
     entropy: Mutex<Option<Arc<EntropyMetrics>>>,
+    /// The balloon device's counters, once it exists (reported as `balloon`).
+    balloon: Mutex<Option<Arc<BalloonMetrics>>>,
     sink: Mutex<Option<Sink>>,
 }
 
@@ -348,6 +350,13 @@ impl Metrics {
         }
     }
 
+    /// Counts the balloon device's work under `balloon`.
+    pub fn register_balloon(&self, metrics: Arc<BalloonMetrics>) {
+        if let Ok(mut balloon) = self.balloon.lock() {
+            *balloon = Some(metrics);
+        }
+    }
+
     /// The metrics since the previous report, as one JSON object.
     pub fn report(&self) -> Value {
         let now_ms = SystemTime::now()
@@ -383,6 +392,7 @@ impl Metrics {
         report_each(&mut top, "net", &self.nets);
         report_one(&mut top, "vsock", &self.vsock);
         report_one(&mut top, "entropy", &self.entropy);
+        report_one(&mut top, "balloon", &self.balloon);
         Value::Object(top)
     }
 

@@ -3,9 +3,10 @@
 
 use crate::builder::BuildError;
 use crate::config::{
-    BootSourceConfig, ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig,
-    LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError,
+    CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig, LoadSnapshotParams,
+    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
+    NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::device_manager::DeviceError;
 use crate::logger::LoggerError;
@@ -37,6 +38,16 @@ pub enum VmmAction {
     PutVsock(VsockConfig),
     /// `PUT /entropy`, before boot only.
     PutEntropy(EntropyConfig),
+    /// `GET /balloon`: its configuration, with the target as it is now.
+    GetBalloon,
+    /// `GET /balloon/statistics`, after boot.
+    GetBalloonStats,
+    /// `PUT /balloon`, before boot only.
+    PutBalloon(BalloonConfig),
+    /// `PATCH /balloon`: a new target, after boot.
+    PatchBalloon(BalloonUpdate),
+    /// `PATCH /balloon/statistics`: a new polling interval, after boot.
+    PatchBalloonStats(BalloonStatsUpdate),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -83,6 +94,13 @@ pub enum VmmActionError {
     Logger(#[from] LoggerError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// Firecracker's words.
+    #[error("No balloon device found.")]
+    NoBalloon,
+    #[error("Statistics for the balloon device are not enabled")]
+    BalloonStatsDisabled,
+    #[error(transparent)]
+    Balloon(#[from] devices::virtio::balloon::BalloonError),
     #[error("no drive has the id {0:?}")]
     UnknownDrive(String),
     #[error("no network interface has the id {0:?}")]

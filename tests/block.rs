@@ -677,3 +677,31 @@ fn two_monitors_can_read_one_image() {
         "is locked by another process",
     );
 }
+
+/// A read the driver made available (and notified) before it set DRIVER_OK is served once the
+/// device starts, by the event loop: the vCPU thread that starts the device may do no device
+/// I/O (its seccomp filter kills the monitor on a `pread64`), which a hostile driver could
+/// otherwise use to end its monitor.
+#[test]
+fn a_request_made_before_driver_ok_is_served_once_the_device_starts() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("early");
+    let image = disk(&dir, "disk.img", 16, 0x5a);
+    let run = probe_with(
+        "blk-init-early:0:2:4,blk-write:8:1:3,blk-flush",
+        &["--drive", image.to_str().unwrap()],
+    );
+    assert_ok(&run);
+    // 4 sectors of data and the status byte.
+    assert!(
+        run.stdout.contains(&format!(
+            "probe: blk-init-early status=0 used={}",
+            4 * SECTOR + 1
+        )),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(read_sectors(&image, 8, 1), pattern_sectors(8, 1, 3));
+}

@@ -272,7 +272,8 @@ fn level_and_module_flags_filter_the_log_file() {
     assert_eq!(
         run.status.code(),
         Some(128 + libc::SIGTERM),
-        "{}",
+        "{:?} {}",
+        run.status,
         run.stderr
     );
     let text = wait_for_file_text(&api_only, "PUT /boot-source: 400");

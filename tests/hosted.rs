@@ -50,3 +50,8 @@ fn hosted_guest_programs_talk_vsock_both_ways_at_once() {
 fn hosted_restored_guest_programs_carry_on() {
     cases::restored_guest_programs_carry_on(Arch::X86_64);
 }
+
+#[test]
+fn hosted_balloon_gives_memory_back() {
+    cases::balloon_gives_memory_back(Arch::X86_64);
+}

@@ -99,6 +99,11 @@ fn hosted_aarch64_restored_guest_programs_carry_on() {
     cases::restored_guest_programs_carry_on(Arch::Aarch64);
 }
 
+#[test]
+fn hosted_aarch64_balloon_gives_memory_back() {
+    cases::balloon_gives_memory_back(Arch::Aarch64);
+}
+
 /// A snapshot of an x86_64 guest, taken here by this machine's own mote (the probe guest runs
 /// in milliseconds on any KVM); None where this machine has no KVM.
 fn x86_64_snapshot() -> Option<(PathBuf, PathBuf)> {

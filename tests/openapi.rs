@@ -17,7 +17,7 @@ const DOCUMENT: &str = include_str!("../resources/openapi.yaml");
 
 /// Every operation src/api/routes.rs serves, as the document names it. A route added to the
 /// code goes here and into the document.
-const SERVED: [(&str, &str); 19] = [
+const SERVED: [(&str, &str); 24] = [
     ("GET", "/"),
     ("GET", "/version"),
     ("GET", "/vm/config"),
@@ -33,6 +33,11 @@ const SERVED: [(&str, &str); 19] = [
     ("PUT", "/metrics"),
     ("PUT", "/vsock"),
     ("PUT", "/entropy"),
+    ("GET", "/balloon"),
+    ("PUT", "/balloon"),
+    ("PATCH", "/balloon"),
+    ("GET", "/balloon/statistics"),
+    ("PATCH", "/balloon/statistics"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/snapshot/create"),
@@ -42,8 +47,8 @@ const SERVED: [(&str, &str); 19] = [
 /// Firecracker's other paths: mote must refuse them until they are implemented (and then
 /// documented, and moved to SERVED).
 const NOT_SERVED: [&str; 9] = [
-    "/balloon",
-    "/balloon/statistics",
+    "/balloon/hinting/start",
+    "/balloon/hinting/status",
     "/cpu-config",
     "/hotplug/memory",
     "/mmds",

@@ -204,6 +204,37 @@ counters! {
     }
 }
 
+counters! {
+    /// The virtio-balloon device's counters (Firecracker's `balloon` metrics, plus what a driver
+    /// asked for that was skipped).
+    pub struct BalloonMetrics {
+        /// Times the driver's start of the device failed.
+        activate_fails,
+        /// Inflate queue notifications served, and deflate ones.
+        inflate_count,
+        deflate_count,
+        /// Statistics buffers the driver posted and the device read, and those it could not read.
+        stats_updates_count,
+        stats_update_fails,
+        /// Broken rings and refused chains on any queue.
+        event_fails,
+        /// Free page reports served, the bytes they gave back to the host, and reports refused.
+        free_page_report_count,
+        free_page_report_freed,
+        free_page_report_fails,
+        /// Firecracker's free page hinting counters: always 0, as mote does not offer hinting.
+        free_page_hint_count,
+        free_page_hint_freed,
+        free_page_hint_fails,
+        /// Inflated page frame numbers outside guest memory, skipped.
+        inflate_invalid_pfns,
+        /// Bytes of guest memory inflated pages gave back to the host.
+        inflate_freed,
+        /// Times giving memory back (madvise) failed.
+        discard_fails,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,11 @@ pub enum Kind {
     PutNetworkInterface,
     PutVsock,
     PutEntropy,
+    /// `GET /balloon` and `GET /balloon/statistics`.
+    GetBalloon,
+    PutBalloon,
+    /// `PATCH /balloon` and `PATCH /balloon/statistics`.
+    PatchBalloon,
     /// `PUT /snapshot/create` and `PUT /snapshot/load`.
     PutSnapshot,
     /// `PATCH /drives/{id}`.
@@ -62,7 +67,7 @@ const fn endpoint(
 }
 
 /// Every endpoint mote serves.
-pub const ENDPOINTS: [Endpoint; 18] = [
+pub const ENDPOINTS: [Endpoint; 21] = [
     endpoint(Kind::GetInstanceInfo, "GET", "", Some("instance_info")),
     endpoint(Kind::GetVersion, "GET", "version", Some("vmm_version")),
     endpoint(
@@ -98,6 +103,10 @@ pub const ENDPOINTS: [Endpoint; 18] = [
     // Firecracker's `put_api_requests` has no counters for it.
     endpoint(Kind::PutEntropy, "PUT", "entropy", None),
     endpoint(Kind::PutSnapshot, "PUT", "snapshot", None),
+    // Firecracker's request metrics have no counters for the balloon.
+    endpoint(Kind::GetBalloon, "GET", "balloon", None),
+    endpoint(Kind::PutBalloon, "PUT", "balloon", None),
+    endpoint(Kind::PatchBalloon, "PATCH", "balloon", None),
     endpoint(Kind::PatchDrive, "PATCH", "drives", Some("drive")),
     endpoint(
         Kind::PatchMachineConfig,
@@ -115,7 +124,7 @@ pub const ENDPOINTS: [Endpoint; 18] = [
 ];
 
 /// Firecracker paths mote does not implement yet: a clear refusal, not a generic one.
-pub const NOT_YET: [&str; 4] = ["balloon", "mmds", "cpu-config", "hotplug"];
+pub const NOT_YET: [&str; 3] = ["mmds", "cpu-config", "hotplug"];
 
 /// The endpoint `method /segment/…` is, and its place in [`ENDPOINTS`], if mote serves it.
 pub fn find(method: &str, segment: &str) -> Option<(usize, &'static Endpoint)> {

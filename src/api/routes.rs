@@ -6,9 +6,9 @@ use serde::Deserialize;
 
 use super::paths::{self, Kind, NOT_YET};
 use crate::config::{
-    BootSourceConfig, DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate,
-    VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
+    EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
@@ -152,6 +152,20 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
                 .validate()
                 .map_err(|err| format!("invalid entropy body: {err}"))?;
             VmmAction::PutEntropy(config)
+        }
+        (Kind::GetBalloon, []) => VmmAction::GetBalloon,
+        (Kind::GetBalloon, ["statistics"]) => VmmAction::GetBalloonStats,
+        (Kind::PutBalloon, []) => VmmAction::PutBalloon(body::<BalloonConfig>("balloon", bytes)?),
+        (Kind::PatchBalloon, []) => {
+            VmmAction::PatchBalloon(body::<BalloonUpdate>("balloon", bytes)?)
+        }
+        (Kind::PatchBalloon, ["statistics"]) => {
+            VmmAction::PatchBalloonStats(body::<BalloonStatsUpdate>("balloon/statistics", bytes)?)
+        }
+        (Kind::GetBalloon | Kind::PatchBalloon, ["hinting", ..]) => {
+            return Err(format!(
+                "{method} {path}: free page hinting is not implemented by mote yet"
+            ))
         }
         (Kind::PutActions, []) => match body::<InstanceActionInfo>("actions", bytes)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
@@ -313,7 +327,7 @@ mod tests {
             "Invalid request method and/or path: DELETE /machine-config."
         );
         assert!(refusal("GET", "/nowhere", "").starts_with("Invalid request"));
-        assert!(refusal("PUT", "/balloon", "{}").contains("not implemented by mote yet"));
+        assert!(refusal("PUT", "/mmds", "{}").contains("not implemented by mote yet"));
     }
 
     #[test]
@@ -333,6 +347,56 @@ mod tests {
         );
         let err = refusal("PUT", "/entropy", r#"{"bogus": 1}"#);
         assert!(err.contains("unknown field `bogus`"), "{err}");
+    }
+
+    #[test]
+    fn balloon_requests_map_to_actions_in_firecrackers_shapes() {
+        assert_eq!(
+            action(
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#
+            ),
+            VmmAction::PutBalloon(BalloonConfig {
+                amount_mib: 64,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 1,
+                ..Default::default()
+            })
+        );
+        assert_eq!(action("GET", "/balloon", ""), VmmAction::GetBalloon);
+        assert_eq!(
+            action("GET", "/balloon/statistics", ""),
+            VmmAction::GetBalloonStats
+        );
+        assert_eq!(
+            action("PATCH", "/balloon", r#"{"amount_mib": 8}"#),
+            VmmAction::PatchBalloon(BalloonUpdate { amount_mib: 8 })
+        );
+        assert_eq!(
+            action(
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 2}"#
+            ),
+            VmmAction::PatchBalloonStats(BalloonStatsUpdate {
+                stats_polling_interval_s: 2
+            })
+        );
+        let err = refusal("PUT", "/balloon", r#"{"amount_mib": 1}"#);
+        assert!(err.contains("missing field `deflate_on_oom`"), "{err}");
+        let err = refusal("PATCH", "/balloon", r#"{"deflate_on_oom": true}"#);
+        assert!(err.contains("unknown field `deflate_on_oom`"), "{err}");
+        let err = refusal(
+            "PATCH",
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s": 70000}"#,
+        );
+        assert!(err.contains("field `stats_polling_interval_s`"), "{err}");
+        let err = refusal("PATCH", "/balloon/hinting/start", "{}");
+        assert!(err.contains("hinting is not implemented"), "{err}");
+        assert!(refusal("GET", "/balloon/hinting/status", "").contains("not implemented"));
+        assert!(refusal("PUT", "/balloon/statistics", "{}").starts_with("Invalid request"));
     }
 
     #[test]
@@ -474,7 +538,7 @@ mod tests {
     }
 
     #[test]
-    fn every_endpoint_is_routed_and_all_but_two_are_counted() {
+    fn every_endpoint_is_routed_and_all_but_the_listed_are_counted() {
         for endpoint in &ENDPOINTS {
             // Somewhere under its first segment: a refusal there, if any, is about the body.
             let routed = ["", "/config", "/create", "/rootfs"].iter().any(|rest| {
@@ -489,7 +553,16 @@ mod tests {
             .filter(|endpoint| endpoint.metrics.is_none())
             .map(|endpoint| (endpoint.method, endpoint.segment))
             .collect();
-        assert_eq!(uncounted, [("PUT", "entropy"), ("PUT", "snapshot")]);
+        assert_eq!(
+            uncounted,
+            [
+                ("PUT", "entropy"),
+                ("PUT", "snapshot"),
+                ("GET", "balloon"),
+                ("PUT", "balloon"),
+                ("PATCH", "balloon"),
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a VM is made of, as data: the same serde types serve the command line, the config file
 //! and the API (Firecracker's JSON shapes). The builder is the only consumer that makes a VM.
 
+mod balloon;
 mod drive;
 mod entropy;
 mod machine;
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{MAX_MEM_SIZE_MIB, MAX_VCPUS};
+pub use balloon::*;
 pub use drive::*;
 pub use entropy::*;
 pub use machine::*;
@@ -51,6 +53,8 @@ pub enum ConfigError {
     MemSizeTooLarge(u64),
     #[error("drive_id {0:?} is invalid: use 1 to 20 letters, digits, '_' or '-'")]
     DriveId(String),
+    #[error("drive {0}: io_engine Async (io_uring) is not implemented by mote yet; use Sync")]
+    AsyncIoEngine(String),
     #[error("drive_id {0:?} is given twice")]
     DuplicateDriveId(String),
     #[error("more than one drive has is_root_device set")]
@@ -69,6 +73,12 @@ pub enum ConfigError {
     VsockPathExists(PathBuf),
     #[error("{what}: {reason}")]
     RateLimiter { what: String, reason: String },
+    #[error("Amount of pages requested is too large: balloon amount_mib {amount_mib} is more than the guest's {mem_size_mib} MiB")]
+    BalloonTooLarge { amount_mib: u32, mem_size_mib: u64 },
+    #[error("The memory size (MiB) is smaller than the previously set balloon device target size: mem_size_mib {mem_size_mib}, balloon amount_mib {amount_mib}")]
+    MemSmallerThanBalloon { mem_size_mib: u64, amount_mib: u32 },
+    #[error("balloon free_page_hinting is not supported: free page hinting is not implemented by mote yet (free_page_reporting is)")]
+    BalloonFreePageHinting,
     #[error(
         "{section} is not supported: mote has no {feature} yet (give it as null, or leave it out)"
     )]
@@ -114,6 +124,9 @@ pub struct VmResources {
     pub vsock: Option<VsockConfig>,
     /// The entropy (virtio-rng) device, if any.
     pub entropy: Option<EntropyConfig>,
+    /// The balloon device, if any; after boot its target and statistics interval follow the
+    /// PATCH requests.
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// The whole configuration in Firecracker's `--config-file` form, which `GET /vm/config`
@@ -137,6 +150,8 @@ pub struct VmConfigFile {
     pub vsock: Option<VsockConfig>,
     #[serde(default)]
     pub entropy: Option<EntropyConfig>,
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
     /// Firecracker's sections for features mote does not have yet: written as Firecracker
     /// writes them when unset (`null`, `pmem` an empty list), so that a configuration
     /// Firecracker wrote or accepts loads here, and refused by name when they say anything.
@@ -177,6 +192,19 @@ impl VmConfigFile {
 }
 
 impl VmResources {
+    /// A machine configuration must leave room for the balloon's target (Firecracker's rule).
+    pub fn check_machine_fits_balloon(&self, machine: &MachineConfig) -> Result<(), ConfigError> {
+        match &self.balloon {
+            Some(balloon) if u64::from(balloon.amount_mib) > machine.mem_size_mib => {
+                Err(ConfigError::MemSmallerThanBalloon {
+                    mem_size_mib: machine.mem_size_mib,
+                    amount_mib: balloon.amount_mib,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Adds a drive, or replaces the one with the same id; a root device goes first.
     pub fn insert_drive(&mut self, drive: DriveConfig) -> Result<(), ConfigError> {
         drive.validate()?;
@@ -218,6 +246,7 @@ impl VmResources {
             metrics: self.metrics.clone(),
             vsock: self.vsock.clone(),
             entropy: self.entropy.clone(),
+            balloon: self.balloon.clone(),
             cpu_config: None,
             mmds_config: None,
             pmem: Some(Vec::new()),
@@ -255,6 +284,10 @@ impl VmResources {
         if let Some(entropy) = file.entropy {
             entropy.validate()?;
             resources.entropy = Some(entropy);
+        }
+        if let Some(balloon) = file.balloon {
+            balloon.validate(&resources.machine_config)?;
+            resources.balloon = Some(balloon);
         }
         Ok(resources)
     }

@@ -352,6 +352,55 @@ fn memory_beyond_what_a_guest_addresses_is_refused() {
     assert_eq!(config.validate(), Ok(()));
 }
 
+#[test]
+fn balloon_takes_firecrackers_shape_and_must_fit_the_machine() {
+    let text = r#"{"boot-source": {"kernel_image_path": "/k"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+        "balloon": {"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    let balloon = resources.balloon.clone().unwrap();
+    assert_eq!(balloon.amount_mib, 64);
+    assert!(!balloon.free_page_reporting);
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
+    assert_eq!(
+        shown["balloon"],
+        serde_json::json!({"amount_mib": 64, "deflate_on_oom": true,
+            "stats_polling_interval_s": 1, "free_page_hinting": false,
+            "free_page_reporting": false})
+    );
+    // Larger than the guest's memory: refused, at a file as at a PUT.
+    let big: VmConfigFile = serde_json::from_str(
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+            "balloon": {"amount_mib": 129, "deflate_on_oom": false}}"#,
+    )
+    .unwrap();
+    let err = VmResources::from_config_file(big).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Amount of pages requested is too large"),
+        "{err}"
+    );
+    // A machine too small for the balloon already set.
+    let smaller = MachineConfig {
+        mem_size_mib: 32,
+        ..MachineConfig::default()
+    };
+    assert!(matches!(
+        resources.check_machine_fits_balloon(&smaller),
+        Err(ConfigError::MemSmallerThanBalloon { .. })
+    ));
+    // Free page hinting is refused by name.
+    let hinting = BalloonConfig {
+        free_page_hinting: true,
+        ..BalloonConfig::default()
+    };
+    assert_eq!(
+        hinting.validate(&MachineConfig::default()),
+        Err(ConfigError::BalloonFreePageHinting)
+    );
+}
+
 /// A configuration as Firecracker 1.17 writes it (`GET /vm/config`), its sections for features
 /// mote lacks null or empty, loads; the same sections given are refused by name; and mote
 /// writes every section Firecracker does.
@@ -362,10 +411,7 @@ fn firecrackers_full_configuration_shape_loads_and_round_trips() {
         "cpu-config": null, "balloon": null, "network-interfaces": [], "vsock": null,
         "logger": null, "metrics": null, "mmds-config": null, "entropy": null, "pmem": [],
         "memory-hotplug": null}"#;
-    let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
-    // `balloon` is a device of its own (issue 16): this test is about the others.
-    value.as_object_mut().unwrap().remove("balloon");
-    let file: VmConfigFile = serde_json::from_value(value).unwrap();
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
     let resources = VmResources::from_config_file(file).unwrap();
     assert_eq!(resources.machine_config.vcpu_count, 2);
     let shown = serde_json::to_value(resources.to_config_file()).unwrap();
@@ -400,4 +446,32 @@ fn firecrackers_full_configuration_shape_loads_and_round_trips() {
             "{err}"
         );
     }
+}
+
+/// A rate limiter and its buckets are JSON objects only: serde would otherwise take a struct
+/// from an array of its fields (`[null, null]`), which Firecracker's API does not allow.
+#[test]
+fn rate_limiters_and_buckets_are_objects_only() {
+    let entropy = |text: &str| serde_json::from_str::<EntropyConfig>(text);
+    assert!(entropy(r#"{"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}"#).is_ok());
+    for bad in [
+        r#"{"rate_limiter": [null, null]}"#,
+        r#"{"rate_limiter": {"ops": [10, null, 100]}}"#,
+    ] {
+        let err = entropy(bad).unwrap_err().to_string();
+        assert!(err.contains("expected an object"), "{bad}: {err}");
+    }
+}
+
+/// Firecracker's `Async` engine is refused by name, not as an unknown word.
+#[test]
+fn the_async_io_engine_is_refused_by_name() {
+    let drive: DriveConfig = serde_json::from_str(
+        r#"{"drive_id": "d", "path_on_host": "/d", "is_root_device": false, "io_engine": "Async"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        drive.validate().unwrap_err().to_string(),
+        "drive d: io_engine Async (io_uring) is not implemented by mote yet; use Sync"
+    );
 }

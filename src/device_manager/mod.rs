@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use devices::legacy::boot_timer::BootTimer;
 use devices::legacy::serial::{SerialDevice, SerialDeviceState};
 use devices::legacy::EventFdTrigger;
+use devices::virtio::balloon::{Balloon, BalloonOptions, PAGES_PER_MIB};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use devices::virtio::net::{Net, NetError, NetLimits};
@@ -34,8 +35,8 @@ use crate::arch::{
     LegacyDeviceError, LegacyDevices, MmioDeviceInfo, VcpuIo, BOOT_TIMER_START, MMIO_SLOT_SIZE,
 };
 use crate::config::{
-    DriveConfig, EntropyConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, RateLimiterConfig,
-    VsockConfig,
+    BalloonConfig, DriveConfig, EntropyConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate,
+    RateLimiterConfig, VsockConfig,
 };
 use crate::host_file::HostFileError;
 use crate::metrics::METRICS;
@@ -147,6 +148,8 @@ pub struct DeviceManager {
     /// Every virtio transport with its slot, in slot order.
     transports: Vec<(MmioDeviceInfo, Arc<Mutex<MmioTransport>>)>,
     drives: Drives,
+    /// The balloon, for `PATCH /balloon` and its statistics.
+    balloon: Option<Arc<Mutex<Balloon>>>,
     /// The network interfaces, for `PATCH /network-interfaces`.
     nets: Vec<Arc<Mutex<Net>>>,
     /// The console's UART; where it sits is the arch's business.
@@ -196,6 +199,7 @@ impl DeviceManager {
             slots: MmioSlots::default(),
             transports: Vec::new(),
             drives: Drives::default(),
+            balloon: None,
             nets: Vec::new(),
             serial,
             legacy,
@@ -236,6 +240,17 @@ impl DeviceManager {
         let block = self.attach_virtio(vm, block)?;
         self.drives.push(block);
         Ok(())
+    }
+
+    /// Attaches the balloon and keeps a handle to it for the API.
+    pub fn attach_balloon(&mut self, vm: &Vm, balloon: Balloon) -> Result<(), DeviceError> {
+        self.balloon = Some(self.attach_virtio(vm, balloon)?);
+        Ok(())
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.balloon.as_ref()
     }
 
     /// Attaches a network device and keeps a handle to it for `PATCH /network-interfaces`.
@@ -362,6 +377,20 @@ pub fn entropy_device(config: &EntropyConfig) -> Result<Rng, DeviceError> {
     let rng = Rng::new(&config.rate_limiter.unwrap_or_default(), irq)?;
     METRICS.register_entropy(rng.metrics().clone());
     Ok(rng)
+}
+
+/// The virtio-balloon device of `config` (checked against the machine already).
+pub fn balloon_device(config: &BalloonConfig) -> Result<Balloon, DeviceError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("an IRQ event"))?;
+    let options = BalloonOptions {
+        target_pages: config.amount_mib.saturating_mul(PAGES_PER_MIB),
+        deflate_on_oom: config.deflate_on_oom,
+        stats_polling_interval_s: config.stats_polling_interval_s,
+        free_page_reporting: config.free_page_reporting,
+    };
+    let balloon = Balloon::new(options, irq).map_err(io_err("the virtio-balloon device"))?;
+    METRICS.register_balloon(balloon.metrics().clone());
+    Ok(balloon)
 }
 
 /// The virtio-vsock device of `config`, listening on its `uds_path` (created here).

@@ -8,13 +8,34 @@ use serde::{Deserialize, Serialize};
 
 /// Firecracker's `TokenBucket`: `size` tokens, refilled from empty to full in `refill_time`
 /// milliseconds, plus `one_time_burst` tokens that are spent first and never come back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TokenBucketConfig {
     pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub one_time_burst: Option<u64>,
     pub refill_time: u64,
+}
+
+/// The JSON object [`TokenBucketConfig`] is read from (an object only: see
+/// [`super::object_only`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBucketObject {
+    size: u64,
+    #[serde(default)]
+    one_time_burst: Option<u64>,
+    refill_time: u64,
+}
+
+impl<'de> Deserialize<'de> for TokenBucketConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let object: TokenBucketObject = super::object_only(deserializer)?;
+        Ok(Self {
+            size: object.size,
+            one_time_burst: object.one_time_burst,
+            refill_time: object.refill_time,
+        })
+    }
 }
 
 /// Why a bucket's configuration is refused.
@@ -35,15 +56,13 @@ impl TokenBucketConfig {
     }
 
     pub fn validate(&self) -> Result<(), BucketError> {
-        if self.is_unlimited() {
-            return Ok(());
-        }
-        if self.refill_time == 0 {
-            return Err(BucketError::ZeroRefillTime(self.size));
-        }
+        // Out of range whatever the size: an unlimited bucket is still shown as given.
         self.refill_time
             .checked_mul(NANOS_PER_MILLI)
             .ok_or(BucketError::RefillTimeOverflow(self.refill_time))?;
+        if !self.is_unlimited() && self.refill_time == 0 {
+            return Err(BucketError::ZeroRefillTime(self.size));
+        }
         Ok(())
     }
 }
@@ -315,6 +334,11 @@ mod tests {
             Err(BucketError::RefillTimeOverflow(u64::MAX))
         );
         assert_eq!(config(0, 0).validate(), Ok(()));
+        // An unlimited bucket's refill time is still in range (the API shows it as given).
+        assert_eq!(
+            config(0, u64::MAX / 1000).validate(),
+            Err(BucketError::RefillTimeOverflow(u64::MAX / 1000))
+        );
         assert!(TokenBucket::new(config(0, 0), Instant::now())
             .unwrap()
             .is_none());

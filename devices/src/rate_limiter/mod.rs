@@ -17,13 +17,53 @@ pub use self::bucket::{BucketError, TokenBucket, TokenBucketConfig, TokenBucketS
 use self::timer::Timer;
 
 /// Firecracker's `RateLimiter` object: either bucket may be left out (no limit of that kind).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct RateLimiterConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<TokenBucketConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucketConfig>,
+}
+
+/// The JSON object [`RateLimiterConfig`] is read from.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimiterObject {
+    #[serde(default)]
+    bandwidth: Option<TokenBucketConfig>,
+    #[serde(default)]
+    ops: Option<TokenBucketConfig>,
+}
+
+impl<'de> Deserialize<'de> for RateLimiterConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let object: RateLimiterObject = object_only(deserializer)?;
+        Ok(Self {
+            bandwidth: object.bandwidth,
+            ops: object.ops,
+        })
+    }
+}
+
+/// Reads `T` from a map (a JSON object) only. serde's derive also takes a struct from a
+/// sequence of its fields in order (`[null, null]` for a rate limiter), which Firecracker's
+/// API and the OpenAPI document do not allow.
+fn object_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct MapOnly<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for MapOnly<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer.deserialize_map(MapOnly(std::marker::PhantomData))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@
 //! queue events, interrupt, configuration space, started queues, the rule for interrupting the
 //! driver) is in [`common`].
 
+pub mod balloon;
 pub mod block;
 pub mod common;
 pub mod mmio;
@@ -29,6 +30,7 @@ pub use self::common::VirtioCommon;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bits every modern device offers.

@@ -96,6 +96,10 @@ pub enum DeviceSpecificState {
     /// virtio-rng: its rate limiter's buckets (a request is served whole when it is read, so
     /// none is half done).
     Entropy { rate_limiter: RateLimiterState },
+    /// virtio-balloon: its target, the driver's actual size, the statistics interval and the
+    /// statistics buffer it holds. Pages given back stay given back: they are holes in the
+    /// memory file.
+    Balloon(Box<super::balloon::BalloonState>),
 }
 
 /// A virtio device's own state.

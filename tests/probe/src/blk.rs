@@ -83,6 +83,41 @@ impl Blk {
         })
     }
 
+    /// Sets the device up, makes a read of `sectors` sectors at `sector` available and
+    /// notifies *before* DRIVER_OK, then starts the device and waits for the read: the device
+    /// must serve what was made available before it was started.
+    pub fn start_with_early_read(
+        slot: u64,
+        sector: u64,
+        sectors: usize,
+    ) -> Result<(Self, Done), VirtioError> {
+        // SAFETY: as in `start`: one Device at a time owns the queue memory.
+        let queue = unsafe { &mut *addr_of_mut!(QUEUE) };
+        let (device, features) = Device::set_up(slot, TYPE_BLOCK, F_VERSION_1 | F_RO, queue)?;
+        let capacity = device.config::<u64>(0);
+        let mut blk = Self {
+            device,
+            capacity,
+            read_only: features & F_RO != 0,
+        };
+        let len = (sectors * SECTOR).min(DATA_MAX) as u32;
+        Self::set_header(T_IN, sector);
+        let mut chain = [
+            Self::header_desc(),
+            Descriptor {
+                addr: Self::data_addr(),
+                len,
+                flags: DESC_F_WRITE,
+                next: 0,
+            },
+            Self::status_desc(),
+        ];
+        blk.device.submit(&mut chain);
+        crate::virtio::driver_ok(blk.device.base)?;
+        let done = blk.finish()?;
+        Ok((blk, done))
+    }
+
     fn header_addr() -> u64 {
         // SAFETY: only the address is taken.
         unsafe { addr_of_mut!((*buffers()).header) as u64 }

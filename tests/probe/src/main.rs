@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod balloon;
 mod blk;
 mod bootparams;
 mod entry;

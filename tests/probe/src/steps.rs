@@ -52,6 +52,7 @@ pub fn run(zero_page: &ZeroPage) {
     let mut blk: Option<Blk> = None;
     let mut net: Option<crate::net::Net> = None;
     let mut vsock: Option<crate::vsock::Vsock> = None;
+    let mut balloon: Option<crate::balloon::Balloon> = None;
     let steps = cmdline_value(cmdline, RUN_KEY).unwrap_or(b"boot");
     for step in steps.split(|b| *b == b',').filter(|s| !s.is_empty()) {
         let mut parts = step.split(|b| *b == b':');
@@ -108,6 +109,23 @@ pub fn run(zero_page: &ZeroPage) {
                         blk = Some(device);
                     }
                     Err(err) => report!("blk-init error {err:?}"),
+                }
+            }
+            b"blk-init-early" => {
+                // blk-init-early:SLOT:SECTOR:COUNT: a read made available before DRIVER_OK.
+                let slot = parse_u64(parts.next()).unwrap_or(0);
+                let sector = parse_u64(parts.next()).unwrap_or(0);
+                let count = parse_u64(parts.next()).unwrap_or(1) as usize;
+                match Blk::start_with_early_read(slot, sector, count) {
+                    Ok((device, done)) => {
+                        report!(
+                            "blk-init-early status={} used={}",
+                            done.status,
+                            done.used_len
+                        );
+                        blk = Some(device);
+                    }
+                    Err(err) => report!("blk-init-early error {err:?}"),
                 }
             }
             b"rng-read" => {
@@ -172,6 +190,37 @@ pub fn run(zero_page: &ZeroPage) {
                     continue;
                 };
                 crate::vsock::steps::step(device, as_str(name), &mut parts);
+            }
+            b"balloon-init" => {
+                let slot = parse_u64(parts.next()).unwrap_or(0);
+                let (kib, _) = zero_page.ram();
+                crate::balloon::write_sentinel();
+                match crate::balloon::start(slot, kib * 1024) {
+                    Ok(device) => {
+                        report!(
+                            "balloon-init features={:#x} target={}",
+                            device.features(),
+                            device.target()
+                        );
+                        balloon = Some(device);
+                    }
+                    Err(err) => report!("balloon-init error {err:?}"),
+                }
+            }
+            b"balloon-touch" => {
+                // balloon-touch:AT_MIB:MIB
+                let at = parse_u64(parts.next()).unwrap_or(64) << 20;
+                let mib = parse_u64(parts.next()).unwrap_or(0);
+                crate::balloon::touch(at, mib << 20);
+                report!("balloon-touch mib={mib}");
+            }
+            b"balloon-inflate" | b"balloon-deflate" | b"balloon-report" | b"balloon-follow"
+            | b"balloon-hostile" => {
+                let Some(device) = balloon.as_mut() else {
+                    report!("error {} before balloon-init", as_str(name));
+                    continue;
+                };
+                balloon_step(device, name, &mut parts, zero_page.ram().1);
             }
             b"panic" => panic!("requested on the command line"),
             other => report!("error unknown step {}", as_str(other)),
@@ -258,6 +307,65 @@ fn blk_step<'a>(device: &mut Blk, name: &[u8], args: &mut impl Iterator<Item = &
                     Ok(done) => report!("blk-alive status={}", done.status),
                     Err(err) => report!("blk-dead {err:?}"),
                 }
+            }
+        }
+    }
+}
+
+/// `balloon-inflate:AT_MIB:MIB`, `balloon-deflate:AT_MIB:MIB`, `balloon-report:AT_MIB:MIB`,
+/// `balloon-follow:AT_MIB[:ROUNDS]`, `balloon-hostile:CASE`.
+fn balloon_step<'a>(
+    device: &mut crate::balloon::Balloon,
+    name: &[u8],
+    args: &mut impl Iterator<Item = &'a [u8]>,
+    top: u64,
+) {
+    let name = as_str(name);
+    match name {
+        "balloon-inflate" | "balloon-deflate" | "balloon-report" => {
+            let at = parse_u64(args.next()).unwrap_or(64) << 20;
+            let len = parse_u64(args.next()).unwrap_or(0) << 20;
+            let done = match name {
+                "balloon-report" => device.report(at, len).map(|()| (len / 4096) as u32),
+                _ => device.pages(name == "balloon-inflate", at, len),
+            };
+            match done {
+                Ok(pages) => report!("{name} pages={pages} actual={}", device.actual()),
+                Err(err) => report!("{name} error {err:?}"),
+            }
+        }
+        "balloon-follow" => {
+            let at = parse_u64(args.next()).unwrap_or(64) << 20;
+            let rounds = parse_u64(args.next()).unwrap_or(1);
+            for _ in 0..rounds {
+                // A change signalled before now is already in the target read below.
+                let generation = device.settle();
+                report!(
+                    "balloon: waiting target={} actual={}",
+                    device.target(),
+                    device.actual()
+                );
+                match device.follow(at, generation, WAIT_POLLS) {
+                    Ok(target) => {
+                        report!("balloon-follow target={target} actual={}", device.actual())
+                    }
+                    Err(err) => {
+                        report!("balloon-follow error {err:?}");
+                        return;
+                    }
+                }
+            }
+        }
+        _ => {
+            let case = args.next().unwrap_or_default();
+            match device.hostile(case, top) {
+                None => report!("error unknown hostile case {}", as_str(case)),
+                Some(Ok(intact)) => report!(
+                    "balloon-hostile {} returned intact={}",
+                    as_str(case),
+                    if intact { "yes" } else { "no" }
+                ),
+                Some(Err(err)) => report!("balloon-hostile {} error {err:?}", as_str(case)),
             }
         }
     }

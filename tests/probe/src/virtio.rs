@@ -173,6 +173,19 @@ impl Device {
         wanted_features: u64,
         queue: &'static mut QueueMemory,
     ) -> Result<(Self, u64), VirtioError> {
+        let (device, features) = Self::set_up(slot, device_type, wanted_features, queue)?;
+        driver_ok(device.base)?;
+        Ok((device, features))
+    }
+
+    /// [`Device::start`] short of DRIVER_OK: the queue is set up and ready, the device not yet
+    /// started (a driver may make requests available before it says DRIVER_OK).
+    pub fn set_up(
+        slot: u64,
+        device_type: u32,
+        wanted_features: u64,
+        queue: &'static mut QueueMemory,
+    ) -> Result<(Self, u64), VirtioError> {
         let (base, features) = negotiate(slot, device_type, wanted_features)?;
         set_reg(base, REG_QUEUE_SEL, 0);
         if reg(base, REG_QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
@@ -192,12 +205,6 @@ impl Device {
         set_reg(base, REG_QUEUE_DEVICE_LOW, used as u32);
         set_reg(base, REG_QUEUE_DEVICE_HIGH, (used >> 32) as u32);
         set_reg(base, REG_QUEUE_READY, 1);
-        let up_to_features = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        set_reg(base, REG_STATUS, up_to_features | STATUS_DRIVER_OK);
-        let status = reg(base, REG_STATUS);
-        if status & STATUS_DRIVER_OK == 0 {
-            return Err(VirtioError::NotStarted(status));
-        }
         let device = Self {
             base,
             queue,
