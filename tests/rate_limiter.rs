@@ -601,6 +601,15 @@ fn net_rx_rate_limit_delivers_b_bytes_a_second_to_the_guest() {
     // The first 128 frames fill the guest's buffers before it takes any (net-recv waits for
     // that): measure the big frames from 256 on, the small ones from a second's worth in.
     assert_eq!(big_count % CREDIT_EVERY, 0);
+    // Where the credits came slowest once the guest took frames as they came, to tell a
+    // stall from a slow rate.
+    let gaps = credited
+        .windows(2)
+        .filter(|w| w[0].0 >= 128)
+        .map(|w| (w[1].1 - w[0].1, w[0].0, w[1].0));
+    if let Some((gap, from, to)) = gaps.max() {
+        eprintln!("longest between credits: {gap:?}, from {from} to {to}");
+    }
     let big = rate_between(256, big_count);
     let small = rate_between(big_count + 1024, count);
     assert_within("1514-byte frames, bytes/s", big, rate as f64, 0.1);
