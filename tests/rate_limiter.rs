@@ -171,8 +171,9 @@ fn patch_changes_the_rate_of_a_transfer_under_way_and_loses_nothing() {
         config["drives"][0]["rate_limiter"],
         serde_json::json!({"bandwidth": bucket(fast / 10, 100), "ops": bucket(100_000, 1000)})
     );
+    // Timed to the guest's line, not to the monitor's exit, which a loaded host delays.
+    let elapsed = (when_line(&mote, DONE, 1, Duration::from_secs(20)) - start).as_secs_f64();
     let run = mote.wait(Duration::from_secs(30));
-    let elapsed = start.elapsed().as_secs_f64();
     assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
     assert!(
         run.stdout.contains(&format!(
@@ -182,12 +183,15 @@ fn patch_changes_the_rate_of_a_transfer_under_way_and_loses_nothing() {
         "{}",
         run.stdout
     );
-    // At the slow rate the whole transfer would take about 3.9 s.
+    // At the slow rate the whole transfer would take about 3.9 s: the PATCH must bring it to
+    // the fast rate's time. Not much sooner (no free burst), and late by at most what a
+    // loaded host's scheduling adds (the figure was 1.21-1.28 s for 1.19 s alone, 1.44 s with
+    // a whole CI run beside it, timed to the exit).
     let moved_slowly = (slow / 10) as f64 + slow as f64 * patched;
     let expected = patched + (total as f64 - moved_slowly) / fast as f64;
     eprintln!("patched after {patched:.2} s; done after {elapsed:.2} s, expected {expected:.2} s");
     assert!(
-        (elapsed - expected).abs() < 0.25,
+        elapsed > expected - 0.25 && elapsed < expected + 0.6,
         "done after {elapsed:.2} s, expected {expected:.2} s"
     );
 }
