@@ -122,8 +122,18 @@ impl TokenBucket {
         i128::from(self.config.size)
     }
 
-    /// Adds what the time since the last refill brought, up to the bucket's size.
+    /// True when the bucket holds its whole size (time brings it nothing more).
+    pub fn is_full(&self) -> bool {
+        self.budget >= self.size()
+    }
+
+    /// Adds what the time since the last refill brought, up to the bucket's size. A time
+    /// before the last refill (a limiter's older clock reading) brings nothing and moves
+    /// nothing back, so no interval is counted twice.
     fn refill(&mut self, now: Instant) {
+        if now < self.last_update {
+            return;
+        }
         let elapsed = now.saturating_duration_since(self.last_update).as_nanos();
         self.last_update = now;
         if self.budget >= self.size() {

@@ -122,6 +122,8 @@ pub struct RateLimiter {
     blocked: bool,
     /// CLOCK_MONOTONIC, as the timer's.
     clock: fn() -> Instant,
+    /// The clock's last reading, which requests are first checked against (see `consume`).
+    now: Instant,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -146,7 +148,26 @@ impl RateLimiter {
             timer: Timer::new().map_err(RateLimiterError::Timer)?,
             blocked: false,
             clock,
+            now,
         })
+    }
+
+    fn read_clock(&mut self) -> Instant {
+        self.now = (self.clock)().max(self.now);
+        self.now
+    }
+
+    /// How long until one operation and `bytes` fit at time `now` (None: they fit now),
+    /// refilling the buckets to `now`.
+    fn wait_at(&mut self, bytes: u64, now: Instant) -> Option<Duration> {
+        let bandwidth_wait = self.bandwidth.as_mut().and_then(|b| b.check(bytes, now));
+        let ops_wait = self.ops.as_mut().and_then(|b| b.check(1, now));
+        bandwidth_wait.max(ops_wait)
+    }
+
+    fn a_bucket_is_full(&self) -> bool {
+        let full = |bucket: &Option<TokenBucket>| bucket.as_ref().is_some_and(TokenBucket::is_full);
+        full(&self.bandwidth) || full(&self.ops)
     }
 
     /// The configuration in force (unlimited buckets left out).
@@ -171,10 +192,16 @@ impl RateLimiter {
         if self.blocked {
             return false;
         }
-        let now = (self.clock)();
-        let bandwidth_wait = self.bandwidth.as_mut().and_then(|b| b.check(bytes, now));
-        let ops_wait = self.ops.as_mut().and_then(|b| b.check(1, now));
-        match bandwidth_wait.max(ops_wait) {
+        // First against the clock's last reading: tokens only grow with time, so what fits
+        // then fits now, and the clock (a third of an idle limiter's cost per request) is read
+        // only when it matters: for a request that does not fit yet, and when a bucket is full,
+        // so that its refill counts from when it stops being full.
+        let mut wait = self.wait_at(bytes, self.now);
+        if wait.is_some() || self.a_bucket_is_full() {
+            let now = self.read_clock();
+            wait = self.wait_at(bytes, now);
+        }
+        match wait {
             None => {
                 if let Some(bucket) = &mut self.bandwidth {
                     bucket.take(bytes);
@@ -210,7 +237,7 @@ impl RateLimiter {
     /// head request again under the new limits.
     pub fn update(&mut self, update: &RateLimiterConfig) -> Result<(), RateLimiterError> {
         update.validate()?;
-        let now = (self.clock)();
+        let now = self.read_clock();
         let reconfigure = |bucket: &Option<TokenBucket>, config: Option<TokenBucketConfig>| match (
             bucket, config,
         ) {
@@ -247,7 +274,7 @@ impl RateLimiter {
     /// Takes the buckets a snapshot saved (their configuration included). The device tries its
     /// queue afterwards and blocks again if it must.
     pub fn restore(&mut self, state: &RateLimiterState) -> Result<(), RateLimiterError> {
-        let now = (self.clock)();
+        let now = self.read_clock();
         let bucket = |state: &Option<TokenBucketState>| {
             state
                 .as_ref()
@@ -286,6 +313,48 @@ mod tests {
         };
         // SAFETY: one pollfd that lives for the call.
         unsafe { libc::poll(&mut pfd, 1, timeout_ms) == 1 }
+    }
+
+    static CLOCK_READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn counted_clock() -> Instant {
+        CLOCK_READS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Instant::now()
+    }
+
+    /// An idle limiter (buckets far above the rate) reads the clock only when a bucket is
+    /// full or a request does not fit at its last reading: not once per request. And a bucket
+    /// counts its refill from when it stopped being full, not from an older reading.
+    #[test]
+    fn an_idle_limiter_reads_the_clock_rarely_and_counts_refills_exactly() {
+        let config = RateLimiterConfig {
+            bandwidth: bucket(1 << 30, 1000),
+            ops: bucket(1 << 20, 1000),
+        };
+        let mut limiter = RateLimiter::new(&config).unwrap();
+        limiter.clock = counted_clock;
+        let before = CLOCK_READS.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..10_000 {
+            assert!(limiter.consume(4096));
+        }
+        let reads = CLOCK_READS.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(reads <= 2, "{reads} clock reads for 10000 requests");
+
+        // A full bucket whose last reading is old: the request that empties it starts its
+        // refill now, so 100 ms later it has only a tenth of its size back (counted from the
+        // old reading, it would have seven tenths, and 500 would fit).
+        let config = RateLimiterConfig {
+            bandwidth: bucket(1000, 1000),
+            ops: None,
+        };
+        let mut limiter = RateLimiter::new(&config).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(limiter.consume(1000));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !limiter.consume(500),
+            "600 ms spent full were counted as refill"
+        );
     }
 
     #[test]
