@@ -232,6 +232,20 @@ impl VirtioCommon {
         });
     }
 
+    /// Wakes the event loop for every queue, as a notification would: for requests the driver
+    /// made available before DRIVER_OK. A device starts on a vCPU thread (the driver's status
+    /// write), whose seccomp filter allows no device I/O, so it must not serve them there. A
+    /// failure stops the device again.
+    pub fn kick_queues(&mut self) -> Result<(), ActivateError> {
+        for event in &self.queue_events {
+            if let Err(err) = event.write(1) {
+                self.deactivate();
+                return Err(ActivateError::Io(err));
+            }
+        }
+        Ok(())
+    }
+
     /// Stops serving the queues (the device's own part of a failed start).
     pub fn deactivate(&mut self) {
         self.active = None;

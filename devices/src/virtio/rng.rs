@@ -251,14 +251,8 @@ impl VirtioDevice for Rng {
             self.metrics.activate_fails.inc();
             return Err(err);
         }
-        // Requests may have been made available before the driver said DRIVER_OK. This runs
-        // on a vCPU thread (the driver's status write), whose seccomp filter allows no device
-        // I/O: the event loop serves them, woken as by a notification.
-        if let Err(err) = self.common.queue_events()[0].write(1) {
-            self.common.deactivate();
-            return Err(ActivateError::Io(err));
-        }
-        Ok(())
+        // Requests may have been made available before the driver said DRIVER_OK.
+        self.common.kick_queues()
     }
 
     fn reset(&mut self) {

@@ -227,23 +227,13 @@ impl Net {
     /// Serves the queues the device now holds: at activation and after a restore. A device
     /// that cannot start does not keep them.
     fn start(&mut self) -> Result<(), ActivateError> {
-        let started = self
-            .tap
-            .set_offload(self.tap_offloads())
-            .map_err(|err| ActivateError::Io(std::io::Error::other(err.to_string())))
-            .and_then(|()| {
-                // Buffers may have been posted, and frames may be waiting in the TAP, already.
-                // This runs on a vCPU thread (the driver's status write) or while the VM is
-                // being built: leave the TAP I/O to the event loop.
-                for event in self.common.queue_events() {
-                    event.write(1)?;
-                }
-                Ok(())
-            });
-        if let Err(err) = started {
+        if let Err(err) = self.tap.set_offload(self.tap_offloads()) {
             self.common.deactivate();
-            return Err(err);
+            return Err(ActivateError::Io(std::io::Error::other(err.to_string())));
         }
+        // Buffers may have been posted, and frames may be waiting in the TAP, already: the
+        // event loop does the TAP I/O (this runs on a vCPU thread, or while the VM is built).
+        self.common.kick_queues()?;
         info!(
             "virtio-net {}: started on TAP {} (features {:#x})",
             self.id,
