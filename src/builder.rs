@@ -353,6 +353,8 @@ pub fn build_microvm_for_boot(
 
     let (mut devices, reset_evt) = device_manager(&vm, console, None)?;
     attach_devices(&vm, &mut devices, resources, backends, start)?;
+    let vmgenid = arch::vmgenid_placement(mem).map_err(BuildError::Configure)?;
+    devices.attach_vmgenid(&vm, vmgenid)?;
     let root = resources.drives.iter().find(|d| d.is_root_device);
     let cmdline = build_cmdline(boot_source.boot_args.as_deref(), root)?;
     arch::configure_system(
@@ -362,6 +364,7 @@ pub fn build_microvm_for_boot(
         devices.mmio_devices(),
         initrd,
         vcpu_count,
+        &vmgenid,
     )
     .map_err(BuildError::Configure)?;
 
@@ -396,6 +399,11 @@ pub fn build_microvm_from_snapshot(
     let (mut devices, reset_evt) = device_manager(&vm, console, Some(state))?;
     attach_devices(&vm, &mut devices, resources, backends, start)?;
     devices.restore_state(&state.devices)?;
+    // A clone must not share its random state with its siblings: a new generation ID, which
+    // the guest hears of below.
+    if let Some(vmgenid) = state.devices.vmgenid {
+        devices.attach_vmgenid(&vm, vmgenid)?;
+    }
 
     for ((fd, saved), index) in vcpu_fds.iter().zip(&state.vcpus).zip(0u8..) {
         saved
@@ -403,6 +411,9 @@ pub fn build_microvm_from_snapshot(
             .map_err(|source| BuildError::RestoreVcpu { index, source })?;
     }
     vm.restore_state_after_vcpus(&state.vm)?;
+    // The interrupt controllers hold their restored state now: the edge waits in them until
+    // the vCPUs run.
+    devices.notify_vmgenid()?;
     let mut built = finish(vm, devices, vcpu_fds, reset_evt)?;
     built.vmm.mark_paused();
     Ok(built)

@@ -55,3 +55,8 @@ fn hosted_restored_guest_programs_carry_on() {
 fn hosted_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::X86_64);
 }
+
+#[test]
+fn hosted_clones_reseed_their_rng_from_a_new_generation_id() {
+    cases::clones_reseed_their_rng_from_a_new_generation_id(Arch::X86_64);
+}

@@ -104,6 +104,11 @@ fn hosted_aarch64_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::Aarch64);
 }
 
+#[test]
+fn hosted_aarch64_clones_reseed_their_rng_from_a_new_generation_id() {
+    cases::clones_reseed_their_rng_from_a_new_generation_id(Arch::Aarch64);
+}
+
 /// A snapshot of an x86_64 guest, taken here by this machine's own mote (the probe guest runs
 /// in milliseconds on any KVM); None where this machine has no KVM.
 fn x86_64_snapshot() -> Option<(PathBuf, PathBuf)> {

@@ -8,9 +8,11 @@ pub mod bus;
 pub mod legacy;
 pub mod log_limit;
 pub mod metrics;
+pub mod random;
 pub mod rate_limiter;
 pub mod sync;
 pub mod unix_socket;
 pub mod virtio;
+pub mod vmgenid;
 
 pub use bus::{Bus, BusDevice, BusError};

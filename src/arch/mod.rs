@@ -15,6 +15,9 @@
 //!   the virtio-mmio devices announced as the arch's guests expect: kernel command line on
 //!   x86_64, device tree on aarch64), `vcpu_features` (what KVM offers every vCPU, read once
 //!   per boot) and `configure_vcpu`.
+//! - **VM generation ID**: `vmgenid_placement(mem)` says where its 16 bytes go and which line
+//!   announces a change; `configure_system` describes it to the guest (ACPI tables on x86_64,
+//!   a device-tree node on aarch64).
 //! - **vCPUs**: `VcpuState` (save/restore on the vCPU's thread), `handle_exit` for the exits
 //!   only this arch has (x86_64: port I/O, through `VcpuIo`), `instruction_pointer` for
 //!   reports.
@@ -39,8 +42,9 @@ pub use self::x86_64::{
     legacy::{handle_exit, LegacyDeviceError, LegacyDevices, LegacyDevicesState, VcpuIo},
     load_kernel,
     snapshot::{StateError, VcpuState, VmState},
-    vcpu_features, ArchError, ArchVcpuError, BootEntry, InitrdPlacement, VcpuFeatures, VmDevices,
-    CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB, MAX_VCPUS,
+    vcpu_features, vmgenid_placement, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
+    VcpuFeatures, VmDevices, CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB,
+    MAX_VCPUS,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -51,8 +55,9 @@ pub use self::aarch64::{
     legacy::{handle_exit, LegacyDeviceError, LegacyDevices, LegacyDevicesState, VcpuIo},
     load_kernel,
     snapshot::{StateError, VcpuState, VmState},
-    vcpu_features, ArchError, ArchVcpuError, BootEntry, InitrdPlacement, VcpuFeatures, VmDevices,
-    CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB, MAX_VCPUS,
+    vcpu_features, vmgenid_placement, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
+    VcpuFeatures, VmDevices, CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB,
+    MAX_VCPUS,
 };
 
 /// The arch a snapshot's state belongs to, as its ELF machine number (EM_X86_64, EM_AARCH64).

@@ -24,6 +24,7 @@ use devices::virtio::net::{Net, NetError, NetLimits};
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockError};
 use devices::virtio::VirtioDevice;
+use devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdState};
 use devices::Bus;
 use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -104,6 +105,8 @@ pub enum DeviceError {
     BusInUse,
     #[error(transparent)]
     Legacy(#[from] LegacyDeviceError),
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
@@ -155,6 +158,9 @@ pub struct DeviceManager {
     /// The console's UART; where it sits is the arch's business.
     serial: Arc<Mutex<SerialDevice>>,
     legacy: LegacyDevices,
+    /// The VM generation ID (None only for a VM restored from a snapshot taken before mote had
+    /// one: its guest was never told of the device).
+    vmgenid: Option<VmGenId>,
     /// The devices' data paths and the console's input, for the event loop.
     subscribers: Vec<Subscriber>,
 }
@@ -203,8 +209,27 @@ impl DeviceManager {
             nets: Vec::new(),
             serial,
             legacy,
+            vmgenid: None,
             subscribers,
         })
+    }
+
+    /// The VM generation ID at `placement`, with a fresh ID in guest memory and its line
+    /// connected. A restore passes the snapshot's placement: the guest found the device there.
+    pub fn attach_vmgenid(&mut self, vm: &Vm, placement: VmGenIdState) -> Result<(), DeviceError> {
+        let device = VmGenId::new(placement, vm.memory())?;
+        vm.register_irqfd(device.irq_evt(), placement.irq)?;
+        self.vmgenid = Some(device);
+        Ok(())
+    }
+
+    /// Tells a restored guest that its generation ID changed (once its interrupt controllers
+    /// hold their restored state).
+    pub fn notify_vmgenid(&self) -> Result<(), DeviceError> {
+        if let Some(vmgenid) = &self.vmgenid {
+            vmgenid.notify_guest()?;
+        }
+        Ok(())
     }
 
     fn mmio_bus_mut(&mut self) -> Result<&mut Bus, DeviceError> {

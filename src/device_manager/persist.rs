@@ -3,6 +3,7 @@
 
 use devices::legacy::serial::SerialDeviceState;
 use devices::virtio::state::{DeviceStateError, MmioTransportState};
+use devices::vmgenid::VmGenIdState;
 use serde::{Deserialize, Serialize};
 
 use super::DeviceManager;
@@ -26,6 +27,9 @@ pub struct DevicesState {
     pub legacy: LegacyDevicesState,
     /// In slot order.
     pub virtio: Vec<VirtioSlotState>,
+    /// Where the guest was told its generation ID is (None in snapshots of format 3 and
+    /// earlier: those guests have no such device). A restore writes a new ID there.
+    pub vmgenid: Option<VmGenIdState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,7 @@ impl DeviceManager {
             serial: lock(&self.serial).state(),
             legacy: self.legacy.save_state(),
             virtio,
+            vmgenid: self.vmgenid.as_ref().map(|device| device.state()),
         })
     }
 

@@ -4,6 +4,8 @@
 //! snapshot's devices did not have: they come back without limits, as they ran. Each type here
 //! mirrors, field for field and in order, the type of its name as version 2 had it (bincode
 //! has no field names: the order is the format); the types that did not change are today's.
+//! Version 4 added the VM generation ID's placement to the devices; a version-3 guest has no
+//! such device and comes back without one.
 
 use devices::legacy::serial::SerialDeviceState;
 use devices::rate_limiter::RateLimiterState;
@@ -16,6 +18,42 @@ use super::{config_as_json, MemoryRegionState, MicrovmState};
 use crate::arch::{LegacyDevicesState, VcpuState, VmState};
 use crate::config::VmConfigFile;
 use crate::device_manager::{DevicesState, VirtioSlotState};
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct MicrovmStateV3 {
+    #[serde(with = "config_as_json")]
+    config: VmConfigFile,
+    memory: Vec<MemoryRegionState>,
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+    devices: DevicesStateV3,
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct DevicesStateV3 {
+    serial: SerialDeviceState,
+    legacy: LegacyDevicesState,
+    virtio: Vec<VirtioSlotState>,
+}
+
+impl From<MicrovmStateV3> for MicrovmState {
+    fn from(old: MicrovmStateV3) -> Self {
+        MicrovmState {
+            config: old.config,
+            memory: old.memory,
+            vm: old.vm,
+            vcpus: old.vcpus,
+            devices: DevicesState {
+                serial: old.devices.serial,
+                legacy: old.devices.legacy,
+                virtio: old.devices.virtio,
+                vmgenid: None,
+            },
+        }
+    }
+}
 
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -95,6 +133,7 @@ impl From<MicrovmStateV2> for MicrovmState {
                 serial: old.devices.serial,
                 legacy: old.devices.legacy,
                 virtio: old.devices.virtio.into_iter().map(Into::into).collect(),
+                vmgenid: None,
             },
         }
     }
@@ -232,15 +271,42 @@ mod tests {
                 ],
             },
         };
-        let body = bincode::serialize(&old).unwrap();
+        file_of_version(2, &bincode::serialize(&old).unwrap())
+    }
+
+    /// A state file of `version` around `body`, with a valid checksum.
+    fn file_of_version(version: u32, body: &[u8]) -> Vec<u8> {
         let mut bytes = SNAPSHOT_MAGIC.to_vec();
-        bytes.extend_from_slice(&2u32.to_le_bytes());
+        bytes.extend_from_slice(&version.to_le_bytes());
         bytes.extend_from_slice(&u32::from(SNAPSHOT_ARCH).to_le_bytes());
         bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(body);
         let crc = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182).checksum(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         bytes
+    }
+
+    #[test]
+    fn a_version_3_file_reads_into_todays_state_without_a_generation_id() {
+        let v2 = decode(&version_2_file()).unwrap();
+        let old = MicrovmStateV3 {
+            config: v2.config,
+            memory: v2.memory,
+            vm: v2.vm,
+            vcpus: v2.vcpus,
+            devices: DevicesStateV3 {
+                serial: v2.devices.serial,
+                legacy: v2.devices.legacy,
+                virtio: v2.devices.virtio.clone(),
+            },
+        };
+        let state = decode(&file_of_version(3, &bincode::serialize(&old).unwrap())).unwrap();
+        assert_eq!(state.devices.vmgenid, None);
+        assert_eq!(state.devices.virtio.len(), 3);
+        assert_eq!(
+            state.devices.virtio[1].transport.device.specific,
+            v2.devices.virtio[1].transport.device.specific
+        );
     }
 
     #[test]

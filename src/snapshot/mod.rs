@@ -29,8 +29,9 @@ pub use replace::NewFile;
 /// The first bytes of every state file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MOTESNAP";
 /// The state file's format version; a file of another version is refused, not misread.
-/// (2: the header names the architecture.)
-pub const SNAPSHOT_VERSION: u32 = 3;
+/// (2: the header names the architecture; 3: the devices' rate limiters; 4: the VM
+/// generation ID.)
+pub const SNAPSHOT_VERSION: u32 = 4;
 const VERSION_AT: usize = SNAPSHOT_MAGIC.len();
 const ARCH_AT: usize = VERSION_AT + 4;
 const BODY_LEN_AT: usize = ARCH_AT + 4;
@@ -162,9 +163,9 @@ struct Layout {
     arch_at: Option<usize>,
 }
 
-/// Version 1 (before aarch64) had no arch field; its body is version 2's. Version 3 (rate
-/// limiters in the devices' state) has version 2's header: both older bodies are read by
-/// [`legacy`].
+/// Version 1 (before aarch64) had no arch field; its body is version 2's. Versions 3 (rate
+/// limiters in the devices' state) and 4 (the VM generation ID) have version 2's header: the
+/// older bodies are read by [`legacy`].
 const V1_LAYOUT: Layout = Layout {
     body_len_at: VERSION_AT + 4,
     header_len: VERSION_AT + 4 + 8,
@@ -200,7 +201,7 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     let found = field(VERSION_AT, 4) as u32;
     let layout = match found {
         1 => V1_LAYOUT,
-        2 | SNAPSHOT_VERSION => V2_LAYOUT,
+        2 | 3 | SNAPSHOT_VERSION => V2_LAYOUT,
         _ => return Err(SnapshotError::Version { found }),
     };
     let min = layout.header_len + CRC_LEN;
@@ -236,6 +237,7 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     let body = &covered[layout.header_len..];
     let decoded = match found {
         1 | 2 => bincode::deserialize::<legacy::MicrovmStateV2>(body).map(MicrovmState::from),
+        3 => bincode::deserialize::<legacy::MicrovmStateV3>(body).map(MicrovmState::from),
         _ => bincode::deserialize(body),
     };
     decoded.map_err(|err| decode_error(&err))
@@ -298,6 +300,10 @@ mod tests {
                 .into(),
                 legacy: Default::default(),
                 virtio: Vec::new(),
+                vmgenid: Some(devices::vmgenid::VmGenIdState {
+                    addr: 0xe_0040,
+                    irq: 23,
+                }),
             },
         }
     }
@@ -339,6 +345,7 @@ mod tests {
         assert_eq!(decoded.config, state().config);
         assert_eq!(decoded.memory, state().memory);
         assert_eq!(decoded.devices.serial.scratch, 0x5a);
+        assert_eq!(decoded.devices.vmgenid, state().devices.vmgenid);
     }
 
     #[test]
@@ -361,9 +368,9 @@ mod tests {
             SnapshotError::BadMagic
         ));
         let mut newer = bytes.clone();
-        newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&4u32.to_le_bytes());
+        newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&5u32.to_le_bytes());
         let err = decode(&rechecksummed(newer)).unwrap_err();
-        assert!(matches!(err, SnapshotError::Version { found: 4 }), "{err}");
+        assert!(matches!(err, SnapshotError::Version { found: 5 }), "{err}");
     }
 
     /// A version-1 file: the same body under the header without the arch field.

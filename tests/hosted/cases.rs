@@ -372,6 +372,79 @@ grep -v '^tick-' out2
     let _ = std::fs::remove_file(disk);
 }
 
+/// Two clones of one snapshot do not share a random state: each restore writes a new VM
+/// generation ID and raises its interrupt, the guest's `vmgenid` driver (found through ACPI on
+/// x86_64, the device tree on aarch64) has the kernel reseed its RNG and log it, and the clones'
+/// `/dev/urandom` bytes and random UUIDs differ from then on. (Without the reseed both would
+/// go on from the one RNG state the snapshot holds.)
+pub fn clones_reseed_their_rng_from_a_new_generation_id(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+cmd=$(guest_cmd '
+echo vmgenid-bound=$(ls /sys/bus/acpi/drivers/vmgenid /sys/bus/platform/drivers/vmgenid 2>/dev/null | grep -ciE "vgid|[.]vmgenid")
+i=0
+while :; do
+  i=$((i + 1))
+  echo tick-$i fork=$(dmesg | grep -c "crng reseeded due to virtual machine fork") rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n") uuid=$(cat /proc/sys/kernel/random/uuid)
+  sleep 0.2
+done')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
+JSON
+./mote --api-sock /tmp/api0.sock --config-file vm.json >out0 2>&1 &
+origin=$!
+wait_count out0 tick- 5 120 || fail "the guest's loop never ran"
+hosted-tool api /tmp/api0.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"
+hosted-tool api /tmp/api0.sock PUT /snapshot/create \
+  '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
+kill -9 $origin
+grep -m1 '^vmgenid-bound=' out0 | tr -d '\r'
+echo origin-$(tr -d '\r' <out0 | grep -o 'fork=[0-9]*' | tail -n1)
+for n in 1 2; do
+  ./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem >clone$n 2>&1 &
+  eval clone_$n=$!
+done
+for n in 1 2; do
+  wait_for clone$n 'fork=1 ' 60 || fail "clone $n's kernel never reseeded"
+  tr -d '\r' <clone$n | grep -m1 'fork=1 ' | sed "s/^/clone$n-reseeded: /"
+done
+kill -9 $clone_1 $clone_2
+"#,
+    );
+    run.assert_ok();
+    assert_eq!(run.value("vmgenid-bound="), "1", "{}", run.output);
+    assert_eq!(
+        run.value("origin-fork="),
+        "0",
+        "a freshly booted guest logged a fork:
+{}",
+        run.output
+    );
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_string()
+    };
+    let reseeded: Vec<(String, String)> = (1..=2)
+        .map(|n| {
+            let line = run.value(&format!("clone{n}-reseeded: "));
+            (field(&line, "rand="), field(&line, "uuid="))
+        })
+        .collect();
+    for (rand, uuid) in &reseeded {
+        assert_eq!(rand.len(), 32, "{}", run.output);
+        assert_eq!(uuid.len(), 36, "{}", run.output);
+    }
+    assert_ne!(reseeded[0].0, reseeded[1].0, "{}", run.output);
+    assert_ne!(reseeded[0].1, reseeded[1].1, "{}", run.output);
+}
+
 /// A Linux guest with a balloon: nearly all its memory touched and freed (so that the
 /// balloon's pages are ones the host backs; free page reporting stays off here, or it would
 /// give them back first), then an inflate to 128 MiB, takes about that

@@ -19,6 +19,7 @@ use super::common::{signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_RNG};
 use crate::metrics::EntropyMetrics;
+use crate::random::getrandom;
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// One request queue (`requestq`) of up to 256 entries.
@@ -214,27 +215,6 @@ fn request_len(mem: &GuestMemoryMmap, descriptors: &[Descriptor]) -> Result<usiz
         room = room.saturating_add(descriptor.len() as usize);
     }
     Ok(room.min(MAX_REQUEST_BYTES))
-}
-
-/// Fills `bytes` from the host's random pool (the same one `/dev/urandom` reads).
-fn getrandom(bytes: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < bytes.len() {
-        let rest = &mut bytes[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes at `rest`, which this function
-        // borrows mutably for the call.
-        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if got < 0 {
-            let err = std::io::Error::last_os_error();
-            // A signal can cut a large request short; ask again for the rest.
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        filled += got as usize;
-    }
-    Ok(())
 }
 
 impl VirtioDevice for Rng {

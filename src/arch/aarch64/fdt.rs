@@ -1,14 +1,16 @@
 //! The flattened device tree an arm64 guest boots with (X0 points at it): memory, the vCPUs
 //! with PSCI as their enable method, the GICv3, the arch timer, PSCI itself, the UART, the
-//! RTC, every virtio-mmio device, and `chosen` with the command line and the initrd.
+//! RTC, every virtio-mmio device, the VM generation ID (`microsoft,vmgenid`, its page kept
+//! from the guest by a memory reservation), and `chosen` with the command line and the initrd.
 
-use vm_fdt::{FdtWriter, FdtWriterResult};
+use devices::vmgenid::{VmGenIdState, VMGENID_LEN};
+use vm_fdt::{FdtReserveEntry, FdtWriter, FdtWriterResult};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::gic::redist_size;
 use super::layout::{
     GIC_DIST_SIZE, GIC_DIST_START, GIC_REDIST_START, RTC_IRQ, RTC_SIZE, RTC_START, SERIAL_IRQ,
-    SERIAL_SIZE, SERIAL_START,
+    SERIAL_SIZE, SERIAL_START, VMGENID_PAGE_SIZE,
 };
 use super::regs::mpidr_affinity;
 use super::InitrdPlacement;
@@ -42,11 +44,15 @@ pub struct FdtConfig<'a> {
     pub vcpus: u8,
     pub devices: &'a [MmioDeviceInfo],
     pub initrd: Option<InitrdPlacement>,
+    pub vmgenid: &'a VmGenIdState,
 }
 
 /// The device tree for `mem` and `config`, as bytes to place in guest memory.
 pub fn create_fdt(mem: &GuestMemoryMmap, config: &FdtConfig) -> Result<Vec<u8>, FdtError> {
-    let mut fdt = FdtWriter::new()?;
+    let mut fdt = FdtWriter::new_with_mem_reserv(&[FdtReserveEntry::new(
+        config.vmgenid.addr,
+        VMGENID_PAGE_SIZE,
+    )?])?;
     let root = fdt.begin_node("")?;
     fdt.property_string("compatible", "linux,dummy-virt")?;
     fdt.property_u32("#address-cells", 2)?;
@@ -64,6 +70,7 @@ pub fn create_fdt(mem: &GuestMemoryMmap, config: &FdtConfig) -> Result<Vec<u8>, 
     for device in config.devices {
         virtio_mmio(&mut fdt, device)?;
     }
+    vmgenid(&mut fdt, config.vmgenid)?;
     fdt.end_node(root)?;
     Ok(fdt.finish()?)
 }
@@ -200,6 +207,19 @@ fn virtio_mmio(fdt: &mut FdtWriter, device: &MmioDeviceInfo) -> FdtWriterResult<
     fdt.end_node(node)
 }
 
+/// The binding Linux 6.10 reads (and mote's 6.1 test guest, backported): the ID's 16 bytes and
+/// the line that announces a new one.
+fn vmgenid(fdt: &mut FdtWriter, vmgenid: &VmGenIdState) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("vmgenid@{:x}", vmgenid.addr))?;
+    fdt.property_string("compatible", "microsoft,vmgenid")?;
+    fdt.property_array_u64("reg", &[vmgenid.addr, VMGENID_LEN as u64])?;
+    fdt.property_array_u32(
+        "interrupts",
+        &[GIC_FDT_IRQ_TYPE_SPI, vmgenid.irq, IRQ_TYPE_EDGE_RISING],
+    )?;
+    fdt.end_node(node)
+}
+
 #[cfg(test)]
 mod tests {
     use vm_memory::GuestAddress;
@@ -219,6 +239,11 @@ mod tests {
             .collect();
         cells.chunks(3).map(|c| [c[0], c[1], c[2]]).collect()
     }
+
+    const VMGENID: VmGenIdState = VmGenIdState {
+        addr: 0x87ff_f000,
+        irq: 95,
+    };
 
     fn build(vcpus: u8, initrd: Option<InitrdPlacement>) -> Vec<u8> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(DRAM_START), 128 << 20)]).unwrap();
@@ -241,6 +266,7 @@ mod tests {
                 vcpus,
                 devices: &devices,
                 initrd,
+                vmgenid: &VMGENID,
             },
         )
         .unwrap()
@@ -324,5 +350,24 @@ mod tests {
             })
             .collect();
         assert_eq!(found, vec![(0x4000_1000, 2), (0x4000_2000, 3)]);
+    }
+
+    #[test]
+    fn the_vm_generation_id_is_described_and_its_page_reserved() {
+        let blob = build(1, None);
+        let tree = fdt::Fdt::new(&blob).unwrap();
+        let node = tree.find_compatible(&["microsoft,vmgenid"]).unwrap();
+        let reg = node.reg().unwrap().next().unwrap();
+        assert_eq!(reg.starting_address as u64, VMGENID.addr);
+        assert_eq!(reg.size, Some(16));
+        assert_eq!(
+            interrupts(node),
+            vec![[GIC_FDT_IRQ_TYPE_SPI, 95, IRQ_TYPE_EDGE_RISING]]
+        );
+        let reserved: Vec<(u64, u64)> = tree
+            .memory_reservations()
+            .map(|r| (r.address() as u64, r.size() as u64))
+            .collect();
+        assert_eq!(reserved, vec![(VMGENID.addr, VMGENID_PAGE_SIZE)]);
     }
 }

@@ -40,7 +40,14 @@ pub const SERIAL_IRQ: u32 = 0;
 pub const RTC_IRQ: u32 = 1;
 /// First line handed to virtio-mmio devices.
 pub const IRQ_BASE: u32 = 2;
-/// Last SPI line the vGIC is created with (`GIC_NR_IRQS` in all, the 32 private ones included).
-pub const IRQ_MAX: u32 = GIC_NR_IRQS - 32 - 1;
+/// The VM generation ID's line: the last SPI the vGIC is created with (`GIC_NR_IRQS` in all,
+/// the 32 private ones included), kept from virtio devices.
+pub const VMGENID_IRQ: u32 = GIC_NR_IRQS - 32 - 1;
+/// Last line handed to virtio-mmio devices.
+pub const IRQ_MAX: u32 = VMGENID_IRQ - 1;
+/// The VM generation ID's page: the last of the device tree's 2 MiB block at the top of RAM
+/// (the tree itself is far smaller), reserved in the tree's memory reservation block so that
+/// the guest keeps its hands off.
+pub const VMGENID_PAGE_SIZE: u64 = 0x1000;
 /// Interrupt lines the vGIC is given: 32 private (SGIs and PPIs) and 96 shared.
 pub const GIC_NR_IRQS: u32 = 128;

@@ -17,7 +17,11 @@ use linux_loader::loader::{KernelLoader, PE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use self::gic::{Gic, GicError};
-use self::layout::{CMDLINE_MAX_SIZE, DRAM_START, FDT_MAX_SIZE, GUEST_PHYS_END};
+use devices::vmgenid::VmGenIdState;
+
+use self::layout::{
+    CMDLINE_MAX_SIZE, DRAM_START, FDT_MAX_SIZE, GUEST_PHYS_END, VMGENID_IRQ, VMGENID_PAGE_SIZE,
+};
 use self::regs::RegsError;
 use super::MmioDeviceInfo;
 
@@ -78,7 +82,7 @@ pub enum ArchError {
     #[error(transparent)]
     Fdt(#[from] fdt::FdtError),
     #[error(
-        "the device tree is {len} bytes, more than the {FDT_MAX_SIZE} an arm64 kernel accepts"
+        "the device tree is {len} bytes, more than the {} of its block left beside the VM generation ID", FDT_MAX_SIZE - VMGENID_PAGE_SIZE
     )]
     FdtTooLarge { len: usize },
     #[error("cannot write the device tree into guest memory: {0}")]
@@ -155,6 +159,16 @@ fn fdt_address(mem: &GuestMemoryMmap) -> Option<u64> {
     (address >= DRAM_START).then_some(address)
 }
 
+/// Where the VM generation ID goes: the last page of the device tree's block at the top of
+/// RAM, on the last SPI.
+pub fn vmgenid_placement(mem: &GuestMemoryMmap) -> Result<VmGenIdState, ArchError> {
+    let fdt = fdt_address(mem).ok_or(ArchError::NoRoomForFdt)?;
+    Ok(VmGenIdState {
+        addr: fdt + FDT_MAX_SIZE - VMGENID_PAGE_SIZE,
+        irq: VMGENID_IRQ,
+    })
+}
+
 /// Loads an arm64 `Image` at the start of RAM (plus its text offset).
 pub fn load_kernel(mem: &GuestMemoryMmap, image: &mut File) -> Result<BootEntry, ArchError> {
     let mut header = [0u8; IMAGE_HEADER_LEN];
@@ -228,6 +242,7 @@ pub fn configure_system(
     devices: &[MmioDeviceInfo],
     initrd: Option<InitrdPlacement>,
     vcpus: u8,
+    vmgenid: &VmGenIdState,
 ) -> Result<(), ArchError> {
     let cmdline = cmdline
         .as_cstring()
@@ -240,9 +255,11 @@ pub fn configure_system(
             vcpus,
             devices,
             initrd,
+            vmgenid,
         },
     )?;
-    if blob.len() as u64 > FDT_MAX_SIZE {
+    // The block's last page is the VM generation ID's.
+    if blob.len() as u64 > FDT_MAX_SIZE - VMGENID_PAGE_SIZE {
         return Err(ArchError::FdtTooLarge { len: blob.len() });
     }
     let address = fdt_address(mem).ok_or(ArchError::NoRoomForFdt)?;

@@ -50,8 +50,21 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// First IRQ line handed to virtio-mmio devices (0-4 are the PIT, keyboard, cascade, COM2, COM1).
 pub const IRQ_BASE: u32 = 5;
-/// Last IRQ line the I/O APIC has.
-pub const IRQ_MAX: u32 = 23;
+/// Last line the I/O APIC has.
+pub const IOAPIC_LAST_PIN: u32 = 23;
+/// The VM generation ID's interrupt line: the I/O APIC's last, kept from virtio devices.
+pub const VMGENID_IRQ: u32 = IOAPIC_LAST_PIN;
+/// Last IRQ line handed to virtio-mmio devices.
+pub const IRQ_MAX: u32 = VMGENID_IRQ - 1;
+/// ACPI's root pointer (RSDP), in the BIOS area where Linux searches for it (0xe0000-0xfffff,
+/// on 16-byte boundaries) when neither the zero page nor the PVH start info names it (both
+/// do). The area is not RAM in the e820 map, so the guest leaves all of it alone.
+pub const RSDP_START: u64 = 0xe_0000;
+/// The VM generation ID's 16 bytes, after the 36-byte RSDP.
+pub const VMGENID_START: u64 = 0xe_0040;
+/// The ACPI tables (XSDT, FADT, MADT, DSDT), one after another, up to `ACPI_TABLES_END`.
+pub const ACPI_TABLES_START: u64 = 0xe_1000;
+pub const ACPI_TABLES_END: u64 = 0xf_0000;
 /// COM1's ports and IRQ line.
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_PORT_LEN: u64 = 8;

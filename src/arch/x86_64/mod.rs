@@ -1,5 +1,6 @@
 //! The x86_64 machine: memory map, kernel entry, boot parameters and per-vCPU state.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
 pub mod kernel_image;
@@ -28,10 +29,12 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use devices::vmgenid::VmGenIdState;
+
 use self::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, GUEST_PHYS_END, HIMEM_START,
     KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START,
-    PVH_MEMMAP_START, ZERO_PAGE_START,
+    PVH_MEMMAP_START, VMGENID_IRQ, VMGENID_START, ZERO_PAGE_START,
 };
 use super::MmioDeviceInfo;
 
@@ -123,6 +126,8 @@ pub enum ArchError {
     BootParams(linux_loader::configurator::Error),
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error("cannot {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -295,9 +300,19 @@ fn ram_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     ranges
 }
 
-/// Announces `devices` on the command line (`virtio_mmio.device=4K@0x…:IRQ`, there being no
-/// firmware to describe them), then writes it, the MP table and the boot parameters of
-/// `boot.protocol`.
+/// Where the VM generation ID goes in a guest's memory and which line announces a change: in
+/// the BIOS area beside the ACPI tables, on the I/O APIC's last line.
+pub fn vmgenid_placement(_mem: &GuestMemoryMmap) -> Result<VmGenIdState, ArchError> {
+    Ok(VmGenIdState {
+        addr: VMGENID_START,
+        irq: VMGENID_IRQ,
+    })
+}
+
+/// Writes the ACPI tables, which describe the virtio-mmio `devices`, the legacy devices and the
+/// VM generation ID at `vmgenid`; the MP table; the command line; and the boot parameters of
+/// `boot.protocol`. A guest told `acpi=off` ignores the ACPI tables: it gets `devices` on the
+/// command line instead (`virtio_mmio.device=4K@0x…:IRQ`), and the MP table for the rest.
 pub fn configure_system(
     mem: &GuestMemoryMmap,
     boot: &BootEntry,
@@ -305,14 +320,17 @@ pub fn configure_system(
     devices: &[MmioDeviceInfo],
     initrd: Option<InitrdPlacement>,
     vcpus: u8,
+    vmgenid: &VmGenIdState,
 ) -> Result<(), ArchError> {
-    for device in devices {
-        cmdline
-            .add_virtio_mmio_device(device.len, GuestAddress(device.addr), device.irq, None)
-            .map_err(|source| ArchError::AnnounceDevice {
-                addr: device.addr,
-                source,
-            })?;
+    if acpi_off(&cmdline) {
+        for device in devices {
+            cmdline
+                .add_virtio_mmio_device(device.len, GuestAddress(device.addr), device.irq, None)
+                .map_err(|source| ArchError::AnnounceDevice {
+                    addr: device.addr,
+                    source,
+                })?;
+        }
     }
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(ArchError::Cmdline)?;
     let cmdline_len = cmdline
@@ -320,10 +338,20 @@ pub fn configure_system(
         .map(|c| c.as_bytes().len())
         .unwrap_or(0);
     mptable::setup_mptable(mem, vcpus)?;
+    let rsdp = acpi::setup_acpi(mem, vcpus, devices, vmgenid)?;
     match boot.protocol {
-        BootProtocol::Linux64 => write_zero_page(mem, boot, cmdline_len, initrd),
-        BootProtocol::Pvh => write_pvh_start_info(mem, initrd),
+        BootProtocol::Linux64 => write_zero_page(mem, boot, cmdline_len, initrd, rsdp),
+        BootProtocol::Pvh => write_pvh_start_info(mem, initrd, rsdp),
     }
+}
+
+/// Whether the command line tells Linux to ignore ACPI.
+fn acpi_off(cmdline: &Cmdline) -> bool {
+    cmdline.as_cstring().is_ok_and(|text| {
+        text.to_string_lossy()
+            .split_whitespace()
+            .any(|word| word == "acpi=off")
+    })
 }
 
 fn write_zero_page(
@@ -331,8 +359,12 @@ fn write_zero_page(
     boot: &BootEntry,
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
+    rsdp: u64,
 ) -> Result<(), ArchError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp,
+        ..Default::default()
+    };
     if let Some(header) = boot.setup_header {
         params.hdr = header;
     }
@@ -363,6 +395,7 @@ fn write_zero_page(
 fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     initrd: Option<InitrdPlacement>,
+    rsdp: u64,
 ) -> Result<(), ArchError> {
     let memmap: Vec<hvm_memmap_table_entry> = ram_ranges(mem)
         .into_iter()
@@ -379,6 +412,7 @@ fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));

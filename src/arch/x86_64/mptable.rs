@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{APIC_START, EBDA_START, IOAPIC_START, IRQ_MAX};
+use super::layout::{APIC_START, EBDA_START, IOAPIC_LAST_PIN, IOAPIC_START};
 
 const MPF_SIGNATURE: &[u8; 4] = b"_MP_";
 const MPC_SIGNATURE: &[u8; 4] = b"PCMP";
@@ -66,7 +66,7 @@ fn build(vcpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     entry_count += 1;
-    for irq in 0..=IRQ_MAX as u8 {
+    for irq in 0..=IOAPIC_LAST_PIN as u8 {
         // Type, interrupt type, flags (u16, bus default), source bus and IRQ, I/O APIC and pin.
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0]);
         entries.extend_from_slice(&[ISA_BUS_ID, irq, ioapic_id, irq]);
