@@ -249,10 +249,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", requires = "restore")]
     pub api_sock: Option<PathBuf>,
     /// With --restore: the restored interface IFACE_ID uses the host TAP named TAP instead of
-    /// the one it had (the API's `network_overrides`). Once per interface.
+    /// the one it had, and the MAC given (the API's `network_overrides`). Once per interface.
     #[arg(
         long = "net-override",
-        value_name = "IFACE_ID=TAP",
+        value_name = "IFACE_ID=TAP[,guest_mac=MAC]",
         requires = "restore",
         value_parser = parse_net_override
     )]
@@ -380,13 +380,22 @@ fn parse_drive_spec(spec: &str, allow_id: bool) -> Result<DriveSpec, String> {
 }
 
 fn parse_net_override(spec: &str) -> Result<NetworkOverride, String> {
-    match spec.split_once('=') {
+    let (target, mac) = match spec.split_once(",guest_mac=") {
+        Some((target, mac)) => (
+            target,
+            Some(mac.parse().map_err(|err| format!("{spec:?}: {err}"))?),
+        ),
+        None => (spec, None),
+    };
+    match target.split_once('=') {
         Some((iface_id, tap)) if !iface_id.is_empty() && !tap.is_empty() => Ok(NetworkOverride {
             iface_id: iface_id.to_string(),
             host_dev_name: tap.to_string(),
+            guest_mac: mac,
         }),
         _ => Err(format!(
-            "{spec:?} is not IFACE_ID=TAP (the interface's id in the snapshot, then the host TAP)"
+            "{spec:?} is not IFACE_ID=TAP[,guest_mac=MAC] (the interface's id in the snapshot, \
+             the host TAP, and the clone's own MAC if it gets one)"
         )),
     }
 }
@@ -522,7 +531,7 @@ mod tests {
             "--net-override",
             "eth0=tap1",
             "--net-override",
-            "eth1=tap2",
+            "eth1=tap2,guest_mac=06:00:ac:10:00:09",
             "--vsock-override",
             "/v.sock",
         ]);
@@ -536,6 +545,12 @@ mod tests {
             .map(|o| (o.iface_id.as_str(), o.host_dev_name.as_str()))
             .collect();
         assert_eq!(overrides, [("eth0", "tap1"), ("eth1", "tap2")]);
+        let macs: Vec<_> = params
+            .network_overrides
+            .iter()
+            .map(|o| o.guest_mac)
+            .collect();
+        assert_eq!(macs, [None, Some(MacAddr([6, 0, 0xac, 0x10, 0, 9]))]);
         assert_eq!(
             params.vsock_override,
             Some(VsockOverride {
@@ -561,6 +576,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains(r#""eth0" is not IFACE_ID=TAP"#), "{err}");
+        let err = parse(&[
+            "run",
+            "--restore",
+            "s",
+            "--mem-file",
+            "m",
+            "--net-override",
+            "eth0=tap1,guest_mac=06:00",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("06:00"), "{err}");
         for args in [
             &["run", "--kernel", "k", "--net-override", "eth0=tap1"][..],
             &["run", "--kernel", "k", "--vsock-override", "/v.sock"][..],

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::net::MacAddr;
 use super::VmConfigFile;
 
 /// `PUT /snapshot/create`.
@@ -67,6 +68,11 @@ pub enum MemBackendType {
 pub struct NetworkOverride {
     pub iface_id: String,
     pub host_dev_name: String,
+    /// mote's extension: the clone's own MAC. The device offers it in its configuration space
+    /// from the restore on; a Linux driver reads the MAC when it probes, so the guest takes it
+    /// up when it binds the driver again (or sets it itself).
+    #[serde(default)]
+    pub guest_mac: Option<MacAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -114,6 +120,9 @@ impl LoadSnapshotParams {
                 .find(|iface| iface.iface_id == change.iface_id)
                 .ok_or_else(|| LoadParamsError::UnknownIface(change.iface_id.clone()))?;
             iface.host_dev_name = change.host_dev_name.clone();
+            if let Some(mac) = change.guest_mac {
+                iface.guest_mac = Some(mac);
+            }
         }
         if let Some(vsock) = &self.vsock_override {
             let saved = config.vsock.as_mut().ok_or(LoadParamsError::NoVsock)?;
@@ -142,10 +151,17 @@ mod tests {
         .unwrap();
         let params = load(
             r#"{"snapshot_path": "s", "mem_file_path": "m",
-                "network_overrides": [{"iface_id": "eth1", "host_dev_name": "tap9"}],
+                "network_overrides": [{"iface_id": "eth1", "host_dev_name": "tap9",
+                                       "guest_mac": "06:00:ac:10:00:09"}],
                 "vsock_override": {"uds_path": "/new.sock"}}"#,
         );
         params.apply_overrides(&mut config).unwrap();
+        let macs: Vec<_> = config
+            .network_interfaces
+            .iter()
+            .map(|iface| iface.guest_mac)
+            .collect();
+        assert_eq!(macs, [None, Some(MacAddr([6, 0, 0xac, 0x10, 0, 9]))]);
         let taps: Vec<_> = config
             .network_interfaces
             .iter()

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use devices::virtio::state::DeviceSpecificState;
+
 use super::memory::{map_memory_file, write_memory_file};
 use super::{read_state_file, write_state_file, MicrovmState, NewFile, SnapshotError};
 use crate::builder::{build_microvm_from_snapshot, BuildError, Built, Console, ProcessStart};
@@ -207,6 +209,25 @@ fn configuration(
     Ok(VmResources::from_config_file(config)?)
 }
 
+/// The saved network devices take the MACs `network_overrides` gives the clone, so that the
+/// devices built from the overridden configuration match their saved state.
+fn give_clone_macs(state: &mut MicrovmState, params: &LoadSnapshotParams) {
+    for change in &params.network_overrides {
+        let Some(new_mac) = change.guest_mac else {
+            continue;
+        };
+        for slot in &mut state.devices.virtio {
+            if let DeviceSpecificState::Net { iface_id, mac, .. } =
+                &mut slot.transport.device.specific
+            {
+                if *iface_id == change.iface_id {
+                    *mac = Some(new_mac.0);
+                }
+            }
+        }
+    }
+}
+
 /// Checks the saved memory regions against the layout a fresh boot of the snapshot's machine
 /// would have: a CRC-valid file can still say anything, and a region the machine would not
 /// have (in the MMIO gap, or not matching the size) would start a guest that cannot run.
@@ -258,8 +279,9 @@ pub fn load_snapshot(
     }
     let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_load_snapshot);
     let mem_file = params.mem_file()?;
-    let state = read_state_file(&params.snapshot_path)?;
+    let mut state = read_state_file(&params.snapshot_path)?;
     let mut resources = configuration(&state, params)?;
+    give_clone_macs(&mut state, params);
     resources.boot_timer = boot_timer;
     check_memory_layout(&state, &resources)?;
     let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;

@@ -372,29 +372,45 @@ grep -v '^tick-' out2
     let _ = std::fs::remove_file(disk);
 }
 
-/// Two clones of one snapshot do not share a random state: each restore writes a new VM
-/// generation ID and raises its interrupt, the guest's `vmgenid` driver (found through ACPI on
-/// x86_64, the device tree on aarch64) has the kernel reseed its RNG and log it, and the clones'
-/// `/dev/urandom` bytes and random UUIDs differ from then on. (Without the reseed both would
-/// go on from the one RNG state the snapshot holds.)
+/// Two clones of one snapshot do not share a random state, and each can take an identity of
+/// its own: each restore writes a new VM generation ID and raises its interrupt, the guest's
+/// `vmgenid` driver (found through ACPI on x86_64, the device tree on aarch64) has the kernel
+/// reseed its RNG and log it, and the clones' `/dev/urandom` bytes and random UUIDs differ from
+/// then on (without the reseed both would go on from the one RNG state the snapshot holds).
+/// Each clone's restore also gives its interface a MAC of its own (`network_overrides` with
+/// `guest_mac`), which the guest takes up when, on seeing the fork, it binds its virtio-net
+/// driver again.
 pub fn clones_reseed_their_rng_from_a_new_generation_id(arch: Arch) {
     if !require_emulated_host(arch) {
         return;
     }
-    let run = Hosted::for_arch(arch).run(
+    let run = Hosted::for_arch(arch).run(&in_netns(
         r#"
+for n in 1 2; do
+  tunctl -t tap$n >/dev/null || fail "cannot make tap$n"
+  ip link set tap$n up
+done
 cmd=$(guest_cmd '
 echo vmgenid-bound=$(ls /sys/bus/acpi/drivers/vmgenid /sys/bus/platform/drivers/vmgenid 2>/dev/null | grep -ciE "vgid|[.]vmgenid")
+nic=$(basename $(readlink /sys/class/net/eth0/device))
+rebound=0
 i=0
 while :; do
   i=$((i + 1))
-  echo tick-$i fork=$(dmesg | grep -c "crng reseeded due to virtual machine fork") rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n") uuid=$(cat /proc/sys/kernel/random/uuid)
+  fork=$(dmesg | grep -c "crng reseeded due to virtual machine fork")
+  if [ $fork -ge 1 ] && [ $rebound = 0 ]; then
+    echo $nic > /sys/bus/virtio/drivers/virtio_net/unbind
+    echo $nic > /sys/bus/virtio/drivers/virtio_net/bind
+    rebound=1
+  fi
+  echo tick-$i fork=$fork mac=$(cat /sys/class/net/eth*/address) rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n") uuid=$(cat /proc/sys/kernel/random/uuid)
   sleep 0.2
 done')
 cat > vm.json <<JSON
 {"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
                  "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
- "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+ "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:1f:00:02"}]}
 JSON
 ./mote --api-sock /tmp/api0.sock --config-file vm.json >out0 2>&1 &
 origin=$!
@@ -404,9 +420,10 @@ hosted-tool api /tmp/api0.sock PUT /snapshot/create \
   '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
 kill -9 $origin
 grep -m1 '^vmgenid-bound=' out0 | tr -d '\r'
-echo origin-$(tr -d '\r' <out0 | grep -o 'fork=[0-9]*' | tail -n1)
+tr -d '\r' <out0 | grep 'tick-' | tail -n1 | sed 's/^/origin-last: /'
 for n in 1 2; do
-  ./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem >clone$n 2>&1 &
+  ./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem \
+    --net-override eth0=tap$n,guest_mac=06:00:ac:1f:00:1$n >clone$n 2>&1 &
   eval clone_$n=$!
 done
 for n in 1 2; do
@@ -415,34 +432,44 @@ for n in 1 2; do
 done
 kill -9 $clone_1 $clone_2
 "#,
-    );
+    ));
     run.assert_ok();
     assert_eq!(run.value("vmgenid-bound="), "1", "{}", run.output);
-    assert_eq!(
-        run.value("origin-fork="),
-        "0",
-        "a freshly booted guest logged a fork:
-{}",
-        run.output
-    );
     let field = |line: &str, name: &str| {
         line.split_whitespace()
             .find_map(|word| word.strip_prefix(name))
             .unwrap_or_else(|| panic!("no {name} in {line:?}"))
             .to_string()
     };
-    let reseeded: Vec<(String, String)> = (1..=2)
-        .map(|n| {
-            let line = run.value(&format!("clone{n}-reseeded: "));
-            (field(&line, "rand="), field(&line, "uuid="))
-        })
+    let origin = run.value("origin-last: ");
+    assert_eq!(
+        field(&origin, "fork="),
+        "0",
+        "a freshly booted guest logged a fork:\n{}",
+        run.output
+    );
+    assert_eq!(field(&origin, "mac="), "06:00:ac:1f:00:02");
+    let clones: Vec<String> = (1..=2)
+        .map(|n| run.value(&format!("clone{n}-reseeded: ")))
         .collect();
-    for (rand, uuid) in &reseeded {
-        assert_eq!(rand.len(), 32, "{}", run.output);
-        assert_eq!(uuid.len(), 36, "{}", run.output);
+    for (n, line) in (1..=2).zip(&clones) {
+        assert_eq!(field(line, "rand=").len(), 32, "{}", run.output);
+        assert_eq!(field(line, "uuid=").len(), 36, "{}", run.output);
+        assert_eq!(
+            field(line, "mac="),
+            format!("06:00:ac:1f:00:1{n}"),
+            "{}",
+            run.output
+        );
     }
-    assert_ne!(reseeded[0].0, reseeded[1].0, "{}", run.output);
-    assert_ne!(reseeded[0].1, reseeded[1].1, "{}", run.output);
+    for name in ["rand=", "uuid="] {
+        assert_ne!(
+            field(&clones[0], name),
+            field(&clones[1], name),
+            "{}",
+            run.output
+        );
+    }
 }
 
 /// A Linux guest with a balloon: nearly all its memory touched and freed (so that the
