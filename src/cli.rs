@@ -62,6 +62,16 @@ pub fn snapshot_format_version(path: &std::path::Path) -> Result<u32, String> {
     })
 }
 
+/// What the snapshot state file `path` holds (`mote snapshot describe`); the error is the one
+/// line to show.
+pub fn describe_snapshot(path: &std::path::Path) -> Result<String, String> {
+    use crate::snapshot::SnapshotError;
+    crate::snapshot::describe::describe_file(path).map_err(|err| match err {
+        SnapshotError::Read(_) => err.to_string(),
+        _ => format!("{}: {err}", path.display()),
+    })
+}
+
 /// The longest `--id` Firecracker accepts, in bytes.
 pub const MAX_INSTANCE_ID_LEN: usize = 64;
 
@@ -227,6 +237,20 @@ pub const FIRECRACKER_API_SOCK: &str = "/run/firecracker.socket";
 pub enum Command {
     /// Boot a guest with its serial console on this terminal.
     Run(RunArgs),
+    /// Look into snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Print what a snapshot state file holds: its format version, the machine, its devices
+    /// with the host files and TAPs a restore reopens, and its memory file's size.
+    Describe {
+        /// The state file (any format version this mote reads).
+        #[arg(value_name = "STATE_FILE")]
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -516,8 +540,19 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
             Some(Command::Run(run)) => run,
-            None => panic!("no run command"),
+            other => panic!("not a run command: {other:?}"),
         }
+    }
+
+    #[test]
+    fn snapshot_describe_takes_one_state_file() {
+        match parse(&["snapshot", "describe", "/s"]).unwrap().command {
+            Some(Command::Snapshot(SnapshotCommand::Describe { path })) => {
+                assert_eq!(path, PathBuf::from("/s"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["snapshot", "describe"]).is_err());
     }
 
     #[test]

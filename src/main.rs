@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use devices::legacy::boot_timer::process_cpu_time_us;
-use mote::cli::{Cli, Command};
+use mote::cli::{Cli, Command, SnapshotCommand};
 use mote::config::LoggerConfig;
 use mote::{ApiOptions, ProcessStart};
 
@@ -56,6 +56,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Snapshot(SnapshotCommand::Describe { path })) = &cli.command {
+        return match mote::cli::describe_snapshot(path) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("mote: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     mote::logger::init(&cli.id, cli.level);
     // Chosen before any thread starts; each thread installs its filter itself.
     match mote::seccomp::SeccompFilters::load(&cli.seccomp()) {
@@ -76,6 +88,7 @@ fn main() -> ExitCode {
     }));
 
     let result = match &cli.command {
+        Some(Command::Snapshot(_)) => unreachable!("answered before anything started"),
         Some(Command::Run(args)) => match args.restore_params() {
             Some(params) => {
                 mote::run_restored(cli.id.clone(), &params, args.api_sock.as_deref(), start)

@@ -900,15 +900,26 @@ fn pipes_and_devices_as_snapshot_files_are_refused_at_once() {
     }
 }
 
-/// A snapshot written by an earlier mote (format version 1, checked in under
-/// tests/data/snapshot-v1) restores with this one, and its guest carries on counting.
+/// Snapshots written by earlier motes (each format version, checked in under
+/// tests/data/snapshot-vN) restore with this one, and their guests carry on counting.
 #[test]
-fn a_version_1_snapshot_from_an_earlier_mote_restores_and_runs() {
+fn snapshots_from_earlier_motes_restore_and_run() {
     if cfg!(not(target_arch = "x86_64")) || !require_kvm() {
         return;
     }
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/snapshot-v1");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("snapshot-v1");
+    for version in 1..=3 {
+        restore_an_earlier_snapshot(version);
+    }
+}
+
+/// tests/data/snapshot-v`version` (the probe, paused after `count=2`) restores here, is
+/// described as that version, and counts on from 3.
+fn restore_an_earlier_snapshot(version: u32) {
+    let name = format!("snapshot-v{version}");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(&name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&name);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     let mem = dir.join("mem");
@@ -921,7 +932,20 @@ fn a_version_1_snapshot_from_an_earlier_mote_restores_and_runs() {
         .unwrap();
     assert!(unpacked.success(), "gzip -d failed");
     let described = common::mote(&["--describe-snapshot", data.join("state").to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&described.stdout), "v1\n");
+    assert_eq!(
+        String::from_utf8_lossy(&described.stdout),
+        format!("v{version}\n")
+    );
+    let described = common::mote(&["snapshot", "describe", data.join("state").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&described.stdout);
+    for line in [
+        format!("format: v{version} (this mote writes v"),
+        "vcpus: 1\n".to_string(),
+        "memory file size: 33554432 bytes\n".to_string(),
+        "entropy: virtio-rng\n".to_string(),
+    ] {
+        assert!(text.contains(&line), "v{version}: {line:?} not in:\n{text}");
+    }
     let mut child = Command::new(mote_bin())
         .args(["run", "--restore"])
         .arg(data.join("state"))
@@ -961,7 +985,7 @@ fn a_version_1_snapshot_from_an_earlier_mote_restores_and_runs() {
     let seen = seen.lock().unwrap().clone();
     assert!(
         seen.starts_with("probe: count=3\nprobe: count=4\n"),
-        "the restored guest did not carry on from count=2: {seen:?}\n{}",
+        "the restored v{version} guest did not carry on from count=2: {seen:?}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
 }

@@ -9,6 +9,7 @@
 //! checksum, has another format version or belongs to another architecture.
 
 pub mod actions;
+pub mod describe;
 mod legacy;
 pub mod memory;
 mod replace;
@@ -277,10 +278,10 @@ pub fn write_state_file(path: &Path, state: &MicrovmState) -> Result<NewFile, Sn
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn state() -> MicrovmState {
+    pub(crate) fn state() -> MicrovmState {
         MicrovmState {
             config: serde_json::from_str(
                 r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#,
