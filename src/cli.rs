@@ -236,7 +236,7 @@ pub const FIRECRACKER_API_SOCK: &str = "/run/firecracker.socket";
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a guest with its serial console on this terminal.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Look into snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -539,7 +539,7 @@ mod tests {
 
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
-            Some(Command::Run(run)) => run,
+            Some(Command::Run(run)) => *run,
             other => panic!("not a run command: {other:?}"),
         }
     }
