@@ -384,6 +384,7 @@ pub fn build_microvm_from_snapshot(
     start: ProcessStart,
     state: &MicrovmState,
     memory: GuestMemoryMmap,
+    clock_realtime: bool,
 ) -> Result<Built, BuildError> {
     let (vcpu_count, backends) = open_backends(resources, EarlyDevices::default())?;
     if state.vcpus.len() != usize::from(vcpu_count) {
@@ -394,7 +395,7 @@ pub fn build_microvm_from_snapshot(
     }
 
     let mut vm = Vm::new(memory)?;
-    vm.restore_state_before_vcpus(&state.vm)?;
+    vm.restore_state_before_vcpus(&state.vm, clock_realtime)?;
     let vcpu_fds = vm.create_vcpus(vcpu_count)?;
     let (mut devices, reset_evt) = device_manager(&vm, console, Some(state))?;
     attach_devices(&vm, &mut devices, resources, backends, start)?;

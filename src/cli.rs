@@ -285,6 +285,10 @@ pub struct RunArgs {
     /// a clone of a snapshot cannot share its original's.
     #[arg(long, value_name = "PATH", requires = "restore")]
     pub vsock_override: Option<PathBuf>,
+    /// With --restore: the guest's clock advances by the real time since the snapshot (the
+    /// API's `clock_realtime`; x86_64).
+    #[arg(long, requires = "restore")]
+    pub clock_realtime: bool,
     /// Initial RAM disk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -444,6 +448,7 @@ impl RunArgs {
             enable_diff_snapshots: false,
             track_dirty_pages: false,
             resume_vm: true,
+            clock_realtime: self.clock_realtime,
             network_overrides: self.net_overrides.clone(),
             vsock_override: self
                 .vsock_override

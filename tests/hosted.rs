@@ -60,3 +60,8 @@ fn hosted_balloon_gives_memory_back() {
 fn hosted_clones_reseed_their_rng_from_a_new_generation_id() {
     cases::clones_reseed_their_rng_from_a_new_generation_id(Arch::X86_64);
 }
+
+#[test]
+fn hosted_clock_realtime_restores_advance_the_guest_clock() {
+    cases::clock_realtime_restores_advance_the_guest_clock(Arch::X86_64);
+}

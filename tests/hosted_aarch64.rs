@@ -387,3 +387,8 @@ unshare -m sh -c '
     assert_eq!(run.value("microvm-exit:"), "0");
     assert_eq!(run.value("jailer-status="), "0", "{}", run.output);
 }
+
+#[test]
+fn hosted_aarch64_clock_realtime_restores_advance_the_guest_clock() {
+    cases::clock_realtime_restores_advance_the_guest_clock(Arch::Aarch64);
+}

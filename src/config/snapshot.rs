@@ -41,6 +41,10 @@ pub struct LoadSnapshotParams {
     pub track_dirty_pages: bool,
     #[serde(default)]
     pub resume_vm: bool,
+    /// The guest's clock advances by the host's real time since the snapshot (x86_64's
+    /// kvm-clock), rather than carrying on from where it stood.
+    #[serde(default)]
+    pub clock_realtime: bool,
     /// Other TAP devices for the snapshot's network interfaces (clones need their own).
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,

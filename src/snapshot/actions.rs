@@ -285,7 +285,14 @@ pub fn load_snapshot(
     resources.boot_timer = boot_timer;
     check_memory_layout(&state, &resources)?;
     let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
-    let built = build_microvm_from_snapshot(&resources, console, start, &state, memory)?;
+    let built = build_microvm_from_snapshot(
+        &resources,
+        console,
+        start,
+        &state,
+        memory,
+        params.clock_realtime,
+    )?;
     Ok((resources, built))
 }
 

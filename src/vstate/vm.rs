@@ -111,8 +111,12 @@ impl Vm {
 
     /// Puts back the part of what [`Vm::save_state`] read that must come before the vCPUs
     /// are created (x86_64: all of it, the kvm-clock before the vCPUs' clock MSRs).
-    pub fn restore_state_before_vcpus(&self, state: &arch::VmState) -> Result<(), VmError> {
-        Ok(state.restore_before_vcpus(&self.fd)?)
+    pub fn restore_state_before_vcpus(
+        &self,
+        state: &arch::VmState,
+        clock_realtime: bool,
+    ) -> Result<(), VmError> {
+        Ok(state.restore_before_vcpus(&self.fd, clock_realtime)?)
     }
 
     /// Puts back the part that needs the vCPUs restored first (aarch64: the GIC).

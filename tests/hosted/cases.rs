@@ -472,6 +472,83 @@ kill -9 $clone_1 $clone_2
     }
 }
 
+/// `clock_realtime` on a restore (x86_64): the guest's wall clock reads as if it had run on
+/// while the snapshot sat on disk; without it the clock carries on from where it stood. aarch64
+/// refuses it by name.
+pub fn clock_realtime_restores_advance_the_guest_clock(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+cmd=$(guest_cmd 'i=0; while :; do i=$((i + 1)); echo tick-$i at=$(date +%s); sleep 0.2; done')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
+JSON
+./mote --api-sock /tmp/api0.sock --config-file vm.json >out0 2>&1 &
+origin=$!
+wait_count out0 tick- 5 120 || fail "the guest's loop never ran"
+hosted-tool api /tmp/api0.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"
+hosted-tool api /tmp/api0.sock PUT /snapshot/create \
+  '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
+kill -9 $origin
+echo guest-at-snapshot=$(tr -d '\r' <out0 | grep -o 'at=[0-9]*' | tail -n1 | cut -d= -f2)
+sleep 8
+for mode in plain realtime; do
+  flag=""
+  [ $mode = realtime ] && flag=--clock-realtime
+  ./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem $flag >$mode 2>&1 &
+  pid=$!
+  # Until the guest ticks or mote ends (a refused restore), at most 30 s.
+  for _ in $(seq 300); do
+    grep -q tick- $mode && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.1
+  done
+  if grep -q tick- $mode; then
+    echo $mode-first-at=$(tr -d '\r' <$mode | grep -o 'at=[0-9]*' | head -n1 | cut -d= -f2)
+    kill -9 $pid
+  else
+    wait $pid
+    echo $mode-status=$?
+    tr -d '\r' <$mode | grep -m1 'clock_realtime' | sed "s/^/$mode-error: /"
+  fi
+done
+"#,
+    );
+    run.assert_ok();
+    let snapshot_at: i64 = run.value("guest-at-snapshot=").parse().expect("a time");
+    let plain: i64 = run.value("plain-first-at=").parse().expect("a time");
+    // Without clock_realtime the clock goes on from the snapshot (a second or two of its own
+    // ticking and rounding), not from now, 8 s later.
+    assert!(
+        (snapshot_at..snapshot_at + 4).contains(&plain),
+        "plain restore: {plain} after a snapshot at {snapshot_at}:\n{}",
+        run.output
+    );
+    match arch {
+        Arch::X86_64 => {
+            let realtime: i64 = run.value("realtime-first-at=").parse().expect("a time");
+            assert!(
+                realtime >= snapshot_at + 8,
+                "clock_realtime restore: {realtime} after a snapshot at {snapshot_at}:\n{}",
+                run.output
+            );
+        }
+        Arch::Aarch64 => {
+            assert_ne!(run.value("realtime-status="), "0", "{}", run.output);
+            assert!(
+                run.value("realtime-error: ")
+                    .contains("clock_realtime is not supported on aarch64"),
+                "{}",
+                run.output
+            );
+        }
+    }
+}
+
 /// A Linux guest with a balloon: nearly all its memory touched and freed (so that the
 /// balloon's pages are ones the host backs; free page reporting stays off here, or it would
 /// give them back first), then an inflate to 128 MiB, takes about that

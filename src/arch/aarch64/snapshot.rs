@@ -24,6 +24,8 @@ pub enum StateError {
     Regs(#[from] RegsError),
     #[error("the vGIC: {0}")]
     Gic(#[from] GicError),
+    #[error("clock_realtime is not supported on aarch64: the guest's counter carries on from the snapshot")]
+    ClockRealtimeUnsupported,
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -68,7 +70,10 @@ impl VmState {
     }
 
     /// Nothing of aarch64's VM state can come before the vCPUs: the GIC is created after them.
-    pub fn restore_before_vcpus(&self, _fd: &VmFd) -> Result<(), StateError> {
+    pub fn restore_before_vcpus(&self, _fd: &VmFd, clock_realtime: bool) -> Result<(), StateError> {
+        if clock_realtime {
+            return Err(StateError::ClockRealtimeUnsupported);
+        }
         Ok(())
     }
 

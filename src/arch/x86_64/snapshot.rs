@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES,
+    CpuId, Msrs, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use log::{debug, warn};
@@ -33,6 +33,8 @@ pub enum StateError {
     Fam(usize),
     #[error("KVM's list of saveable MSRs was never read (no VM was created)")]
     NoMsrList,
+    #[error("clock_realtime: the snapshot holds no host real-time reading of the guest's clock (a mote before format 4 wrote it, or the host's clock source was not the TSC); load it without clock_realtime")]
+    NoRealtimeReading,
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -208,9 +210,9 @@ fn read_irqchip(fd: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqch
 impl VmState {
     pub fn save(fd: &VmFd, _devices: &super::VmDevices) -> Result<Self, StateError> {
         let pit = fd.get_pit2().map_err(kvm("read the PIT"))?;
-        let mut clock = fd.get_clock().map_err(kvm("read the KVM clock"))?;
-        // Only the clock's value is restored: KVM refuses some flags it reports (TSC_STABLE).
-        clock.flags = 0;
+        // Kept whole: with KVM_CLOCK_REALTIME in its flags it also holds the host's real time
+        // at the reading, which a `clock_realtime` restore advances the clock by.
+        let clock = fd.get_clock().map_err(kvm("read the KVM clock"))?;
         Ok(Self {
             pit,
             clock,
@@ -224,11 +226,21 @@ impl VmState {
     /// and their state restored: the kvm-clock must be set before the vCPUs' kvm-clock MSRs
     /// are, or a restored guest's timers see its clock jump. Setting the clock to the saved
     /// value keeps the guest's kvm-clock from going backwards (or jumping by the time the
-    /// snapshot spent on disk).
-    pub fn restore_before_vcpus(&self, fd: &VmFd) -> Result<(), StateError> {
+    /// snapshot spent on disk); with `clock_realtime` KVM advances it by the host's real time
+    /// since the snapshot instead, so the guest's clock reads as if it had run on.
+    pub fn restore_before_vcpus(&self, fd: &VmFd, clock_realtime: bool) -> Result<(), StateError> {
         fd.set_pit2(&self.pit).map_err(kvm("set the PIT"))?;
-        fd.set_clock(&self.clock)
-            .map_err(kvm("set the KVM clock"))?;
+        let mut clock = self.clock;
+        // KVM refuses some flags it reports (TSC_STABLE, HOST_TSC) when they are given back.
+        clock.flags = if clock_realtime {
+            if self.clock.flags & KVM_CLOCK_REALTIME == 0 {
+                return Err(StateError::NoRealtimeReading);
+            }
+            KVM_CLOCK_REALTIME
+        } else {
+            0
+        };
+        fd.set_clock(&clock).map_err(kvm("set the KVM clock"))?;
         fd.set_irqchip(&self.pic_master)
             .map_err(kvm("set the master PIC"))?;
         fd.set_irqchip(&self.pic_slave)
