@@ -235,6 +235,9 @@ impl PrebootController {
             | VmmAction::GetBalloonStats
             | VmmAction::PatchBalloon(_)
             | VmmAction::PatchBalloonStats(_)
+            | VmmAction::StartBalloonHinting(_)
+            | VmmAction::StopBalloonHinting
+            | VmmAction::GetBalloonHintingStatus
             | VmmAction::PatchNetworkInterface(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::FlushMetrics
@@ -455,6 +458,19 @@ impl RuntimeController {
                 let (config, balloon) = configured_balloon(&mut self.resources, &vmm)?;
                 lock(balloon).set_stats_polling_interval(update.stats_polling_interval_s)?;
                 config.stats_polling_interval_s = update.stats_polling_interval_s;
+            }
+            VmmAction::StartBalloonHinting(start) => {
+                let (_, balloon) = configured_balloon(&mut self.resources, &vmm)?;
+                lock(balloon).start_hinting(start.acknowledge_on_stop)?;
+            }
+            VmmAction::StopBalloonHinting => {
+                let (_, balloon) = configured_balloon(&mut self.resources, &vmm)?;
+                lock(balloon).stop_hinting()?;
+            }
+            VmmAction::GetBalloonHintingStatus => {
+                let (_, balloon) = configured_balloon(&mut self.resources, &vmm)?;
+                let status = lock(balloon).hinting_status()?;
+                return to_json(&status);
             }
             VmmAction::CreateSnapshot(params) => {
                 create_snapshot(&mut vmm, &self.resources, &params)?;

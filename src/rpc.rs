@@ -3,8 +3,8 @@
 
 use crate::builder::BuildError;
 use crate::config::{
-    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError,
-    CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig, LoadSnapshotParams,
+    BalloonConfig, BalloonHintingStart, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
+    ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig, LoadSnapshotParams,
     LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
     NetworkInterfaceUpdate, VsockConfig,
 };
@@ -48,6 +48,12 @@ pub enum VmmAction {
     PatchBalloon(BalloonUpdate),
     /// `PATCH /balloon/statistics`: a new polling interval, after boot.
     PatchBalloonStats(BalloonStatsUpdate),
+    /// `PATCH /balloon/hinting/start`: a free page hinting run, after boot.
+    StartBalloonHinting(BalloonHintingStart),
+    /// `PATCH /balloon/hinting/stop`: the run ends, the guest frees what it handed over.
+    StopBalloonHinting,
+    /// `GET /balloon/hinting/status`, after boot.
+    GetBalloonHintingStatus,
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

@@ -212,12 +212,6 @@ fn the_api_answers_in_firecrackers_shapes_and_words() {
         big.starts_with("Amount of pages requested is too large"),
         "{big}"
     );
-    let hinting = fault(
-        "PUT",
-        "/balloon",
-        r#"{"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}"#,
-    );
-    assert!(hinting.contains("free_page_hinting"), "{hinting}");
     mote.ok(
         "PUT",
         "/balloon",

@@ -65,3 +65,8 @@ fn hosted_clones_reseed_their_rng_from_a_new_generation_id() {
 fn hosted_clock_realtime_restores_advance_the_guest_clock() {
     cases::clock_realtime_restores_advance_the_guest_clock(Arch::X86_64);
 }
+
+#[test]
+fn hosted_balloon_free_page_hinting_gives_free_memory_back() {
+    cases::balloon_free_page_hinting_gives_free_memory_back(Arch::X86_64);
+}

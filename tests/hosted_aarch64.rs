@@ -392,3 +392,8 @@ unshare -m sh -c '
 fn hosted_aarch64_clock_realtime_restores_advance_the_guest_clock() {
     cases::clock_realtime_restores_advance_the_guest_clock(Arch::Aarch64);
 }
+
+#[test]
+fn hosted_aarch64_balloon_free_page_hinting_gives_free_memory_back() {
+    cases::balloon_free_page_hinting_gives_free_memory_back(Arch::Aarch64);
+}

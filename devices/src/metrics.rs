@@ -222,7 +222,8 @@ counters! {
         free_page_report_count,
         free_page_report_freed,
         free_page_report_fails,
-        /// Firecracker's free page hinting counters: always 0, as mote does not offer hinting.
+        /// Free page hinting: blocks the driver handed over in a run, the bytes they gave back
+        /// to the host, and blocks or commands refused (outside guest memory, unreadable).
         free_page_hint_count,
         free_page_hint_freed,
         free_page_hint_fails,

@@ -6,9 +6,9 @@ use serde::Deserialize;
 
 use super::paths::{self, Kind, NOT_YET};
 use crate::config::{
-    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
-    EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    BalloonConfig, BalloonHintingStart, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
+    DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
@@ -73,6 +73,11 @@ fn body<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String> {
         .map_err(|err| format!("invalid {what} body: {err}"))?;
     Ok(value)
 }
+
+/// A body that must be `{}` when given.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
 
 /// Firecracker's answer for a path or method it does not serve.
 fn invalid(method: &str, path: &str) -> String {
@@ -162,10 +167,21 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         (Kind::PatchBalloon, ["statistics"]) => {
             VmmAction::PatchBalloonStats(body::<BalloonStatsUpdate>("balloon/statistics", bytes)?)
         }
-        (Kind::GetBalloon | Kind::PatchBalloon, ["hinting", ..]) => {
-            return Err(format!(
-                "{method} {path}: free page hinting is not implemented by mote yet"
-            ))
+        (Kind::GetBalloon, ["hinting", "status"]) => VmmAction::GetBalloonHintingStatus,
+        (Kind::PatchBalloon, ["hinting", "start"]) => {
+            // The body is optional, as with Firecracker.
+            let start = if bytes.iter().all(u8::is_ascii_whitespace) {
+                BalloonHintingStart::default()
+            } else {
+                body::<BalloonHintingStart>("balloon/hinting/start", bytes)?
+            };
+            VmmAction::StartBalloonHinting(start)
+        }
+        (Kind::PatchBalloon, ["hinting", "stop"]) => {
+            if !bytes.iter().all(u8::is_ascii_whitespace) {
+                body::<EmptyBody>("balloon/hinting/stop", bytes)?;
+            }
+            VmmAction::StopBalloonHinting
         }
         (Kind::PutActions, []) => match body::<InstanceActionInfo>("actions", bytes)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
@@ -393,9 +409,38 @@ mod tests {
             r#"{"stats_polling_interval_s": 70000}"#,
         );
         assert!(err.contains("field `stats_polling_interval_s`"), "{err}");
-        let err = refusal("PATCH", "/balloon/hinting/start", "{}");
-        assert!(err.contains("hinting is not implemented"), "{err}");
-        assert!(refusal("GET", "/balloon/hinting/status", "").contains("not implemented"));
+        assert_eq!(
+            action("PATCH", "/balloon/hinting/start", ""),
+            VmmAction::StartBalloonHinting(BalloonHintingStart {
+                acknowledge_on_stop: true
+            })
+        );
+        assert_eq!(
+            action(
+                "PATCH",
+                "/balloon/hinting/start",
+                r#"{"acknowledge_on_stop": false}"#
+            ),
+            VmmAction::StartBalloonHinting(BalloonHintingStart {
+                acknowledge_on_stop: false
+            })
+        );
+        assert_eq!(
+            action("PATCH", "/balloon/hinting/stop", "{}"),
+            VmmAction::StopBalloonHinting
+        );
+        assert_eq!(
+            action("GET", "/balloon/hinting/status", ""),
+            VmmAction::GetBalloonHintingStatus
+        );
+        let err = refusal(
+            "PATCH",
+            "/balloon/hinting/start",
+            r#"{"acknowledge_on_stop": 1}"#,
+        );
+        assert!(err.contains("acknowledge_on_stop"), "{err}");
+        assert!(refusal("PATCH", "/balloon/hinting/stop", r#"{"x": 1}"#).contains("unknown field"));
+        assert!(refusal("PATCH", "/balloon/hinting/pause", "").starts_with("Invalid request"));
         assert!(refusal("PUT", "/balloon/statistics", "{}").starts_with("Invalid request"));
     }
 

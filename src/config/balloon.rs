@@ -16,7 +16,8 @@ pub struct BalloonConfig {
     /// Seconds between statistics updates; 0 turns the statistics off.
     #[serde(default)]
     pub stats_polling_interval_s: u16,
-    /// Firecracker 1.14's free page hinting: taken so that it can be refused by name.
+    /// Free page hinting (Firecracker 1.14): the host starts runs in which the guest hands
+    /// over free memory (`/balloon/hinting/…`).
     #[serde(default)]
     pub free_page_hinting: bool,
     /// The guest reports free memory, which goes back to the host.
@@ -27,9 +28,6 @@ pub struct BalloonConfig {
 impl BalloonConfig {
     /// Checks the options and that the target fits in the guest's memory.
     pub fn validate(&self, machine: &MachineConfig) -> Result<(), ConfigError> {
-        if self.free_page_hinting {
-            return Err(ConfigError::BalloonFreePageHinting);
-        }
         check_amount(self.amount_mib, machine.mem_size_mib)
     }
 }
@@ -44,6 +42,27 @@ pub fn check_amount(amount_mib: u32, mem_size_mib: u64) -> Result<(), ConfigErro
         });
     }
     Ok(())
+}
+
+/// `PATCH /balloon/hinting/start`: whether the guest's end of the run is acknowledged at once
+/// (Firecracker's default), so that it frees what it handed over.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonHintingStart {
+    #[serde(default = "acknowledge_by_default")]
+    pub acknowledge_on_stop: bool,
+}
+
+impl Default for BalloonHintingStart {
+    fn default() -> Self {
+        Self {
+            acknowledge_on_stop: acknowledge_by_default(),
+        }
+    }
+}
+
+fn acknowledge_by_default() -> bool {
+    true
 }
 
 /// `PATCH /balloon`: a new target.

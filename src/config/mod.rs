@@ -77,8 +77,6 @@ pub enum ConfigError {
     BalloonTooLarge { amount_mib: u32, mem_size_mib: u64 },
     #[error("The memory size (MiB) is smaller than the previously set balloon device target size: mem_size_mib {mem_size_mib}, balloon amount_mib {amount_mib}")]
     MemSmallerThanBalloon { mem_size_mib: u64, amount_mib: u32 },
-    #[error("balloon free_page_hinting is not supported: free page hinting is not implemented by mote yet (free_page_reporting is)")]
-    BalloonFreePageHinting,
     #[error(
         "{section} is not supported: mote has no {feature} yet (give it as null, or leave it out)"
     )]

@@ -390,15 +390,11 @@ fn balloon_takes_firecrackers_shape_and_must_fit_the_machine() {
         resources.check_machine_fits_balloon(&smaller),
         Err(ConfigError::MemSmallerThanBalloon { .. })
     ));
-    // Free page hinting is refused by name.
     let hinting = BalloonConfig {
         free_page_hinting: true,
         ..BalloonConfig::default()
     };
-    assert_eq!(
-        hinting.validate(&MachineConfig::default()),
-        Err(ConfigError::BalloonFreePageHinting)
-    );
+    assert_eq!(hinting.validate(&MachineConfig::default()), Ok(()));
 }
 
 /// A configuration as Firecracker 1.17 writes it (`GET /vm/config`), its sections for features

@@ -411,6 +411,7 @@ pub fn balloon_device(config: &BalloonConfig) -> Result<Balloon, DeviceError> {
         target_pages: config.amount_mib.saturating_mul(PAGES_PER_MIB),
         deflate_on_oom: config.deflate_on_oom,
         stats_polling_interval_s: config.stats_polling_interval_s,
+        free_page_hinting: config.free_page_hinting,
         free_page_reporting: config.free_page_reporting,
     };
     let balloon = Balloon::new(options, irq).map_err(io_err("the virtio-balloon device"))?;

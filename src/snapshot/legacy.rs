@@ -4,11 +4,14 @@
 //! snapshot's devices did not have: they come back without limits, as they ran. Each type here
 //! mirrors, field for field and in order, the type of its name as version 2 had it (bincode
 //! has no field names: the order is the format); the types that did not change are today's.
-//! Version 4 added the VM generation ID's placement to the devices; a version-3 guest has no
-//! such device and comes back without one.
+//! Version 4 added the VM generation ID's placement to the devices (a version-3 guest has no
+//! such device and comes back without one) and the balloon's free page hinting run (a
+//! version-3 balloon had none). The virtio slots' outer layers did not change: one generic
+//! mirror of them serves every version, over that version's device-specific state.
 
 use devices::legacy::serial::SerialDeviceState;
 use devices::rate_limiter::RateLimiterState;
+use devices::virtio::balloon::{BalloonState, Hinting, STAT_TAGS};
 use devices::virtio::state::{
     DeviceSpecificState, MmioTransportState, QueueSnapshot, VirtioDeviceState,
 };
@@ -35,7 +38,85 @@ pub struct MicrovmStateV3 {
 struct DevicesStateV3 {
     serial: SerialDeviceState,
     legacy: LegacyDevicesState,
-    virtio: Vec<VirtioSlotState>,
+    virtio: Vec<OldVirtioSlotState<DeviceSpecificStateV3>>,
+}
+
+/// Version 3's device-specific state: today's, but for the balloon's.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+enum DeviceSpecificStateV3 {
+    Block {
+        drive_id: String,
+        config_generation: u32,
+        rate_limiter: RateLimiterState,
+    },
+    Net {
+        iface_id: String,
+        mac: Option<[u8; 6]>,
+        rx_rate_limiter: RateLimiterState,
+        tx_rate_limiter: RateLimiterState,
+    },
+    Vsock {
+        guest_cid: u64,
+    },
+    Entropy {
+        rate_limiter: RateLimiterState,
+    },
+    Balloon(Box<BalloonStateV3>),
+}
+
+/// Version 3's balloon: no free page hinting.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct BalloonStateV3 {
+    target_pages: u32,
+    actual_pages: u32,
+    stats_polling_interval_s: u16,
+    stats_head: Option<u16>,
+    guest_stats: [Option<u64>; STAT_TAGS],
+    config_generation: u32,
+}
+
+impl From<DeviceSpecificStateV3> for DeviceSpecificState {
+    fn from(old: DeviceSpecificStateV3) -> Self {
+        match old {
+            DeviceSpecificStateV3::Block {
+                drive_id,
+                config_generation,
+                rate_limiter,
+            } => DeviceSpecificState::Block {
+                drive_id,
+                config_generation,
+                rate_limiter,
+            },
+            DeviceSpecificStateV3::Net {
+                iface_id,
+                mac,
+                rx_rate_limiter,
+                tx_rate_limiter,
+            } => DeviceSpecificState::Net {
+                iface_id,
+                mac,
+                rx_rate_limiter,
+                tx_rate_limiter,
+            },
+            DeviceSpecificStateV3::Vsock { guest_cid } => DeviceSpecificState::Vsock { guest_cid },
+            DeviceSpecificStateV3::Entropy { rate_limiter } => {
+                DeviceSpecificState::Entropy { rate_limiter }
+            }
+            DeviceSpecificStateV3::Balloon(old) => {
+                DeviceSpecificState::Balloon(Box::new(BalloonState {
+                    target_pages: old.target_pages,
+                    actual_pages: old.actual_pages,
+                    stats_polling_interval_s: old.stats_polling_interval_s,
+                    stats_head: old.stats_head,
+                    guest_stats: old.guest_stats,
+                    config_generation: old.config_generation,
+                    hinting: Hinting::default(),
+                }))
+            }
+        }
+    }
 }
 
 impl From<MicrovmStateV3> for MicrovmState {
@@ -48,7 +129,7 @@ impl From<MicrovmStateV3> for MicrovmState {
             devices: DevicesState {
                 serial: old.devices.serial,
                 legacy: old.devices.legacy,
-                virtio: old.devices.virtio,
+                virtio: old.devices.virtio.into_iter().map(Into::into).collect(),
                 vmgenid: None,
             },
         }
@@ -71,19 +152,20 @@ pub struct MicrovmStateV2 {
 struct DevicesStateV2 {
     serial: SerialDeviceState,
     legacy: LegacyDevicesState,
-    virtio: Vec<VirtioSlotStateV2>,
+    virtio: Vec<OldVirtioSlotState<DeviceSpecificStateV2>>,
 }
 
+/// A virtio slot as versions 1 to 3 saved it, `S` being that version's device-specific state.
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct VirtioSlotStateV2 {
+struct OldVirtioSlotState<S> {
     addr: u64,
-    transport: MmioTransportStateV2,
+    transport: OldMmioTransportState<S>,
 }
 
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct MmioTransportStateV2 {
+struct OldMmioTransportState<S> {
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -93,16 +175,16 @@ struct MmioTransportStateV2 {
     activated: bool,
     interrupt_status: u32,
     needs_reset: bool,
-    device: VirtioDeviceStateV2,
+    device: OldVirtioDeviceState<S>,
 }
 
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct VirtioDeviceStateV2 {
+struct OldVirtioDeviceState<S> {
     device_type: u32,
     acked_features: u64,
     queues: Option<Vec<QueueSnapshot>>,
-    specific: DeviceSpecificStateV2,
+    specific: S,
 }
 
 #[derive(Deserialize)]
@@ -139,8 +221,8 @@ impl From<MicrovmStateV2> for MicrovmState {
     }
 }
 
-impl From<VirtioSlotStateV2> for VirtioSlotState {
-    fn from(old: VirtioSlotStateV2) -> Self {
+impl<S: Into<DeviceSpecificState>> From<OldVirtioSlotState<S>> for VirtioSlotState {
+    fn from(old: OldVirtioSlotState<S>) -> Self {
         let t = old.transport;
         VirtioSlotState {
             addr: old.addr,
@@ -210,10 +292,10 @@ mod tests {
         }
     }
 
-    fn slot(addr: u64, device_type: u32, specific: DeviceSpecificStateV2) -> VirtioSlotStateV2 {
-        VirtioSlotStateV2 {
+    fn slot<S>(addr: u64, device_type: u32, specific: S) -> OldVirtioSlotState<S> {
+        OldVirtioSlotState {
             addr,
-            transport: MmioTransportStateV2 {
+            transport: OldMmioTransportState {
                 status: 15,
                 device_features_sel: 1,
                 driver_features_sel: 1,
@@ -223,7 +305,7 @@ mod tests {
                 activated: true,
                 interrupt_status: 0,
                 needs_reset: false,
-                device: VirtioDeviceStateV2 {
+                device: OldVirtioDeviceState {
                     device_type,
                     acked_features: 1 << 32,
                     queues: Some(vec![queue()]),
@@ -287,8 +369,9 @@ mod tests {
     }
 
     #[test]
-    fn a_version_3_file_reads_into_todays_state_without_a_generation_id() {
+    fn a_version_3_file_reads_into_todays_state_without_a_generation_id_or_hinting() {
         let v2 = decode(&version_2_file()).unwrap();
+        let limiter = RateLimiterState::default();
         let old = MicrovmStateV3 {
             config: v2.config,
             memory: v2.memory,
@@ -297,15 +380,59 @@ mod tests {
             devices: DevicesStateV3 {
                 serial: v2.devices.serial,
                 legacy: v2.devices.legacy,
-                virtio: v2.devices.virtio.clone(),
+                virtio: vec![
+                    slot(
+                        0x1000,
+                        1,
+                        DeviceSpecificStateV3::Net {
+                            iface_id: "eth0".into(),
+                            mac: Some([6, 0, 10, 0, 0, 2]),
+                            rx_rate_limiter: limiter,
+                            tx_rate_limiter: limiter,
+                        },
+                    ),
+                    slot(
+                        0x2000,
+                        5,
+                        DeviceSpecificStateV3::Balloon(Box::new(BalloonStateV3 {
+                            target_pages: 256,
+                            actual_pages: 128,
+                            stats_polling_interval_s: 1,
+                            stats_head: Some(3),
+                            guest_stats: [Some(7); STAT_TAGS],
+                            config_generation: 2,
+                        })),
+                    ),
+                ],
             },
         };
         let state = decode(&file_of_version(3, &bincode::serialize(&old).unwrap())).unwrap();
         assert_eq!(state.devices.vmgenid, None);
-        assert_eq!(state.devices.virtio.len(), 3);
+        let specific: Vec<_> = state
+            .devices
+            .virtio
+            .iter()
+            .map(|slot| slot.transport.device.specific.clone())
+            .collect();
         assert_eq!(
-            state.devices.virtio[1].transport.device.specific,
-            v2.devices.virtio[1].transport.device.specific
+            specific,
+            vec![
+                DeviceSpecificState::Net {
+                    iface_id: "eth0".into(),
+                    mac: Some([6, 0, 10, 0, 0, 2]),
+                    rx_rate_limiter: limiter,
+                    tx_rate_limiter: limiter,
+                },
+                DeviceSpecificState::Balloon(Box::new(BalloonState {
+                    target_pages: 256,
+                    actual_pages: 128,
+                    stats_polling_interval_s: 1,
+                    stats_head: Some(3),
+                    guest_stats: [Some(7); STAT_TAGS],
+                    config_generation: 2,
+                    hinting: Hinting::default(),
+                })),
+            ]
         );
     }
 

@@ -472,6 +472,85 @@ kill -9 $clone_1 $clone_2
     }
 }
 
+/// Free page hinting with a Linux guest: after the guest touched nearly all its memory and
+/// freed it again, a hinting run (`PATCH /balloon/hinting/start`) has its driver hand the free
+/// memory over, and mote's resident set drops by most of it; the driver's STOP is acknowledged
+/// at once, and the guest has its memory back afterwards.
+pub fn balloon_free_page_hinting_gives_free_memory_back(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+cmd=$(guest_cmd '
+n=$(awk "/MemFree/{print int(\$2 / 1024) - 24}" /proc/meminfo)
+dd if=/dev/zero of=/fill bs=1M count=$n 2>/dev/null; rm /fill; echo touched=$n
+while :; do awk "/MemTotal/{t=\$2} /MemFree/{f=\$2} END{print \"meminfo total=\" t \" free=\" f}" /proc/meminfo; sleep 0.5; done
+')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+ "balloon": {"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}}
+JSON
+./mote --api-sock /tmp/api.sock --config-file vm.json >out 2>&1 &
+pid=$!
+rss() { awk '/VmRSS/{print $2}' /proc/$pid/status; }
+wait_for out 'meminfo total=' 120 || fail "the guest's loop never ran"
+sleep 1
+echo rss-touched=$(rss)
+echo guest-before=$(tr -d '\r' <out | grep meminfo | tail -n1)
+echo status-before=$(hosted-tool api /tmp/api.sock GET /balloon/hinting/status)
+hosted-tool api /tmp/api.sock PATCH /balloon/hinting/start '{"acknowledge_on_stop": true}' || fail "start"
+for i in $(seq 120); do
+  s=$(hosted-tool api /tmp/api.sock GET /balloon/hinting/status)
+  echo "$s" | grep -q '"host_cmd":1,"guest_cmd":0' && break
+  sleep 0.5
+done
+echo status-after=$s
+echo rss-hinted=$(rss)
+sleep 2
+echo guest-after=$(tr -d '\r' <out | grep meminfo | tail -n1)
+kill $pid
+"#,
+    );
+    run.assert_ok();
+    assert_eq!(
+        run.value("status-before="),
+        r#"200 {"host_cmd":0}"#,
+        "{}",
+        run.output
+    );
+    assert_eq!(
+        run.value("status-after="),
+        r#"200 {"host_cmd":1,"guest_cmd":0}"#,
+        "{}",
+        run.output
+    );
+    let rss_touched: u64 = run.value("rss-touched=").parse().expect("VmRSS in kB");
+    let rss_hinted: u64 = run.value("rss-hinted=").parse().expect("VmRSS in kB");
+    // The guest had about 200 MiB free, all of it touched once; half of that is the bar.
+    assert!(
+        rss_touched > rss_hinted + 96 * 1024,
+        "VmRSS {rss_touched} kB -> {rss_hinted} kB:\n{}",
+        run.output
+    );
+    eprintln!("{arch:?}: VmRSS {rss_touched} kB touched, {rss_hinted} kB after hinting");
+    let free = |key: &str| -> u64 {
+        run.value(key)
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("free="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no free= in {key}:\n{}", run.output))
+    };
+    // DONE gave the guest its blocks back.
+    assert!(
+        free("guest-after=") + 16 * 1024 > free("guest-before="),
+        "{}",
+        run.output
+    );
+}
+
 /// `clock_realtime` on a restore (x86_64): the guest's wall clock reads as if it had run on
 /// while the snapshot sat on disk; without it the clock carries on from where it stood. aarch64
 /// refuses it by name.

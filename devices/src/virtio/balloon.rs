@@ -4,8 +4,9 @@
 //! host (`madvise(MADV_DONTNEED)`), so the monitor's resident set drops. Deflated pages simply
 //! come back, zero (or as the snapshot file had them), when the guest touches them again.
 //! Optional queues: statistics (the device returns the driver's buffer at the polling
-//! interval and reads it when the driver posts it again) and free page reporting (ranges of
-//! free guest memory, given back like inflated pages).
+//! interval and reads it when the driver posts it again), free page hinting (runs the host
+//! starts, in which the driver hands over free blocks: `hinting.rs`) and free page reporting
+//! (ranges of free guest memory, given back like inflated pages).
 //!
 //! The driver is not trusted: frame numbers outside guest memory are skipped and counted, an
 //! oversized descriptor is skipped whole, and the device's memory for a request is bounded
@@ -36,9 +37,15 @@ use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{read_config_bytes, ActivateError, VirtioDevice, TYPE_BALLOON};
 use crate::metrics::BalloonMetrics;
 
+pub mod hinting;
+
+use self::hinting::CMD_ID_STOP;
+pub use self::hinting::{Hinting, HintingStatus};
+
 /// Feature bits (virtio 1.2, 5.5.3).
 pub const VIRTIO_BALLOON_F_STATS_VQ: u64 = 1 << 1;
 pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
+pub const VIRTIO_BALLOON_F_FREE_PAGE_HINT: u64 = 1 << 3;
 pub const VIRTIO_BALLOON_F_REPORTING: u64 = 1 << 5;
 
 /// The balloon counts in 4 KiB pages whatever the guest's page size (VIRTIO_BALLOON_PFN_SHIFT).
@@ -47,10 +54,10 @@ pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 pub const PAGES_PER_MIB: u32 = 256;
 
 /// Every queue has up to 256 entries. Queues in order: inflate, deflate, then statistics
-/// when polling is on, then free page reporting when it is on (the driver numbers the queues
-/// it has densely, as Linux does).
+/// when polling is on, then free page hinting and then free page reporting when they are on
+/// (the driver numbers the queues it has densely, as Linux does).
 const QUEUE_SIZE: u16 = 256;
-static QUEUE_SIZES: [u16; 4] = [QUEUE_SIZE; 4];
+static QUEUE_SIZES: [u16; 5] = [QUEUE_SIZE; 5];
 const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
 
@@ -63,10 +70,14 @@ const PFN_CHUNK: usize = 1024;
 /// Longest chain the device looks at; longer chains loop or lie.
 const MAX_CHAIN_LEN: usize = QUEUE_SIZE as usize;
 
-/// Configuration space: `num_pages` (the target, set by the host) and `actual` (written by the
-/// driver), both u32 little endian.
-const CONFIG_SIZE: usize = 8;
+/// Configuration space, u32 little endian each: `num_pages` (the target, set by the host),
+/// `actual` (written by the driver), `free_page_hint_cmd_id` (the host's) and `poison_val`
+/// (0: page poisoning is not offered).
+const CONFIG_SIZE: usize = 16;
 const CONFIG_ACTUAL: usize = 4;
+const CONFIG_ACTUAL_END: usize = 8;
+/// A hinting command from the driver: one u32.
+const HINT_CMD_LEN: u32 = 4;
 
 /// One statistic is 10 bytes, packed: a u16 tag and a u64 value. The tags Linux knows (0 to 15)
 /// are kept; the device reads at most [`MAX_STATS`] of them from a buffer.
@@ -82,6 +93,7 @@ pub struct BalloonOptions {
     pub deflate_on_oom: bool,
     /// 0: no statistics queue.
     pub stats_polling_interval_s: u16,
+    pub free_page_hinting: bool,
     pub free_page_reporting: bool,
 }
 
@@ -168,6 +180,8 @@ pub struct BalloonState {
     pub guest_stats: [Option<u64>; STAT_TAGS],
     /// The configuration generation the driver last saw.
     pub config_generation: u32,
+    /// Free page hinting's run (all zero when hinting is off).
+    pub hinting: Hinting,
 }
 
 /// Why the host's request cannot be done, in Firecracker's words.
@@ -177,6 +191,10 @@ pub enum BalloonError {
     NotActive,
     #[error("Cannot enable/disable the statistics after boot.")]
     StatsStateChange,
+    #[error(
+        "Free page hinting was not enabled when the balloon was configured (free_page_hinting)."
+    )]
+    HintingDisabled,
 }
 
 pub struct Balloon {
@@ -190,6 +208,7 @@ pub struct Balloon {
     stats_timer: TimerFd,
     stats_head: Option<u16>,
     guest_stats: [Option<u64>; STAT_TAGS],
+    hinting: Hinting,
     /// Buffers for one chunk of frame numbers, kept between requests.
     pfn_bytes: Vec<u8>,
     pfns: Vec<u32>,
@@ -206,6 +225,10 @@ impl Balloon {
             features |= VIRTIO_BALLOON_F_STATS_VQ;
             queues += 1;
         }
+        if options.free_page_hinting {
+            features |= VIRTIO_BALLOON_F_FREE_PAGE_HINT;
+            queues += 1;
+        }
         if options.free_page_reporting {
             features |= VIRTIO_BALLOON_F_REPORTING;
             queues += 1;
@@ -215,7 +238,7 @@ impl Balloon {
             TYPE_BALLOON,
             &QUEUE_SIZES[..queues],
             features,
-            config_bytes(options.target_pages, 0),
+            config_bytes(options.target_pages, 0, CMD_ID_STOP),
             irq,
         )?;
         let stats_timer = TimerFd::new()?;
@@ -231,6 +254,7 @@ impl Balloon {
             stats_timer,
             stats_head: None,
             guest_stats: [None; STAT_TAGS],
+            hinting: Hinting::default(),
             pfn_bytes: Vec::new(),
             pfns: Vec::new(),
         };
@@ -249,10 +273,28 @@ impl Balloon {
         (self.options.stats_polling_interval_s > 0).then_some(2)
     }
 
-    fn reporting_queue(&self) -> Option<usize> {
+    fn hinting_queue(&self) -> Option<usize> {
         self.options
-            .free_page_reporting
+            .free_page_hinting
             .then_some(2 + usize::from(self.stats_queue().is_some()))
+    }
+
+    fn reporting_queue(&self) -> Option<usize> {
+        self.options.free_page_reporting.then_some(
+            2 + usize::from(self.stats_queue().is_some())
+                + usize::from(self.hinting_queue().is_some()),
+        )
+    }
+
+    /// The configuration space as it stands.
+    fn config(&self) -> Vec<u8> {
+        config_bytes(self.target_pages, self.actual_pages, self.hinting.host_cmd)
+    }
+
+    /// Puts a changed configuration space where the driver reads it, and tells it.
+    fn config_changed(&mut self) {
+        self.common.set_config(self.config());
+        self.common.interrupt().signal_config_change();
     }
 
     /// Serves the inflate queue: every frame number in guest memory is given back.
@@ -294,6 +336,84 @@ impl Balloon {
                 }
             }
         });
+    }
+
+    /// Serves the free page hinting queue: the driver's commands (a 4-byte readable buffer:
+    /// its run's id, or STOP) and, within a run, the free blocks it hands over (writable
+    /// buffers), which are given back to the host.
+    fn process_hinting(&mut self) {
+        let Some(index) = self.hinting_queue() else {
+            return;
+        };
+        let (hinting, metrics) = (&mut self.hinting, &self.metrics);
+        let mut changed = false;
+        drain(&mut self.common, metrics, index, |mem, chain| {
+            for descriptor in chain.take(MAX_CHAIN_LEN) {
+                if descriptor.is_write_only() {
+                    if !hinting.accepts_blocks() {
+                        continue;
+                    }
+                    metrics.free_page_hint_count.inc();
+                    let start = descriptor.addr().0.next_multiple_of(PAGE_SIZE);
+                    let end =
+                        (descriptor.addr().0 + u64::from(descriptor.len())) & !(PAGE_SIZE - 1);
+                    if end <= start {
+                        continue;
+                    }
+                    let outcome = give_back(mem, GuestAddress(start), end - start);
+                    metrics.free_page_hint_freed.add(outcome.freed);
+                    if outcome.outside > 0 || outcome.failed > 0 {
+                        metrics.free_page_hint_fails.inc();
+                    }
+                } else {
+                    let mut id = [0u8; HINT_CMD_LEN as usize];
+                    if descriptor.len() != HINT_CMD_LEN
+                        || mem.read_slice(&mut id, descriptor.addr()).is_err()
+                    {
+                        metrics.free_page_hint_fails.inc();
+                        continue;
+                    }
+                    changed |= hinting.driver_sent(u32::from_le_bytes(id));
+                }
+            }
+        });
+        if changed {
+            self.config_changed();
+        }
+    }
+
+    /// Starts a free page hinting run (`PATCH /balloon/hinting/start`).
+    pub fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<(), BalloonError> {
+        self.check_hinting()?;
+        self.hinting.start(acknowledge_on_stop);
+        self.config_changed();
+        Ok(())
+    }
+
+    /// Ends the run: the driver frees what it handed over (`PATCH /balloon/hinting/stop`).
+    pub fn stop_hinting(&mut self) -> Result<(), BalloonError> {
+        self.check_hinting()?;
+        self.hinting.stop();
+        self.config_changed();
+        Ok(())
+    }
+
+    /// `GET /balloon/hinting/status`.
+    pub fn hinting_status(&self) -> Result<HintingStatus, BalloonError> {
+        if !self.options.free_page_hinting {
+            return Err(BalloonError::HintingDisabled);
+        }
+        Ok(self.hinting.status())
+    }
+
+    fn check_hinting(&self) -> Result<(), BalloonError> {
+        if !self.options.free_page_hinting {
+            return Err(BalloonError::HintingDisabled);
+        }
+        if self.common.active().is_none() {
+            return Err(BalloonError::NotActive);
+        }
+        Ok(())
     }
 
     /// Reads the statistics the driver posted and holds the buffer until the next poll.
@@ -395,9 +515,7 @@ impl Balloon {
             return Err(BalloonError::NotActive);
         }
         self.target_pages = pages;
-        self.common
-            .set_config(config_bytes(self.target_pages, self.actual_pages));
-        self.common.interrupt().signal_config_change();
+        self.config_changed();
         Ok(())
     }
 
@@ -423,11 +541,13 @@ impl Balloon {
     }
 }
 
-/// The configuration space for `target` and `actual` pages.
-fn config_bytes(target: u32, actual: u32) -> Vec<u8> {
+/// The configuration space for `target` and `actual` pages and the hinting command `cmd`.
+fn config_bytes(target: u32, actual: u32, cmd: u32) -> Vec<u8> {
     let mut config = Vec::with_capacity(CONFIG_SIZE);
     config.extend_from_slice(&target.to_le_bytes());
     config.extend_from_slice(&actual.to_le_bytes());
+    config.extend_from_slice(&cmd.to_le_bytes());
+    config.extend_from_slice(&0u32.to_le_bytes());
     config
 }
 
@@ -604,21 +724,17 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(
-            &config_bytes(self.target_pages, self.actual_pages),
-            offset,
-            data,
-        );
+        read_config_bytes(&self.config(), offset, data);
     }
 
-    /// The driver writes `actual`; `num_pages` is the host's.
+    /// The driver writes `actual`; the rest is the host's.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        let mut config = config_bytes(self.target_pages, self.actual_pages);
+        let mut config = self.config();
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let within = start >= CONFIG_ACTUAL
             && start
                 .checked_add(data.len())
-                .is_some_and(|end| end <= CONFIG_SIZE);
+                .is_some_and(|end| end <= CONFIG_ACTUAL_END);
         if !within {
             debug!("virtio-balloon: ignored write to config at {offset:#x}");
             return;
@@ -640,6 +756,12 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         self.common.reset();
         self.stats_head = None;
+        // A reset driver starts with no run; ids go on, so that none repeats.
+        self.hinting = Hinting {
+            last_run: self.hinting.last_run,
+            ..Hinting::default()
+        };
+        self.common.set_config(self.config());
     }
 
     fn save_state(&self) -> Option<VirtioDeviceState> {
@@ -652,6 +774,7 @@ impl VirtioDevice for Balloon {
                     stats_head: self.stats_head,
                     guest_stats: self.guest_stats,
                     config_generation: self.common.config_generation(),
+                    hinting: self.hinting,
                 }))),
         )
     }
@@ -681,8 +804,8 @@ impl VirtioDevice for Balloon {
         self.stats_interval_s = saved.stats_polling_interval_s;
         self.stats_head = saved.stats_head;
         self.guest_stats = saved.guest_stats;
-        self.common
-            .set_config(config_bytes(self.target_pages, self.actual_pages));
+        self.hinting = saved.hinting;
+        self.common.set_config(self.config());
         self.common.set_config_generation(saved.config_generation);
         self.arm_stats_timer();
         if started {
@@ -697,6 +820,7 @@ impl Balloon {
         self.process_inflate();
         self.process_deflate();
         self.process_stats();
+        self.process_hinting();
         self.process_reporting();
     }
 }
@@ -730,6 +854,7 @@ impl MutEventSubscriber for Balloon {
                 self.process_deflate();
             }
             index if Some(index) == self.stats_queue() => self.process_stats(),
+            index if Some(index) == self.hinting_queue() => self.process_hinting(),
             index if Some(index) == self.reporting_queue() => self.process_reporting(),
             _ => {}
         }

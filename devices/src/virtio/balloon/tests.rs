@@ -19,6 +19,8 @@ const BUFFERS: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const MEM_SIZE: usize = 0x40_0000;
 const STATS: usize = 2;
+const HINTING: usize = 3;
+const REPORTING: usize = 4;
 
 struct Fixture {
     mem: &'static GuestMemoryMmap,
@@ -32,6 +34,7 @@ fn options() -> BalloonOptions {
         target_pages: 256,
         deflate_on_oom: true,
         stats_polling_interval_s: 1,
+        free_page_hinting: true,
         free_page_reporting: true,
     }
 }
@@ -122,12 +125,14 @@ fn the_device_offers_what_its_configuration_asks_for() {
     assert_ne!(features & VIRTIO_BALLOON_F_DEFLATE_ON_OOM, 0);
     assert_ne!(features & VIRTIO_BALLOON_F_STATS_VQ, 0);
     assert_ne!(features & VIRTIO_BALLOON_F_REPORTING, 0);
-    assert_eq!(f.balloon.queue_max_sizes().len(), 4);
+    assert_ne!(features & VIRTIO_BALLOON_F_FREE_PAGE_HINT, 0);
+    assert_eq!(f.balloon.queue_max_sizes().len(), 5);
     let plain = Balloon::new(
         BalloonOptions {
             target_pages: 0,
             deflate_on_oom: false,
             stats_polling_interval_s: 0,
+            free_page_hinting: false,
             free_page_reporting: false,
         },
         EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -136,6 +141,7 @@ fn the_device_offers_what_its_configuration_asks_for() {
     assert_eq!(plain.queue_max_sizes().len(), 2);
     assert_eq!(plain.avail_features() & 0xff, 0);
     assert_eq!(plain.stats(), None);
+    assert_eq!(plain.hinting_status(), Err(BalloonError::HintingDisabled));
 }
 
 #[test]
@@ -284,7 +290,7 @@ fn statistics_are_read_when_posted_and_the_buffer_returned_at_each_poll() {
 fn free_page_reports_are_given_back() {
     let mut f = fixture();
     f.fill(DATA, 3 * 4096, 0x77);
-    let reporting = 3;
+    let reporting = REPORTING;
     // Linux posts the free ranges device-writable; an unaligned edge is left alone.
     f.post(reporting, &[(DATA, 8192, W), (DATA + 0x2000 + 16, 4096, W)]);
     f.balloon.process_reporting();
@@ -332,4 +338,101 @@ fn a_restored_balloon_keeps_its_target_interval_and_statistics_buffer() {
     )
     .unwrap();
     assert!(plain.restore_state(f.mem.clone(), &state).is_err());
+}
+
+impl Fixture {
+    /// The driver sends hinting command `id` (a 4-byte readable buffer at BUFFERS + 0x100).
+    fn hint_command(&mut self, id: u32) {
+        let at = BUFFERS + 0x100 + u64::from(self.next_desc[HINTING]) * 8;
+        self.mem
+            .write_slice(&id.to_le_bytes(), GuestAddress(at))
+            .unwrap();
+        self.post(HINTING, &[(at, 4, 0)]);
+        self.balloon.process_hinting();
+    }
+
+    fn hint_block(&mut self, addr: u64, len: u32) {
+        self.post(HINTING, &[(addr, len, W)]);
+        self.balloon.process_hinting();
+    }
+
+    fn config_cmd(&self) -> u32 {
+        let mut word = [0u8; 4];
+        self.balloon.read_config(8, &mut word);
+        u32::from_le_bytes(word)
+    }
+}
+
+#[test]
+fn a_hinting_run_gives_back_the_blocks_of_its_run_only() {
+    let mut f = fixture();
+    f.fill(DATA, 4 * 4096, 0x33);
+    // Blocks before any run are returned untouched.
+    f.hint_block(DATA, 4096);
+    assert_eq!(f.read(DATA, 4096), vec![0x33; 4096]);
+    assert_eq!(f.config_cmd(), hinting::CMD_ID_STOP);
+
+    f.balloon.start_hinting(true).unwrap();
+    let id = f.config_cmd();
+    assert!(id > hinting::CMD_ID_DONE);
+    assert!(f.balloon.interrupt().state().0 & INTERRUPT_CONFIG != 0);
+    f.hint_command(id);
+    assert_eq!(
+        f.balloon.hinting_status().unwrap(),
+        HintingStatus {
+            host_cmd: id,
+            guest_cmd: Some(id)
+        }
+    );
+    f.hint_block(DATA, 2 * 4096);
+    assert_eq!(f.read(DATA, 2 * 4096), vec![0; 2 * 4096]);
+    assert_eq!(f.balloon.metrics.free_page_hint_freed.total(), 2 * 4096);
+    // A block outside memory counts as failed and changes nothing.
+    f.hint_block(MEM_SIZE as u64, 4096);
+    assert_eq!(f.balloon.metrics.free_page_hint_fails.total(), 1);
+
+    // The driver's STOP is acknowledged with DONE at once; later blocks stay.
+    f.hint_command(hinting::CMD_ID_STOP);
+    assert_eq!(f.config_cmd(), hinting::CMD_ID_DONE);
+    f.hint_block(DATA + 0x3000, 4096);
+    assert_eq!(f.read(DATA + 0x3000, 4096), vec![0x33; 4096]);
+    assert_eq!(f.used_idx(HINTING), 6);
+
+    // A command that is not one u32 is refused and returned.
+    f.post(HINTING, &[(BUFFERS, 6, 0)]);
+    f.balloon.process_hinting();
+    assert_eq!(f.used_idx(HINTING), 7);
+    assert_eq!(f.balloon.metrics.free_page_hint_fails.total(), 2);
+}
+
+#[test]
+fn the_host_ends_a_run_without_acknowledge_and_a_restore_keeps_it() {
+    let mut f = fixture();
+    f.balloon.start_hinting(false).unwrap();
+    let id = f.config_cmd();
+    f.hint_command(id);
+    f.hint_command(hinting::CMD_ID_STOP);
+    assert_eq!(f.config_cmd(), id, "no acknowledge: the run stands");
+    let state = f.balloon.save_state().unwrap();
+    let mut again = Balloon::new(options(), EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+    again.restore_state(f.mem.clone(), &state).unwrap();
+    assert_eq!(
+        again.hinting_status().unwrap(),
+        HintingStatus {
+            host_cmd: id,
+            guest_cmd: Some(hinting::CMD_ID_STOP)
+        }
+    );
+    again.stop_hinting().unwrap();
+    assert_eq!(
+        again.hinting_status().unwrap().host_cmd,
+        hinting::CMD_ID_DONE
+    );
+    // The next run's id is new to the driver.
+    again.start_hinting(true).unwrap();
+    assert_eq!(again.hinting_status().unwrap().host_cmd, id + 1);
+
+    // Before the driver starts the device, a run is refused in Firecracker's words.
+    again.reset();
+    assert_eq!(again.start_hinting(true), Err(BalloonError::NotActive));
 }
