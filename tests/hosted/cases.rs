@@ -5,7 +5,9 @@
 
 use std::process::Command;
 
-use crate::harness::{read_ext4_file, require_emulated_host, scratch_rootfs_of, Arch, Hosted};
+use crate::harness::{
+    read_ext4_file, require_emulated_host, scratch_rootfs_of, Arch, Hosted, HostedRun,
+};
 
 /// sha256 of `data`, as sha256sum prints it.
 fn sha256(data: &[u8]) -> String {
@@ -472,6 +474,45 @@ kill -9 $clone_1 $clone_2
     }
 }
 
+/// The start of a balloon case's script: a 256 MiB guest with `balloon` that touches nearly
+/// all its memory and frees it again (so that the host backs its free pages), then prints
+/// its meminfo every half second; mote serves the API on /tmp/api.sock. `host` goes on once
+/// the guest's loop runs, with `rss` (mote's VmRSS in kB), `rss-touched=` and `guest-before=`
+/// already printed.
+fn balloon_guest_script(balloon: &str, host: &str) -> String {
+    format!(
+        r#"
+cmd=$(guest_cmd '
+n=$(awk "/MemFree/{{print int(\$2 / 1024) - 24}}" /proc/meminfo)
+dd if=/dev/zero of=/fill bs=1M count=$n 2>/dev/null; rm /fill; echo touched=$n
+while :; do awk "/MemTotal/{{t=\$2}} /MemFree/{{f=\$2}} END{{print \"meminfo total=\" t \" free=\" f}}" /proc/meminfo; sleep 0.5; done
+')
+cat > vm.json <<JSON
+{{"boot-source": {{"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"}},
+ "machine-config": {{"vcpu_count": 1, "mem_size_mib": 256}},
+ "balloon": {balloon}}}
+JSON
+./mote --api-sock /tmp/api.sock --config-file vm.json >out 2>&1 &
+pid=$!
+rss() {{ awk '/VmRSS/{{print $2}}' /proc/$pid/status; }}
+wait_for out 'meminfo total=' 120 || fail "the guest's loop never ran"
+sleep 1
+echo rss-touched=$(rss)
+echo guest-before=$(tr -d '\r' <out | grep meminfo | tail -n1)
+{host}"#
+    )
+}
+
+/// A kB figure FIELD (`total=`, `free=`) of the meminfo line printed after KEY.
+fn meminfo_kib(run: &HostedRun, key: &str, field: &str) -> u64 {
+    run.value(key)
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(field))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {key}:\n{}", run.output))
+}
+
 /// Free page hinting with a Linux guest: after the guest touched nearly all its memory and
 /// freed it again, a hinting run (`PATCH /balloon/hinting/start`) has its driver hand the free
 /// memory over, and mote's resident set drops by most of it; the driver's STOP is acknowledged
@@ -480,26 +521,9 @@ pub fn balloon_free_page_hinting_gives_free_memory_back(arch: Arch) {
     if !require_emulated_host(arch) {
         return;
     }
-    let run = Hosted::for_arch(arch).run(
+    let run = Hosted::for_arch(arch).run(&balloon_guest_script(
+        r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#,
         r#"
-cmd=$(guest_cmd '
-n=$(awk "/MemFree/{print int(\$2 / 1024) - 24}" /proc/meminfo)
-dd if=/dev/zero of=/fill bs=1M count=$n 2>/dev/null; rm /fill; echo touched=$n
-while :; do awk "/MemTotal/{t=\$2} /MemFree/{f=\$2} END{print \"meminfo total=\" t \" free=\" f}" /proc/meminfo; sleep 0.5; done
-')
-cat > vm.json <<JSON
-{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
-                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
- "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
- "balloon": {"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}}
-JSON
-./mote --api-sock /tmp/api.sock --config-file vm.json >out 2>&1 &
-pid=$!
-rss() { awk '/VmRSS/{print $2}' /proc/$pid/status; }
-wait_for out 'meminfo total=' 120 || fail "the guest's loop never ran"
-sleep 1
-echo rss-touched=$(rss)
-echo guest-before=$(tr -d '\r' <out | grep meminfo | tail -n1)
 echo status-before=$(hosted-tool api /tmp/api.sock GET /balloon/hinting/status)
 hosted-tool api /tmp/api.sock PATCH /balloon/hinting/start '{"acknowledge_on_stop": true}' || fail "start"
 for i in $(seq 120); do
@@ -513,7 +537,7 @@ sleep 2
 echo guest-after=$(tr -d '\r' <out | grep meminfo | tail -n1)
 kill $pid
 "#,
-    );
+    ));
     run.assert_ok();
     assert_eq!(
         run.value("status-before="),
@@ -536,13 +560,7 @@ kill $pid
         run.output
     );
     eprintln!("{arch:?}: VmRSS {rss_touched} kB touched, {rss_hinted} kB after hinting");
-    let free = |key: &str| -> u64 {
-        run.value(key)
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("free="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no free= in {key}:\n{}", run.output))
-    };
+    let free = |key: &str| meminfo_kib(&run, key, "free=");
     // DONE gave the guest its blocks back.
     assert!(
         free("guest-after=") + 16 * 1024 > free("guest-before="),
@@ -637,22 +655,9 @@ pub fn balloon_gives_memory_back(arch: Arch) {
     if !require_emulated_host(arch) {
         return;
     }
-    let run = Hosted::for_arch(arch).run(
+    let run = Hosted::for_arch(arch).run(&balloon_guest_script(
+        r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
         r#"
-cmd=$(guest_cmd '
-n=$(awk "/MemFree/{print int(\$2 / 1024) - 24}" /proc/meminfo)
-dd if=/dev/zero of=/fill bs=1M count=$n 2>/dev/null; rm /fill; echo touched=$n
-while :; do awk "/MemTotal/{t=\$2} /MemFree/{f=\$2} END{print \"meminfo total=\" t \" free=\" f}" /proc/meminfo; sleep 0.5; done
-')
-cat > vm.json <<JSON
-{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
-                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
- "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
- "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}}
-JSON
-./mote --api-sock /tmp/api.sock --config-file vm.json >out 2>&1 &
-pid=$!
-rss() { awk '/VmRSS/{print $2}' /proc/$pid/status; }
 # until the statistics say MIB
 wait_actual() {
   for i in $(seq 120); do
@@ -663,10 +668,6 @@ wait_actual() {
   echo "stats: $s"
   return 1
 }
-wait_for out 'meminfo total=' 120 || fail "the guest's loop never ran"
-sleep 1
-echo rss-touched=$(rss)
-echo guest-before=$(tr -d '\r' <out | grep meminfo | tail -n1)
 hosted-tool api /tmp/api.sock PATCH /balloon '{"amount_mib": 128}' || fail "inflate"
 wait_actual 128 || fail "the balloon never reached 128 MiB"
 sleep 2.5
@@ -679,15 +680,9 @@ sleep 1
 echo guest-deflated=$(tr -d '\r' <out | grep meminfo | tail -n1)
 kill $pid
 "#,
-    );
+    ));
     run.assert_ok();
-    let kib = |key: &str, field: &str| -> u64 {
-        run.value(key)
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix(field))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in {key}:\n{}", run.output))
-    };
+    let kib = |key: &str, field: &str| meminfo_kib(&run, key, field);
     let rss_touched: u64 = run.value("rss-touched=").parse().expect("VmRSS in kB");
     let rss_inflated: u64 = run.value("rss-inflated=").parse().expect("VmRSS in kB");
     // 128 MiB given back, less the balloon pages the host had never backed (guest pages

@@ -323,13 +323,7 @@ impl Balloon {
         drain(&mut self.common, metrics, index, |mem, chain| {
             metrics.free_page_report_count.inc();
             for descriptor in chain.take(MAX_CHAIN_LEN) {
-                // Only whole pages inside the range.
-                let start = descriptor.addr().0.next_multiple_of(PAGE_SIZE);
-                let end = (descriptor.addr().0 + u64::from(descriptor.len())) & !(PAGE_SIZE - 1);
-                if end <= start {
-                    continue;
-                }
-                let outcome = give_back(mem, GuestAddress(start), end - start);
+                let outcome = give_back_buffer(mem, &descriptor);
                 metrics.free_page_report_freed.add(outcome.freed);
                 if outcome.outside > 0 || outcome.failed > 0 {
                     metrics.free_page_report_fails.inc();
@@ -354,13 +348,7 @@ impl Balloon {
                         continue;
                     }
                     metrics.free_page_hint_count.inc();
-                    let start = descriptor.addr().0.next_multiple_of(PAGE_SIZE);
-                    let end =
-                        (descriptor.addr().0 + u64::from(descriptor.len())) & !(PAGE_SIZE - 1);
-                    if end <= start {
-                        continue;
-                    }
-                    let outcome = give_back(mem, GuestAddress(start), end - start);
+                    let outcome = give_back_buffer(mem, &descriptor);
                     metrics.free_page_hint_freed.add(outcome.freed);
                     if outcome.outside > 0 || outcome.failed > 0 {
                         metrics.free_page_hint_fails.inc();
@@ -651,6 +639,21 @@ fn give_back_pfns(mem: &GuestMemoryMmap, pfns: &mut Vec<u32>, metrics: &BalloonM
         }
         rest = &rest[run..];
     }
+}
+
+/// Gives back the whole pages inside the buffer `descriptor` names (a reported range, a
+/// hinted block); an unaligned edge stays.
+fn give_back_buffer(mem: &GuestMemoryMmap, descriptor: &Descriptor) -> GiveBack {
+    let start = descriptor.addr().0.next_multiple_of(PAGE_SIZE);
+    let end = descriptor
+        .addr()
+        .0
+        .saturating_add(u64::from(descriptor.len()))
+        & !(PAGE_SIZE - 1);
+    if end <= start {
+        return GiveBack::default();
+    }
+    give_back(mem, GuestAddress(start), end - start)
 }
 
 /// Bytes of a range given back, outside guest memory, and whose discard failed.
