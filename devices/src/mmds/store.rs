@@ -65,7 +65,7 @@ impl DataStore {
 
     fn fits(&self, value: &Value) -> bool {
         // Serializing a Value cannot fail (its keys are strings); a failure counts as too big.
-        serde_json::to_vec(value).map_or(false, |bytes| bytes.len() <= self.limit)
+        serde_json::to_vec(value).is_ok_and(|bytes| bytes.len() <= self.limit)
     }
 
     /// Replaces the document (`PUT /mmds`).
