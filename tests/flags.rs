@@ -31,14 +31,6 @@ fn enable_pci_is_refused_naming_the_missing_transport() {
 }
 
 #[test]
-fn mmds_size_limit_is_refused_naming_mmds() {
-    assert_refused(
-        &["--mmds-size-limit", "4096"],
-        "--mmds-size-limit: mote does not implement MMDS",
-    );
-}
-
-#[test]
 fn an_id_outside_firecrackers_rule_is_refused() {
     let long = "x".repeat(65);
     for (id, why) in [

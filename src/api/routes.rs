@@ -7,8 +7,8 @@ use serde::Deserialize;
 use super::paths::{self, Kind, NOT_YET};
 use crate::config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
-    EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig,
+    MmdsData, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
@@ -72,6 +72,14 @@ fn body<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String> {
         .end()
         .map_err(|err| format!("invalid {what} body: {err}"))?;
     Ok(value)
+}
+
+/// The MMDS data store's body: any JSON document.
+fn mmds_body(bytes: &[u8]) -> Result<MmdsData, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err("the mmds request needs a JSON body".to_string());
+    }
+    serde_json::from_slice(bytes).map_err(|err| format!("invalid mmds body: {err}"))
 }
 
 /// Firecracker's answer for a path or method it does not serve.
@@ -181,6 +189,12 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         }
         (Kind::PutSnapshot, ["load"]) => {
             VmmAction::LoadSnapshot(body::<LoadSnapshotParams>("snapshot/load", bytes)?)
+        }
+        (Kind::GetMmds, []) => VmmAction::GetMmds,
+        (Kind::PutMmds, []) => VmmAction::PutMmds(mmds_body(bytes)?),
+        (Kind::PatchMmds, []) => VmmAction::PatchMmds(mmds_body(bytes)?),
+        (Kind::PutMmds, ["config"]) => {
+            VmmAction::PutMmdsConfig(body::<MmdsConfig>("mmds/config", bytes)?)
         }
         (Kind::PatchVm, []) => match body::<VmState>("vm", bytes)?.state {
             State::Paused => VmmAction::Pause,
@@ -327,7 +341,47 @@ mod tests {
             "Invalid request method and/or path: DELETE /machine-config."
         );
         assert!(refusal("GET", "/nowhere", "").starts_with("Invalid request"));
-        assert!(refusal("PUT", "/mmds", "{}").contains("not implemented by mote yet"));
+        assert!(refusal("PUT", "/cpu-config", "{}").contains("not implemented by mote yet"));
+    }
+
+    #[test]
+    fn mmds_requests_map_to_actions() {
+        assert_eq!(action("GET", "/mmds", ""), VmmAction::GetMmds);
+        assert_eq!(
+            action("PUT", "/mmds", r#"{"a": 1}"#),
+            VmmAction::PutMmds(serde_json::json!({"a": 1}))
+        );
+        assert_eq!(
+            action("PATCH", "/mmds", r#"{"a": null}"#),
+            VmmAction::PatchMmds(serde_json::json!({"a": null}))
+        );
+        match action(
+            "PUT",
+            "/mmds/config",
+            r#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.1.1", "imds_compat": true}"#,
+        ) {
+            VmmAction::PutMmdsConfig(config) => {
+                assert_eq!(config.version, crate::config::MmdsVersion::V2);
+                assert_eq!(config.address().to_string(), "169.254.1.1");
+                assert!(config.imds_compat);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(refusal("PUT", "/mmds", "{nope").contains("invalid mmds body"));
+        assert!(refusal("PUT", "/mmds", "").contains("needs a JSON body"));
+        let err = refusal(
+            "PUT",
+            "/mmds/config",
+            r#"{"version": "V3", "network_interfaces": []}"#,
+        );
+        assert!(err.contains("field `version`"), "{err}");
+        let err = refusal(
+            "PUT",
+            "/mmds/config",
+            r#"{"network_interfaces": ["eth0"], "ipv4_address": "nope"}"#,
+        );
+        assert!(err.contains("field `ipv4_address`"), "{err}");
+        assert!(refusal("PATCH", "/mmds/config", "{}").starts_with("Invalid request"));
     }
 
     #[test]

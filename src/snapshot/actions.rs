@@ -252,6 +252,7 @@ pub fn load_snapshot(
     console: Console,
     start: ProcessStart,
     boot_timer: bool,
+    mmds: &devices::mmds::SharedMmds,
 ) -> Result<(VmResources, Built), SnapshotActionError> {
     if params.enable_diff_snapshots || params.track_dirty_pages {
         return Err(SnapshotActionError::DiffUnsupported);
@@ -263,7 +264,7 @@ pub fn load_snapshot(
     resources.boot_timer = boot_timer;
     check_memory_layout(&state, &resources)?;
     let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
-    let built = build_microvm_from_snapshot(&resources, console, start, &state, memory)?;
+    let built = build_microvm_from_snapshot(&resources, console, start, &state, memory, mmds)?;
     Ok((resources, built))
 }
 

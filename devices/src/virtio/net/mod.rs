@@ -40,7 +40,8 @@ use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::common::{signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_NET};
-use crate::metrics::NetMetrics;
+use crate::metrics::{NetMetrics, MMDS_METRICS};
+use crate::mmds::{is_mmds_frame, MmdsStack};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// A receive queue and a transmit queue of up to 256 entries each.
@@ -67,6 +68,7 @@ const TX_QUEUE_EVENT: u32 = 1;
 const TAP_EVENT: u32 = 2;
 const RX_RATE_LIMITER_EVENT: u32 = 3;
 const TX_RATE_LIMITER_EVENT: u32 = 4;
+const MMDS_TIMER_EVENT: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -103,6 +105,12 @@ pub struct Net {
     rx_rate_limiter: RateLimiter,
     /// While the transmit limiter blocks, frames wait in the transmit ring.
     tx_rate_limiter: RateLimiter,
+    /// The metadata service's endpoint, on an interface allowed to reach it: frames the guest
+    /// sends to its address go there instead of the TAP, and its answers come before the TAP's
+    /// frames on the receive queue.
+    mmds: Option<MmdsStack>,
+    /// The frame in `rx_frame` came from MMDS, not the TAP.
+    rx_pending_mmds: bool,
 }
 
 impl Net {
@@ -152,7 +160,15 @@ impl Net {
             rx_scratch: Vec::with_capacity(32),
             rx_rate_limiter,
             tx_rate_limiter,
+            mmds: None,
+            rx_pending_mmds: false,
         })
+    }
+
+    /// Lets the guest reach MMDS through this interface (before the device is served).
+    pub fn set_mmds(&mut self, stack: MmdsStack) {
+        info!("virtio-net {}: MMDS answers at {}", self.id, stack.addr());
+        self.mmds = Some(stack);
     }
 
     /// The limits in force (`GET /vm/config` shows what PATCH made of them).
@@ -285,8 +301,22 @@ impl Net {
         let mut delivered = false;
         let mut broken = None;
         loop {
+            let mmds_frame = match self.rx_pending {
+                Some(_) => None,
+                None => self.mmds.as_mut().and_then(MmdsStack::next_frame),
+            };
             let frame_len = match self.rx_pending {
                 Some(len) => len,
+                // MMDS's answers first: they are few and the guest waits for them.
+                None if mmds_frame.is_some() => {
+                    let frame = mmds_frame.unwrap_or_default();
+                    let len = (VNET_HDR_LEN + frame.len()).min(FRAME_BUF_LEN);
+                    self.rx_frame[..VNET_HDR_LEN].fill(0);
+                    self.rx_frame[VNET_HDR_LEN..len].copy_from_slice(&frame[..len - VNET_HDR_LEN]);
+                    self.rx_pending = Some(len);
+                    self.rx_pending_mmds = true;
+                    len
+                }
                 None => match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(len) if len >= VNET_HDR_LEN => {
                         self.rx_pending = Some(len);
@@ -344,10 +374,15 @@ impl Net {
             let used_len = match scatter(mem, chain, frame, &mut self.rx_scratch) {
                 Ok(len) => {
                     self.rx_pending = None;
-                    self.metrics.rx_packets_count.inc();
-                    self.metrics
-                        .rx_bytes_count
-                        .add((frame_len - VNET_HDR_LEN) as u64);
+                    if std::mem::take(&mut self.rx_pending_mmds) {
+                        MMDS_METRICS.tx_frames.inc();
+                        MMDS_METRICS.tx_bytes.add((frame_len - VNET_HDR_LEN) as u64);
+                    } else {
+                        self.metrics.rx_packets_count.inc();
+                        self.metrics
+                            .rx_bytes_count
+                            .add((frame_len - VNET_HDR_LEN) as u64);
+                    }
                     len
                 }
                 Err(RxRefusal::TooSmall) => {
@@ -357,6 +392,7 @@ impl Net {
                         self.id
                     );
                     self.rx_pending = None;
+                    self.rx_pending_mmds = false;
                     self.metrics.rx_dropped_too_big.inc();
                     queue.go_to_previous_position();
                     continue;
@@ -401,6 +437,7 @@ impl Net {
         let started = Instant::now();
         let mut reschedule = false;
         let mut throttled = false;
+        let mut mmds_answered = false;
         loop {
             if queue.disable_notification(mem).is_err() {
                 break;
@@ -435,7 +472,18 @@ impl Net {
                         break;
                     }
                 }
+                let for_mmds = match (&sent, self.mmds.as_mut()) {
+                    (Ok(frame), Some(stack))
+                        if is_mmds_frame(&frame[VNET_HDR_LEN..], stack.addr()) =>
+                    {
+                        stack.receive(&frame[VNET_HDR_LEN..]);
+                        true
+                    }
+                    _ => false,
+                };
                 match sent {
+                    // Never to the TAP: MMDS took it (or dropped it).
+                    Ok(_) if for_mmds => mmds_answered = true,
                     Ok(frame) => match self.tap.write_frame(frame) {
                         Ok(_) => {
                             self.metrics.tx_packets_count.inc();
@@ -493,6 +541,16 @@ impl Net {
                 );
             }
         }
+        if mmds_answered {
+            self.process_mmds_answers();
+        }
+    }
+
+    /// Puts what MMDS has for the guest on the receive queue.
+    fn process_mmds_answers(&mut self) {
+        if self.mmds.as_ref().is_some_and(MmdsStack::has_frames) {
+            self.process_rx();
+        }
     }
 }
 
@@ -512,6 +570,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.common.reset();
+        self.rx_pending_mmds = false;
         if self.rx_pending.take().is_some() {
             self.metrics.rx_dropped_reset.inc();
         }
@@ -573,6 +632,7 @@ impl VirtioDevice for Net {
         let started = self.common.restore_state(mem, state)?;
         // The frame the old monitor held for the guest is lost, as a network may lose any.
         self.rx_pending = None;
+        self.rx_pending_mmds = false;
         if started {
             self.start()?;
         }
@@ -617,6 +677,12 @@ impl MutEventSubscriber for Net {
                 self.metrics.rx_tap_event_count.inc();
                 self.process_rx();
             }
+            MMDS_TIMER_EVENT => {
+                if let Some(stack) = self.mmds.as_mut() {
+                    stack.on_timer();
+                }
+                self.process_mmds_answers();
+            }
             other => debug!("virtio-net {}: unexpected event {other}", self.id),
         }
     }
@@ -648,6 +714,12 @@ impl MutEventSubscriber for Net {
         ] {
             if let Err(err) = ops.add(events) {
                 warn!("virtio-net {}: cannot watch its fds: {err}", self.id);
+            }
+        }
+        if let Some(stack) = &self.mmds {
+            let timer = Events::with_data_raw(stack.as_raw_fd(), MMDS_TIMER_EVENT, EventSet::IN);
+            if let Err(err) = ops.add(timer) {
+                warn!("virtio-net {}: cannot watch its MMDS timer: {err}", self.id);
             }
         }
     }
