@@ -534,7 +534,7 @@ impl Writer<'_> {
 }
 
 /// Writes a frame into the buffer it gets; returns the length.
-type FrameWriter = dyn Fn(&mut [u8]) -> usize;
+type FrameWriter<'a> = dyn Fn(&mut [u8]) -> usize + 'a;
 
 /// Runs one `mmds-…` step.
 pub fn step<'a>(
@@ -740,7 +740,7 @@ fn hostile(net: &mut Net, mmds: &mut Mmds, case: &[u8]) -> Result<(), MmdsError>
             let (src, ip) = (net.mac, mmds.ip);
             // UDP, a truncated IPv4 header, a TCP header with a bad data offset, a bare ACK to
             // a connection that does not exist, and an ARP of another hardware type.
-            let frames: [&FrameWriter; 5] = [
+            let frames: [&FrameWriter<'_>; 5] = [
                 &|buf| {
                     let len = write_tcp(buf, &src, &dst, ip, 40000, 1, 0, TCP_ACK, b"junk");
                     buf[ETH_HLEN + 9] = 17;
