@@ -33,14 +33,7 @@ impl Guest {
     fn spawn(extra: &[&str]) -> Self {
         let ns = Netns::new();
         ns.add_tap("tap0", Some("10.0.0.1/24"));
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&ns.name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("api.sock");
-        let mut args = vec!["--api-sock".to_string(), sock.display().to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mote = ns.spawn_mote(&args);
-        wait_for_socket(&sock, Duration::from_secs(10), String::new);
+        let (sock, mote) = spawn_mote(&ns, "api.sock", extra);
         Self {
             ns,
             sock,
@@ -93,6 +86,24 @@ impl Guest {
         assert!(run.stdout.contains("probe: done"), "{}", run.stdout);
         run.stdout
     }
+}
+
+/// A monitor in `ns` with its API socket `name` in the namespace's scratch directory.
+fn spawn_mote(ns: &Netns, name: &str, extra: &[&str]) -> (PathBuf, netns::Mote) {
+    let dir = scratch(ns);
+    let sock = dir.join(name);
+    let _ = std::fs::remove_file(&sock);
+    let mut args = vec!["--api-sock".to_string(), sock.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mote = ns.spawn_mote(&args);
+    wait_for_socket(&sock, Duration::from_secs(10), String::new);
+    (sock, mote)
+}
+
+fn scratch(ns: &Netns) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&ns.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn line<'a>(console: &'a str, start: &str) -> &'a str {
@@ -333,5 +344,60 @@ fn bad_mmds_requests_are_refused_naming_the_field() {
     assert_eq!(
         mote.request("GET", "/vm/config", "").json()["mmds-config"]["ipv4_address"],
         "169.254.1.2"
+    );
+}
+
+/// As Firecracker's: a snapshot keeps the MMDS configuration but not the store or the
+/// tokens; `mmds_data` gives the restored clone its own store.
+#[test]
+fn a_restored_clone_keeps_mmds_config_and_gets_its_own_data() {
+    if !require_kvm() || !netns::require_root() {
+        return;
+    }
+    let mut guest = Guest::spawn(&[]);
+    guest.configure(
+        "net-init,mmds-token:600,mmds-get:/latest/meta-data/instance-id:t,mmds-wait:3000,\
+         mmds-get:/latest/meta-data/instance-id:t,mmds-token:600,\
+         mmds-get:/latest/meta-data/instance-id:t",
+        r#"{"version": "V2", "network_interfaces": ["eth0"]}"#,
+    );
+    guest.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let original = guest.mote.take().unwrap();
+    original.wait_for_line("mmds-get status=200 body=i-0123", Duration::from_secs(30));
+    let (state, mem) = common::api::pause_and_snapshot(&guest.sock, &scratch(&guest.ns));
+    drop(original);
+
+    let (sock, clone) = spawn_mote(&guest.ns, "clone.sock", &[]);
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+        "mmds_data": {"latest": {"meta-data": {"instance-id": "i-clone"}}},
+    });
+    let answer = request(&sock, "PUT", "/snapshot/load", &load.to_string());
+    assert_eq!(answer.status, 204, "{answer:?}");
+    let config = request(&sock, "GET", "/vm/config", "").json();
+    assert_eq!(config["mmds-config"]["version"], "V2", "{config}");
+    assert_eq!(
+        request(&sock, "GET", "/mmds", "").json()["latest"]["meta-data"]["instance-id"],
+        "i-clone"
+    );
+    let run = clone.wait(Duration::from_secs(60));
+    let answers: Vec<_> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("probe: mmds-get") || l.starts_with("probe: mmds-token"))
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            // The old monitor's token means nothing to the new one.
+            "probe: mmds-get status=401 body=MMDS token not valid.",
+            "probe: mmds-token status=200 len=64",
+            "probe: mmds-get status=200 body=i-clone",
+        ],
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
     );
 }

@@ -42,6 +42,8 @@ pub const MAX_QUEUED_FRAMES: usize = 64;
 const MTU: usize = 1514;
 /// A connection whose peer stops answering is dropped after this.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often smoltcp is told again where the guest is (its neighbor cache forgets after 60 s).
+const PEER_REFRESH: Duration = Duration::from_secs(20);
 
 const ETH_HEADER_LEN: usize = 14;
 const ETHERTYPE_ARP: u16 = 0x0806;
@@ -177,6 +179,8 @@ pub struct MmdsStack {
     clock: u64,
     /// Wakes the device when TCP has something to do (a retransmission, a timeout).
     timer: Timer,
+    /// The guest's last MAC and address, and when smoltcp was told of them.
+    peer: Option<([u8; 6], [u8; 4], Instant)>,
 }
 
 impl MmdsStack {
@@ -202,6 +206,7 @@ impl MmdsStack {
             epoch,
             clock: 0,
             timer: Timer::new().map_err(StackError::Timer)?,
+            peer: None,
         })
     }
 
@@ -223,6 +228,7 @@ impl MmdsStack {
             return;
         }
         if frame.get(12..14) == Some(&ETHERTYPE_IPV4.to_be_bytes()[..]) {
+            self.learn_peer(frame);
             if frame.get(IPV4_PROTOCOL_AT) == Some(&PROTOCOL_TCP) {
                 MMDS_METRICS.rx_count.inc();
                 if let Some(peer) = new_connection(frame) {
@@ -238,6 +244,48 @@ impl MmdsStack {
         }
         self.frames.from_guest.push_back(frame.to_vec());
         self.poll();
+    }
+
+    /// Tells smoltcp where the guest that sent this IPv4 frame is, as an ARP request from it
+    /// would (smoltcp learns neighbours from ARP only): a guest that knows the MMDS's MAC
+    /// already (a restored one, or one past smoltcp's 60 s) does not ask again, and smoltcp
+    /// would otherwise wait for the guest to answer its own ARP before it answers anything.
+    /// The ARP reply smoltcp makes is not sent.
+    fn learn_peer(&mut self, frame: &[u8]) {
+        let (Some(mac), Some(ip)) = (
+            frame.get(6..12),
+            frame.get(ETH_HEADER_LEN + 12..ETH_HEADER_LEN + 16),
+        ) else {
+            return;
+        };
+        let (mut peer_mac, mut peer_ip) = ([0u8; 6], [0u8; 4]);
+        peer_mac.copy_from_slice(mac);
+        peer_ip.copy_from_slice(ip);
+        let fresh = self.peer.is_some_and(|(known_mac, known_ip, when)| {
+            known_mac == peer_mac && known_ip == peer_ip && when.elapsed() < PEER_REFRESH
+        });
+        // Only a unicast MAC can be a neighbour.
+        if fresh || peer_mac[0] & 1 != 0 || self.frames.from_guest.len() >= MAX_QUEUED_FRAMES {
+            return;
+        }
+        self.peer = Some((peer_mac, peer_ip, Instant::now()));
+        let mut arp = vec![0u8; ETH_HEADER_LEN + 28];
+        arp[..6].copy_from_slice(&MMDS_MAC);
+        arp[6..12].copy_from_slice(&peer_mac);
+        arp[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        arp[ETH_HEADER_LEN..ETH_HEADER_LEN + 8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp[ETH_HEADER_LEN + 8..ETH_HEADER_LEN + 14].copy_from_slice(&peer_mac);
+        arp[ETH_HEADER_LEN + 14..ETH_HEADER_LEN + 18].copy_from_slice(&peer_ip);
+        arp[ARP_TPA_AT..ARP_TPA_AT + 4].copy_from_slice(&self.addr.octets());
+        let queued = self.frames.to_guest.len();
+        self.frames.from_guest.push_back(arp);
+        let now = self.now();
+        self.iface.poll(now, &mut self.frames, &mut self.sockets);
+        let mut index = 0;
+        self.frames.to_guest.retain(|frame| {
+            index += 1;
+            index <= queued || frame.get(12..14) != Some(&ETHERTYPE_ARP.to_be_bytes()[..])
+        });
     }
 
     /// The next frame for the guest, if any.

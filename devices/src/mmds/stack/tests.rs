@@ -205,3 +205,21 @@ fn an_oversized_request_is_refused_and_closed() {
     stack.receive(&junk[..10]);
     assert!(stack.next_frame().is_none());
 }
+
+#[test]
+fn a_guest_that_does_not_ask_arp_again_is_answered() {
+    // A restored VM knows the MMDS's MAC; the new monitor's stack does not know the guest.
+    let mmds = service();
+    let mut guest = Guest::new();
+    let mut first = MmdsStack::new(DEFAULT_IPV4_ADDR, mmds.clone()).unwrap();
+    let conn = guest.connect(DEFAULT_IPV4_ADDR);
+    guest.request(&mut first, conn, "GET / HTTP/1.1\r\n\r\n");
+    let mut second = MmdsStack::new(DEFAULT_IPV4_ADDR, mmds).unwrap();
+    let conn = guest.connect(DEFAULT_IPV4_ADDR);
+    let answer = guest.request(
+        &mut second,
+        conn,
+        "GET /latest/meta-data/id HTTP/1.1\r\n\r\n",
+    );
+    assert!(answer.ends_with("\r\n\r\ni-1"), "{answer}");
+}
