@@ -327,10 +327,12 @@ impl PrebootController {
         };
         let mut mmds = lock(&self.mmds);
         let limit = mmds.store.limit();
-        mmds.store.put(data.clone()).map_err(|err| match err {
-            StoreError::TooLarge => VmmActionError::MmdsTooLarge { limit },
-            other => VmmActionError::Mmds(other),
-        })
+        mmds.store
+            .put(data.clone().into())
+            .map_err(|err| match err {
+                StoreError::TooLarge => VmmActionError::MmdsTooLarge { limit },
+                other => VmmActionError::Mmds(other),
+            })
     }
 
     /// Restores a snapshot instead of booting (`PUT /snapshot/load`): the VM takes the

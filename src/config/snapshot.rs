@@ -50,7 +50,7 @@ pub struct LoadSnapshotParams {
     /// mote's extension: the restored VM's MMDS data store (a snapshot keeps the MMDS
     /// configuration but not the data, as Firecracker's does: a clone gets its own here).
     #[serde(default)]
-    pub mmds_data: Option<serde_json::Value>,
+    pub mmds_data: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
