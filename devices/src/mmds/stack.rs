@@ -242,7 +242,13 @@ impl MmdsStack {
             MMDS_METRICS.rx_accepted_err.inc();
             return;
         }
-        self.frames.from_guest.push_back(frame.to_vec());
+        let mut frame = frame.to_vec();
+        if frame.get(12..14) == Some(&ETHERTYPE_IPV4.to_be_bytes()[..]) {
+            // A guest that routes the MMDS address through its gateway sends to the gateway's
+            // MAC; the address alone says the packet is MMDS's (smoltcp would drop it).
+            frame[..6].copy_from_slice(&MMDS_MAC);
+        }
+        self.frames.from_guest.push_back(frame);
         self.poll();
     }
 

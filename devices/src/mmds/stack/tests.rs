@@ -223,3 +223,34 @@ fn a_guest_that_does_not_ask_arp_again_is_answered() {
     );
     assert!(answer.ends_with("\r\n\r\ni-1"), "{answer}");
 }
+
+#[test]
+fn a_guest_routing_through_its_gateway_is_answered() {
+    // The guest sends to its gateway's MAC, as Linux does for an address off its subnet.
+    let mut stack = MmdsStack::new(DEFAULT_IPV4_ADDR, service()).unwrap();
+    let mut guest = Guest::new();
+    let conn = guest.connect(DEFAULT_IPV4_ADDR);
+    guest.exchange(&mut stack);
+    let socket = guest.sockets.get_mut::<tcp::Socket>(conn);
+    socket
+        .send_slice(b"GET /latest/meta-data/id HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let now = NetInstant::from_micros(guest.epoch.elapsed().as_micros() as i64);
+    guest.iface.poll(now, &mut guest.frames, &mut guest.sockets);
+    for mut frame in guest.frames.to_guest.drain(..).collect::<Vec<_>>() {
+        frame[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        stack.receive(&frame);
+    }
+    while let Some(frame) = stack.next_frame() {
+        guest.frames.from_guest.push_back(frame);
+    }
+    guest.exchange(&mut stack);
+    let mut buf = vec![0u8; 4096];
+    let n = guest
+        .sockets
+        .get_mut::<tcp::Socket>(conn)
+        .recv_slice(&mut buf)
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.ends_with("\r\n\r\ni-1"), "{answer}");
+}
