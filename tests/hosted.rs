@@ -55,3 +55,8 @@ fn hosted_restored_guest_programs_carry_on() {
 fn hosted_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::X86_64);
 }
+
+#[test]
+fn hosted_guest_wget_reads_mmds_v1_and_v2() {
+    cases::guest_wget_reads_mmds_v1_and_v2(Arch::X86_64);
+}

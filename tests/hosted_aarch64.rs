@@ -382,3 +382,8 @@ unshare -m sh -c '
     assert_eq!(run.value("microvm-exit:"), "0");
     assert_eq!(run.value("jailer-status="), "0", "{}", run.output);
 }
+
+#[test]
+fn hosted_aarch64_guest_wget_reads_mmds_v1_and_v2() {
+    cases::guest_wget_reads_mmds_v1_and_v2(Arch::Aarch64);
+}
