@@ -106,10 +106,6 @@ pub enum ConfigError {
     MmdsUnknownInterface(String),
     #[error("The MMDS IPv4 address is not link local: mmds-config ipv4_address {0} is outside 169.254.0.0/16.")]
     MmdsAddress(std::net::Ipv4Addr),
-    #[error(
-        "mmds-config names {0:?}, which is no longer a network interface; configure MMDS again"
-    )]
-    MmdsInterfaceGone(String),
     #[error("interfaces {first} and {second} both have the MAC address {mac}")]
     DuplicateMac {
         first: String,
