@@ -157,7 +157,9 @@ fn v1_answers_as_json_and_imds_text_and_nothing_for_mmds_reaches_the_tap() {
     if !require_kvm() || !netns::require_root() {
         return;
     }
-    let guest = Guest::spawn(&[]);
+    let metrics = std::env::temp_dir().join(format!("mote-mmds-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
+    let guest = Guest::spawn(&["--metrics-path", metrics.to_str().unwrap()]);
     let capture = Capture::start(&guest.ns);
     guest.configure(
         "net-init,mmds-arp,mmds-get:/latest/meta-data/instance-id:j,\
@@ -198,6 +200,32 @@ fn v1_answers_as_json_and_imds_text_and_nothing_for_mmds_reaches_the_tap() {
         ],
         "{console}"
     );
+    // The last metrics line (at exit) counts what MMDS saw, in Firecracker's names.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let _ = std::fs::remove_file(&metrics);
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let mmds = &last["mmds"];
+    let count = |name: &str| {
+        mmds[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: {mmds}"))
+    };
+    assert!(count("rx_accepted") >= 6 * 4, "{mmds}");
+    assert!(count("rx_count") >= 6 * 4, "{mmds}");
+    assert_eq!(count("connections_created"), 6, "{mmds}");
+    assert!(
+        count("tx_frames") >= 6 * 3 && count("tx_bytes") > 0,
+        "{mmds}"
+    );
+    for name in [
+        "rx_bad_eth",
+        "rx_accepted_err",
+        "rx_invalid_token",
+        "rx_no_token",
+        "tx_errors",
+    ] {
+        assert_eq!(count(name), 0, "{name}: {mmds}");
+    }
     let frames = capture.finish();
     let bulk = frames
         .iter()
