@@ -74,12 +74,17 @@ fn body<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String> {
     Ok(value)
 }
 
-/// The MMDS data store's body: any JSON document.
+/// The MMDS data store's body: a JSON object (Firecracker's document says so), anything in it.
 fn mmds_body(bytes: &[u8]) -> Result<MmdsData, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err("the mmds request needs a JSON body".to_string());
     }
-    serde_json::from_slice(bytes).map_err(|err| format!("invalid mmds body: {err}"))
+    let data: MmdsData =
+        serde_json::from_slice(bytes).map_err(|err| format!("invalid mmds body: {err}"))?;
+    if !data.is_object() {
+        return Err("invalid mmds body: expected a JSON object".to_string());
+    }
+    Ok(data)
 }
 
 /// Firecracker's answer for a path or method it does not serve.
@@ -369,6 +374,10 @@ mod tests {
         }
         assert!(refusal("PUT", "/mmds", "{nope").contains("invalid mmds body"));
         assert!(refusal("PUT", "/mmds", "").contains("needs a JSON body"));
+        for body in ["[1]", "7", r#""x""#, "null"] {
+            let err = refusal("PATCH", "/mmds", body);
+            assert!(err.contains("expected a JSON object"), "{body}: {err}");
+        }
         let err = refusal(
             "PUT",
             "/mmds/config",

@@ -52,7 +52,8 @@ impl MmdsConfig {
     }
 }
 
-/// `PUT /snapshot/load`'s `mmds_data` and the API's `PUT|PATCH /mmds` carry any JSON.
+/// The data store's document: `PUT|PATCH /mmds` and `PUT /snapshot/load`'s `mmds_data` carry a JSON
+/// object, anything in it.
 pub type MmdsData = serde_json::Value;
 
 #[cfg(test)]
