@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use devices::legacy::boot_timer::BootTimer;
+use devices::mmds::{MmdsStack, SharedMmds, StackError};
 use devices::virtio::net::Net;
 use devices::virtio::vsock::Vsock;
 use linux_loader::cmdline::Cmdline;
@@ -26,6 +27,7 @@ use crate::device_manager::{
 };
 use crate::host_file::{self, FileKind, HostFileError};
 use crate::snapshot::MicrovmState;
+use crate::sync::lock;
 use crate::vmm::Vmm;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuHandle};
@@ -33,6 +35,8 @@ use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("mmds: {0}")]
+    Mmds(StackError),
     #[error("no kernel to boot: configure the boot source first (PUT /boot-source)")]
     NoBootSource,
     #[error("the microVM is already running")]
@@ -195,6 +199,8 @@ struct Backends {
 #[derive(Default)]
 pub struct EarlyDevices {
     pub vsock: Option<Vsock>,
+    /// The metadata service the API fills; the interfaces `mmds-config` names answer from it.
+    pub mmds: Option<SharedMmds>,
 }
 
 /// Checks the configuration as a whole and opens the devices' backends; returns the vCPU count.
@@ -215,11 +221,22 @@ fn open_backends(
         balloon.validate(&resources.machine_config)?;
     }
     let drive_files = open_drives(&resources.drives)?;
-    let nets = resources
+    let mut nets = resources
         .network_interfaces
         .iter()
         .map(net_device)
         .collect::<Result<Vec<_>, _>>()?;
+    if let (Some(config), Some(mmds)) = (&resources.mmds_config, &early.mmds) {
+        config.validate(&resources.network_interfaces)?;
+        lock(mmds).set_options(config.version, config.imds_compat);
+        for net in nets
+            .iter_mut()
+            .filter(|net| config.network_interfaces.iter().any(|id| id == net.id()))
+        {
+            let stack = MmdsStack::new(config.address(), mmds.clone()).map_err(BuildError::Mmds)?;
+            net.set_mmds(stack);
+        }
+    }
     // The early device serves the configured one; a configuration without one made (a config
     // file, a snapshot) gets its device here.
     let vsock = match (&resources.vsock, early.vsock) {
@@ -385,8 +402,13 @@ pub fn build_microvm_from_snapshot(
     state: &MicrovmState,
     memory: GuestMemoryMmap,
     clock_realtime: bool,
+    mmds: &SharedMmds,
 ) -> Result<Built, BuildError> {
-    let (vcpu_count, backends) = open_backends(resources, EarlyDevices::default())?;
+    let early = EarlyDevices {
+        vsock: None,
+        mmds: Some(mmds.clone()),
+    };
+    let (vcpu_count, backends) = open_backends(resources, early)?;
     if state.vcpus.len() != usize::from(vcpu_count) {
         return Err(BuildError::VcpuCount {
             saved: state.vcpus.len(),

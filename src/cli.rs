@@ -101,12 +101,6 @@ fn refusal(api: &ApiArgs) -> Option<&'static str> {
              virtio-mmio only",
         );
     }
-    if api.mmds_size_limit.is_some() {
-        return Some(
-            "--mmds-size-limit: mote does not implement MMDS (the microVM metadata service) \
-             yet, so it has no data store to limit",
-        );
-    }
     None
 }
 
@@ -208,9 +202,10 @@ pub struct ApiArgs {
     /// Refused: mote has no PCI transport yet (Firecracker: put devices on PCIe).
     #[arg(long)]
     pub enable_pci: bool,
-    /// Refused: mote has no MMDS yet (Firecracker: the MMDS data store's limit, in bytes).
+    /// The largest MMDS data store, in bytes of JSON (default: the API's payload limit, as
+    /// Firecracker's).
     #[arg(long, value_name = "BYTES")]
-    pub mmds_size_limit: Option<String>,
+    pub mmds_size_limit: Option<usize>,
 }
 
 impl ApiArgs {
@@ -454,6 +449,7 @@ impl RunArgs {
                 .vsock_override
                 .clone()
                 .map(|uds_path| VsockOverride { uds_path }),
+            mmds_data: None,
         })
     }
 
@@ -778,9 +774,15 @@ mod tests {
     }
 
     #[test]
-    fn mmds_size_limit_is_refused_naming_mmds() {
-        let err = refusal_of(&["--mmds-size-limit", "51200"]);
-        assert!(err.contains("mote does not implement MMDS"), "{err}");
+    fn mmds_size_limit_is_taken_as_a_byte_count() {
+        assert_eq!(
+            parse(&["--mmds-size-limit", "51200"])
+                .unwrap()
+                .api
+                .mmds_size_limit,
+            Some(51200)
+        );
+        assert!(parse(&["--mmds-size-limit", "lots"]).is_err());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use crate::snapshot::actions::{create_snapshot, load_snapshot};
 use crate::sync::lock;
 use crate::vmm::Vmm;
+use devices::mmds::{Mmds, SharedMmds, StoreError};
 
 /// What `GET /` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,30 @@ fn handle_any_phase(
     })
 }
 
+/// The data store requests, the same in both phases.
+fn handle_mmds(mmds: &SharedMmds, action: &VmmAction) -> Option<ActionResult> {
+    let mut mmds = lock(mmds);
+    let limit = mmds.store.limit();
+    let refusal = |err| match err {
+        StoreError::TooLarge => VmmActionError::MmdsTooLarge { limit },
+        other => VmmActionError::Mmds(other),
+    };
+    Some(match action {
+        VmmAction::GetMmds => to_json(mmds.store.data()),
+        VmmAction::PutMmds(data) => mmds
+            .store
+            .put(data.clone())
+            .map(|()| VmmData::Empty)
+            .map_err(refusal),
+        VmmAction::PatchMmds(patch) => mmds
+            .store
+            .patch(patch)
+            .map(|()| VmmData::Empty)
+            .map_err(refusal),
+        _ => return None,
+    })
+}
+
 /// A VM that started: its controller from now on, and what the event loop must serve.
 pub struct Started {
     pub vmm: Arc<Mutex<Vmm>>,
@@ -107,6 +132,8 @@ pub struct PrebootController {
     /// The vsock device `PUT /vsock` made: its host socket listens from then on, as
     /// Firecracker's does (clients wait for the file before they boot the guest).
     early_vsock: Option<Vsock>,
+    /// The metadata service: its store is filled before boot too.
+    mmds: SharedMmds,
 }
 
 impl PrebootController {
@@ -116,6 +143,9 @@ impl PrebootController {
         console: Console,
         process_start: ProcessStart,
     ) -> Self {
+        let limit = resources
+            .mmds_size_limit
+            .unwrap_or(devices::mmds::DEFAULT_SIZE_LIMIT);
         Self {
             instance_id,
             resources,
@@ -123,6 +153,7 @@ impl PrebootController {
             process_start,
             boot_configured: false,
             early_vsock: None,
+            mmds: Mmds::shared(limit),
         }
     }
 
@@ -135,7 +166,7 @@ impl PrebootController {
             &self.resources,
             &action,
         );
-        if let Some(answer) = any {
+        if let Some(answer) = any.or_else(|| handle_mmds(&self.mmds, &action)) {
             return PrebootAnswer::Answered(answer);
         }
         let started = match action {
@@ -146,7 +177,10 @@ impl PrebootController {
             VmmAction::LoadSnapshot(_) if self.boot_configured => {
                 Err(VmmActionError::LoadAfterBootConfig)
             }
-            VmmAction::LoadSnapshot(params) => match self.load_snapshot(&params) {
+            VmmAction::LoadSnapshot(params) => match self
+                .take_mmds_data(&params)
+                .and_then(|()| self.load_snapshot(&params))
+            {
                 Ok(started) => Ok(started),
                 Err(err) if load_failure_is_fatal(&err) => {
                     log::error!("snapshot load failed, so this monitor ends: {err}");
@@ -181,6 +215,7 @@ impl PrebootController {
                 | VmmAction::PutVsock(_)
                 | VmmAction::PutEntropy(_)
                 | VmmAction::PutBalloon(_)
+                | VmmAction::PutMmdsConfig(_)
         );
         match action {
             VmmAction::PutBootSource(boot_source) => {
@@ -231,6 +266,11 @@ impl PrebootController {
                 config.validate(&resources.machine_config)?;
                 resources.balloon = Some(config);
             }
+            VmmAction::PutMmdsConfig(config) => {
+                let (version, imds_compat) = (config.version, config.imds_compat);
+                resources.set_mmds_config(config)?;
+                lock(&self.mmds).set_options(version, imds_compat);
+            }
             VmmAction::PatchDrive(_)
             | VmmAction::GetBalloonStats
             | VmmAction::PatchBalloon(_)
@@ -249,7 +289,10 @@ impl PrebootController {
             | VmmAction::GetMachineConfig
             | VmmAction::GetBalloon
             | VmmAction::InstanceStart
-            | VmmAction::LoadSnapshot(_) => {
+            | VmmAction::LoadSnapshot(_)
+            | VmmAction::GetMmds
+            | VmmAction::PutMmds(_)
+            | VmmAction::PatchMmds(_) => {
                 unreachable!("answered by PrebootController::handle")
             }
         }
@@ -268,6 +311,7 @@ impl PrebootController {
         let console = self.console.take().ok_or(BuildError::AlreadyStarted)?;
         let early = EarlyDevices {
             vsock: self.early_vsock.take(),
+            mmds: Some(self.mmds.clone()),
         };
         let built = build_microvm_for_boot(&self.resources, early, console, self.process_start)
             .inspect_err(|_| self.take_console_back())?;
@@ -276,6 +320,22 @@ impl PrebootController {
         // The controller's part ends here: the configuration goes to the runtime controller.
         let resources = std::mem::take(&mut self.resources);
         Ok(self.started(resources, built))
+    }
+
+    /// A load's `mmds_data` becomes the store (checked before anything is loaded, so that a
+    /// store too large is a refusal that leaves the monitor usable).
+    fn take_mmds_data(&mut self, params: &LoadSnapshotParams) -> Result<(), VmmActionError> {
+        let Some(data) = &params.mmds_data else {
+            return Ok(());
+        };
+        let mut mmds = lock(&self.mmds);
+        let limit = mmds.store.limit();
+        mmds.store
+            .put(data.clone().into())
+            .map_err(|err| match err {
+                StoreError::TooLarge => VmmActionError::MmdsTooLarge { limit },
+                other => VmmActionError::Mmds(other),
+            })
     }
 
     /// Restores a snapshot instead of booting (`PUT /snapshot/load`): the VM takes the
@@ -291,6 +351,7 @@ impl PrebootController {
             console,
             self.process_start,
             self.resources.boot_timer,
+            &self.mmds,
         );
         let (mut resources, mut built) = loaded.inspect_err(|_| self.take_console_back())?;
         if params.resume_vm {
@@ -319,6 +380,7 @@ impl PrebootController {
                 instance_id: self.instance_id.clone(),
                 resources,
                 vmm,
+                mmds: self.mmds.clone(),
             },
         }
     }
@@ -372,6 +434,7 @@ pub struct RuntimeController {
     /// The effective configuration.
     resources: VmResources,
     vmm: Arc<Mutex<Vmm>>,
+    mmds: SharedMmds,
 }
 
 impl RuntimeController {
@@ -383,7 +446,9 @@ impl RuntimeController {
             true => InstanceState::Paused,
             false => InstanceState::Running,
         };
-        if let Some(answer) = handle_any_phase(&self.instance_id, state, &self.resources, &action) {
+        if let Some(answer) = handle_any_phase(&self.instance_id, state, &self.resources, &action)
+            .or_else(|| handle_mmds(&self.mmds, &action))
+        {
             return answer;
         }
         match action {
@@ -487,12 +552,16 @@ impl RuntimeController {
             | VmmAction::PutEntropy(_)
             | VmmAction::PutBalloon(_)
             | VmmAction::InstanceStart
+            | VmmAction::PutMmdsConfig(_)
             | VmmAction::LoadSnapshot(_) => return Err(VmmActionError::NotAfterBoot),
             VmmAction::GetInstanceInfo
             | VmmAction::GetVmConfig
             | VmmAction::GetMachineConfig
-            | VmmAction::GetBalloon => {
-                unreachable!("answered by handle_any_phase")
+            | VmmAction::GetBalloon
+            | VmmAction::GetMmds
+            | VmmAction::PutMmds(_)
+            | VmmAction::PatchMmds(_) => {
+                unreachable!("answered by handle_any_phase or handle_mmds")
             }
         }
         Ok(VmmData::Empty)

@@ -119,6 +119,8 @@ pub struct ApiOptions<'a> {
     /// None with `--no-api`.
     pub api_sock: Option<&'a Path>,
     pub max_payload: usize,
+    /// `--mmds-size-limit`; None: `max_payload`.
+    pub mmds_size_limit: Option<usize>,
     pub config_file: Option<&'a Path>,
     pub boot_timer: bool,
     pub logger: Option<config::LoggerConfig>,
@@ -155,6 +157,7 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
         None => VmResources::default(),
     };
     resources.boot_timer = options.boot_timer;
+    resources.mmds_size_limit = Some(options.mmds_size_limit.unwrap_or(options.max_payload));
     // Command-line logger and metrics first, then the config file's.
     if let Some(config) = options.logger.as_ref().or(resources.logger.as_ref()) {
         resources.logger = Some(logger::configure(config)?);

@@ -109,6 +109,7 @@ fn main() -> ExitCode {
                 instance_id: cli.id.clone(),
                 api_sock: (!api.no_api).then_some(api.api_sock.as_path()),
                 max_payload: api.http_api_max_payload_size,
+                mmds_size_limit: api.mmds_size_limit,
                 config_file: api.config_file.as_deref(),
                 boot_timer: api.boot_timer,
                 logger,

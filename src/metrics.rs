@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use devices::counters;
 use devices::metrics::{
     BalloonMetrics, BlockMetrics, Counter, Deltas, EntropyMetrics, Gauge, NetMetrics, VsockMetrics,
-    INTERRUPT_METRICS, UART_METRICS,
+    INTERRUPT_METRICS, MMDS_METRICS, UART_METRICS,
 };
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::warn;
@@ -388,6 +388,7 @@ impl Metrics {
         );
         top.insert("uart".into(), object(UART_METRICS.take_deltas()));
         top.insert("interrupts".into(), object(INTERRUPT_METRICS.take_deltas()));
+        top.insert("mmds".into(), object(MMDS_METRICS.take_deltas()));
         report_each(&mut top, "block", &self.blocks);
         report_each(&mut top, "net", &self.nets);
         report_one(&mut top, "vsock", &self.vsock);

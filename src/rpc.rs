@@ -5,8 +5,8 @@ use crate::builder::BuildError;
 use crate::config::{
     BalloonConfig, BalloonHintingStart, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
     ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig, LoadSnapshotParams,
-    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
-    NetworkInterfaceUpdate, VsockConfig,
+    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig, MmdsData,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::device_manager::DeviceError;
 use crate::logger::LoggerError;
@@ -63,6 +63,14 @@ pub enum VmmAction {
     CreateSnapshot(CreateSnapshotParams),
     /// `PUT /snapshot/load`, before boot: restores instead of booting.
     LoadSnapshot(LoadSnapshotParams),
+    /// `PUT /mmds/config`, before boot only.
+    PutMmdsConfig(MmdsConfig),
+    /// `PUT /mmds`: the whole data store, in either phase.
+    PutMmds(MmdsData),
+    /// `PATCH /mmds`: a JSON Merge Patch of the data store.
+    PatchMmds(MmdsData),
+    /// `GET /mmds`.
+    GetMmds,
 }
 
 /// A successful answer.
@@ -111,6 +119,11 @@ pub enum VmmActionError {
     UnknownDrive(String),
     #[error("no network interface has the id {0:?}")]
     UnknownNetworkInterface(String),
+    /// Firecracker's words, and the limit.
+    #[error("The MMDS data store limit is exceeded: mmds data is more than the {limit} bytes of JSON it may hold (--mmds-size-limit)")]
+    MmdsTooLarge { limit: usize },
+    #[error("mmds: {0}")]
+    Mmds(devices::mmds::StoreError),
     #[error("cannot render the answer: {0}")]
     Render(serde_json::Error),
     #[error("the monitor is shutting down")]

@@ -70,3 +70,8 @@ fn hosted_clock_realtime_restores_advance_the_guest_clock() {
 fn hosted_balloon_free_page_hinting_gives_free_memory_back() {
     cases::balloon_free_page_hinting_gives_free_memory_back(Arch::X86_64);
 }
+
+#[test]
+fn hosted_guest_wget_reads_mmds_v1_and_v2() {
+    cases::guest_wget_reads_mmds_v1_and_v2(Arch::X86_64);
+}

@@ -397,3 +397,8 @@ fn hosted_aarch64_clock_realtime_restores_advance_the_guest_clock() {
 fn hosted_aarch64_balloon_free_page_hinting_gives_free_memory_back() {
     cases::balloon_free_page_hinting_gives_free_memory_back(Arch::Aarch64);
 }
+
+#[test]
+fn hosted_aarch64_guest_wget_reads_mmds_v1_and_v2() {
+    cases::guest_wget_reads_mmds_v1_and_v2(Arch::Aarch64);
+}

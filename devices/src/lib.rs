@@ -8,6 +8,7 @@ pub mod bus;
 pub mod legacy;
 pub mod log_limit;
 pub mod metrics;
+pub mod mmds;
 pub mod random;
 pub mod rate_limiter;
 pub mod sync;

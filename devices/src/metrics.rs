@@ -278,6 +278,38 @@ counters! {
     }
 }
 
+counters! {
+    /// Firecracker's `mmds`: the metadata service's traffic, all interfaces together. RX is
+    /// from the guest to MMDS, TX from MMDS to the guest.
+    pub struct MmdsMetrics {
+        /// Frames for the MMDS address taken from the guest's transmit path.
+        rx_accepted,
+        /// Of those, frames dropped because too many waited.
+        rx_accepted_err,
+        /// Of those, IPv4 packets other than TCP (ICMP, UDP).
+        rx_accepted_unusual,
+        /// Of those, frames too short for an Ethernet header.
+        rx_bad_eth,
+        /// V2 requests with a token that is not valid (unknown or expired), and without one.
+        rx_invalid_token,
+        rx_no_token,
+        /// TCP segments received.
+        rx_count,
+        /// Frames and bytes put on the guest's receive queue.
+        tx_bytes,
+        tx_frames,
+        /// Frames MMDS produced, and those it dropped because too many waited.
+        tx_count,
+        tx_errors,
+        /// TCP connections opened and ended (closed, reset, timed out or replaced).
+        connections_created,
+        connections_destroyed,
+    }
+}
+
+/// The metadata service's counters (one service per monitor).
+pub static MMDS_METRICS: LazyLock<MmdsMetrics> = LazyLock::new(MmdsMetrics::default);
+
 /// The console UART's counters (a monitor has one console).
 pub static UART_METRICS: LazyLock<UartMetrics> = LazyLock::new(UartMetrics::default);
 

@@ -38,6 +38,12 @@ pub enum Kind {
     PatchNetworkInterface,
     /// `PATCH /vm`: pause and resume.
     PatchVm,
+    /// `GET /mmds`.
+    GetMmds,
+    /// `PUT /mmds` and `PUT /mmds/config`.
+    PutMmds,
+    /// `PATCH /mmds`.
+    PatchMmds,
 }
 
 /// One endpoint: a method and a path's first segment.
@@ -67,7 +73,7 @@ const fn endpoint(
 }
 
 /// Every endpoint mote serves.
-pub const ENDPOINTS: [Endpoint; 21] = [
+pub const ENDPOINTS: [Endpoint; 24] = [
     endpoint(Kind::GetInstanceInfo, "GET", "", Some("instance_info")),
     endpoint(Kind::GetVersion, "GET", "version", Some("vmm_version")),
     endpoint(
@@ -121,10 +127,13 @@ pub const ENDPOINTS: [Endpoint; 21] = [
         Some("network"),
     ),
     endpoint(Kind::PatchVm, "PATCH", "vm", Some("vm")),
+    endpoint(Kind::GetMmds, "GET", "mmds", Some("mmds")),
+    endpoint(Kind::PutMmds, "PUT", "mmds", Some("mmds")),
+    endpoint(Kind::PatchMmds, "PATCH", "mmds", Some("mmds")),
 ];
 
 /// Firecracker paths mote does not implement yet: a clear refusal, not a generic one.
-pub const NOT_YET: [&str; 3] = ["mmds", "cpu-config", "hotplug"];
+pub const NOT_YET: [&str; 2] = ["cpu-config", "hotplug"];
 
 /// The endpoint `method /segment/…` is, and its place in [`ENDPOINTS`], if mote serves it.
 pub fn find(method: &str, segment: &str) -> Option<(usize, &'static Endpoint)> {

@@ -8,7 +8,8 @@ use super::paths::{self, Kind, NOT_YET};
 use crate::config::{
     BalloonConfig, BalloonHintingStart, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
     DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    MetricsConfig, MmdsConfig, MmdsData, NetworkInterfaceConfig, NetworkInterfaceUpdate,
+    VsockConfig,
 };
 use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
@@ -78,6 +79,19 @@ fn body<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String> {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EmptyBody {}
+
+/// The MMDS data store's body: a JSON object (Firecracker's document says so), anything in it.
+fn mmds_body(bytes: &[u8]) -> Result<MmdsData, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err("the mmds request needs a JSON body".to_string());
+    }
+    let data: MmdsData =
+        serde_json::from_slice(bytes).map_err(|err| format!("invalid mmds body: {err}"))?;
+    if !data.is_object() {
+        return Err("invalid mmds body: expected a JSON object".to_string());
+    }
+    Ok(data)
+}
 
 /// Firecracker's answer for a path or method it does not serve.
 fn invalid(method: &str, path: &str) -> String {
@@ -197,6 +211,12 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         }
         (Kind::PutSnapshot, ["load"]) => {
             VmmAction::LoadSnapshot(body::<LoadSnapshotParams>("snapshot/load", bytes)?)
+        }
+        (Kind::GetMmds, []) => VmmAction::GetMmds,
+        (Kind::PutMmds, []) => VmmAction::PutMmds(mmds_body(bytes)?),
+        (Kind::PatchMmds, []) => VmmAction::PatchMmds(mmds_body(bytes)?),
+        (Kind::PutMmds, ["config"]) => {
+            VmmAction::PutMmdsConfig(body::<MmdsConfig>("mmds/config", bytes)?)
         }
         (Kind::PatchVm, []) => match body::<VmState>("vm", bytes)?.state {
             State::Paused => VmmAction::Pause,
@@ -343,7 +363,51 @@ mod tests {
             "Invalid request method and/or path: DELETE /machine-config."
         );
         assert!(refusal("GET", "/nowhere", "").starts_with("Invalid request"));
-        assert!(refusal("PUT", "/mmds", "{}").contains("not implemented by mote yet"));
+        assert!(refusal("PUT", "/cpu-config", "{}").contains("not implemented by mote yet"));
+    }
+
+    #[test]
+    fn mmds_requests_map_to_actions() {
+        assert_eq!(action("GET", "/mmds", ""), VmmAction::GetMmds);
+        assert_eq!(
+            action("PUT", "/mmds", r#"{"a": 1}"#),
+            VmmAction::PutMmds(serde_json::json!({"a": 1}))
+        );
+        assert_eq!(
+            action("PATCH", "/mmds", r#"{"a": null}"#),
+            VmmAction::PatchMmds(serde_json::json!({"a": null}))
+        );
+        match action(
+            "PUT",
+            "/mmds/config",
+            r#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.1.1", "imds_compat": true}"#,
+        ) {
+            VmmAction::PutMmdsConfig(config) => {
+                assert_eq!(config.version, crate::config::MmdsVersion::V2);
+                assert_eq!(config.address().to_string(), "169.254.1.1");
+                assert!(config.imds_compat);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(refusal("PUT", "/mmds", "{nope").contains("invalid mmds body"));
+        assert!(refusal("PUT", "/mmds", "").contains("needs a JSON body"));
+        for body in ["[1]", "7", r#""x""#, "null"] {
+            let err = refusal("PATCH", "/mmds", body);
+            assert!(err.contains("expected a JSON object"), "{body}: {err}");
+        }
+        let err = refusal(
+            "PUT",
+            "/mmds/config",
+            r#"{"version": "V3", "network_interfaces": []}"#,
+        );
+        assert!(err.contains("field `version`"), "{err}");
+        let err = refusal(
+            "PUT",
+            "/mmds/config",
+            r#"{"network_interfaces": ["eth0"], "ipv4_address": "nope"}"#,
+        );
+        assert!(err.contains("field `ipv4_address`"), "{err}");
+        assert!(refusal("PATCH", "/mmds/config", "{}").starts_with("Invalid request"));
     }
 
     #[test]

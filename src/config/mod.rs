@@ -5,6 +5,7 @@ mod balloon;
 mod drive;
 mod entropy;
 mod machine;
+mod mmds;
 mod net;
 mod observability;
 mod snapshot;
@@ -21,6 +22,7 @@ pub use balloon::*;
 pub use drive::*;
 pub use entropy::*;
 pub use machine::*;
+pub use mmds::*;
 pub use net::*;
 pub use observability::*;
 pub use snapshot::*;
@@ -96,6 +98,12 @@ pub enum ConfigError {
         second: String,
         tap: String,
     },
+    #[error("The list of network interface IDs that allow forwarding MMDS requests is empty: mmds-config network_interfaces names none.")]
+    MmdsNoInterfaces,
+    #[error("The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface: mmds-config network_interfaces names {0:?}.")]
+    MmdsUnknownInterface(String),
+    #[error("The MMDS IPv4 address is not link local: mmds-config ipv4_address {0} is outside 169.254.0.0/16.")]
+    MmdsAddress(std::net::Ipv4Addr),
     #[error("interfaces {first} and {second} both have the MAC address {mac}")]
     DuplicateMac {
         first: String,
@@ -125,6 +133,11 @@ pub struct VmResources {
     /// The balloon device, if any; after boot its target and statistics interval follow the
     /// PATCH requests.
     pub balloon: Option<BalloonConfig>,
+    /// The metadata service's configuration, if any (its data store is the controller's).
+    pub mmds_config: Option<MmdsConfig>,
+    /// `--mmds-size-limit`: the most bytes of JSON the MMDS data store holds (None: the API's
+    /// payload limit). A property of the process, not of the configuration.
+    pub mmds_size_limit: Option<usize>,
 }
 
 /// The whole configuration in Firecracker's `--config-file` form, which `GET /vm/config`
@@ -150,13 +163,14 @@ pub struct VmConfigFile {
     pub entropy: Option<EntropyConfig>,
     #[serde(default)]
     pub balloon: Option<BalloonConfig>,
-    /// Firecracker's sections for features mote does not have yet: written as Firecracker
+    /// Firecracker's sections for features mote does not have yet (`mmds-config` above is
+    /// the real thing): written as Firecracker
     /// writes them when unset (`null`, `pmem` an empty list), so that a configuration
     /// Firecracker wrote or accepts loads here, and refused by name when they say anything.
     #[serde(rename = "cpu-config", default)]
     pub cpu_config: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default)]
-    pub mmds_config: Option<serde_json::Value>,
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default)]
     pub pmem: Option<Vec<serde_json::Value>>,
     #[serde(rename = "memory-hotplug", default)]
@@ -168,11 +182,6 @@ impl VmConfigFile {
     fn unsupported_section(&self) -> Option<(&'static str, &'static str)> {
         [
             ("cpu-config", "CPU templates", self.cpu_config.is_some()),
-            (
-                "mmds-config",
-                "the metadata service (MMDS)",
-                self.mmds_config.is_some(),
-            ),
             (
                 "pmem",
                 "virtio-pmem devices",
@@ -234,6 +243,15 @@ impl VmResources {
         Ok(())
     }
 
+    /// Configures MMDS (`PUT /mmds/config`): the interfaces it names must exist.
+    pub fn set_mmds_config(&mut self, mut config: MmdsConfig) -> Result<(), ConfigError> {
+        config.validate(&self.network_interfaces)?;
+        // Shown with the address in force, as Firecracker's `GET /vm/config` does.
+        config.ipv4_address = Some(config.address());
+        self.mmds_config = Some(config);
+        Ok(())
+    }
+
     pub fn to_config_file(&self) -> VmConfigFile {
         VmConfigFile {
             boot_source: self.boot_source.clone(),
@@ -246,7 +264,7 @@ impl VmResources {
             entropy: self.entropy.clone(),
             balloon: self.balloon.clone(),
             cpu_config: None,
-            mmds_config: None,
+            mmds_config: self.mmds_config.clone(),
             pmem: Some(Vec::new()),
             memory_hotplug: None,
         }
@@ -286,6 +304,9 @@ impl VmResources {
         if let Some(balloon) = file.balloon {
             balloon.validate(&resources.machine_config)?;
             resources.balloon = Some(balloon);
+        }
+        if let Some(mmds) = file.mmds_config {
+            resources.set_mmds_config(mmds)?;
         }
         Ok(resources)
     }

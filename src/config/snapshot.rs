@@ -52,6 +52,10 @@ pub struct LoadSnapshotParams {
     /// their own; the saved one belongs to the VM the snapshot was taken from).
     #[serde(default)]
     pub vsock_override: Option<VsockOverride>,
+    /// mote's extension: the restored VM's MMDS data store (a snapshot keeps the MMDS
+    /// configuration but not the data, as Firecracker's does: a clone gets its own here).
+    #[serde(default)]
+    pub mmds_data: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -419,11 +419,6 @@ fn firecrackers_full_configuration_shape_loads_and_round_trips() {
     for (section, body, feature) in [
         ("cpu-config", r#"{"kvm_capabilities": []}"#, "CPU templates"),
         (
-            "mmds-config",
-            r#"{"network_interfaces": ["eth0"]}"#,
-            "(MMDS)",
-        ),
-        (
             "pmem",
             r#"[{"id": "p0", "path_on_host": "/p"}]"#,
             "virtio-pmem",
@@ -442,6 +437,27 @@ fn firecrackers_full_configuration_shape_loads_and_round_trips() {
             "{err}"
         );
     }
+}
+
+/// A config file's `mmds-config` is taken and shown back, checked against its interfaces.
+#[test]
+fn a_config_files_mmds_config_is_taken_and_checked() {
+    let text = r#"{"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+        "mmds-config": {"version": "V2", "network_interfaces": ["eth0"], "imds_compat": true}}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
+    assert_eq!(
+        shown["mmds-config"],
+        serde_json::json!({"version": "V2", "network_interfaces": ["eth0"],
+            "ipv4_address": "169.254.169.254", "imds_compat": true})
+    );
+    let text = r#"{"mmds-config": {"network_interfaces": ["eth0"]}}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    assert_eq!(
+        VmResources::from_config_file(file),
+        Err(ConfigError::MmdsUnknownInterface("eth0".into()))
+    );
 }
 
 /// A rate limiter and its buckets are JSON objects only: serde would otherwise take a struct

@@ -273,6 +273,7 @@ pub fn load_snapshot(
     console: Console,
     start: ProcessStart,
     boot_timer: bool,
+    mmds: &devices::mmds::SharedMmds,
 ) -> Result<(VmResources, Built), SnapshotActionError> {
     if params.enable_diff_snapshots || params.track_dirty_pages {
         return Err(SnapshotActionError::DiffUnsupported);
@@ -292,6 +293,7 @@ pub fn load_snapshot(
         &state,
         memory,
         params.clock_realtime,
+        mmds,
     )?;
     Ok((resources, built))
 }

@@ -723,3 +723,57 @@ kill $pid
         "statistics free {free} kB, guest MemFree {guest_free} kB"
     );
 }
+
+/// MMDS from a Linux guest's own programs: busybox `wget` reads what the host PUT, from V1
+/// as IMDS text and as JSON, and from V2 only with the token a PUT /latest/api/token gave
+/// (busybox wget cannot PUT: hosted-tool sends that request). The guest reaches
+/// 169.254.169.254 through its default route, as a guest without a route for it does.
+pub fn guest_wget_reads_mmds_v1_and_v2(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(&in_netns(
+        r#"
+url=http://169.254.169.254/latest/meta-data
+v1=$(guest_cmd "
+echo v1-id=\$(wget -q -O - $url/instance-id)
+echo v1-list=\$(wget -q -O - $url/ | tr '\n' ' ')
+echo v1-json=\$(wget -q -O - --header 'Accept: application/json' $url/)
+")
+v2=$(guest_cmd "
+wget -q -O - $url/instance-id || echo v2-without-token=refused
+tok=\$(printf 'PUT /latest/api/token HTTP/1.0\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n' | hosted-tool tcp-connect 169.254.169.254:80 | tail -n1)
+echo v2-token-len=\${#tok}
+wget -q -O - --header 'X-metadata-token: bogus' $url/instance-id || echo v2-bad-token=refused
+echo v2-id=\$(wget -q -O - --header \"X-metadata-token: \$tok\" $url/instance-id)
+")
+for vm in "v1 V1 $v1" "v2 V2 $v2"; do
+  set -- $vm
+  ./mote --api-sock /tmp/$1.sock >out-$1 2>&1 &
+  pid=$!
+  for i in $(seq 50); do [ -S /tmp/$1.sock ] && break; sleep 0.1; done
+  hosted-tool api /tmp/$1.sock PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"guest.cpio.gz\", \"boot_args\": \"console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $GUEST_NET $3\"}" >/dev/null || fail "boot-source"
+  hosted-tool api /tmp/$1.sock PUT /network-interfaces/eth0 '{"iface_id": "eth0", "host_dev_name": "tap0"}' >/dev/null || fail "eth0"
+  hosted-tool api /tmp/$1.sock PUT /mmds/config "{\"version\": \"$2\", \"network_interfaces\": [\"eth0\"]}" >/dev/null || fail "mmds/config"
+  hosted-tool api /tmp/$1.sock PUT /mmds "{\"latest\": {\"meta-data\": {\"instance-id\": \"i-hosted-$1\", \"zone\": \"z1\"}}}" >/dev/null || fail "mmds"
+  hosted-tool api /tmp/$1.sock PUT /actions '{"action_type": "InstanceStart"}' >/dev/null || fail "start"
+  wait $pid
+  echo "$1-mote-status=$?"
+  tr -d '\r' < out-$1 | grep -E '^v[12]-'
+done
+"#,
+    ));
+    run.assert_ok();
+    assert_eq!(run.value("v1-id="), "i-hosted-v1");
+    assert_eq!(run.value("v1-list="), "instance-id zone");
+    assert_eq!(
+        run.value("v1-json="),
+        r#"{"instance-id":"i-hosted-v1","zone":"z1"}"#
+    );
+    assert_eq!(run.value("v2-without-token="), "refused");
+    assert_eq!(run.value("v2-token-len="), "64");
+    assert_eq!(run.value("v2-bad-token="), "refused");
+    assert_eq!(run.value("v2-id="), "i-hosted-v2");
+    assert_eq!(run.value("v1-mote-status="), "0");
+    assert_eq!(run.value("v2-mote-status="), "0");
+}

@@ -5,7 +5,7 @@
 //! queue when it fires. Nothing busy-waits and nothing is dropped or reordered.
 
 mod bucket;
-mod timer;
+pub(crate) mod timer;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};

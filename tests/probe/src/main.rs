@@ -12,6 +12,7 @@ mod blk;
 mod bootparams;
 mod entry;
 mod kbd;
+mod mmds;
 mod mptable;
 mod net;
 mod net_steps;

@@ -20,7 +20,7 @@ fn deadline(seconds: u64) -> u64 {
     rdtsc().saturating_add(seconds.saturating_mul(TSC_PER_SEC))
 }
 
-fn parse_ip(text: &[u8]) -> Option<[u8; 4]> {
+pub fn parse_ip(text: &[u8]) -> Option<[u8; 4]> {
     let mut ip = [0u8; 4];
     let mut parts = text.split(|b| *b == b'.');
     for byte in &mut ip {

@@ -51,6 +51,7 @@ pub fn run(zero_page: &ZeroPage) {
     let cmdline = zero_page.cmdline();
     let mut blk: Option<Blk> = None;
     let mut net: Option<crate::net::Net> = None;
+    let mut mmds = crate::mmds::Mmds::new([169, 254, 169, 254]);
     let mut vsock: Option<crate::vsock::Vsock> = None;
     let mut balloon: Option<crate::balloon::Balloon> = None;
     let steps = cmdline_value(cmdline, RUN_KEY).unwrap_or(b"boot");
@@ -175,6 +176,21 @@ pub fn run(zero_page: &ZeroPage) {
                     continue;
                 };
                 crate::net_steps::step(device, as_str(name), &mut parts);
+            }
+            b"mmds-init" => {
+                // Another MMDS address (`mmds-init:169.254.1.1`).
+                match parts.next().and_then(crate::net_steps::parse_ip) {
+                    Some(ip) => mmds = crate::mmds::Mmds::new(ip),
+                    None => report!("error mmds-init needs an IPv4 address"),
+                }
+            }
+            b"mmds-arp" | b"mmds-get" | b"mmds-token" | b"mmds-wait" | b"mmds-hostile"
+            | b"mmds-bench" => {
+                let Some(device) = net.as_mut() else {
+                    report!("error {} before net-init", as_str(name));
+                    continue;
+                };
+                crate::mmds::step(device, &mut mmds, as_str(name), &mut parts);
             }
             b"vsock-init" => {
                 // Slots follow the monitor's order: drives, network interfaces, then vsock.

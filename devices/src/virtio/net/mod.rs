@@ -11,16 +11,19 @@
 //! reopens its TAP from the configuration (another one with a network override), keeps the MAC
 //! the guest knows, and drops the frame the old monitor held, as a lossy network may.
 //!
-//! Layout of this file: constants and the configuration space, the device state, activation,
-//! the queue handlers, the event handler, tests.
+//! Layout: this file has the constants and the configuration space, the device state,
+//! activation and the event handler; `rx.rs` and `tx.rs` the queue handlers; `tests.rs` the
+//! tests.
 
 mod frame;
 mod mac;
+mod rx;
 pub mod tap;
+mod tx;
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, info, warn};
@@ -29,18 +32,18 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::frame::{check_tx_header, gather, scatter, RxRefusal, TxDrop};
 pub use self::mac::MacAddr;
 pub use self::tap::TapError;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use super::common::{signal_used, Active, VirtioCommon};
+use super::common::VirtioCommon;
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
 use super::{ActivateError, VirtioDevice, TYPE_NET};
 use crate::metrics::NetMetrics;
+use crate::mmds::MmdsStack;
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// A receive queue and a transmit queue of up to 256 entries each.
@@ -67,6 +70,7 @@ const TX_QUEUE_EVENT: u32 = 1;
 const TAP_EVENT: u32 = 2;
 const RX_RATE_LIMITER_EVENT: u32 = 3;
 const TX_RATE_LIMITER_EVENT: u32 = 4;
+const MMDS_TIMER_EVENT: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -103,6 +107,12 @@ pub struct Net {
     rx_rate_limiter: RateLimiter,
     /// While the transmit limiter blocks, frames wait in the transmit ring.
     tx_rate_limiter: RateLimiter,
+    /// The metadata service's endpoint, on an interface allowed to reach it: frames the guest
+    /// sends to its address go there instead of the TAP, and its answers come before the TAP's
+    /// frames on the receive queue.
+    mmds: Option<MmdsStack>,
+    /// The frame in `rx_frame` came from MMDS, not the TAP.
+    rx_pending_mmds: bool,
 }
 
 impl Net {
@@ -152,7 +162,15 @@ impl Net {
             rx_scratch: Vec::with_capacity(32),
             rx_rate_limiter,
             tx_rate_limiter,
+            mmds: None,
+            rx_pending_mmds: false,
         })
+    }
+
+    /// Lets the guest reach MMDS through this interface (before the device is served).
+    pub fn set_mmds(&mut self, stack: MmdsStack) {
+        info!("virtio-net {}: MMDS answers at {}", self.id, stack.addr());
+        self.mmds = Some(stack);
     }
 
     /// The limits in force (`GET /vm/config` shows what PATCH made of them).
@@ -258,242 +276,6 @@ impl Net {
         }
         flags
     }
-
-    /// Moves frames from the TAP to the guest while it has buffers for them and the receive
-    /// limiter lets them through.
-    fn process_rx(&mut self) {
-        if self.rx_rate_limiter.is_blocked() {
-            // The limiter's timer comes back here, and reads the TAP dry then.
-            self.metrics.rx_rate_limiter_throttled.inc();
-            return;
-        }
-        let Some(Active {
-            mem,
-            queues,
-            interrupt,
-        }) = self.common.active_mut()
-        else {
-            return;
-        };
-        let mem: &GuestMemoryMmap = mem;
-        let queue = &mut queues[RX_INDEX];
-        // The driver need not tell us of new buffers while the TAP has nothing for them: we
-        // look at the ring when a frame arrives. Notifications come back on when we run out.
-        if queue.disable_notification(mem).is_err() {
-            return self.common.fail("cannot reach the receive ring");
-        }
-        let mut delivered = false;
-        let mut broken = None;
-        loop {
-            let frame_len = match self.rx_pending {
-                Some(len) => len,
-                None => match self.tap.read_frame(&mut self.rx_frame) {
-                    Ok(len) if len >= VNET_HDR_LEN => {
-                        self.rx_pending = Some(len);
-                        len
-                    }
-                    Ok(len) => {
-                        debug!("virtio-net {}: {len}-byte read from the TAP", self.id);
-                        self.metrics.rx_tap_errors.inc();
-                        continue;
-                    }
-                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(err) => {
-                        // The TAP went away (deleted under us): nothing more will come.
-                        warn!("virtio-net {}: cannot read the TAP: {err}", self.id);
-                        self.metrics.rx_tap_errors.inc();
-                        break;
-                    }
-                },
-            };
-            let chain = match queue.iter(mem) {
-                Ok(mut chains) => chains.next(),
-                Err(err) => {
-                    broken = Some(err.to_string());
-                    break;
-                }
-            };
-            let Some(chain) = chain else {
-                // No buffer: keep the frame, stop reading the TAP, and have the driver tell
-                // us when it posts one (unless it just did).
-                match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        self.metrics.no_rx_avail_buffer.inc();
-                        break;
-                    }
-                    Err(err) => {
-                        broken = Some(err.to_string());
-                        break;
-                    }
-                }
-            };
-            if !self
-                .rx_rate_limiter
-                .consume((frame_len - VNET_HDR_LEN) as u64)
-            {
-                // The frame waits, and the TAP's queue behind it, until the timer fires.
-                queue.go_to_previous_position();
-                self.metrics.rx_rate_limiter_throttled.inc();
-                break;
-            }
-            let head = chain.head_index();
-            // No merged buffers: the whole frame goes in this one chain.
-            self.rx_frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
-            let frame = &self.rx_frame[..frame_len];
-            let used_len = match scatter(mem, chain, frame, &mut self.rx_scratch) {
-                Ok(len) => {
-                    self.rx_pending = None;
-                    self.metrics.rx_packets_count.inc();
-                    self.metrics
-                        .rx_bytes_count
-                        .add((frame_len - VNET_HDR_LEN) as u64);
-                    len
-                }
-                Err(RxRefusal::TooSmall) => {
-                    // The chain may fit the next frame: give it back and drop this one.
-                    debug!(
-                        "virtio-net {}: {frame_len}-byte frame dropped: buffer too small",
-                        self.id
-                    );
-                    self.rx_pending = None;
-                    self.metrics.rx_dropped_too_big.inc();
-                    queue.go_to_previous_position();
-                    continue;
-                }
-                Err(RxRefusal::BadChain) => {
-                    // The frame is not at fault: keep it for the next chain.
-                    self.metrics.rx_bad_chain.inc();
-                    0
-                }
-            };
-            if let Err(err) = queue.add_used(mem, head, used_len) {
-                broken = Some(err.to_string());
-                break;
-            }
-            delivered = true;
-        }
-        if delivered {
-            signal_used(interrupt, queue, mem);
-        }
-        if let Some(err) = broken {
-            self.common.fail(&format!("receive ring: {err}"));
-        }
-    }
-
-    /// Sends every frame the driver has made available to the TAP. Notifications stay off while
-    /// it does: a driver streaming frames stores them meanwhile without an exit each (measured
-    /// here: 400 000 frames sent one per notification by the probe took 100 to 5 000
-    /// notifications). Polling the ring after a batch (as virtio-blk does) brought no more
-    /// than that and cost much when the monitor's thread shared a CPU with the vCPU.
-    fn process_tx(&mut self) {
-        let acked_features = self.common.acked_features();
-        let Some(Active {
-            mem,
-            queues,
-            interrupt,
-        }) = self.common.active_mut()
-        else {
-            return;
-        };
-        let mem: &GuestMemoryMmap = mem;
-        let queue = &mut queues[TX_INDEX];
-        let started = Instant::now();
-        let mut reschedule = false;
-        let mut throttled = false;
-        loop {
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            let mut served = false;
-            loop {
-                let chain = match queue.iter(mem) {
-                    Ok(mut chains) => chains.next(),
-                    Err(err) => {
-                        // The available index is further ahead than the ring is long.
-                        return self.common.fail(&format!("transmit ring: {err}"));
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let sent = gather(mem, chain, &mut self.tx_frame).and_then(|len| {
-                    let frame = &self.tx_frame[..len];
-                    check_tx_header(frame, acked_features)?;
-                    Ok(frame)
-                });
-                if let Ok(frame) = &sent {
-                    if !self
-                        .tx_rate_limiter
-                        .consume((frame.len() - VNET_HDR_LEN) as u64)
-                    {
-                        // The frame stays in the ring; the limiter's timer resumes sending.
-                        queue.go_to_previous_position();
-                        self.metrics.tx_rate_limiter_throttled.inc();
-                        throttled = true;
-                        break;
-                    }
-                }
-                match sent {
-                    Ok(frame) => match self.tap.write_frame(frame) {
-                        Ok(_) => {
-                            self.metrics.tx_packets_count.inc();
-                            self.metrics
-                                .tx_bytes_count
-                                .add((frame.len() - VNET_HDR_LEN) as u64);
-                        }
-                        Err(err) => {
-                            debug!("virtio-net {}: the TAP refused a frame: {err}", self.id);
-                            self.metrics.tx_tap_errors.inc();
-                        }
-                    },
-                    Err(reason) => {
-                        debug!("virtio-net {}: transmit frame dropped: {reason:?}", self.id);
-                        match reason {
-                            TxDrop::BadChain => &self.metrics.tx_dropped_bad_chain,
-                            TxDrop::TruncatedHeader => &self.metrics.tx_dropped_truncated_header,
-                            TxDrop::BadHeader => &self.metrics.tx_dropped_bad_header,
-                            TxDrop::Oversized => &self.metrics.tx_dropped_oversized,
-                        }
-                        .inc();
-                    }
-                }
-                // A transmit buffer is only read: the used length is 0 either way. Returned at
-                // once, so the driver can reuse it while we look for the next frame.
-                if let Err(err) = queue.add_used(mem, head, 0) {
-                    return self.common.fail(&format!("transmit ring: {err}"));
-                }
-                served = true;
-            }
-            if served {
-                signal_used(interrupt, queue, mem);
-            }
-            if throttled {
-                // Notifications stay off: the timer says when to look again.
-                break;
-            }
-            if started.elapsed() >= TX_SLICE {
-                // Busy for a whole slice: let the event loop serve the others, and come back.
-                reschedule = true;
-                let _ = queue.enable_notification(mem);
-                break;
-            }
-            // Re-enable notifications; if the driver added frames meanwhile, send those too.
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        if reschedule {
-            if let Err(err) = self.common.queue_events()[TX_INDEX].write(1) {
-                warn!(
-                    "virtio-net {}: cannot requeue its transmit work: {err}",
-                    self.id
-                );
-            }
-        }
-    }
 }
 
 impl VirtioDevice for Net {
@@ -512,6 +294,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.common.reset();
+        self.rx_pending_mmds = false;
         if self.rx_pending.take().is_some() {
             self.metrics.rx_dropped_reset.inc();
         }
@@ -573,6 +356,7 @@ impl VirtioDevice for Net {
         let started = self.common.restore_state(mem, state)?;
         // The frame the old monitor held for the guest is lost, as a network may lose any.
         self.rx_pending = None;
+        self.rx_pending_mmds = false;
         if started {
             self.start()?;
         }
@@ -617,6 +401,12 @@ impl MutEventSubscriber for Net {
                 self.metrics.rx_tap_event_count.inc();
                 self.process_rx();
             }
+            MMDS_TIMER_EVENT => {
+                if let Some(stack) = self.mmds.as_mut() {
+                    stack.on_timer();
+                }
+                self.process_mmds_answers();
+            }
             other => debug!("virtio-net {}: unexpected event {other}", self.id),
         }
     }
@@ -648,6 +438,12 @@ impl MutEventSubscriber for Net {
         ] {
             if let Err(err) = ops.add(events) {
                 warn!("virtio-net {}: cannot watch its fds: {err}", self.id);
+            }
+        }
+        if let Some(stack) = &self.mmds {
+            let timer = Events::with_data_raw(stack.as_raw_fd(), MMDS_TIMER_EVENT, EventSet::IN);
+            if let Err(err) = ops.add(timer) {
+                warn!("virtio-net {}: cannot watch its MMDS timer: {err}", self.id);
             }
         }
     }

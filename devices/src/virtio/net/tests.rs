@@ -419,3 +419,59 @@ fn the_interface_offers_event_idx() {
     .join()
     .unwrap();
 }
+
+/// An ARP request from the guest for the MMDS address (the guest is 10.0.0.2).
+fn mmds_arp_request() -> Vec<u8> {
+    let mut arp = vec![0u8; 42];
+    arp[..6].fill(0xff);
+    arp[6..12].copy_from_slice(&[6, 0, 0, 0, 0, 2]);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp[22..28].copy_from_slice(&[6, 0, 0, 0, 0, 2]);
+    arp[28..32].copy_from_slice(&[10, 0, 0, 2]);
+    arp[38..42].copy_from_slice(&crate::mmds::DEFAULT_IPV4_ADDR.octets());
+    arp
+}
+
+#[test]
+fn mmds_answers_and_tap_frames_share_the_receive_queue_and_neither_is_lost() {
+    std::thread::spawn(|| {
+        if !private_tap() {
+            return;
+        }
+        let host = host_socket();
+        let mut f = fixture();
+        let mmds = crate::mmds::Mmds::shared(1024);
+        f.net
+            .set_mmds(MmdsStack::new(crate::mmds::DEFAULT_IPV4_ADDR, mmds).unwrap());
+        // A TAP frame waits for a buffer; MMDS's answer to an ARP comes meanwhile.
+        host_send(&host, &frame(1, 100));
+        f.serve();
+        assert_eq!(f.rx.used().idx().load(), 0);
+        if let Some(stack) = f.net.mmds.as_mut() {
+            stack.receive(&mmds_arp_request());
+        }
+        // The frame held first, then MMDS's answer.
+        f.post(BUFFERS, 2048, W);
+        f.post(BUFFERS + 0x1000, 2048, W);
+        f.serve();
+        let (_, len, idx) = f.used(0);
+        assert_eq!((len, idx), ((VNET_HDR_LEN + 100) as u32, 2));
+        let (_, len, _) = f.used(1);
+        assert_eq!(len, (VNET_HDR_LEN + 42) as u32);
+        let mut reply = vec![0u8; 42];
+        f.mem
+            .read_slice(
+                &mut reply,
+                GuestAddress(BUFFERS + 0x1000 + VNET_HDR_LEN as u64),
+            )
+            .unwrap();
+        assert_eq!(&reply[..6], &[6, 0, 0, 0, 0, 2], "to the guest");
+        assert_eq!(&reply[6..12], &crate::mmds::stack::MMDS_MAC, "from MMDS");
+        assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
+        // Only the TAP's frame counts as the interface's.
+        assert_eq!(f.net.metrics.rx_packets_count.total(), 1);
+    })
+    .join()
+    .unwrap();
+}
