@@ -23,13 +23,18 @@ pub struct Reads {
     pub differ: bool,
 }
 
-/// Starts the device in `slot` and reads `len` bytes twice into two buffers.
-pub fn read_twice(slot: u64, len: usize) -> Result<Reads, VirtioError> {
-    let len = len.clamp(1, READ_MAX);
+/// Starts the rng device in `slot`.
+fn start(slot: u64) -> Result<Device, VirtioError> {
     // SAFETY: the probe is single-threaded and starts the rng device at most once per step
     // sequence; the queue memory is handed to exactly one Device.
     let queue = unsafe { &mut *addr_of_mut!(QUEUE) };
-    let (mut device, _) = Device::start(slot, TYPE_RNG, F_VERSION_1, queue)?;
+    Ok(Device::start(slot, TYPE_RNG, F_VERSION_1, queue)?.0)
+}
+
+/// Starts the device in `slot` and reads `len` bytes twice into two buffers.
+pub fn read_twice(slot: u64, len: usize) -> Result<Reads, VirtioError> {
+    let len = len.clamp(1, READ_MAX);
+    let mut device = start(slot)?;
     // Only the address is taken: no reference to the static is made.
     let base = addr_of_mut!(BUFFERS) as u64;
     let mut used = [0u32; 2];
@@ -52,4 +57,38 @@ pub fn read_twice(slot: u64, len: usize) -> Result<Reads, VirtioError> {
         varied,
         differ,
     })
+}
+
+/// The benchmark: starts the device in `slot`, makes `warm` requests of `len` bytes, calls
+/// `started`, then makes `count` more one after another (each waited for); the bytes the
+/// device gave those.
+pub fn bench(
+    slot: u64,
+    len: usize,
+    count: u64,
+    warm: u64,
+    started: impl FnOnce(),
+) -> Result<u64, VirtioError> {
+    let len = len.clamp(1, READ_MAX);
+    let mut device = start(slot)?;
+    let base = addr_of_mut!(BUFFERS) as u64;
+    let mut request = || {
+        let mut chain = [Descriptor {
+            addr: base,
+            len: len as u32,
+            flags: DESC_F_WRITE,
+            next: 0,
+        }];
+        device.submit(&mut chain);
+        device.wait_used()
+    };
+    for _ in 0..warm {
+        request()?;
+    }
+    started();
+    let mut bytes = 0u64;
+    for _ in 0..count {
+        bytes += u64::from(request()?);
+    }
+    Ok(bytes)
 }

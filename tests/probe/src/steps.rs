@@ -144,6 +144,18 @@ pub fn run(zero_page: &ZeroPage) {
                     Err(err) => report!("rng-read error {err:?}"),
                 }
             }
+            b"rng-bench" => {
+                // rng-bench:SLOT:LEN:COUNT[:WARM]: WARM requests of LEN bytes, then COUNT
+                // more timed by the host between the start and done lines.
+                let slot = parse_u64(parts.next()).unwrap_or(0);
+                let len = parse_u64(parts.next()).unwrap_or(4096) as usize;
+                let count = parse_u64(parts.next()).unwrap_or(1000);
+                let warm = parse_u64(parts.next()).unwrap_or(0);
+                match crate::rng::bench(slot, len, count, warm, || report!("rng-bench start")) {
+                    Ok(bytes) => report!("rng-bench done bytes={bytes}"),
+                    Err(err) => report!("rng-bench error {err:?}"),
+                }
+            }
             b"kbd" => {
                 let count = parse_u64(parts.next()).unwrap_or(1) as usize;
                 let polls = parse_u64(parts.next()).unwrap_or(WAIT_POLLS);
