@@ -78,6 +78,14 @@ pub fn describe(state: &MicrovmState, version: u32) -> String {
             vsock.uds_path.display()
         ));
     }
+    if let Some(mmds) = &config.mmds_config {
+        line(format!(
+            "mmds: {:?} at {} on {} (the store is not kept: give the restore mmds_data)",
+            mmds.version,
+            mmds.address(),
+            mmds.network_interfaces.join(", ")
+        ));
+    }
     if config.entropy.is_some() {
         line("entropy: virtio-rng".to_string());
     }
@@ -108,6 +116,7 @@ mod tests {
                 "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
                                         "guest_mac": "06:00:ac:10:00:02"}],
                 "vsock": {"guest_cid": 3, "uds_path": "/v.sock"},
+                "mmds-config": {"version": "V2", "network_interfaces": ["eth0"]},
                 "entropy": {}}"#,
         )
         .unwrap();
@@ -128,6 +137,7 @@ mod tests {
             "network interface: eth0 tap tap0 06:00:ac:10:00:02",
             "vsock: cid 3 /v.sock",
             "entropy: virtio-rng",
+            "mmds: V2 at 169.254.169.254 on eth0 (the store is not kept: give the restore mmds_data)",
             "vm generation id: at 0xe0040, line 23",
         ] {
             assert!(lines.contains(&expected), "{expected:?} not in:\n{text}");
