@@ -417,21 +417,30 @@ impl Hosted {
         if let Some(disk) = &self.disk {
             command.arg("--disk").arg(disk);
         }
-        let output = command
+        command
             .arg("--")
             .arg(format!(". ./lib.sh\n{script}"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run tools/emulated-host");
+            .stdin(Stdio::null());
+        let mut output = command.output().expect("cannot run tools/emulated-host");
+        // Status 123: the emulated host never came up to run the script (seen once in a CI run
+        // on a loaded host, its console empty after 240 s), so nothing of the test ran: it is
+        // tried once more, and says so. A stall once the script runs is a failure as ever.
+        if output.status.code() == Some(123) {
+            eprintln!(
+                "warning: the emulated host never came up; trying once more:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            output = command.output().expect("cannot run tools/emulated-host");
+        }
         let run = HostedRun {
             status: output.status.code(),
             output: String::from_utf8_lossy(&output.stdout).into_owned(),
         };
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
-            !matches!(run.status, Some(124..=126)),
-            "tools/emulated-host failed (status {:?}: 124 time-out, 125 no status line, \
-             126 set-up):\n{stderr}\noutput:\n{}",
+            !matches!(run.status, Some(123..=126)),
+            "tools/emulated-host failed (status {:?}: 123 never came up, 124 time-out, \
+             125 no status line, 126 set-up):\n{stderr}\noutput:\n{}",
             run.status,
             run.output
         );
