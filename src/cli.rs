@@ -314,8 +314,8 @@ pub struct RunArgs {
     #[arg(long = "drive", value_name = "PATH[,ro][,id=ID]", value_parser = parse_drive)]
     pub drives: Vec<DriveSpec>,
     /// A network interface (eth0, eth1, … in order) on an existing TAP device.
-    /// `tap=NAME[,mac=MAC]`; may repeat.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    /// `tap=NAME[,mac=MAC][,mtu=N]`; may repeat.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,mtu=N]", value_parser = parse_net)]
     pub nets: Vec<NetSpec>,
     /// A vsock device: the guest's CID (3 or more) and the host Unix socket (which must not
     /// exist) where host processes connect. `cid=N,uds=PATH`.
@@ -354,21 +354,30 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
 pub struct NetSpec {
     pub tap: String,
     pub mac: Option<MacAddr>,
+    pub mtu: Option<u16>,
 }
 
 fn parse_net(spec: &str) -> Result<NetSpec, String> {
     let mut tap = None;
     let mut mac = None;
+    let mut mtu = None;
     for option in spec.split(',') {
         match option.split_once('=') {
             Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
             Some(("mac", text)) => mac = Some(text.parse::<MacAddr>()?),
+            Some(("mtu", text)) => {
+                mtu = Some(
+                    text.parse::<u16>()
+                        .map_err(|err| format!("mtu {text:?}: {err}"))?,
+                )
+            }
             _ => return Err(format!("unknown network option {option:?}")),
         }
     }
     Ok(NetSpec {
         tap: tap.ok_or("no TAP given (tap=NAME)")?,
         mac,
+        mtu,
     })
 }
 
@@ -494,6 +503,7 @@ impl RunArgs {
                 guest_mac: spec.mac,
                 rx_rate_limiter: None,
                 tx_rate_limiter: None,
+                mtu: spec.mtu,
             })
             .collect()
     }

@@ -67,6 +67,7 @@ mod tests {
             guest_mac: None,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mtu: None,
         }
     }
 

@@ -92,6 +92,11 @@ pub enum ConfigError {
     DuplicateIfaceId(String),
     #[error("host_dev_name {0:?} is invalid: a TAP name has 1 to 15 bytes, no '/', ' ' or ','")]
     HostDevName(String),
+    #[error(
+        "interface {iface_id}: mtu {mtu} is below the {} a driver takes",
+        devices::virtio::net::MIN_MTU
+    )]
+    Mtu { iface_id: String, mtu: u16 },
     #[error("interfaces {first} and {second} both use the TAP {tap:?}")]
     DuplicateTap {
         first: String,

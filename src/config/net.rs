@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use devices::virtio::net::MacAddr;
+use devices::virtio::net::MIN_MTU;
 
 use super::{validate_rate_limiter, ConfigError, RateLimiterConfig};
 
@@ -21,6 +22,10 @@ pub struct NetworkInterfaceConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The MTU the guest's driver is told (VIRTIO_NET_F_MTU); without one it picks its own
+    /// (1500). The TAP's MTU is the host's to set to match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 /// `PATCH /network-interfaces/{id}`: new limits for a running guest's interface. A limiter or
@@ -76,6 +81,12 @@ impl NetworkInterfaceConfig {
                 .any(|c| c == '/' || c == ',' || c.is_whitespace() || c == '\0')
         {
             return Err(ConfigError::HostDevName(name.clone()));
+        }
+        if let Some(mtu) = self.mtu.filter(|mtu| *mtu < MIN_MTU) {
+            return Err(ConfigError::Mtu {
+                iface_id: self.iface_id.clone(),
+                mtu,
+            });
         }
         validate_limiters(
             &self.iface_id,

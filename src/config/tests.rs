@@ -106,6 +106,7 @@ fn iface(id: &str, tap: &str, mac: Option<&str>) -> NetworkInterfaceConfig {
         guest_mac: mac.map(|m| m.parse().unwrap()),
         rx_rate_limiter: None,
         tx_rate_limiter: None,
+        mtu: None,
     }
 }
 
@@ -486,4 +487,20 @@ fn the_async_io_engine_is_refused_by_name() {
         drive.validate().unwrap_err().to_string(),
         "drive d: io_engine Async (io_uring) is not implemented by mote yet; use Sync"
     );
+}
+
+#[test]
+fn an_mtu_below_what_a_driver_takes_is_refused() {
+    let mut eth0 = iface("eth0", "tap0", None);
+    eth0.mtu = Some(9000);
+    assert_eq!(eth0.validate(), Ok(()));
+    eth0.mtu = Some(67);
+    assert_eq!(
+        eth0.validate().unwrap_err().to_string(),
+        "interface eth0: mtu 67 is below the 68 a driver takes"
+    );
+    let parsed: NetworkInterfaceConfig =
+        serde_json::from_str(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 4000}"#)
+            .unwrap();
+    assert_eq!(parsed.mtu, Some(4000));
 }

@@ -378,7 +378,7 @@ pub fn block_device(drive: &DriveConfig, file: File) -> Result<Block, DeviceErro
 /// A virtio-net device for `iface`, attached to its TAP (which must exist and be free).
 pub fn net_device(iface: &NetworkInterfaceConfig) -> Result<Net, DeviceError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("an IRQ event"))?;
-    let net = Net::new(
+    let mut net = Net::new(
         iface.iface_id.clone(),
         &iface.host_dev_name,
         iface.guest_mac.map(|mac| mac.0),
@@ -392,6 +392,9 @@ pub fn net_device(iface: &NetworkInterfaceConfig) -> Result<Net, DeviceError> {
         id: iface.iface_id.clone(),
         source,
     })?;
+    if let Some(mtu) = iface.mtu {
+        net.set_mtu(mtu);
+    }
     METRICS.register_net(&iface.iface_id, net.metrics().clone());
     Ok(net)
 }

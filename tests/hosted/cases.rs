@@ -179,9 +179,10 @@ fn in_netns(body: &str) -> String {
     )
 }
 
-/// virtio-net with programs on both ends: the host pings the guest, sends it 2 MiB over TCP
-/// that a guest program echoes back, and receives 1 MiB that another guest program sends; the
-/// checksums match.
+/// virtio-net with programs on both ends, on a 4000-byte MTU (the guest's driver takes it from
+/// the device): the host pings the guest, also with packets no 1500-byte MTU passes whole,
+/// sends it 2 MiB over TCP that a guest program echoes back, and receives 1 MiB that another
+/// guest program sends; the checksums match.
 pub fn guest_programs_talk_tcp_over_virtio_net(arch: Arch) {
     if !require_emulated_host(arch) {
         return;
@@ -191,7 +192,9 @@ pub fn guest_programs_talk_tcp_over_virtio_net(arch: Arch) {
 head -c 2097152 /dev/urandom > to-guest.bin
 hosted-tool tcp-listen 7001 </dev/null >from-guest.bin 2>/dev/null &
 listener=$!
-./mote run --kernel "$KERNEL" --initrd guest.cpio.gz --net tap=tap0 --append "$GUEST_ARGS $GUEST_NET $(guest_cmd '
+ip link set tap0 mtu 4000
+./mote run --kernel "$KERNEL" --initrd guest.cpio.gz --net tap=tap0,mtu=4000 --append "$GUEST_ARGS $GUEST_NET $(guest_cmd '
+echo guest-mtu=$(cat /sys/class/net/eth0/mtu)
 hosted-tool tcp-listen 7000 --echo &
 head -c 1048576 /dev/urandom > /tmp/out.bin
 echo guest-sent-sha=$(sha256sum /tmp/out.bin | cut -d" " -f1)
@@ -201,6 +204,7 @@ sleep 600
 mote=$!
 wait_for out '^ready' 120 || fail "the guest's TCP server never started"
 ping -c 3 -W 5 172.31.0.2 | grep -E 'packets (transmitted|received)'
+ping -c 2 -W 5 -s 3900 172.31.0.2 | grep -E 'packets (transmitted|received)' | sed 's/^/large: /'
 hosted-tool tcp-connect 172.31.0.2:7000 <to-guest.bin >echoed.bin || fail "tcp-connect failed"
 echo echo-sent=$(sha256sum to-guest.bin | cut -d' ' -f1)
 echo echo-back=$(sha256sum echoed.bin | cut -d' ' -f1)
@@ -213,6 +217,13 @@ cat out
     ));
     run.assert_ok();
     run.assert_line("3 packets transmitted, 3 packets received");
+    assert_eq!(run.value("guest-mtu="), "4000", "{}", run.output);
+    assert!(
+        run.value("large: ")
+            .starts_with("2 packets transmitted, 2 packets received"),
+        "{}",
+        run.output
+    );
     assert_eq!(run.value("echo-sent="), run.value("echo-back="));
     assert_eq!(
         run.value("guest-sent-sha="),

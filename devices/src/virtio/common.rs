@@ -159,6 +159,11 @@ impl VirtioCommon {
         self.acked_features & features == features
     }
 
+    /// Offers `features` too (before the driver reads what is offered: at build time).
+    pub fn offer(&mut self, features: u64) {
+        self.avail_features |= features;
+    }
+
     /// Keeps what the device offers of the driver's `features`.
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features & self.avail_features;

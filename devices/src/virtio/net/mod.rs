@@ -29,8 +29,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, info, warn};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -55,9 +55,13 @@ pub const VNET_HDR_LEN: usize = 12;
 /// The largest frame: an Ethernet header and a 64 KiB (segmentation-offloaded) packet.
 pub const MAX_FRAME_LEN: usize = 14 + 65536;
 const FRAME_BUF_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
-/// Configuration space: `mac` (6 bytes), `status` (u16). Read-only: the MAC is the host's
-/// choice (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
+/// Configuration space: `mac` (6 bytes), `status` (u16), and with an MTU also
+/// `max_virtqueue_pairs` (u16, 1) and `mtu` (u16). Read-only: the MAC is the host's choice
+/// (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
 const CONFIG_LEN: usize = 8;
+const CONFIG_LEN_WITH_MTU: usize = 12;
+/// The smallest MTU a driver takes (virtio 1.2, 5.1.4.1: IPv4's 68).
+pub const MIN_MTU: u16 = 68;
 /// Where `num_buffers` sits in the header: always 1 here (no merged receive buffers).
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// The longest the device serves transmit frames in one go before the event loop serves the
@@ -165,6 +169,17 @@ impl Net {
             mmds: None,
             rx_pending_mmds: false,
         })
+    }
+
+    /// Tells the driver the interface's MTU (VIRTIO_NET_F_MTU), before the device is served;
+    /// the TAP's own MTU is the host's to set to match.
+    pub fn set_mtu(&mut self, mtu: u16) {
+        self.common.offer(1 << VIRTIO_NET_F_MTU);
+        let mut config = self.common.config().to_vec();
+        config.resize(CONFIG_LEN_WITH_MTU, 0);
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&mtu.to_le_bytes());
+        self.common.set_config(config);
     }
 
     /// Lets the guest reach MMDS through this interface (before the device is served).

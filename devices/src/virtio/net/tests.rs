@@ -412,9 +412,20 @@ fn the_interface_offers_event_idx() {
             return;
         }
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let net = Net::new("eth0".into(), "tap0", None, Default::default(), irq).unwrap();
+        let mut net = Net::new("eth0".into(), "tap0", None, Default::default(), irq).unwrap();
         let offered = net.avail_features();
         assert_eq!(offered & COMMON_FEATURES, COMMON_FEATURES);
+        assert_eq!(
+            offered & 1 << VIRTIO_NET_F_MTU,
+            0,
+            "no MTU unless configured"
+        );
+        // An MTU: the feature, and the field after max_virtqueue_pairs (1).
+        net.set_mtu(9000);
+        assert_ne!(net.avail_features() & 1 << VIRTIO_NET_F_MTU, 0);
+        let mut field = [0u8; 4];
+        net.read_config(8, &mut field);
+        assert_eq!(field, [1, 0, 0x28, 0x23]);
     })
     .join()
     .unwrap();
