@@ -54,22 +54,22 @@ pub const SNAPSHOT_VERSION: u32 = crate::snapshot::SNAPSHOT_VERSION;
 /// The format version in the header of the snapshot state file `path`
 /// (`--describe-snapshot`); the error is the one line to show.
 pub fn snapshot_format_version(path: &std::path::Path) -> Result<u32, String> {
-    use crate::snapshot::SnapshotError;
-    crate::snapshot::read_format_version(path).map_err(|err| match err {
-        // Opening and reading errors name the file already.
-        SnapshotError::Read(_) => err.to_string(),
-        _ => format!("{}: {err}", path.display()),
-    })
+    crate::snapshot::read_format_version(path).map_err(|err| snapshot_error_line(path, err))
 }
 
 /// What the snapshot state file `path` holds (`mote snapshot describe`); the error is the one
 /// line to show.
 pub fn describe_snapshot(path: &std::path::Path) -> Result<String, String> {
-    use crate::snapshot::SnapshotError;
-    crate::snapshot::describe::describe_file(path).map_err(|err| match err {
-        SnapshotError::Read(_) => err.to_string(),
+    crate::snapshot::describe::describe_file(path).map_err(|err| snapshot_error_line(path, err))
+}
+
+/// A snapshot error as one line that names the file.
+fn snapshot_error_line(path: &std::path::Path, err: crate::snapshot::SnapshotError) -> String {
+    match err {
+        // Opening and reading errors name the file already.
+        crate::snapshot::SnapshotError::Read(_) => err.to_string(),
         _ => format!("{}: {err}", path.display()),
-    })
+    }
 }
 
 /// The longest `--id` Firecracker accepts, in bytes.

@@ -515,6 +515,19 @@ echo guest-before=$(tr -d '\r' <out | grep meminfo | tail -n1)
     )
 }
 
+/// mote's VmRSS printed after `after` is more than `bar_kib` below the one printed as
+/// `rss-touched=` (by [`balloon_guest_script`]).
+fn assert_rss_dropped(run: &HostedRun, arch: Arch, after: &str, bar_kib: u64) {
+    let touched: u64 = run.value("rss-touched=").parse().expect("VmRSS in kB");
+    let now: u64 = run.value(after).parse().expect("VmRSS in kB");
+    assert!(
+        touched > now + bar_kib,
+        "VmRSS {touched} kB -> {now} kB ({after}):\n{}",
+        run.output
+    );
+    eprintln!("{arch:?}: VmRSS {touched} kB touched, {now} kB at {after}");
+}
+
 /// A kB figure FIELD (`total=`, `free=`) of the meminfo line printed after KEY.
 fn meminfo_kib(run: &HostedRun, key: &str, field: &str) -> u64 {
     run.value(key)
@@ -562,15 +575,8 @@ kill $pid
         "{}",
         run.output
     );
-    let rss_touched: u64 = run.value("rss-touched=").parse().expect("VmRSS in kB");
-    let rss_hinted: u64 = run.value("rss-hinted=").parse().expect("VmRSS in kB");
     // The guest had about 200 MiB free, all of it touched once; half of that is the bar.
-    assert!(
-        rss_touched > rss_hinted + 96 * 1024,
-        "VmRSS {rss_touched} kB -> {rss_hinted} kB:\n{}",
-        run.output
-    );
-    eprintln!("{arch:?}: VmRSS {rss_touched} kB touched, {rss_hinted} kB after hinting");
+    assert_rss_dropped(&run, arch, "rss-hinted=", 96 * 1024);
     let free = |key: &str| meminfo_kib(&run, key, "free=");
     // DONE gave the guest its blocks back.
     assert!(
@@ -694,18 +700,11 @@ kill $pid
     ));
     run.assert_ok();
     let kib = |key: &str, field: &str| meminfo_kib(&run, key, field);
-    let rss_touched: u64 = run.value("rss-touched=").parse().expect("VmRSS in kB");
-    let rss_inflated: u64 = run.value("rss-inflated=").parse().expect("VmRSS in kB");
     // 128 MiB given back, less the balloon pages the host had never backed (guest pages
     // nothing had touched) or that were touched again meanwhile: 95-106 MiB on x86_64 and
     // 115 on aarch64 so far. Half of it is the bar: a balloon that gives nothing back
     // drops nothing.
-    assert!(
-        rss_touched > rss_inflated + 64 * 1024,
-        "VmRSS {rss_touched} kB -> {rss_inflated} kB:\n{}",
-        run.output
-    );
-    eprintln!("{arch:?}: VmRSS {rss_touched} kB touched, {rss_inflated} kB inflated");
+    assert_rss_dropped(&run, arch, "rss-inflated=", 64 * 1024);
     let total_before = kib("guest-before=", "total=");
     let total_inflated = kib("guest-inflated=", "total=");
     // Without deflate_on_oom, Linux takes the balloon's pages out of MemTotal.
