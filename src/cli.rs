@@ -8,8 +8,8 @@ use log::LevelFilter;
 
 use crate::arch::DEFAULT_BOOT_ARGS;
 use crate::config::{
-    BootSourceConfig, DriveConfig, EntropyConfig, MacAddr, MachineConfig, NetworkInterfaceConfig,
-    VmResources, VsockConfig,
+    BootSourceConfig, DriveConfig, EntropyConfig, IoEngine, MacAddr, MachineConfig,
+    NetworkInterfaceConfig, VmResources, VsockConfig,
 };
 use crate::config::{LoadSnapshotParams, NetworkOverride, VsockOverride};
 use crate::logger::parse_level;
@@ -307,11 +307,13 @@ pub struct RunArgs {
     /// Log the time from the monitor's start to the guest's boot-complete signal.
     #[arg(long)]
     pub boot_timer: bool,
-    /// Root file system image: the first drive (/dev/vda), mounted as root. `PATH[,ro]`.
-    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_rootfs)]
+    /// Root file system image: the first drive (/dev/vda), mounted as root.
+    /// `PATH[,ro][,engine=sync|async]`.
+    #[arg(long, value_name = "PATH[,ro][,engine=sync|async]", value_parser = parse_rootfs)]
     pub rootfs: Option<DriveSpec>,
-    /// Another drive (vdb, vdc, … in order). `PATH[,ro][,id=ID]`; may repeat.
-    #[arg(long = "drive", value_name = "PATH[,ro][,id=ID]", value_parser = parse_drive)]
+    /// Another drive (vdb, vdc, … in order). `PATH[,ro][,id=ID][,engine=sync|async]`; may
+    /// repeat. `engine=async` serves the drive through an io_uring (Firecracker's Async).
+    #[arg(long = "drive", value_name = "PATH[,ro][,id=ID][,engine=sync|async]", value_parser = parse_drive)]
     pub drives: Vec<DriveSpec>,
     /// A network interface (eth0, eth1, … in order) on an existing TAP device.
     /// `tap=NAME[,mac=MAC][,mtu=N]`; may repeat.
@@ -387,6 +389,8 @@ pub struct DriveSpec {
     pub path: PathBuf,
     pub read_only: bool,
     pub id: Option<String>,
+    /// `engine=sync|async`: Firecracker's io_engine.
+    pub io_engine: IoEngine,
 }
 
 fn parse_drive_spec(spec: &str, allow_id: bool) -> Result<DriveSpec, String> {
@@ -399,12 +403,15 @@ fn parse_drive_spec(spec: &str, allow_id: bool) -> Result<DriveSpec, String> {
         path: PathBuf::from(path),
         read_only: false,
         id: None,
+        io_engine: IoEngine::Sync,
     };
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => drive.read_only = true,
             None if option == "rw" => drive.read_only = false,
             Some(("id", id)) if allow_id => drive.id = Some(id.to_string()),
+            Some(("engine", "sync")) => drive.io_engine = IoEngine::Sync,
+            Some(("engine", "async")) => drive.io_engine = IoEngine::Async,
             _ => return Err(format!("unknown drive option {option:?}")),
         }
     }
@@ -516,7 +523,7 @@ impl RunArgs {
             is_read_only: spec.read_only,
             partuuid: None,
             cache_type: Default::default(),
-            io_engine: Default::default(),
+            io_engine: spec.io_engine,
             rate_limiter: None,
         });
         let others = self
@@ -533,7 +540,7 @@ impl RunArgs {
                 is_read_only: spec.read_only,
                 partuuid: None,
                 cache_type: Default::default(),
-                io_engine: Default::default(),
+                io_engine: spec.io_engine,
                 rate_limiter: None,
             });
         root.chain(others).collect()
@@ -685,13 +692,19 @@ mod tests {
         assert!(parse(&["run", "--kernel", "k", "--drive", "/b,fast"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--rootfs", "/r,id=x"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--drive", ",ro"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--drive", "/b,engine=Async"]).is_err());
         assert_eq!(
             parse_drive("/b,ro,id=x"),
             Ok(DriveSpec {
                 path: "/b".into(),
                 read_only: true,
-                id: Some("x".into())
+                id: Some("x".into()),
+                io_engine: IoEngine::Sync,
             })
+        );
+        assert_eq!(
+            parse_rootfs("/r,engine=async").map(|drive| drive.io_engine),
+            Ok(IoEngine::Async)
         );
     }
 

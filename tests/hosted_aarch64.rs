@@ -81,7 +81,12 @@ fn hosted_aarch64_guest_writes_reach_the_disk_and_a_read_only_drive_refuses_them
 
 #[test]
 fn hosted_aarch64_sigkill_right_after_a_guest_sync_loses_nothing() {
-    cases::sigkill_right_after_a_guest_sync_loses_nothing(Arch::Aarch64);
+    cases::sigkill_right_after_a_guest_sync_loses_nothing(Arch::Aarch64, "sync");
+}
+
+#[test]
+fn hosted_aarch64_sigkill_right_after_a_guest_sync_loses_nothing_on_the_async_engine() {
+    cases::sigkill_right_after_a_guest_sync_loses_nothing(Arch::Aarch64, "async");
 }
 
 #[test]

@@ -55,8 +55,6 @@ pub enum ConfigError {
     MemSizeTooLarge(u64),
     #[error("drive_id {0:?} is invalid: use 1 to 20 letters, digits, '_' or '-'")]
     DriveId(String),
-    #[error("drive {0}: io_engine Async (io_uring) is not implemented by mote yet; use Sync")]
-    AsyncIoEngine(String),
     #[error("drive_id {0:?} is given twice")]
     DuplicateDriveId(String),
     #[error("more than one drive has is_root_device set")]

@@ -12,8 +12,8 @@ use devices::virtio::block::Block;
 use log::warn;
 
 use super::DeviceError;
-use crate::config::DriveConfig;
 use crate::config::RateLimiterConfig;
+use crate::config::{DriveConfig, IoEngine};
 use crate::host_file::{self, FileKind};
 use crate::sync::lock;
 
@@ -30,6 +30,13 @@ impl Drives {
     /// The block device of drive `drive_id`.
     pub fn find(&self, drive_id: &str) -> Option<&Arc<Mutex<Block>>> {
         self.0.iter().find(|block| lock(block).id() == drive_id)
+    }
+
+    /// Completes every request the drives' Async engines have in flight (for a snapshot).
+    pub fn finish_in_flight(&self) {
+        for block in &self.0 {
+            lock(block).finish_in_flight();
+        }
     }
 
     /// Gives drive `drive_id` new limits at once (`PATCH /drives/{id}` with `rate_limiter`).
@@ -196,9 +203,17 @@ fn lock_disk(file: &File, id: &str, path: &Path, read_only: bool) -> Result<(), 
 }
 
 /// Opens `drive`'s file as the drive would use it, as `PUT /drives/{id}` does when the request
-/// arrives: a missing file, or one that is not a disk, is refused then.
+/// arrives: a missing file, or one that is not a disk, is refused then; so is the Async engine
+/// on a host whose kernel refuses io_uring.
 pub fn check_drive_file(drive: &DriveConfig) -> Result<(), DeviceError> {
-    open_disk(&drive.drive_id, &drive.path_on_host, drive.is_read_only).map(drop)
+    open_disk(&drive.drive_id, &drive.path_on_host, drive.is_read_only)?;
+    if drive.io_engine == IoEngine::Async {
+        devices::virtio::block::check_async_engine().map_err(|source| DeviceError::Block {
+            id: drive.drive_id.clone(),
+            source: source.into(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Opens every drive's file, refusing files that are not disks, a file that two drives

@@ -36,8 +36,8 @@ use crate::arch::{
     LegacyDeviceError, LegacyDevices, MmioDeviceInfo, VcpuIo, BOOT_TIMER_START, MMIO_SLOT_SIZE,
 };
 use crate::config::{
-    BalloonConfig, DriveConfig, EntropyConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate,
-    RateLimiterConfig, VsockConfig,
+    BalloonConfig, DriveConfig, EntropyConfig, IoEngine, NetworkInterfaceConfig,
+    NetworkInterfaceUpdate, RateLimiterConfig, VsockConfig,
 };
 use crate::host_file::HostFileError;
 use crate::metrics::METRICS;
@@ -360,17 +360,21 @@ impl DeviceManager {
 /// A virtio-blk device for `drive`, backed by its opened `file`.
 pub fn block_device(drive: &DriveConfig, file: File) -> Result<Block, DeviceError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("an IRQ event"))?;
-    let block = Block::new(
+    let block_error = |source| DeviceError::Block {
+        id: drive.drive_id.clone(),
+        source,
+    };
+    let mut block = Block::new(
         drive.drive_id.clone(),
         file,
         drive.is_read_only,
         &drive.rate_limiter.unwrap_or_default(),
         irq,
     )
-    .map_err(|source| DeviceError::Block {
-        id: drive.drive_id.clone(),
-        source,
-    })?;
+    .map_err(block_error)?;
+    if drive.io_engine == IoEngine::Async {
+        block.use_async_engine().map_err(block_error)?;
+    }
     METRICS.register_block(&drive.drive_id, block.metrics().clone());
     Ok(block)
 }

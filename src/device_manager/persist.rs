@@ -53,6 +53,9 @@ pub enum RestoreDevicesError {
 impl DeviceManager {
     /// The devices' state; the vCPUs must be paused.
     pub fn save_state(&self) -> Result<DevicesState, SaveDevicesError> {
+        // A request in flight on an Async drive is neither available nor used: it would be
+        // lost. Each one finishes first, before guest memory is written too.
+        self.drives.finish_in_flight();
         let mut virtio = Vec::with_capacity(self.transports.len());
         for (slot, transport) in &self.transports {
             let transport =

@@ -131,14 +131,16 @@ cat out
 /// and the emulated host then powers off without writing back its own page cache: so mote
 /// must have passed the flush down (fdatasync) before completing it. Ignoring flushes fails
 /// this test, unlike a SIGKILL test on an ordinary host, where the page cache survives.
-pub fn sigkill_right_after_a_guest_sync_loses_nothing(arch: Arch) {
+/// `engine` is the drive's: `sync`, or `async` (the io_uring engine, whose flush must wait for
+/// the writes before it).
+pub fn sigkill_right_after_a_guest_sync_loses_nothing(arch: Arch, engine: &str) {
     if !require_emulated_host(arch) {
         return;
     }
-    let disk = scratch_rootfs_of(arch, "sigkill");
-    let run = Hosted::for_arch(arch).disk(&disk).run(
+    let disk = scratch_rootfs_of(arch, &format!("sigkill-{engine}"));
+    let run = Hosted::for_arch(arch).disk(&disk).run(&format!(
         r#"
-./mote run --kernel "$KERNEL" --rootfs /dev/vda --append "$GUEST_ARGS $(guest_cmd '
+./mote run --kernel "$KERNEL" --rootfs /dev/vda,engine={engine} --append "$GUEST_ARGS $(guest_cmd '
 head -c 4194304 /dev/urandom > /data.bin
 echo guest-sha=$(sha256sum /data.bin | cut -d" " -f1)
 sync
@@ -146,11 +148,16 @@ echo synced
 sleep 600
 ')" >out 2>&1 &
 wait_for out '^synced' 120 || fail "the guest never synced"
+[ {engine} = async ] && echo io-uring-fds=$(ls -l /proc/$!/fd | grep -c io_uring)
 kill -9 $!
 cat out
-"#,
-    );
+"#
+    ));
     run.assert_ok();
+    if engine == "async" {
+        // The drive really went through an io_uring (one ring per Async drive).
+        assert_eq!(run.value("io-uring-fds="), "1");
+    }
     let guest_sha = run.value("guest-sha=");
     let data = read_ext4_file(&disk, "/data.bin");
     assert_eq!(data.len(), 4 << 20, "the synced file is not all there");

@@ -4,6 +4,7 @@
 //! Layout of this file: constants and the configuration space, the device state, activation,
 //! the queue handler, the event handler, tests.
 
+mod async_engine;
 mod discard;
 mod request;
 
@@ -23,7 +24,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::request::{data_bytes, execute, Disk};
+pub use self::async_engine::AsyncEngineError;
+use self::async_engine::{AsyncEngine, Finished};
+use self::request::{data_bytes, io_completion, parse, run_sync, Completion, Disk, Request};
 pub use self::request::{RequestError, SECTOR_SIZE};
 use super::common::{signal_used, Active, VirtioCommon};
 use super::state::{DeviceSpecificState, DeviceStateError, VirtioDeviceState};
@@ -84,6 +87,8 @@ pub enum BlockError {
     EventFd(std::io::Error),
     #[error("rate_limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
+    #[error(transparent)]
+    AsyncEngine(#[from] AsyncEngineError),
 }
 
 /// The capacity in sectors of a drive backed by `file`, checking that a read-write drive's
@@ -108,6 +113,12 @@ fn opened_for_writing(file: &File) -> std::io::Result<bool> {
     Ok(flags & libc::O_ACCMODE != libc::O_RDONLY)
 }
 
+/// Whether this host can run the Async engine (sets up and drops a small io_uring), for a
+/// drive's configuration to be refused when it is given rather than at boot.
+pub fn check_async_engine() -> Result<(), AsyncEngineError> {
+    AsyncEngine::new(1).map(drop)
+}
+
 pub struct Block {
     id: String,
     file: File,
@@ -121,6 +132,8 @@ pub struct Block {
     /// Host I/O errors are logged, but a guest can make them at will (writing past the
     /// file-size limit, on a full disk).
     host_error_log: LogLimiter,
+    /// The Async engine's io_uring; None for the Sync engine (I/O on the event loop).
+    engine: Option<AsyncEngine>,
 }
 
 /// At most one host I/O error line per drive in this time.
@@ -162,7 +175,36 @@ impl Block {
             poller: AvailPoller::default(),
             rate_limiter,
             host_error_log: LogLimiter::new(HOST_ERROR_LOG_INTERVAL),
+            engine: None,
         })
+    }
+
+    /// Switches the drive to the Async engine (io_uring); before the device is registered with
+    /// the event loop, which then watches the engine's completions too.
+    pub fn use_async_engine(&mut self) -> Result<(), BlockError> {
+        self.engine = Some(AsyncEngine::new(QUEUE_MAX_SIZES[0])?);
+        Ok(())
+    }
+
+    /// Whether I/O goes through the Async engine.
+    pub fn is_async(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// Waits until the Async engine has nothing in flight and completes what it finished, so
+    /// that a snapshot sees every request either untouched in the available ring or used.
+    /// The Sync engine never has anything in flight.
+    pub fn finish_in_flight(&mut self) {
+        let Some(engine) = &mut self.engine else {
+            return;
+        };
+        match engine.drain() {
+            Ok(finished) => self.complete(finished),
+            Err(err) => warn!(
+                "virtio-blk {}: cannot wait for the requests in flight: {err}",
+                self.id
+            ),
+        }
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -193,11 +235,13 @@ impl Block {
     /// configuration-change interrupt. The drive stays read-only or read-write as it was.
     ///
     /// No request is lost or split between the files: requests are carried out whole while
-    /// the device is locked, as this is, so each one the guest made available either finished
-    /// on the old file or will run on the new one. Writes already done on the old file are in
+    /// the device is locked, as this is (the Async engine's in flight are waited for), so each
+    /// one the guest made available either finished on the old file or will run on the new one. Writes already done on the old file are in
     /// the host's page cache and survive it being closed.
     pub fn update_backing(&mut self, file: File) -> Result<(), BlockError> {
         let capacity_sectors = capacity_of(&file, self.read_only)?;
+        // Requests in flight on the old file finish there first.
+        self.finish_in_flight();
         self.file = file;
         self.capacity_sectors = capacity_sectors;
         self.common
@@ -234,6 +278,8 @@ impl Block {
 
     /// Serves every request the driver has made available, signals the guest after each batch,
     /// and briefly polls for the next one before it goes back to waiting for a notification.
+    /// With the Async engine a batch's reads, writes and flushes go to the kernel together and
+    /// complete when it says so (here, for those it finished at once; `complete` for the rest).
     fn process_queue(&mut self) {
         let Some(Active {
             mem,
@@ -259,7 +305,17 @@ impl Block {
             }
             let mut done = Vec::new();
             let mut throttled = false;
+            // The engine is full: the next completion brings the device back.
+            let mut stalled = false;
             loop {
+                if self
+                    .engine
+                    .as_ref()
+                    .is_some_and(|engine| !engine.has_room())
+                {
+                    stalled = true;
+                    break;
+                }
                 let chain = match queue.iter(mem) {
                     Ok(mut chains) => chains.next(),
                     Err(err) => {
@@ -283,38 +339,50 @@ impl Block {
                     throttled = true;
                     break;
                 }
-                let completion = execute(mem, &descriptors, &disk);
-                if let Some(err) = &completion.host_error {
-                    if let Some(held_back) = self.host_error_log.allow() {
-                        warn!(
-                            "virtio-blk {}: {err}; the guest gets an I/O error{}",
-                            self.id,
-                            held_back_note(held_back)
-                        );
-                    }
-                }
-                if let Some(addr) = completion.status_addr {
-                    if mem.write_obj(completion.status, addr).is_err() {
-                        debug!("virtio-blk {}: status byte outside guest memory", self.id);
-                    }
-                }
+                let completion = match parse(mem, &descriptors, &disk) {
+                    Request::Done(completion) => completion,
+                    Request::Io(io) => match &mut self.engine {
+                        None => {
+                            let result = run_sync(mem, &io, &self.file);
+                            io_completion(&io, result, &self.metrics)
+                        }
+                        Some(engine) => match engine.push(mem, &self.file, head, io) {
+                            Ok(()) => continue,
+                            Err((io, err)) => io_completion(&io, Err(err), &self.metrics),
+                        },
+                    },
+                };
+                finish_request(&self.id, mem, &mut self.host_error_log, &completion);
                 done.push((head, completion.used_len));
             }
-            let completed = !done.is_empty();
-            for (head, len) in done {
-                if let Err(err) = queue.add_used(mem, head, len) {
+            if let Some(engine) = &mut self.engine {
+                if let Err(err) = engine.submit() {
                     warn!(
-                        "virtio-blk {}: cannot complete request {head}: {err}",
+                        "virtio-blk {}: cannot submit to the io_uring: {err}",
                         self.id
                     );
                 }
+                // What the kernel finished while submitting (a read from the page cache) is
+                // used now, without a trip through the event loop; so is what its workers
+                // finish within a short poll, for a driver with one request in flight.
+                if done.is_empty() && engine.in_flight() > 0 {
+                    engine.poll_completion(COMPLETION_POLL_WINDOW);
+                }
+                for Finished { head, io, result } in engine.reap() {
+                    let completion = complete_io(mem, &self.file, &io, result, &self.metrics);
+                    finish_request(&self.id, mem, &mut self.host_error_log, &completion);
+                    done.push((head, completion.used_len));
+                }
             }
+            let completed = !done.is_empty();
+            add_used(&self.id, queue, mem, done);
             // Signal before polling: the guest must not wait for the poll window to end.
             if completed {
                 signal_used(interrupt, queue, mem);
             }
-            if throttled {
-                // Notifications stay off: the timer, not the driver, says when to look again.
+            if throttled || stalled {
+                // Notifications stay off: the timer or a completion, not the driver, says when
+                // to look again.
                 break;
             }
             // With notifications still off, a driver that submits its next request at once
@@ -329,10 +397,102 @@ impl Block {
             }
         }
     }
+
+    /// Puts the Async engine's `finished` requests into the used ring and signals the guest;
+    /// then serves the queue again, which a full engine had stopped.
+    fn complete(&mut self, finished: Vec<Finished>) {
+        if finished.is_empty() {
+            return;
+        }
+        let Some(Active {
+            mem,
+            queues,
+            interrupt,
+        }) = self.common.active_mut()
+        else {
+            return;
+        };
+        let mem: &GuestMemoryMmap = mem;
+        let queue = &mut queues[0];
+        let mut done = Vec::with_capacity(finished.len());
+        for Finished { head, io, result } in finished {
+            let completion = complete_io(mem, &self.file, &io, result, &self.metrics);
+            finish_request(&self.id, mem, &mut self.host_error_log, &completion);
+            done.push((head, completion.used_len));
+        }
+        add_used(&self.id, queue, mem, done);
+        signal_used(interrupt, queue, mem);
+        if !self.rate_limiter.is_blocked() {
+            self.process_queue();
+        }
+    }
+
+    /// The Async engine's completions, when the event loop says some arrived.
+    fn on_completions(&mut self) {
+        let Some(engine) = &mut self.engine else {
+            return;
+        };
+        engine.clear_completion_event();
+        let finished = engine.reap();
+        self.complete(finished);
+    }
+}
+
+/// The completion of `io` once the Async engine moved `result`'s bytes. A short transfer (the
+/// kernel may stop early, e.g. at a signal) is finished here on the Sync path.
+fn complete_io(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    io: &request::IoRequest,
+    result: Result<u64, RequestError>,
+    metrics: &BlockMetrics,
+) -> Completion {
+    let result = result.and_then(|bytes| {
+        if io.op != request::IoOp::Flush && bytes < io.len() {
+            run_sync(mem, &io.remainder(bytes), file)
+        } else {
+            Ok(())
+        }
+    });
+    io_completion(io, result, metrics)
+}
+
+/// Writes a request's status byte, logging a host I/O error behind it (rate-limited).
+fn finish_request(
+    id: &str,
+    mem: &GuestMemoryMmap,
+    host_error_log: &mut LogLimiter,
+    completion: &Completion,
+) {
+    if let Some(err) = &completion.host_error {
+        if let Some(held_back) = host_error_log.allow() {
+            warn!(
+                "virtio-blk {id}: {err}; the guest gets an I/O error{}",
+                held_back_note(held_back)
+            );
+        }
+    }
+    if let Some(addr) = completion.status_addr {
+        if mem.write_obj(completion.status, addr).is_err() {
+            debug!("virtio-blk {id}: status byte outside guest memory");
+        }
+    }
+}
+
+/// Returns finished chains to the driver.
+fn add_used(id: &str, queue: &mut Queue, mem: &GuestMemoryMmap, done: Vec<(u16, u32)>) {
+    for (head, len) in done {
+        if let Err(err) = queue.add_used(mem, head, len) {
+            warn!("virtio-blk {id}: cannot complete request {head}: {err}");
+        }
+    }
 }
 
 /// How long the device watches the available ring after a batch, at most.
 const POLL_WINDOW_MAX: Duration = Duration::from_micros(20);
+/// How long the device waits for the Async engine's completion after a submission that
+/// completed nothing at once, before it leaves the completion to the event loop.
+const COMPLETION_POLL_WINDOW: Duration = Duration::from_micros(20);
 /// Below this a poll window is not worth its cost: polling stops for a while.
 const POLL_WINDOW_MIN: Duration = Duration::from_micros(2);
 /// Batches served without polling before polling is tried again.
@@ -405,6 +565,11 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // On a vCPU thread, which does not wait for the kernel: what is in flight is dropped
+        // when it completes.
+        if let Some(engine) = &mut self.engine {
+            engine.orphan_all();
+        }
         self.common.reset();
     }
 
@@ -470,13 +635,26 @@ impl MutEventSubscriber for Block {
             self.metrics.rate_limiter_event_count.inc();
             self.rate_limiter.on_timer();
             self.process_queue();
+        } else if self
+            .engine
+            .as_ref()
+            .is_some_and(|engine| events.fd() == engine.completion_fd())
+        {
+            self.on_completions();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         let queue = Events::new(&self.common.queue_events()[0], EventSet::IN);
         let timer = Events::new_raw(self.rate_limiter.as_raw_fd(), EventSet::IN);
-        for events in [queue, timer] {
+        let completions = self
+            .engine
+            .as_ref()
+            .map(|engine| Events::new_raw(engine.completion_fd(), EventSet::IN));
+        for events in [Some(queue), Some(timer), completions]
+            .into_iter()
+            .flatten()
+        {
             if let Err(err) = ops.add(events) {
                 warn!("virtio-blk {}: cannot watch its queue: {err}", self.id);
             }

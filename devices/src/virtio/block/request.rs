@@ -71,7 +71,7 @@ pub struct Completion {
     pub host_error: Option<RequestError>,
 }
 
-fn status_of(result: &Result<u32, RequestError>) -> u8 {
+fn status_of<T>(result: &Result<T, RequestError>) -> u8 {
     match result {
         Ok(_) => VIRTIO_BLK_S_OK as u8,
         Err(RequestError::Unsupported(_)) => VIRTIO_BLK_S_UNSUPP as u8,
@@ -79,8 +79,69 @@ fn status_of(result: &Result<u32, RequestError>) -> u8 {
     }
 }
 
-/// Carries out the request in `descriptors` (a whole chain, as the queue yielded it).
-pub fn execute(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -> Completion {
+/// What a read, a write or a flush does on the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// File to guest buffers.
+    Read,
+    /// Guest buffers to file.
+    Write,
+    /// fdatasync.
+    Flush,
+}
+
+/// A checked read, write or flush, ready for an engine to carry out: sectors inside the disk,
+/// buffers pointing the right way. Its buffers are checked against guest memory when the
+/// engine maps them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoRequest {
+    pub op: IoOp,
+    /// Byte offset into the file.
+    pub offset: u64,
+    /// Guest buffers in order, (address, length).
+    pub buffers: Vec<(GuestAddress, u32)>,
+    pub status_addr: GuestAddress,
+}
+
+impl IoRequest {
+    /// The data bytes the request moves.
+    pub fn len(&self) -> u64 {
+        self.buffers.iter().map(|&(_, len)| u64::from(len)).sum()
+    }
+
+    /// The part of the request still to do once `done` bytes have moved (an engine's short
+    /// transfer).
+    pub fn remainder(&self, done: u64) -> IoRequest {
+        let mut skip = done;
+        let mut buffers = Vec::with_capacity(self.buffers.len());
+        for &(addr, len) in &self.buffers {
+            let len64 = u64::from(len);
+            if skip >= len64 {
+                skip -= len64;
+                continue;
+            }
+            buffers.push((GuestAddress(addr.0 + skip), (len64 - skip) as u32));
+            skip = 0;
+        }
+        IoRequest {
+            op: self.op,
+            offset: self.offset + done,
+            buffers,
+            status_addr: self.status_addr,
+        }
+    }
+}
+
+/// A request after parsing: finished already, or I/O for the drive's engine.
+pub enum Request {
+    Done(Completion),
+    Io(IoRequest),
+}
+
+/// Parses the request in `descriptors` (a whole chain, as the queue yielded it). Requests
+/// that fail their checks, and those that need no I/O engine (GET_ID, discard, write zeroes),
+/// are carried out here and come back done.
+pub fn parse(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -> Request {
     // A last descriptor that still points onwards means the chain was cut short: it loops or
     // is longer than the queue, and none of it is trusted.
     let status_desc = descriptors
@@ -88,22 +149,76 @@ pub fn execute(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -
         .filter(|d| descriptors.len() >= 2 && !d.has_next() && d.is_write_only() && d.len() >= 1);
     let Some(status_desc) = status_desc else {
         // Nowhere to report: the request completes with nothing written.
-        return Completion {
+        return Request::Done(Completion {
             status_addr: None,
             status: VIRTIO_BLK_S_IOERR as u8,
             used_len: 0,
             host_error: None,
-        };
+        });
     };
-    let result = run(mem, &descriptors[..descriptors.len() - 1], disk);
+    let status_addr = status_desc.addr();
+    match run(mem, &descriptors[..descriptors.len() - 1], disk) {
+        Ok(Step::Io {
+            op,
+            offset,
+            buffers,
+        }) => Request::Io(IoRequest {
+            op,
+            offset,
+            buffers,
+            status_addr,
+        }),
+        Ok(Step::Finished(data_len)) => {
+            Request::Done(completion(status_addr, Ok(data_len), disk.metrics))
+        }
+        Err(err) => Request::Done(completion(status_addr, Err(err), disk.metrics)),
+    }
+}
+
+/// The completion of an I/O request once its engine is done with it; counts it.
+pub fn io_completion(
+    io: &IoRequest,
+    result: Result<(), RequestError>,
+    metrics: &BlockMetrics,
+) -> Completion {
+    let result = result.map(|()| {
+        let len = io.len();
+        match io.op {
+            IoOp::Read => {
+                metrics.read_count.inc();
+                metrics.read_bytes.add(len);
+            }
+            IoOp::Write => {
+                metrics.write_count.inc();
+                metrics.write_bytes.add(len);
+            }
+            IoOp::Flush => metrics.flush_count.inc(),
+        }
+        // Data bytes written into the guest's buffers: a read's. The used ring's length
+        // field is a u32; a read larger than that (buffers of several GiB) says as much.
+        if io.op == IoOp::Read {
+            u32::try_from(len).unwrap_or(u32::MAX)
+        } else {
+            0
+        }
+    });
+    completion(io.status_addr, result, metrics)
+}
+
+/// The status of a request that wrote `result`'s bytes into the guest's buffers, or failed.
+fn completion(
+    status_addr: GuestAddress,
+    result: Result<u32, RequestError>,
+    metrics: &BlockMetrics,
+) -> Completion {
     match &result {
         Ok(_) => {}
-        Err(RequestError::Io(_)) => disk.metrics.io_errors.inc(),
-        Err(_) => disk.metrics.invalid_reqs_count.inc(),
+        Err(RequestError::Io(_)) => metrics.io_errors.inc(),
+        Err(_) => metrics.invalid_reqs_count.inc(),
     }
     let data_len = *result.as_ref().unwrap_or(&0);
     Completion {
-        status_addr: Some(status_desc.addr()),
+        status_addr: Some(status_addr),
         status: status_of(&result),
         used_len: data_len + 1,
         host_error: result
@@ -112,13 +227,25 @@ pub fn execute(mem: &GuestMemoryMmap, descriptors: &[Descriptor], disk: &Disk) -
     }
 }
 
-/// Runs a request whose status descriptor is already split off; returns bytes written to the
-/// guest.
+/// What a request whose status descriptor is split off needs next.
+enum Step {
+    /// Done, with this many bytes written to the guest.
+    Finished(u32),
+    /// Checked I/O for the drive's engine.
+    Io {
+        op: IoOp,
+        offset: u64,
+        buffers: Vec<(GuestAddress, u32)>,
+    },
+}
+
+/// Checks a request whose status descriptor is already split off, and carries it out unless
+/// it is I/O for the engine.
 fn run(
     mem: &GuestMemoryMmap,
     descriptors: &[Descriptor],
     disk: &Disk,
-) -> Result<u32, RequestError> {
+) -> Result<Step, RequestError> {
     let (header, data) = descriptors
         .split_first()
         .ok_or(RequestError::ChainTooShort)?;
@@ -132,31 +259,26 @@ fn run(
         .read_obj(GuestAddress(header.addr().0.wrapping_add(8)))
         .map_err(|_| RequestError::BadGuestAddress(header.addr().0))?;
     match request_type {
-        VIRTIO_BLK_T_IN => {
-            transfer(mem, data, disk, sector, Direction::ToGuest)?;
-            let len: u32 = data.iter().map(|d| d.len()).sum();
-            disk.metrics.read_count.inc();
-            disk.metrics.read_bytes.add(u64::from(len));
-            Ok(len)
-        }
+        VIRTIO_BLK_T_IN => Ok(Step::Io {
+            op: IoOp::Read,
+            offset: check_transfer(data, disk, sector, IoOp::Read)?,
+            buffers: buffers(data),
+        }),
         VIRTIO_BLK_T_OUT => {
             if disk.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            transfer(mem, data, disk, sector, Direction::FromGuest)?;
-            disk.metrics.write_count.inc();
-            disk.metrics
-                .write_bytes
-                .add(data.iter().map(|d| u64::from(d.len())).sum());
-            Ok(0)
+            Ok(Step::Io {
+                op: IoOp::Write,
+                offset: check_transfer(data, disk, sector, IoOp::Write)?,
+                buffers: buffers(data),
+            })
         }
-        VIRTIO_BLK_T_FLUSH => {
-            disk.file
-                .sync_data()
-                .map_err(|e| RequestError::Io(e.raw_os_error().unwrap_or(libc::EIO)))?;
-            disk.metrics.flush_count.inc();
-            Ok(0)
-        }
+        VIRTIO_BLK_T_FLUSH => Ok(Step::Io {
+            op: IoOp::Flush,
+            offset: 0,
+            buffers: Vec::new(),
+        }),
         VIRTIO_BLK_T_GET_ID => {
             let buffer = data.first().ok_or(RequestError::ChainTooShort)?;
             if !buffer.is_write_only() {
@@ -169,7 +291,7 @@ fn run(
             mem.write_slice(&id[..len], buffer.addr())
                 .map_err(|_| RequestError::BadGuestAddress(buffer.addr().0))?;
             disk.metrics.get_id_count.inc();
-            Ok(len as u32)
+            Ok(Step::Finished(len as u32))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             discard_or_zero(mem, data, disk, request_type)?;
@@ -178,26 +300,24 @@ fn run(
             } else {
                 disk.metrics.write_zeroes_count.inc();
             }
-            Ok(0)
+            Ok(Step::Finished(0))
         }
         other => Err(RequestError::Unsupported(other)),
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    ToGuest,
-    FromGuest,
+fn buffers(data: &[Descriptor]) -> Vec<(GuestAddress, u32)> {
+    data.iter().map(|d| (d.addr(), d.len())).collect()
 }
 
-fn transfer(
-    mem: &GuestMemoryMmap,
+/// Checks a read's or a write's data buffers against the disk; returns the byte offset.
+fn check_transfer(
     data: &[Descriptor],
     disk: &Disk,
     sector: u64,
-    direction: Direction,
-) -> Result<(), RequestError> {
-    let want_write_only = direction == Direction::ToGuest;
+    op: IoOp,
+) -> Result<u64, RequestError> {
+    let want_write_only = op == IoOp::Read;
     if data.iter().any(|d| d.is_write_only() != want_write_only) {
         return Err(RequestError::WrongDirection);
     }
@@ -216,12 +336,24 @@ fn transfer(
             capacity: disk.capacity_sectors,
         });
     }
-    let mut offset = sector << SECTOR_SHIFT;
-    for desc in data {
-        let len = desc.len() as usize;
+    Ok(sector << SECTOR_SHIFT)
+}
+
+fn io_error(err: &std::io::Error) -> RequestError {
+    RequestError::Io(err.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// The Sync engine: carries out `io` on `file` now, on the calling thread.
+pub fn run_sync(mem: &GuestMemoryMmap, io: &IoRequest, file: &File) -> Result<(), RequestError> {
+    if io.op == IoOp::Flush {
+        return file.sync_data().map_err(|e| io_error(&e));
+    }
+    let mut offset = io.offset;
+    for &(addr, len) in &io.buffers {
+        let len = len as usize;
         let slice = mem
-            .get_slice(desc.addr(), len)
-            .map_err(|_| RequestError::BadGuestAddress(desc.addr().0))?;
+            .get_slice(addr, len)
+            .map_err(|_| RequestError::BadGuestAddress(addr.0))?;
         let mut done = 0usize;
         while done < len {
             let ptr = slice.ptr_guard_mut();
@@ -232,13 +364,9 @@ fn transfer(
                 let at = ptr.as_ptr().add(done).cast::<libc::c_void>();
                 let remaining = len - done;
                 let file_offset = (offset + done as u64) as libc::off_t;
-                match direction {
-                    Direction::ToGuest => {
-                        libc::pread(disk.file.as_raw_fd(), at, remaining, file_offset)
-                    }
-                    Direction::FromGuest => {
-                        libc::pwrite(disk.file.as_raw_fd(), at, remaining, file_offset)
-                    }
+                match io.op {
+                    IoOp::Read => libc::pread(file.as_raw_fd(), at, remaining, file_offset),
+                    _ => libc::pwrite(file.as_raw_fd(), at, remaining, file_offset),
                 }
             };
             match n {
@@ -246,11 +374,9 @@ fn transfer(
                 // The file is shorter than its size said (truncated under us): fail, not spin.
                 0 => return Err(RequestError::Io(libc::EIO)),
                 _ => {
-                    let errno = std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO);
-                    if errno != libc::EINTR {
-                        return Err(RequestError::Io(errno));
+                    let err = std::io::Error::last_os_error();
+                    if err.raw_os_error() != Some(libc::EINTR) {
+                        return Err(io_error(&err));
                     }
                 }
             }
