@@ -355,7 +355,11 @@ pub fn build_microvm_for_boot(
         .map(|path| open_boot_file("initrd", path).map(|file| (file, path)))
         .transpose()?;
 
-    let mut vm = Vm::new(create_guest_memory(resources.machine_config.mem_size_mib)?)?;
+    let machine = &resources.machine_config;
+    let mut vm = Vm::new(create_guest_memory(
+        machine.mem_size_mib,
+        machine.huge_pages,
+    )?)?;
     // The vCPUs (and the interrupt controller that some arches create after them) come
     // before the devices whose interrupt lines they route.
     let vcpu_fds = vm.create_vcpus(vcpu_count)?;

@@ -335,3 +335,150 @@ fn a_restored_vm_keeps_its_balloon_and_its_given_back_pages() {
     );
     let _ = Path::new(&state);
 }
+
+const HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+fn huge_pages(name: &str) -> u64 {
+    std::fs::read_to_string(format!("{HUGE_PAGES}/{name}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Free huge pages not promised to a mapping.
+fn available_huge_pages() -> u64 {
+    huge_pages("free_hugepages") - huge_pages("resv_hugepages")
+}
+
+/// Grows the host's pool of 2 MiB pages for a test, and shrinks it back when dropped (also
+/// when the test fails).
+struct HugePagePool {
+    before: u64,
+}
+
+impl HugePagePool {
+    fn grow_by(pages: u64) -> Self {
+        let before = huge_pages("nr_hugepages");
+        std::fs::write(
+            format!("{HUGE_PAGES}/nr_hugepages"),
+            (before + pages).to_string(),
+        )
+        .unwrap();
+        Self { before }
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            format!("{HUGE_PAGES}/nr_hugepages"),
+            self.before.to_string(),
+        );
+    }
+}
+
+/// Bytes of huge pages process `pid` has (smaps' Private_Hugetlb, summed).
+fn private_hugetlb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.strip_prefix("Private_Hugetlb:"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
+}
+
+/// `huge_pages: "2M"`: a pool too small is refused at boot with a message; with enough, the
+/// guest's memory comes from the host's pool of 2 MiB pages as the guest touches it, and a
+/// balloon inflated over whole huge pages gives them back to the pool.
+#[test]
+fn huge_pages_come_from_the_hosts_pool_and_the_balloon_gives_whole_ones_back() {
+    if !require_kvm() || !Path::new(HUGE_PAGES).exists() {
+        return;
+    }
+    // An odd size cannot be made of 2 MiB pages.
+    let mote = ApiMote::spawn("huge-odd", &[]);
+    let answer = mote.request(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 255, "huge_pages": "2M"}"#,
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.body.contains("multiple of 2"), "{answer:?}");
+    drop(mote);
+
+    // More than the pool has: refused at InstanceStart, naming the shortfall.
+    let short = configured("huge-short", "hello");
+    let too_many = available_huge_pages() + 1;
+    short.ok(
+        "PUT",
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": too_many * 2, "huge_pages": "2M"}).to_string(),
+    );
+    let answer = short.request("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(
+        answer
+            .body
+            .contains(&format!("need {too_many} huge pages of 2 MiB")),
+        "{answer:?}"
+    );
+    drop(short);
+
+    let _pool = HugePagePool::grow_by(128);
+    if available_huge_pages() < 128 {
+        eprintln!("skipped: the host could not set 128 huge pages aside (fragmented memory)");
+        return;
+    }
+    let steps = "balloon-init:0,balloon-touch:64:64,balloon-follow:64:1,hello,spin";
+    let mote = configured("huge-pages", steps);
+    mote.ok(
+        "PATCH",
+        "/machine-config",
+        r#"{"mem_size_mib": 256, "huge_pages": "2M"}"#,
+    );
+    assert_eq!(
+        mote.request("GET", "/machine-config", "").json()["huge_pages"],
+        "2M"
+    );
+    let free_before = huge_pages("free_hugepages");
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: balloon: waiting target=0 actual=0", WAIT);
+    let pid = mote.pid();
+    let touched = private_hugetlb(pid);
+    let taken = free_before - huge_pages("free_hugepages");
+    eprintln!(
+        "huge pages: {} MiB in mote, {taken} taken from the pool",
+        touched / MIB
+    );
+    // The 64 MiB the guest touched (and the kernel's own pages) are huge pages.
+    assert!(touched >= 64 * MIB, "{} MiB", touched / MIB);
+    assert!(taken >= 32, "{taken}");
+
+    mote.ok("PATCH", "/balloon", r#"{"amount_mib": 64}"#);
+    mote.wait_for_stdout("probe: balloon-follow target=16384 actual=16384", WAIT);
+    let inflated = private_hugetlb(pid);
+    eprintln!("huge pages after inflating 64 MiB: {} MiB", inflated / MIB);
+    assert!(
+        touched >= inflated + 60 * MIB,
+        "{} MiB -> {} MiB",
+        touched / MIB,
+        inflated / MIB
+    );
+
+    // Its snapshot is taken, but a File restore would put the guest in ordinary pages:
+    // refused, as by Firecracker, naming the backend that could.
+    let (state, mem) = mote.pause_and_snapshot();
+    drop(mote);
+    let load = ApiMote::spawn("huge-load", &[]);
+    let answer = load.request(
+        "PUT",
+        "/snapshot/load",
+        &json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}})
+            .to_string(),
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.body.contains("2 MiB huge pages"), "{answer:?}");
+    assert!(answer.body.contains("Uffd"), "{answer:?}");
+}

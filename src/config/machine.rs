@@ -35,12 +35,25 @@ pub struct MachineConfig {
     pub huge_pages: HugePages,
 }
 
-/// How guest RAM is backed. Only ordinary pages so far; Firecracker's "2M" (hugetlbfs) is
-/// refused rather than silently ignored.
+/// How guest RAM is backed (Firecracker's names): ordinary pages, or 2 MiB pages from the
+/// host's hugetlbfs pool (`vm.nr_hugepages`), reserved when the guest is built so that a pool
+/// too small is an error then, not a SIGBUS later.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HugePages {
     #[default]
     None,
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+impl HugePages {
+    /// The size of the pages that back guest RAM.
+    pub fn page_size(self) -> u64 {
+        match self {
+            HugePages::None => 4 << 10,
+            HugePages::Hugetlbfs2M => 2 << 20,
+        }
+    }
 }
 
 impl Default for MachineConfig {
@@ -93,6 +106,9 @@ impl MachineConfig {
         }
         if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
             return Err(ConfigError::SmtOddVcpus(self.vcpu_count));
+        }
+        if (self.mem_size_mib << 20) % self.huge_pages.page_size() != 0 {
+            return Err(ConfigError::MemSizeNotHugePages(self.mem_size_mib));
         }
         Ok(())
     }

@@ -53,6 +53,8 @@ pub enum ConfigError {
     MemSizeZero,
     #[error("mem_size_mib {0} is out of range: a guest has at most {MAX_MEM_SIZE_MIB} MiB")]
     MemSizeTooLarge(u64),
+    #[error("mem_size_mib {0} is not a whole number of huge pages: with huge_pages 2M it must be a multiple of 2")]
+    MemSizeNotHugePages(u64),
     #[error("drive_id {0:?} is invalid: use 1 to 20 letters, digits, '_' or '-'")]
     DriveId(String),
     #[error("drive_id {0:?} is given twice")]

@@ -506,3 +506,26 @@ fn an_mtu_below_what_a_driver_takes_is_refused() {
             .unwrap();
     assert_eq!(parsed.mtu, Some(4000));
 }
+
+/// Firecracker's `huge_pages` names; a size that is not whole 2 MiB pages is refused.
+#[test]
+fn huge_pages_take_firecrackers_names_and_whole_pages() {
+    let machine = |body: &str| serde_json::from_str::<MachineConfig>(body);
+    let huge = machine(r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#).unwrap();
+    assert_eq!(huge.huge_pages, HugePages::Hugetlbfs2M);
+    huge.validate().unwrap();
+    assert_eq!(
+        serde_json::to_value(huge).unwrap()["huge_pages"],
+        serde_json::json!("2M")
+    );
+    let odd = machine(r#"{"vcpu_count": 1, "mem_size_mib": 129, "huge_pages": "2M"}"#).unwrap();
+    assert_eq!(
+        odd.validate().unwrap_err().to_string(),
+        "mem_size_mib 129 is not a whole number of huge pages: with huge_pages 2M it must be a multiple of 2"
+    );
+    assert!(machine(r#"{"vcpu_count": 1, "mem_size_mib": 129}"#)
+        .unwrap()
+        .validate()
+        .is_ok());
+    assert!(machine(r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "1G"}"#).is_err());
+}

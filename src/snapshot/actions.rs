@@ -11,8 +11,8 @@ use super::memory::{map_memory_file, write_memory_file};
 use super::{read_state_file, write_state_file, MicrovmState, NewFile, SnapshotError};
 use crate::builder::{build_microvm_from_snapshot, BuildError, Built, Console, ProcessStart};
 use crate::config::{
-    ConfigError, CreateSnapshotParams, LoadParamsError, LoadSnapshotParams, SnapshotType,
-    VmResources,
+    ConfigError, CreateSnapshotParams, HugePages, LoadParamsError, LoadSnapshotParams,
+    SnapshotType, VmResources,
 };
 use crate::device_manager::SaveDevicesError;
 use crate::metrics::{LatencyTimer, METRICS};
@@ -57,6 +57,8 @@ pub enum SnapshotActionError {
     },
     #[error("cannot restore the snapshot: {0}")]
     Build(#[from] BuildError),
+    #[error("the snapshot's guest memory was backed by 2 MiB huge pages, and such a snapshot can only be restored through the Uffd memory backend (as with Firecracker), which mote does not have yet")]
+    HugePagesNeedUffd,
 }
 
 impl SnapshotActionError {
@@ -282,6 +284,11 @@ pub fn load_snapshot(
     let mem_file = params.mem_file()?;
     let mut state = read_state_file(&params.snapshot_path)?;
     let mut resources = configuration(&state, params)?;
+    if resources.machine_config.huge_pages != HugePages::None {
+        // A private mapping of the memory file would give the guest ordinary pages, and
+        // Firecracker's rule is that a snapshot comes back in the pages it was taken in.
+        return Err(SnapshotActionError::HugePagesNeedUffd);
+    }
     give_clone_macs(&mut state, params);
     resources.boot_timer = boot_timer;
     check_memory_layout(&state, &resources)?;

@@ -2,9 +2,11 @@
 
 use std::fs;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch;
+use crate::config::HugePages;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -19,6 +21,29 @@ pub enum MemoryError {
         mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("huge_pages 2M: the guest's {mib} MiB need {needed} huge pages of 2 MiB, and this host has {available} free in its pool; reserve more (e.g. echo {needed} > /proc/sys/vm/nr_hugepages, as root)")]
+    HugePagesShort {
+        mib: u64,
+        needed: u64,
+        available: u64,
+    },
+    #[error("huge_pages 2M: cannot map {mib} MiB of guest memory in 2 MiB pages: {source} (is the host's pool, /proc/sys/vm/nr_hugepages, large enough?)")]
+    HugePagesMap {
+        mib: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+}
+
+/// The host's 2 MiB huge pages that are free and not promised to a mapping already.
+fn available_huge_pages() -> Option<u64> {
+    let read = |name: &str| -> Option<u64> {
+        fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("free_hugepages")?.saturating_sub(read("resv_hugepages")?))
 }
 
 /// RAM plus swap of the host, in MiB, from /proc/meminfo (None when it cannot be read).
@@ -54,11 +79,61 @@ pub fn guest_memory_layout(mib: u64) -> Result<Vec<(GuestAddress, usize)>, Memor
     Ok(arch::arch_memory_regions(bytes))
 }
 
-/// Maps `mib` MiB of guest RAM. Pages are allocated by the host when the guest first touches
-/// them, so a guest costs what it uses; but a size the host could never back is refused.
-pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&guest_memory_layout(mib)?)
-        .map_err(|source| MemoryError::Map { mib, source })
+/// Maps `mib` MiB of guest RAM in pages of the kind `huge_pages` names. Pages are allocated by
+/// the host when the guest first touches them, so a guest costs what it uses; but a size the
+/// host could never back is refused.
+pub fn create_guest_memory(
+    mib: u64,
+    huge_pages: HugePages,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let layout = guest_memory_layout(mib)?;
+    match huge_pages {
+        HugePages::None => {
+            GuestMemoryMmap::from_ranges(&layout).map_err(|source| MemoryError::Map { mib, source })
+        }
+        HugePages::Hugetlbfs2M => hugetlb_memory(mib, &layout),
+    }
+}
+
+/// Guest RAM in 2 MiB pages of the host's hugetlbfs pool. Unlike Firecracker's mapping, this
+/// one is not MAP_NORESERVE: the kernel sets the pages aside when it is made, so a pool that
+/// cannot back the whole guest fails here, with a message, instead of with a SIGBUS when the
+/// guest touches a page the pool no longer has. The pages themselves are still taken when
+/// first touched.
+fn hugetlb_memory(
+    mib: u64,
+    layout: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let needed = (mib << 20) / HugePages::Hugetlbfs2M.page_size();
+    if let Some(available) = available_huge_pages() {
+        if available < needed {
+            return Err(MemoryError::HugePagesShort {
+                mib,
+                needed,
+                available,
+            });
+        }
+    }
+    let regions = layout
+        .iter()
+        .map(|&(addr, size)| {
+            let mapping = MmapRegionBuilder::new(size)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(
+                    libc::MAP_PRIVATE
+                        | libc::MAP_ANONYMOUS
+                        | libc::MAP_HUGETLB
+                        | libc::MAP_HUGE_2MB,
+                )
+                .with_hugetlbfs(true)
+                .build()
+                .map_err(|source| MemoryError::HugePagesMap { mib, source })?;
+            // The layout's regions neither overlap nor wrap: this is a start-up invariant.
+            Ok(GuestRegionMmap::new(mapping, addr)
+                .expect("a guest RAM region fits the address space"))
+        })
+        .collect::<Result<Vec<_>, MemoryError>>()?;
+    Ok(GuestMemoryMmap::from_regions(regions).expect("the arch's RAM regions do not overlap"))
 }
 
 #[cfg(test)]
@@ -69,7 +144,7 @@ mod tests {
 
     #[test]
     fn maps_the_requested_size() {
-        let mem = create_guest_memory(16).unwrap();
+        let mem = create_guest_memory(16, HugePages::None).unwrap();
         assert_eq!(
             mem.iter()
                 .map(vm_memory::GuestMemoryRegion::len)
@@ -80,7 +155,7 @@ mod tests {
 
     #[test]
     fn refuses_more_than_the_host_has() {
-        let err = create_guest_memory(u64::MAX >> 21).unwrap_err();
+        let err = create_guest_memory(u64::MAX >> 21, HugePages::None).unwrap_err();
         assert!(matches!(err, MemoryError::MoreThanHost { .. }), "{err}");
     }
 }

@@ -51,6 +51,8 @@ pub const VIRTIO_BALLOON_F_REPORTING: u64 = 1 << 5;
 /// The balloon counts in 4 KiB pages whatever the guest's page size (VIRTIO_BALLOON_PFN_SHIFT).
 pub const PAGE_SHIFT: u32 = 12;
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+/// The huge pages guest memory may be backed by (`huge_pages: "2M"`).
+const HUGE_PAGE_SIZE: u64 = 2 << 20;
 pub const PAGES_PER_MIB: u32 = 256;
 
 /// Every queue has up to 256 entries. Queues in order: inflate, deflate, then statistics
@@ -686,15 +688,27 @@ fn give_back(mem: &GuestMemoryMmap, start: GuestAddress, len: u64) -> GiveBack {
         };
         let offset = addr - region.start_addr().0;
         let piece = (region.len() - offset).min(end - addr);
-        match region.get_host_address(MemoryRegionAddress(offset)) {
-            Ok(host) => match discard(host, piece as usize) {
-                Ok(()) => outcome.freed += piece,
-                Err(err) => {
-                    warn!("virtio-balloon: cannot give back {piece} bytes at {addr:#x}: {err}");
-                    outcome.failed += piece;
-                }
-            },
-            Err(_) => outcome.failed += piece,
+        // Memory in huge pages goes back only in whole huge pages (the kernel refuses less):
+        // the rest of the range stays with the guest's pages, in use by nobody.
+        let granule = if region.is_hugetlbfs() == Some(true) {
+            HUGE_PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        };
+        let first = addr.next_multiple_of(granule);
+        let last = (addr + piece) & !(granule - 1);
+        if last > first {
+            let len = last - first;
+            match region.get_host_address(MemoryRegionAddress(first - region.start_addr().0)) {
+                Ok(host) => match discard(host, len as usize) {
+                    Ok(()) => outcome.freed += len,
+                    Err(err) => {
+                        warn!("virtio-balloon: cannot give back {len} bytes at {first:#x}: {err}");
+                        outcome.failed += len;
+                    }
+                },
+                Err(_) => outcome.failed += len,
+            }
         }
         addr += piece;
     }

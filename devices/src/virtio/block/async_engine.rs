@@ -54,8 +54,7 @@ pub struct Finished {
 
 pub struct AsyncEngine {
     ring: IoUring,
-    /// Written by the kernel when a request completes after `io_uring_enter` returned (not for
-    /// those completed inline): the event loop watches it.
+    /// Written by the kernel when a request completes: the event loop watches it.
     completions: EventFd,
     /// Indexed by the SQE's user data.
     slots: Vec<Option<InFlight>>,
@@ -80,8 +79,12 @@ impl AsyncEngine {
             .build(depth.next_power_of_two())
             .map_err(AsyncEngineError::Setup)?;
         let completions = EventFd::new(EFD_NONBLOCK).map_err(AsyncEngineError::EventFd)?;
+        // Every completion writes the event, also those the submitting thread posts itself:
+        // a read that waited for the page cache completes through task work on the event
+        // loop's own thread, which `register_eventfd_async` would leave unsignalled (and the
+        // guest waiting). A completion already reaped makes a spurious wake-up, no more.
         ring.submitter()
-            .register_eventfd_async(completions.as_raw_fd())
+            .register_eventfd(completions.as_raw_fd())
             .map_err(AsyncEngineError::RegisterEventFd)?;
         let depth = depth as usize;
         Ok(Self {
