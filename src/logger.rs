@@ -1,7 +1,9 @@
 //! The `log` backend: Firecracker's line format,
-//! `<UTC timestamp> [<instance id>:<thread>:<LEVEL>:<file>:<line>] <message>`, on stderr until
-//! `--log-path` or `PUT /logger` sends it to a file or named pipe (where, as in Firecracker,
-//! the level and the origin are shown only when asked for).
+//! `<UTC timestamp> [<instance id>:<thread>:<LEVEL>:<file>:<line>] <message>`, on the process's
+//! own output until `--log-path` or `PUT /logger` sends it to a file or named pipe (where, as in
+//! Firecracker, the level and the origin are shown only when asked for). That output is
+//! Firecracker's, stdout, for a monitor driven as Firecracker is (API or config file), and
+//! stderr for `mote run`, whose stdout is the guest's console on a terminal.
 
 use std::fs::File;
 use std::io::Write;
@@ -48,6 +50,14 @@ static OUTPUT: LazyLock<RwLock<Output>> = LazyLock::new(|| {
 
 struct Logger {
     instance_id: String,
+    default: Destination,
+}
+
+/// Where lines go while no log file is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Stdout,
+    Stderr,
 }
 
 /// Days since 1970-01-01 as a (year, month, day) civil date (Howard Hinnant's algorithm).
@@ -135,6 +145,9 @@ impl Log for Logger {
         // loses the line rather than stalling the monitor.
         let written = match &output.file {
             Some(file) => (&*file).write_all(line.as_bytes()),
+            None if self.default == Destination::Stdout => {
+                std::io::stdout().lock().write_all(line.as_bytes())
+            }
             None => std::io::stderr().lock().write_all(line.as_bytes()),
         };
         if written.is_err() {
@@ -214,9 +227,10 @@ pub fn configure(config: &LoggerConfig) -> Result<LoggerConfig, LoggerError> {
 }
 
 /// Installs the logger for the process.
-pub fn init(instance_id: &str, level: LevelFilter) {
+pub fn init(instance_id: &str, level: LevelFilter, default: Destination) {
     let logger = Logger {
         instance_id: instance_id.to_string(),
+        default,
     };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);

@@ -68,7 +68,13 @@ fn main() -> ExitCode {
             }
         };
     }
-    mote::logger::init(&cli.id, cli.level);
+    // Firecracker logs to stdout until told otherwise; `mote run`'s stdout is the console.
+    let log_destination = if cli.command.is_none() {
+        mote::logger::Destination::Stdout
+    } else {
+        mote::logger::Destination::Stderr
+    };
+    mote::logger::init(&cli.id, cli.level, log_destination);
     // Chosen before any thread starts; each thread installs its filter itself.
     match mote::seccomp::SeccompFilters::load(&cli.seccomp()) {
         Ok(filters) => mote::seccomp::init(filters),

@@ -116,6 +116,76 @@ fn a_guest_that_stops_logs_exiting_successfully() {
     );
 }
 
+/// With no log path, a monitor driven as Firecracker is logs where Firecracker does, on stdout
+/// (beside the console); `mote run` keeps stdout for the console and logs on stderr.
+#[test]
+fn without_a_log_path_the_api_monitor_logs_on_stdout_and_mote_run_on_stderr() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("flags-log-default");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("api.sock");
+    let config = dir.join("config.json");
+    let boot = serde_json::json!({"boot-source": {
+        "kernel_image_path": probe_kernel(),
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=hello",
+    }});
+    std::fs::write(&config, boot.to_string()).unwrap();
+    let api = common::run_mote(
+        &[
+            "--api-sock",
+            socket.to_str().unwrap(),
+            "--config-file",
+            config.to_str().unwrap(),
+        ],
+        None,
+        WAIT,
+    );
+    assert_eq!(api.status.code(), Some(0), "{}", api.stderr);
+    // Log lines may land inside a console line, as with Firecracker.
+    assert!(api.stdout.contains("hello"), "{}", api.stdout);
+    assert!(api.stdout.contains("API server started."), "{}", api.stdout);
+    assert!(
+        api.stdout
+            .contains("mote exiting successfully. exit_code=0"),
+        "{}",
+        api.stdout
+    );
+    assert!(
+        !api.stderr.contains("API server started."),
+        "{}",
+        api.stderr
+    );
+
+    let probe = probe_kernel();
+    let run = common::run_mote(
+        &[
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--append",
+            "probe.run=hello",
+        ],
+        None,
+        WAIT,
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("probe: hello"), "{}", run.stdout);
+    assert!(
+        !run.stdout.contains("exiting successfully"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr
+            .contains("mote exiting successfully. exit_code=0"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn describe_snapshot_prints_the_version_of_a_real_snapshot() {
     if !require_kvm() {

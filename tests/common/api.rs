@@ -141,7 +141,9 @@ fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
 
 impl ApiMote {
     /// Starts `mote --api-sock DIR/api.sock EXTRA…` in a fresh scratch directory `name`, and
-    /// waits until the socket exists.
+    /// waits until the socket exists. Its log goes to stderr (`--log-path /dev/stderr`, levels
+    /// and origins shown) unless `extra` names a log path: Firecracker's default, stdout, would
+    /// mix it into the console these tests read.
     pub fn spawn(name: &str, extra: &[&str]) -> Self {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join("api")
@@ -149,9 +151,20 @@ impl ApiMote {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("api.sock");
+        let log_to_stderr: &[&str] = if extra.contains(&"--log-path") {
+            &[]
+        } else {
+            &[
+                "--log-path",
+                "/dev/stderr",
+                "--show-level",
+                "--show-log-origin",
+            ]
+        };
         let mut child = Command::new(mote_bin())
             .arg("--api-sock")
             .arg(&socket)
+            .args(log_to_stderr)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -257,6 +270,14 @@ impl ApiMote {
 impl Drop for ApiMote {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A failing test shows what the monitor said, whichever assertion failed.
+            if std::thread::panicking() {
+                eprintln!(
+                    "mote's exit: {:?}\nmote's stderr:\n{}",
+                    child.try_wait(),
+                    self.stderr()
+                );
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
