@@ -75,7 +75,7 @@ def one_run(mote, probe, ns, directory, steps, with_mmds):
     sock = os.path.join(directory, "api.sock")
     if os.path.exists(sock):
         os.unlink(sock)
-    proc = subprocess.Popen(ns.exec(mote, "--api-sock", sock), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(ns.exec(mote, "--api-sock", sock, *bench_net.LOG_TO_STDERR), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10

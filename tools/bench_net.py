@@ -30,6 +30,9 @@ FRAME_LEN = 1514
 FIRECRACKER_KFPS = (120, 140)
 TARGET_KFPS = 1.5 * FIRECRACKER_KFPS[1]
 RUN_TIMEOUT_S = 120.0
+# A monitor driven as Firecracker is (API, config file) logs on stdout by default; the
+# benchmarks read the console there, so its log goes to stderr.
+LOG_TO_STDERR = ("--log-path", "/dev/stderr", "--show-level")
 
 # key, label, direction, frames, batch
 CASES = [

@@ -129,7 +129,8 @@ def one_run(mote, probe, case, image, ns, directory, limited):
         os.unlink(metrics_path)
     with open(config_path, "w") as f:
         json.dump(config(probe, steps, device, image, limiter), f)
-    cmd = [mote, "--no-api", "--config-file", config_path, "--metrics-path", metrics_path]
+    cmd = [mote, "--no-api", "--config-file", config_path, "--metrics-path", metrics_path,
+           *bench_net.LOG_TO_STDERR]
     if ns is not None:
         cmd = ns.exec(*cmd)
     what = f"{key} ({'idle limiter' if limited else 'no limiter'})"
