@@ -362,7 +362,8 @@ pub fn build_microvm_for_boot(
     )?)?;
     // The vCPUs (and the interrupt controller that some arches create after them) come
     // before the devices whose interrupt lines they route.
-    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
+    let template = resources.cpu_config.as_ref();
+    let vcpu_fds = vm.create_vcpus(vcpu_count, template)?;
     let mem = vm.memory();
     let boot = arch::load_kernel(mem, &mut kernel).map_err(|source| BuildError::LoadKernel {
         path: boot_source.kernel_image_path.clone(),
@@ -389,7 +390,7 @@ pub fn build_microvm_for_boot(
     )
     .map_err(BuildError::Configure)?;
 
-    let features = vm.vcpu_features()?;
+    let features = vm.vcpu_features(template)?;
     for (fd, index) in vcpu_fds.iter().zip(0u8..) {
         arch::configure_vcpu(fd, mem, &boot, &features, index, vcpu_count)
             .map_err(|source| BuildError::ConfigureVcpu { index, source })?;
@@ -422,7 +423,7 @@ pub fn build_microvm_from_snapshot(
 
     let mut vm = Vm::new(memory)?;
     vm.restore_state_before_vcpus(&state.vm, clock_realtime)?;
-    let vcpu_fds = vm.create_vcpus(vcpu_count)?;
+    let vcpu_fds = vm.create_vcpus(vcpu_count, resources.cpu_config.as_ref())?;
     let (mut devices, reset_evt) = device_manager(&vm, console, Some(state))?;
     attach_devices(&vm, &mut devices, resources, backends, start)?;
     devices.restore_state(&state.devices)?;

@@ -214,6 +214,7 @@ impl PrebootController {
                 | VmmAction::PutNetworkInterface(_)
                 | VmmAction::PutVsock(_)
                 | VmmAction::PutEntropy(_)
+                | VmmAction::PutCpuConfig(_)
                 | VmmAction::PutBalloon(_)
                 | VmmAction::PutMmdsConfig(_)
         );
@@ -262,6 +263,7 @@ impl PrebootController {
                 config.validate()?;
                 resources.entropy = Some(config);
             }
+            VmmAction::PutCpuConfig(template) => resources.cpu_config = Some(template),
             VmmAction::PutBalloon(config) => {
                 config.validate(&resources.machine_config)?;
                 resources.balloon = Some(config);
@@ -550,6 +552,7 @@ impl RuntimeController {
             | VmmAction::PutMetrics(_)
             | VmmAction::PutVsock(_)
             | VmmAction::PutEntropy(_)
+            | VmmAction::PutCpuConfig(_)
             | VmmAction::PutBalloon(_)
             | VmmAction::InstanceStart
             | VmmAction::PutMmdsConfig(_)

@@ -4,9 +4,9 @@
 use crate::builder::BuildError;
 use crate::config::{
     BalloonConfig, BalloonHintingStart, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
-    ConfigError, CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig, LoadSnapshotParams,
-    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig, MmdsData,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    ConfigError, CpuTemplate, CreateSnapshotParams, DriveConfig, DriveUpdate, EntropyConfig,
+    LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    MmdsConfig, MmdsData, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::device_manager::DeviceError;
 use crate::logger::LoggerError;
@@ -38,6 +38,8 @@ pub enum VmmAction {
     PutVsock(VsockConfig),
     /// `PUT /entropy`, before boot only.
     PutEntropy(EntropyConfig),
+    /// `PUT /cpu-config`: a custom CPU template, before boot only.
+    PutCpuConfig(CpuTemplate),
     /// `GET /balloon`: its configuration, with the target as it is now.
     GetBalloon,
     /// `GET /balloon/statistics`, after boot.

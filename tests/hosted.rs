@@ -80,3 +80,58 @@ fn hosted_balloon_free_page_hinting_gives_free_memory_back() {
 fn hosted_guest_wget_reads_mmds_v1_and_v2() {
     cases::guest_wget_reads_mmds_v1_and_v2(Arch::X86_64);
 }
+
+/// A custom CPU template under real KVM (a PVM guest reads the host's CPUID, TSC and TSC_AUX at
+/// CPL 3, not its own, so the probe tier cannot see this): the probe guest, booted by mote in
+/// the emulated host with and without a template, reports CPUID leaf 1, its TSC and its
+/// TSC_AUX. The template clears ECX bits 3-25 and sets bit 2, sets bit 60 of the TSC MSR and
+/// writes 0x5a into TSC_AUX; everything else stays as it was.
+#[test]
+fn hosted_a_custom_cpu_template_shapes_cpuid_and_msrs() {
+    if !harness::require_emulated_host(Arch::X86_64) {
+        return;
+    }
+    let probe = common::probe_kernel();
+    let run = harness::Hosted::for_arch(Arch::X86_64)
+        .file(&probe, "probe")
+        .run(
+            r#"
+boot() {
+  cat > $1.json <<JSON
+{"boot-source": {"kernel_image_path": "probe", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=cpuid:1,tsc:1,tsc-aux"},
+ "cpu-config": $2}
+JSON
+  ./mote --no-api --config-file $1.json --log-path /dev/stderr >$1.out 2>$1.err || { cat $1.err; fail "mote $1"; }
+  sed -n "s/^probe: /$1-/p" $1.out
+}
+boot plain null
+boot shaped '{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+   "modifiers": [{"register": "ecx", "bitmap": "0b000000000000000000000001xx"}]}],
+ "msr_modifiers": [{"addr": "0x10", "bitmap": "0b1xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
+                   {"addr": "0xc0000103", "bitmap": "0b01011010"}]}'
+"#,
+        );
+    run.assert_ok();
+    let number = |text: &str| -> u64 {
+        match text.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
+            None => text.parse().unwrap(),
+        }
+    };
+    let ecx = |line: &str| -> u64 {
+        let words = run.value(line);
+        number(
+            words
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("ecx="))
+                .unwrap_or_else(|| panic!("no ecx in {words}")),
+        )
+    };
+    let (plain_ecx, shaped_ecx) = (ecx("plain-cpuid "), ecx("shaped-cpuid "));
+    let bits_3_to_25 = ((1u64 << 26) - 1) & !0b111;
+    assert_eq!(shaped_ecx, (plain_ecx & !bits_3_to_25) | 0b100);
+    assert!(number(&run.value("plain-tsc=")) < 1 << 60);
+    assert!(number(&run.value("shaped-tsc=")) >= 1 << 60);
+    assert_eq!(run.value("shaped-tsc-aux="), "0x5a");
+    assert_ne!(run.value("plain-tsc-aux="), "0x5a");
+}

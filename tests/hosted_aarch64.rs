@@ -407,3 +407,48 @@ fn hosted_aarch64_balloon_free_page_hinting_gives_free_memory_back() {
 fn hosted_aarch64_guest_wget_reads_mmds_v1_and_v2() {
     cases::guest_wget_reads_mmds_v1_and_v2(Arch::Aarch64);
 }
+
+/// A custom CPU template on aarch64: one that requires the pointer-authentication KVM
+/// capabilities and clears those two vCPU features (bits 5 and 6 of word 0) boots a guest that
+/// runs; one that requires a capability KVM lacks, or carries x86_64's CPUID modifiers, is
+/// refused naming it. (The test kernel is built without CONFIG_ARM64_PTR_AUTH, so the guest
+/// cannot tell whether it has pointer authentication.)
+#[test]
+fn hosted_aarch64_a_custom_cpu_template_boots_or_is_refused_by_name() {
+    if !harness::require_emulated_host(Arch::Aarch64) {
+        return;
+    }
+    let run = harness::Hosted::for_arch(Arch::Aarch64).run(
+        r#"
+boot() {
+  cat > $1.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+   "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $(guest_cmd 'echo guest-ran=yes')"},
+ "cpu-config": $2}
+JSON
+  ./mote --no-api --config-file $1.json --log-path /dev/stderr >$1.out 2>$1.err
+  echo "$1-status=$?"
+  sed -n "s/^guest-ran=/$1-ran=/p" $1.out
+  sed -n "s/^mote: /$1-error: /p" $1.err
+}
+boot shaped '{"kvm_capabilities": ["171", "172"], "vcpu_features": [{"index": 0, "bitmap": "0b00xxxxx"}]}'
+boot nocap '{"kvm_capabilities": ["99999"]}'
+boot x86 '{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": []}]}'
+"#,
+    );
+    run.assert_ok();
+    assert_eq!(run.value("shaped-status="), "0", "{}", run.output);
+    assert_eq!(run.value("shaped-ran="), "yes", "{}", run.output);
+    assert_ne!(run.value("nocap-status="), "0", "{}", run.output);
+    assert!(
+        run.value("nocap-error:").contains("lacks capability 99999"),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.value("x86-error:")
+            .contains("cpuid_modifiers are for x86_64; this is an aarch64 host"),
+        "{}",
+        run.output
+    );
+}

@@ -24,6 +24,8 @@ pub enum Kind {
     PutNetworkInterface,
     PutVsock,
     PutEntropy,
+    /// `PUT /cpu-config`: a custom CPU template.
+    PutCpuConfig,
     /// `GET /balloon` and `GET /balloon/statistics`.
     GetBalloon,
     PutBalloon,
@@ -73,7 +75,7 @@ const fn endpoint(
 }
 
 /// Every endpoint mote serves.
-pub const ENDPOINTS: [Endpoint; 24] = [
+pub const ENDPOINTS: [Endpoint; 25] = [
     endpoint(Kind::GetInstanceInfo, "GET", "", Some("instance_info")),
     endpoint(Kind::GetVersion, "GET", "version", Some("vmm_version")),
     endpoint(
@@ -108,6 +110,7 @@ pub const ENDPOINTS: [Endpoint; 24] = [
     endpoint(Kind::PutVsock, "PUT", "vsock", Some("vsock")),
     // Firecracker's `put_api_requests` has no counters for it.
     endpoint(Kind::PutEntropy, "PUT", "entropy", None),
+    endpoint(Kind::PutCpuConfig, "PUT", "cpu-config", Some("cpu_cfg")),
     endpoint(Kind::PutSnapshot, "PUT", "snapshot", None),
     // Firecracker's request metrics have no counters for the balloon.
     endpoint(Kind::GetBalloon, "GET", "balloon", None),
@@ -133,7 +136,7 @@ pub const ENDPOINTS: [Endpoint; 24] = [
 ];
 
 /// Firecracker paths mote does not implement yet: a clear refusal, not a generic one.
-pub const NOT_YET: [&str; 2] = ["cpu-config", "hotplug"];
+pub const NOT_YET: [&str; 1] = ["hotplug"];
 
 /// The endpoint `method /segment/…` is, and its place in [`ENDPOINTS`], if mote serves it.
 pub fn find(method: &str, segment: &str) -> Option<(usize, &'static Endpoint)> {

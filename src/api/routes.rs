@@ -7,9 +7,9 @@ use serde::Deserialize;
 use super::paths::{self, Kind, NOT_YET};
 use crate::config::{
     BalloonConfig, BalloonHintingStart, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
-    DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, MmdsConfig, MmdsData, NetworkInterfaceConfig, NetworkInterfaceUpdate,
-    VsockConfig,
+    CpuTemplate, DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, MmdsConfig, MmdsData, NetworkInterfaceConfig,
+    NetworkInterfaceUpdate, VsockConfig,
 };
 use crate::config::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::rpc::VmmAction;
@@ -165,6 +165,9 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
         (Kind::PutLogger, []) => VmmAction::PutLogger(body::<LoggerConfig>("logger", bytes)?),
         (Kind::PutMetrics, []) => VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?),
         (Kind::PutVsock, []) => VmmAction::PutVsock(body::<VsockConfig>("vsock", bytes)?),
+        (Kind::PutCpuConfig, []) => {
+            VmmAction::PutCpuConfig(body::<CpuTemplate>("cpu-config", bytes)?)
+        }
         (Kind::PutEntropy, []) => {
             let config = body::<EntropyConfig>("entropy", bytes)?;
             config
@@ -363,7 +366,14 @@ mod tests {
             "Invalid request method and/or path: DELETE /machine-config."
         );
         assert!(refusal("GET", "/nowhere", "").starts_with("Invalid request"));
-        assert!(refusal("PUT", "/cpu-config", "{}").contains("not implemented by mote yet"));
+        assert!(refusal("PUT", "/hotplug/memory", "{}").contains("not implemented by mote yet"));
+        assert_eq!(
+            action("PUT", "/cpu-config", r#"{"kvm_capabilities": ["171"]}"#),
+            VmmAction::PutCpuConfig(CpuTemplate {
+                kvm_capabilities: vec![crate::config::KvmCapability::Require(171)],
+                ..Default::default()
+            })
+        );
     }
 
     #[test]

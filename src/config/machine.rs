@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{ConfigError, StaticCpuTemplate};
 use crate::arch::{MAX_MEM_SIZE_MIB, MAX_VCPUS};
 
 /// Firecracker's `boot-source`.
@@ -33,6 +33,9 @@ pub struct MachineConfig {
     pub track_dirty_pages: bool,
     #[serde(default)]
     pub huge_pages: HugePages,
+    /// Firecracker's static CPU templates: only `None` (see [`StaticCpuTemplate`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<StaticCpuTemplate>,
 }
 
 /// How guest RAM is backed (Firecracker's names): ordinary pages, or 2 MiB pages from the
@@ -64,6 +67,7 @@ impl Default for MachineConfig {
             smt: false,
             track_dirty_pages: false,
             huge_pages: HugePages::None,
+            cpu_template: None,
         }
     }
 }
@@ -77,6 +81,7 @@ pub struct MachineConfigUpdate {
     pub smt: Option<bool>,
     pub track_dirty_pages: Option<bool>,
     pub huge_pages: Option<HugePages>,
+    pub cpu_template: Option<StaticCpuTemplate>,
 }
 
 impl MachineConfig {
@@ -88,6 +93,7 @@ impl MachineConfig {
             smt: update.smt.unwrap_or(self.smt),
             track_dirty_pages: update.track_dirty_pages.unwrap_or(self.track_dirty_pages),
             huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
+            cpu_template: update.cpu_template.or(self.cpu_template),
         }
     }
 }
@@ -106,6 +112,9 @@ impl MachineConfig {
         }
         if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
             return Err(ConfigError::SmtOddVcpus(self.vcpu_count));
+        }
+        if let Some(template) = self.cpu_template.filter(|t| *t != StaticCpuTemplate::None) {
+            return Err(ConfigError::StaticCpuTemplate(template));
         }
         if (self.mem_size_mib << 20) % self.huge_pages.page_size() != 0 {
             return Err(ConfigError::MemSizeNotHugePages(self.mem_size_mib));

@@ -2,6 +2,7 @@
 //! and the API (Firecracker's JSON shapes). The builder is the only consumer that makes a VM.
 
 mod balloon;
+mod cpu_template;
 mod drive;
 mod entropy;
 mod machine;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{MAX_MEM_SIZE_MIB, MAX_VCPUS};
 pub use balloon::*;
+pub use cpu_template::*;
 pub use drive::*;
 pub use entropy::*;
 pub use machine::*;
@@ -55,6 +57,8 @@ pub enum ConfigError {
     MemSizeTooLarge(u64),
     #[error("mem_size_mib {0} is not a whole number of huge pages: with huge_pages 2M it must be a multiple of 2")]
     MemSizeNotHugePages(u64),
+    #[error("cpu_template {0:?}: mote has no static CPU templates; give the masks you need as a custom template with PUT /cpu-config (the config file's cpu-config)")]
+    StaticCpuTemplate(StaticCpuTemplate),
     #[error("drive_id {0:?} is invalid: use 1 to 20 letters, digits, '_' or '-'")]
     DriveId(String),
     #[error("drive_id {0:?} is given twice")]
@@ -140,6 +144,8 @@ pub struct VmResources {
     pub balloon: Option<BalloonConfig>,
     /// The metadata service's configuration, if any (its data store is the controller's).
     pub mmds_config: Option<MmdsConfig>,
+    /// The custom CPU template (`PUT /cpu-config`), if any.
+    pub cpu_config: Option<CpuTemplate>,
     /// `--mmds-size-limit`: the most bytes of JSON the MMDS data store holds (None: the API's
     /// payload limit). A property of the process, not of the configuration.
     pub mmds_size_limit: Option<usize>,
@@ -168,14 +174,13 @@ pub struct VmConfigFile {
     pub entropy: Option<EntropyConfig>,
     #[serde(default)]
     pub balloon: Option<BalloonConfig>,
-    /// Firecracker's sections for features mote does not have yet (`mmds-config` above is
-    /// the real thing): written as Firecracker
-    /// writes them when unset (`null`, `pmem` an empty list), so that a configuration
-    /// Firecracker wrote or accepts loads here, and refused by name when they say anything.
     #[serde(rename = "cpu-config", default)]
-    pub cpu_config: Option<serde_json::Value>,
+    pub cpu_config: Option<CpuTemplate>,
     #[serde(rename = "mmds-config", default)]
     pub mmds_config: Option<MmdsConfig>,
+    /// Firecracker's sections for features mote does not have yet: written as Firecracker
+    /// writes them when unset (`null`, `pmem` an empty list), so that a configuration
+    /// Firecracker wrote or accepts loads here, and refused by name when they say anything.
     #[serde(default)]
     pub pmem: Option<Vec<serde_json::Value>>,
     #[serde(rename = "memory-hotplug", default)]
@@ -186,7 +191,6 @@ impl VmConfigFile {
     /// The first section given for a feature mote does not have, as (section, feature).
     fn unsupported_section(&self) -> Option<(&'static str, &'static str)> {
         [
-            ("cpu-config", "CPU templates", self.cpu_config.is_some()),
             (
                 "pmem",
                 "virtio-pmem devices",
@@ -268,7 +272,7 @@ impl VmResources {
             vsock: self.vsock.clone(),
             entropy: self.entropy.clone(),
             balloon: self.balloon.clone(),
-            cpu_config: None,
+            cpu_config: self.cpu_config.clone(),
             mmds_config: self.mmds_config.clone(),
             pmem: Some(Vec::new()),
             memory_hotplug: None,
@@ -290,6 +294,7 @@ impl VmResources {
             machine_config: file.machine_config,
             logger: file.logger,
             metrics: file.metrics,
+            cpu_config: file.cpu_config,
             ..Default::default()
         };
         for drive in file.drives {

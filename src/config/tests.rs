@@ -418,7 +418,6 @@ fn firecrackers_full_configuration_shape_loads_and_round_trips() {
     }
     assert_eq!(shown["pmem"], serde_json::json!([]));
     for (section, body, feature) in [
-        ("cpu-config", r#"{"kvm_capabilities": []}"#, "CPU templates"),
         (
             "pmem",
             r#"[{"id": "p0", "path_on_host": "/p"}]"#,
@@ -528,4 +527,34 @@ fn huge_pages_take_firecrackers_names_and_whole_pages() {
         .validate()
         .is_ok());
     assert!(machine(r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "1G"}"#).is_err());
+}
+
+/// A config file's `cpu-config` is taken and shown back; a static template other than None
+/// is refused naming it.
+#[test]
+fn a_config_files_cpu_config_is_taken_and_static_templates_are_refused() {
+    let text = r#"{"cpu-config": {"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0",
+        "flags": 0, "modifiers": [{"register": "ecx", "bitmap": "0b0xxx"}]}]}}"#;
+    let file: VmConfigFile = serde_json::from_str(text).unwrap();
+    let resources = VmResources::from_config_file(file).unwrap();
+    let template = resources.cpu_config.as_ref().unwrap();
+    assert_eq!(
+        template.cpuid_modifiers[0].modifiers[0].bitmap.filter,
+        0b1000
+    );
+    let shown = serde_json::to_value(resources.to_config_file()).unwrap();
+    assert_eq!(shown["cpu-config"]["cpuid_modifiers"][0]["leaf"], "0x1");
+
+    let machine: MachineConfig =
+        serde_json::from_str(r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}"#)
+            .unwrap();
+    let err = machine.validate().unwrap_err().to_string();
+    assert!(
+        err.starts_with("cpu_template T2: mote has no static CPU templates"),
+        "{err}"
+    );
+    let none: MachineConfig =
+        serde_json::from_str(r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "None"}"#)
+            .unwrap();
+    none.validate().unwrap();
 }

@@ -2,6 +2,8 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+
+use crate::config::{CpuTemplate, KvmCapability};
 use std::os::fd::AsRawFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -41,6 +43,8 @@ pub enum VmError {
     },
     #[error("cannot route IRQ {gsi} to an eventfd: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cpu-config: the host's KVM lacks capability {0}, which the CPU template requires")]
+    MissingCapability(u32),
     #[error("cannot save or restore the VM's state: {0}")]
     State(#[from] arch::StateError),
     #[error("the VM has no vCPUs yet, so neither have its in-kernel devices")]
@@ -149,13 +153,29 @@ impl Vm {
         &self.fd
     }
 
-    /// What KVM offers every vCPU of a booting guest.
-    pub fn vcpu_features(&self) -> Result<arch::VcpuFeatures, VmError> {
-        Ok(arch::vcpu_features(&self.kvm, &self.fd)?)
+    /// What KVM offers every vCPU of a booting guest, shaped by the custom CPU template.
+    pub fn vcpu_features(
+        &self,
+        template: Option<&CpuTemplate>,
+    ) -> Result<arch::VcpuFeatures, VmError> {
+        Ok(arch::vcpu_features(&self.kvm, &self.fd, template)?)
     }
 
-    /// Creates `count` vCPUs, then the in-kernel devices that must come after them.
-    pub fn create_vcpus(&mut self, count: u8) -> Result<Vec<VcpuFd>, VmError> {
+    /// Creates `count` vCPUs, then the in-kernel devices that must come after them; a custom
+    /// CPU template's KVM capabilities are checked first.
+    pub fn create_vcpus(
+        &mut self,
+        count: u8,
+        template: Option<&CpuTemplate>,
+    ) -> Result<Vec<VcpuFd>, VmError> {
+        for capability in template.map_or(&[][..], |t| t.kvm_capabilities.as_slice()) {
+            // A dropped check drops nothing here: mote checks no capability it can go without.
+            if let KvmCapability::Require(cap) = *capability {
+                if self.kvm.check_extension_raw(libc::c_ulong::from(cap)) <= 0 {
+                    return Err(VmError::MissingCapability(cap));
+                }
+            }
+        }
         let fds = (0..count)
             .map(|index| {
                 self.fd
@@ -163,7 +183,7 @@ impl Vm {
                     .map_err(|source| VmError::CreateVcpu { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.devices = Some(arch::finish_vm_devices(&self.fd, &fds)?);
+        self.devices = Some(arch::finish_vm_devices(&self.fd, &fds, template)?);
         Ok(fds)
     }
 

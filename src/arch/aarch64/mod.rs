@@ -1,6 +1,7 @@
 //! The aarch64 machine: memory from 2 GiB, an arm64 `Image` entered with X0 pointing at a
 //! device tree, vCPUs with PSCI 0.2, a vGICv3, a 16550 UART and a PL031 RTC on MMIO.
 
+pub mod cpu_template;
 pub mod fdt;
 pub mod gic;
 pub mod layout;
@@ -24,6 +25,7 @@ use self::layout::{
 };
 use self::regs::RegsError;
 use super::MmioDeviceInfo;
+use crate::config::{CpuTemplate, RegModifier};
 
 /// The most guest RAM, in MiB: what fits between 2 GiB and the end of a 40-bit address space.
 pub const MAX_MEM_SIZE_MIB: u64 = (GUEST_PHYS_END - DRAM_START) >> 20;
@@ -99,6 +101,8 @@ pub enum ArchError {
 pub enum ArchVcpuError {
     #[error(transparent)]
     Regs(#[from] RegsError),
+    #[error(transparent)]
+    CpuTemplate(#[from] cpu_template::CpuTemplateError),
     #[error("cannot find the device tree's place in guest memory")]
     NoRoomForFdt,
 }
@@ -121,20 +125,36 @@ pub struct VmDevices {
 
 /// Initialises every vCPU (PSCI 0.2, all but the first powered off) and creates the vGIC for
 /// them; for a boot and a restore alike.
-pub fn finish_vm_devices(vm: &VmFd, vcpus: &[VcpuFd]) -> Result<VmDevices, ArchError> {
-    regs::init_vcpus(vm, vcpus)?;
+pub fn finish_vm_devices(
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    template: Option<&CpuTemplate>,
+) -> Result<VmDevices, ArchError> {
+    let features = template.map_or(&[][..], |t| t.vcpu_features.as_slice());
+    regs::init_vcpus(vm, vcpus, features)?;
     let count = u8::try_from(vcpus.len()).unwrap_or(MAX_VCPUS);
     Ok(VmDevices {
         gic: Gic::create(vm, count)?,
     })
 }
 
-/// What every vCPU of a booting VM needs from KVM: nothing beyond what
-/// [`finish_vm_devices`] gave them.
-pub struct VcpuFeatures;
+/// What every vCPU of a booting VM needs beyond what [`finish_vm_devices`] gave them: the
+/// custom CPU template's register modifiers.
+pub struct VcpuFeatures {
+    reg_modifiers: Vec<RegModifier>,
+}
 
-pub fn vcpu_features(_kvm_fd: &Kvm, _vm: &VmFd) -> Result<VcpuFeatures, ArchVcpuError> {
-    Ok(VcpuFeatures)
+pub fn vcpu_features(
+    _kvm_fd: &Kvm,
+    _vm: &VmFd,
+    template: Option<&CpuTemplate>,
+) -> Result<VcpuFeatures, ArchVcpuError> {
+    let mut reg_modifiers = Vec::new();
+    if let Some(template) = template {
+        cpu_template::check(template)?;
+        reg_modifiers.clone_from(&template.reg_modifiers);
+    }
+    Ok(VcpuFeatures { reg_modifiers })
 }
 
 /// The vCPU's program counter, for a report of where the guest failed.
@@ -272,7 +292,7 @@ pub fn configure_vcpu(
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     boot: &BootEntry,
-    _features: &VcpuFeatures,
+    features: &VcpuFeatures,
     index: u8,
     _count: u8,
 ) -> Result<(), ArchVcpuError> {
@@ -280,6 +300,7 @@ pub fn configure_vcpu(
         let fdt = fdt_address(mem).ok_or(ArchVcpuError::NoRoomForFdt)?;
         regs::setup_boot_regs(vcpu, boot.entry.0, fdt)?;
     }
+    cpu_template::apply_regs(vcpu, &features.reg_modifiers)?;
     Ok(())
 }
 

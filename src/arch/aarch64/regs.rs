@@ -14,6 +14,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use super::cpu_template::{apply_vcpu_features, CpuTemplateError};
+use crate::config::VcpuFeatureModifier;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
     #[error("cannot read KVM's preferred vCPU target: {0}")]
@@ -38,6 +41,8 @@ pub enum RegsError {
     SetOne { id: u64, source: kvm_ioctls::Error },
     #[error("register {id:#x} is {size} bytes wide; mote keeps registers of at most 256 bytes")]
     TooWide { id: u64, size: usize },
+    #[error(transparent)]
+    CpuTemplate(#[from] CpuTemplateError),
 }
 
 /// The most registers KVM lists for one vCPU: kvm-bindings' limit for the list (about 250 on
@@ -74,15 +79,21 @@ pub const fn mpidr_affinity(index: u8) -> u64 {
 /// return addresses with it); all but the boot vCPU start powered off until the guest turns
 /// them on with PSCI CPU_ON. A snapshot's vCPUs are initialised the same way, so it restores
 /// on a host with the same features (its pointer-authentication keys are registers KVM lists).
-pub fn init_vcpus(vm: &VmFd, vcpus: &[VcpuFd]) -> Result<(), RegsError> {
+pub fn init_vcpus(
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    template: &[VcpuFeatureModifier],
+) -> Result<(), RegsError> {
     let mut preferred = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut preferred)
         .map_err(RegsError::PreferredTarget)?;
-    preferred.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
     if vm.check_extension(Cap::ArmPtrAuthAddress) && vm.check_extension(Cap::ArmPtrAuthGeneric) {
         preferred.features[0] |=
             (1 << KVM_ARM_VCPU_PTRAUTH_ADDRESS) | (1 << KVM_ARM_VCPU_PTRAUTH_GENERIC);
     }
+    // A custom CPU template's features, then what mote's boot cannot do without.
+    apply_vcpu_features(&mut preferred, template)?;
+    preferred.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
     for (fd, index) in vcpus.iter().zip(0u8..) {
         let mut init = preferred;
         if index > 0 {
@@ -122,7 +133,7 @@ pub struct SavedReg {
     pub value: Vec<u8>,
 }
 
-fn reg_size(id: u64) -> usize {
+pub fn reg_size(id: u64) -> usize {
     1 << ((id & KVM_REG_SIZE_MASK) >> KVM_REG_SIZE_SHIFT)
 }
 

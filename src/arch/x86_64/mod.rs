@@ -1,6 +1,7 @@
 //! The x86_64 machine: memory map, kernel entry, boot parameters and per-vCPU state.
 
 pub mod acpi;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod gdt;
 pub mod kernel_image;
@@ -37,6 +38,7 @@ use self::layout::{
     PVH_MEMMAP_START, VMGENID_IRQ, VMGENID_START, ZERO_PAGE_START,
 };
 use super::MmioDeviceInfo;
+use crate::config::{CpuTemplate, MsrModifier};
 
 /// The most guest RAM, in MiB: what fits below [`GUEST_PHYS_END`] around the MMIO gap.
 pub const MAX_MEM_SIZE_MIB: u64 = (GUEST_PHYS_END - (MMIO_GAP_END - MMIO_GAP_START)) >> 20;
@@ -148,6 +150,8 @@ pub enum ArchVcpuError {
     #[error(transparent)]
     Msr(#[from] msr::MsrError),
     #[error(transparent)]
+    CpuTemplate(#[from] cpu_template::CpuTemplateError),
+    #[error(transparent)]
     Regs(#[from] regs::RegsError),
     #[error("cannot set the local APIC's LINT pins: {0}")]
     Lapic(kvm_ioctls::Error),
@@ -189,21 +193,41 @@ pub fn create_vm_devices(kvm_fd: &Kvm, vm: &VmFd) -> Result<(), ArchError> {
 pub struct VmDevices;
 
 /// Nothing more once the vCPUs exist: x86's interrupt controllers came before them.
-pub fn finish_vm_devices(_vm: &VmFd, _vcpus: &[VcpuFd]) -> Result<VmDevices, ArchError> {
+pub fn finish_vm_devices(
+    _vm: &VmFd,
+    _vcpus: &[VcpuFd],
+    _template: Option<&CpuTemplate>,
+) -> Result<VmDevices, ArchError> {
     Ok(VmDevices)
 }
 
 /// What KVM offers every vCPU of a booting VM: its supported CPUID, read once per boot and
 /// shaped per vCPU by [`configure_vcpu`]. (A restored vCPU takes its CPUID from the snapshot.)
 pub struct VcpuFeatures {
+    /// With the custom CPU template's CPUID modifiers applied.
     supported_cpuid: CpuId,
+    /// The custom CPU template's, for every vCPU once its boot MSRs are set.
+    msr_modifiers: Vec<MsrModifier>,
 }
 
-pub fn vcpu_features(kvm_fd: &Kvm, _vm: &VmFd) -> Result<VcpuFeatures, ArchVcpuError> {
-    let supported_cpuid = kvm_fd
+pub fn vcpu_features(
+    kvm_fd: &Kvm,
+    _vm: &VmFd,
+    template: Option<&CpuTemplate>,
+) -> Result<VcpuFeatures, ArchVcpuError> {
+    let mut supported_cpuid = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ArchVcpuError::SupportedCpuid)?;
-    Ok(VcpuFeatures { supported_cpuid })
+    let mut msr_modifiers = Vec::new();
+    if let Some(template) = template {
+        cpu_template::check(template)?;
+        cpu_template::apply_cpuid(&mut supported_cpuid, &template.cpuid_modifiers)?;
+        msr_modifiers.clone_from(&template.msr_modifiers);
+    }
+    Ok(VcpuFeatures {
+        supported_cpuid,
+        msr_modifiers,
+    })
 }
 
 /// The vCPU's instruction pointer (RIP), for a report of where the guest failed.
@@ -445,6 +469,7 @@ pub fn configure_vcpu(
     let cpuid = cpuid::cpuid_for_vcpu(&features.supported_cpuid, index, count)?;
     vcpu.set_cpuid2(&cpuid).map_err(ArchVcpuError::SetCpuid)?;
     msr::setup_msrs(vcpu)?;
+    cpu_template::apply_msrs(vcpu, &features.msr_modifiers)?;
     regs::setup_regs(vcpu, boot.entry.raw_value(), boot.protocol)?;
     regs::setup_fpu(vcpu)?;
     regs::setup_sregs(mem, vcpu, boot.protocol)?;

@@ -93,6 +93,27 @@ pub fn run(zero_page: &ZeroPage) {
                     spin(delay);
                 }
             }
+            b"cpuid" => {
+                // cpuid:LEAF[:SUBLEAF], in decimal: what the CPU (KVM's CPUID, shaped by a
+                // CPU template) says; CPUID works at CPL 3.
+                let leaf = parse_u64(parts.next()).unwrap_or(0) as u32;
+                let subleaf = parse_u64(parts.next()).unwrap_or(0) as u32;
+                let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+                report!(
+                    "cpuid leaf={leaf:#x} subleaf={subleaf:#x} eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
+                    r.eax,
+                    r.ebx,
+                    r.ecx,
+                    r.edx
+                );
+            }
+            b"tsc-aux" => {
+                // RDTSCP's ECX: the TSC_AUX MSR (0xc0000103), which KVM keeps per vCPU.
+                let mut aux = 0u32;
+                // SAFETY: RDTSCP only reads the TSC and TSC_AUX into registers.
+                let _ = unsafe { core::arch::x86_64::__rdtscp(&mut aux) };
+                report!("tsc-aux={aux:#x}");
+            }
             b"read" => read_line(),
             b"spin" => loop {
                 core::hint::spin_loop();
