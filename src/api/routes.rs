@@ -182,6 +182,7 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             | Kind::PatchNetworkInterface,
             [],
         ) => return Err(EMPTY_ID.to_string()),
+        (Kind::PutSnapshot, []) => return Err("Missing snapshot operation type.".to_string()),
         (Kind::PutLogger, []) => VmmAction::PutLogger(body::<LoggerConfig>("logger", bytes)?),
         (Kind::PutMetrics, []) => VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?),
         (Kind::PutVsock, []) => VmmAction::PutVsock(body::<VsockConfig>("vsock", bytes)?),
@@ -253,6 +254,9 @@ pub fn deprecation(action: &VmmAction) -> Option<&'static str> {
     match action {
         VmmAction::PutVsock(config) if config.vsock_id.is_some() => {
             Some("the vsock_id field is deprecated")
+        }
+        VmmAction::LoadSnapshot(params) if params.mem_file_path.is_some() => {
+            Some("PUT /snapshot/load: mem_file_path field is deprecated.")
         }
         _ => None,
     }
@@ -412,6 +416,14 @@ mod tests {
         );
         assert!(refusal("GET", "/nowhere", "").starts_with("Invalid request"));
         assert!(refusal("PUT", "/cpu-config", "{}").contains("not implemented by mote yet"));
+        assert_eq!(
+            refusal("PUT", "/snapshot", "{}"),
+            "Missing snapshot operation type."
+        );
+        assert_eq!(
+            refusal("PUT", "/snapshot/fork", "{}"),
+            "Invalid request method and/or path: PUT /snapshot/fork."
+        );
     }
 
     #[test]
@@ -576,6 +588,30 @@ mod tests {
         assert!(err.contains("missing field `uds_path`"), "{err}");
         let err = refusal("PUT", "/vsock", r#"{"guest_cid": -1, "uds_path": "/v"}"#);
         assert!(err.contains("field `guest_cid`"), "{err}");
+    }
+
+    #[test]
+    fn deprecated_forms_are_named() {
+        let vsock = action(
+            "PUT",
+            "/vsock",
+            r#"{"vsock_id": "v", "guest_cid": 3, "uds_path": "/v"}"#,
+        );
+        assert!(deprecation(&vsock).is_some());
+        let vsock = action("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#);
+        assert!(deprecation(&vsock).is_none());
+        let load = action(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_file_path": "m"}"#,
+        );
+        assert!(deprecation(&load).is_some_and(|d| d.contains("mem_file_path")));
+        let load = action(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
+        );
+        assert!(deprecation(&load).is_none());
     }
 
     #[test]
