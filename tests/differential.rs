@@ -120,6 +120,10 @@ fn differences(answer: &Answer, expected: &Value) -> Vec<String> {
     if status == 200 && json.is_none() {
         out.push(format!("a 200 without a JSON body: {:?}", answer.body));
     }
+    // micro_http writes it on every answer.
+    if header(answer, "Connection") != Some("keep-alive") {
+        out.push("no Connection: keep-alive".to_string());
+    }
     if let Some(want) = expected.get("content_type") {
         let got = header(answer, "Content-Type");
         if got != want.as_str() {
