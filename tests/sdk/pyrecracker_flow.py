@@ -161,7 +161,9 @@ def main():
         vm2.load_snapshot(snapshot_path=state, mem_file_path=mem, resume_vm=True)
         wait_for(log2, lambda t: len(counts(log2)) >= 2)
         restored = counts(log2)
-        check(restored[0] == at_pause + 1,
+        # The pause may have caught the guest in the middle of its next line, whose rest the
+        # restored guest prints first: then its first whole line is the one after.
+        check(restored[0] in (at_pause + 1, at_pause + 2),
               f"the restored guest printed count={restored[0]} first, not {at_pause + 1}")
         check("probe: hello" not in read(log2), "the restored guest booted anew")
         check(get(sock2, "/")["state"] == "Running", "GET / after the restore is not Running")
