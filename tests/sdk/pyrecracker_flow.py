@@ -67,10 +67,16 @@ def wait_for_socket(path, log):
         time.sleep(0.01)
 
 
+# A line of mote's log (its stderr, which the SDK sends to the console's file too): written
+# whole, but it may land in the middle of a line of the guest's.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+ \[[^\]\n]*\][^\n]*\n")
+
+
 def read(path):
+    """The guest's console in the monitor's output file, without the monitor's log lines."""
     try:
         with open(path, errors="replace") as f:
-            return f.read()
+            return LOG_LINE.sub("", f.read())
     except FileNotFoundError:
         return ""
 
