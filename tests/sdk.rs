@@ -144,8 +144,48 @@ fn run_flow(script: &str, ns: &Netns, scratch: &Scratch) -> String {
     stdout
 }
 
+/// Where a line of mote's log (`2026-12-07T03:31:30.464516945 [id:thread:LEVEL…] …`) starts in
+/// `text`, if one does.
+fn log_line_start(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>, at: usize| {
+        range.into_iter().all(|k| bytes[at + k].is_ascii_digit())
+    };
+    (0..bytes.len().saturating_sub(20)).find(|&at| {
+        digits(0..4, at)
+            && bytes[at + 4] == b'-'
+            && digits(5..7, at)
+            && bytes[at + 7] == b'-'
+            && digits(8..10, at)
+            && bytes[at + 10] == b'T'
+            && bytes[at + 13] == b':'
+            && bytes[at + 16] == b':'
+    })
+}
+
+/// The guest's console in what mote wrote on stdout: without mote's log lines, which go there
+/// before a logger is configured (as Firecracker's) and are written whole, but may land in the
+/// middle of a line of the guest's.
+fn console(stdout: &str) -> String {
+    let mut out = String::new();
+    let mut rest = stdout;
+    while let Some(at) = log_line_start(rest) {
+        out.push_str(&rest[..at]);
+        rest = rest[at..].split_once('\n').map_or("", |(_, after)| after);
+    }
+    out.push_str(rest);
+    out
+}
+
 fn ready() -> bool {
     common::require_kvm() && netns::require_root()
+}
+
+#[test]
+fn log_lines_are_taken_out_of_the_console() {
+    let stdout = "probe: 2026-12-07T03:47:04.064658886 [anonymous-instance:main:INFO:src/a.rs:1] \
+                  running\nhello\n2026-12-07T03:47:04.1 [x] y\nprobe: done\n";
+    assert_eq!(console(stdout), "probe: hello\nprobe: done\n");
 }
 
 #[test]
@@ -216,7 +256,7 @@ fn firecracker_getting_started_with_curl() {
         let _ = monitor.kill();
     }
     let run = wait_with_timeout(monitor, "mote (as firecracker)");
-    let console = String::from_utf8_lossy(&run.stdout);
+    let console = console(&String::from_utf8_lossy(&run.stdout));
     assert!(
         script.status.success(),
         "the getting-started calls failed: {}\nmote's stderr:\n{}",
