@@ -21,7 +21,7 @@ use crate::builder::{
 };
 use crate::config::{check_amount, BalloonConfig, LoadSnapshotParams, SnapshotType, VmResources};
 use crate::device_manager::{check_drive_file, vsock_device, Subscriber};
-use crate::metrics::{LatencyTimer, METRICS};
+use crate::metrics::{LatencyTimer, MetricsError, METRICS};
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use crate::snapshot::actions::{create_snapshot, load_snapshot};
 use crate::sync::lock;
@@ -463,7 +463,13 @@ impl RuntimeController {
                 METRICS.vmm.resume_count.inc();
             }
             VmmAction::SendCtrlAltDel => vmm.device_manager().send_ctrl_alt_del()?,
-            VmmAction::FlushMetrics => METRICS.flush()?,
+            // Firecracker answers 204 when no metrics are configured: nothing to write.
+            VmmAction::FlushMetrics => match METRICS.flush() {
+                Err(MetricsError::NotConfigured) => {
+                    info!("FlushMetrics: no metrics configured, nothing written")
+                }
+                flushed => flushed?,
+            },
             VmmAction::PatchDrive(update) => {
                 let drive = self
                     .resources

@@ -291,7 +291,8 @@ fn every_kind_of_bad_request_gets_a_400_naming_the_problem() {
             "PUT",
             "/drives/bad!id",
             r#"{"drive_id": "bad!id", "path_on_host": "/x", "is_root_device": false}"#,
-            "drive_id \"bad!id\" is invalid",
+            // Firecracker's words for an id in the path.
+            "API Resource IDs can only contain alphanumeric characters and underscores.",
         ),
         (
             "PUT",
@@ -335,7 +336,7 @@ fn every_kind_of_bad_request_gets_a_400_naming_the_problem() {
             "",
             "Invalid request method and/or path",
         ),
-        ("PUT", "/boot-source", "", "needs a JSON body"),
+        ("PUT", "/boot-source", "", "Empty PUT request."),
         // serde alone would read this as vcpu_count 2, mem_size_mib 64 (found by tools/api-fuzz).
         (
             "PUT",

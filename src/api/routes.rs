@@ -110,6 +110,15 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
     if method == "GET" && !bytes.is_empty() {
         return Err("GET request cannot have a body.".to_string());
     }
+    // Firecracker answers a PUT or PATCH without a body so whatever the path, but for the
+    // balloon's PATCHes (its hinting stop takes none).
+    if bytes.is_empty() && !(method == "PATCH" && first == "balloon") {
+        match method {
+            "PUT" => return Err("Empty PUT request.".to_string()),
+            "PATCH" => return Err("Empty PATCH request.".to_string()),
+            _ => {}
+        }
+    }
     let Some((_, endpoint)) = paths::find(method, first) else {
         if NOT_YET.contains(&first) {
             return Err(format!(
@@ -137,11 +146,13 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             VmmAction::PutBootSource(body::<BootSourceConfig>("boot-source", bytes)?)
         }
         (Kind::PutDrive, [id]) => {
+            checked_id(id)?;
             let drive = body::<DriveConfig>("drive", bytes)?;
             check_id(id, &drive.drive_id)?;
             VmmAction::PutDrive(drive)
         }
         (Kind::PatchDrive, [id]) => {
+            checked_id(id)?;
             let update = body::<DriveUpdate>("drive", bytes)?;
             check_id(id, &update.drive_id)?;
             update
@@ -150,11 +161,13 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
             VmmAction::PatchDrive(update)
         }
         (Kind::PutNetworkInterface, [id]) => {
+            checked_id(id)?;
             let iface = body::<NetworkInterfaceConfig>("network-interfaces", bytes)?;
             check_id(id, &iface.iface_id)?;
             VmmAction::PutNetworkInterface(iface)
         }
         (Kind::PatchNetworkInterface, [id]) => {
+            checked_id(id)?;
             let update = body::<NetworkInterfaceUpdate>("network-interfaces", bytes)?;
             check_id(id, &update.iface_id)?;
             update
@@ -162,6 +175,14 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Route, String> {
                 .map_err(|err| format!("invalid network-interfaces body: {err}"))?;
             VmmAction::PatchNetworkInterface(update)
         }
+        (
+            Kind::PutDrive
+            | Kind::PatchDrive
+            | Kind::PutNetworkInterface
+            | Kind::PatchNetworkInterface,
+            [],
+        ) => return Err(EMPTY_ID.to_string()),
+        (Kind::PutSnapshot, []) => return Err("Missing snapshot operation type.".to_string()),
         (Kind::PutLogger, []) => VmmAction::PutLogger(body::<LoggerConfig>("logger", bytes)?),
         (Kind::PutMetrics, []) => VmmAction::PutMetrics(body::<MetricsConfig>("metrics", bytes)?),
         (Kind::PutVsock, []) => VmmAction::PutVsock(body::<VsockConfig>("vsock", bytes)?),
@@ -237,8 +258,29 @@ pub fn deprecation(action: &VmmAction) -> Option<&'static str> {
         VmmAction::PutVsock(config) if config.vsock_id.is_some() => {
             Some("the vsock_id field is deprecated")
         }
+        VmmAction::LoadSnapshot(params) if params.mem_file_path.is_some() => {
+            Some("PUT /snapshot/load: mem_file_path field is deprecated.")
+        }
         _ => None,
     }
+}
+
+/// Firecracker's answer for a drive or network interface path without an id.
+const EMPTY_ID: &str = "The ID cannot be empty.";
+
+/// Firecracker's rule for the id in a drive's or network interface's path: letters, digits and
+/// underscores.
+fn checked_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(EMPTY_ID.to_string());
+    }
+    if !id.chars().all(|c| c == '_' || c.is_alphanumeric()) {
+        return Err(
+            "API Resource IDs can only contain alphanumeric characters and underscores."
+                .to_string(),
+        );
+    }
+    Ok(())
 }
 
 /// A drive's id in the path and in the body must agree (Firecracker's rule).
@@ -341,8 +383,18 @@ mod tests {
         assert!(err.contains("missing field `mem_size_mib`"), "{err}");
         let err = refusal("PUT", "/boot-source", "{not json");
         assert!(err.contains("invalid boot-source body"), "{err}");
-        let err = refusal("PUT", "/boot-source", "");
+        assert_eq!(refusal("PUT", "/boot-source", ""), "Empty PUT request.");
+        assert_eq!(refusal("PATCH", "/drives/x", ""), "Empty PATCH request.");
+        let err = refusal("PUT", "/boot-source", " ");
         assert!(err.contains("needs a JSON body"), "{err}");
+        assert_eq!(
+            refusal("PUT", "/drives", r#"{"drive_id": "a"}"#),
+            "The ID cannot be empty."
+        );
+        assert!(
+            refusal("PUT", "/drives/a-b", r#"{"drive_id": "a-b"}"#).starts_with("API Resource IDs")
+        );
+        assert!(refusal("PATCH", "/network-interfaces/a.b", "{}").starts_with("API Resource IDs"));
         let err = refusal("PUT", "/actions", r#"{"action_type": "Explode"}"#);
         assert!(
             err.contains("field `action_type`") && err.contains("Explode"),
@@ -374,6 +426,14 @@ mod tests {
                 ..Default::default()
             })
         );
+        assert_eq!(
+            refusal("PUT", "/snapshot", "{}"),
+            "Missing snapshot operation type."
+        );
+        assert_eq!(
+            refusal("PUT", "/snapshot/fork", "{}"),
+            "Invalid request method and/or path: PUT /snapshot/fork."
+        );
     }
 
     #[test]
@@ -400,7 +460,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(refusal("PUT", "/mmds", "{nope").contains("invalid mmds body"));
-        assert!(refusal("PUT", "/mmds", "").contains("needs a JSON body"));
+        assert_eq!(refusal("PUT", "/mmds", ""), "Empty PUT request.");
+        assert!(refusal("PUT", "/mmds", " ").contains("needs a JSON body"));
         for body in ["[1]", "7", r#""x""#, "null"] {
             let err = refusal("PATCH", "/mmds", body);
             assert!(err.contains("expected a JSON object"), "{body}: {err}");
@@ -537,6 +598,30 @@ mod tests {
         assert!(err.contains("missing field `uds_path`"), "{err}");
         let err = refusal("PUT", "/vsock", r#"{"guest_cid": -1, "uds_path": "/v"}"#);
         assert!(err.contains("field `guest_cid`"), "{err}");
+    }
+
+    #[test]
+    fn deprecated_forms_are_named() {
+        let vsock = action(
+            "PUT",
+            "/vsock",
+            r#"{"vsock_id": "v", "guest_cid": 3, "uds_path": "/v"}"#,
+        );
+        assert!(deprecation(&vsock).is_some());
+        let vsock = action("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#);
+        assert!(deprecation(&vsock).is_none());
+        let load = action(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_file_path": "m"}"#,
+        );
+        assert!(deprecation(&load).is_some_and(|d| d.contains("mem_file_path")));
+        let load = action(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
+        );
+        assert!(deprecation(&load).is_none());
     }
 
     #[test]
