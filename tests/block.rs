@@ -5,7 +5,6 @@
 mod common;
 
 use std::fs::{self, File};
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -201,15 +200,12 @@ fn a_flushed_write_survives_sigkill() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !seen.contains("probe: blk-flush status=0\n") {
-        assert!(Instant::now() < deadline, "no flush completion: {seen}");
-        let mut buf = [0u8; 256];
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "console closed: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    common::read_until(
+        &mut stdout,
+        "probe: blk-flush status=0\n",
+        1,
+        Duration::from_secs(20),
+    );
     common::send_signal(child.id(), libc::SIGKILL);
     child.wait().unwrap();
     assert_eq!(read_sectors(&image, 100, 128), pattern_sectors(100, 128, 3));
@@ -253,15 +249,12 @@ fn the_async_engine_serves_requests_in_flight_together_and_keeps_flushed_writes(
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.matches("probe: blk-flush status=0\n").count() < 2 {
-        assert!(Instant::now() < deadline, "no second flush: {seen}");
-        let mut buf = [0u8; 256];
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "console closed: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let seen = common::read_until(
+        &mut stdout,
+        "probe: blk-flush status=0\n",
+        2,
+        Duration::from_secs(30),
+    );
     let rings = fs::read_dir(format!("/proc/{}/fd", child.id()))
         .unwrap()
         .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())

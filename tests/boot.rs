@@ -206,15 +206,7 @@ fn sigterm_stops_a_running_guest_in_order() {
         .unwrap();
     // Wait until the guest runs, then ask the monitor to stop.
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !String::from_utf8_lossy(&seen).contains("probe: hello") {
-        assert!(Instant::now() < deadline, "the guest never started");
-        let mut buf = [0u8; 256];
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "console closed early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    common::read_until(&mut stdout, "probe: hello", 1, Duration::from_secs(20));
     common::send_signal(child.id(), libc::SIGTERM);
     let started = Instant::now();
     let status = child.wait().unwrap();

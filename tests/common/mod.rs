@@ -228,3 +228,22 @@ pub fn send_signal(pid: u32, signal: libc::c_int) {
     let ret = unsafe { libc::kill(pid as libc::pid_t, signal) };
     assert_eq!(ret, 0, "kill: {}", std::io::Error::last_os_error());
 }
+
+/// Reads `pipe` (a monitor's console) until what came holds `text` `count` times, and returns
+/// it. Fails the test when the pipe closes first, or when `timeout` has passed by the time a
+/// read returns.
+pub fn read_until(pipe: &mut impl Read, text: &str, count: usize, timeout: Duration) -> String {
+    let mut seen = String::new();
+    let deadline = Instant::now() + timeout;
+    while seen.matches(text).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} within {timeout:?}: {seen}"
+        );
+        let mut buf = [0u8; 256];
+        let n = pipe.read(&mut buf).unwrap();
+        assert!(n > 0, "the console closed before {text:?}: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    seen
+}
