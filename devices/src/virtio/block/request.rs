@@ -398,3 +398,35 @@ pub fn data_bytes(mem: &GuestMemoryMmap, descriptors: &[Descriptor]) -> u64 {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an engine still has to do after a short transfer: the buffers past the bytes done,
+    /// the first one cut, at the file offset those bytes reached.
+    #[test]
+    fn the_remainder_of_a_short_transfer_starts_where_it_stopped() {
+        let io = IoRequest {
+            op: IoOp::Read,
+            offset: 4096,
+            buffers: vec![(GuestAddress(0x1000), 512), (GuestAddress(0x8000), 1024)],
+            status_addr: GuestAddress(0x9000),
+        };
+        assert_eq!(io.len(), 1536);
+        let rest = io.remainder(700);
+        assert_eq!(rest.offset, 4096 + 700);
+        assert_eq!(rest.buffers, vec![(GuestAddress(0x8000 + 188), 836)]);
+        assert_eq!(rest.len(), 836);
+        assert_eq!(io.remainder(0), io);
+        let cut_in_first = io.remainder(12);
+        assert_eq!(
+            cut_in_first.buffers,
+            vec![
+                (GuestAddress(0x1000 + 12), 500),
+                (GuestAddress(0x8000), 1024)
+            ]
+        );
+        assert!(io.remainder(1536).buffers.is_empty());
+    }
+}
