@@ -10,6 +10,7 @@ pub mod config;
 mod controller;
 mod device_manager;
 mod host_file;
+pub mod image;
 pub mod logger;
 mod metrics;
 mod rpc;
@@ -81,6 +82,8 @@ pub enum MoteError {
     LoadFailed,
     #[error("cannot boot the microVM of config file {path}: {source}")]
     ConfigFileBoot { path: PathBuf, source: BuildError },
+    #[error(transparent)]
+    Image(#[from] image::run::RunError),
 }
 
 /// Firecracker's exit status for a bad `--config-file` (`BadConfiguration`).
@@ -111,6 +114,62 @@ pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome
     built.vmm.resume_vcpus();
     let vmm = Arc::new(Mutex::new(built.vmm));
     run_to_the_end(vmm, built.subscribers, None)
+}
+
+/// How mote ends: its exit status, and a line for the person when there is something to say.
+pub struct Ended {
+    code: u8,
+    message: Option<String>,
+}
+
+impl Ended {
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+
+    pub fn message(&self) -> Option<String> {
+        self.message.clone()
+    }
+}
+
+impl From<Outcome> for Ended {
+    fn from(outcome: Outcome) -> Ended {
+        Ended {
+            code: outcome.exit_code(),
+            message: outcome.message(),
+        }
+    }
+}
+
+/// Runs a container image as a microVM (`mote run --image`): the run's files made, the guest
+/// booted with mote-init, and mote's exit status the program's, as `docker run`'s is.
+pub fn run_image(
+    resources: &VmResources,
+    options: &image::run::ImageRunOptions,
+    start: ProcessStart,
+) -> Result<Ended, MoteError> {
+    let mut resources = resources.clone();
+    let run = image::run::prepare(options, &mut resources)?;
+    let outcome = run_guest(&resources, start)?;
+    let ended = match outcome {
+        Outcome::GuestStopped(_) => match run.exit_status() {
+            Some(code) => Ended {
+                code,
+                message: None,
+            },
+            None => Ended {
+                code: 1,
+                message: Some(
+                    "the guest stopped without its init reporting the program's exit status \
+                     (its console says why)"
+                        .to_string(),
+                ),
+            },
+        },
+        other => Ended::from(other),
+    };
+    run.finish();
+    Ok(ended)
 }
 
 /// How `mote` without `run` was asked to work (Firecracker's process model).
