@@ -5,6 +5,7 @@
 
 mod archive;
 pub mod commands;
+mod copy;
 mod cpio;
 mod digest;
 pub mod init_config;

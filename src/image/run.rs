@@ -4,7 +4,6 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use log::info;
 
@@ -303,18 +302,9 @@ pub fn prepare(
     if options.keep.is_none() {
         run.files.push(rootfs.clone());
     }
-    // A sparse copy, shared with the stored one where the file system can (reflinks).
-    let copied = Command::new("cp")
-        .args(["--reflink=auto", "--sparse=always"])
-        .arg(store.rootfs(&image))
-        .arg(&rootfs)
-        .output()
+    // A sparse copy, sharing blocks with the stored one where the file system can.
+    super::copy::sparse_copy(&store.rootfs(&image), &rootfs)
         .map_err(|err| RunError::Copy(err.to_string()))?;
-    if !copied.status.success() {
-        return Err(RunError::Copy(
-            String::from_utf8_lossy(&copied.stderr).trim().to_string(),
-        ));
-    }
     let write = |path: &Path, bytes: &[u8]| {
         std::fs::write(path, bytes).map_err(|source| RunError::Write {
             path: path.to_path_buf(),
