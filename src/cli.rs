@@ -583,8 +583,8 @@ impl RunArgs {
     }
 
     fn boot_args(&self) -> String {
-        // A container's console is the program's: the kernel keeps to warnings.
-        let quiet = self.image.as_ref().map(|_| "quiet");
+        // A container's console is the program's: the kernel says only what is grave.
+        let quiet = self.image.as_ref().map(|_| "quiet loglevel=1");
         match &self.cmdline {
             Some(cmdline) => cmdline.clone(),
             None => std::iter::once(DEFAULT_BOOT_ARGS)

@@ -60,12 +60,14 @@ pub fn sync() {
     unsafe { libc::sync() }
 }
 
-/// Powers the machine off; never returns (the kernel stops here).
+/// Ends the VM; never returns. A reboot, not a power-off: mote ends when its guest resets
+/// (`reboot=k`: through the i8042 on x86_64; PSCI on aarch64), while a power-off only halts
+/// the vCPUs of an x86_64 microVM, which has no ACPI power-off.
 pub fn power_off() -> ! {
     loop {
-        // SAFETY: reboot with RB_POWER_OFF takes no pointers; as PID 1 it ends the machine.
+        // SAFETY: reboot with RB_AUTOBOOT takes no pointers; as PID 1 it ends the machine.
         unsafe {
-            libc::reboot(libc::RB_POWER_OFF);
+            libc::reboot(libc::RB_AUTOBOOT);
         }
     }
 }

@@ -1,0 +1,185 @@
+//! `mote run --image` in the emulated x86_64 host: a test image written here (busybox-static,
+//! a whiteout layer, a configuration with env, workdir, user and entrypoint) is imported on
+//! this machine (the emulated host has no mkfs.ext4), its store goes in with mote and
+//! mote-init, and the runs there check what the program saw and mote's exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::harness::{guest_dir, read_ext4_file, require_static_mote, Hosted};
+use crate::oci;
+
+/// mote-init without its debug information, as the harness does for mote.
+fn mote_init(work: &Path) -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_mote-init"));
+    let stripped = work.join("mote-init");
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&built)
+        .status();
+    match status {
+        Ok(s) if s.success() => stripped,
+        _ => built,
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Shrinks the stored root to its data plus a few MiB, so that it enters the emulated host
+/// (files go in through its initramfs, holes and all).
+fn shrink_ext4(image: &Path) {
+    let path = image.to_str().unwrap();
+    run("e2fsck", &["-fy", path]);
+    let out = Command::new("resize2fs")
+        .args(["-P", path])
+        .output()
+        .unwrap();
+    let minimum: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Estimated minimum size of the filesystem: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("resize2fs -P says the minimum");
+    // 4 KiB blocks (mkfs.ext4's for these sizes); 16 MiB for the containers' writes.
+    let blocks = minimum + 4096;
+    run("resize2fs", &[path, &blocks.to_string()]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .unwrap()
+        .set_len(blocks * 4096)
+        .unwrap();
+}
+
+/// The test image imported into a store under `work`; gives the store's files to send (path
+/// here, path there).
+fn prepared_store(work: &Path) -> Vec<(PathBuf, String)> {
+    let layout = work.join("layout");
+    let store = work.join("store");
+    let id = oci::write_layout(&oci::test_image(), &layout);
+    let out = Command::new(env!("CARGO_BIN_EXE_mote"))
+        .args(["image", "import", "--store"])
+        .arg(&store)
+        .arg(&layout)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = format!("store/images/{}", &id[7..]);
+    shrink_ext4(&work.join(&dir).join("rootfs.ext4"));
+    ["rootfs.ext4", "image.json"]
+        .iter()
+        .map(|f| (work.join(&dir).join(f), format!("{dir}/{f}")))
+        .collect()
+}
+
+/// An ext4 volume with one file.
+fn volume(work: &Path) -> PathBuf {
+    let tree = work.join("volume-tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("hello"), "hello from the volume\n").unwrap();
+    let image = work.join("volume.ext4");
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            tree.to_str().unwrap(),
+            image.to_str().unwrap(),
+            "8M",
+        ],
+    );
+    image
+}
+
+/// The image's program runs with the image's environment, working directory and user; its
+/// exit status is mote's; the second layer's whiteouts took effect; flags override the
+/// image; a missing entrypoint is 127; a volume is mounted read-only; the run's files go.
+pub fn image_runs_as_a_container() {
+    if !require_static_mote() {
+        return;
+    }
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("hosted-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    // The kept root comes back out through the emulated host's disk.
+    let disk = work.join("disk");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let mut hosted = Hosted::bare(crate::harness::Arch::X86_64)
+        .disk(&disk)
+        .file(
+            crate::harness::mote_of(crate::harness::Arch::X86_64),
+            "mote",
+        )
+        .file(&guest_dir().join("vmlinux"), "vmlinux")
+        .file(&mote_init(&work), "mote-init")
+        .file(&volume(&work), "volume.ext4");
+    for (src, dest) in prepared_store(&work) {
+        hosted = hosted.file(&src, &dest);
+    }
+    let result = hosted.run(&format!(
+        r#"
+image() {{ ./mote run --kernel "$KERNEL" --store store --image {name} "$@"; }}
+image -- 'echo "who=$(id -u):$(id -g) groups=$(id -G) pwd=$(pwd) home=$HOME"; echo "greeting=$GREETING"; echo "motd=$(cat /etc/motd)"; test -e /etc/gone && echo gone=present || echo gone=absent; test -e /old-dir && echo old-dir=present || echo old-dir=absent; echo "opaque=$(ls /opaque)"; echo "tty=$(tty)"; echo "host=$(hostname)"; exit 7' >out1 2>&1
+echo "status1=$?"
+image >out2 2>&1
+echo "status2=$?"
+image --env GREETING=overridden --workdir /tmp --user root:staff -- 'echo "flags=$(id -u):$(id -g) $(pwd) $GREETING"' >out3 2>&1
+echo "status3=$?"
+image --entrypoint /no/such/program >out4 2>&1
+echo "status4=$?"
+image --volume volume.ext4:/data:ro -- 'cat /data/hello; if touch /data/x 2>/dev/null; then echo volume=writable; else echo volume=read-only; fi' >out5 2>&1
+echo "status5=$?"
+image --keep kept.ext4 --user root -- 'echo kept >/kept-file' >out6 2>&1
+echo "status6=$?"
+[ -s kept.ext4 ] && echo kept=yes || echo kept=no
+dd if=kept.ext4 of=/dev/vda bs=1M conv=fsync 2>/dev/null
+echo "runs-left=$(ls store/runs | wc -l)"
+for n in 1 2 3 4 5 6; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
+"#,
+        name = oci::IMAGE_NAME
+    ));
+    result.assert_ok();
+    let value = |key: &str| result.value(key);
+    println!("{}", result.output);
+    assert_eq!(value("status1="), "7");
+    assert_eq!(
+        value("out1: who="),
+        "1000:1000 groups=1000 50 pwd=/srv/work home=/home/app"
+    );
+    assert_eq!(value("out1: greeting="), "hello from the image");
+    assert_eq!(value("out1: motd="), "new motd");
+    assert_eq!(value("out1: gone="), "absent");
+    assert_eq!(value("out1: old-dir="), "absent");
+    assert_eq!(value("out1: opaque="), "new");
+    assert_eq!(value("out1: tty="), "/dev/ttyS0");
+    assert_eq!(value("status2="), "0");
+    result.assert_line("out2: default command");
+    assert_eq!(value("status3="), "0");
+    assert_eq!(value("out3: flags="), "0:50 /tmp overridden");
+    assert_eq!(value("status4="), "127");
+    result.assert_line("out4: mote-init: cannot run /no/such/program");
+    assert_eq!(value("status5="), "0");
+    result.assert_line("out5: hello from the volume");
+    assert_eq!(value("out5: volume="), "read-only");
+    assert_eq!(value("status6="), "0");
+    assert_eq!(value("kept="), "yes");
+    assert_eq!(value("runs-left="), "0");
+    assert_eq!(read_ext4_file(&disk, "/kept-file"), b"kept\n");
+    let _ = std::fs::remove_dir_all(&work);
+}
