@@ -106,11 +106,23 @@ impl MoteError {
 /// Boots the guest described by `resources` with its console on stdin/stdout, and runs it to
 /// the end (`mote run`).
 pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome, MoteError> {
+    run_guest_with(resources, start, None)
+}
+
+/// [`run_guest`], with stop signals given to `signal_sink` while it takes them.
+fn run_guest_with(
+    resources: &VmResources,
+    start: ProcessStart,
+    signal_sink: Option<vmm::SignalSink>,
+) -> Result<Outcome, MoteError> {
     let console = Console::stdio().map_err(MoteError::Console)?;
     // No `build` filter here: until the guest runs, the main thread acts only on the command
     // line, and a filter costs start-up time (resources/seccomp/README.md). `vmm` comes before
     // the event loop serves the guest.
-    let built = build_microvm_for_boot(resources, EarlyDevices::default(), console, start)?;
+    let mut built = build_microvm_for_boot(resources, EarlyDevices::default(), console, start)?;
+    if let Some(sink) = signal_sink {
+        built.vmm.send_signals_to(sink);
+    }
     built.vmm.resume_vcpus();
     let vmm = Arc::new(Mutex::new(built.vmm));
     run_to_the_end(vmm, built.subscribers, None)
@@ -150,7 +162,20 @@ pub fn run_image(
 ) -> Result<Ended, MoteError> {
     let mut resources = resources.clone();
     let run = image::run::prepare(options, &mut resources)?;
-    let outcome = run_guest(&resources, start)?;
+    // Signals go to the program, as `docker run` passes them on: written where mote-init
+    // reads them (it polls), then Ctrl-Alt-Del, which the guest kernel turns into a signal
+    // to its init so that it reads at once (x86_64; aarch64 has no keyboard).
+    let mut forwarder = run.signal_forwarder()?;
+    let sink: vmm::SignalSink = Box::new(move |signal, devices| {
+        let written = forwarder.write(signal);
+        if written {
+            if let Err(err) = devices.send_ctrl_alt_del() {
+                log::debug!("no Ctrl-Alt-Del for the guest's init: {err}");
+            }
+        }
+        written
+    });
+    let outcome = run_guest_with(&resources, start, Some(sink))?;
     let ended = match outcome {
         Outcome::GuestStopped(_) => match run.exit_status() {
             Some(code) => Ended {

@@ -5,7 +5,9 @@
 //! `/dev/vdb`), rather than on the kernel command line (at most 2048 bytes, too few for an
 //! image's environment) or in the root image (which is shared by every run of an image, and
 //! would need an ext4 writer on the host per run): the first sector is where the init writes
-//! its report, and the configuration (JSON) follows from the second sector, ended by a NUL.
+//! its report, the second where mote writes a signal for the program (then types
+//! Ctrl-Alt-Del, which the kernel turns into SIGINT for init), and the configuration (JSON)
+//! follows from the third sector, ended by a NUL.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +19,13 @@ pub const CONTROL_DEVICE: &str = "/dev/vdb";
 pub const SECTOR: usize = 512;
 /// The report's first word, then the program's exit status.
 pub const EXIT_PREFIX: &str = "mote-exit: ";
+/// Where the signal slot is.
+pub const SIGNAL_OFFSET: u64 = SECTOR as u64;
+/// Where the configuration starts.
+pub const CONFIG_OFFSET: usize = 2 * SECTOR;
+/// The signal slot's first word, then a sequence number (a new signal has a higher one) and
+/// the signal's number.
+pub const SIGNAL_PREFIX: &str = "mote-signal: ";
 
 /// The container to run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,4 +66,19 @@ pub fn parse_report(sector: &[u8]) -> Option<u8> {
     text.lines()
         .find_map(|line| line.strip_prefix(EXIT_PREFIX))
         .and_then(|status| status.trim().parse().ok())
+}
+
+/// The signal slot's text for the `sequence`th signal, `signal`.
+pub fn signal_slot(sequence: u64, signal: i32) -> Vec<u8> {
+    let mut slot = format!("{SIGNAL_PREFIX}{sequence} {signal}\n").into_bytes();
+    slot.resize(SECTOR, 0);
+    slot
+}
+
+/// The sequence number and signal in a signal slot, if mote wrote one.
+pub fn parse_signal_slot(sector: &[u8]) -> Option<(u64, i32)> {
+    let text = std::str::from_utf8(sector.split(|b| *b == 0).next()?).ok()?;
+    let rest = text.lines().next()?.strip_prefix(SIGNAL_PREFIX)?;
+    let (sequence, signal) = rest.split_once(' ')?;
+    Some((sequence.parse().ok()?, signal.trim().parse().ok()?))
 }

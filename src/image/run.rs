@@ -258,9 +258,9 @@ fn initramfs() -> Result<Vec<u8>, RunError> {
     ]))
 }
 
-/// The control drive: an empty report sector, then the configuration.
+/// The control drive: an empty report sector and signal slot, then the configuration.
 fn control_drive(config: &InitConfig) -> Vec<u8> {
-    let mut bytes = vec![0u8; SECTOR];
+    let mut bytes = vec![0u8; init_config::CONFIG_OFFSET];
     // Serialising a struct of strings cannot fail.
     bytes.extend(serde_json::to_vec(config).unwrap_or_default());
     bytes.push(0);
@@ -352,6 +352,22 @@ impl PreparedRun {
         init_config::parse_report(&sector)
     }
 
+    /// Writes signals for the program where mote-init reads them. Opened now: once the guest
+    /// runs, the main thread's seccomp filter opens no file to write.
+    pub fn signal_forwarder(&self) -> Result<SignalForwarder, RunError> {
+        let control = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.control)
+            .map_err(|source| RunError::Write {
+                path: self.control.clone(),
+                source,
+            })?;
+        Ok(SignalForwarder {
+            control,
+            sequence: 0,
+        })
+    }
+
     /// Ends the run: its files go (the root's copy stays where --keep put it).
     pub fn finish(self) {
         drop(self);
@@ -362,6 +378,28 @@ impl Drop for PreparedRun {
     fn drop(&mut self) {
         for file in &self.files {
             let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// Puts signals in the control drive's signal slot.
+pub struct SignalForwarder {
+    control: std::fs::File,
+    sequence: u64,
+}
+
+impl SignalForwarder {
+    /// Writes `signal` as the next one; false when it cannot.
+    pub fn write(&mut self, signal: libc::c_int) -> bool {
+        use std::os::unix::fs::FileExt;
+        self.sequence += 1;
+        let slot = init_config::signal_slot(self.sequence, signal);
+        match self.control.write_all_at(&slot, init_config::SIGNAL_OFFSET) {
+            Ok(()) => true,
+            Err(err) => {
+                log::warn!("cannot pass signal {signal} to the guest: {err}");
+                false
+            }
         }
     }
 }

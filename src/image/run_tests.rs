@@ -139,7 +139,11 @@ fn the_control_drive_carries_the_config_and_the_report_parses() {
     let bytes = control_drive(&config);
     assert_eq!(bytes.len() % SECTOR, 0);
     assert_eq!(init_config::parse_report(&bytes[..SECTOR]), None);
-    let json = &bytes[SECTOR..];
+    assert_eq!(
+        init_config::parse_signal_slot(&bytes[SECTOR..2 * SECTOR]),
+        None
+    );
+    let json = &bytes[init_config::CONFIG_OFFSET..];
     let end = json.iter().position(|b| *b == 0).unwrap();
     assert_eq!(
         serde_json::from_slice::<InitConfig>(&json[..end]).unwrap(),
@@ -156,4 +160,12 @@ fn dynamic_elves_are_told_apart() {
     // The test binary is static on musl, dynamic on glibc.
     assert_eq!(is_dynamic_elf(&me), cfg!(target_env = "gnu"));
     assert!(!is_dynamic_elf(b"short"));
+}
+
+#[test]
+fn signal_slots_round_trip() {
+    let slot = init_config::signal_slot(3, 15);
+    assert_eq!(slot.len(), SECTOR);
+    assert_eq!(init_config::parse_signal_slot(&slot), Some((3, 15)));
+    assert_eq!(init_config::parse_signal_slot(&[0; SECTOR]), None);
 }

@@ -105,7 +105,8 @@ fn volume(work: &Path) -> PathBuf {
 
 /// The image's program runs with the image's environment, working directory and user; its
 /// exit status is mote's; the second layer's whiteouts took effect; flags override the
-/// image; a missing entrypoint is 127; a volume is mounted read-only; the run's files go.
+/// image; a missing entrypoint is 127; a volume is mounted read-only; the run's files go,
+/// or the root stays where --keep says; a signal to mote reaches the program.
 pub fn image_runs_as_a_container() {
     if !require_static_mote() {
         return;
@@ -149,8 +150,14 @@ image --keep kept.ext4 --user root -- 'echo kept >/kept-file' >out6 2>&1
 echo "status6=$?"
 [ -s kept.ext4 ] && echo kept=yes || echo kept=no
 dd if=kept.ext4 of=/dev/vda bs=1M conv=fsync 2>/dev/null
+./mote run --kernel "$KERNEL" --store store --image {name} -- 'trap "echo got-term; exit 42" TERM; echo ready; while :; do sleep 1; done' >out7 2>&1 &
+mote=$!
+wait_for out7 '^ready' 60 || fail "the signal test's program never started"
+kill -TERM $mote
+wait $mote
+echo "status7=$?"
 echo "runs-left=$(ls store/runs | wc -l)"
-for n in 1 2 3 4 5 6; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
+for n in 1 2 3 4 5 6 7; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
 "#,
         name = oci::IMAGE_NAME
     ));
@@ -181,5 +188,8 @@ for n in 1 2 3 4 5 6; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
     assert_eq!(value("kept="), "yes");
     assert_eq!(value("runs-left="), "0");
     assert_eq!(read_ext4_file(&disk, "/kept-file"), b"kept\n");
+    // SIGTERM to mote reached the program, whose trap chose the status.
+    result.assert_line("out7: got-term");
+    assert_eq!(value("status7="), "42");
     let _ = std::fs::remove_dir_all(&work);
 }

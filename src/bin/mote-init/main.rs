@@ -10,6 +10,7 @@
 #[path = "../../image/init_config.rs"]
 #[allow(dead_code)]
 mod init_config;
+mod signal;
 mod sys;
 mod user;
 
@@ -20,7 +21,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use init_config::{InitConfig, CONTROL_DEVICE, EXIT_PREFIX, ROOT_DEVICE, SECTOR};
+use init_config::{InitConfig, CONFIG_OFFSET, CONTROL_DEVICE, EXIT_PREFIX, ROOT_DEVICE, SECTOR};
 
 /// Where the root is mounted before init moves itself into it.
 const NEW_ROOT: &str = "/newroot";
@@ -78,7 +79,7 @@ fn read_config(mut control: &File) -> Result<InitConfig, String> {
     control
         .read_to_end(&mut bytes)
         .map_err(|err| format!("cannot read the control drive: {err}"))?;
-    let json = bytes.get(SECTOR..).unwrap_or_default();
+    let json = bytes.get(CONFIG_OFFSET..).unwrap_or_default();
     let end = json.iter().position(|b| *b == 0).unwrap_or(json.len());
     serde_json::from_slice(&json[..end])
         .map_err(|err| format!("invalid configuration on the control drive: {err}"))
@@ -105,6 +106,14 @@ fn run(control: &File) -> Result<u8, String> {
     }
     let signals = sys::all_signals();
     sys::block(&signals).map_err(|err| format!("cannot block signals: {err}"))?;
+    // Ctrl-Alt-Del is how mote says a signal waits in the control drive: the kernel sends
+    // init SIGINT for it instead of rebooting.
+    let mut slot = signal::SignalSlot::open();
+    if let Err(err) = sys::ctrl_alt_del_to_init() {
+        say(&format!(
+            "cannot take Ctrl-Alt-Del: {err}; signals to mote will stop the VM"
+        ));
+    }
     let child = match spawn(&config) {
         Ok(child) => child,
         Err((status, message)) => {
@@ -113,7 +122,7 @@ fn run(control: &File) -> Result<u8, String> {
         }
     };
     let pid = i32::try_from(child.id()).map_err(|_| "the program's pid is out of range")?;
-    let status = supervise(pid, &signals);
+    let status = supervise(pid, &signals, &mut slot);
     // What the program left running goes with it, as a container's processes do.
     sys::kill(-1, libc::SIGKILL);
     while sys::reap_one().is_some() {}
@@ -284,12 +293,25 @@ fn spawn(config: &InitConfig) -> Result<std::process::Child, (u8, String)> {
     })
 }
 
-/// Until the program ends: signals for it are passed on, orphans reaped. Gives its status.
-fn supervise(pid: libc::pid_t, signals: &libc::sigset_t) -> u8 {
+/// How often the signal slot is read when nothing else happens: the most a signal to mote
+/// waits before the program gets it, for a small read from the control drive a time.
+const SIGNAL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Until the program ends: signals for it are passed on (those mote wrote in the control
+/// drive too), orphans reaped. Gives its status.
+fn supervise(pid: libc::pid_t, signals: &libc::sigset_t, slot: &mut signal::SignalSlot) -> u8 {
     loop {
-        let signal = match sys::wait_signal(signals) {
-            Ok(signal) => signal,
-            Err(_) => continue,
+        // Ctrl-Alt-Del (SIGINT here) says at once that mote wrote a signal where the guest
+        // has a keyboard; the slot is read every SIGNAL_POLL anyway, for where none is.
+        let signal = sys::wait_signal(signals, SIGNAL_POLL);
+        if let Some(forwarded) = slot.take() {
+            sys::kill(pid, forwarded);
+            if signal == Some(libc::SIGINT) {
+                continue;
+            }
+        }
+        let Some(signal) = signal else {
+            continue;
         };
         if signal != libc::SIGCHLD {
             sys::kill(pid, signal);

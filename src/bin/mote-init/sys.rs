@@ -89,14 +89,16 @@ pub fn block(set: &libc::sigset_t) -> io::Result<()> {
     check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) })
 }
 
-/// Waits for one of the blocked signals in `set`; gives its number.
-pub fn wait_signal(set: &libc::sigset_t) -> io::Result<libc::c_int> {
-    // SAFETY: `set` is a valid sigset_t; the siginfo is not wanted (NULL).
-    let signal = unsafe { libc::sigwaitinfo(set, std::ptr::null_mut()) };
-    if signal < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(signal)
+/// Waits up to `timeout` for one of the blocked signals in `set`; gives its number, or None
+/// when the time ran out.
+pub fn wait_signal(set: &libc::sigset_t, timeout: std::time::Duration) -> Option<libc::c_int> {
+    let timeout = libc::timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: `set` and `timeout` are valid for the call; the siginfo is not wanted (NULL).
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
+    (signal > 0).then_some(signal)
 }
 
 /// A child that ended, and its wait status; None when none has (WNOHANG) or none is left.
@@ -129,6 +131,20 @@ pub fn exit_status(wait_status: libc::c_int) -> u8 {
 /// In the child, before exec: a session of its own with the console as its controlling
 /// terminal (stdin is the terminal by then), then the program's credentials.
 pub fn become_program(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    // The program starts with no signal blocked (init blocks them all, and a mask is
+    // inherited across exec) and SIGPIPE at its default (Rust's runtime ignores it).
+    // SAFETY: a zeroed sigset_t is valid and sigemptyset makes it the empty set; the old
+    // mask is not wanted (NULL); signal() with SIG_DFL takes no pointers.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        check(libc::sigprocmask(
+            libc::SIG_SETMASK,
+            &empty,
+            std::ptr::null_mut(),
+        ))?;
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // SAFETY: setsid and ioctl(TIOCSCTTY) take no pointers; fd 0 is the terminal.
     check(unsafe { libc::setsid() })?;
     // SAFETY: as above.
@@ -139,4 +155,10 @@ pub fn become_program(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
     check(unsafe { libc::setgid(gid) })?;
     // SAFETY: as above.
     check(unsafe { libc::setuid(uid) })
+}
+
+/// Ctrl-Alt-Del sends init SIGINT from now on, instead of rebooting.
+pub fn ctrl_alt_del_to_init() -> io::Result<()> {
+    // SAFETY: reboot with LINUX_REBOOT_CMD_CAD_OFF takes no pointers and only sets a flag.
+    check(unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) })
 }
