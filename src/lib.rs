@@ -161,7 +161,12 @@ pub fn run_image(
     start: ProcessStart,
 ) -> Result<Ended, MoteError> {
     let mut resources = resources.clone();
+    let prepared = std::time::Instant::now();
     let run = image::run::prepare(options, &mut resources)?;
+    info!(
+        "container files ready in {} us",
+        prepared.elapsed().as_micros()
+    );
     // Signals go to the program, as `docker run` passes them on: written where mote-init
     // reads them (it polls), then Ctrl-Alt-Del, which the guest kernel turns into a signal
     // to its init so that it reads at once (x86_64; aarch64 has no keyboard).
