@@ -104,17 +104,6 @@ fn refusal(api: &ApiArgs) -> Option<&'static str> {
     None
 }
 
-/// `mote run` combinations mote cannot honour yet: refused by name.
-fn run_refusal(run: &RunArgs) -> Option<&'static str> {
-    if run.image.is_some() && !run.nets.is_empty() {
-        return Some(
-            "--net with --image is not supported yet: mote-init does not bring up eth0 \
-             (run the image without a network, or boot a root file system with --rootfs)",
-        );
-    }
-    None
-}
-
 impl Cli {
     /// Parses `args` (the program's name first), refusing the flags mote cannot honour with
     /// the same kind of error, and exit status, as any other bad flag.
@@ -132,11 +121,7 @@ impl Cli {
         {
             cli.api.api_sock = PathBuf::from(FIRECRACKER_API_SOCK);
         }
-        let run_refusal = match &cli.command {
-            Some(Command::Run(run)) => run_refusal(run),
-            _ => None,
-        };
-        match refusal(&cli.api).or(run_refusal) {
+        match refusal(&cli.api) {
             Some(message) => Err(<Cli as clap::CommandFactory>::command()
                 .error(clap::error::ErrorKind::ArgumentConflict, message)),
             None => Ok(cli),
@@ -424,6 +409,10 @@ pub struct RunArgs {
         requires = "image"
     )]
     pub volumes: Vec<crate::image::run::VolumeSpec>,
+    /// With --image and --net: eth0's address, its prefix length and the gateway,
+    /// `ADDRESS/PREFIX[,gw=GATEWAY]` (the kernel's `ip=` is made of it).
+    #[arg(long, value_name = "ADDRESS/PREFIX[,gw=GATEWAY]", value_parser = parse_ip, requires = "image")]
+    pub ip: Option<IpSpec>,
     /// With --image: throw the container's writable root away after the run (the default).
     #[arg(long, requires = "image", conflicts_with = "keep")]
     pub rm: bool,
@@ -461,6 +450,59 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
         vsock_id: None,
         guest_cid: cid.ok_or("no guest CID given (cid=N)")?,
         uds_path: uds.ok_or("no socket path given (uds=PATH)")?,
+    })
+}
+
+/// eth0's address for a container (`--ip`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpSpec {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl IpSpec {
+    /// The kernel's `ip=` argument that configures eth0 before init runs.
+    pub fn kernel_arg(&self) -> String {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        let gateway = self.gateway.map(|g| g.to_string()).unwrap_or_default();
+        format!(
+            "ip={}::{gateway}:{}::eth0:off",
+            self.address,
+            std::net::Ipv4Addr::from(mask)
+        )
+    }
+}
+
+fn parse_ip(spec: &str) -> Result<IpSpec, String> {
+    let (cidr, gateway) = match spec.split_once(",gw=") {
+        Some((cidr, gateway)) => (
+            cidr,
+            Some(
+                gateway
+                    .parse()
+                    .map_err(|_| format!("gateway {gateway:?} is not an IPv4 address"))?,
+            ),
+        ),
+        None => (spec, None),
+    };
+    let (address, prefix) = cidr
+        .split_once('/')
+        .ok_or_else(|| format!("{spec:?} is not ADDRESS/PREFIX[,gw=GATEWAY]"))?;
+    let address = address
+        .parse()
+        .map_err(|_| format!("{address:?} is not an IPv4 address"))?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("prefix {prefix:?} is not 1 to 32"))?;
+    Ok(IpSpec {
+        address,
+        prefix,
+        gateway,
     })
 }
 
@@ -584,11 +626,13 @@ impl RunArgs {
 
     fn boot_args(&self) -> String {
         // A container's console is the program's: the kernel says only what is grave.
-        let quiet = self.image.as_ref().map(|_| "quiet loglevel=1");
+        let quiet = self.image.as_ref().map(|_| "quiet loglevel=1".to_string());
+        let ip = self.ip.as_ref().map(IpSpec::kernel_arg);
         match &self.cmdline {
             Some(cmdline) => cmdline.clone(),
             None => std::iter::once(DEFAULT_BOOT_ARGS)
-                .chain(quiet)
+                .chain(quiet.as_deref())
+                .chain(ip.as_deref())
                 .chain(self.append.iter().map(String::as_str))
                 .collect::<Vec<_>>()
                 .join(" "),
@@ -1067,16 +1111,44 @@ mod tests {
     }
 
     #[test]
-    fn container_flags_need_an_image_and_net_is_refused_with_one() {
+    fn container_flags_need_an_image() {
         assert!(parse(&["run", "--kernel", "k", "--env", "A=1"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--keep", "/k"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--ip", "10.0.0.2/24"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--image", "b", "--rootfs", "/r"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--image", "b", "--rm", "--keep", "/k"]).is_err());
-        let err = refusal_of(&["run", "--kernel", "k", "--image", "b", "--net", "tap=t"]);
+    }
+
+    #[test]
+    fn ip_becomes_the_kernels_ip_argument() {
+        let run = run_args(&[
+            "run",
+            "--kernel",
+            "k",
+            "--image",
+            "b",
+            "--net",
+            "tap=t",
+            "--ip",
+            "172.31.0.2/24,gw=172.31.0.1",
+        ]);
         assert!(
-            err.contains("--net with --image is not supported yet"),
-            "{err}"
+            run.boot_args()
+                .contains(" ip=172.31.0.2::172.31.0.1:255.255.255.0::eth0:off"),
+            "{}",
+            run.boot_args()
         );
+        let plain = parse_ip("10.1.2.3/8").unwrap();
+        assert_eq!(plain.kernel_arg(), "ip=10.1.2.3:::255.0.0.0::eth0:off");
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1/33",
+            "10.0.0.1/0",
+            "x/24",
+            "10.0.0.1/24,gw=y",
+        ] {
+            assert!(parse_ip(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -106,7 +106,8 @@ fn volume(work: &Path) -> PathBuf {
 /// The image's program runs with the image's environment, working directory and user; its
 /// exit status is mote's; the second layer's whiteouts took effect; flags override the
 /// image; a missing entrypoint is 127; a volume is mounted read-only; the run's files go,
-/// or the root stays where --keep says; a signal to mote reaches the program.
+/// or the root stays where --keep says; a signal to mote reaches the program; --net with
+/// --ip gives eth0 its address.
 pub fn image_runs_as_a_container() {
     if !require_static_mote() {
         return;
@@ -156,8 +157,18 @@ wait_for out7 '^ready' 60 || fail "the signal test's program never started"
 kill -TERM $mote
 wait $mote
 echo "status7=$?"
+cat > net.sh <<'NET'
+. ./lib.sh
+ip link set lo up
+tunctl -t tap0 >/dev/null || fail "cannot make tap0"
+ip addr add 172.31.0.1/24 dev tap0
+ip link set tap0 up
+./mote run --kernel "$KERNEL" --store store --image {name} --user root --net tap=tap0 --ip 172.31.0.2/24,gw=172.31.0.1 -- 'ping -c 1 -W 10 172.31.0.1 | grep "packets transmitted"; echo "lo-flags=$(cat /sys/class/net/lo/flags)"' >out8 2>&1
+echo "status8=$?"
+NET
+unshare -n sh net.sh
 echo "runs-left=$(ls store/runs | wc -l)"
-for n in 1 2 3 4 5 6 7; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
+for n in 1 2 3 4 5 6 7 8; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
 "#,
         name = oci::IMAGE_NAME
     ));
@@ -191,5 +202,9 @@ for n in 1 2 3 4 5 6 7; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
     // SIGTERM to mote reached the program, whose trap chose the status.
     result.assert_line("out7: got-term");
     assert_eq!(value("status7="), "42");
+    // --net with --ip: eth0 has its address (the kernel's ip=) and lo is up.
+    assert_eq!(value("status8="), "0");
+    result.assert_line("out8: 1 packets transmitted, 1 packets received");
+    assert_eq!(value("out8: lo-flags="), "0x9");
     let _ = std::fs::remove_dir_all(&work);
 }

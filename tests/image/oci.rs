@@ -90,9 +90,9 @@ pub fn host_arch() -> &'static str {
 }
 
 /// The busybox applets the tests' programs use, as symlinks to busybox.
-const APPLETS: [&str; 21] = [
+const APPLETS: [&str; 22] = [
     "sh", "echo", "cat", "id", "pwd", "env", "ls", "sleep", "test", "touch", "mkdir", "rm",
-    "hostname", "grep", "printf", "mount", "stat", "true", "false", "kill", "tty",
+    "hostname", "grep", "printf", "mount", "stat", "true", "false", "kill", "tty", "ping",
 ];
 
 /// The test image: layer 1 is busybox-static with a passwd naming `app` (1000:1000) and files

@@ -104,6 +104,11 @@ fn run(control: &File) -> Result<u8, String> {
     if let Err(err) = sys::set_hostname(&config.hostname) {
         say(&format!("cannot set the host name: {err}"));
     }
+    // The loopback interface, as every container has it; eth0 (with --net) the kernel's
+    // `ip=` configured already, and is up if it was given an address.
+    if let Err(err) = sys::link_up("lo") {
+        say(&format!("cannot bring up lo: {err}"));
+    }
     let signals = sys::all_signals();
     sys::block(&signals).map_err(|err| format!("cannot block signals: {err}"))?;
     // Ctrl-Alt-Del is how mote says a signal waits in the control drive: the kernel sends

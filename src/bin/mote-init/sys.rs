@@ -162,3 +162,39 @@ pub fn ctrl_alt_del_to_init() -> io::Result<()> {
     // SAFETY: reboot with LINUX_REBOOT_CMD_CAD_OFF takes no pointers and only sets a flag.
     check(unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) })
 }
+
+/// Brings the network interface `name` up (IFF_UP), as `ip link set NAME up` does.
+pub fn link_up(name: &str) -> io::Result<()> {
+    // SAFETY: socket takes no pointers; the descriptor is closed below.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = (|| {
+        // SAFETY: a zeroed ifreq is valid: a name of NULs and a zero union.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        if name.len() >= request.ifr_name.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "interface name too long",
+            ));
+        }
+        for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+            *slot = byte as libc::c_char;
+        }
+        // SAFETY: `request` is a valid ifreq naming the interface; the kernel writes its
+        // flags into it.
+        check(unsafe { libc::ioctl(socket, libc::SIOCGIFFLAGS as _, &mut request) })?;
+        // SAFETY: SIOCGIFFLAGS filled the union's flags member, which is read and set here.
+        unsafe {
+            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        }
+        // SAFETY: as for SIOCGIFFLAGS; the kernel only reads the request.
+        check(unsafe { libc::ioctl(socket, libc::SIOCSIFFLAGS as _, &request) })
+    })();
+    // SAFETY: `socket` is this function's own descriptor, closed once.
+    unsafe {
+        libc::close(socket);
+    }
+    result
+}
