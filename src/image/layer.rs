@@ -1,7 +1,7 @@
 //! Applying a layer (a tar stream) onto a root directory on this host, as OCI says: entries in
 //! order, `.wh.NAME` removes NAME from the layers below, `.wh..wh..opq` empties its directory
-//! of what the layers below put there; modes, owners, times, symlinks, hard links and device
-//! nodes are kept.
+//! of what the layers below put there; modes, owners, times, symlinks, hard links, device
+//! nodes and extended attributes are kept.
 //!
 //! A layer is hostile input. Every path is resolved inside the root as if the root were `/`:
 //! an entry with `..` or an absolute path is refused, a symlink met on the way (absolute or
@@ -25,6 +25,8 @@ const MAX_SYMLINKS: usize = 40;
 const WHITEOUT_PREFIX: &str = ".wh.";
 /// The name that makes its directory opaque.
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The PAX record prefix that carries an extended attribute (file capabilities, …).
+const XATTR_PREFIX: &str = "SCHILY.xattr.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
@@ -226,8 +228,45 @@ fn make_node(path: &Path, kind: libc::mode_t, mode: u32, major: u32, minor: u32)
     Ok(())
 }
 
+/// The extended attributes an entry's PAX records carry.
+fn xattrs_of<R: Read>(entry: &mut tar::Entry<R>) -> Result<Vec<(CString, Vec<u8>)>, LayerError> {
+    let mut xattrs = Vec::new();
+    if let Some(extensions) = entry.pax_extensions().map_err(LayerError::Tar)? {
+        for extension in extensions {
+            let extension = extension.map_err(LayerError::Tar)?;
+            if let Some(name) = extension.key_bytes().strip_prefix(XATTR_PREFIX.as_bytes()) {
+                if let Ok(name) = CString::new(name) {
+                    xattrs.push((name, extension.value_bytes().to_vec()));
+                }
+            }
+        }
+    }
+    Ok(xattrs)
+}
+
+/// Sets an extended attribute without following a symlink.
+fn set_xattr(path: &Path, name: &CString, value: &[u8]) -> io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: `path` and `name` are NUL-terminated strings and `value` a byte slice whose
+    // pointer and length go together, all alive for the call; lsetxattr only reads them.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl LayerState<'_> {
     fn apply<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<(), LayerError> {
+        let xattrs = xattrs_of(entry)?;
         let path = entry.path().map_err(LayerError::Tar)?.into_owned();
         let name = path.display().to_string();
         let components = entry_components(&name, &path)?;
@@ -342,7 +381,16 @@ impl LayerState<'_> {
             }
         }
         self.created.insert(target.clone());
-        self.set_metadata(entry, &target, &name)
+        self.set_metadata(entry, &target, &name)?;
+        // After the owner: a change of owner drops a file's capabilities.
+        for (key, value) in &xattrs {
+            set_xattr(&target, key, value).map_err(|source| LayerError::Write {
+                entry: name.clone(),
+                what: "cannot set an extended attribute",
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// The host path of an existing entry named by `link` (a hard link's target): its

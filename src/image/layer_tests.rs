@@ -271,3 +271,37 @@ fn symlink_loops_are_refused() {
     .unwrap_err();
     assert!(matches!(err, LayerError::SymlinkLoop { .. }), "{err}");
 }
+
+#[test]
+fn extended_attributes_in_pax_records_are_kept() {
+    let scratch = Scratch::new("xattr");
+    let root = scratch.root();
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_pax_extensions([("SCHILY.xattr.user.mote", &b"kept"[..])])
+        .unwrap();
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o755);
+    header.set_size(1);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    builder
+        .append_data(&mut header, "bin/tool", &b"x"[..])
+        .unwrap();
+    apply_layer(&root, &builder.into_inner().unwrap()[..]).unwrap();
+    let path = c_path(&root.join("bin/tool")).unwrap();
+    let name = CString::new("user.mote").unwrap();
+    let mut value = [0u8; 16];
+    // SAFETY: valid strings and a buffer of the length given.
+    let len = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    assert_eq!(&value[..usize::try_from(len).unwrap()], b"kept");
+}

@@ -3,9 +3,9 @@
 //! mounts the image's root (and the volumes in it), switches to it, mounts /proc, /sys, /dev,
 //! /dev/pts, /dev/shm and /tmp, sets the host name, and runs the program as its child with
 //! the console as its controlling terminal, the image's environment, working directory and
-//! user. It forwards the signals it gets to the program, reaps every orphan, and when the
-//! program ends writes its exit status to the control drive and powers the VM off; mote then
-//! exits with that status.
+//! user. It passes on the signals it gets, and those mote leaves in the control drive, to the
+//! program, reaps every orphan, and when the program ends writes its exit status to the
+//! control drive and ends the VM (a reboot, which ends mote); mote then exits with that status.
 
 #[path = "../../image/init_config.rs"]
 #[allow(dead_code)]
