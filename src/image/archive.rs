@@ -28,8 +28,10 @@ pub fn is_tar(path: &Path) -> bool {
         .is_ok_and(|()| &header[257..262] == b"ustar")
 }
 
-/// Unpacks the archive at `path` into the existing directory `dest`.
-pub fn unpack(path: &Path, dest: &Path) -> Result<(), ArchiveError> {
+/// Unpacks the archive at `path` into the existing directory `dest`; with `max_file`, only
+/// the files of at most that many bytes (the JSON documents that name an image, without its
+/// layers).
+pub fn unpack(path: &Path, dest: &Path, max_file: Option<u64>) -> Result<(), ArchiveError> {
     let read = |source| ArchiveError::Read {
         path: path.to_path_buf(),
         source,
@@ -58,6 +60,8 @@ pub fn unpack(path: &Path, dest: &Path) -> Result<(), ArchiveError> {
         };
         match entry.header().entry_type() {
             tar::EntryType::Directory => fs::create_dir_all(&target).map_err(write)?,
+            tar::EntryType::Regular | tar::EntryType::Continuous
+                if max_file.is_some_and(|max| entry.size() > max) => {}
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).map_err(write)?;

@@ -12,7 +12,7 @@ use super::ImageConfig;
 
 /// The largest JSON document read whole (index, manifest, configuration): real ones are a few
 /// KiB; more is a wrong file.
-const JSON_MAX_BYTES: u64 = 4 << 20;
+pub const JSON_MAX_BYTES: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -401,14 +401,22 @@ fn read_docker_save(dir: &Path, host_arch: &'static str) -> Result<SourceImage, 
     Ok(image)
 }
 
-/// gzip's magic number, for layers whose compression nothing names.
+/// gzip's magic number, for layers whose compression nothing names. A layer not there (a
+/// first look at an archive, without its layers) is taken as uncompressed: reading it later
+/// says it is missing.
 fn sniff_compression(path: &Path) -> Result<Compression, SourceError> {
     use std::io::Read;
     let mut magic = [0u8; 2];
-    let mut file = std::fs::File::open(path).map_err(|source| SourceError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Compression::None),
+        Err(source) => {
+            return Err(SourceError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
     let n = file.read(&mut magic).map_err(|source| SourceError::Read {
         path: path.to_path_buf(),
         source,

@@ -252,9 +252,19 @@ impl Store {
         let dir = if path.is_dir() {
             path.to_path_buf()
         } else if archive::is_tar(path) {
+            // A first look without the layers: an image the store has is not unpacked.
+            let glance = work.path().join("glance");
+            std::fs::create_dir(&glance).map_err(io_err(&glance))?;
+            archive::unpack(path, &glance, Some(source::JSON_MAX_BYTES))?;
+            if let Ok(image) = source::read_image_dir(&glance, host_arch) {
+                if let Some(stored) = self.stored(&image.id)? {
+                    let name = name_for(name, image.name.as_deref(), path);
+                    return Ok((self.add_name(stored, name)?, true));
+                }
+            }
             let unpacked = work.path().join("archive");
             std::fs::create_dir(&unpacked).map_err(io_err(&unpacked))?;
-            archive::unpack(path, &unpacked)?;
+            archive::unpack(path, &unpacked, None)?;
             unpacked
         } else if path.exists() {
             return Err(source::SourceError::NotAnImage {
@@ -269,13 +279,7 @@ impl Store {
             .into());
         };
         let image = source::read_image_dir(&dir, host_arch)?;
-        let name = name
-            .map(str::to_string)
-            .or_else(|| image.name.clone())
-            .or_else(|| {
-                path.file_stem()
-                    .map(|stem| stem.to_string_lossy().to_string())
-            });
+        let name = name_for(name, image.name.as_deref(), path);
         if let Some(stored) = self.stored(&image.id)? {
             let stored = self.add_name(stored, name)?;
             return Ok((stored, true));
@@ -338,6 +342,14 @@ impl Store {
         }
         Ok(image)
     }
+}
+
+/// An imported image's name: the one given, else the image's own, else its file's.
+fn name_for(given: Option<&str>, own: Option<&str>, path: &Path) -> Option<String> {
+    given.or(own).map(str::to_string).or_else(|| {
+        path.file_stem()
+            .map(|stem| stem.to_string_lossy().to_string())
+    })
 }
 
 fn read_record(path: &Path) -> Result<StoredImage, StoreError> {
