@@ -235,6 +235,45 @@ pub enum Command {
     /// Look into snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Manage the local store of container images (`mote run --image`).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import an OCI image layout directory, or an OCI or `docker save` tar archive, into the
+    /// store (built once: an image already there is only named).
+    Import {
+        /// The layout directory or archive.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        /// The name to give it (default: the name in the image, else the file's name).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List the stored images.
+    Ls {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Remove stored images, each named by a name or an id (or a prefix of one).
+    Rm {
+        #[arg(value_name = "REF", required = true)]
+        references: Vec<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+/// Where the image store is.
+#[derive(Debug, Args)]
+pub struct StoreArg {
+    /// The image store's directory (default: $XDG_DATA_HOME/mote, else ~/.local/share/mote).
+    #[arg(long, value_name = "PATH")]
+    pub store: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -326,6 +365,69 @@ pub struct RunArgs {
     /// An entropy device (virtio-rng, /dev/hwrng in the guest) fed from the host's getrandom.
     #[arg(long)]
     pub entropy: bool,
+    /// Run a container image with mote's own init: an OCI image layout directory, an OCI or
+    /// `docker save` tar archive (imported into the store first, at once when it is there),
+    /// or a name or id in the image store. Arguments after it replace the image's command.
+    #[arg(
+        long,
+        value_name = "REF",
+        conflicts_with_all = ["restore", "rootfs", "initrd", "cmdline"]
+    )]
+    pub image: Option<String>,
+    /// The image store's directory (default: $XDG_DATA_HOME/mote, else ~/.local/share/mote).
+    #[arg(long, value_name = "PATH", requires = "image")]
+    pub store: Option<PathBuf>,
+    /// With --image: an environment variable for the program, `NAME=VALUE` (or `NAME`: this
+    /// process's value); may repeat.
+    #[arg(
+        long = "env",
+        short = 'e',
+        value_name = "NAME=VALUE",
+        requires = "image"
+    )]
+    pub env: Vec<String>,
+    /// With --image: the program's working directory, instead of the image's.
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub workdir: Option<String>,
+    /// With --image: the user the program runs as, `user[:group]` (names or numbers).
+    #[arg(long, value_name = "USER[:GROUP]", requires = "image")]
+    pub user: Option<String>,
+    /// With --image: the program to run instead of the image's entrypoint (the image's
+    /// command is dropped too; arguments after the image follow it).
+    #[arg(long, value_name = "PROGRAM", requires = "image")]
+    pub entrypoint: Option<String>,
+    /// With --image: the guest's host name (default: the image id's first 12 digits).
+    #[arg(long, value_name = "NAME", requires = "image")]
+    pub hostname: Option<String>,
+    /// With --image: an ext4 disk image mounted at GUEST_PATH (an extra drive);
+    /// `HOST_IMG:GUEST_PATH[:ro]`; may repeat.
+    #[arg(
+        long = "volume",
+        short = 'v',
+        value_name = "HOST_IMG:GUEST_PATH[:ro]",
+        value_parser = crate::image::run::parse_volume,
+        requires = "image"
+    )]
+    pub volumes: Vec<crate::image::run::VolumeSpec>,
+    /// With --image and --net: eth0's address, its prefix length and the gateway,
+    /// `ADDRESS/PREFIX[,gw=GATEWAY]` (the kernel's `ip=` is made of it).
+    #[arg(long, value_name = "ADDRESS/PREFIX[,gw=GATEWAY]", value_parser = parse_ip, requires = "image")]
+    pub ip: Option<IpSpec>,
+    /// With --image: throw the container's writable root away after the run (the default).
+    #[arg(long, requires = "image", conflicts_with = "keep")]
+    pub rm: bool,
+    /// With --image: keep the container's root file system (an ext4 image) at PATH after the
+    /// run, instead of throwing it away; PATH must not exist.
+    #[arg(long, value_name = "PATH", requires = "image")]
+    pub keep: Option<PathBuf>,
+    /// With --image: the command and its arguments, replacing the image's Cmd.
+    #[arg(
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        requires = "image"
+    )]
+    pub args: Vec<String>,
 }
 
 /// `cid=N,uds=PATH`; the values are checked when the VM is built.
@@ -348,6 +450,59 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
         vsock_id: None,
         guest_cid: cid.ok_or("no guest CID given (cid=N)")?,
         uds_path: uds.ok_or("no socket path given (uds=PATH)")?,
+    })
+}
+
+/// eth0's address for a container (`--ip`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpSpec {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl IpSpec {
+    /// The kernel's `ip=` argument that configures eth0 before init runs.
+    pub fn kernel_arg(&self) -> String {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        let gateway = self.gateway.map(|g| g.to_string()).unwrap_or_default();
+        format!(
+            "ip={}::{gateway}:{}::eth0:off",
+            self.address,
+            std::net::Ipv4Addr::from(mask)
+        )
+    }
+}
+
+fn parse_ip(spec: &str) -> Result<IpSpec, String> {
+    let (cidr, gateway) = match spec.split_once(",gw=") {
+        Some((cidr, gateway)) => (
+            cidr,
+            Some(
+                gateway
+                    .parse()
+                    .map_err(|_| format!("gateway {gateway:?} is not an IPv4 address"))?,
+            ),
+        ),
+        None => (spec, None),
+    };
+    let (address, prefix) = cidr
+        .split_once('/')
+        .ok_or_else(|| format!("{spec:?} is not ADDRESS/PREFIX[,gw=GATEWAY]"))?;
+    let address = address
+        .parse()
+        .map_err(|_| format!("{address:?} is not an IPv4 address"))?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("prefix {prefix:?} is not 1 to 32"))?;
+    Ok(IpSpec {
+        address,
+        prefix,
+        gateway,
     })
 }
 
@@ -470,13 +625,35 @@ impl RunArgs {
     }
 
     fn boot_args(&self) -> String {
+        // A container's console is the program's: the kernel says only what is grave.
+        let quiet = self.image.as_ref().map(|_| "quiet loglevel=1".to_string());
+        let ip = self.ip.as_ref().map(IpSpec::kernel_arg);
         match &self.cmdline {
             Some(cmdline) => cmdline.clone(),
             None => std::iter::once(DEFAULT_BOOT_ARGS)
+                .chain(quiet.as_deref())
+                .chain(ip.as_deref())
                 .chain(self.append.iter().map(String::as_str))
                 .collect::<Vec<_>>()
                 .join(" "),
         }
+    }
+
+    /// What `--image` asks for, when it is given.
+    pub fn image_options(&self) -> Option<crate::image::run::ImageRunOptions> {
+        let image = self.image.clone()?;
+        Some(crate::image::run::ImageRunOptions {
+            store: self.store.clone(),
+            image,
+            args: self.args.clone(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            entrypoint: self.entrypoint.clone(),
+            hostname: self.hostname.clone(),
+            volumes: self.volumes.clone(),
+            keep: self.keep.clone(),
+        })
     }
 
     pub fn resources(&self) -> VmResources {
@@ -896,6 +1073,99 @@ mod tests {
         assert!(parse(&["run", "--kernel", "k", "--vsock", "uds=/v"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--vsock", "cid=x,uds=/v"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--vsock", "cid=3,uds=/v,port=1"]).is_err());
+    }
+
+    #[test]
+    fn image_takes_its_command_after_it_and_container_flags() {
+        let run = run_args(&[
+            "run",
+            "--kernel",
+            "k",
+            "--image",
+            "busybox",
+            "-e",
+            "A=1",
+            "--workdir",
+            "/w",
+            "--user",
+            "1:2",
+            "--volume",
+            "/v.ext4:/data:ro",
+            "--",
+            "echo",
+            "-n",
+            "hi",
+        ]);
+        let options = run.image_options().unwrap();
+        assert_eq!(options.image, "busybox");
+        assert_eq!(options.args, ["echo", "-n", "hi"]);
+        assert_eq!(options.env, ["A=1"]);
+        assert_eq!(options.volumes[0].guest, "/data");
+        assert!(options.volumes[0].read_only);
+        assert!(run.boot_args().contains(" quiet"));
+        let run = run_args(&["run", "--kernel", "k", "--image", "b", "sh", "-c", "exit 3"]);
+        assert_eq!(run.image_options().unwrap().args, ["sh", "-c", "exit 3"]);
+        assert!(run_args(&["run", "--kernel", "k"])
+            .image_options()
+            .is_none());
+    }
+
+    #[test]
+    fn container_flags_need_an_image() {
+        assert!(parse(&["run", "--kernel", "k", "--env", "A=1"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--keep", "/k"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--ip", "10.0.0.2/24"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--image", "b", "--rootfs", "/r"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--image", "b", "--rm", "--keep", "/k"]).is_err());
+    }
+
+    #[test]
+    fn ip_becomes_the_kernels_ip_argument() {
+        let run = run_args(&[
+            "run",
+            "--kernel",
+            "k",
+            "--image",
+            "b",
+            "--net",
+            "tap=t",
+            "--ip",
+            "172.31.0.2/24,gw=172.31.0.1",
+        ]);
+        assert!(
+            run.boot_args()
+                .contains(" ip=172.31.0.2::172.31.0.1:255.255.255.0::eth0:off"),
+            "{}",
+            run.boot_args()
+        );
+        let plain = parse_ip("10.1.2.3/8").unwrap();
+        assert_eq!(plain.kernel_arg(), "ip=10.1.2.3:::255.0.0.0::eth0:off");
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1/33",
+            "10.0.0.1/0",
+            "x/24",
+            "10.0.0.1/24,gw=y",
+        ] {
+            assert!(parse_ip(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn image_commands_parse() {
+        match parse(&["image", "import", "/x.tar", "--name", "n", "--store", "/s"])
+            .unwrap()
+            .command
+        {
+            Some(Command::Image(ImageCommand::Import { path, name, store })) => {
+                assert_eq!(path, PathBuf::from("/x.tar"));
+                assert_eq!(name.as_deref(), Some("n"));
+                assert_eq!(store.store, Some(PathBuf::from("/s")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["image", "ls"]).is_ok());
+        assert!(parse(&["image", "rm"]).is_err(), "rm needs a reference");
     }
 
     #[test]

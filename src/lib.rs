@@ -10,6 +10,7 @@ pub mod config;
 mod controller;
 mod device_manager;
 mod host_file;
+pub mod image;
 pub mod logger;
 mod metrics;
 mod rpc;
@@ -81,6 +82,8 @@ pub enum MoteError {
     LoadFailed,
     #[error("cannot boot the microVM of config file {path}: {source}")]
     ConfigFileBoot { path: PathBuf, source: BuildError },
+    #[error(transparent)]
+    Image(#[from] image::run::RunError),
 }
 
 /// Firecracker's exit status for a bad `--config-file` (`BadConfiguration`).
@@ -103,14 +106,100 @@ impl MoteError {
 /// Boots the guest described by `resources` with its console on stdin/stdout, and runs it to
 /// the end (`mote run`).
 pub fn run_guest(resources: &VmResources, start: ProcessStart) -> Result<Outcome, MoteError> {
+    run_guest_with(resources, start, None)
+}
+
+/// [`run_guest`], with stop signals given to `signal_sink` while it takes them.
+fn run_guest_with(
+    resources: &VmResources,
+    start: ProcessStart,
+    signal_sink: Option<vmm::SignalSink>,
+) -> Result<Outcome, MoteError> {
     let console = Console::stdio().map_err(MoteError::Console)?;
     // No `build` filter here: until the guest runs, the main thread acts only on the command
     // line, and a filter costs start-up time (resources/seccomp/README.md). `vmm` comes before
     // the event loop serves the guest.
-    let built = build_microvm_for_boot(resources, EarlyDevices::default(), console, start)?;
+    let mut built = build_microvm_for_boot(resources, EarlyDevices::default(), console, start)?;
+    if let Some(sink) = signal_sink {
+        built.vmm.send_signals_to(sink);
+    }
     built.vmm.resume_vcpus();
     let vmm = Arc::new(Mutex::new(built.vmm));
     run_to_the_end(vmm, built.subscribers, None)
+}
+
+/// How mote ends: its exit status, and a line for the person when there is something to say.
+pub struct Ended {
+    code: u8,
+    message: Option<String>,
+}
+
+impl Ended {
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+
+    pub fn message(&self) -> Option<String> {
+        self.message.clone()
+    }
+}
+
+impl From<Outcome> for Ended {
+    fn from(outcome: Outcome) -> Ended {
+        Ended {
+            code: outcome.exit_code(),
+            message: outcome.message(),
+        }
+    }
+}
+
+/// Runs a container image as a microVM (`mote run --image`): the run's files made, the guest
+/// booted with mote-init, and mote's exit status the program's, as `docker run`'s is.
+pub fn run_image(
+    resources: &VmResources,
+    options: &image::run::ImageRunOptions,
+    start: ProcessStart,
+) -> Result<Ended, MoteError> {
+    let mut resources = resources.clone();
+    let prepared = std::time::Instant::now();
+    let run = image::run::prepare(options, &mut resources)?;
+    info!(
+        "container files ready in {} us",
+        prepared.elapsed().as_micros()
+    );
+    // Signals go to the program, as `docker run` passes them on: written where mote-init
+    // reads them (it polls), then Ctrl-Alt-Del, which the guest kernel turns into a signal
+    // to its init so that it reads at once (x86_64; aarch64 has no keyboard).
+    let mut forwarder = run.signal_forwarder()?;
+    let sink: vmm::SignalSink = Box::new(move |signal, devices| {
+        let written = forwarder.write(signal);
+        if written {
+            if let Err(err) = devices.send_ctrl_alt_del() {
+                log::debug!("no Ctrl-Alt-Del for the guest's init: {err}");
+            }
+        }
+        written
+    });
+    let outcome = run_guest_with(&resources, start, Some(sink))?;
+    let ended = match outcome {
+        Outcome::GuestStopped(_) => match run.exit_status() {
+            Some(code) => Ended {
+                code,
+                message: None,
+            },
+            None => Ended {
+                code: 1,
+                message: Some(
+                    "the guest stopped without its init reporting the program's exit status \
+                     (its console says why)"
+                        .to_string(),
+                ),
+            },
+        },
+        other => Ended::from(other),
+    };
+    run.finish();
+    Ok(ended)
 }
 
 /// How `mote` without `run` was asked to work (Firecracker's process model).

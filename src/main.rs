@@ -4,7 +4,7 @@ use std::time::Instant;
 use devices::legacy::boot_timer::process_cpu_time_us;
 use mote::cli::{Cli, Command, SnapshotCommand};
 use mote::config::LoggerConfig;
-use mote::{ApiOptions, ProcessStart};
+use mote::{ApiOptions, Ended, ProcessStart};
 
 /// glibc gives each thread that allocates its own malloc arena: a 64 MiB reservation, three
 /// system calls in the thread's start and pages of its own. mote's threads allocate little and
@@ -75,6 +75,16 @@ fn main() -> ExitCode {
         mote::logger::Destination::Stderr
     };
     mote::logger::init(&cli.id, cli.level, log_destination);
+    // The image store is managed before anything of a VM starts.
+    if let Some(Command::Image(command)) = &cli.command {
+        return match mote::image::commands::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("mote: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Chosen before any thread starts; each thread installs its filter itself.
     match mote::seccomp::SeccompFilters::load(&cli.seccomp()) {
         Ok(filters) => mote::seccomp::init(filters),
@@ -94,12 +104,16 @@ fn main() -> ExitCode {
     }));
 
     let result = match &cli.command {
-        Some(Command::Snapshot(_)) => unreachable!("answered before anything started"),
-        Some(Command::Run(args)) => match args.restore_params() {
-            Some(params) => {
+        Some(Command::Snapshot(_) | Command::Image(_)) => {
+            unreachable!("answered before anything started")
+        }
+        Some(Command::Run(args)) => match (args.restore_params(), args.image_options()) {
+            (Some(params), _) => {
                 mote::run_restored(cli.id.clone(), &params, args.api_sock.as_deref(), start)
+                    .map(Ended::from)
             }
-            None => mote::run_guest(&args.resources(), start),
+            (None, Some(image)) => mote::run_image(&args.resources(), &image, start),
+            (None, None) => mote::run_guest(&args.resources(), start).map(Ended::from),
         },
         None => {
             let api = &cli.api;
@@ -122,7 +136,7 @@ fn main() -> ExitCode {
                 metrics_path: api.metrics_path.as_deref(),
                 startup: api.startup_times(),
             };
-            mote::run_api(options, start)
+            mote::run_api(options, start).map(Ended::from)
         }
     };
     match result {

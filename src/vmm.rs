@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::VcpuState;
@@ -71,7 +71,13 @@ pub struct Vmm {
     exited: Vec<bool>,
     /// The emulated devices: post-boot actions and snapshots reach them here.
     devices: DeviceManager,
+    /// Where stop signals go instead of stopping the monitor (`mote run --image`: to the
+    /// container's program), if anywhere.
+    signal_sink: Option<SignalSink>,
 }
+
+/// Takes a stop signal for the guest; false when it could not, and the monitor stops.
+pub type SignalSink = Box<dyn FnMut(libc::c_int, &DeviceManager) -> bool + Send>;
 
 impl Vmm {
     pub fn new(
@@ -93,6 +99,7 @@ impl Vmm {
             early_exits: Vec::new(),
             exited: vec![false; vcpu_count],
             devices,
+            signal_sink: None,
         })
     }
 
@@ -197,6 +204,12 @@ impl Vmm {
     }
 
     /// The emulated devices (post-boot actions, snapshots).
+    /// From now on stop signals go to `sink` rather than stopping the monitor, while it
+    /// takes them.
+    pub fn send_signals_to(&mut self, sink: SignalSink) {
+        self.signal_sink = Some(sink);
+    }
+
     pub fn device_manager(&self) -> &DeviceManager {
         &self.devices
     }
@@ -258,7 +271,16 @@ impl MutEventSubscriber for Vmm {
             }
             STOP_SIGNAL_DATA => {
                 if let Some(signal) = self.signals.take() {
-                    self.conclude(Outcome::Signal(signal));
+                    let devices = &self.devices;
+                    let passed = self
+                        .signal_sink
+                        .as_mut()
+                        .is_some_and(|sink| sink(signal, devices));
+                    if passed {
+                        info!("passed {} to the guest", signal_name(signal));
+                    } else {
+                        self.conclude(Outcome::Signal(signal));
+                    }
                 }
             }
             other => debug!("event for unknown data {other}"),

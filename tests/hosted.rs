@@ -14,6 +14,12 @@ mod harness;
 #[path = "hosted/cases.rs"]
 mod cases;
 
+#[path = "image/oci.rs"]
+mod oci;
+
+#[path = "hosted/image_cases.rs"]
+mod image_cases;
+
 use harness::Arch;
 
 #[test]
@@ -134,4 +140,9 @@ boot shaped '{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
     assert!(number(&run.value("shaped-tsc=")) >= 1 << 60);
     assert_eq!(run.value("shaped-tsc-aux="), "0x5a");
     assert_ne!(run.value("plain-tsc-aux="), "0x5a");
+}
+
+#[test]
+fn hosted_image_runs_as_a_container() {
+    image_cases::image_runs_as_a_container();
 }

@@ -66,6 +66,13 @@ pub const SNAPSHOT_ARCH: u16 = 62;
 #[cfg(target_arch = "aarch64")]
 pub const SNAPSHOT_ARCH: u16 = 183;
 
+/// The arch's name in OCI image configurations and platforms (Go's GOARCH): a container
+/// image must be built for it.
+#[cfg(target_arch = "x86_64")]
+pub const OCI_ARCH: &str = "amd64";
+#[cfg(target_arch = "aarch64")]
+pub const OCI_ARCH: &str = "arm64";
+
 /// The name of the arch an ELF machine number stands for, for messages.
 pub fn arch_name(machine: u16) -> String {
     match machine {
