@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use devices::legacy::boot_timer::BootTimer;
+use devices::memory::GuestMemoryMmap;
 use devices::mmds::{MmdsStack, SharedMmds, StackError};
 use devices::virtio::net::Net;
 use devices::virtio::vsock::Vsock;
 use linux_loader::cmdline::Cmdline;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{self, DEFAULT_BOOT_ARGS};

@@ -1,11 +1,12 @@
 //! The KVM VM: its fd, its guest memory registered as memory slots, its interrupt controllers.
 
+use devices::memory::GuestMemoryMmap;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 
 use crate::config::{CpuTemplate, KvmCapability};
 use std::os::fd::AsRawFd;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch;
