@@ -196,6 +196,11 @@ impl Vmm {
         &self.vm
     }
 
+    /// The VM, to take its dirty pages (Diff snapshots).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
     /// The emulated devices (post-boot actions, snapshots).
     pub fn device_manager(&self) -> &DeviceManager {
         &self.devices
