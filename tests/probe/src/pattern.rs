@@ -12,10 +12,13 @@ pub fn word(seed: u64, addr: u64) -> u64 {
     (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ addr).wrapping_mul(0xff51_afd7_ed55_8ccd) | 1
 }
 
-/// Fills `pages` pages from `at` with the seed's pattern.
-pub fn poke(at: u64, pages: u64, seed: u64) {
-    for addr in (at..at + pages * PAGE).step_by(8) {
-        write_phys(addr, word(seed, addr));
+/// Fills `pages` pages from `at`, one every `stride` pages, with the seed's pattern.
+pub fn poke(at: u64, pages: u64, seed: u64, stride: u64) {
+    for page in 0..pages {
+        let start = at + page * stride * PAGE;
+        for addr in (start..start + PAGE).step_by(8) {
+            write_phys(addr, word(seed, addr));
+        }
     }
 }
 

@@ -182,12 +182,13 @@ pub fn run(zero_page: &ZeroPage) {
                 report!("rng-where buffers={buffers:#x} used={used:#x}");
             }
             b"poke" | b"peek" => {
-                // poke:AT_KIB:PAGES:SEED, peek:AT_KIB:PAGES:SEED
+                // poke:AT_KIB:PAGES:SEED[:STRIDE], peek:AT_KIB:PAGES:SEED
                 let at = parse_u64(parts.next()).unwrap_or(0) << 10;
                 let pages = parse_u64(parts.next()).unwrap_or(1);
                 let seed = parse_u64(parts.next()).unwrap_or(0);
                 if name == b"poke" {
-                    crate::pattern::poke(at, pages, seed);
+                    let stride = parse_u64(parts.next()).unwrap_or(1).max(1);
+                    crate::pattern::poke(at, pages, seed, stride);
                     report!("poke at={at:#x} pages={pages}");
                 } else {
                     match crate::pattern::peek(at, pages, seed) {
