@@ -420,7 +420,9 @@ fn snapshots_are_refused_unless_paused_and_the_guest_goes_on() {
     mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let answer = mote.request("PUT", "/snapshot/create", &body("Diff"));
     assert!(
-        answer.fault().contains("Diff snapshots need dirty page tracking"),
+        answer
+            .fault()
+            .contains("Diff snapshots need dirty page tracking"),
         "{answer:?}"
     );
     let answer = mote.request(
