@@ -16,11 +16,11 @@ impl DirtyPages {
         Self { regions }
     }
 
-    /// Adds `other`'s pages to these (the regions must be the same: one VM's).
+    /// Adds `other`'s pages to these (one VM's regions, of which either may have only the
+    /// first few: a read of the logs that failed part way).
     pub fn add(&mut self, other: &DirtyPages) {
-        if self.regions.is_empty() {
-            self.regions.clone_from(&other.regions);
-            return;
+        if self.regions.len() < other.regions.len() {
+            self.regions.resize(other.regions.len(), Vec::new());
         }
         for (mine, theirs) in self.regions.iter_mut().zip(&other.regions) {
             if mine.len() < theirs.len() {
@@ -110,5 +110,10 @@ mod tests {
         let mut none = DirtyPages::default();
         none.add(&kvm);
         assert_eq!(none, kvm);
+        // Pages kept from a read that failed after the first region.
+        let mut partial = DirtyPages::new(vec![vec![1 << 9]]);
+        partial.add(&kvm);
+        assert_eq!(partial.runs(0, 64), vec![0..3, 9..10]);
+        assert_eq!(partial.runs(1, 128), vec![69..70]);
     }
 }

@@ -145,10 +145,14 @@ impl Vm {
         let mut dirty = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
             let addr = region.start_addr().raw_value();
-            let mut words = self
-                .fd
-                .get_dirty_log(slot as u32, region.len() as usize)
-                .map_err(|source| VmError::DirtyLog { addr, source })?;
+            let mut words = match self.fd.get_dirty_log(slot as u32, region.len() as usize) {
+                Ok(words) => words,
+                Err(source) => {
+                    // The slots read so far were cleared: their pages stay owed.
+                    self.unsaved.add(&DirtyPages::new(dirty));
+                    return Err(VmError::DirtyLog { addr, source });
+                }
+            };
             // The mapping's own bitmap (the region's trait method gives a slice of it).
             let mapping: &MmapRegion<AtomicBitmap> = region;
             let monitor = mapping.bitmap().get_and_reset();
