@@ -23,7 +23,7 @@ use crate::metrics::{LatencyTimer, METRICS};
 use crate::vmm::{Vmm, VmmError};
 use crate::vstate::dirty::DirtyPages;
 use crate::vstate::memory::{guest_memory_layout, MemoryError};
-use crate::vstate::vm::VmError;
+use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotActionError {
@@ -108,26 +108,47 @@ pub fn create_snapshot(
         return Err(SnapshotActionError::NotPaused);
     }
     check_destinations(vmm.vm().memory(), params)?;
-    // Every snapshot, Full or Diff, starts a new diff: taken (and cleared) now, given back if
-    // the snapshot fails.
+    let vcpus = vmm.save_vcpu_states()?;
+    let vm = vmm.vm().save_state()?;
+    let devices = vmm.device_manager().save_state()?;
+    // Every snapshot, Full or Diff, starts a new diff. The pages are taken only now that the
+    // devices are quiet (saving a block device waits for its requests in flight, whose reads
+    // land in guest memory), and given back if the snapshot fails.
     let dirty = vmm.vm_mut().take_dirty_pages()?;
-    let written = write_snapshot(vmm, resources, params, dirty.as_ref().filter(|_| diff));
+    let saved = SavedParts { vcpus, vm, devices };
+    let written = write_snapshot(
+        vmm.vm(),
+        saved,
+        resources,
+        params,
+        dirty.as_ref().filter(|_| diff),
+    );
     if let (Err(_), Some(dirty)) = (&written, &dirty) {
         vmm.vm_mut().keep_dirty_pages(dirty);
     }
     written
 }
 
+/// What a snapshot saves of the vCPUs, the VM and the devices.
+struct SavedParts {
+    vcpus: Vec<crate::arch::VcpuState>,
+    vm: crate::arch::VmState,
+    devices: crate::device_manager::DevicesState,
+}
+
 /// [`create_snapshot`]'s files; a Diff's memory file holds the `diff` pages only.
 fn write_snapshot(
-    vmm: &mut Vmm,
+    vm: &Vm,
+    saved: SavedParts,
     resources: &VmResources,
     params: &CreateSnapshotParams,
     diff: Option<&DirtyPages>,
 ) -> Result<(), SnapshotActionError> {
-    let vcpus = vmm.save_vcpu_states()?;
-    let vm = vmm.vm().save_state()?;
-    let devices = vmm.device_manager().save_state()?;
+    let SavedParts {
+        vcpus,
+        vm: vm_state,
+        devices,
+    } = saved;
     let mut config = resources.to_config_file();
     // The logger and metrics belong to the monitor process, not to the machine.
     config.logger = None;
@@ -138,7 +159,7 @@ fn write_snapshot(
         path: mem_path.clone(),
         source,
     })?;
-    let guest = vmm.vm().memory();
+    let guest = vm.memory();
     let (memory, memory_file) = match diff {
         Some(dirty) => write_diff_memory_file(guest, dirty, mem_file.file(), mem_path),
         None => write_memory_file(guest, mem_file.file(), mem_path)
@@ -155,7 +176,7 @@ fn write_snapshot(
     let state = MicrovmState {
         config,
         memory,
-        vm,
+        vm: vm_state,
         vcpus,
         devices,
         memory_file,
