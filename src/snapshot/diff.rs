@@ -7,7 +7,10 @@
 //! is the guest's). So the state file of a Diff snapshot names a few pages the diff did not
 //! write but the guest had non-zero ([`BasePage`]), with their CRC: a restore checks the
 //! memory file it is given holds them, which the diff itself does not (holes read as zeros)
-//! and neither does the memory file of another snapshot, most likely.
+//! and neither does the memory file of another snapshot, most likely. They are looked for
+//! among the first [`BASE_PAGE_SEARCH`] clean pages (the boot structures and the kernel
+//! image of any guest are there); a Diff that finds none names none, and its load cannot
+//! tell a diff from a rebased file.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
