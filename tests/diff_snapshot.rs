@@ -292,6 +292,47 @@ fn a_diff_snapshot_holds_what_changed_and_restores_once_rebased_onto_its_base() 
         run.stdout
     );
     assert!(run.stdout.contains("probe: done"), "{}", run.stdout);
+
+    // A chain: the second Diff laid over the first rebase restores as well, and carries the
+    // generation ID the restore wrote.
+    let rebased = run_mote(
+        &[
+            "snapshot",
+            "rebase",
+            "--base-file",
+            base_mem.to_str().unwrap(),
+            "--diff-file",
+            again_mem.to_str().unwrap(),
+        ],
+        None,
+        WAIT,
+    );
+    assert!(rebased.status.success(), "{}", rebased.stderr);
+    let page_of = |path: &Path| {
+        let mut page = vec![0u8; PAGE as usize];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut page, vmgenid)
+            .unwrap();
+        page
+    };
+    assert_eq!(page_of(&base_mem), page_of(&again_mem));
+    let third = ApiMote::spawn("diff-chain", &[]);
+    let load = serde_json::json!({
+        "snapshot_path": again_state,
+        "mem_backend": {"backend_type": "File", "backend_path": base_mem},
+        "resume_vm": true,
+    });
+    third.ok("PUT", "/snapshot/load", &load.to_string());
+    third.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let run = third.wait(WAIT * 2);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(
+        run.stdout.matches(" match=yes").count(),
+        4,
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
