@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use devices::legacy::boot_timer::BootTimer;
+use devices::memory::GuestMemoryMmap;
 use devices::mmds::{MmdsStack, SharedMmds, StackError};
 use devices::virtio::net::Net;
 use devices::virtio::vsock::Vsock;
 use linux_loader::cmdline::Cmdline;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{self, DEFAULT_BOOT_ARGS};
@@ -356,10 +357,10 @@ pub fn build_microvm_for_boot(
         .transpose()?;
 
     let machine = &resources.machine_config;
-    let mut vm = Vm::new(create_guest_memory(
-        machine.mem_size_mib,
-        machine.huge_pages,
-    )?)?;
+    let mut vm = Vm::new(
+        create_guest_memory(machine.mem_size_mib, machine.huge_pages)?,
+        machine.track_dirty_pages,
+    )?;
     // The vCPUs (and the interrupt controller that some arches create after them) come
     // before the devices whose interrupt lines they route.
     let template = resources.cpu_config.as_ref();
@@ -421,7 +422,7 @@ pub fn build_microvm_from_snapshot(
         });
     }
 
-    let mut vm = Vm::new(memory)?;
+    let mut vm = Vm::new(memory, resources.machine_config.track_dirty_pages)?;
     vm.restore_state_before_vcpus(&state.vm, clock_realtime)?;
     let vcpu_fds = vm.create_vcpus(vcpu_count, resources.cpu_config.as_ref())?;
     let (mut devices, reset_evt) = device_manager(&vm, console, Some(state))?;

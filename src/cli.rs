@@ -63,6 +63,23 @@ pub fn describe_snapshot(path: &std::path::Path) -> Result<String, String> {
     crate::snapshot::describe::describe_file(path).map_err(|err| snapshot_error_line(path, err))
 }
 
+/// `mote snapshot rebase`: the line to print, or the error's.
+pub fn rebase_snapshot(
+    base: &std::path::Path,
+    diff: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> Result<String, String> {
+    let done =
+        crate::snapshot::rebase::rebase(base, diff, output).map_err(|err| err.to_string())?;
+    Ok(format!(
+        "{}: {} bytes in {} extents laid over {}",
+        diff.display(),
+        done.bytes,
+        done.extents,
+        output.unwrap_or(base).display()
+    ))
+}
+
 /// A snapshot error as one line that names the file.
 fn snapshot_error_line(path: &std::path::Path, err: crate::snapshot::SnapshotError) -> String {
     match err {
@@ -284,6 +301,21 @@ pub enum SnapshotCommand {
         /// The state file (any format version this mote reads).
         #[arg(value_name = "STATE_FILE")]
         path: PathBuf,
+    },
+    /// Lay a Diff snapshot's memory file over the memory file of the snapshot before it
+    /// (Firecracker's rebase-snap), so that the Diff's state file loads with the result. The
+    /// result replaces the base (or goes to --output) once whole: the base is never left
+    /// half-written, and VMs restored from it keep the memory they map.
+    Rebase {
+        /// The memory file of the snapshot the diff was taken after (Full, or rebased).
+        #[arg(long = "base-file", visible_alias = "base", value_name = "BASE_MEM")]
+        base: PathBuf,
+        /// The Diff snapshot's memory file.
+        #[arg(long = "diff-file", visible_alias = "diff", value_name = "DIFF_MEM")]
+        diff: PathBuf,
+        /// Where the result goes (the base file itself by default).
+        #[arg(long, value_name = "PATH")]
+        output: Option<PathBuf>,
     },
 }
 
@@ -748,6 +780,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse(&["snapshot", "describe"]).is_err());
+        for flags in [["--base-file", "--diff-file"], ["--base", "--diff"]] {
+            let args = ["snapshot", "rebase", flags[0], "/b", flags[1], "/d"];
+            match parse(&args).unwrap().command {
+                Some(Command::Snapshot(SnapshotCommand::Rebase { base, diff, output })) => {
+                    assert_eq!((base, diff, output), ("/b".into(), "/d".into(), None));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(parse(&["snapshot", "rebase", "--base-file", "/b"]).is_err());
     }
 
     #[test]

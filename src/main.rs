@@ -68,6 +68,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Snapshot(SnapshotCommand::Rebase { base, diff, output })) = &cli.command {
+        return match mote::cli::rebase_snapshot(base, diff, output.as_deref()) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("mote: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Firecracker logs to stdout until told otherwise; `mote run`'s stdout is the console.
     let log_destination = if cli.command.is_none() {
         mote::logger::Destination::Stdout

@@ -219,7 +219,7 @@ counters! {
 counters! {
     /// Firecracker's `latencies_us`: how long the last of each operation took, in µs, at the
     /// API (from the request's arrival to its answer) and in the monitor (the operation
-    /// itself). Diff snapshots do not exist yet, so theirs stay 0.
+    /// itself). (Diff snapshots are timed apart from Full ones.)
     pub struct LatencyMetrics {
         @gauges
         full_create_snapshot,

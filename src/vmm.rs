@@ -203,6 +203,11 @@ impl Vmm {
         &self.vm
     }
 
+    /// The VM, to take its dirty pages (Diff snapshots).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
     /// The emulated devices (post-boot actions, snapshots).
     /// From now on stop signals go to `sink` rather than stopping the monitor, while it
     /// takes them.

@@ -63,6 +63,11 @@ fn hosted_restored_guest_programs_carry_on() {
 }
 
 #[test]
+fn hosted_a_diff_snapshot_rebased_onto_its_base_restores_a_running_program() {
+    cases::a_diff_snapshot_rebased_onto_its_base_restores_a_running_program(Arch::X86_64);
+}
+
+#[test]
 fn hosted_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::X86_64);
 }

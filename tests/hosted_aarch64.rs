@@ -105,6 +105,11 @@ fn hosted_aarch64_restored_guest_programs_carry_on() {
 }
 
 #[test]
+fn hosted_aarch64_a_diff_snapshot_rebased_onto_its_base_restores_a_running_program() {
+    cases::a_diff_snapshot_rebased_onto_its_base_restores_a_running_program(Arch::Aarch64);
+}
+
+#[test]
 fn hosted_aarch64_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::Aarch64);
 }

@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod log_limit;
+pub mod memory;
 pub mod metrics;
 pub mod mmds;
 pub mod random;

@@ -8,9 +8,10 @@
 //! interrupts (ACPI on x86_64, the device tree on aarch64); the monitor writes a new ID at boot
 //! and at every restore, and raises the line after a restore.
 
+use crate::memory::GuestMemoryMmap;
 use log::info;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::random::getrandom;

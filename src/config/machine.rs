@@ -28,7 +28,8 @@ pub struct MachineConfig {
     /// Simultaneous multithreading: with it, vCPUs pair up as sibling threads of one core.
     #[serde(default)]
     pub smt: bool,
-    /// Kept for snapshots (diff snapshots need dirty-page tracking); no effect on a boot.
+    /// KVM logs the guest's writes to memory and the monitor keeps its own, so that Diff
+    /// snapshots can write only the pages changed since the last snapshot.
     #[serde(default)]
     pub track_dirty_pages: bool,
     #[serde(default)]

@@ -3,12 +3,16 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::virtio::state::DeviceSpecificState;
 
+use super::diff::{check_base_pages, write_diff_memory_file, NotRebased};
 use super::memory::{map_memory_file, write_memory_file};
-use super::{read_state_file, write_state_file, MicrovmState, NewFile, SnapshotError};
+use super::{
+    read_state_file, write_state_file, MemoryFileKind, MicrovmState, NewFile, SnapshotError,
+};
 use crate::builder::{build_microvm_from_snapshot, BuildError, Built, Console, ProcessStart};
 use crate::config::{
     ConfigError, CreateSnapshotParams, HugePages, LoadParamsError, LoadSnapshotParams,
@@ -17,15 +21,18 @@ use crate::config::{
 use crate::device_manager::SaveDevicesError;
 use crate::metrics::{LatencyTimer, METRICS};
 use crate::vmm::{Vmm, VmmError};
+use crate::vstate::dirty::DirtyPages;
 use crate::vstate::memory::{guest_memory_layout, MemoryError};
-use crate::vstate::vm::VmError;
+use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotActionError {
     #[error("the microVM must be paused before a snapshot is taken (PATCH /vm {{\"state\": \"Paused\"}})")]
     NotPaused,
-    #[error("Diff snapshots are not supported by mote: take a Full snapshot")]
-    DiffUnsupported,
+    #[error("Diff snapshots need dirty page tracking, which this microVM does not have: set track_dirty_pages in machine-config before boot (or enable_diff_snapshots when loading a snapshot), or take a Full snapshot")]
+    DiffNeedsTracking,
+    #[error(transparent)]
+    NotRebased(#[from] NotRebased),
     #[error(transparent)]
     Params(#[from] LoadParamsError),
     #[error("cannot save the microVM: {0}")]
@@ -68,30 +75,35 @@ impl SnapshotActionError {
     pub fn leaves_monitor_usable(&self) -> bool {
         matches!(
             self,
-            SnapshotActionError::DiffUnsupported
-                | SnapshotActionError::Params(
-                    LoadParamsError::UffdUnsupported
-                        | LoadParamsError::NoMemFile
-                        | LoadParamsError::TwoMemFiles
-                )
+            SnapshotActionError::Params(
+                LoadParamsError::UffdUnsupported
+                    | LoadParamsError::NoMemFile
+                    | LoadParamsError::TwoMemFiles
+            )
         )
     }
 }
 
-/// Writes a full snapshot of the paused `vmm`, whose configuration is `resources`. Both files
-/// are written under new names and then renamed into place, the memory file first (so a state
-/// file on disk always has its memory written); a failure leaves neither behind, and a file
-/// replaced is never truncated (running VMs may map the old memory file). The guest is not
-/// touched: a failure leaves it paused as it was.
+/// Writes a snapshot of the paused `vmm`, whose configuration is `resources`: Full, or Diff
+/// (only the pages written since the last snapshot, which needs dirty page tracking). Both
+/// files are written under new names and then renamed into place, the memory file first (so a
+/// state file on disk always has its memory written); a failure leaves neither behind, and a
+/// file replaced is never truncated (running VMs may map the old memory file). The guest is
+/// not touched: a failure leaves it paused as it was, and the pages it had dirty stay so.
 pub fn create_snapshot(
     vmm: &mut Vmm,
     resources: &VmResources,
     params: &CreateSnapshotParams,
 ) -> Result<(), SnapshotActionError> {
-    if params.snapshot_type == SnapshotType::Diff {
-        return Err(SnapshotActionError::DiffUnsupported);
+    let diff = params.snapshot_type == SnapshotType::Diff;
+    let _latency = LatencyTimer::start(if diff {
+        &METRICS.latencies_us.vmm_diff_create_snapshot
+    } else {
+        &METRICS.latencies_us.vmm_full_create_snapshot
+    });
+    if diff && !vmm.vm().tracks_dirty_pages() {
+        return Err(SnapshotActionError::DiffNeedsTracking);
     }
-    let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_full_create_snapshot);
     if !vmm.is_paused() {
         return Err(SnapshotActionError::NotPaused);
     }
@@ -99,6 +111,44 @@ pub fn create_snapshot(
     let vcpus = vmm.save_vcpu_states()?;
     let vm = vmm.vm().save_state()?;
     let devices = vmm.device_manager().save_state()?;
+    // Every snapshot, Full or Diff, starts a new diff. The pages are taken only now that the
+    // devices are quiet (saving a block device waits for its requests in flight, whose reads
+    // land in guest memory), and given back if the snapshot fails.
+    let dirty = vmm.vm_mut().take_dirty_pages()?;
+    let saved = SavedParts { vcpus, vm, devices };
+    let written = write_snapshot(
+        vmm.vm(),
+        saved,
+        resources,
+        params,
+        dirty.as_ref().filter(|_| diff),
+    );
+    if let (Err(_), Some(dirty)) = (&written, &dirty) {
+        vmm.vm_mut().keep_dirty_pages(dirty);
+    }
+    written
+}
+
+/// What a snapshot saves of the vCPUs, the VM and the devices.
+struct SavedParts {
+    vcpus: Vec<crate::arch::VcpuState>,
+    vm: crate::arch::VmState,
+    devices: crate::device_manager::DevicesState,
+}
+
+/// [`create_snapshot`]'s files; a Diff's memory file holds the `diff` pages only.
+fn write_snapshot(
+    vm: &Vm,
+    saved: SavedParts,
+    resources: &VmResources,
+    params: &CreateSnapshotParams,
+    diff: Option<&DirtyPages>,
+) -> Result<(), SnapshotActionError> {
+    let SavedParts {
+        vcpus,
+        vm: vm_state,
+        devices,
+    } = saved;
     let mut config = resources.to_config_file();
     // The logger and metrics belong to the monitor process, not to the machine.
     config.logger = None;
@@ -109,14 +159,27 @@ pub fn create_snapshot(
         path: mem_path.clone(),
         source,
     })?;
-    let memory = write_memory_file(vmm.vm().memory(), mem_file.file(), mem_path)
-        .map_err(SnapshotError::from)?;
+    let guest = vm.memory();
+    let (memory, memory_file) = match diff {
+        Some(dirty) => write_diff_memory_file(guest, dirty, mem_file.file(), mem_path),
+        None => write_memory_file(guest, mem_file.file(), mem_path)
+            .map(|regions| (regions, MemoryFileKind::Full)),
+    }
+    .map_err(SnapshotError::from)?;
+    if let Some(dirty) = diff {
+        log::info!(
+            "Diff snapshot: {} dirty pages in {}",
+            dirty.count(),
+            mem_path.display()
+        );
+    }
     let state = MicrovmState {
         config,
         memory,
-        vm,
+        vm: vm_state,
         vcpus,
         devices,
+        memory_file,
     };
     let state_file = write_state_file(&params.snapshot_path, &state)?;
     mem_file.commit().map_err(|source| SnapshotError::Write {
@@ -277,9 +340,6 @@ pub fn load_snapshot(
     boot_timer: bool,
     mmds: &devices::mmds::SharedMmds,
 ) -> Result<(VmResources, Built), SnapshotActionError> {
-    if params.enable_diff_snapshots || params.track_dirty_pages {
-        return Err(SnapshotActionError::DiffUnsupported);
-    }
     let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_load_snapshot);
     let mem_file = params.mem_file()?;
     let mut state = read_state_file(&params.snapshot_path)?;
@@ -291,8 +351,13 @@ pub fn load_snapshot(
     }
     give_clone_macs(&mut state, params);
     resources.boot_timer = boot_timer;
+    // Tracking is the load's choice, as Firecracker's, whatever the snapshotted VM had (its
+    // dirty pages are of no use to the clone): what GET /vm/config shows is what runs.
+    resources.machine_config.track_dirty_pages =
+        params.enable_diff_snapshots || params.track_dirty_pages;
     check_memory_layout(&state, &resources)?;
     let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
+    check_base_pages(&memory, &state.memory_file, mem_file)?;
     let built = build_microvm_from_snapshot(
         &resources,
         console,

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use super::{read_format_version, read_state_file, MicrovmState, SnapshotError};
+use super::{read_format_version, read_state_file, MemoryFileKind, MicrovmState, SnapshotError};
 use crate::arch::{arch_name, SNAPSHOT_ARCH};
 
 /// The description of the state file at `path`; any format version this mote reads.
@@ -50,6 +50,14 @@ pub fn describe(state: &MicrovmState, version: u32) -> String {
         ));
     }
     line(format!("memory file size: {total} bytes"));
+    line(format!(
+        "memory file: {}",
+        match &state.memory_file {
+            MemoryFileKind::Full => "Full",
+            MemoryFileKind::Diff { .. } =>
+                "Diff (the pages written since the snapshot before: load it rebased onto that snapshot's memory file, mote snapshot rebase)",
+        }
+    ));
     for drive in &config.drives {
         let mut how = vec![if drive.is_read_only { "ro" } else { "rw" }];
         if drive.is_root_device {
@@ -133,6 +141,7 @@ mod tests {
             "memory: 128 MiB (128 MiB configured)",
             "memory region: 0x0 128 MiB",
             "memory file size: 134217728 bytes",
+            "memory file: Diff (the pages written since the snapshot before: load it rebased onto that snapshot's memory file, mote snapshot rebase)",
             "drive: rootfs /r.ext4 (rw, root)",
             "network interface: eth0 tap tap0 06:00:ac:10:00:02",
             "vsock: cid 3 /v.sock",

@@ -8,6 +8,7 @@
 //! such device and comes back without one) and the balloon's free page hinting run (a
 //! version-3 balloon had none). The virtio slots' outer layers did not change: one generic
 //! mirror of them serves every version, over that version's device-specific state.
+//! Version 5 added the memory file's kind at the end: every older snapshot's is Full.
 
 use devices::legacy::serial::SerialDeviceState;
 use devices::rate_limiter::RateLimiterState;
@@ -17,10 +18,34 @@ use devices::virtio::state::{
 };
 use serde::Deserialize;
 
-use super::{config_as_json, MemoryRegionState, MicrovmState};
+use super::{config_as_json, MemoryFileKind, MemoryRegionState, MicrovmState};
 use crate::arch::{LegacyDevicesState, VcpuState, VmState};
 use crate::config::VmConfigFile;
 use crate::device_manager::{DevicesState, VirtioSlotState};
+
+/// Version 4: today's state but for the memory file's kind.
+#[derive(Deserialize)]
+pub struct MicrovmStateV4 {
+    #[serde(with = "config_as_json")]
+    config: VmConfigFile,
+    memory: Vec<MemoryRegionState>,
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+    devices: DevicesState,
+}
+
+impl From<MicrovmStateV4> for MicrovmState {
+    fn from(old: MicrovmStateV4) -> Self {
+        MicrovmState {
+            config: old.config,
+            memory: old.memory,
+            vm: old.vm,
+            vcpus: old.vcpus,
+            devices: old.devices,
+            memory_file: MemoryFileKind::Full,
+        }
+    }
+}
 
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -132,6 +157,7 @@ impl From<MicrovmStateV3> for MicrovmState {
                 virtio: old.devices.virtio.into_iter().map(Into::into).collect(),
                 vmgenid: None,
             },
+            memory_file: MemoryFileKind::Full,
         }
     }
 }
@@ -217,6 +243,7 @@ impl From<MicrovmStateV2> for MicrovmState {
                 virtio: old.devices.virtio.into_iter().map(Into::into).collect(),
                 vmgenid: None,
             },
+            memory_file: MemoryFileKind::Full,
         }
     }
 }

@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::host_file::{self, FileKind, HostFileError};
+use devices::memory::{GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const PAGE_SIZE: usize = 4096;
 /// /proc/self/pagemap: one u64 per page; bit 63 "present", bit 62 "swapped".
@@ -160,7 +159,7 @@ pub fn map_memory_file(
     for region in regions {
         let size = usize::try_from(region.size).map_err(|err| map_err(err.to_string()))?;
         let fd = file.try_clone().map_err(|err| map_err(err.to_string()))?;
-        let mapping = MmapRegionBuilder::new(size)
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(fd, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)

@@ -10,8 +10,10 @@
 
 pub mod actions;
 pub mod describe;
+pub mod diff;
 mod legacy;
 pub mod memory;
+pub mod rebase;
 mod replace;
 
 use std::io::{Read, Write};
@@ -24,6 +26,7 @@ use crate::arch::{arch_name, VcpuState, VmState, SNAPSHOT_ARCH};
 use crate::config::VmConfigFile;
 pub use crate::device_manager::DevicesState;
 use crate::host_file::{self, FileKind, HostFileError};
+pub use diff::MemoryFileKind;
 pub use memory::MemoryRegionState;
 pub use replace::NewFile;
 
@@ -31,8 +34,8 @@ pub use replace::NewFile;
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MOTESNAP";
 /// The state file's format version; a file of another version is refused, not misread.
 /// (2: the header names the architecture; 3: the devices' rate limiters; 4: the VM
-/// generation ID.)
-pub const SNAPSHOT_VERSION: u32 = 4;
+/// generation ID; 5: whether the memory file is Full or Diff.)
+pub const SNAPSHOT_VERSION: u32 = 5;
 const VERSION_AT: usize = SNAPSHOT_MAGIC.len();
 const ARCH_AT: usize = VERSION_AT + 4;
 const BODY_LEN_AT: usize = ARCH_AT + 4;
@@ -82,6 +85,9 @@ pub struct MicrovmState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
+    /// Whether the memory file holds all of guest RAM or only what changed since the
+    /// snapshot before.
+    pub memory_file: MemoryFileKind,
 }
 
 /// The configuration is kept in the state file as its JSON text: its types leave out unset
@@ -165,8 +171,8 @@ struct Layout {
 }
 
 /// Version 1 (before aarch64) had no arch field; its body is version 2's. Versions 3 (rate
-/// limiters in the devices' state) and 4 (the VM generation ID) have version 2's header: the
-/// older bodies are read by [`legacy`].
+/// limiters in the devices' state), 4 (the VM generation ID) and 5 (the memory file's kind)
+/// have version 2's header: the older bodies are read by [`legacy`].
 const V1_LAYOUT: Layout = Layout {
     body_len_at: VERSION_AT + 4,
     header_len: VERSION_AT + 4 + 8,
@@ -202,7 +208,7 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     let found = field(VERSION_AT, 4) as u32;
     let layout = match found {
         1 => V1_LAYOUT,
-        2 | 3 | SNAPSHOT_VERSION => V2_LAYOUT,
+        2..=SNAPSHOT_VERSION => V2_LAYOUT,
         _ => return Err(SnapshotError::Version { found }),
     };
     let min = layout.header_len + CRC_LEN;
@@ -239,6 +245,7 @@ pub fn decode(bytes: &[u8]) -> Result<MicrovmState, SnapshotError> {
     let decoded = match found {
         1 | 2 => bincode::deserialize::<legacy::MicrovmStateV2>(body).map(MicrovmState::from),
         3 => bincode::deserialize::<legacy::MicrovmStateV3>(body).map(MicrovmState::from),
+        4 => bincode::deserialize::<legacy::MicrovmStateV4>(body).map(MicrovmState::from),
         _ => bincode::deserialize(body),
     };
     decoded.map_err(|err| decode_error(&err))
@@ -306,6 +313,12 @@ pub(crate) mod tests {
                     irq: 23,
                 }),
             },
+            memory_file: MemoryFileKind::Diff {
+                base_pages: vec![diff::BasePage {
+                    guest_addr: 0x7000,
+                    crc64: 0x1234,
+                }],
+            },
         }
     }
 
@@ -347,6 +360,7 @@ pub(crate) mod tests {
         assert_eq!(decoded.memory, state().memory);
         assert_eq!(decoded.devices.serial.scratch, 0x5a);
         assert_eq!(decoded.devices.vmgenid, state().devices.vmgenid);
+        assert_eq!(decoded.memory_file, state().memory_file);
     }
 
     #[test]
@@ -369,9 +383,9 @@ pub(crate) mod tests {
             SnapshotError::BadMagic
         ));
         let mut newer = bytes.clone();
-        newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&5u32.to_le_bytes());
+        newer[VERSION_AT..VERSION_AT + 4].copy_from_slice(&6u32.to_le_bytes());
         let err = decode(&rechecksummed(newer)).unwrap_err();
-        assert!(matches!(err, SnapshotError::Version { found: 5 }), "{err}");
+        assert!(matches!(err, SnapshotError::Version { found: 6 }), "{err}");
     }
 
     /// A version-1 file: the same body under the header without the arch field.

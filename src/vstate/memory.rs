@@ -2,8 +2,10 @@
 
 use std::fs;
 
+use devices::memory::{GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::GuestAddress;
 
 use crate::arch;
 use crate::config::HugePages;
@@ -117,7 +119,8 @@ fn hugetlb_memory(
     let regions = layout
         .iter()
         .map(|&(addr, size)| {
-            let mapping = MmapRegionBuilder::new(size)
+            // The dirty bitmap counts 4 KiB pages whatever backs them (KVM's log does too).
+            let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(
                     libc::MAP_PRIVATE

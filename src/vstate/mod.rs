@@ -1,5 +1,6 @@
 //! KVM state owned by the monitor: guest memory, the VM, and the vCPU threads.
 
+pub mod dirty;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -1,13 +1,17 @@
 //! The KVM VM: its fd, its guest memory registered as memory slots, its interrupt controllers.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use devices::memory::GuestMemoryMmap;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 
 use crate::config::{CpuTemplate, KvmCapability};
 use std::os::fd::AsRawFd;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::MmapRegion;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::dirty::DirtyPages;
 use crate::arch;
 
 /// The only KVM API version there has ever been.
@@ -49,6 +53,11 @@ pub enum VmError {
     State(#[from] arch::StateError),
     #[error("the VM has no vCPUs yet, so neither have its in-kernel devices")]
     NoVcpus,
+    #[error("cannot read KVM's dirty page log of the memory at {addr:#x}: {source}")]
+    DirtyLog {
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
 }
 
 fn kvm_open_hint(err: &kvm_ioctls::Error) -> &'static str {
@@ -67,12 +76,17 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     /// The in-kernel devices made once the vCPUs exist (aarch64: the GIC).
     devices: Option<arch::VmDevices>,
+    /// KVM logs the guest's writes to memory (`track_dirty_pages`), for Diff snapshots.
+    track_dirty_pages: bool,
+    /// Dirty pages taken for a snapshot that then failed: the next one must still write them
+    /// (KVM's log cannot be given them back).
+    unsaved: DirtyPages,
 }
 
 impl Vm {
-    /// Opens KVM, creates a VM, registers `memory` with it and creates the in-kernel devices
-    /// that must exist before the vCPUs.
-    pub fn new(memory: GuestMemoryMmap) -> Result<Self, VmError> {
+    /// Opens KVM, creates a VM, registers `memory` with it (logging the guest's writes when
+    /// `track_dirty_pages`) and creates the in-kernel devices that must exist before the vCPUs.
+    pub fn new(memory: GuestMemoryMmap, track_dirty_pages: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION {
@@ -83,9 +97,16 @@ impl Vm {
             let addr = region.start_addr().raw_value();
             let len = region.len();
             let host_addr = region.as_ptr() as u64;
+            // Logging is opt-in: it makes KVM map the slot in 4 KiB pages and write-protect
+            // them after each read of the log, which slows a guest that writes a lot.
+            let flags = if track_dirty_pages {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            };
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: addr,
                 memory_size: len,
                 userspace_addr: host_addr,
@@ -104,7 +125,50 @@ impl Vm {
             fd,
             memory,
             devices: None,
+            track_dirty_pages,
+            unsaved: DirtyPages::default(),
         })
+    }
+
+    /// Whether the guest's writes are logged (Diff snapshots can be taken).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages
+    }
+
+    /// The pages written since the last call (since the VM was made, the first time): KVM's
+    /// log of the guest's writes and the monitor's own, both cleared. The vCPUs must be
+    /// paused and the devices idle. Without `track_dirty_pages` there is no log: None.
+    pub fn take_dirty_pages(&mut self) -> Result<Option<DirtyPages>, VmError> {
+        if !self.track_dirty_pages {
+            return Ok(None);
+        }
+        let mut dirty = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let addr = region.start_addr().raw_value();
+            let mut words = match self.fd.get_dirty_log(slot as u32, region.len() as usize) {
+                Ok(words) => words,
+                Err(source) => {
+                    // The slots read so far were cleared: their pages stay owed.
+                    self.unsaved.add(&DirtyPages::new(dirty));
+                    return Err(VmError::DirtyLog { addr, source });
+                }
+            };
+            // The mapping's own bitmap (the region's trait method gives a slice of it).
+            let mapping: &MmapRegion<AtomicBitmap> = region;
+            let monitor = mapping.bitmap().get_and_reset();
+            for (word, written) in words.iter_mut().zip(monitor) {
+                *word |= written;
+            }
+            dirty.push(words);
+        }
+        let mut dirty = DirtyPages::new(dirty);
+        dirty.add(&std::mem::take(&mut self.unsaved));
+        Ok(Some(dirty))
+    }
+
+    /// Gives back pages [`Vm::take_dirty_pages`] returned that no snapshot holds after all.
+    pub fn keep_dirty_pages(&mut self, dirty: &DirtyPages) {
+        self.unsaved.add(dirty);
     }
 
     /// The in-kernel devices' and the clock's state (a snapshot; the vCPUs are paused).

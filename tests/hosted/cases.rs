@@ -392,6 +392,66 @@ grep -v '^tick-' out2
     let _ = std::fs::remove_file(disk);
 }
 
+/// A guest program counts on across a Full snapshot, then a Diff snapshot of what changed
+/// since (`track_dirty_pages`); the Diff's memory file, laid over the Full one with
+/// `mote snapshot rebase`, restores the guest, and the program carries on from where the Diff
+/// left it. Any page the Diff missed would be the Full snapshot's old one in a running kernel.
+pub fn a_diff_snapshot_rebased_onto_its_base_restores_a_running_program(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+cmd=$(guest_cmd '
+i=0
+while :; do i=$((i + 1)); echo tick-$i; sleep 0.2; done
+')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}}
+JSON
+api() { hosted-tool api /tmp/api1.sock "$@"; }
+./mote --api-sock /tmp/api1.sock --config-file vm.json >out1 2>&1 &
+first=$!
+wait_count out1 tick- 3 120 || fail "the guest's loop never ran"
+api PATCH /vm '{"state": "Paused"}' || fail "pause"
+api PUT /snapshot/create \
+  '{"snapshot_type": "Full", "snapshot_path": "/tmp/full.state", "mem_file_path": "/tmp/full.mem"}' || fail "full snapshot"
+api PATCH /vm '{"state": "Resumed"}' || fail "resume"
+at_full=$(latest out1 tick-)
+wait_count out1 tick- $((at_full + 5)) 60 || fail "the loop stopped after the Full snapshot"
+api PATCH /vm '{"state": "Paused"}' || fail "pause again"
+api PUT /snapshot/create \
+  '{"snapshot_type": "Diff", "snapshot_path": "/tmp/diff.state", "mem_file_path": "/tmp/diff.mem"}' || fail "diff snapshot"
+last=$(latest out1 tick-)
+echo last-before-snapshot=$last
+kill -9 $first
+wait $first
+echo full-kib=$(du -k /tmp/full.mem | cut -f1)
+echo diff-kib=$(du -k /tmp/diff.mem | cut -f1)
+./mote snapshot rebase --base-file /tmp/full.mem --diff-file /tmp/diff.mem || fail "rebase"
+./mote run --restore /tmp/diff.state --mem-file /tmp/full.mem >out2 2>&1 &
+second=$!
+wait_count out2 tick- $((last + 5)) 60 || fail "the loop did not carry on"
+echo first-after-restore=$(grep -o 'tick-[0-9]*' out2 | head -n1 | cut -d- -f2)
+kill -9 $second
+grep -v '^tick-' out2
+"#,
+    );
+    run.assert_ok();
+    let last: u64 = run.value("last-before-snapshot=").parse().expect("a count");
+    let first_after: u64 = run.value("first-after-restore=").parse().expect("a count");
+    assert_eq!(first_after, last + 1, "{}", run.output);
+    let full: u64 = run.value("full-kib=").parse().expect("a size");
+    let diff: u64 = run.value("diff-kib=").parse().expect("a size");
+    assert!(
+        diff * 2 < full,
+        "a second of a shell loop dirtied {diff} KiB of a {full} KiB guest:\n{}",
+        run.output
+    );
+}
+
 /// Two clones of one snapshot do not share a random state, and each can take an identity of
 /// its own: each restore writes a new VM generation ID and raises its interrupt, the guest's
 /// `vmgenid` driver (found through ACPI on x86_64, the device tree on aarch64) has the kernel

@@ -11,10 +11,11 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use log::{debug, warn};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::state::{

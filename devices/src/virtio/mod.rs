@@ -19,9 +19,9 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+use crate::memory::GuestMemoryMmap;
 use log::warn;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use self::common::VirtioCommon;

@@ -8,11 +8,12 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::common::{signal_used, Active, VirtioCommon};

@@ -3,9 +3,10 @@
 //! RTC, every virtio-mmio device, the VM generation ID (`microsoft,vmgenid`, its page kept
 //! from the guest by a memory reservation), and `chosen` with the command line and the initrd.
 
+use devices::memory::GuestMemoryMmap;
 use devices::vmgenid::{VmGenIdState, VMGENID_LEN};
 use vm_fdt::{FdtReserveEntry, FdtWriter, FdtWriterResult};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::gic::redist_size;
 use super::layout::{

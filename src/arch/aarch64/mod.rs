@@ -12,10 +12,11 @@ pub mod snapshot;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
+use devices::memory::GuestMemoryMmap;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{KernelLoader, PE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use self::gic::{Gic, GicError};
 use devices::vmgenid::VmGenIdState;

@@ -18,8 +18,9 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
+use devices::memory::GuestMemoryMmap;
 use devices::vmgenid::VmGenIdState;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_IRQ,

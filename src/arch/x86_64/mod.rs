@@ -16,6 +16,7 @@ pub mod snapshot;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
+use devices::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
@@ -28,7 +29,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::vmgenid::VmGenIdState;
 

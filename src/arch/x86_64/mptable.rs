@@ -1,7 +1,8 @@
 //! The Intel MultiProcessor table (MP spec 1.4) in the EBDA: how a guest without ACPI learns
 //! its processors, its I/O APIC and how the ISA IRQs are wired.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_START, EBDA_START, IOAPIC_LAST_PIN, IOAPIC_START};
 

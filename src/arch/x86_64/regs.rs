@@ -2,9 +2,10 @@
 //! 64-bit boot protocol (long mode, paging on, RSI = zero page) and PVH (32-bit protected mode,
 //! paging off, EBX = start info).
 
+use devices::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{
     gdt_entry, kvm_segment_from_gdt, CODE32_FLAGS, CODE64_FLAGS, DATA_FLAGS, TSS_FLAGS,

@@ -16,6 +16,7 @@ mod mmds;
 mod mptable;
 mod net;
 mod net_steps;
+mod pattern;
 mod port;
 mod rng;
 #[macro_use]

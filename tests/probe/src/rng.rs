@@ -16,6 +16,13 @@ struct Buffers([[u8; READ_MAX]; 2]);
 static mut QUEUE: QueueMemory = QueueMemory::new();
 static mut BUFFERS: Buffers = Buffers([[0; READ_MAX]; 2]);
 
+/// Where the device writes: the two read buffers and the used ring (`rng-where`).
+pub fn addresses() -> (u64, u64) {
+    // Only the addresses are taken: no reference to the statics is made.
+    let used = addr_of_mut!(QUEUE) as u64 + core::mem::offset_of!(QueueMemory, used) as u64;
+    (addr_of_mut!(BUFFERS) as u64, used)
+}
+
 /// What two reads of `len` bytes got.
 pub struct Reads {
     pub used: [u32; 2],

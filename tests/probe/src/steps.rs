@@ -177,6 +177,28 @@ pub fn run(zero_page: &ZeroPage) {
                     Err(err) => report!("rng-bench error {err:?}"),
                 }
             }
+            b"rng-where" => {
+                let (buffers, used) = crate::rng::addresses();
+                report!("rng-where buffers={buffers:#x} used={used:#x}");
+            }
+            b"poke" | b"peek" => {
+                // poke:AT_KIB:PAGES:SEED[:STRIDE], peek:AT_KIB:PAGES:SEED
+                let at = parse_u64(parts.next()).unwrap_or(0) << 10;
+                let pages = parse_u64(parts.next()).unwrap_or(1);
+                let seed = parse_u64(parts.next()).unwrap_or(0);
+                if name == b"poke" {
+                    let stride = parse_u64(parts.next()).unwrap_or(1).max(1);
+                    crate::pattern::poke(at, pages, seed, stride);
+                    report!("poke at={at:#x} pages={pages}");
+                } else {
+                    match crate::pattern::peek(at, pages, seed) {
+                        None => report!("peek at={at:#x} pages={pages} match=yes"),
+                        Some(bad) => {
+                            report!("peek at={at:#x} pages={pages} match=no first={bad:#x}")
+                        }
+                    }
+                }
+            }
             b"kbd" => {
                 let count = parse_u64(parts.next()).unwrap_or(1) as usize;
                 let polls = parse_u64(parts.next()).unwrap_or(WAIT_POLLS);

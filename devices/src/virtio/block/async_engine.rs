@@ -17,8 +17,10 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestMemoryMmap;
 use io_uring::{opcode, squeue, types, IoUring};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{IoOp, IoRequest, RequestError};
@@ -268,6 +270,12 @@ fn iovecs(mem: &GuestMemoryMmap, io: &IoRequest) -> Result<Box<[libc::iovec]>, R
             let slice = mem
                 .get_slice(addr, len as usize)
                 .map_err(|_| RequestError::BadGuestAddress(addr.0))?;
+            if io.op == IoOp::Read {
+                // The kernel writes these through their host addresses, which vm-memory
+                // cannot see: marked now for diff snapshots, which take the marks only once
+                // the requests in flight are done.
+                slice.bitmap().mark_dirty(0, len as usize);
+            }
             Ok(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: len as usize,

@@ -5,13 +5,15 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::discard::discard_or_zero;
 use crate::metrics::BlockMetrics;
@@ -354,6 +356,11 @@ pub fn run_sync(mem: &GuestMemoryMmap, io: &IoRequest, file: &File) -> Result<()
         let slice = mem
             .get_slice(addr, len)
             .map_err(|_| RequestError::BadGuestAddress(addr.0))?;
+        if io.op == IoOp::Read {
+            // The read below goes through a raw pointer, which vm-memory cannot see: mark the
+            // pages for diff snapshots (all of them, even if the read fails part way).
+            slice.bitmap().mark_dirty(0, len);
+        }
         let mut done = 0usize;
         while done < len {
             let ptr = slice.ptr_guard_mut();

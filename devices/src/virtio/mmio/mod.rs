@@ -3,9 +3,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::memory::GuestMemoryMmap;
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::state::{queues_from, DeviceStateError, MmioTransportState, QueueSnapshot};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};

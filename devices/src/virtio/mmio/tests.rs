@@ -5,6 +5,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
+use crate::memory::GuestMemoryMmap;
 use crate::virtio::block::Block;
 use crate::virtio::{INTERRUPT_CONFIG, TYPE_BLOCK};
 

@@ -1,8 +1,8 @@
 //! The receive queue: frames from MMDS and the TAP into the guest's buffers.
 
+use crate::memory::GuestMemoryMmap;
 use log::{debug, warn};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::frame::{scatter, RxRefusal};
 use super::{Net, FRAME_BUF_LEN, NUM_BUFFERS_OFFSET, RX_INDEX, VNET_HDR_LEN};

@@ -2,9 +2,9 @@
 
 use std::time::Instant;
 
+use crate::memory::GuestMemoryMmap;
 use log::{debug, warn};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::frame::{check_tx_header, gather, TxDrop};
 use super::{Net, TX_INDEX, TX_SLICE, VNET_HDR_LEN};

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestMemoryMmap;
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempdir::TempDir;
 
