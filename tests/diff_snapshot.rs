@@ -140,6 +140,22 @@ fn holds_pattern(path: &Path, addr: u64, seed: u64) -> bool {
         .all(|(bytes, at)| u64::from_le_bytes(bytes.try_into().unwrap()) == word(seed, at))
 }
 
+/// `mote snapshot rebase --base-file BASE --diff-file DIFF`.
+fn rebase(base: &Path, diff: &Path) -> common::Run {
+    run_mote(
+        &[
+            "snapshot",
+            "rebase",
+            "--base-file",
+            base.to_str().unwrap(),
+            "--diff-file",
+            diff.to_str().unwrap(),
+        ],
+        None,
+        WAIT,
+    )
+}
+
 #[test]
 fn a_diff_snapshot_holds_what_changed_and_restores_once_rebased_onto_its_base() {
     if cfg!(not(target_arch = "x86_64")) || !require_kvm() {
@@ -234,18 +250,7 @@ fn a_diff_snapshot_holds_what_changed_and_restores_once_rebased_onto_its_base() 
         run.stderr
     );
 
-    let rebased = run_mote(
-        &[
-            "snapshot",
-            "rebase",
-            "--base-file",
-            base_mem.to_str().unwrap(),
-            "--diff-file",
-            diff_mem.to_str().unwrap(),
-        ],
-        None,
-        WAIT,
-    );
+    let rebased = rebase(&base_mem, &diff_mem);
     assert!(rebased.status.success(), "{}", rebased.stderr);
     assert!(holds_pattern(&base_mem, BEFORE, 1));
     assert!(holds_pattern(&base_mem, BOTH, 4));
@@ -295,18 +300,7 @@ fn a_diff_snapshot_holds_what_changed_and_restores_once_rebased_onto_its_base() 
 
     // A chain: the second Diff laid over the first rebase restores as well, and carries the
     // generation ID the restore wrote.
-    let rebased = run_mote(
-        &[
-            "snapshot",
-            "rebase",
-            "--base-file",
-            base_mem.to_str().unwrap(),
-            "--diff-file",
-            again_mem.to_str().unwrap(),
-        ],
-        None,
-        WAIT,
-    );
+    let rebased = rebase(&base_mem, &again_mem);
     assert!(rebased.status.success(), "{}", rebased.stderr);
     let page_of = |path: &Path| {
         let mut page = vec![0u8; PAGE as usize];

@@ -166,7 +166,7 @@ if [ -f x86.state ]; then
   echo "snapshot-status=$?"
   grep -o 'the snapshot was taken of an [a-z0-9_]* guest; this mote runs [a-z0-9_]* guests' out-snap | sed 's/^/snapshot-error=/'
 fi
-./mote --api-sock /tmp/api.sock >out-api 2>&1 &
+./mote --api-sock /tmp/api.sock --log-path out-api.log >out-api 2>&1 &
 api=$!
 i=0; while [ ! -S /tmp/api.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 echo "preboot-cad=$(hosted-tool api /tmp/api.sock PUT /actions '{"action_type": "SendCtrlAltDel"}')"
@@ -227,7 +227,7 @@ cat > vm.json <<JSON
  "machine-config": {"vcpu_count": 2, "mem_size_mib": 128},
  "vsock": {"guest_cid": 3, "uds_path": "/tmp/v0.sock"}}
 JSON
-./mote --api-sock /tmp/api0.sock --config-file vm.json >out0 2>&1 &
+./mote --api-sock /tmp/api0.sock --config-file vm.json --log-path out0.log >out0 2>&1 &
 origin=$!
 wait_count out0 tick- 5 120 || fail "the guest's loop never ran"
 hosted-tool api /tmp/api0.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"

@@ -145,30 +145,20 @@ impl<const BITS: u32> Serialize for Bitmap<BITS> {
 }
 
 /// A number written as a string (`"0x1"`, `"10"`), as Firecracker's templates write leaves,
-/// subleaves and addresses; a JSON number is taken too.
+/// subleaves and addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Number(pub u64);
 
 impl<'de> Deserialize<'de> for Number {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Int(u64),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Int(value) => Ok(Number(value)),
-            Raw::Text(text) => {
-                let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-                    Some(hex) => u64::from_str_radix(hex, 16),
-                    None => text.parse(),
-                };
-                parsed.map(Number).map_err(|_| {
-                    D::Error::custom(format!("{text:?} is not a number (\"0x1a\" or \"26\")"))
-                })
-            }
-        }
+        let text = String::deserialize(deserializer)?;
+        let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => text.parse(),
+        };
+        parsed
+            .map(Number)
+            .map_err(|_| D::Error::custom(format!("{text:?} is not a number (\"0x1a\" or \"26\")")))
     }
 }
 
@@ -318,5 +308,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not a number"), "{err}");
+        // Firecracker's schema writes numbers as strings only.
+        assert!(serde_json::from_str::<MsrModifier>(r#"{"addr": 266, "bitmap": "0b1"}"#).is_err());
     }
 }

@@ -325,7 +325,7 @@ cat > vm.json <<JSON
  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
  "vsock": {"guest_cid": 3, "uds_path": "/tmp/v1.sock"}}
 JSON
-./mote --api-sock /tmp/api1.sock --config-file vm.json >out1 2>&1 &
+./mote --api-sock /tmp/api1.sock --config-file vm.json --log-path out1.log >out1 2>&1 &
 first=$!
 wait_count out1 tick- 5 120 || fail "the guest's loop never ran"
 hosted-tool api /tmp/api1.sock PATCH /vm '{"state": "Paused"}' || fail "pause"
@@ -412,7 +412,7 @@ cat > vm.json <<JSON
  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}}
 JSON
 api() { hosted-tool api /tmp/api1.sock "$@"; }
-./mote --api-sock /tmp/api1.sock --config-file vm.json >out1 2>&1 &
+./mote --api-sock /tmp/api1.sock --config-file vm.json --log-path out1.log >out1 2>&1 &
 first=$!
 wait_count out1 tick- 3 120 || fail "the guest's loop never ran"
 api PATCH /vm '{"state": "Paused"}' || fail "pause"
@@ -492,7 +492,7 @@ cat > vm.json <<JSON
  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:1f:00:02"}]}
 JSON
-./mote --api-sock /tmp/api0.sock --config-file vm.json >out0 2>&1 &
+./mote --api-sock /tmp/api0.sock --config-file vm.json --log-path out0.log >out0 2>&1 &
 origin=$!
 wait_count out0 tick- 5 120 || fail "the guest's loop never ran"
 hosted-tool api /tmp/api0.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"
@@ -571,7 +571,7 @@ cat > vm.json <<JSON
  "machine-config": {{"vcpu_count": 1, "mem_size_mib": 256}},
  "balloon": {balloon}}}
 JSON
-./mote --api-sock /tmp/api.sock --config-file vm.json >out 2>&1 &
+./mote --api-sock /tmp/api.sock --config-file vm.json --log-path out.log >out 2>&1 &
 pid=$!
 rss() {{ awk '/VmRSS/{{print $2}}' /proc/$pid/status; }}
 wait_for out 'meminfo total=' 120 || fail "the guest's loop never ran"
@@ -668,7 +668,7 @@ cat > vm.json <<JSON
                  "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
 JSON
-./mote --api-sock /tmp/api0.sock --config-file vm.json >out0 2>&1 &
+./mote --api-sock /tmp/api0.sock --config-file vm.json --log-path out0.log >out0 2>&1 &
 origin=$!
 wait_count out0 tick- 5 120 || fail "the guest's loop never ran"
 hosted-tool api /tmp/api0.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"
@@ -826,7 +826,7 @@ echo v2-id=\$(wget -q -O - --header \"X-metadata-token: \$tok\" $url/instance-id
 ")
 for vm in "v1 V1 $v1" "v2 V2 $v2"; do
   set -- $vm
-  ./mote --api-sock /tmp/$1.sock >out-$1 2>&1 &
+  ./mote --api-sock /tmp/$1.sock --log-path out-$1.log >out-$1 2>&1 &
   pid=$!
   for i in $(seq 50); do [ -S /tmp/$1.sock ] && break; sleep 0.1; done
   hosted-tool api /tmp/$1.sock PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"guest.cpio.gz\", \"boot_args\": \"console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $GUEST_NET $3\"}" >/dev/null || fail "boot-source"
