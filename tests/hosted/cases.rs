@@ -675,7 +675,8 @@ hosted-tool api /tmp/api0.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fai
 hosted-tool api /tmp/api0.sock PUT /snapshot/create \
   '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
 kill -9 $origin
-echo guest-at-snapshot=$(tr -d '\r' <out0 | grep -o 'at=[0-9]*' | tail -n1 | cut -d= -f2)
+# Whole times only: the pause may have cut the last line in the middle of its number.
+echo guest-at-snapshot=$(tr -d '\r' <out0 | grep -o 'at=[0-9]\{10\}' | tail -n1 | cut -d= -f2)
 sleep 8
 for mode in plain realtime; do
   flag=""
