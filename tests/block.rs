@@ -176,6 +176,21 @@ fn read_only_drive_refuses_writes_and_the_file_is_unchanged() {
     assert_eq!(fs::read(&image).unwrap(), vec![0x5a; 64 * SECTOR]);
 }
 
+/// `mote run` of the probe with `steps` and the drive `drive` (a path and its options), its
+/// console piped, for a test that reads it and kills the monitor.
+fn spawn_probe(drive: &str, steps: &str) -> std::process::Child {
+    let probe = probe_kernel();
+    Command::new(mote_bin())
+        .args(["run", "--kernel", probe.to_str().unwrap(), "--drive", drive])
+        .arg("--append")
+        .arg(format!("probe.run={steps}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn a_flushed_write_survives_sigkill() {
     if !require_kvm() {
@@ -183,22 +198,10 @@ fn a_flushed_write_survives_sigkill() {
     }
     let dir = scratch("sigkill");
     let image = disk(&dir, "disk.img", 256, 0);
-    let probe = probe_kernel();
-    let mut child = Command::new(mote_bin())
-        .args([
-            "run",
-            "--kernel",
-            probe.to_str().unwrap(),
-            "--drive",
-            image.to_str().unwrap(),
-            "--append",
-            "probe.run=blk-init,blk-write:100:128:3,blk-flush,spin",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_probe(
+        image.to_str().unwrap(),
+        "blk-init,blk-write:100:128:3,blk-flush,spin",
+    );
     let mut stdout = child.stdout.take().unwrap();
     common::read_until(
         &mut stdout,
@@ -231,23 +234,11 @@ fn the_async_engine_serves_requests_in_flight_together_and_keeps_flushed_writes(
     let dropped = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(dropped, 0);
     let drive = format!("{},engine=async", image.display());
-    let probe = probe_kernel();
-    let mut child = Command::new(mote_bin())
-        .args([
-            "run",
-            "--kernel",
-            probe.to_str().unwrap(),
-            "--drive",
-            &drive,
-            "--append",
-            "probe.run=blk-init,blk-read:1500:8:5,blk-write:100:128:3,blk-flush,\
-             blk-read:100:128:3,blk-bench:write:8:1:32,blk-bench:read:8:2:32,blk-write:1000:8:4,blk-flush,spin",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_probe(
+        &drive,
+        "blk-init,blk-read:1500:8:5,blk-write:100:128:3,blk-flush,blk-read:100:128:3,\
+         blk-bench:write:8:1:32,blk-bench:read:8:2:32,blk-write:1000:8:4,blk-flush,spin",
+    );
     let mut stdout = child.stdout.take().unwrap();
     let seen = common::read_until(
         &mut stdout,
