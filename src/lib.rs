@@ -17,6 +17,7 @@ mod rpc;
 pub mod seccomp;
 pub mod signals;
 mod snapshot;
+mod start_up_text;
 pub mod startup_phases;
 mod sync;
 pub mod teardown;
@@ -326,6 +327,7 @@ fn run_to_the_end(
         let periodic = metrics::PeriodicFlush::new().map_err(MoteError::MetricsTimer)?;
         subscribers.push(Arc::new(Mutex::new(periodic)));
     }
+    start_up_text::release();
     seccomp::apply(seccomp::Filter::Vmm)?;
     let outcome = run_until_exit(vmm, subscribers);
     // The client that started a guest which ended at once still gets its answer.
