@@ -46,7 +46,7 @@ pub enum SourceError {
     },
     #[error("image {name} is for the {os} operating system, not linux")]
     WrongOs { name: String, os: String },
-    #[error("layer {digest} has media type {media_type}, which mote cannot unpack (tar and tar+gzip only)")]
+    #[error("layer {digest} has media type {media_type}, which mote cannot unpack (tar, tar+gzip and tar+zstd only)")]
     LayerMediaType { digest: Digest, media_type: String },
     #[error(
         "manifest {digest} has media type {media_type}, which is not an image manifest or index"
@@ -67,6 +67,7 @@ pub enum SourceError {
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
 
 /// One layer: its blob, the digest the blob must have (OCI layouts name it; `docker save`'s
@@ -332,6 +333,9 @@ fn compression_of(media_type: &str, digest: &Digest) -> Result<Compression, Sour
         | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
         "application/vnd.oci.image.layer.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
+        // The second is containerd's name for Docker's form (Docker's schema has none).
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
         other => Err(SourceError::LayerMediaType {
             digest: digest.clone(),
             media_type: other.to_string(),
@@ -401,13 +405,12 @@ fn read_docker_save(dir: &Path, host_arch: &'static str) -> Result<SourceImage, 
     Ok(image)
 }
 
-/// gzip's magic number, for layers whose compression nothing names. A layer not there (a
+/// gzip's or zstd's magic number, for layers whose compression nothing names. A layer not there (a
 /// first look at an archive, without its layers) is taken as uncompressed: reading it later
 /// says it is missing.
 fn sniff_compression(path: &Path) -> Result<Compression, SourceError> {
     use std::io::Read;
-    let mut magic = [0u8; 2];
-    let mut file = match std::fs::File::open(path) {
+    let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Compression::None),
         Err(source) => {
@@ -417,14 +420,17 @@ fn sniff_compression(path: &Path) -> Result<Compression, SourceError> {
             })
         }
     };
-    let n = file.read(&mut magic).map_err(|source| SourceError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
-        Compression::Gzip
-    } else {
-        Compression::None
+    let mut magic = Vec::with_capacity(4);
+    file.take(4)
+        .read_to_end(&mut magic)
+        .map_err(|source| SourceError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(match magic.as_slice() {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
+        _ => Compression::None,
     })
 }
 
