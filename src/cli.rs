@@ -268,6 +268,15 @@ pub enum ImageCommand {
         /// The name to give it (default: the name in the image, else the file's name).
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// Import the image for another host's architecture, `linux/amd64` or `linux/arm64`
+        /// (default: this host's), to fill a store that host will use; this host refuses to
+        /// run it.
+        #[arg(
+            long,
+            value_name = "OS/ARCH",
+            value_parser = crate::image::Platform::parse
+        )]
+        platform: Option<crate::image::Platform>,
         #[command(flatten)]
         store: StoreArg,
     },
@@ -1199,13 +1208,29 @@ mod tests {
             .unwrap()
             .command
         {
-            Some(Command::Image(ImageCommand::Import { path, name, store })) => {
+            Some(Command::Image(ImageCommand::Import {
+                path,
+                name,
+                store,
+                platform,
+            })) => {
                 assert_eq!(path, PathBuf::from("/x.tar"));
                 assert_eq!(name.as_deref(), Some("n"));
                 assert_eq!(store.store, Some(PathBuf::from("/s")));
+                assert_eq!(platform, None);
             }
             other => panic!("{other:?}"),
         }
+        match parse(&["image", "import", "/x", "--platform", "linux/arm64"])
+            .unwrap()
+            .command
+        {
+            Some(Command::Image(ImageCommand::Import { platform, .. })) => {
+                assert_eq!(platform.map(|p| p.arch), Some("arm64"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["image", "import", "/x", "--platform", "linux/s390x"]).is_err());
         assert!(parse(&["image", "ls"]).is_ok());
         assert!(parse(&["image", "rm"]).is_err(), "rm needs a reference");
     }

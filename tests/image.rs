@@ -267,6 +267,44 @@ fn an_image_for_another_arch_is_refused_naming_both() {
         "{said}"
     );
     assert_eq!(entries(&store.join("images")), Vec::<String>::new());
+    // Imported for that architecture on purpose (a store for another host), it is stored,
+    // and a run here still refuses it, naming both, by name and by path.
+    let platform = format!("linux/{}", spec.architecture);
+    let out = mote_in(
+        &store,
+        &[
+            "image",
+            "import",
+            "--platform",
+            &platform,
+            layout.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(entries(&store.join("images")).len(), 1);
+    let store_arg = store.to_str().unwrap();
+    for reference in [oci::IMAGE_NAME, layout.to_str().unwrap()] {
+        let out = mote(&[
+            "run",
+            "--kernel",
+            "/nonexistent",
+            "--store",
+            store_arg,
+            "--image",
+            reference,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let said = text(&out);
+        assert!(
+            said.contains(&format!(
+                "is for {}, this host runs {} guests",
+                spec.architecture,
+                oci::host_arch()
+            )),
+            "{reference}: {said}"
+        );
+    }
+    assert_eq!(entries(&store.join("runs")), Vec::<String>::new());
 }
 
 #[test]

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use digest::Digest;
+pub use source::Platform;
 pub use store::{Store, StoredImage};
 
 /// An image's configuration blob (OCI's image config; `docker save` writes the same).

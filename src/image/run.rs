@@ -47,6 +47,12 @@ pub enum RunError {
     KeepExists { path: PathBuf },
     #[error("--volume {spec}: {reason}")]
     Volume { spec: String, reason: &'static str },
+    #[error("image {image} is for {image_arch}, this host runs {host_arch} guests (it was imported with --platform)")]
+    WrongArch {
+        image: String,
+        image_arch: String,
+        host_arch: &'static str,
+    },
 }
 
 /// A volume as given on the command line.
@@ -100,12 +106,24 @@ pub struct ImageRunOptions {
 }
 
 /// The image a reference means: a path is imported (at once when the store has it already),
-/// anything else is looked up in the store.
+/// anything else is looked up in the store. An image for another architecture is refused.
 pub fn resolve_image(store: &Store, reference: &str) -> Result<StoredImage, RunError> {
+    let image = find_or_import(store, reference)?;
+    match &image.architecture {
+        Some(arch) if arch != crate::arch::OCI_ARCH => Err(RunError::WrongArch {
+            image: reference.to_string(),
+            image_arch: arch.clone(),
+            host_arch: crate::arch::OCI_ARCH,
+        }),
+        _ => Ok(image),
+    }
+}
+
+fn find_or_import(store: &Store, reference: &str) -> Result<StoredImage, RunError> {
     let path = Path::new(reference);
     if path.exists() {
         let started = std::time::Instant::now();
-        let (image, cached) = store.import(path, None, crate::arch::OCI_ARCH)?;
+        let (image, cached) = store.import(path, None, super::Platform::HOST)?;
         info!(
             "image {} ({}) {} in {} ms",
             image.id.short(),

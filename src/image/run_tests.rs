@@ -10,6 +10,7 @@ fn image(config: ContainerConfig) -> StoredImage {
         config,
         size: 0,
         imported: 0,
+        architecture: None,
     }
 }
 
