@@ -11,6 +11,7 @@ mod cpio;
 mod digest;
 pub mod init_config;
 mod layer;
+pub mod resolv;
 mod rootfs;
 pub mod run;
 mod source;

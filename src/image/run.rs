@@ -103,6 +103,10 @@ pub struct ImageRunOptions {
     pub hostname: Option<String>,
     pub volumes: Vec<VolumeSpec>,
     pub keep: Option<PathBuf>,
+    /// Whether the VM has a network interface: then the guest gets a resolv.conf.
+    pub net: bool,
+    /// `--dns`: the nameservers instead of the host's.
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 /// The image a reference means: a path is imported (at once when the store has it already),
@@ -211,6 +215,13 @@ pub fn init_config(image: &StoredImage, options: &ImageRunOptions) -> Result<Ini
                 read_only: volume.read_only,
             })
             .collect(),
+        // Docker's way: a container with a network resolves names as its host does.
+        resolv_conf: options.net.then(|| {
+            super::resolv::container_resolv_conf(
+                super::resolv::host_resolv_conf().as_deref(),
+                &options.dns,
+            )
+        }),
     })
 }
 
