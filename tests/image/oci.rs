@@ -136,9 +136,9 @@ pub fn host_arch() -> &'static str {
 }
 
 /// The busybox applets the tests' programs use, as symlinks to busybox.
-const APPLETS: [&str; 22] = [
+const APPLETS: [&str; 23] = [
     "sh", "echo", "cat", "id", "pwd", "env", "ls", "sleep", "test", "touch", "mkdir", "rm",
-    "hostname", "grep", "printf", "mount", "stat", "true", "false", "kill", "tty", "ping",
+    "hostname", "grep", "printf", "mount", "stat", "true", "false", "kill", "tty", "ping", "uname",
 ];
 
 /// What the test image's zstd layer puts in /etc/resolv.conf.
