@@ -144,7 +144,8 @@ fn volume(work: &Path) -> PathBuf {
 /// entrypoint is 127; a volume is mounted read-only; the run's files go, or the root stays
 /// where --keep says; a signal to mote reaches the program; --net with --ip gives eth0 its
 /// address and the guest the emulated host's resolv.conf without its loopback nameserver,
-/// or --dns's nameserver; the image given as an archive runs from the store.
+/// or --dns's nameserver; without --ip eth0 is up all the same; the image given as an
+/// archive runs from the store.
 pub fn image_runs_as_a_container(arch: Arch) {
     if !require_emulated_host(arch) {
         return;
@@ -211,7 +212,7 @@ ip addr add 172.31.0.1/24 dev tap0
 ip link set tap0 up
 ./mote run --kernel "$KERNEL" --store store --image {name} --user root --net tap=tap0 --ip 172.31.0.2/24,gw=172.31.0.1 -- 'ping -c 1 -W 10 172.31.0.1 | grep "packets transmitted"; echo "lo-flags=$(cat /sys/class/net/lo/flags)"; echo "resolv=$(echo $(cat /etc/resolv.conf))"' >out8 2>&1
 echo "status8=$?"
-./mote run --kernel "$KERNEL" --store store --image {name} --net tap=tap0 --ip 172.31.0.2/24 --dns 192.0.2.53 -- 'echo "resolv=$(echo $(cat /etc/resolv.conf))"' >out10 2>&1
+./mote run --kernel "$KERNEL" --store store --image {name} --net tap=tap0 --dns 192.0.2.53 -- 'echo "resolv=$(echo $(cat /etc/resolv.conf))"; echo "eth0-flags=$(cat /sys/class/net/eth0/flags)"' >out10 2>&1
 echo "status10=$?"
 NET
 unshare -n sh net.sh
@@ -269,6 +270,8 @@ for n in 1 2 3 4 5 6 7 8 9 10; do tr -d '\r' <out$n | sed "s/^/out$n: /"; done
         value("out10: resolv="),
         "nameserver 192.0.2.53 search example.test"
     );
+    // Without --ip eth0 has no address but is up (IFF_UP | IFF_BROADCAST | IFF_MULTICAST).
+    assert_eq!(value("out10: eth0-flags="), "0x1003");
     // The archive's image was the stored one: nothing built, the second form ran at once.
     assert_eq!(value("status9="), "0");
     result.assert_line("out9: from-the-archive");

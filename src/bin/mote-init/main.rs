@@ -111,10 +111,14 @@ fn run(control: &File) -> Result<u8, String> {
     if let Err(err) = sys::set_hostname(&config.hostname) {
         say(&format!("cannot set the host name: {err}"));
     }
-    // The loopback interface, as every container has it; eth0 (with --net) the kernel's
-    // `ip=` configured already, and is up if it was given an address.
-    if let Err(err) = sys::link_up("lo") {
-        say(&format!("cannot bring up lo: {err}"));
+    // The loopback interface, as every container has it, and every interface --net gave
+    // (eth0, …) up even without an address, as a container's are: the kernel's `ip=` (from
+    // --ip) has configured eth0 and brought it up already; without it, the program (a DHCP
+    // client, say) configures an interface that is up.
+    for interface in network_interfaces() {
+        if let Err(err) = sys::link_up(&interface) {
+            say(&format!("cannot bring up {interface}: {err}"));
+        }
     }
     let signals = sys::all_signals();
     sys::block(&signals).map_err(|err| format!("cannot block signals: {err}"))?;
@@ -229,6 +233,21 @@ fn mount_basics() {
     ] {
         let _ = std::os::unix::fs::symlink(to, link);
     }
+}
+
+/// The guest's network interfaces, lo first.
+fn network_interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name != "lo")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.insert(0, "lo".to_string());
+    names
 }
 
 /// Puts `text` at `path` as a file of its own: an image's symlink there (to a systemd
