@@ -54,14 +54,15 @@ def compress(layer_tar, how):
     return layer_tar
 
 
-def write_layout(layout, layer_tar, how, config):
+def write_layout(layout, layer_tar, how, config, arch=None):
+    """An OCI layout of one layer; `arch` as OCI names it (default: this machine's)."""
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs)
     diff_id = "sha256:" + hashlib.sha256(layer_tar).hexdigest()
     data = compress(layer_tar, how)
     media = "application/vnd.oci.image.layer.v1.tar" + ("" if how == "none" else "+" + how)
     layer_digest, layer_size = blob(blobs, data)
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
+    arch = arch or {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
     cfg = json.dumps({"architecture": arch, "os": "linux", "config": config,
                       "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
     cfg_digest, cfg_size = blob(blobs, cfg)
@@ -98,9 +99,9 @@ def tar_of(entries):
     return out.getvalue()
 
 
-def busybox_layer():
+def busybox_layer(busybox="/bin/busybox"):
     applets = ["sh", "echo", "cat", "ls", "env", "true"]
-    entries = [("bin", None, None), ("bin/busybox", "/bin/busybox", None)]
+    entries = [("bin", None, None), ("bin/busybox", busybox, None)]
     entries += [(f"bin/{a}", None, "busybox") for a in applets]
     return tar_of(entries)
 
