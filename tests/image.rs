@@ -1,7 +1,7 @@
 //! Container images on the host side (`mote image import|ls|rm`, and the refusals of
 //! `mote run --image` that come before any VM): small OCI images the tests write themselves,
 //! imported into a scratch store and read back from the built ext4 root with debugfs. Needs
-//! root (owners), e2fsprogs and busybox-static; no KVM.
+//! root (owners), e2fsprogs, busybox-static and the zstd tool (zstd layers); no KVM.
 
 mod common;
 
