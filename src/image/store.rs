@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! images/<id hex>/rootfs.ext4   the image's root file system
-//! images/<id hex>/image.json    its names, configuration and size
+//! images/<id hex>/image.json    its names, configuration, size and architecture
 //! tmp/<pid>-<n>/                an import at work; renamed into images/ whole when done
 //! runs/<pid>-<n>.*              a running container's files (its root's writable copy, …)
 //! ```
