@@ -353,7 +353,10 @@ impl Block {
                         }
                         Some(engine) => match engine.push(mem, &self.file, head, io) {
                             Ok(()) => continue,
-                            Err((io, err)) => io_completion(&io, Err(err), &self.metrics),
+                            Err(rejected) => {
+                                let (io, err) = *rejected;
+                                io_completion(&io, Err(err), &self.metrics)
+                            }
                         },
                     },
                 };
