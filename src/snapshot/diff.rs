@@ -198,7 +198,7 @@ mod tests {
         mem.write_slice(&[0xbb; 16], GuestAddress(3 * page as u64))
             .unwrap();
         let base = TempFile::new().unwrap();
-        let regions = write_memory_file(&mem, base.as_file(), base.as_path()).unwrap();
+        let regions = write_memory_file(&mem, false, base.as_file(), base.as_path()).unwrap();
         mem.write_slice(&[0xcc; 16], GuestAddress(5 * page as u64))
             .unwrap();
         mem.write_slice(&[0xdd; 16], GuestAddress((1 << 30) + page as u64))
