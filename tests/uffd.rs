@@ -1,0 +1,309 @@
+//! The `Uffd` memory backend with the probe guest and the page-fault handler of
+//! tests/common/uffd_handler.rs: a restore through it reads back the patterns the guest wrote
+//! before its snapshot, with the handler serving the faults (and a snapshot of that VM holds
+//! them too); a wrong backend_path is refused with a 400 naming it and the monitor stays; a
+//! handler that hangs up is named in the log; one that stops serving stalls the guest while
+//! the API and SIGTERM still work (and a pause, or its refusal saying why where the kernel
+//! keeps the vCPU from the kick); and one that never reads a fault ends the monitor after
+//! `fault_timeout_ms`, with a message.
+
+mod common;
+#[path = "common/uffd_handler.rs"]
+mod uffd_handler;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::api::ApiMote;
+use common::{probe_kernel, require_kvm, send_signal};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// Pattern pages the guest writes before its snapshot and reads back after: 16 pages, one
+/// every 64, from 40 MiB (64 MiB of guest memory).
+const AT_KIB: u64 = 40 << 10;
+const PAGES: u64 = 16;
+const STRIDE: u64 = 64;
+const SEED: u64 = 7;
+
+/// Boots a probe that writes its patterns, waits for a key (the snapshot is taken there),
+/// then reads the patterns back one page at a time and spins; snapshots it at the wait and
+/// kills it.
+fn snapshot(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let mote = ApiMote::spawn(name, &[]);
+    let peeks: Vec<String> = (0..PAGES)
+        .map(|page| format!("peek:{}:1:{SEED}", AT_KIB + page * STRIDE * 4))
+        .collect();
+    let steps = format!(
+        "poke:{AT_KIB}:{PAGES}:{SEED}:{STRIDE},kbd:8,{},hello,spin",
+        peeks.join(",")
+    );
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    });
+    mote.ok("PUT", "/boot-source", &boot_source.to_string());
+    mote.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: kbd: waiting", WAIT);
+    let (state, mem) = mote.pause_and_snapshot();
+    let dir = mote.dir.clone();
+    drop(mote);
+    (dir, state, mem)
+}
+
+fn uffd_load(state: &Path, socket: &Path, timeout_ms: Option<u64>) -> String {
+    let mut backend = serde_json::json!({"backend_type": "Uffd", "backend_path": socket});
+    if let Some(ms) = timeout_ms {
+        backend["fault_timeout_ms"] = ms.into();
+    }
+    serde_json::json!({"snapshot_path": state, "mem_backend": backend, "resume_vm": true})
+        .to_string()
+}
+
+/// How many of the guest's peeks matched and how many did not.
+fn peeks(out: &str) -> (usize, usize) {
+    let lines = out.lines().filter(|l| l.starts_with("probe: peek "));
+    lines.fold((0, 0), |(yes, no), line| {
+        if line.contains("match=yes") {
+            (yes + 1, no)
+        } else {
+            (yes, no + 1)
+        }
+    })
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_guest_restored_through_uffd_reads_back_its_patterns_from_the_handler() {
+    if !require_kvm() {
+        return;
+    }
+    let (dir, state, mem) = snapshot("uffd-source");
+    let socket = dir.join("handler.sock");
+    let (control, handler) = uffd_handler::spawn(&socket, &mem);
+    let clone = ApiMote::spawn("uffd-clone", &[]);
+    clone.ok("PUT", "/snapshot/load", &uffd_load(&state, &socket, None));
+    assert!(clone
+        .stderr()
+        .contains("handed to the page-fault handler on"));
+    // The handler saw Firecracker's message: one region of 64 MiB at offset 0, 4 KiB pages.
+    let mappings = control.mappings.lock().unwrap().clone();
+    assert_eq!(mappings.len(), 1, "{mappings:?}");
+    assert_eq!((mappings[0].size, mappings[0].offset), (64 << 20, 0));
+    assert_eq!(mappings[0].page_size, 4096);
+    // Lazily: the restore and the spinning guest took a few pages, not the 64 MiB.
+    std::thread::sleep(Duration::from_millis(50));
+    let after_load = control.faults.load(Ordering::SeqCst);
+    assert!(
+        after_load > 0 && after_load < 2048,
+        "{after_load} faults served"
+    );
+    // A snapshot of the restored VM before the guest reads its patterns holds them all the
+    // same: the pages it never touched since the restore are read through the handler.
+    let again = clone.dir.join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    let (_, mem2) = common::api::pause_and_snapshot(&clone.socket, &again);
+    let written = std::fs::read(&mem2).unwrap();
+    let original = std::fs::read(&mem).unwrap();
+    assert_eq!(written.len(), original.len());
+    let page = |bytes: &[u8], kib: u64| bytes[(kib << 10) as usize..][..4096].to_vec();
+    for index in 0..PAGES {
+        let kib = AT_KIB + index * STRIDE * 4;
+        assert_eq!(
+            page(&written, kib),
+            page(&original, kib),
+            "page at {kib} KiB"
+        );
+    }
+    clone.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+
+    let before_key = control.faults.load(Ordering::SeqCst);
+    clone.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    clone.wait_for_stdout("probe: hello", WAIT);
+    let out = clone.stdout();
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    // The snapshot faulted in every page through the handler, the pattern pages included:
+    // the guest's reads took none, and before it the restore and the snapshot took them all.
+    let faults = control.faults.load(Ordering::SeqCst);
+    assert!(
+        before_key >= (64 << 20) / 4096 / 2,
+        "{before_key} faults served"
+    );
+    assert_eq!(faults, before_key, "faults after the snapshot");
+    drop(clone);
+    assert!(handler.join().unwrap().is_ok());
+}
+
+#[test]
+fn wrong_backend_paths_are_refused_by_name_and_the_monitor_stays() {
+    if !require_kvm() {
+        return;
+    }
+    let (dir, state, mem) = snapshot("uffd-paths-source");
+    let mote = ApiMote::spawn("uffd-paths", &[]);
+    let regular = dir.join("regular-file");
+    std::fs::write(&regular, b"not a socket").unwrap();
+    let gone = dir.join("gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&gone).unwrap());
+    let missing = dir.join("missing.sock");
+    for (path, reason) in [
+        (&missing, "no such file"),
+        (&regular, "is not a Unix socket (a regular file)"),
+        (&gone, "nobody listens on this socket"),
+    ] {
+        let answer = mote.request("PUT", "/snapshot/load", &uffd_load(&state, path, None));
+        assert_eq!(answer.status, 400, "{answer:?}");
+        let fault = answer.fault();
+        assert!(fault.contains(&path.display().to_string()), "{fault}");
+        assert!(fault.contains(reason), "{fault}");
+        assert_eq!(mote.request("GET", "/", "").status, 200);
+    }
+    // A File backend with the Uffd-only option is refused too, and the monitor still loads.
+    let answer = mote.request(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem, "fault_timeout_ms": 5}})
+        .to_string(),
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.fault().contains("fault_timeout_ms"), "{answer:?}");
+    let socket = dir.join("handler.sock");
+    let (_control, _handler) = uffd_handler::spawn(&socket, &mem);
+    mote.ok("PUT", "/snapshot/load", &uffd_load(&state, &socket, None));
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+}
+
+#[test]
+fn a_handler_that_hangs_up_and_serves_on_is_named_and_the_guest_carries_on() {
+    if !require_kvm() {
+        return;
+    }
+    let (dir, state, mem) = snapshot("uffd-hangup-source");
+    let socket = dir.join("handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&socket, &mem);
+    control.hang_up.store(true, Ordering::SeqCst);
+    let mote = ApiMote::spawn("uffd-hangup", &[]);
+    mote.ok("PUT", "/snapshot/load", &uffd_load(&state, &socket, None));
+    let expected = format!(
+        "the page-fault handler on {} closed its socket",
+        socket.display()
+    );
+    wait_until(
+        "the hang-up in the log",
+        || mote.stderr().contains(&expected),
+        || mote.stderr(),
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+}
+
+#[test]
+fn a_guest_stalled_on_an_unserved_fault_keeps_the_api_and_stops_on_sigterm() {
+    if !require_kvm() {
+        return;
+    }
+    let (dir, state, mem) = snapshot("uffd-stall-source");
+    let socket = dir.join("handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&socket, &mem);
+    let mote = ApiMote::spawn("uffd-stall", &[]);
+    // No time-out: the stall lasts until the test ends it.
+    mote.ok(
+        "PUT",
+        "/snapshot/load",
+        &uffd_load(&state, &socket, Some(0)),
+    );
+    control.serving.store(false, Ordering::SeqCst);
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    // The guest leaves its wait and stalls on the first pattern page.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(peeks(&mote.stdout()), (0, 0), "{}", mote.stdout());
+    assert_eq!(mote.request("GET", "/", "").status, 200);
+    assert_eq!(mote.request("GET", "/vm/config", "").status, 200);
+    // The vCPU waits on the fault inside KVM_RUN. Where KVM waits interruptibly (hardware
+    // KVM from Linux 6.3) the kick reaches it and it pauses; where it waits in a user access
+    // of its own (a PVM host's shadow page-table walk) or killably (older kernels) it cannot,
+    // and the pause is refused, saying why.
+    let answer = mote.request("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    eprintln!("pausing a stalled vCPU: {answer:?}");
+    if answer.status == 204 {
+        mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    } else {
+        assert_eq!(answer.status, 400, "{answer:?}");
+        assert!(
+            answer
+                .fault()
+                .contains("the page-fault handler (mem_backend Uffd) has not served"),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(mote.request("GET", "/", "").status, 200);
+    // A stop signal still ends the monitor, without waiting for ever for the vCPU.
+    let stopped = Instant::now();
+    send_signal(mote.pid(), libc::SIGTERM);
+    let run = mote.wait(WAIT + Duration::from_secs(10));
+    assert_eq!(
+        run.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("stopped by SIGTERM"), "{}", run.stderr);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopped.elapsed()
+    );
+}
+
+#[test]
+fn a_fault_nobody_reads_ends_the_monitor_after_its_time_out() {
+    if !require_kvm() {
+        return;
+    }
+    let (dir, state, mem) = snapshot("uffd-timeout-source");
+    let socket = dir.join("handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&socket, &mem);
+    // A handler that takes the userfaultfd and never reads it: the restore's own first
+    // write to guest memory waits on it.
+    control.serving.store(false, Ordering::SeqCst);
+    let mote = ApiMote::spawn("uffd-timeout", &[]);
+    let api = mote.socket.clone();
+    let body = uffd_load(&state, &socket, Some(1000));
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let _ =
+            std::panic::catch_unwind(|| common::api::request(&api, "PUT", "/snapshot/load", &body));
+    });
+    let run = mote.wait(WAIT + Duration::from_secs(10));
+    let took = started.elapsed();
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    let message = format!(
+        "a guest memory fault waited unread for 1000 ms (mem_backend fault_timeout_ms) on the userfaultfd given to the page-fault handler on {}",
+        socket.display()
+    );
+    assert!(run.stderr.contains(&message), "{}", run.stderr);
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+}
