@@ -307,3 +307,110 @@ fn a_fault_nobody_reads_ends_the_monitor_after_its_time_out() {
         "{took:?}"
     );
 }
+
+const HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+fn huge_pages(name: &str) -> u64 {
+    std::fs::read_to_string(format!("{HUGE_PAGES}/{name}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Grows the host's pool of 2 MiB pages for a test and shrinks it back when dropped (tests
+/// that touch the pool run one at a time: .config/nextest.toml's `huge-pages` group).
+struct HugePagePool {
+    before: u64,
+}
+
+impl HugePagePool {
+    fn grow_by(pages: u64) -> Self {
+        let before = huge_pages("nr_hugepages");
+        std::fs::write(
+            format!("{HUGE_PAGES}/nr_hugepages"),
+            (before + pages).to_string(),
+        )
+        .unwrap();
+        Self { before }
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            format!("{HUGE_PAGES}/nr_hugepages"),
+            self.before.to_string(),
+        );
+    }
+}
+
+/// A snapshot of a guest in 2 MiB huge pages cannot come back as a private mapping of its
+/// file (refused, naming Uffd), but through the handler it does: the handler is told the
+/// page size, serves whole huge pages, and the guest reads its patterns.
+#[test]
+fn a_huge_pages_snapshot_restores_through_uffd_in_huge_pages() {
+    if !require_kvm() || !Path::new(HUGE_PAGES).exists() {
+        return;
+    }
+    let _pool = HugePagePool::grow_by(32);
+    if huge_pages("free_hugepages") < 32 {
+        println!("SKIPPED: the host gave its pool no 32 free huge pages");
+        return;
+    }
+    let source = ApiMote::spawn("uffd-huge-source", &[]);
+    let steps =
+        format!("poke:{AT_KIB}:{PAGES}:{SEED}:{STRIDE},kbd:8,peek:{AT_KIB}:1:{SEED},hello,spin");
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    });
+    source.ok("PUT", "/boot-source", &boot_source.to_string());
+    source.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M"}"#,
+    );
+    source.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    source.wait_for_stdout("probe: kbd: waiting", WAIT);
+    let (state, mem) = source.pause_and_snapshot();
+    let dir = source.dir.clone();
+    drop(source);
+
+    let file = ApiMote::spawn("uffd-huge-file", &[]);
+    let answer = file.request(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem}})
+        .to_string(),
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(
+        answer.fault().contains("\"backend_type\": \"Uffd\""),
+        "{answer:?}"
+    );
+    drop(file);
+
+    let socket = dir.join("handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&socket, &mem);
+    let clone = ApiMote::spawn("uffd-huge-clone", &[]);
+    clone.ok("PUT", "/snapshot/load", &uffd_load(&state, &socket, None));
+    let mappings = control.mappings.lock().unwrap().clone();
+    assert_eq!(mappings[0].page_size, 2 << 20, "{mappings:?}");
+    clone.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = clone.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (1, 0), "{out}");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", clone.pid())).unwrap();
+    let hugetlb_kib: u64 = smaps
+        .lines()
+        .filter_map(|line| line.strip_prefix("Private_Hugetlb:"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    let faults = control.faults.load(Ordering::SeqCst);
+    // Each fault brought a whole 2 MiB page: what the guest holds is that many huge pages.
+    assert!(
+        faults > 0 && hugetlb_kib == faults * 2048,
+        "{faults} faults, {hugetlb_kib} KiB"
+    );
+}
