@@ -414,3 +414,51 @@ fn a_huge_pages_snapshot_restores_through_uffd_in_huge_pages() {
         "{faults} faults, {hugetlb_kib} KiB"
     );
 }
+
+/// The balloon over a Uffd-restored guest: the pages it gives back reach the handler as
+/// UFFD_EVENT_REMOVE (mote's madvise waits until the handler has read them), and when the
+/// guest takes them back after deflating, the handler serves them zeroed, not from the file.
+#[test]
+fn balloon_removed_pages_reach_the_handler_and_come_back_zeroed() {
+    if !require_kvm() {
+        return;
+    }
+    let source = ApiMote::spawn("uffd-balloon-source", &[]);
+    let steps = "balloon-init:0,balloon-touch:64:128,balloon-follow:64:2,balloon-touch:64:128,\
+                 hello,spin";
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    });
+    source.ok("PUT", "/boot-source", &boot_source.to_string());
+    source.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
+    );
+    source.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
+    );
+    source.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    source.wait_for_stdout("probe: balloon: waiting target=0 actual=0", WAIT);
+    let (state, mem) = source.pause_and_snapshot();
+    let dir = source.dir.clone();
+    drop(source);
+
+    let socket = dir.join("handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&socket, &mem);
+    let clone = ApiMote::spawn("uffd-balloon-clone", &[]);
+    clone.ok("PUT", "/snapshot/load", &uffd_load(&state, &socket, None));
+    clone.ok("PATCH", "/balloon", r#"{"amount_mib": 128}"#);
+    clone.wait_for_stdout("probe: balloon-follow target=32768 actual=32768", WAIT);
+    let removes = control.removes.load(Ordering::SeqCst);
+    assert!(removes > 0, "no UFFD_EVENT_REMOVE reached the handler");
+    assert_eq!(control.zero_faults.load(Ordering::SeqCst), 0);
+    clone.ok("PATCH", "/balloon", r#"{"amount_mib": 0}"#);
+    clone.wait_for_stdout("probe: hello", WAIT);
+    // The second touch of the 128 MiB the balloon had: every page of it came back zeroed.
+    let zeroed = control.zero_faults.load(Ordering::SeqCst);
+    assert!(zeroed >= 128 * 256, "{zeroed} pages served zeroed");
+}

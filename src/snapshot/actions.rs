@@ -398,22 +398,24 @@ pub fn load_snapshot(
             socket,
             fault_timeout,
         } => {
-            if !matches!(state.memory_file, MemoryFileKind::Full) {
-                // The handler serves from a file mote never sees: it must be whole (a Diff
-                // rebased onto its base, `mote snapshot rebase`), which mote cannot check.
-                log::warn!(
-                    "a Diff snapshot restored through the Uffd backend: its handler must serve a memory file rebased onto the Diff's base"
-                );
-            }
             let mib = resources.machine_config.mem_size_mib;
             let (memory, uffd) = uffd_backend::hand_over(&stream, socket, mib, huge_pages)?;
+            // Watched from here on: every touch of guest memory below may wait on the handler.
             let uffd = std::sync::Arc::new(uffd);
             if let Some(limit) = fault_timeout {
                 watch::start(uffd.clone(), socket.to_path_buf(), limit)?;
             }
+            // A Diff's handler must serve its memory file rebased onto the base: the pages
+            // the state names are read through it, as from a file.
+            check_base_pages(&memory, &state.memory_file, socket)?;
             (
                 memory,
-                Some(HandlerLink::new(stream, socket.to_path_buf(), uffd)),
+                Some(HandlerLink::new(
+                    stream,
+                    socket.to_path_buf(),
+                    uffd,
+                    fault_timeout,
+                )),
             )
         }
     };

@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{error, warn};
@@ -27,21 +28,36 @@ pub struct HandlerLink {
     _uffd: Arc<Uffd>,
     /// Whether the handler sent bytes already (warned once).
     chatty: bool,
+    /// The stall watch's limit, for the hang-up's message.
+    fault_timeout: Option<Duration>,
 }
 
 impl HandlerLink {
-    pub fn new(stream: UnixStream, path: PathBuf, uffd: Arc<Uffd>) -> Self {
+    pub fn new(
+        stream: UnixStream,
+        path: PathBuf,
+        uffd: Arc<Uffd>,
+        fault_timeout: Option<Duration>,
+    ) -> Self {
         Self {
             stream,
             path,
             _uffd: uffd,
             chatty: false,
+            fault_timeout,
         }
     }
 
     fn hung_up(&self, ops: &mut EventOps) {
+        let then = match self.fault_timeout {
+            Some(limit) => format!(
+                "a fault left unread for {} ms ends this monitor (mem_backend fault_timeout_ms)",
+                limit.as_millis()
+            ),
+            None => "a fault left unserved stalls it (no mem_backend fault_timeout_ms)".into(),
+        };
         error!(
-            "the page-fault handler on {} closed its socket; the guest runs on while its faults are served, and a fault left unread ends this monitor (mem_backend fault_timeout_ms)",
+            "the page-fault handler on {} closed its socket; the guest runs on while its faults are served, and {then}",
             self.path.display()
         );
         if let Err(err) = ops.remove(Events::new(&self.stream, EventSet::IN)) {
