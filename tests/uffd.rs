@@ -462,3 +462,91 @@ fn balloon_removed_pages_reach_the_handler_and_come_back_zeroed() {
     let zeroed = control.zero_faults.load(Ordering::SeqCst);
     assert!(zeroed >= 128 * 256, "{zeroed} pages served zeroed");
 }
+
+/// A Diff snapshot restored through Uffd: a handler serving the Diff's memory file as it is
+/// (only the pages written since the Full snapshot) is refused, naming the socket and `mote
+/// snapshot rebase`, since the pages the Diff's state names are read through the handler; one
+/// serving the Diff rebased onto its base restores the guest, which reads both patterns.
+#[test]
+fn a_diff_restored_through_uffd_needs_its_handler_to_serve_the_rebased_file() {
+    if !require_kvm() {
+        return;
+    }
+    let mote = ApiMote::spawn("uffd-diff-source", &[]);
+    let steps = format!(
+        "poke:{AT_KIB}:4:1,kbd:8,poke:{}:4:2,kbd:8,peek:{AT_KIB}:4:1,peek:{}:4:2,hello,spin",
+        AT_KIB + 4096,
+        AT_KIB + 4096
+    );
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    });
+    mote.ok("PUT", "/boot-source", &boot_source.to_string());
+    mote.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#,
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let dir = mote.dir.clone();
+    let (full_state, full_mem) = (dir.join("full.state"), dir.join("full.mem"));
+    let (diff_state, diff_mem) = (dir.join("diff.state"), dir.join("diff.mem"));
+    let snapshot = |kind: &str, state: &Path, mem: &Path| {
+        mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        let body = serde_json::json!({
+            "snapshot_type": kind, "snapshot_path": state, "mem_file_path": mem,
+        });
+        mote.ok("PUT", "/snapshot/create", &body.to_string());
+    };
+    mote.wait_for_stdout("probe: kbd: waiting", WAIT);
+    snapshot("Full", &full_state, &full_mem);
+    mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    wait_until(
+        "the second wait",
+        || mote.stdout().matches("probe: kbd: waiting").count() == 2,
+        || mote.stdout(),
+    );
+    snapshot("Diff", &diff_state, &diff_mem);
+    drop(mote);
+
+    let socket = dir.join("diff-handler.sock");
+    let (_control, _handler) = uffd_handler::spawn(&socket, &diff_mem);
+    let refused = ApiMote::spawn("uffd-diff-raw", &[]);
+    let answer = refused.request(
+        "PUT",
+        "/snapshot/load",
+        &uffd_load(&diff_state, &socket, None),
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    let fault = answer.fault();
+    assert!(
+        fault.contains(&format!("the guest memory from {}", socket.display()))
+            && fault.contains("mote snapshot rebase"),
+        "{fault}"
+    );
+    drop(refused);
+
+    let rebase = common::mote(&[
+        "snapshot",
+        "rebase",
+        "--base-file",
+        full_mem.to_str().unwrap(),
+        "--diff-file",
+        diff_mem.to_str().unwrap(),
+    ]);
+    assert!(rebase.status.success(), "{rebase:?}");
+    let socket = dir.join("rebased-handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&socket, &full_mem);
+    let clone = ApiMote::spawn("uffd-diff-rebased", &[]);
+    clone.ok(
+        "PUT",
+        "/snapshot/load",
+        &uffd_load(&diff_state, &socket, None),
+    );
+    clone.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = clone.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (2, 0), "{out}");
+    assert!(control.faults.load(Ordering::SeqCst) > 0);
+}
