@@ -1,11 +1,13 @@
 //! The `Uffd` memory backend with the probe guest and the page-fault handler of
 //! tests/common/uffd_handler.rs: a restore through it reads back the patterns the guest wrote
-//! before its snapshot, with the handler serving the faults (and a snapshot of that VM holds
-//! them too); a wrong backend_path is refused with a 400 naming it and the monitor stays; a
-//! handler that hangs up is named in the log; one that stops serving stalls the guest while
-//! the API and SIGTERM still work (and a pause, or its refusal saying why where the kernel
-//! keeps the vCPU from the kick); and one that never reads a fault ends the monitor after
-//! `fault_timeout_ms`, with a message.
+//! before its snapshot, lazily, with the handler serving the faults (and a snapshot of that VM
+//! holds them too, read through it); a wrong backend_path is refused with a 400 naming it and
+//! the monitor stays; a handler that hangs up is named in the log; one that stops serving
+//! stalls the guest while the API and SIGTERM still work (and a pause, or its refusal saying
+//! why where the kernel keeps the vCPU from the kick); one that never reads a fault ends the
+//! monitor after `fault_timeout_ms`, with a message; balloon-removed pages reach the handler
+//! as UFFD_EVENT_REMOVE; a 2 MiB huge-page snapshot comes back in huge pages; a Diff needs its
+//! handler to serve the rebased memory file.
 
 mod common;
 #[path = "common/uffd_handler.rs"]
