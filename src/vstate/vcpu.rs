@@ -333,9 +333,10 @@ impl VcpuHandle {
     ///
     /// A thread can be held in the kernel: a guest page whose fault a page-fault handler never
     /// serves (the Uffd backend) holds a vCPU thread where only a fatal signal reaches it,
-    /// when KVM takes the fault in a user access of its own (its shadow page-table walk, as on
-    /// PVM hosts) or on kernels before 6.3. The kick cannot reach it, and a stop must not wait
-    /// for ever.
+    /// when KVM takes the fault in a user access of its own (reading the guest's page tables
+    /// in its shadow page-table walk, as on PVM hosts) or on kernels before 6.3 (KVM's own
+    /// fault-in waits interruptibly from 6.3). The kick cannot reach it, and a stop must not
+    /// wait for ever.
     pub fn finish(&mut self) {
         self.send(VcpuEvent::Finish);
         let Some(thread) = self.thread.take() else {

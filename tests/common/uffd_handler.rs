@@ -110,6 +110,8 @@ pub struct Control {
     pub hang_up: AtomicBool,
     /// Set: the handler returns, closing everything it has (gone).
     pub quit: AtomicBool,
+    /// Set: the handler writes bytes the contract has no place for on its socket, once.
+    pub garbage: AtomicBool,
 }
 
 impl Default for Control {
@@ -122,6 +124,7 @@ impl Default for Control {
             serving: AtomicBool::new(true),
             hang_up: AtomicBool::new(false),
             quit: AtomicBool::new(false),
+            garbage: AtomicBool::new(false),
         }
     }
 }
@@ -243,6 +246,11 @@ pub fn serve(listener: &UnixListener, mem_file: &Path, control: &Control) -> io:
     loop {
         if control.quit.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        if control.garbage.swap(false, Ordering::SeqCst) {
+            if let Some(mut socket) = stream.as_ref() {
+                std::io::Write::write_all(&mut socket, b"\x00garbage{]\n")?;
+            }
         }
         if control.hang_up.load(Ordering::SeqCst) {
             stream = None;
