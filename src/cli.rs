@@ -268,6 +268,15 @@ pub enum ImageCommand {
         /// The name to give it (default: the name in the image, else the file's name).
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// Import the image for another host's architecture, `linux/amd64` or `linux/arm64`
+        /// (default: this host's), to fill a store that host will use; this host refuses to
+        /// run it.
+        #[arg(
+            long,
+            value_name = "OS/ARCH",
+            value_parser = crate::image::Platform::parse
+        )]
+        platform: Option<crate::image::Platform>,
         #[command(flatten)]
         store: StoreArg,
     },
@@ -445,6 +454,10 @@ pub struct RunArgs {
     /// `ADDRESS/PREFIX[,gw=GATEWAY]` (the kernel's `ip=` is made of it).
     #[arg(long, value_name = "ADDRESS/PREFIX[,gw=GATEWAY]", value_parser = parse_ip, requires = "image")]
     pub ip: Option<IpSpec>,
+    /// With --image and --net: a nameserver for the guest's /etc/resolv.conf, instead of the
+    /// host's (which it gets otherwise, without loopback ones); may repeat.
+    #[arg(long, value_name = "ADDRESS", requires_all = ["image", "nets"])]
+    pub dns: Vec<std::net::IpAddr>,
     /// With --image: throw the container's writable root away after the run (the default).
     #[arg(long, requires = "image", conflicts_with = "keep")]
     pub rm: bool,
@@ -685,6 +698,8 @@ impl RunArgs {
             hostname: self.hostname.clone(),
             volumes: self.volumes.clone(),
             keep: self.keep.clone(),
+            net: !self.nets.is_empty(),
+            dns: self.dns.clone(),
         })
     }
 
@@ -1150,6 +1165,30 @@ mod tests {
         assert!(run_args(&["run", "--kernel", "k"])
             .image_options()
             .is_none());
+        let options = run_args(&[
+            "run",
+            "--kernel",
+            "k",
+            "--image",
+            "b",
+            "--net",
+            "tap=t0",
+            "--dns",
+            "192.0.2.53",
+            "--dns",
+            "2001:db8::53",
+        ])
+        .image_options()
+        .unwrap();
+        assert!(options.net);
+        assert_eq!(
+            options.dns,
+            [
+                "192.0.2.53".parse::<std::net::IpAddr>().unwrap(),
+                "2001:db8::53".parse().unwrap()
+            ]
+        );
+        assert!(!run.image_options().unwrap().net);
     }
 
     #[test]
@@ -1157,6 +1196,19 @@ mod tests {
         assert!(parse(&["run", "--kernel", "k", "--env", "A=1"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--keep", "/k"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--ip", "10.0.0.2/24"]).is_err());
+        // --dns is for a container's network.
+        assert!(parse(&["run", "--kernel", "k", "--dns", "192.0.2.53"]).is_err());
+        assert!(parse(&[
+            "run",
+            "--kernel",
+            "k",
+            "--image",
+            "b",
+            "--dns",
+            "192.0.2.53"
+        ])
+        .is_err());
+        assert!(parse(&["run", "--kernel", "k", "--image", "b", "--dns", "x.y"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--image", "b", "--rootfs", "/r"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--image", "b", "--rm", "--keep", "/k"]).is_err());
     }
@@ -1199,13 +1251,29 @@ mod tests {
             .unwrap()
             .command
         {
-            Some(Command::Image(ImageCommand::Import { path, name, store })) => {
+            Some(Command::Image(ImageCommand::Import {
+                path,
+                name,
+                store,
+                platform,
+            })) => {
                 assert_eq!(path, PathBuf::from("/x.tar"));
                 assert_eq!(name.as_deref(), Some("n"));
                 assert_eq!(store.store, Some(PathBuf::from("/s")));
+                assert_eq!(platform, None);
             }
             other => panic!("{other:?}"),
         }
+        match parse(&["image", "import", "/x", "--platform", "linux/arm64"])
+            .unwrap()
+            .command
+        {
+            Some(Command::Image(ImageCommand::Import { platform, .. })) => {
+                assert_eq!(platform.map(|p| p.arch), Some("arm64"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["image", "import", "/x", "--platform", "linux/s390x"]).is_err());
         assert!(parse(&["image", "ls"]).is_ok());
         assert!(parse(&["image", "rm"]).is_err(), "rm needs a reference");
     }

@@ -17,6 +17,8 @@ mod rpc;
 pub mod seccomp;
 pub mod signals;
 mod snapshot;
+mod start_up_text;
+pub mod startup_phases;
 mod sync;
 pub mod teardown;
 pub mod terminal;
@@ -216,6 +218,8 @@ pub struct ApiOptions<'a> {
     pub metrics_path: Option<&'a Path>,
     /// The jailer's `--start-time-us`, `--start-time-cpu-us` and `--parent-cpu-time-us`.
     pub startup: api::StartupTimes,
+    /// Where the start's time went so far; logged (debug) once the API listens.
+    pub phases: startup_phases::StartupPhases,
 }
 
 /// The largest `--config-file` read: a configuration is a few KiB; more is a wrong file.
@@ -262,11 +266,16 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     // Before the API answers anything: a client that saw the socket and sends a stop signal
     // must find it caught (an orderly stop that removes the socket), not the default action.
     // Before the filter too: registering takes calls the main thread needs no more.
+    let mut phases = options.phases;
+    phases.mark("config");
     let signals = StopSignals::get().map_err(MoteError::Signals)?;
+    phases.mark("signals");
     let api = options
         .api_sock
         .map(|path| api::start(path, options.max_payload, options.startup))
         .transpose()?;
+    phases.mark("listening");
+    phases.log();
     // The socket goes with the process, on every path out of here.
     let _socket = options.api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
@@ -318,6 +327,7 @@ fn run_to_the_end(
         let periodic = metrics::PeriodicFlush::new().map_err(MoteError::MetricsTimer)?;
         subscribers.push(Arc::new(Mutex::new(periodic)));
     }
+    start_up_text::release();
     seccomp::apply(seccomp::Filter::Vmm)?;
     let outcome = run_until_exit(vmm, subscribers);
     // The client that started a guest which ended at once still gets its answer.

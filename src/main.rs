@@ -4,6 +4,7 @@ use std::time::Instant;
 use devices::legacy::boot_timer::process_cpu_time_us;
 use mote::cli::{Cli, Command, SnapshotCommand};
 use mote::config::LoggerConfig;
+use mote::startup_phases::StartupPhases;
 use mote::{ApiOptions, Ended, ProcessStart};
 
 /// glibc gives each thread that allocates its own malloc arena: a 64 MiB reservation, three
@@ -28,6 +29,7 @@ fn log_exit(code: u8) {
 }
 
 fn main() -> ExitCode {
+    let mut phases = StartupPhases::begin();
     let start = ProcessStart {
         instant: Instant::now(),
         cpu_us: process_cpu_time_us(),
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse_checked();
+    phases.mark("arguments");
     // Questions about snapshots are answered before anything starts, as Firecracker does.
     if cli.snapshot_version {
         println!("v{}", mote::cli::SNAPSHOT_VERSION);
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         mote::logger::Destination::Stderr
     };
     mote::logger::init(&cli.id, cli.level, log_destination);
+    phases.mark("logger");
     // The image store is managed before anything of a VM starts.
     if let Some(Command::Image(command)) = &cli.command {
         return match mote::image::commands::run(command) {
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    phases.mark("filters");
 
     // One panic model for every build (src/thread.rs): a panic on any thread puts the terminal
     // back (no destructor runs when the process aborts), prints its message and ends mote.
@@ -147,6 +152,7 @@ fn main() -> ExitCode {
                 logger,
                 metrics_path: api.metrics_path.as_deref(),
                 startup: api.startup_times(),
+                phases,
             };
             mote::run_api(options, start).map(Ended::from)
         }

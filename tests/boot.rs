@@ -286,3 +286,54 @@ fn the_teardown_reaper_goes_to_a_subreaper_and_is_skipped_near_the_process_limit
         "a reaper near the limit"
     );
 }
+
+/// Rss and size (KiB) of the read-only mappings of `pid`'s own executable (its text, read-only
+/// data and headers), from /proc/PID/smaps.
+fn read_only_image_kib(pid: u32) -> (u64, u64) {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut rss, mut size, mut in_image) = (0, 0, false);
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first().is_some_and(|first| first.contains('-')) && fields.len() >= 5 {
+            // A mapping's first line: range, perms, offset, device, inode[, path].
+            in_image = !fields[1].contains('w') && fields.get(5) == Some(&exe.to_str().unwrap());
+        } else if in_image && fields.first() == Some(&"Size:") {
+            size += fields[1].parse::<u64>().unwrap();
+        } else if in_image && fields.first() == Some(&"Rss:") {
+            rss += fields[1].parse::<u64>().unwrap();
+        }
+    }
+    (rss, size)
+}
+
+/// Once the VM runs, the monitor gives back its mappings of the start-up code (argument
+/// parsing, the build): fault-around had mapped most of the executable's text and read-only
+/// data by then, three quarters of it, and a spinning guest's monitor faults back well under
+/// two thirds. (Measured: release build 75 % → 42 %, debug build 77 % → 52 %.)
+#[test]
+fn a_running_monitor_keeps_little_of_its_start_up_code_mapped() {
+    if !require_kvm() {
+        return;
+    }
+    let probe = probe_kernel();
+    let mut child = Command::new(mote_bin())
+        .args(["run", "--kernel", probe.to_str().unwrap()])
+        .args(["--append", "probe.run=hello,spin"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    common::read_until(&mut stdout, "probe: hello", 1, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(200));
+    let (rss, size) = read_only_image_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(size > 0, "no read-only mapping of mote's executable");
+    assert!(
+        rss * 3 < size * 2,
+        "{rss} KiB of mote's {size} KiB of text and read-only data are still mapped"
+    );
+}

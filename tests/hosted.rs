@@ -154,5 +154,5 @@ boot shaped '{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
 
 #[test]
 fn hosted_image_runs_as_a_container() {
-    image_cases::image_runs_as_a_container();
+    image_cases::image_runs_as_a_container(Arch::X86_64);
 }

@@ -15,6 +15,12 @@ mod harness;
 #[path = "hosted/cases.rs"]
 mod cases;
 
+#[path = "image/oci.rs"]
+mod oci;
+
+#[path = "hosted/image_cases.rs"]
+mod image_cases;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -461,4 +467,11 @@ boot x86 '{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "mo
         "{}",
         run.output
     );
+}
+
+/// `mote run --image` with an aarch64 mote, mote-init and an arm64 busybox image: the same
+/// observations as on x86_64 (tests/hosted/image_cases.rs).
+#[test]
+fn hosted_aarch64_image_runs_as_a_container() {
+    image_cases::image_runs_as_a_container(Arch::Aarch64);
 }

@@ -1,7 +1,7 @@
 //! Container images on the host side (`mote image import|ls|rm`, and the refusals of
 //! `mote run --image` that come before any VM): small OCI images the tests write themselves,
 //! imported into a scratch store and read back from the built ext4 root with debugfs. Needs
-//! root (owners), e2fsprogs and busybox-static; no KVM.
+//! root (owners), e2fsprogs, busybox-static and the zstd tool (zstd layers); no KVM.
 
 mod common;
 
@@ -103,6 +103,11 @@ fn image_import_applies_layers_with_whiteouts_into_an_ext4_root() {
         );
     }
     assert_eq!(debugfs(&rootfs, "cat /opaque/new").0, "from layer 2\n");
+    // The third layer is zstd-compressed.
+    assert_eq!(
+        debugfs(&rootfs, "cat /etc/resolv.conf").0,
+        oci::IMAGE_RESOLV_CONF
+    );
     let (ls, _) = debugfs(&rootfs, "ls -l /bin");
     assert!(ls.contains("sh") && ls.contains("busybox-link"), "{ls}");
     // The hard link shares busybox's inode: two links to it.
@@ -200,6 +205,45 @@ fn a_corrupt_layer_is_refused_naming_it_and_nothing_is_left_in_the_store() {
     assert_eq!(entries(&store.join("tmp")), Vec::<String>::new());
 }
 
+/// A zstd layer in two frames (as a stream compressed in parts is) decodes whole; a zstd
+/// layer with a byte changed is refused naming it, as a gzip one is.
+#[test]
+fn zstd_layers_decode_every_frame_and_a_corrupt_one_is_named() {
+    let scratch = Scratch::new("zstd");
+    let (layout, store) = (scratch.join("layout"), scratch.join("store"));
+    let mut spec = oci::test_image();
+    spec.layers[0].1 = oci::Compression::ZstdTwoFrames;
+    let id = oci::write_layout(&spec, &layout);
+    let out = mote_in(&store, &["image", "import", layout.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rootfs = stored_rootfs(&store, &id);
+    let (stat, _) = debugfs(&rootfs, "stat /bin/busybox");
+    let size = std::fs::metadata("/bin/busybox").unwrap().len();
+    assert!(stat.contains(&format!("Size: {size}")), "{stat}");
+    assert_eq!(debugfs(&rootfs, "cat /etc/passwd").0.lines().count(), 2);
+
+    // Another store: the image's id (its configuration's digest) does not depend on how its
+    // layers are compressed, so this one has it already.
+    let store = scratch.join("store2");
+    let corrupt = scratch.join("corrupt");
+    oci::write_layout(&oci::test_image(), &corrupt);
+    let blob = oci::layer_blob(&corrupt, 2);
+    let digest = format!("sha256:{}", blob.file_name().unwrap().to_string_lossy());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let out = mote_in(&store, &["image", "import", corrupt.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(&format!("layer {digest}")) && said.contains("the image is corrupt"),
+        "{said}"
+    );
+    assert_eq!(entries(&store.join("images")), Vec::<String>::new());
+    assert_eq!(entries(&store.join("tmp")), Vec::<String>::new());
+}
+
 #[test]
 fn an_image_for_another_arch_is_refused_naming_both() {
     let scratch = Scratch::new("arch");
@@ -223,6 +267,44 @@ fn an_image_for_another_arch_is_refused_naming_both() {
         "{said}"
     );
     assert_eq!(entries(&store.join("images")), Vec::<String>::new());
+    // Imported for that architecture on purpose (a store for another host), it is stored,
+    // and a run here still refuses it, naming both, by name and by path.
+    let platform = format!("linux/{}", spec.architecture);
+    let out = mote_in(
+        &store,
+        &[
+            "image",
+            "import",
+            "--platform",
+            &platform,
+            layout.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(entries(&store.join("images")).len(), 1);
+    let store_arg = store.to_str().unwrap();
+    for reference in [oci::IMAGE_NAME, layout.to_str().unwrap()] {
+        let out = mote(&[
+            "run",
+            "--kernel",
+            "/nonexistent",
+            "--store",
+            store_arg,
+            "--image",
+            reference,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let said = text(&out);
+        assert!(
+            said.contains(&format!(
+                "is for {}, this host runs {} guests",
+                spec.architecture,
+                oci::host_arch()
+            )),
+            "{reference}: {said}"
+        );
+    }
+    assert_eq!(entries(&store.join("runs")), Vec::<String>::new());
 }
 
 #[test]

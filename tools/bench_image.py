@@ -4,7 +4,9 @@ image and its guest booting. The guest's own boot is not in it (Linux user space
 on a PVM host; in the emulated host timings are an emulator's).
 
 Two images, written here as OCI image layouts: `busybox` (busybox-static and its applets,
-one layer) and `python` (the host's /usr/lib/python3 as one gzip layer, thousands of files).
+one layer) and `python` (the host's /usr/lib/python3 as one gzip layer, thousands of files),
+and `python-zstd` (the same layer compressed by the `zstd` tool, level 3: its cold import
+beside python's is what decoding zstd instead of gzip costs).
 
   import (cold)       `mote image import LAYOUT` into an empty store: digests verified, the
                       layers applied, mkfs.ext4 -d, published.
@@ -43,14 +45,24 @@ def blob(blobs, data):
     return "sha256:" + digest, len(data)
 
 
-def write_layout(layout, layer_tar, compress, config):
+def compress(layer_tar, how):
+    if how == "gzip":
+        return gzip.compress(layer_tar, 1)
+    if how == "zstd":
+        return subprocess.run(["zstd", "-q", "-c", "-3"], input=layer_tar, capture_output=True,
+                              check=True).stdout
+    return layer_tar
+
+
+def write_layout(layout, layer_tar, how, config, arch=None):
+    """An OCI layout of one layer; `arch` as OCI names it (default: this machine's)."""
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs)
     diff_id = "sha256:" + hashlib.sha256(layer_tar).hexdigest()
-    data = gzip.compress(layer_tar, 1) if compress else layer_tar
-    media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if compress else "")
+    data = compress(layer_tar, how)
+    media = "application/vnd.oci.image.layer.v1.tar" + ("" if how == "none" else "+" + how)
     layer_digest, layer_size = blob(blobs, data)
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
+    arch = arch or {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
     cfg = json.dumps({"architecture": arch, "os": "linux", "config": config,
                       "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
     cfg_digest, cfg_size = blob(blobs, cfg)
@@ -87,9 +99,9 @@ def tar_of(entries):
     return out.getvalue()
 
 
-def busybox_layer():
+def busybox_layer(busybox="/bin/busybox"):
     applets = ["sh", "echo", "cat", "ls", "env", "true"]
-    entries = [("bin", None, None), ("bin/busybox", "/bin/busybox", None)]
+    entries = [("bin", None, None), ("bin/busybox", busybox, None)]
     entries += [(f"bin/{a}", None, "busybox") for a in applets]
     return tar_of(entries)
 
@@ -136,13 +148,17 @@ def main():
         python_root = next(p for p in ("/usr/lib/python3", "/usr/lib/python3.11") if os.path.isdir(p))
         python_tar, python_files = tree_layer(python_root, "usr/lib/python3")
         images = {
-            "busybox": (busybox_layer(), False, {"Cmd": ["/bin/sh"]}),
-            "python": (python_tar, True, {"Cmd": ["/bin/sh"]}),
+            "busybox": (busybox_layer(), "none", {"Cmd": ["/bin/sh"]}),
+            "python": (python_tar, "gzip", {"Cmd": ["/bin/sh"]}),
         }
+        if shutil.which("zstd"):
+            images["python-zstd"] = (python_tar, "zstd", {"Cmd": ["/bin/sh"]})
+        else:
+            print("no zstd tool (Debian's zstd): python-zstd left out")
         print(f"python layer: {python_files} entries, {len(python_tar) >> 20} MiB of tar")
-        for name, (layer, compress, config) in images.items():
+        for name, (layer, how, config) in images.items():
             layout = os.path.join(work, name)
-            write_layout(layout, layer, compress, config)
+            write_layout(layout, layer, how, config)
             archive = os.path.join(work, name + ".tar")
             with tarfile.open(archive, "w") as tar:
                 tar.add(layout, arcname=".")
@@ -167,10 +183,10 @@ def main():
                              "run_prep_ms": stats(prep)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'image':8} {'what':20} {'median ms':>10} {'max':>8} {'min':>8}")
+    print(f"{'image':12} {'what':20} {'median ms':>10} {'max':>8} {'min':>8}")
     for name, rows in results.items():
         for what, s in rows.items():
-            print(f"{name:8} {what:20} {s['median']:10.1f} {s['max']:8.1f} {s['min']:8.1f}")
+            print(f"{name:12} {what:20} {s['median']:10.1f} {s['max']:8.1f} {s['min']:8.1f}")
     print(json.dumps({"bench": "image", "runs": args.runs, "results": results}))
 
 

@@ -4,15 +4,25 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::run::RunError;
-use super::{Store, StoredImage};
+use super::{Platform, Store, StoredImage};
 use crate::cli::ImageCommand;
 
 /// Carries out `command`, printing what it did on stdout.
 pub fn run(command: &ImageCommand) -> Result<(), RunError> {
     match command {
-        ImageCommand::Import { path, name, store } => {
+        ImageCommand::Import {
+            path,
+            name,
+            platform,
+            store,
+        } => {
             let store = Store::open(store.store.as_deref())?;
-            import(&store, path, name.as_deref())
+            import(
+                &store,
+                path,
+                name.as_deref(),
+                platform.unwrap_or(Platform::HOST),
+            )
         }
         ImageCommand::Ls { store } => {
             let store = Store::open(store.store.as_deref())?;
@@ -30,9 +40,14 @@ pub fn run(command: &ImageCommand) -> Result<(), RunError> {
     }
 }
 
-fn import(store: &Store, path: &Path, name: Option<&str>) -> Result<(), RunError> {
+fn import(
+    store: &Store,
+    path: &Path,
+    name: Option<&str>,
+    platform: Platform,
+) -> Result<(), RunError> {
     let started = Instant::now();
-    let (image, cached) = store.import(path, name, crate::arch::OCI_ARCH)?;
+    let (image, cached) = store.import(path, name, platform)?;
     let what = if cached {
         "was in the store as"
     } else {
@@ -81,6 +96,7 @@ mod tests {
             config: ContainerConfig::default(),
             size: 3 << 20,
             imported: 0,
+            architecture: None,
         };
         let text = listing(&[image]);
         let lines: Vec<&str> = text.lines().collect();

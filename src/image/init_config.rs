@@ -42,6 +42,9 @@ pub struct InitConfig {
     pub hostname: String,
     /// Drives mounted in the root before the program starts.
     pub volumes: Vec<Volume>,
+    /// What /etc/resolv.conf becomes (with a network); None leaves the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
 }
 
 /// An extra drive mounted at `path`.

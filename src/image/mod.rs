@@ -1,7 +1,8 @@
 //! Container images for `mote run --image`: reading an OCI image layout or a `docker save`
 //! archive (`source`, `archive`), verifying and applying its layers (`layer`), building a
 //! root file system image from them (`rootfs`), keeping built images by id (`store`), and
-//! running one as a microVM whose init is mote's own (`run`, `init_config`, `cpio`).
+//! running one as a microVM whose init is mote's own (`run`, `init_config`, `cpio`). Layers
+//! may be plain tars or gzip- or zstd-compressed (`zstd`).
 
 mod archive;
 pub mod commands;
@@ -10,10 +11,12 @@ mod cpio;
 mod digest;
 pub mod init_config;
 mod layer;
+pub mod resolv;
 mod rootfs;
 pub mod run;
 mod source;
 pub mod store;
+mod zstd;
 
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -21,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use digest::Digest;
+pub use source::Platform;
 pub use store::{Store, StoredImage};
 
 /// An image's configuration blob (OCI's image config; `docker save` writes the same).
@@ -104,6 +108,9 @@ fn unpack_layers(image: &source::SourceImage, root: &Path) -> Result<(), ImageEr
         let diff_id = {
             let decoded: Box<dyn Read + '_> = match layer.compression {
                 source::Compression::Gzip => Box::new(flate2::read::GzDecoder::new(&mut blob)),
+                source::Compression::Zstd => {
+                    Box::new(zstd::ZstdDecoder::new(BufReader::new(&mut blob)))
+                }
                 source::Compression::None => Box::new(&mut blob),
             };
             let mut tar = digest::HashingReader::new(decoded);

@@ -47,6 +47,12 @@ pub enum RunError {
     KeepExists { path: PathBuf },
     #[error("--volume {spec}: {reason}")]
     Volume { spec: String, reason: &'static str },
+    #[error("image {image} is for {image_arch}, this host runs {host_arch} guests (it was imported with --platform)")]
+    WrongArch {
+        image: String,
+        image_arch: String,
+        host_arch: &'static str,
+    },
 }
 
 /// A volume as given on the command line.
@@ -97,15 +103,31 @@ pub struct ImageRunOptions {
     pub hostname: Option<String>,
     pub volumes: Vec<VolumeSpec>,
     pub keep: Option<PathBuf>,
+    /// Whether the VM has a network interface: then the guest gets a resolv.conf.
+    pub net: bool,
+    /// `--dns`: the nameservers instead of the host's.
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 /// The image a reference means: a path is imported (at once when the store has it already),
-/// anything else is looked up in the store.
+/// anything else is looked up in the store. An image for another architecture is refused.
 pub fn resolve_image(store: &Store, reference: &str) -> Result<StoredImage, RunError> {
+    let image = find_or_import(store, reference)?;
+    match &image.architecture {
+        Some(arch) if arch != crate::arch::OCI_ARCH => Err(RunError::WrongArch {
+            image: reference.to_string(),
+            image_arch: arch.clone(),
+            host_arch: crate::arch::OCI_ARCH,
+        }),
+        _ => Ok(image),
+    }
+}
+
+fn find_or_import(store: &Store, reference: &str) -> Result<StoredImage, RunError> {
     let path = Path::new(reference);
     if path.exists() {
         let started = std::time::Instant::now();
-        let (image, cached) = store.import(path, None, crate::arch::OCI_ARCH)?;
+        let (image, cached) = store.import(path, None, super::Platform::HOST)?;
         info!(
             "image {} ({}) {} in {} ms",
             image.id.short(),
@@ -193,6 +215,13 @@ pub fn init_config(image: &StoredImage, options: &ImageRunOptions) -> Result<Ini
                 read_only: volume.read_only,
             })
             .collect(),
+        // Docker's way: a container with a network resolves names as its host does.
+        resolv_conf: options.net.then(|| {
+            super::resolv::container_resolv_conf(
+                super::resolv::host_resolv_conf().as_deref(),
+                &options.dns,
+            )
+        }),
     })
 }
 

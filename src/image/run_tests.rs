@@ -10,6 +10,7 @@ fn image(config: ContainerConfig) -> StoredImage {
         config,
         size: 0,
         imported: 0,
+        architecture: None,
     }
 }
 
@@ -168,4 +169,35 @@ fn signal_slots_round_trip() {
     assert_eq!(slot.len(), SECTOR);
     assert_eq!(init_config::parse_signal_slot(&slot), Some((3, 15)));
     assert_eq!(init_config::parse_signal_slot(&[0; SECTOR]), None);
+}
+
+#[test]
+fn a_network_brings_a_resolv_conf_and_none_leaves_the_images() {
+    let config = init_config(&busybox_like(), &ImageRunOptions::default()).unwrap();
+    assert_eq!(config.resolv_conf, None);
+    let options = ImageRunOptions {
+        net: true,
+        dns: vec!["192.0.2.53".parse().unwrap()],
+        ..Default::default()
+    };
+    let resolv = init_config(&busybox_like(), &options)
+        .unwrap()
+        .resolv_conf
+        .expect("a resolv.conf with --net");
+    let servers: Vec<&str> = resolv
+        .lines()
+        .filter(|l| l.starts_with("nameserver"))
+        .collect();
+    assert_eq!(servers, ["nameserver 192.0.2.53"]);
+    // Without --dns: this host's, never a loopback nameserver.
+    let options = ImageRunOptions {
+        net: true,
+        ..Default::default()
+    };
+    let resolv = init_config(&busybox_like(), &options)
+        .unwrap()
+        .resolv_conf
+        .expect("a resolv.conf with --net");
+    assert!(resolv.contains("nameserver "), "{resolv}");
+    assert!(!resolv.contains("nameserver 127."), "{resolv}");
 }

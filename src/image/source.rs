@@ -38,15 +38,15 @@ pub enum SourceError {
     },
     #[error("{path} lists no image")]
     Empty { path: PathBuf },
-    #[error("image {name} is for {image_arch}, this host runs {host_arch} guests; no image for {host_arch} is in it")]
+    #[error("image {name} is for {image_arch}, {wanted}; no image for {arch} is in it", arch = wanted.arch)]
     WrongArch {
         name: String,
         image_arch: String,
-        host_arch: &'static str,
+        wanted: Platform,
     },
     #[error("image {name} is for the {os} operating system, not linux")]
     WrongOs { name: String, os: String },
-    #[error("layer {digest} has media type {media_type}, which mote cannot unpack (tar and tar+gzip only)")]
+    #[error("layer {digest} has media type {media_type}, which mote cannot unpack (tar, tar+gzip and tar+zstd only)")]
     LayerMediaType { digest: Digest, media_type: String },
     #[error(
         "manifest {digest} has media type {media_type}, which is not an image manifest or index"
@@ -62,11 +62,53 @@ pub enum SourceError {
     PathOutside { path: PathBuf, entry: String },
 }
 
+/// The architecture an image is read for (OCI's name for it, as Go's GOARCH): this host's,
+/// or another that `mote image import --platform` chose (to fill a store for another host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Platform {
+    pub arch: &'static str,
+    pub chosen: bool,
+}
+
+impl Platform {
+    /// This host's: the guests it runs.
+    pub const HOST: Platform = Platform {
+        arch: crate::arch::OCI_ARCH,
+        chosen: false,
+    };
+
+    /// `linux/ARCH` (or `ARCH`), ARCH being one mote runs guests of: `amd64` or `arm64`.
+    pub fn parse(spec: &str) -> Result<Platform, String> {
+        let arch = spec.strip_prefix("linux/").unwrap_or(spec);
+        let arch = match arch {
+            "amd64" => "amd64",
+            "arm64" | "arm64/v8" => "arm64",
+            _ => {
+                return Err(format!(
+                    "{spec:?}: mote runs linux/amd64 and linux/arm64 images"
+                ))
+            }
+        };
+        Ok(Platform { arch, chosen: true })
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.chosen {
+            write!(f, "--platform asks for linux/{}", self.arch)
+        } else {
+            write!(f, "this host runs {} guests", self.arch)
+        }
+    }
+}
+
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
 
 /// One layer: its blob, the digest the blob must have (OCI layouts name it; `docker save`'s
@@ -98,13 +140,14 @@ struct Descriptor {
     media_type: String,
     digest: Digest,
     #[serde(default)]
-    platform: Option<Platform>,
+    platform: Option<DescriptorPlatform>,
     #[serde(default)]
     annotations: std::collections::BTreeMap<String, String>,
 }
 
+/// An index entry's `platform`.
 #[derive(Deserialize)]
-struct Platform {
+struct DescriptorPlatform {
     architecture: String,
     os: String,
 }
@@ -183,13 +226,13 @@ fn inside(dir: &Path, entry: &str) -> Result<PathBuf, SourceError> {
     Ok(dir.join(relative))
 }
 
-/// Reads the image in `dir`, choosing the manifest for `host_arch` (OCI's architecture name)
+/// Reads the image in `dir`, choosing the manifest for `platform`
 /// where the source holds several.
-pub fn read_image_dir(dir: &Path, host_arch: &'static str) -> Result<SourceImage, SourceError> {
+pub fn read_image_dir(dir: &Path, platform: Platform) -> Result<SourceImage, SourceError> {
     if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
-        read_oci_layout(dir, host_arch)
+        read_oci_layout(dir, platform)
     } else if dir.join("manifest.json").is_file() {
-        read_docker_save(dir, host_arch)
+        read_docker_save(dir, platform)
     } else {
         Err(SourceError::NotAnImage {
             path: dir.to_path_buf(),
@@ -221,18 +264,18 @@ fn verify(path: &Path, bytes: &[u8], expected: &Digest) -> Result<(), SourceErro
     Ok(())
 }
 
-/// The entry of `manifests` for this host: one whose platform is `host_arch`/linux, or one
+/// The entry of `manifests` for `platform`: one whose platform is linux/its arch, or one
 /// without a platform (the configuration says then). An image only for other arches is
 /// refused, naming both.
 fn choose<'a>(
     manifests: &'a [Descriptor],
-    host_arch: &'static str,
+    platform: Platform,
     path: &Path,
 ) -> Result<&'a Descriptor, SourceError> {
     let fits = |d: &&Descriptor| {
         d.platform
             .as_ref()
-            .is_none_or(|p| p.architecture == host_arch && p.os == "linux")
+            .is_none_or(|p| p.architecture == platform.arch && p.os == "linux")
     };
     if let Some(found) = manifests.iter().find(fits) {
         return Ok(found);
@@ -248,7 +291,7 @@ fn choose<'a>(
     Err(SourceError::WrongArch {
         name: ref_name(first).unwrap_or_else(|| path.display().to_string()),
         image_arch: arches.join(", "),
-        host_arch,
+        wanted: platform,
     })
 }
 
@@ -261,10 +304,10 @@ fn ref_name(descriptor: &Descriptor) -> Option<String> {
     .find_map(|key| descriptor.annotations.get(*key).cloned())
 }
 
-fn read_oci_layout(dir: &Path, host_arch: &'static str) -> Result<SourceImage, SourceError> {
+fn read_oci_layout(dir: &Path, platform: Platform) -> Result<SourceImage, SourceError> {
     let index_path = dir.join("index.json");
     let index: Index = parse(&index_path, &read_json_bytes(&index_path)?)?;
-    let mut descriptor = choose(&index.manifests, host_arch, &index_path)?;
+    let mut descriptor = choose(&index.manifests, platform, &index_path)?;
     let name = ref_name(descriptor);
     // An index may point at a further index (a multi-arch image): follow it to one manifest.
     let mut nested;
@@ -279,7 +322,7 @@ fn read_oci_layout(dir: &Path, host_arch: &'static str) -> Result<SourceImage, S
         };
         if INDEX_TYPES.contains(&media_type.as_str()) || !manifest.manifests.is_empty() {
             nested = manifest.manifests;
-            descriptor = choose(&nested, host_arch, &path)?;
+            descriptor = choose(&nested, platform, &path)?;
             continue;
         }
         if !MANIFEST_TYPES.contains(&media_type.as_str()) && manifest.config.is_none() {
@@ -322,7 +365,7 @@ fn read_oci_layout(dir: &Path, host_arch: &'static str) -> Result<SourceImage, S
         config,
         layers,
     };
-    check_platform(&image, host_arch)?;
+    check_platform(&image, platform)?;
     Ok(image)
 }
 
@@ -332,6 +375,9 @@ fn compression_of(media_type: &str, digest: &Digest) -> Result<Compression, Sour
         | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
         "application/vnd.oci.image.layer.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
+        // The second is containerd's name for Docker's form (Docker's schema has none).
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
         other => Err(SourceError::LayerMediaType {
             digest: digest.clone(),
             media_type: other.to_string(),
@@ -339,7 +385,7 @@ fn compression_of(media_type: &str, digest: &Digest) -> Result<Compression, Sour
     }
 }
 
-fn read_docker_save(dir: &Path, host_arch: &'static str) -> Result<SourceImage, SourceError> {
+fn read_docker_save(dir: &Path, platform: Platform) -> Result<SourceImage, SourceError> {
     let manifest_path = dir.join("manifest.json");
     let entries: Vec<DockerManifestEntry> =
         parse(&manifest_path, &read_json_bytes(&manifest_path)?)?;
@@ -397,17 +443,16 @@ fn read_docker_save(dir: &Path, host_arch: &'static str) -> Result<SourceImage, 
         config,
         layers,
     };
-    check_platform(&image, host_arch)?;
+    check_platform(&image, platform)?;
     Ok(image)
 }
 
-/// gzip's magic number, for layers whose compression nothing names. A layer not there (a
+/// gzip's or zstd's magic number, for layers whose compression nothing names. A layer not there (a
 /// first look at an archive, without its layers) is taken as uncompressed: reading it later
 /// says it is missing.
 fn sniff_compression(path: &Path) -> Result<Compression, SourceError> {
     use std::io::Read;
-    let mut magic = [0u8; 2];
-    let mut file = match std::fs::File::open(path) {
+    let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Compression::None),
         Err(source) => {
@@ -417,31 +462,34 @@ fn sniff_compression(path: &Path) -> Result<Compression, SourceError> {
             })
         }
     };
-    let n = file.read(&mut magic).map_err(|source| SourceError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
-        Compression::Gzip
-    } else {
-        Compression::None
+    let mut magic = Vec::with_capacity(4);
+    file.take(4)
+        .read_to_end(&mut magic)
+        .map_err(|source| SourceError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(match magic.as_slice() {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
+        _ => Compression::None,
     })
 }
 
 /// The configuration's own word on the platform: an image for another arch is refused,
 /// naming both.
-fn check_platform(image: &SourceImage, host_arch: &'static str) -> Result<(), SourceError> {
+fn check_platform(image: &SourceImage, platform: Platform) -> Result<(), SourceError> {
     let name = || {
         image
             .name
             .clone()
             .unwrap_or_else(|| image.id.short().to_string())
     };
-    if image.config.architecture != host_arch {
+    if image.config.architecture != platform.arch {
         return Err(SourceError::WrongArch {
             name: name(),
             image_arch: image.config.architecture.clone(),
-            host_arch,
+            wanted: platform,
         });
     }
     if image.config.os != "linux" {
@@ -451,4 +499,25 @@ fn check_platform(image: &SourceImage, host_arch: &'static str) -> Result<(), So
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms_are_linux_amd64_or_arm64() {
+        let arm = Platform::parse("linux/arm64").unwrap();
+        assert_eq!((arm.arch, arm.chosen), ("arm64", true));
+        assert_eq!(Platform::parse("amd64").unwrap().arch, "amd64");
+        assert_eq!(Platform::parse("linux/arm64/v8").unwrap().arch, "arm64");
+        for bad in ["linux/riscv64", "windows/amd64", "x86_64", ""] {
+            assert!(Platform::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(arm.to_string(), "--platform asks for linux/arm64");
+        assert_eq!(
+            Platform::HOST.to_string(),
+            format!("this host runs {} guests", crate::arch::OCI_ARCH)
+        );
+    }
 }

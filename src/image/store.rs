@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! images/<id hex>/rootfs.ext4   the image's root file system
-//! images/<id hex>/image.json    its names, configuration and size
+//! images/<id hex>/image.json    its names, configuration, size and architecture
 //! tmp/<pid>-<n>/                an import at work; renamed into images/ whole when done
 //! runs/<pid>-<n>.*              a running container's files (its root's writable copy, …)
 //! ```
@@ -33,6 +33,10 @@ pub struct StoredImage {
     pub size: u64,
     /// When it was imported (seconds since the epoch).
     pub imported: u64,
+    /// The architecture its programs are built for (OCI's name: `amd64`, `arm64`); absent in
+    /// records written before it was kept, which were all this host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,13 +244,14 @@ impl Store {
     }
 
     /// Imports the image at `path` (a layout or `docker save` directory, or a tar archive of
-    /// either), named `name` (else what the image calls itself). An image already stored is
-    /// not built again. Gives the stored image and whether it was there already.
+    /// either) for `platform`, named `name` (else what the image calls itself). An image
+    /// already stored is not built again. Gives the stored image and whether it was there
+    /// already.
     pub fn import(
         &self,
         path: &Path,
         name: Option<&str>,
-        host_arch: &'static str,
+        platform: source::Platform,
     ) -> Result<(StoredImage, bool), ImageError> {
         let work = self.temp_dir("tmp")?;
         let dir = if path.is_dir() {
@@ -256,7 +261,7 @@ impl Store {
             let glance = work.path().join("glance");
             std::fs::create_dir(&glance).map_err(io_err(&glance))?;
             archive::unpack(path, &glance, Some(source::JSON_MAX_BYTES))?;
-            if let Ok(image) = source::read_image_dir(&glance, host_arch) {
+            if let Ok(image) = source::read_image_dir(&glance, platform) {
                 if let Some(stored) = self.stored(&image.id)? {
                     let name = name_for(name, image.name.as_deref(), path);
                     return Ok((self.add_name(stored, name)?, true));
@@ -278,7 +283,7 @@ impl Store {
             }
             .into());
         };
-        let image = source::read_image_dir(&dir, host_arch)?;
+        let image = source::read_image_dir(&dir, platform)?;
         let name = name_for(name, image.name.as_deref(), path);
         if let Some(stored) = self.stored(&image.id)? {
             let stored = self.add_name(stored, name)?;
@@ -300,6 +305,7 @@ impl Store {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            architecture: Some(image.config.architecture.clone()),
         };
         write_record(&build, &stored)?;
         let dest = self.image_dir(&image.id);

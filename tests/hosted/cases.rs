@@ -557,15 +557,17 @@ hosted-tool api /tmp/api0.sock PUT /snapshot/create \
   '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
 kill -9 $origin
 grep -m1 '^vmgenid-bound=' out0 | tr -d '\r'
-tr -d '\r' <out0 | grep 'tick-' | tail -n1 | sed 's/^/origin-last: /'
+whole_lines out0 | grep 'tick-' | tail -n1 | sed 's/^/origin-last: /'
 for n in 1 2; do
   ./mote run --restore /tmp/vm.state --mem-file /tmp/vm.mem \
     --net-override eth0=tap$n,guest_mac=06:00:ac:1f:00:1$n >clone$n 2>&1 &
   eval clone_$n=$!
 done
 for n in 1 2; do
-  wait_for clone$n 'fork=1 ' 60 || fail "clone $n's kernel never reseeded"
-  tr -d '\r' <clone$n | grep -m1 'fork=1 ' | sed "s/^/clone$n-reseeded: /"
+  # A whole line only (one ending in its 36-character uuid): the clone is still printing.
+  whole='fork=1 .* uuid=[0-9a-f-]{36}$'
+  wait_for clone$n "$whole" 60 || fail "clone $n's kernel never reseeded"
+  whole_lines clone$n | grep -m1 -E "$whole" | sed "s/^/clone$n-reseeded: /"
 done
 kill -9 $clone_1 $clone_2
 "#,
@@ -634,7 +636,7 @@ rss() {{ awk '/VmRSS/{{print $2}}' /proc/$pid/status; }}
 wait_for out 'meminfo total=' 120 || fail "the guest's loop never ran"
 sleep 1
 echo rss-touched=$(rss)
-echo guest-before=$(tr -d '\r' <out | grep meminfo | tail -n1)
+echo guest-before=$(whole_lines out | grep meminfo | tail -n1)
 {host}"#
     )
 }
@@ -682,7 +684,7 @@ done
 echo status-after=$s
 echo rss-hinted=$(rss)
 sleep 2
-echo guest-after=$(tr -d '\r' <out | grep meminfo | tail -n1)
+echo guest-after=$(whole_lines out | grep meminfo | tail -n1)
 kill $pid
 "#,
     ));
@@ -814,12 +816,12 @@ hosted-tool api /tmp/api.sock PATCH /balloon '{"amount_mib": 128}' || fail "infl
 wait_actual 128 || fail "the balloon never reached 128 MiB"
 sleep 2.5
 echo rss-inflated=$(rss)
-echo guest-inflated=$(tr -d '\r' <out | grep meminfo | tail -n1)
+echo guest-inflated=$(whole_lines out | grep meminfo | tail -n1)
 echo stats-inflated=$(hosted-tool api /tmp/api.sock GET /balloon/statistics)
 hosted-tool api /tmp/api.sock PATCH /balloon '{"amount_mib": 0}' || fail "deflate"
 wait_actual 0 || fail "the balloon never deflated"
 sleep 1
-echo guest-deflated=$(tr -d '\r' <out | grep meminfo | tail -n1)
+echo guest-deflated=$(whole_lines out | grep meminfo | tail -n1)
 kill $pid
 "#,
     ));

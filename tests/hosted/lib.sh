@@ -21,6 +21,20 @@ wait_for() {
   done
 }
 
+# whole_lines FILE: FILE's lines without their CRs, leaving out a last line that is still
+# being written (no newline yet): a running guest can be cut off in the middle of a number.
+whole_lines() {
+  local copy
+  copy=$(mktemp)
+  cat "$1" >"$copy"
+  if [ -n "$(tail -c1 "$copy")" ]; then
+    sed '$d' "$copy" | tr -d '\r'
+  else
+    tr -d '\r' <"$copy"
+  fi
+  rm -f "$copy"
+}
+
 # latest FILE PREFIX: the last number printed right after PREFIX in FILE (0 when none).
 latest() {
   local n

@@ -1,7 +1,9 @@
 //! Small OCI images written by the tests themselves: an image layout directory (and its tar
-//! archive) with a busybox-static layer and a second, gzip-compressed layer that deletes and
-//! replaces files with whiteouts and an opaque directory, and a configuration with an
-//! environment, a working directory, a user, an entrypoint and a command.
+//! archive) with a busybox-static layer, a second, gzip-compressed layer that deletes and
+//! replaces files with whiteouts and an opaque directory, a third, zstd-compressed one (by the
+//! `zstd` tool: an encoder other than the decoder under test) with the image's resolv.conf,
+//! and a configuration with an environment, a working directory, a user, an entrypoint and a
+//! command.
 
 #![allow(dead_code)]
 
@@ -66,16 +68,60 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(data).unwrap();
-    encoder.finish().unwrap()
+/// How a layer's tar is stored in the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+    /// Two zstd frames, each half of the tar compressed alone (as a stream made in parts is).
+    ZstdTwoFrames,
 }
 
-/// An image to write: its layers (uncompressed tars, and whether to gzip each) and its
+impl Compression {
+    /// The layer's blob and its media type.
+    pub fn encode(self, tar: &[u8]) -> (Vec<u8>, &'static str) {
+        match self {
+            Compression::None => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
+            Compression::Gzip => {
+                let mut encoder =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                encoder.write_all(tar).unwrap();
+                let blob = encoder.finish().unwrap();
+                (blob, "application/vnd.oci.image.layer.v1.tar+gzip")
+            }
+            Compression::Zstd => (zstd(tar), "application/vnd.oci.image.layer.v1.tar+zstd"),
+            Compression::ZstdTwoFrames => {
+                let (first, second) = tar.split_at(tar.len() / 2);
+                let mut blob = zstd(first);
+                blob.extend(zstd(second));
+                (blob, "application/vnd.oci.image.layer.v1.tar+zstd")
+            }
+        }
+    }
+}
+
+/// `data` compressed by the `zstd` tool.
+pub fn zstd(data: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("zstd")
+        .args(["-q", "-c", "-3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the zstd tool (Debian's zstd) is needed");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "zstd failed");
+    out.stdout
+}
+
+/// An image to write: its layers (uncompressed tars, and how each is stored) and its
 /// configuration's `config` object and architecture.
 pub struct ImageSpec {
-    pub layers: Vec<(Vec<u8>, bool)>,
+    pub layers: Vec<(Vec<u8>, Compression)>,
     pub config: serde_json::Value,
     pub architecture: &'static str,
 }
@@ -90,16 +136,26 @@ pub fn host_arch() -> &'static str {
 }
 
 /// The busybox applets the tests' programs use, as symlinks to busybox.
-const APPLETS: [&str; 22] = [
+const APPLETS: [&str; 23] = [
     "sh", "echo", "cat", "id", "pwd", "env", "ls", "sleep", "test", "touch", "mkdir", "rm",
-    "hostname", "grep", "printf", "mount", "stat", "true", "false", "kill", "tty", "ping",
+    "hostname", "grep", "printf", "mount", "stat", "true", "false", "kill", "tty", "ping", "uname",
 ];
 
-/// The test image: layer 1 is busybox-static with a passwd naming `app` (1000:1000) and files
-/// to delete; layer 2 (gzip) whites out /etc/gone and /old-dir, replaces /etc/motd, makes
-/// /opaque opaque (keeping only its own /opaque/new) and hard-links a file.
+/// What the test image's zstd layer puts in /etc/resolv.conf.
+pub const IMAGE_RESOLV_CONF: &str = "nameserver 192.0.2.1\n";
+
+/// The test image for this machine's architecture, with its busybox (see `test_image_with`).
 pub fn test_image() -> ImageSpec {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (/bin/busybox) is needed");
+    test_image_with(Path::new("/bin/busybox"), host_arch())
+}
+
+/// The test image: layer 1 is busybox-static (the one at `busybox`, for `architecture`, as
+/// OCI names it) with a passwd naming `app` (1000:1000) and files to delete; layer 2 (gzip)
+/// whites out /etc/gone and /old-dir, replaces /etc/motd, makes /opaque opaque (keeping only
+/// its own /opaque/new) and hard-links a file; layer 3 (zstd) adds /etc/resolv.conf.
+pub fn test_image_with(busybox: &Path, architecture: &'static str) -> ImageSpec {
+    let busybox = std::fs::read(busybox)
+        .unwrap_or_else(|e| panic!("busybox-static ({}) is needed: {e}", busybox.display()));
     let mut first = vec![
         Entry::Dir("bin/"),
         Entry::File("bin/busybox", &busybox, 0o755),
@@ -134,8 +190,17 @@ pub fn test_image() -> ImageSpec {
         Entry::Hardlink("bin/busybox-link", "bin/busybox"),
         Entry::Dir("srv/"),
     ];
+    let third = [Entry::File(
+        "etc/resolv.conf",
+        IMAGE_RESOLV_CONF.as_bytes(),
+        0o644,
+    )];
     ImageSpec {
-        layers: vec![(layer_tar(&first), false), (layer_tar(&second), true)],
+        layers: vec![
+            (layer_tar(&first), Compression::None),
+            (layer_tar(&second), Compression::Gzip),
+            (layer_tar(&third), Compression::Zstd),
+        ],
         config: serde_json::json!({
             "User": "app",
             "Env": ["PATH=/bin", "GREETING=hello from the image"],
@@ -143,7 +208,7 @@ pub fn test_image() -> ImageSpec {
             "Entrypoint": ["/bin/sh", "-c"],
             "Cmd": ["echo default command"],
         }),
-        architecture: host_arch(),
+        architecture,
     }
 }
 
@@ -159,13 +224,9 @@ pub fn write_layout(spec: &ImageSpec, dir: &Path) -> String {
     };
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
-    for (tar, compress) in &spec.layers {
+    for (tar, compression) in &spec.layers {
         diff_ids.push(format!("sha256:{}", sha256_hex(tar)));
-        let (blob, media_type) = if *compress {
-            (gzip(tar), "application/vnd.oci.image.layer.v1.tar+gzip")
-        } else {
-            (tar.clone(), "application/vnd.oci.image.layer.v1.tar")
-        };
+        let (blob, media_type) = compression.encode(tar);
         let size = blob.len();
         layers.push(serde_json::json!({
             "mediaType": media_type, "digest": put(&blob), "size": size,
@@ -216,6 +277,11 @@ pub fn write_archive(dir: &Path, archive: &Path) {
 
 /// The path of the first layer blob in a layout (to corrupt it).
 pub fn first_layer_blob(dir: &Path) -> PathBuf {
+    layer_blob(dir, 0)
+}
+
+/// The path of layer `n`'s blob in a layout.
+pub fn layer_blob(dir: &Path, n: usize) -> PathBuf {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
     let manifest_hex = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
@@ -223,7 +289,7 @@ pub fn first_layer_blob(dir: &Path) -> PathBuf {
         &std::fs::read(dir.join("blobs/sha256").join(manifest_hex)).unwrap(),
     )
     .unwrap();
-    let hex = &manifest["layers"][0]["digest"].as_str().unwrap()[7..];
+    let hex = &manifest["layers"][n]["digest"].as_str().unwrap()[7..];
     dir.join("blobs/sha256").join(hex)
 }
 

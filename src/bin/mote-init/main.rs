@@ -16,7 +16,7 @@ mod user;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,6 +25,8 @@ use init_config::{InitConfig, CONFIG_OFFSET, CONTROL_DEVICE, EXIT_PREFIX, ROOT_D
 
 /// Where the root is mounted before init moves itself into it.
 const NEW_ROOT: &str = "/newroot";
+/// The resolver's configuration, which mote gives a container with a network.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// The console when the kernel does not say which terminal it is.
 const DEFAULT_CONSOLE: &str = "ttyS0";
 /// The program could not be found or started (a shell's statuses).
@@ -101,13 +103,22 @@ fn run(control: &File) -> Result<u8, String> {
     let config = read_config(control)?;
     mount_root(&config)?;
     mount_basics();
+    if let Some(text) = &config.resolv_conf {
+        if let Err(err) = write_resolv_conf(Path::new(RESOLV_CONF), text) {
+            say(&format!("cannot write {RESOLV_CONF}: {err}"));
+        }
+    }
     if let Err(err) = sys::set_hostname(&config.hostname) {
         say(&format!("cannot set the host name: {err}"));
     }
-    // The loopback interface, as every container has it; eth0 (with --net) the kernel's
-    // `ip=` configured already, and is up if it was given an address.
-    if let Err(err) = sys::link_up("lo") {
-        say(&format!("cannot bring up lo: {err}"));
+    // The loopback interface, as every container has it, and every interface --net gave
+    // (eth0, …) up even without an address, as a container's are: the kernel's `ip=` (from
+    // --ip) has configured eth0 and brought it up already; without it, the program (a DHCP
+    // client, say) configures an interface that is up.
+    for interface in network_interfaces() {
+        if let Err(err) = sys::link_up(&interface) {
+            say(&format!("cannot bring up {interface}: {err}"));
+        }
     }
     let signals = sys::all_signals();
     sys::block(&signals).map_err(|err| format!("cannot block signals: {err}"))?;
@@ -224,6 +235,35 @@ fn mount_basics() {
     }
 }
 
+/// The guest's network interfaces, lo first.
+fn network_interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name != "lo")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.insert(0, "lo".to_string());
+    names
+}
+
+/// Puts `text` at `path` as a file of its own: an image's symlink there (to a systemd
+/// resolver's file, say) is replaced, not followed, as Docker's bind mount hides it.
+fn write_resolv_conf(path: &Path, text: &str) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() => std::fs::remove_file(path)?,
+        _ => {}
+    }
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+}
+
 /// The console's terminal device: the last one the kernel lists as its console.
 fn console_tty() -> String {
     let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
@@ -327,5 +367,42 @@ fn supervise(pid: libc::pid_t, signals: &libc::sigset_t, slot: &mut signal::Sign
                 return sys::exit_status(status);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_replaces_a_symlink_and_makes_etc() {
+        let dir = std::env::temp_dir().join(format!("mote-init-resolv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "nameserver 127.0.0.53\n").unwrap();
+        let etc = dir.join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::os::unix::fs::symlink(&target, etc.join("resolv.conf")).unwrap();
+        write_resolv_conf(&etc.join("resolv.conf"), "nameserver 10.0.2.3\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(etc.join("resolv.conf")).unwrap(),
+            "nameserver 10.0.2.3\n"
+        );
+        assert!(std::fs::symlink_metadata(etc.join("resolv.conf"))
+            .unwrap()
+            .is_file());
+        // What the link pointed at is untouched.
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "nameserver 127.0.0.53\n"
+        );
+        let fresh = dir.join("no-etc/etc/resolv.conf");
+        write_resolv_conf(&fresh, "nameserver 192.0.2.1\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&fresh).unwrap(),
+            "nameserver 192.0.2.1\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -114,22 +114,23 @@ impl AsyncEngine {
     }
 
     /// Queues `io` for the kernel (sent with the next `submit`). A buffer outside guest memory
-    /// fails the request here, before the kernel sees any of it.
+    /// fails the request here, before the kernel sees any of it; the request comes back with
+    /// the error (boxed: the rare path should not make every result as large as a request).
     pub fn push(
         &mut self,
         mem: &GuestMemoryMmap,
         file: &File,
         head: u16,
         io: IoRequest,
-    ) -> Result<(), (IoRequest, RequestError)> {
+    ) -> Result<(), Box<(IoRequest, RequestError)>> {
         let Some(slot) = self.free.pop() else {
-            return Err((io, RequestError::Io(libc::EAGAIN)));
+            return Err(Box::new((io, RequestError::Io(libc::EAGAIN))));
         };
         let iovecs = match iovecs(mem, &io) {
             Ok(iovecs) => iovecs,
             Err(err) => {
                 self.free.push(slot);
-                return Err((io, err));
+                return Err(Box::new((io, err)));
             }
         };
         let fd = types::Fd(file.as_raw_fd());
@@ -154,7 +155,7 @@ impl AsyncEngine {
             // Cannot happen: the submission ring has a place for every slot and is emptied at
             // each submit. Fail the request rather than lose it.
             self.free.push(slot);
-            return Err((io, RequestError::Io(libc::EAGAIN)));
+            return Err(Box::new((io, RequestError::Io(libc::EAGAIN))));
         }
         self.slots[slot] = Some(InFlight {
             head,
