@@ -60,7 +60,7 @@ pub enum HostFileError {
 }
 
 /// A name for what a file is, for messages.
-fn describe(file_type: std::fs::FileType) -> &'static str {
+pub fn describe(file_type: std::fs::FileType) -> &'static str {
     if file_type.is_dir() {
         "a directory"
     } else if file_type.is_fifo() {

@@ -158,6 +158,9 @@ impl Vmm {
                         self.early_exits.push(reason);
                     }
                     Some(_) => {}
+                    None if self.vm.memory_is_lazy() => {
+                        return Err(VmmError::VcpuHeldByFault { index })
+                    }
                     None => return Err(VmmError::VcpuTimeout { index }),
                 }
             }
@@ -313,6 +316,8 @@ const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum VmmError {
     #[error("vCPU {index} did not answer within {VCPU_ANSWER_TIMEOUT:?}")]
     VcpuTimeout { index: usize },
+    #[error("vCPU {index} did not answer within {VCPU_ANSWER_TIMEOUT:?}: it is probably waiting for a guest page the page-fault handler (mem_backend Uffd) has not served, where the kernel lets no signal reach it (KVM reading the guest's page tables on a PVM host, or any fault before Linux 6.3); it takes the request once the page is served")]
+    VcpuHeldByFault { index: usize },
     #[error("the guest is stopping")]
     Stopping,
     #[error("cannot read vCPU {index}'s state: {source}")]

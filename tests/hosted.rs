@@ -68,6 +68,11 @@ fn hosted_a_diff_snapshot_rebased_onto_its_base_restores_a_running_program() {
 }
 
 #[test]
+fn hosted_a_running_program_restored_through_a_uffd_handler_carries_on() {
+    cases::a_running_program_restored_through_a_uffd_handler_carries_on(Arch::X86_64);
+}
+
+#[test]
 fn hosted_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::X86_64);
 }

@@ -116,6 +116,11 @@ fn hosted_aarch64_a_diff_snapshot_rebased_onto_its_base_restores_a_running_progr
 }
 
 #[test]
+fn hosted_aarch64_a_running_program_restored_through_a_uffd_handler_carries_on() {
+    cases::a_running_program_restored_through_a_uffd_handler_carries_on(Arch::Aarch64);
+}
+
+#[test]
 fn hosted_aarch64_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::Aarch64);
 }

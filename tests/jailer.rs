@@ -1,8 +1,12 @@
 //! mote-jailer: a jailed monitor runs with the uid, gid, root, cgroup, limits and network
 //! namespace it was given, serves its API inside the jail and boots a guest there; bad input
-//! leaves nothing behind. Needs root (it skips, saying so, without).
+//! leaves nothing behind; a jailed monitor restores a snapshot through a page-fault handler
+//! (the Uffd backend) with the jail's /dev/userfaultfd. Needs root (it skips, saying so,
+//! without).
 
 mod common;
+#[path = "common/uffd_handler.rs"]
+mod uffd_handler;
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -934,4 +938,83 @@ fn a_jail_made_beforehand_is_used_as_firecrackers_jailer_does_and_a_used_one_is_
     assert_eq!(entries(&base), before);
     assert!(entries(&outside).is_empty(), "{:?}", entries(&outside));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A jailed monitor (another uid, no capability) restores a snapshot through a page-fault
+/// handler whose socket is in the jail: it makes its userfaultfd through the jail's
+/// /dev/userfaultfd, which the jailer copied from the host.
+#[test]
+fn a_jailed_monitor_restores_through_a_page_fault_handler() {
+    if !require_root() || !require_kvm() {
+        return;
+    }
+    if !Path::new("/dev/userfaultfd").exists() {
+        println!("SKIPPED: this host has no /dev/userfaultfd (Linux 6.1 on)");
+        return;
+    }
+    // The snapshot, by a monitor outside the jail: a probe waiting for a key, then greeting.
+    let source = common::api::ApiMote::spawn("jail-uffd-source", &[]);
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off probe.run=poke:32768:4:9,kbd:8,peek:32768:4:9,hello,spin",
+    });
+    source.ok("PUT", "/boot-source", &boot_source.to_string());
+    source.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    source.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    source.wait_for_stdout("probe: kbd: waiting", Duration::from_secs(20));
+    let (state, mem) = source.pause_and_snapshot();
+    drop(source);
+
+    let base = scratch("uffd");
+    let id = "jail-uffd-1";
+    let root = base.join("mote").join(id).join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(&state, root.join("state")).unwrap();
+    let handler_socket = root.join("handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&handler_socket, &mem);
+    // The jailed uid connects to it.
+    std::os::unix::fs::chown(&handler_socket, Some(JAIL_UID), Some(JAIL_GID)).unwrap();
+    let mut child = Command::new(jailer_bin())
+        .args(["--id", id, "--exec-file", static_mote().to_str().unwrap()])
+        .args([
+            "--uid",
+            &JAIL_UID.to_string(),
+            "--gid",
+            &JAIL_GID.to_string(),
+        ])
+        .args(["--chroot-base-dir", base.to_str().unwrap()])
+        .args(["--", "--api-sock", "/api.sock"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start mote-jailer");
+    let _kill_on_failure = KillOnDrop(child.id());
+    let api = root.join("api.sock");
+    wait_for(&api, &mut child);
+    let load = serde_json::json!({
+        "snapshot_path": "/state",
+        "mem_backend": {"backend_type": "Uffd", "backend_path": "/handler.sock"},
+        "resume_vm": true,
+    });
+    let answer = request(&api, "PUT", "/snapshot/load", &load.to_string());
+    assert_eq!(answer.status, 204, "{answer:?}");
+    let answer = request(
+        &api,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    assert_eq!(answer.status, 204, "{answer:?}");
+    let mut stdout = child.stdout.take().unwrap();
+    let out = common::read_until(&mut stdout, "probe: hello", 1, Duration::from_secs(20));
+    assert!(out.contains("peek at=0x2000000 pages=4 match=yes"), "{out}");
+    assert!(control.faults.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -2,11 +2,13 @@
 //! what a load's overrides change in the snapshot's configuration.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::net::MacAddr;
 use super::VmConfigFile;
+use crate::snapshot::uffd::watch::DEFAULT_FAULT_TIMEOUT;
 
 /// `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -63,6 +65,23 @@ pub struct LoadSnapshotParams {
 pub struct MemBackend {
     pub backend_type: MemBackendType,
     pub backend_path: PathBuf,
+    /// mote's extension, Uffd only: how long a guest memory fault may wait unread by the
+    /// page-fault handler before the monitor ends with a message (0: never); 30 s when unset.
+    #[serde(default)]
+    pub fault_timeout_ms: Option<u64>,
+}
+
+/// Where a load's guest memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemorySource<'a> {
+    /// The memory file, mapped privately.
+    File(&'a Path),
+    /// A page-fault handler listening on this socket (Firecracker's `Uffd`), which must read
+    /// each fault within `fault_timeout` (None: no limit).
+    Uffd {
+        socket: &'a Path,
+        fault_timeout: Option<Duration>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -92,8 +111,8 @@ pub struct VsockOverride {
 /// A `PUT /snapshot/load` body that cannot be acted on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LoadParamsError {
-    #[error("the Uffd memory backend is not supported by mote: use backend_type File")]
-    UffdUnsupported,
+    #[error("mem_backend fault_timeout_ms is for backend_type Uffd only (it limits how long a fault may wait for the page-fault handler)")]
+    TimeoutNeedsUffd,
     #[error("no memory file given: set mem_backend (or mem_file_path)")]
     NoMemFile,
     #[error("give the memory file once: mem_backend or mem_file_path, not both")]
@@ -105,15 +124,23 @@ pub enum LoadParamsError {
 }
 
 impl LoadSnapshotParams {
-    /// The memory file, from whichever form the request used.
-    pub fn mem_file(&self) -> Result<&Path, LoadParamsError> {
+    /// Where guest memory comes from, from whichever form the request used.
+    pub fn memory_source(&self) -> Result<MemorySource<'_>, LoadParamsError> {
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) => Err(LoadParamsError::TwoMemFiles),
-            (Some(backend), None) => match backend.backend_type {
-                MemBackendType::File => Ok(&backend.backend_path),
-                MemBackendType::Uffd => Err(LoadParamsError::UffdUnsupported),
+            (Some(backend), None) => match (backend.backend_type, backend.fault_timeout_ms) {
+                (MemBackendType::File, None) => Ok(MemorySource::File(&backend.backend_path)),
+                (MemBackendType::File, Some(_)) => Err(LoadParamsError::TimeoutNeedsUffd),
+                (MemBackendType::Uffd, timeout) => Ok(MemorySource::Uffd {
+                    socket: &backend.backend_path,
+                    fault_timeout: match timeout {
+                        None => Some(DEFAULT_FAULT_TIMEOUT),
+                        Some(0) => None,
+                        Some(ms) => Some(Duration::from_millis(ms)),
+                    },
+                }),
             },
-            (None, Some(path)) => Ok(path),
+            (None, Some(path)) => Ok(MemorySource::File(path)),
             (None, None) => Err(LoadParamsError::NoMemFile),
         }
     }
@@ -206,15 +233,42 @@ mod tests {
             r#"{"snapshot_path": "s", "mem_file_path": "m",
                 "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
         );
-        assert_eq!(both.mem_file(), Err(LoadParamsError::TwoMemFiles));
+        assert_eq!(both.memory_source(), Err(LoadParamsError::TwoMemFiles));
         let none = load(r#"{"snapshot_path": "s"}"#);
-        assert_eq!(none.mem_file(), Err(LoadParamsError::NoMemFile));
-        let uffd = load(
-            r#"{"snapshot_path": "s",
-                "mem_backend": {"backend_type": "Uffd", "backend_path": "/u.sock"}}"#,
-        );
-        assert_eq!(uffd.mem_file(), Err(LoadParamsError::UffdUnsupported));
+        assert_eq!(none.memory_source(), Err(LoadParamsError::NoMemFile));
         let old = load(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#);
-        assert_eq!(old.mem_file(), Ok(Path::new("m")));
+        assert_eq!(old.memory_source(), Ok(MemorySource::File(Path::new("m"))));
+    }
+
+    #[test]
+    fn a_uffd_backend_has_a_fault_time_out_and_a_file_none() {
+        let uffd = |extra: &str| {
+            load(&format!(
+                r#"{{"snapshot_path": "s",
+                    "mem_backend": {{"backend_type": "Uffd", "backend_path": "/u.sock"{extra}}}}}"#
+            ))
+        };
+        let source = |timeout| MemorySource::Uffd {
+            socket: Path::new("/u.sock"),
+            fault_timeout: timeout,
+        };
+        assert_eq!(
+            uffd("").memory_source(),
+            Ok(source(Some(DEFAULT_FAULT_TIMEOUT)))
+        );
+        assert_eq!(
+            uffd(r#", "fault_timeout_ms": 1500"#).memory_source(),
+            Ok(source(Some(Duration::from_millis(1500))))
+        );
+        assert_eq!(
+            uffd(r#", "fault_timeout_ms": 0"#).memory_source(),
+            Ok(source(None))
+        );
+        let file = load(
+            r#"{"snapshot_path": "s",
+                "mem_backend": {"backend_type": "File", "backend_path": "m",
+                                "fault_timeout_ms": 5}}"#,
+        );
+        assert_eq!(file.memory_source(), Err(LoadParamsError::TimeoutNeedsUffd));
     }
 }

@@ -50,10 +50,19 @@ pub enum Filter {
     Api,
     /// Each vCPU thread (`mote_vcpu{N}`), from its start.
     Vcpu,
+    /// The stall watch of a VM restored through the Uffd memory backend
+    /// (`mote_uffd_watch`, `snapshot/uffd/watch.rs`), from its start.
+    UffdWatch,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 4] = [Filter::Build, Filter::Vmm, Filter::Api, Filter::Vcpu];
+    pub const ALL: [Filter; 5] = [
+        Filter::Build,
+        Filter::Vmm,
+        Filter::Api,
+        Filter::Vcpu,
+        Filter::UffdWatch,
+    ];
 
     /// The filter's key in the JSON file.
     pub fn name(self) -> &'static str {
@@ -62,6 +71,7 @@ impl Filter {
             Filter::Vmm => "vmm",
             Filter::Api => "api",
             Filter::Vcpu => "vcpu",
+            Filter::UffdWatch => "uffd_watch",
         }
     }
 }
@@ -111,6 +121,7 @@ pub struct SeccompFilters {
     vmm: ThreadFilter,
     api: ThreadFilter,
     vcpu: ThreadFilter,
+    uffd_watch: ThreadFilter,
 }
 
 impl SeccompFilters {
@@ -154,6 +165,7 @@ impl SeccompFilters {
             vmm: take(Filter::Vmm)?,
             api: take(Filter::Api)?,
             vcpu: take(Filter::Vcpu)?,
+            uffd_watch: take(Filter::UffdWatch)?,
         })
     }
 
@@ -163,6 +175,7 @@ impl SeccompFilters {
             Filter::Vmm => self.vmm.clone(),
             Filter::Api => self.api.clone(),
             Filter::Vcpu => self.vcpu.clone(),
+            Filter::UffdWatch => self.uffd_watch.clone(),
         }
     }
 

@@ -141,11 +141,12 @@ fn covers(
 
 #[test]
 fn build_filter_covers_what_runs_under_it() {
-    // vCPU threads are spawned under `build` and `vmm` is stacked on it: a call that `build`
-    // refuses would kill them although their own filter allows it.
+    // vCPU threads and a Uffd load's stall watch are spawned under `build` and `vmm` is
+    // stacked on it: a call that `build` refuses would kill them although their own filter
+    // allows it.
     let json: serde_json::Value = serde_json::from_str(FILTER_JSON).unwrap();
     let build = rules(&json, "build");
-    for inner in ["vcpu", "vmm"] {
+    for inner in ["vcpu", "vmm", "uffd_watch"] {
         let missing = covers(&build, &rules(&json, inner));
         assert!(
             missing.is_empty(),
@@ -321,7 +322,9 @@ fn custom_json_and_compiled_files_load() {
                         "filter": [{"syscall": "kexec_load"}]}"#;
     std::fs::write(
         &json,
-        format!(r#"{{"build": {allow_all}, "vmm": {allow_all}, "api": {allow_all}, "vcpu": {allow_all}}}"#),
+        format!(
+            r#"{{"build": {allow_all}, "vmm": {allow_all}, "api": {allow_all}, "vcpu": {allow_all}, "uffd_watch": {allow_all}}}"#
+        ),
     )
     .unwrap();
     let filters = SeccompFilters::load(&SeccompConfig::Custom(json.clone())).unwrap();

@@ -10,13 +10,16 @@ use devices::virtio::state::DeviceSpecificState;
 
 use super::diff::{check_base_pages, write_diff_memory_file, NotRebased};
 use super::memory::{map_memory_file, write_memory_file};
+use super::uffd::link::HandlerLink;
+use super::uffd::watch::{self, WatchError};
+use super::uffd::{self as uffd_backend, UffdBackendError};
 use super::{
     read_state_file, write_state_file, MemoryFileKind, MicrovmState, NewFile, SnapshotError,
 };
 use crate::builder::{build_microvm_from_snapshot, BuildError, Built, Console, ProcessStart};
 use crate::config::{
     ConfigError, CreateSnapshotParams, HugePages, LoadParamsError, LoadSnapshotParams,
-    SnapshotType, VmResources,
+    MemorySource, SnapshotType, VmResources,
 };
 use crate::device_manager::SaveDevicesError;
 use crate::metrics::{LatencyTimer, METRICS};
@@ -64,8 +67,12 @@ pub enum SnapshotActionError {
     },
     #[error("cannot restore the snapshot: {0}")]
     Build(#[from] BuildError),
-    #[error("the snapshot's guest memory was backed by 2 MiB huge pages, and such a snapshot can only be restored through the Uffd memory backend (as with Firecracker), which mote does not have yet")]
+    #[error("the snapshot's guest memory was backed by 2 MiB huge pages, and such a snapshot can only be restored through the Uffd memory backend (as with Firecracker): mem_backend {{\"backend_type\": \"Uffd\", \"backend_path\": the socket of a page-fault handler}}")]
     HugePagesNeedUffd,
+    #[error(transparent)]
+    Uffd(#[from] UffdBackendError),
+    #[error(transparent)]
+    UffdWatch(#[from] WatchError),
 }
 
 impl SnapshotActionError {
@@ -76,10 +83,12 @@ impl SnapshotActionError {
         matches!(
             self,
             SnapshotActionError::Params(
-                LoadParamsError::UffdUnsupported
+                LoadParamsError::TimeoutNeedsUffd
                     | LoadParamsError::NoMemFile
                     | LoadParamsError::TwoMemFiles
-            )
+            ) // Nothing is built before the hand-over to the handler: mapped guest memory
+              // and the userfaultfd are dropped again, and the handler's connection closed.
+              | SnapshotActionError::Uffd(_)
         )
     }
 }
@@ -162,7 +171,7 @@ fn write_snapshot(
     let guest = vm.memory();
     let (memory, memory_file) = match diff {
         Some(dirty) => write_diff_memory_file(guest, dirty, mem_file.file(), mem_path),
-        None => write_memory_file(guest, mem_file.file(), mem_path)
+        None => write_memory_file(guest, vm.memory_is_lazy(), mem_file.file(), mem_path)
             .map(|regions| (regions, MemoryFileKind::Full)),
     }
     .map_err(SnapshotError::from)?;
@@ -330,9 +339,19 @@ fn check_memory_layout(
     Ok(())
 }
 
-/// Restores a snapshot: checks the state file, maps the memory file, builds the VM in the saved
-/// state (vCPUs paused) with the snapshot's configuration, which it returns with the VM.
-/// Nothing is left behind on failure.
+/// Where a load's guest memory comes from, once the handler's socket (if any) is connected.
+enum Backing<'a> {
+    File(&'a Path),
+    Uffd {
+        stream: std::os::unix::net::UnixStream,
+        socket: &'a Path,
+        fault_timeout: Option<std::time::Duration>,
+    },
+}
+
+/// Restores a snapshot: checks the state file, maps guest memory (the memory file, or anonymous
+/// memory a page-fault handler fills), builds the VM in the saved state (vCPUs paused) with the
+/// snapshot's configuration, which it returns with the VM. Nothing is left behind on failure.
 pub fn load_snapshot(
     params: &LoadSnapshotParams,
     console: Console,
@@ -341,10 +360,22 @@ pub fn load_snapshot(
     mmds: &devices::mmds::SharedMmds,
 ) -> Result<(VmResources, Built), SnapshotActionError> {
     let _latency = LatencyTimer::start(&METRICS.latencies_us.vmm_load_snapshot);
-    let mem_file = params.mem_file()?;
+    // The handler's socket first: a wrong path is refused before anything is read.
+    let backing = match params.memory_source()? {
+        MemorySource::File(path) => Backing::File(path),
+        MemorySource::Uffd {
+            socket,
+            fault_timeout,
+        } => Backing::Uffd {
+            stream: uffd_backend::connect(socket)?,
+            socket,
+            fault_timeout,
+        },
+    };
     let mut state = read_state_file(&params.snapshot_path)?;
     let mut resources = configuration(&state, params)?;
-    if resources.machine_config.huge_pages != HugePages::None {
+    let huge_pages = resources.machine_config.huge_pages;
+    if huge_pages != HugePages::None && matches!(backing, Backing::File(_)) {
         // A private mapping of the memory file would give the guest ordinary pages, and
         // Firecracker's rule is that a snapshot comes back in the pages it was taken in.
         return Err(SnapshotActionError::HugePagesNeedUffd);
@@ -356,9 +387,39 @@ pub fn load_snapshot(
     resources.machine_config.track_dirty_pages =
         params.enable_diff_snapshots || params.track_dirty_pages;
     check_memory_layout(&state, &resources)?;
-    let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
-    check_base_pages(&memory, &state.memory_file, mem_file)?;
-    let built = build_microvm_from_snapshot(
+    let (memory, link) = match backing {
+        Backing::File(mem_file) => {
+            let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
+            check_base_pages(&memory, &state.memory_file, mem_file)?;
+            (memory, None)
+        }
+        Backing::Uffd {
+            stream,
+            socket,
+            fault_timeout,
+        } => {
+            let mib = resources.machine_config.mem_size_mib;
+            let (memory, uffd) = uffd_backend::hand_over(&stream, socket, mib, huge_pages)?;
+            // Watched from here on: every touch of guest memory below may wait on the handler.
+            let uffd = std::sync::Arc::new(uffd);
+            if let Some(limit) = fault_timeout {
+                watch::start(uffd.clone(), socket.to_path_buf(), limit)?;
+            }
+            // A Diff's handler must serve its memory file rebased onto the base: the pages
+            // the state names are read through it, as from a file.
+            check_base_pages(&memory, &state.memory_file, socket)?;
+            (
+                memory,
+                Some(HandlerLink::new(
+                    stream,
+                    socket.to_path_buf(),
+                    uffd,
+                    fault_timeout,
+                )),
+            )
+        }
+    };
+    let mut built = build_microvm_from_snapshot(
         &resources,
         console,
         start,
@@ -367,6 +428,12 @@ pub fn load_snapshot(
         params.clock_realtime,
         mmds,
     )?;
+    if let Some(link) = link {
+        built.vmm.vm_mut().mark_memory_lazy();
+        built
+            .subscribers
+            .push(std::sync::Arc::new(std::sync::Mutex::new(link)));
+    }
     Ok((resources, built))
 }
 

@@ -54,7 +54,7 @@ pub struct BasePage {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the memory file {path} does not hold the page at {addr:#x} as this Diff snapshot's base had it: a Diff snapshot's memory file holds only the pages written since the snapshot before; lay it over that snapshot's memory file (mote snapshot rebase --base-file BASE --diff-file DIFF) and load the result")]
+#[error("the guest memory from {path} does not hold the page at {addr:#x} as this Diff snapshot's base had it: a Diff snapshot's memory file holds only the pages written since the snapshot before; lay it over that snapshot's memory file (mote snapshot rebase --base-file BASE --diff-file DIFF) and load the result")]
 pub struct NotRebased {
     pub path: std::path::PathBuf,
     pub addr: u64,
@@ -140,8 +140,9 @@ fn find_base_pages(mem: &GuestMemoryMmap, dirty: &DirtyPages, page: usize) -> Ve
     found
 }
 
-/// Checks that `mem`, mapped from the memory file `path`, holds the base pages a Diff
-/// snapshot names (a Full snapshot's memory file has nothing to check).
+/// Checks that `mem`, mapped from the memory file `path` (or filled by the page-fault handler
+/// on the socket `path`), holds the base pages a Diff snapshot names (a Full snapshot's memory
+/// file has nothing to check).
 pub fn check_base_pages(
     mem: &GuestMemoryMmap,
     kind: &MemoryFileKind,
@@ -198,7 +199,7 @@ mod tests {
         mem.write_slice(&[0xbb; 16], GuestAddress(3 * page as u64))
             .unwrap();
         let base = TempFile::new().unwrap();
-        let regions = write_memory_file(&mem, base.as_file(), base.as_path()).unwrap();
+        let regions = write_memory_file(&mem, false, base.as_file(), base.as_path()).unwrap();
         mem.write_slice(&[0xcc; 16], GuestAddress(5 * page as u64))
             .unwrap();
         mem.write_slice(&[0xdd; 16], GuestAddress((1 << 30) + page as u64))

@@ -68,12 +68,14 @@ fn touched_pages(start: usize, pages: usize) -> Option<Vec<bool>> {
 }
 
 /// Writes every region of `mem` into `file`, new and empty, that will be the memory file
-/// `path`, leaving holes for zero pages; returns the regions in file order.
+/// `path`, leaving holes for zero pages; returns the regions in file order. With `lazy`
+/// (a page-fault handler fills `mem`) every page is read, through the handler.
 ///
 /// The vCPUs must be paused and no device may be serving its queues (the caller runs on the
 /// event loop's thread, which is where devices do).
 pub fn write_memory_file(
     mem: &GuestMemoryMmap,
+    lazy: bool,
     file: &File,
     path: &Path,
 ) -> Result<Vec<MemoryRegionState>, MemoryFileError> {
@@ -90,10 +92,11 @@ pub fn write_memory_file(
         // call; nothing writes it meanwhile (paused vCPUs, devices idle on this very thread).
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, size) };
         // Untouched pages of anonymous memory are zero: skip them without faulting them in.
-        // A file-backed region (a restored VM) has pages that are not resident yet are not zero.
+        // A file-backed region (a restored VM) has pages that are not resident yet are not
+        // zero, nor has memory a page-fault handler fills.
         let touched = match region.file_offset() {
-            None => touched_pages(host as usize, size / PAGE_SIZE),
-            Some(_) => None,
+            None if !lazy => touched_pages(host as usize, size / PAGE_SIZE),
+            _ => None,
         };
         let pages = size / PAGE_SIZE;
         let is_data = |p: usize| {
@@ -192,7 +195,7 @@ mod tests {
         mem.write_obj(0x1234_u32, GuestAddress(0x10_0000 + 15 * 4096))
             .unwrap();
         let file = TempFile::new().unwrap();
-        let regions = write_memory_file(&mem, file.as_file(), file.as_path()).unwrap();
+        let regions = write_memory_file(&mem, false, file.as_file(), file.as_path()).unwrap();
         assert_eq!(regions.len(), 2);
         let meta = std::fs::metadata(file.as_path()).unwrap();
         assert_eq!(meta.len(), 80 * PAGE_SIZE as u64);

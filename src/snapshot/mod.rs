@@ -15,6 +15,7 @@ mod legacy;
 pub mod memory;
 pub mod rebase;
 mod replace;
+pub mod uffd;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

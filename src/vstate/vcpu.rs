@@ -293,6 +293,9 @@ impl Vcpu {
     }
 }
 
+/// How long a finishing vCPU thread is waited for.
+pub const VCPU_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The monitor's end of a vCPU thread.
 pub struct VcpuHandle {
     index: u8,
@@ -325,13 +328,38 @@ impl VcpuHandle {
         self.response_rx.try_recv().ok()
     }
 
-    /// Finishes the thread and waits for it.
+    /// Finishes the thread and waits for it, at most [`VCPU_FINISH_TIMEOUT`]: a thread that
+    /// cannot leave KVM_RUN is left to the process's exit, which ends it.
+    ///
+    /// A thread can be held in the kernel: a guest page whose fault a page-fault handler never
+    /// serves (the Uffd backend) holds a vCPU thread where only a fatal signal reaches it,
+    /// when KVM takes the fault in a user access of its own (reading the guest's page tables
+    /// in its shadow page-table walk, as on PVM hosts) or on kernels before 6.3 (KVM's own
+    /// fault-in waits interruptibly from 6.3). The kick cannot reach it, and a stop must not
+    /// wait for ever.
     pub fn finish(&mut self) {
         self.send(VcpuEvent::Finish);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                warn!("vCPU {}: its thread panicked", self.index);
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // The thread drops its end of the response channel as it returns.
+        let deadline = std::time::Instant::now() + VCPU_FINISH_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.response_rx.recv_timeout(left) {
+                Ok(_) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    warn!(
+                        "vCPU {} did not leave KVM_RUN within {VCPU_FINISH_TIMEOUT:?} (is it waiting for a guest page nobody serves?): the monitor ends without it",
+                        self.index
+                    );
+                    return;
+                }
             }
+        }
+        if thread.join().is_err() {
+            warn!("vCPU {}: its thread panicked", self.index);
         }
     }
 }

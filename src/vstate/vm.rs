@@ -81,6 +81,9 @@ pub struct Vm {
     /// Dirty pages taken for a snapshot that then failed: the next one must still write them
     /// (KVM's log cannot be given them back).
     unsaved: DirtyPages,
+    /// Guest memory is anonymous and filled on demand by a page-fault handler (the Uffd
+    /// backend): a page never touched is not known to be zero.
+    lazy_memory: bool,
 }
 
 impl Vm {
@@ -127,7 +130,19 @@ impl Vm {
             devices: None,
             track_dirty_pages,
             unsaved: DirtyPages::default(),
+            lazy_memory: false,
         })
+    }
+
+    /// Records that a page-fault handler fills guest memory on demand (a Uffd restore).
+    pub fn mark_memory_lazy(&mut self) {
+        self.lazy_memory = true;
+    }
+
+    /// Whether a page-fault handler fills guest memory on demand: a snapshot must then read
+    /// every page (through the handler), not only those the host has.
+    pub fn memory_is_lazy(&self) -> bool {
+        self.lazy_memory
     }
 
     /// Whether the guest's writes are logged (Diff snapshots can be taken).

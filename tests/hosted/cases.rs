@@ -452,6 +452,63 @@ grep -v '^tick-' out2
     );
 }
 
+/// A guest program counts on across a snapshot restored through the `Uffd` memory backend:
+/// `hosted-tool uffd-handler` (tests/common/uffd_handler.rs) serves every page the restored
+/// Linux guest and mote touch from the memory file, and the loop goes on from the next count.
+pub fn a_running_program_restored_through_a_uffd_handler_carries_on(arch: Arch) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+cmd=$(guest_cmd '
+i=0
+while :; do i=$((i + 1)); echo tick-$i; sleep 0.2; done
+')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
+JSON
+./mote --api-sock /tmp/api1.sock --config-file vm.json --log-path out1.log >out1 2>&1 &
+first=$!
+wait_count out1 tick- 3 120 || fail "the guest's loop never ran"
+hosted-tool api /tmp/api1.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"
+hosted-tool api /tmp/api1.sock PUT /snapshot/create \
+  '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
+last=$(latest out1 tick-)
+echo last-before-snapshot=$last
+kill -9 $first
+wait $first
+hosted-tool uffd-handler /tmp/uffd.sock /tmp/vm.mem >handler.out 2>handler.err &
+handler=$!
+wait_for handler.err ready 30 || fail "the handler did not start"
+./mote --api-sock /tmp/api2.sock --log-path out2.log >out2 2>&1 &
+second=$!
+wait_for out2.log "API server started" 30 || fail "the second mote did not start"
+hosted-tool api /tmp/api2.sock PUT /snapshot/load \
+  '{"snapshot_path": "/tmp/vm.state", "mem_backend": {"backend_type": "Uffd", "backend_path": "/tmp/uffd.sock"}, "resume_vm": true}' \
+  || { cat out2.log; fail "load through the handler"; }
+wait_count out2 tick- $((last + 5)) 60 || { cat out2.log; fail "the loop did not carry on"; }
+echo first-after-restore=$(grep -o 'tick-[0-9]*' out2 | head -n1 | cut -d- -f2)
+kill -9 $second
+wait $handler
+cat handler.out
+"#,
+    );
+    run.assert_ok();
+    let last: u64 = run.value("last-before-snapshot=").parse().expect("a count");
+    let first_after: u64 = run.value("first-after-restore=").parse().expect("a count");
+    assert_eq!(first_after, last + 1, "{}", run.output);
+    let faults: u64 = run
+        .value("uffd-handler: faults=")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("the handler's count");
+    assert!(faults > 0, "{}", run.output);
+}
+
 /// Two clones of one snapshot do not share a random state, and each can take an identity of
 /// its own: each restore writes a new VM generation ID and raises its interrupt, the guest's
 /// `vmgenid` driver (found through ACPI on x86_64, the device tree on aarch64) has the kernel

@@ -20,7 +20,8 @@ struct DeviceNode {
     optional: bool,
 }
 
-/// /dev/kvm, the TAP clone device and the random source (the numbers are fixed by Linux).
+/// /dev/kvm, the TAP clone device and the random source (the numbers are fixed by Linux);
+/// /dev/userfaultfd is added where the host has it ([`host_userfaultfd`]).
 const DEVICE_NODES: [DeviceNode; 3] = [
     DeviceNode {
         path: "dev/kvm",
@@ -41,6 +42,25 @@ const DEVICE_NODES: [DeviceNode; 3] = [
         optional: true,
     },
 ];
+
+/// /dev/userfaultfd as the host has it (Linux 6.1 on), for a monitor restoring a snapshot
+/// through a page-fault handler (the `Uffd` memory backend): opening it needs no capability,
+/// where the userfaultfd system call would need CAP_SYS_PTRACE. As Firecracker's jailer, made
+/// when the host has it; its minor number is the kernel's choice, so it is read from the host.
+fn host_userfaultfd() -> Option<DeviceNode> {
+    use std::os::unix::fs::FileTypeExt;
+    let metadata = std::fs::metadata("/dev/userfaultfd").ok()?;
+    if !metadata.file_type().is_char_device() {
+        return None;
+    }
+    let rdev = metadata.rdev();
+    Some(DeviceNode {
+        path: "dev/userfaultfd",
+        major: libc::major(rdev),
+        minor: libc::minor(rdev),
+        optional: true,
+    })
+}
 
 /// Execute permission for the owner, the group and others.
 const EXEC_OWNER: u32 = 0o100;
@@ -227,7 +247,8 @@ impl Jail {
     }
 
     fn make_device_nodes(&mut self, uid: u32, gid: u32) -> Result<(), JailError> {
-        for node in &DEVICE_NODES {
+        let userfaultfd = host_userfaultfd();
+        for node in DEVICE_NODES.iter().chain(userfaultfd.as_ref()) {
             let path = self.root.join(node.path);
             if let Some(dir) = path.parent() {
                 self.make_dirs(dir)?;

@@ -24,11 +24,21 @@
 //!                                         (line-ms=none: no such line; status=timeout: killed
 //!                                         after SECONDS); exit 0 when the line came and the
 //!                                         command exited with 0
+//! hosted-tool uffd-handler SOCKET MEMFILE
+//!                                         a page-fault handler for mote's Uffd memory
+//!                                         backend (tests/common/uffd_handler.rs): listen on
+//!                                         SOCKET, serve one monitor's faults from the memory
+//!                                         file MEMFILE until it hangs up, then print
+//!                                         `uffd-handler: faults=F zero=Z removes=R`
 //! ```
 //! Listeners print `ready` on stderr once they accept connections. A stream copies stdin to
 //! the socket (then half-closes it) and the socket to stdout, until both have ended.
 
 mod sock;
+// Shared with the probe-guest tests, whose in-process `spawn` this program does not use.
+#[allow(dead_code)]
+#[path = "../../common/uffd_handler.rs"]
+mod uffd_handler;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -73,6 +83,20 @@ fn main() -> ExitCode {
         ["time-to-line", text, seconds, program, args @ ..] => {
             return time_to_line(text, number(seconds), program, args)
         }
+        ["uffd-handler", socket, mem_file] => UnixListener::bind(socket).and_then(|listener| {
+            eprintln!("ready");
+            let control = uffd_handler::Control::default();
+            uffd_handler::serve(&listener, std::path::Path::new(mem_file), &control)?;
+            let count =
+                |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::SeqCst);
+            println!(
+                "uffd-handler: faults={} zero={} removes={}",
+                count(&control.faults),
+                count(&control.zero_faults),
+                count(&control.removes)
+            );
+            Ok(())
+        }),
         _ => {
             eprintln!("usage: see the header of tests/hosted-tool/src/main.rs");
             return ExitCode::from(2);
