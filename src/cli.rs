@@ -18,6 +18,16 @@ use crate::seccomp::SeccompConfig;
 #[derive(Debug, Parser)]
 #[command(name = "mote", version, about = "A KVM microVM monitor")]
 pub struct Cli {
+    #[command(flatten)]
+    pub top: TopArgs,
+    /// Without a command, mote serves the API (Firecracker's way).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The flags before (or without) a command: the global ones and Firecracker's.
+#[derive(Debug, Args)]
+pub struct TopArgs {
     /// Log level: Error, Warning, Info, Debug, Trace or Off.
     #[arg(long, global = true, default_value = "Info", value_parser = parse_level)]
     pub level: LevelFilter,
@@ -40,10 +50,30 @@ pub struct Cli {
     /// Print the format version of this snapshot state file, and exit.
     #[arg(long, value_name = "PATH", conflicts_with = "snapshot_version")]
     pub describe_snapshot: Option<PathBuf>,
-    /// Without a command, mote serves the API (Firecracker's way).
-    #[command(subcommand)]
-    pub command: Option<Command>,
 }
+
+/// [`Cli`] without its commands: what a monitor spawned for the API is given. Parsing with
+/// it builds none of the commands' arguments (`run` alone has dozens), which was about half
+/// of clap's work and of the allocator's churn before the API's first answer.
+#[derive(Debug, Parser)]
+#[command(name = "mote")]
+struct ApiCli {
+    #[command(flatten)]
+    top: TopArgs,
+}
+
+/// Words that make a command line more than Firecracker's flags: a command's name, or a
+/// request for the full help or version. Their absence is what lets [`ApiCli`] parse it.
+const NOT_API_ONLY: [&str; 8] = [
+    "run",
+    "image",
+    "snapshot",
+    "help",
+    "-h",
+    "--help",
+    "-V",
+    "--version",
+];
 
 /// Firecracker's exit status for arguments it cannot parse (`ArgParsing`).
 pub const EXIT_ARG_PARSING: u8 = 153;
@@ -130,19 +160,50 @@ impl Cli {
         T: Into<std::ffi::OsString> + Clone,
     {
         let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-        let matches = <Cli as clap::CommandFactory>::command().try_get_matches_from(&args)?;
-        let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+        let (matches, mut cli) = match Self::parse_api_only(&args) {
+            Some(parsed) => parsed,
+            None => {
+                let matches =
+                    <Cli as clap::CommandFactory>::command().try_get_matches_from(&args)?;
+                let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+                (matches, cli)
+            }
+        };
         let invoked_as = args.first().map(Path::new).and_then(Path::file_name);
         if invoked_as == Some(std::ffi::OsStr::new(FIRECRACKER_NAME))
             && matches.value_source("api_sock") == Some(clap::parser::ValueSource::DefaultValue)
         {
-            cli.api.api_sock = PathBuf::from(FIRECRACKER_API_SOCK);
+            cli.top.api.api_sock = PathBuf::from(FIRECRACKER_API_SOCK);
         }
-        match refusal(&cli.api) {
+        match refusal(&cli.top.api) {
             Some(message) => Err(<Cli as clap::CommandFactory>::command()
                 .error(clap::error::ErrorKind::ArgumentConflict, message)),
             None => Ok(cli),
         }
+    }
+
+    /// A command line of Firecracker's flags alone, parsed without building the commands;
+    /// None when it names a command, asks for help or the version, or does not parse (the
+    /// full parse then gives the answer or the error, with the whole usage).
+    fn parse_api_only(args: &[std::ffi::OsString]) -> Option<(clap::ArgMatches, Cli)> {
+        if args
+            .iter()
+            .skip(1)
+            .any(|arg| arg.to_str().is_some_and(|arg| NOT_API_ONLY.contains(&arg)))
+        {
+            return None;
+        }
+        let matches = <ApiCli as clap::CommandFactory>::command()
+            .try_get_matches_from(args)
+            .ok()?;
+        let api = <ApiCli as clap::FromArgMatches>::from_arg_matches(&matches).ok()?;
+        Some((
+            matches,
+            Cli {
+                top: api.top,
+                command: None,
+            },
+        ))
     }
 
     /// [`Cli::try_parse_checked`] on the process's arguments; on failure prints the error and
@@ -162,7 +223,7 @@ impl Cli {
 impl Cli {
     /// Which seccomp filters the threads install.
     pub fn seccomp(&self) -> SeccompConfig {
-        match (&self.seccomp_filter, self.no_seccomp) {
+        match (&self.top.seccomp_filter, self.top.no_seccomp) {
             (_, true) => SeccompConfig::Disabled,
             (Some(path), false) => SeccompConfig::Custom(path.clone()),
             (None, false) => SeccompConfig::BuiltIn,
@@ -987,9 +1048,9 @@ mod tests {
         ])
         .unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.api.api_sock, PathBuf::from("/tmp/a.sock"));
-        assert_eq!(cli.id, "vm1");
-        assert!(cli.api.boot_timer);
+        assert_eq!(cli.top.api.api_sock, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(cli.top.id, "vm1");
+        assert!(cli.top.api.boot_timer);
         assert!(
             parse(&["--no-api"]).is_err(),
             "--no-api needs --config-file"
@@ -1006,11 +1067,11 @@ mod tests {
 
     #[test]
     fn run_as_firecracker_the_default_socket_is_firecrackers() {
-        let socket = |args: &[&str]| parse(args).unwrap().api.api_sock;
+        let socket = |args: &[&str]| parse(args).unwrap().top.api.api_sock;
         assert_eq!(socket(&[]), PathBuf::from(DEFAULT_API_SOCK));
         let as_firecracker = |rest: &[&str]| {
             let args = [&["/srv/jail/firecracker/x/root/firecracker"], rest].concat();
-            Cli::try_parse_checked(args).unwrap().api.api_sock
+            Cli::try_parse_checked(args).unwrap().top.api.api_sock
         };
         assert_eq!(as_firecracker(&[]), PathBuf::from(FIRECRACKER_API_SOCK));
         // A socket given is the socket, whatever the name.
@@ -1035,7 +1096,7 @@ mod tests {
         assert_eq!(
             parse(&["--mmds-size-limit", "51200"])
                 .unwrap()
-                .api
+                .top.api
                 .mmds_size_limit,
             Some(51200)
         );
@@ -1046,7 +1107,7 @@ mod tests {
     fn ids_follow_firecrackers_rule() {
         let longest = "a".repeat(MAX_INSTANCE_ID_LEN);
         for good in ["a", "vm-1", "Ünïcode-2", longest.as_str()] {
-            assert_eq!(parse(&["--id", good]).unwrap().id, good);
+            assert_eq!(parse(&["--id", good]).unwrap().top.id, good);
         }
         let too_long = "a".repeat(MAX_INSTANCE_ID_LEN + 1);
         for (bad, why) in [
@@ -1064,7 +1125,7 @@ mod tests {
         }
         // The rule holds for `mote run` too.
         assert!(parse(&["run", "--kernel", "k", "--id", "a:b"]).is_err());
-        assert_eq!(parse(&[]).unwrap().id, "anonymous-instance");
+        assert_eq!(parse(&[]).unwrap().top.id, "anonymous-instance");
     }
 
     #[test]
@@ -1079,22 +1140,55 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            cli.api.startup_times(),
+            cli.top.api.startup_times(),
             crate::api::StartupTimes {
                 start_time_us: Some(10),
                 start_time_cpu_us: Some(20),
                 parent_cpu_time_us: Some(30),
             }
         );
-        assert_eq!(parse(&[]).unwrap().api.startup_times(), Default::default());
+        assert_eq!(parse(&[]).unwrap().top.api.startup_times(), Default::default());
         assert!(parse(&["--start-time-us", "-1"]).is_err());
+    }
+
+    #[test]
+    fn firecrackers_flags_alone_parse_alike_without_the_commands() {
+        let argv = |args: &[&str]| -> Vec<std::ffi::OsString> {
+            std::iter::once("mote")
+                .chain(args.iter().copied())
+                .map(Into::into)
+                .collect()
+        };
+        for args in [
+            &["--api-sock", "/a", "--id", "vm1", "--level", "Debug", "--boot-timer"][..],
+            &[],
+            &["--no-api", "--config-file", "/c.json"],
+            &["--seccomp-filter", "/f", "--metrics-path", "/m", "--show-level"],
+            &["--describe-snapshot", "/s"],
+        ] {
+            let (_, fast) = Cli::parse_api_only(&argv(args)).expect("Firecracker's flags alone");
+            let full = parse(args).unwrap();
+            assert_eq!(format!("{fast:?}"), format!("{full:?}"), "{args:?}");
+        }
+        // A command, help, the version and a bad flag take the full parse (its usage, its
+        // errors).
+        for args in [
+            &["run", "--kernel", "/k"][..],
+            &["--level", "Debug", "image", "ls"],
+            &["--help"],
+            &["-V"],
+            &["--no-such-flag"],
+            &["--no-api"],
+        ] {
+            assert!(Cli::parse_api_only(&argv(args)).is_none(), "{args:?}");
+        }
     }
 
     #[test]
     fn snapshot_questions_parse() {
         let cli = parse(&["--describe-snapshot", "/s"]).unwrap();
-        assert_eq!(cli.describe_snapshot, Some(PathBuf::from("/s")));
-        assert!(parse(&["--snapshot-version"]).unwrap().snapshot_version);
+        assert_eq!(cli.top.describe_snapshot, Some(PathBuf::from("/s")));
+        assert!(parse(&["--snapshot-version"]).unwrap().top.snapshot_version);
     }
 
     #[test]

@@ -43,11 +43,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse_checked();
     phases.mark("arguments");
     // Questions about snapshots are answered before anything starts, as Firecracker does.
-    if cli.snapshot_version {
+    if cli.top.snapshot_version {
         println!("v{}", mote::cli::SNAPSHOT_VERSION);
         return ExitCode::SUCCESS;
     }
-    if let Some(path) = &cli.describe_snapshot {
+    if let Some(path) = &cli.top.describe_snapshot {
         return match mote::cli::snapshot_format_version(path) {
             Ok(version) => {
                 println!("v{version}");
@@ -89,7 +89,7 @@ fn main() -> ExitCode {
     } else {
         mote::logger::Destination::Stderr
     };
-    mote::logger::init(&cli.id, cli.level, log_destination);
+    mote::logger::init(&cli.top.id, cli.top.level, log_destination);
     phases.mark("logger");
     // The image store is managed before anything of a VM starts.
     if let Some(Command::Image(command)) = &cli.command {
@@ -126,24 +126,24 @@ fn main() -> ExitCode {
         }
         Some(Command::Run(args)) => match (args.restore_params(), args.image_options()) {
             (Some(params), _) => {
-                mote::run_restored(cli.id.clone(), &params, args.api_sock.as_deref(), start)
+                mote::run_restored(cli.top.id.clone(), &params, args.api_sock.as_deref(), start)
                     .map(Ended::from)
             }
             (None, Some(image)) => mote::run_image(&args.resources(), &image, start),
             (None, None) => mote::run_guest(&args.resources(), start).map(Ended::from),
         },
         None => {
-            let api = &cli.api;
+            let api = &cli.top.api;
             // Firecracker's flags configure the logger as PUT /logger would, with --level.
             let logger = (api.log_path.is_some() || api.module.is_some()).then(|| LoggerConfig {
                 log_path: api.log_path.clone(),
-                level: Some(cli.level.to_string()),
+                level: Some(cli.top.level.to_string()),
                 show_level: Some(api.show_level),
                 show_log_origin: Some(api.show_log_origin),
                 module: api.module.clone(),
             });
             let options = ApiOptions {
-                instance_id: cli.id.clone(),
+                instance_id: cli.top.id.clone(),
                 api_sock: (!api.no_api).then_some(api.api_sock.as_path()),
                 max_payload: api.http_api_max_payload_size,
                 mmds_size_limit: api.mmds_size_limit,
