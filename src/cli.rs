@@ -1096,7 +1096,8 @@ mod tests {
         assert_eq!(
             parse(&["--mmds-size-limit", "51200"])
                 .unwrap()
-                .top.api
+                .top
+                .api
                 .mmds_size_limit,
             Some(51200)
         );
@@ -1147,7 +1148,10 @@ mod tests {
                 parent_cpu_time_us: Some(30),
             }
         );
-        assert_eq!(parse(&[]).unwrap().top.api.startup_times(), Default::default());
+        assert_eq!(
+            parse(&[]).unwrap().top.api.startup_times(),
+            Default::default()
+        );
         assert!(parse(&["--start-time-us", "-1"]).is_err());
     }
 
@@ -1160,10 +1164,24 @@ mod tests {
                 .collect()
         };
         for args in [
-            &["--api-sock", "/a", "--id", "vm1", "--level", "Debug", "--boot-timer"][..],
+            &[
+                "--api-sock",
+                "/a",
+                "--id",
+                "vm1",
+                "--level",
+                "Debug",
+                "--boot-timer",
+            ][..],
             &[],
             &["--no-api", "--config-file", "/c.json"],
-            &["--seccomp-filter", "/f", "--metrics-path", "/m", "--show-level"],
+            &[
+                "--seccomp-filter",
+                "/f",
+                "--metrics-path",
+                "/m",
+                "--show-level",
+            ],
             &["--describe-snapshot", "/s"],
         ] {
             let (_, fast) = Cli::parse_api_only(&argv(args)).expect("Firecracker's flags alone");

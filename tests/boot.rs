@@ -185,28 +185,32 @@ fn probe_run_with_stdin(steps: &str, stdin: &[u8]) -> common::Run {
     )
 }
 
-#[test]
-fn sigterm_stops_a_running_guest_in_order() {
-    if !require_kvm() {
-        return;
-    }
+/// `mote run` with the probe saying hello and spinning, returned once it said hello (stdout
+/// read up to the hello, stderr piped).
+fn spawn_spinning_probe() -> std::process::Child {
     let probe = probe_kernel();
     let mut child = Command::new(mote_bin())
-        .args([
-            "run",
-            "--kernel",
-            probe.to_str().unwrap(),
-            "--append",
-            "probe.run=hello,spin",
-        ])
+        .args(["run", "--kernel", probe.to_str().unwrap()])
+        .args(["--append", "probe.run=hello,spin"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the guest runs, then ask the monitor to stop.
     let mut stdout = child.stdout.take().unwrap();
     common::read_until(&mut stdout, "probe: hello", 1, Duration::from_secs(20));
+    // Kept open: a monitor whose console reader went away would get EPIPE on its next write.
+    child.stdout = Some(stdout);
+    child
+}
+
+#[test]
+fn sigterm_stops_a_running_guest_in_order() {
+    if !require_kvm() {
+        return;
+    }
+    // Wait until the guest runs, then ask the monitor to stop.
+    let mut child = spawn_spinning_probe();
     common::send_signal(child.id(), libc::SIGTERM);
     let started = Instant::now();
     let status = child.wait().unwrap();
@@ -316,17 +320,7 @@ fn a_running_monitor_keeps_little_of_its_start_up_code_mapped() {
     if !require_kvm() {
         return;
     }
-    let probe = probe_kernel();
-    let mut child = Command::new(mote_bin())
-        .args(["run", "--kernel", probe.to_str().unwrap()])
-        .args(["--append", "probe.run=hello,spin"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    common::read_until(&mut stdout, "probe: hello", 1, Duration::from_secs(20));
+    let mut child = spawn_spinning_probe();
     std::thread::sleep(Duration::from_millis(200));
     let (rss, size) = read_only_image_kib(child.id());
     let _ = child.kill();
