@@ -155,7 +155,17 @@ fn get_reports_running_and_paused_and_pause_stops_the_guest() {
 
     mote.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(mote.request("GET", "/", "").json()["state"], "Paused");
-    let at_pause = mote.stdout();
+    // What the guest wrote before the pause may still be on its way (the console's buffer,
+    // the pipe, this test's reader): the output at the pause is the one that stopped growing.
+    let mut at_pause = mote.stdout();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = mote.stdout();
+        if now == at_pause {
+            break;
+        }
+        at_pause = now;
+    }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(mote.stdout(), at_pause, "the guest printed while paused");
     // Pausing twice is harmless, as in Firecracker.
