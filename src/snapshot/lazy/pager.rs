@@ -55,6 +55,7 @@ pub fn start(
         source: source.clone(),
         epoll,
         record: window.map(|window| (Instant::now() + window, Vec::new(), done_tx.clone())),
+        retry: Vec::new(),
     };
     if recording.is_none() {
         // Nothing to wait for: prefetch at once.
@@ -76,12 +77,21 @@ pub fn start(
     Ok(())
 }
 
+/// What the fault thread acts on: a message from the descriptor, or a page to fill again.
+enum Fault {
+    Event(UffdEvent),
+    Again(u64),
+}
+
 struct FaultThread {
     uffd: Arc<Uffd>,
     source: Arc<PageSource>,
     epoll: Epoll,
     /// While recording: until when, the pages faulted so far, and where they go at the end.
     record: Option<(Instant, Vec<u32>, Sender<Vec<u32>>)>,
+    /// Faulted pages the kernel asked to fill again later (EAGAIN): retried once the events
+    /// waiting on the descriptor are read, since one of them is what holds the fills back.
+    retry: Vec<u64>,
 }
 
 impl FaultThread {
@@ -90,6 +100,8 @@ impl FaultThread {
         let mut events = [EpollEvent::default(); 1];
         loop {
             let timeout = match &self.record {
+                // Pages to fill again: read what is waiting, then come back to them.
+                _ if !self.retry.is_empty() => 0,
                 Some((until, _, _)) => {
                     let left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -113,34 +125,50 @@ impl FaultThread {
                     return;
                 }
             };
-            for message in &messages[..count] {
-                if let Err(err) = self.serve(UffdEvent::decode(message)) {
-                    // The guest's memory is gone (the process is ending) or the kernel
-                    // refuses: nothing more can be served.
-                    error!("the lazy pager stops: {err}");
-                    return;
-                }
+            let retry = std::mem::take(&mut self.retry);
+            let served = messages[..count]
+                .iter()
+                .map(|message| Fault::Event(UffdEvent::decode(message)))
+                .chain(retry.into_iter().map(Fault::Again))
+                .try_for_each(|event| self.serve(event));
+            if let Err(err) = served {
+                // The guest's memory is gone (the process is ending) or the kernel refuses:
+                // nothing more can be served.
+                error!("the lazy pager stops: {err}");
+                return;
             }
         }
     }
 
-    fn serve(&mut self, event: UffdEvent) -> Result<(), UffdError> {
-        match event {
-            UffdEvent::PageFault { address } => {
+    fn serve(&mut self, event: Fault) -> Result<(), UffdError> {
+        let page = match event {
+            Fault::Event(UffdEvent::PageFault { address }) => {
                 let Some(page) = self.source.page_at(address) else {
                     warn!("a fault at host address {address:#x}, outside guest memory: ignored");
                     return Ok(());
                 };
-                if self.source.fill_page(&self.uffd, page)? {
-                    METRICS.lazy_restore.pages_on_demand.inc();
-                    if let Some((_, pages, _)) = &mut self.record {
-                        // The memory file of a 16 TiB guest has 2^32 pages: beyond mote's.
-                        pages.push(page as u32);
-                    }
+                page
+            }
+            Fault::Again(page) => page,
+            Fault::Event(UffdEvent::Remove { start, end }) => {
+                self.source.remove(start, end);
+                return Ok(());
+            }
+            Fault::Event(UffdEvent::Other(event)) => {
+                warn!("the lazy pager ignores userfaultfd event {event:#x}");
+                return Ok(());
+            }
+        };
+        match self.source.fill_page(&self.uffd, page)? {
+            Some(true) => {
+                METRICS.lazy_restore.pages_on_demand.inc();
+                if let Some((_, pages, _)) = &mut self.record {
+                    // The memory file of a 16 TiB guest has 2^32 pages: beyond mote's.
+                    pages.push(page as u32);
                 }
             }
-            UffdEvent::Remove { start, end } => self.source.remove(start, end),
-            UffdEvent::Other(event) => warn!("the lazy pager ignores userfaultfd event {event:#x}"),
+            Some(false) => {}
+            None => self.retry.push(page),
         }
         Ok(())
     }
@@ -182,6 +210,11 @@ fn prefetch(
     let mut filled = 0;
     while page < source.pages() {
         match source.fill_run(uffd, page, PREFETCH_RUN) {
+            Ok((0, 0)) => {
+                // EAGAIN: guest memory is changing under an event the fault thread is about
+                // to read; let it.
+                std::thread::yield_now();
+            }
             Ok((count, looked)) => {
                 filled += count;
                 METRICS.lazy_restore.pages_prefetched.add(count);

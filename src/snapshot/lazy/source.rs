@@ -181,19 +181,19 @@ impl PageSource {
         !self.has_data(page) || self.is_removed(page)
     }
 
-    /// Fills the one page `page`; whether it was missing (else someone filled it first, and
-    /// whoever waits on it is woken).
-    pub fn fill_page(&self, uffd: &Uffd, page: u64) -> Result<bool, UffdError> {
-        loop {
-            match self.fill_run(uffd, page, 1)? {
-                (1, _) => return Ok(true),
-                (_, 0) => continue,
-                _ => {
-                    if let Some((host, _)) = self.host_of(page) {
-                        uffd.wake(host, PAGE_SIZE)?;
-                    }
-                    return Ok(false);
+    /// Fills the one page `page`: Some(true) when it was missing, Some(false) when someone
+    /// filled it first (whoever waits on it is woken), None when the kernel asks to try again
+    /// later (EAGAIN: guest memory is changing under an event, a balloon's remove, that the
+    /// fault thread must read before any fill can succeed).
+    pub fn fill_page(&self, uffd: &Uffd, page: u64) -> Result<Option<bool>, UffdError> {
+        match self.fill_run(uffd, page, 1)? {
+            (1, _) => Ok(Some(true)),
+            (_, 0) => Ok(None),
+            _ => {
+                if let Some((host, _)) = self.host_of(page) {
+                    uffd.wake(host, PAGE_SIZE)?;
                 }
+                Ok(Some(false))
             }
         }
     }
