@@ -377,6 +377,56 @@ mod tests {
     }
 
     #[test]
+    fn copy_and_zero_fill_missing_pages_and_tell_present_ones() {
+        let uffd = match Uffd::new(FEATURE_EVENT_REMOVE) {
+            Ok(uffd) => uffd,
+            Err(err) => {
+                eprintln!("SKIPPED: {err}");
+                return;
+            }
+        };
+        let len = 4 * 4096usize;
+        // SAFETY: a fresh anonymous private mapping, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let at = addr as u64;
+        uffd.register(at, len as u64).unwrap();
+        let source = vec![0x5au8; 2 * 4096];
+        // SAFETY: `source` is 2 pages, alive for the call.
+        let copied = unsafe { uffd.copy(at + 4096, source.as_ptr(), 4096) }.unwrap();
+        assert_eq!(copied, Filled::All);
+        // Pages 0..2: page 0 goes in, page 1 is there already: a part.
+        // SAFETY: as above.
+        let part = unsafe { uffd.copy(at, source.as_ptr(), 2 * 4096) }.unwrap();
+        assert_eq!(part, Filled::Part(4096));
+        // SAFETY: as above.
+        let present = unsafe { uffd.copy(at + 4096, source.as_ptr(), 4096) }.unwrap();
+        assert_eq!(present, Filled::Present);
+        assert_eq!(uffd.zero(at + 2 * 4096, 2 * 4096).unwrap(), Filled::All);
+        assert_eq!(uffd.zero(at, 4096).unwrap(), Filled::Present);
+        // Every page is there now: reading them takes no fault (which would wait for ever).
+        // SAFETY: the mapping is live and every page filled.
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        assert!(bytes[..2 * 4096].iter().all(|b| *b == 0x5a));
+        assert!(bytes[2 * 4096..].iter().all(|b| *b == 0));
+        assert!(uffd.wake(at, 4096).is_ok());
+        // A range outside anything registered is an error naming it, not a crash.
+        let err = uffd.zero(8 << 40, 4096).unwrap_err();
+        assert!(err.to_string().contains("0x80000000000"), "{err}");
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(addr, len) };
+    }
+
+    #[test]
     fn a_fault_on_registered_memory_is_reported_and_waits() {
         let uffd = match Uffd::new(FEATURE_EVENT_REMOVE) {
             Ok(uffd) => uffd,

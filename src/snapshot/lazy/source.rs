@@ -169,7 +169,8 @@ impl PageSource {
         };
         Ok(match filled {
             Filled::All => (run, run),
-            // The page after the filled part is there already: skip it too.
+            // Stopped at a page there already (the next call skips it) or interrupted (the
+            // next call tries it again).
             Filled::Part(bytes) if bytes > 0 => (bytes / PAGE_SIZE, bytes / PAGE_SIZE),
             // Interrupted before the first page: look at it again.
             Filled::Part(_) => (0, 0),
