@@ -235,6 +235,21 @@ counters! {
     }
 }
 
+counters! {
+    /// mote's own: where the pages of a VM restored through the `Lazy` memory backend came
+    /// from (the built-in pager, `snapshot/lazy/`): copied in from the working-set file before
+    /// the vCPUs ran, served when a fault asked for them, or copied in by the prefetch thread
+    /// ahead of any fault. Zero pages (the memory file's holes) count as the others do.
+    pub struct LazyRestoreMetrics {
+        pages_from_working_set,
+        pages_on_demand,
+        pages_prefetched,
+        /// Working-set files that could not be used (another snapshot's, damaged): the
+        /// restore fell back to serving on demand.
+        working_set_fallbacks,
+    }
+}
+
 /// Times an operation into a [`Gauge`] of [`LatencyMetrics`] when dropped.
 pub struct LatencyTimer<'a> {
     gauge: &'a Gauge,
@@ -267,6 +282,7 @@ pub struct Metrics {
     pub logger: LoggerMetrics,
     pub deprecated_api: DeprecatedApiMetrics,
     pub latencies_us: LatencyMetrics,
+    pub lazy_restore: LazyRestoreMetrics,
     /// Each drive's counters, by drive id, in the guest's order.
     blocks: Mutex<Vec<(String, Arc<BlockMetrics>)>>,
     /// Each network interface's counters, by interface id, in the guest's order.
@@ -381,6 +397,10 @@ impl Metrics {
         top.insert(
             "latencies_us".into(),
             object(self.latencies_us.take_deltas()),
+        );
+        top.insert(
+            "lazy_restore".into(),
+            object(self.lazy_restore.take_deltas()),
         );
         top.insert(
             "signals".into(),

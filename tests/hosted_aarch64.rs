@@ -121,6 +121,14 @@ fn hosted_aarch64_a_running_program_restored_through_a_uffd_handler_carries_on()
 }
 
 #[test]
+fn hosted_aarch64_a_running_program_restored_by_the_lazy_pager_carries_on_with_and_without_a_working_set(
+) {
+    cases::a_running_program_restored_by_the_lazy_pager_carries_on_with_and_without_a_working_set(
+        Arch::Aarch64,
+    );
+}
+
+#[test]
 fn hosted_aarch64_balloon_gives_memory_back() {
     cases::balloon_gives_memory_back(Arch::Aarch64);
 }

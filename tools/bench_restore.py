@@ -1,7 +1,10 @@
 """Restore to first useful work (issue 18), part of `tools/bench snapshot`: the File backend
 (a private mapping of the memory file) beside the Uffd backend with the tests' page-fault
 handler (`hosted-tool uffd-handler`, tests/common/uffd_handler.rs, a process of its own that
-serves each fault with UFFDIO_COPY from its own private mapping of the memory file).
+serves each fault with UFFDIO_COPY from its own private mapping of the memory file), and
+mote's own pager (the Lazy backend) without a working set (`working_set_ms` 0, no STATE.ws:
+every page on demand or by prefetch) and with one (`Lazy+ws`: STATE.ws recorded once by a
+restore that read the pattern, then copied in before the vCPUs run on every timed restore).
 
 The guest: a 2 GiB probe that wrote a pattern over 256 MiB (`poke`), snapshotted while it waits
 for a key (`kbd`). Each run spawns `mote --api-sock` (and, for Uffd, the handler), then times
@@ -168,6 +171,10 @@ def one_run(mote, tool, directory, state, mem, backend, touch_mib, index):
         wait_for_path(sock_path, proc, "mote")
         body = {"snapshot_path": state, "resume_vm": True,
                 "mem_backend": {"backend_type": backend, "backend_path": path}}
+        if backend.startswith("Lazy"):
+            # No recording in a timed run: Lazy has no working set, Lazy+ws loads its own.
+            body["mem_backend"] = {"backend_type": "Lazy", "backend_path": path,
+                                   "working_set_ms": 0}
         start = time.perf_counter_ns()
         status, _ = api(sock_path, "PUT", "/snapshot/load", body)
         if status != 204:
@@ -194,6 +201,41 @@ def one_run(mote, tool, directory, state, mem, backend, touch_mib, index):
     return elapsed, faults
 
 
+def working_set_path(state):
+    return state + ".ws"
+
+
+def record_working_set(mote, directory, state, mem):
+    """One Lazy restore that records the working set of a guest reading the whole pattern
+    (the window is the default second); returns its size in pages."""
+    ws = working_set_path(state)
+    if os.path.exists(ws):
+        os.unlink(ws)
+    sock_path = os.path.join(directory, "restore-record.sock")
+    if os.path.exists(sock_path):
+        os.unlink(sock_path)
+    proc = subprocess.Popen([mote, "--api-sock", sock_path], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_path(sock_path, proc, "mote")
+        ok(sock_path, "PUT", "/snapshot/load", {
+            "snapshot_path": state, "resume_vm": True,
+            "mem_backend": {"backend_type": "Lazy", "backend_path": mem}})
+        ok(sock_path, "PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        pages = PATTERN_MIB * 256
+        read_until(proc, lambda line: (found := PEEK.match(line)) is not None
+                   and int(found.group(1)) == pages)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not os.path.exists(ws):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RestoreBenchError("no working set was recorded")
+            time.sleep(0.01)
+    finally:
+        stop(proc)
+    # The header (48 bytes), 4 bytes a page, the CRC (8).
+    return (os.path.getsize(ws) - 56) // 4
+
+
 def bench(mote, probe, tool, directory, runs):
     """(rows, results) for `tools/bench snapshot`."""
     say(f"snapshot: restore to work, a {GUEST_MIB} MiB probe with {PATTERN_MIB} MiB written")
@@ -201,14 +243,20 @@ def bench(mote, probe, tool, directory, runs):
     rows = []
     results = {"restore_runs": runs}
     for touch in TOUCH_MIB:
-        for backend in ("File", "Uffd"):
+        for backend in ("File", "Uffd", "Lazy", "Lazy+ws"):
+            if backend == "Lazy" and os.path.exists(working_set_path(state)):
+                os.unlink(working_set_path(state))
+            if backend == "Lazy+ws":
+                ws_pages = record_working_set(mote, directory, state, mem)
+                results["restore_working_set_pages"] = ws_pages
+                rows.append(("working set recorded (pages)", ws_pages, "", ""))
             say(f"snapshot: {runs} runs of restore to {touch} MiB read, {backend}")
             one_run(mote, tool, directory, state, mem, backend, touch, 0)  # warm-up
             measured = [one_run(mote, tool, directory, state, mem, backend, touch, i)
                         for i in range(runs)]
             times = [ms for ms, _ in measured]
             median = round(statistics.median(times), 2)
-            key = f"restore_to_{touch}mib_read_ms_{backend.lower()}"
+            key = f"restore_to_{touch}mib_read_ms_{backend.lower().replace('+', '_')}"
             results[f"{key}_median"] = median
             results[f"{key}_min"] = round(min(times), 2)
             results[f"{key}_max"] = round(max(times), 2)

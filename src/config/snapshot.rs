@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::net::MacAddr;
 use super::VmConfigFile;
+use crate::snapshot::lazy::DEFAULT_WORKING_SET_WINDOW;
 use crate::snapshot::uffd::watch::DEFAULT_FAULT_TIMEOUT;
 
 /// `PUT /snapshot/create`.
@@ -69,6 +70,11 @@ pub struct MemBackend {
     /// page-fault handler before the monitor ends with a message (0: never); 30 s when unset.
     #[serde(default)]
     pub fault_timeout_ms: Option<u64>,
+    /// mote's extension, Lazy only: how long after the restore the pages the guest faults are
+    /// recorded as the snapshot's working set, when it has none yet (0: never); 1000 ms when
+    /// unset.
+    #[serde(default)]
+    pub working_set_ms: Option<u64>,
 }
 
 /// Where a load's guest memory comes from.
@@ -82,12 +88,20 @@ pub enum MemorySource<'a> {
         socket: &'a Path,
         fault_timeout: Option<Duration>,
     },
+    /// The memory file, served into anonymous memory by mote's own pager (mote's `Lazy`),
+    /// which records a working set for `working_set_window` when the snapshot has none.
+    Lazy {
+        file: &'a Path,
+        working_set_window: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum MemBackendType {
     File,
     Uffd,
+    /// mote's extension: the memory file served lazily by mote itself.
+    Lazy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -113,6 +127,8 @@ pub struct VsockOverride {
 pub enum LoadParamsError {
     #[error("mem_backend fault_timeout_ms is for backend_type Uffd only (it limits how long a fault may wait for the page-fault handler)")]
     TimeoutNeedsUffd,
+    #[error("mem_backend working_set_ms is for backend_type Lazy only (it is how long mote's own pager records the pages a restored guest faults)")]
+    WorkingSetNeedsLazy,
     #[error("no memory file given: set mem_backend (or mem_file_path)")]
     NoMemFile,
     #[error("give the memory file once: mem_backend or mem_file_path, not both")]
@@ -129,8 +145,21 @@ impl LoadSnapshotParams {
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) => Err(LoadParamsError::TwoMemFiles),
             (Some(backend), None) => match (backend.backend_type, backend.fault_timeout_ms) {
+                (MemBackendType::File | MemBackendType::Lazy, Some(_)) => {
+                    Err(LoadParamsError::TimeoutNeedsUffd)
+                }
+                (MemBackendType::File | MemBackendType::Uffd, _)
+                    if backend.working_set_ms.is_some() =>
+                {
+                    Err(LoadParamsError::WorkingSetNeedsLazy)
+                }
                 (MemBackendType::File, None) => Ok(MemorySource::File(&backend.backend_path)),
-                (MemBackendType::File, Some(_)) => Err(LoadParamsError::TimeoutNeedsUffd),
+                (MemBackendType::Lazy, None) => Ok(MemorySource::Lazy {
+                    file: &backend.backend_path,
+                    working_set_window: backend
+                        .working_set_ms
+                        .map_or(DEFAULT_WORKING_SET_WINDOW, Duration::from_millis),
+                }),
                 (MemBackendType::Uffd, timeout) => Ok(MemorySource::Uffd {
                     socket: &backend.backend_path,
                     fault_timeout: match timeout {
@@ -270,5 +299,41 @@ mod tests {
                                 "fault_timeout_ms": 5}}"#,
         );
         assert_eq!(file.memory_source(), Err(LoadParamsError::TimeoutNeedsUffd));
+    }
+
+    #[test]
+    fn a_lazy_backend_records_a_working_set_for_a_second_unless_told() {
+        let lazy = |extra: &str| {
+            load(&format!(
+                r#"{{"snapshot_path": "s",
+                    "mem_backend": {{"backend_type": "Lazy", "backend_path": "m"{extra}}}}}"#
+            ))
+        };
+        let source = |ms| MemorySource::Lazy {
+            file: Path::new("m"),
+            working_set_window: Duration::from_millis(ms),
+        };
+        assert_eq!(lazy("").memory_source(), Ok(source(1000)));
+        assert_eq!(
+            lazy(r#", "working_set_ms": 250"#).memory_source(),
+            Ok(source(250))
+        );
+        assert_eq!(
+            lazy(r#", "working_set_ms": 0"#).memory_source(),
+            Ok(source(0))
+        );
+        assert_eq!(
+            lazy(r#", "fault_timeout_ms": 5"#).memory_source(),
+            Err(LoadParamsError::TimeoutNeedsUffd)
+        );
+        let uffd = load(
+            r#"{"snapshot_path": "s",
+                "mem_backend": {"backend_type": "Uffd", "backend_path": "u",
+                                "working_set_ms": 5}}"#,
+        );
+        assert_eq!(
+            uffd.memory_source(),
+            Err(LoadParamsError::WorkingSetNeedsLazy)
+        );
     }
 }

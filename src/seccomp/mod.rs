@@ -53,15 +53,19 @@ pub enum Filter {
     /// The stall watch of a VM restored through the Uffd memory backend
     /// (`mote_uffd_watch`, `snapshot/uffd/watch.rs`), from its start.
     UffdWatch,
+    /// The threads of the `Lazy` memory backend's pager (`mote_pager`, `mote_prefetch`,
+    /// `snapshot/lazy/pager.rs`), from their start.
+    LazyPager,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 5] = [
+    pub const ALL: [Filter; 6] = [
         Filter::Build,
         Filter::Vmm,
         Filter::Api,
         Filter::Vcpu,
         Filter::UffdWatch,
+        Filter::LazyPager,
     ];
 
     /// The filter's key in the JSON file.
@@ -72,6 +76,7 @@ impl Filter {
             Filter::Api => "api",
             Filter::Vcpu => "vcpu",
             Filter::UffdWatch => "uffd_watch",
+            Filter::LazyPager => "lazy_pager",
         }
     }
 }
@@ -122,6 +127,7 @@ pub struct SeccompFilters {
     api: ThreadFilter,
     vcpu: ThreadFilter,
     uffd_watch: ThreadFilter,
+    lazy_pager: ThreadFilter,
 }
 
 impl SeccompFilters {
@@ -166,6 +172,7 @@ impl SeccompFilters {
             api: take(Filter::Api)?,
             vcpu: take(Filter::Vcpu)?,
             uffd_watch: take(Filter::UffdWatch)?,
+            lazy_pager: take(Filter::LazyPager)?,
         })
     }
 
@@ -176,6 +183,7 @@ impl SeccompFilters {
             Filter::Api => self.api.clone(),
             Filter::Vcpu => self.vcpu.clone(),
             Filter::UffdWatch => self.uffd_watch.clone(),
+            Filter::LazyPager => self.lazy_pager.clone(),
         }
     }
 

@@ -72,7 +72,7 @@ fn syscall(nr: c_long, args: [u64; 6]) -> impl FnOnce() -> c_int {
 }
 
 /// What each filter decides for `nr` with `args`, in the order of [`Filter::ALL`].
-fn verdicts(nr: c_long, args: [u64; 6]) -> [Verdict; 5] {
+fn verdicts(nr: c_long, args: [u64; 6]) -> [Verdict; 6] {
     Filter::ALL.map(|filter| under(filter, syscall(nr, args)))
 }
 
@@ -367,16 +367,16 @@ fn every_filter_allows_mremap_only_to_move_a_mapping() {
     // An empty old mapping at address 0: an allowed call fails with EINVAL.
     assert_eq!(
         verdicts(libc::SYS_mremap, mremap(libc::MREMAP_MAYMOVE)),
-        [Allowed; 5]
+        [Allowed; 6]
     );
     assert_eq!(
         verdicts(
             libc::SYS_mremap,
             mremap(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED)
         ),
-        [Killed; 5]
+        [Killed; 6]
     );
-    assert_eq!(verdicts(libc::SYS_mremap, mremap(0)), [Killed; 5]);
+    assert_eq!(verdicts(libc::SYS_mremap, mremap(0)), [Killed; 6]);
 }
 
 #[test]
@@ -389,17 +389,17 @@ fn calls_mote_never_makes_are_refused() {
         0,
         0,
     ];
-    assert_eq!(verdicts(libc::SYS_memfd_create, memfd), [Killed; 5]);
+    assert_eq!(verdicts(libc::SYS_memfd_create, memfd), [Killed; 6]);
     let no_message = [u64::MAX, 0, 0, 0, 0, 0];
-    assert_eq!(verdicts(libc::SYS_sendmsg, no_message), [Killed; 5]);
-    assert_eq!(verdicts(libc::SYS_recvmsg, no_message), [Killed; 5]);
+    assert_eq!(verdicts(libc::SYS_sendmsg, no_message), [Killed; 6]);
+    assert_eq!(verdicts(libc::SYS_recvmsg, no_message), [Killed; 6]);
 }
 
 #[test]
 fn only_build_makes_a_userfaultfd_and_sends_it() {
-    // Filter::ALL's order: build, vmm, api, vcpu, uffd_watch.
+    // Filter::ALL's order: build, vmm, api, vcpu, uffd_watch, lazy_pager.
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let only_build = [Allowed, Killed, Killed, Killed, Killed];
+    let only_build = [Allowed, Killed, Killed, Killed, Killed, Killed];
     // Under `build` a real userfaultfd may be made here: it is closed with the child.
     assert_eq!(
         verdicts(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0]),
@@ -411,15 +411,15 @@ fn only_build_makes_a_userfaultfd_and_sends_it() {
             libc::SYS_userfaultfd,
             [libc::O_CLOEXEC as u64, 0, 0, 0, 0, 0]
         ),
-        [Killed; 5]
+        [Killed; 6]
     );
     assert_eq!(
         verdicts(libc::SYS_userfaultfd, [flags | 1, 0, 0, 0, 0, 0]),
-        [Killed; 5]
+        [Killed; 6]
     );
     let nosignal = [u64::MAX, 0, libc::MSG_NOSIGNAL as u64, 0, 0, 0];
     assert_eq!(verdicts(libc::SYS_sendmsg, nosignal), only_build);
-    // USERFAULTFD_IOC_NEW, UFFDIO_API, UFFDIO_REGISTER; UFFDIO_COPY is the handler's.
+    // USERFAULTFD_IOC_NEW, UFFDIO_API, UFFDIO_REGISTER.
     for request in [0xaa00, 0xc018_aa3f, 0xc020_aa00] {
         assert_eq!(
             verdicts(libc::SYS_ioctl, ioctl(request)),
@@ -427,5 +427,19 @@ fn only_build_makes_a_userfaultfd_and_sends_it() {
             "{request:#x}"
         );
     }
-    assert_eq!(verdicts(libc::SYS_ioctl, ioctl(0xc028_aa03)), [Killed; 5]);
+}
+
+#[test]
+fn only_build_and_the_lazy_pager_fill_guest_memory() {
+    // UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE: the working-set load (under `build`, before
+    // the vCPUs run) and the pager's threads. On a descriptor that is no userfaultfd an
+    // allowed call fails with ENOTTY.
+    let build_and_pager = [Allowed, Killed, Killed, Killed, Killed, Allowed];
+    for request in [0xc028_aa03, 0xc020_aa04, 0x8010_aa02] {
+        assert_eq!(
+            verdicts(libc::SYS_ioctl, ioctl(request)),
+            build_and_pager,
+            "{request:#x}"
+        );
+    }
 }

@@ -141,12 +141,12 @@ fn covers(
 
 #[test]
 fn build_filter_covers_what_runs_under_it() {
-    // vCPU threads and a Uffd load's stall watch are spawned under `build` and `vmm` is
+    // vCPU threads, a Uffd load's stall watch and a Lazy load's pager are spawned under `build` and `vmm` is
     // stacked on it: a call that `build` refuses would kill them although their own filter
     // allows it.
     let json: serde_json::Value = serde_json::from_str(FILTER_JSON).unwrap();
     let build = rules(&json, "build");
-    for inner in ["vcpu", "vmm", "uffd_watch"] {
+    for inner in ["vcpu", "vmm", "uffd_watch", "lazy_pager"] {
         let missing = covers(&build, &rules(&json, inner));
         assert!(
             missing.is_empty(),
@@ -323,7 +323,7 @@ fn custom_json_and_compiled_files_load() {
     std::fs::write(
         &json,
         format!(
-            r#"{{"build": {allow_all}, "vmm": {allow_all}, "api": {allow_all}, "vcpu": {allow_all}, "uffd_watch": {allow_all}}}"#
+            r#"{{"build": {allow_all}, "vmm": {allow_all}, "api": {allow_all}, "vcpu": {allow_all}, "uffd_watch": {allow_all}, "lazy_pager": {allow_all}}}"#
         ),
     )
     .unwrap();

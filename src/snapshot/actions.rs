@@ -9,6 +9,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use devices::virtio::state::DeviceSpecificState;
 
 use super::diff::{check_base_pages, write_diff_memory_file, NotRebased};
+use super::lazy::{self, LazyError};
 use super::memory::{map_memory_file, write_memory_file};
 use super::uffd::link::HandlerLink;
 use super::uffd::watch::{self, WatchError};
@@ -73,6 +74,10 @@ pub enum SnapshotActionError {
     Uffd(#[from] UffdBackendError),
     #[error(transparent)]
     UffdWatch(#[from] WatchError),
+    #[error("the snapshot's guest memory was backed by 2 MiB huge pages, which mote's Lazy memory backend does not serve: restore it through the Uffd memory backend")]
+    HugePagesNotLazy,
+    #[error("cannot restore the snapshot lazily: {0}")]
+    Lazy(#[from] LazyError),
 }
 
 impl SnapshotActionError {
@@ -84,6 +89,7 @@ impl SnapshotActionError {
             self,
             SnapshotActionError::Params(
                 LoadParamsError::TimeoutNeedsUffd
+                    | LoadParamsError::WorkingSetNeedsLazy
                     | LoadParamsError::NoMemFile
                     | LoadParamsError::TwoMemFiles
             ) // Nothing is built before the hand-over to the handler: mapped guest memory
@@ -347,6 +353,10 @@ enum Backing<'a> {
         socket: &'a Path,
         fault_timeout: Option<std::time::Duration>,
     },
+    Lazy {
+        file: &'a Path,
+        working_set_window: std::time::Duration,
+    },
 }
 
 /// Restores a snapshot: checks the state file, maps guest memory (the memory file, or anonymous
@@ -371,14 +381,25 @@ pub fn load_snapshot(
             socket,
             fault_timeout,
         },
+        MemorySource::Lazy {
+            file,
+            working_set_window,
+        } => Backing::Lazy {
+            file,
+            working_set_window,
+        },
     };
     let mut state = read_state_file(&params.snapshot_path)?;
     let mut resources = configuration(&state, params)?;
     let huge_pages = resources.machine_config.huge_pages;
-    if huge_pages != HugePages::None && matches!(backing, Backing::File(_)) {
-        // A private mapping of the memory file would give the guest ordinary pages, and
-        // Firecracker's rule is that a snapshot comes back in the pages it was taken in.
-        return Err(SnapshotActionError::HugePagesNeedUffd);
+    if huge_pages != HugePages::None {
+        match backing {
+            // A private mapping of the memory file would give the guest ordinary pages, and
+            // Firecracker's rule is that a snapshot comes back in the pages it was taken in.
+            Backing::File(_) => return Err(SnapshotActionError::HugePagesNeedUffd),
+            Backing::Lazy { .. } => return Err(SnapshotActionError::HugePagesNotLazy),
+            Backing::Uffd { .. } => {}
+        }
     }
     give_clone_macs(&mut state, params);
     resources.boot_timer = boot_timer;
@@ -387,11 +408,26 @@ pub fn load_snapshot(
     resources.machine_config.track_dirty_pages =
         params.enable_diff_snapshots || params.track_dirty_pages;
     check_memory_layout(&state, &resources)?;
-    let (memory, link) = match backing {
+    let (memory, link, lazily) = match backing {
         Backing::File(mem_file) => {
             let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
             check_base_pages(&memory, &state.memory_file, mem_file)?;
-            (memory, None)
+            (memory, None, false)
+        }
+        Backing::Lazy {
+            file,
+            working_set_window,
+        } => {
+            let memory = lazy::restore(
+                &params.snapshot_path,
+                file,
+                &state.memory,
+                resources.machine_config.mem_size_mib,
+                working_set_window,
+            )?;
+            // Read through the pager, as any page of a lazy restore.
+            check_base_pages(&memory, &state.memory_file, file)?;
+            (memory, None, true)
         }
         Backing::Uffd {
             stream,
@@ -416,6 +452,7 @@ pub fn load_snapshot(
                     uffd,
                     fault_timeout,
                 )),
+                true,
             )
         }
     };
@@ -428,8 +465,10 @@ pub fn load_snapshot(
         params.clock_realtime,
         mmds,
     )?;
-    if let Some(link) = link {
+    if lazily {
         built.vmm.vm_mut().mark_memory_lazy();
+    }
+    if let Some(link) = link {
         built
             .subscribers
             .push(std::sync::Arc::new(std::sync::Mutex::new(link)));

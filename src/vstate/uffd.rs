@@ -30,6 +30,16 @@ const fn iowr(nr: u64, size: usize) -> u64 {
 const USERFAULTFD_IOC_NEW: u64 = 0xaa << 8;
 const UFFDIO_API: u64 = iowr(0x3f, std::mem::size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
+/// `_IOR(0xAA, 0x02, struct uffdio_range)`.
+pub const UFFDIO_WAKE: u64 =
+    (2 << 30) | ((std::mem::size_of::<UffdioRange>() as u64) << 16) | (0xaa << 8) | 0x02;
+pub const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
+pub const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+
+/// `UFFD_EVENT_PAGEFAULT`: a thread touched a missing page of a registered range.
+pub const EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_REMOVE`: madvise(MADV_DONTNEED) dropped a range (the balloon).
+pub const EVENT_REMOVE: u8 = 0x15;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -50,6 +60,81 @@ struct UffdioRegister {
     ioctls: u64,
 }
 
+/// `struct uffdio_range`.
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    /// Bytes copied, or a negated errno when none were.
+    copy: i64,
+}
+
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    /// Bytes mapped, or a negated errno when none were.
+    zeropage: i64,
+}
+
+/// One `struct uffd_msg` (32 bytes), the fields mote reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UffdEvent {
+    /// A fault at this address (not rounded to the page).
+    PageFault { address: u64 },
+    /// `[start, end)` was dropped by madvise: its pages are zero from now on.
+    Remove { start: u64, end: u64 },
+    /// An event mote does not ask for.
+    Other(u8),
+}
+
+/// The size of a `struct uffd_msg`.
+pub const MSG_SIZE: usize = 32;
+
+impl UffdEvent {
+    /// Decodes one message as the kernel lays it out: the event in byte 0, its arguments
+    /// from byte 8.
+    pub fn decode(msg: &[u8; MSG_SIZE]) -> Self {
+        let word = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&msg[at..at + 8]);
+            u64::from_ne_bytes(bytes)
+        };
+        match msg[0] {
+            // pagefault: flags at 8, address at 16.
+            EVENT_PAGEFAULT => UffdEvent::PageFault { address: word(16) },
+            // remove: start at 8, end at 16.
+            EVENT_REMOVE => UffdEvent::Remove {
+                start: word(8),
+                end: word(16),
+            },
+            other => UffdEvent::Other(other),
+        }
+    }
+}
+
+/// What one UFFDIO_COPY or UFFDIO_ZEROPAGE did to its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// Every byte.
+    All,
+    /// The first this many bytes, then it stopped (the next page is there already, or the
+    /// call was interrupted): the caller goes on from there.
+    Part(u64),
+    /// None: the first page is there already (EEXIST).
+    Present,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     #[error("cannot create a userfaultfd ({DEV_USERFAULTFD}: {dev}; userfaultfd(2): {syscall}): give this process read-write access to {DEV_USERFAULTFD} (the jailer makes the node in its jail), or CAP_SYS_PTRACE, or set vm.unprivileged_userfaultfd to 1")]
@@ -58,6 +143,14 @@ pub enum UffdError {
         "the kernel refuses the userfaultfd API with the remove events the balloon needs: {0}"
     )]
     Api(io::Error),
+    #[error("cannot fill guest memory ({len:#x} bytes at host address {start:#x}) through the userfaultfd: {source}")]
+    Fill {
+        start: u64,
+        len: u64,
+        source: io::Error,
+    },
+    #[error("cannot read the userfaultfd: {0}")]
+    Read(io::Error),
     #[error("cannot register guest memory ({len:#x} bytes at host address {start:#x}) with the userfaultfd: {source}")]
     Register {
         start: u64,
@@ -128,6 +221,109 @@ impl Uffd {
     }
 }
 
+impl Uffd {
+    /// Fills `[dst, dst + len)`, all of it missing until now, with a copy of the bytes at
+    /// `src` (UFFDIO_COPY), waking whoever waits on those pages.
+    ///
+    /// # Safety
+    /// `src..src + len` must be readable memory of this process (a bad address is reported by
+    /// the kernel as EFAULT, not a crash, but the bytes become guest memory).
+    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> Result<Filled, UffdError> {
+        let mut copy = UffdioCopy {
+            dst,
+            src: src as u64,
+            len,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads and writes a `struct uffdio_copy`, which `copy` is, alive
+        // for the call; it writes only into the registered range at `dst`, pages that are
+        // missing (it refuses present ones with EEXIST), and reads `src`, which the caller
+        // vouches for.
+        let ret = unsafe { libc::ioctl(self.0.as_raw_fd(), UFFDIO_COPY as _, &mut copy) };
+        filled(ret, copy.copy, dst, len)
+    }
+
+    /// Maps the zero page over `[dst, dst + len)`, all of it missing until now
+    /// (UFFDIO_ZEROPAGE), waking whoever waits on those pages.
+    pub fn zero(&self, dst: u64, len: u64) -> Result<Filled, UffdError> {
+        let mut zero = UffdioZeropage {
+            range: UffdioRange { start: dst, len },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes a `struct uffdio_zeropage`, which `zero`
+        // is, alive for the call; it maps zero pages only where pages of the registered range
+        // are missing.
+        let ret = unsafe { libc::ioctl(self.0.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut zero) };
+        filled(ret, zero.zeropage, dst, len)
+    }
+
+    /// Wakes whoever waits on `[start, start + len)` (UFFDIO_WAKE): for a fault on a page
+    /// that someone else filled meanwhile.
+    pub fn wake(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let range = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE reads a `struct uffdio_range`, which `range` is, alive for the
+        // call; it changes no memory.
+        let ret = unsafe { libc::ioctl(self.0.as_raw_fd(), UFFDIO_WAKE as _, &range) };
+        if ret != 0 {
+            return Err(UffdError::Fill {
+                start,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the messages waiting on the descriptor into `buf`, none when there are none (it
+    /// does not block); returns how many.
+    pub fn read_events(&self, buf: &mut [[u8; MSG_SIZE]]) -> Result<usize, UffdError> {
+        // SAFETY: reads at most `buf`'s bytes into it; the kernel writes whole messages.
+        let n = unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                std::mem::size_of_val(buf),
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(UffdError::Read(err)),
+            };
+        }
+        Ok(n as usize / MSG_SIZE)
+    }
+}
+
+/// What a UFFDIO_COPY or UFFDIO_ZEROPAGE that returned `ret` and reported `done` did.
+fn filled(ret: libc::c_int, done: i64, start: u64, len: u64) -> Result<Filled, UffdError> {
+    if ret == 0 {
+        return Ok(Filled::All);
+    }
+    match done {
+        // Stopped part way (the kernel says EAGAIN and how far it got).
+        bytes if bytes > 0 => Ok(Filled::Part(bytes as u64)),
+        errno if -errno == i64::from(libc::EEXIST) => Ok(Filled::Present),
+        // Interrupted before the first page, or the mapping changed under it: try again.
+        errno if -errno == i64::from(libc::EAGAIN) => Ok(Filled::Part(0)),
+        // Refused before it began (EINVAL, ENOENT when the process is exiting, ...): the
+        // count was not written, errno says why.
+        0 => Err(UffdError::Fill {
+            start,
+            len,
+            source: io::Error::last_os_error(),
+        }),
+        errno => Err(UffdError::Fill {
+            start,
+            len,
+            source: io::Error::from_raw_os_error(-errno as i32),
+        }),
+    }
+}
+
 impl AsFd for Uffd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
@@ -175,6 +371,59 @@ mod tests {
         assert_eq!(UFFDIO_API, 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+    }
+
+    #[test]
+    fn copy_and_zero_fill_missing_pages_and_tell_present_ones() {
+        let uffd = match Uffd::new(FEATURE_EVENT_REMOVE) {
+            Ok(uffd) => uffd,
+            Err(err) => {
+                eprintln!("SKIPPED: {err}");
+                return;
+            }
+        };
+        let len = 4 * 4096usize;
+        // SAFETY: a fresh anonymous private mapping, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let at = addr as u64;
+        uffd.register(at, len as u64).unwrap();
+        let source = vec![0x5au8; 2 * 4096];
+        // SAFETY: `source` is 2 pages, alive for the call.
+        let copied = unsafe { uffd.copy(at + 4096, source.as_ptr(), 4096) }.unwrap();
+        assert_eq!(copied, Filled::All);
+        // Pages 0..2: page 0 goes in, page 1 is there already: a part.
+        // SAFETY: as above.
+        let part = unsafe { uffd.copy(at, source.as_ptr(), 2 * 4096) }.unwrap();
+        assert_eq!(part, Filled::Part(4096));
+        // SAFETY: as above.
+        let present = unsafe { uffd.copy(at + 4096, source.as_ptr(), 4096) }.unwrap();
+        assert_eq!(present, Filled::Present);
+        assert_eq!(uffd.zero(at + 2 * 4096, 2 * 4096).unwrap(), Filled::All);
+        assert_eq!(uffd.zero(at, 4096).unwrap(), Filled::Present);
+        // Every page is there now: reading them takes no fault (which would wait for ever).
+        // SAFETY: the mapping is live and every page filled.
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        assert!(bytes[..2 * 4096].iter().all(|b| *b == 0x5a));
+        assert!(bytes[2 * 4096..].iter().all(|b| *b == 0));
+        assert!(uffd.wake(at, 4096).is_ok());
+        // A range outside anything registered is an error naming it, not a crash.
+        let err = uffd.zero(8 << 40, 4096).unwrap_err();
+        assert!(err.to_string().contains("0x80000000000"), "{err}");
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(addr, len) };
     }
 
     #[test]

@@ -509,6 +509,88 @@ cat handler.out
     assert!(faults > 0, "{}", run.output);
 }
 
+/// A guest program counts on across a snapshot restored twice through mote's own pager (the
+/// `Lazy` memory backend): the first restore serves the running Linux guest's faults from the
+/// memory file and records its working set, the second copies that in before the vCPUs run;
+/// both go on from the next count, and the `lazy_restore` metrics say where the pages came from.
+pub fn a_running_program_restored_by_the_lazy_pager_carries_on_with_and_without_a_working_set(
+    arch: Arch,
+) {
+    if !require_emulated_host(arch) {
+        return;
+    }
+    let run = Hosted::for_arch(arch).run(
+        r#"
+cmd=$(guest_cmd '
+i=0
+while :; do i=$((i + 1)); echo tick-$i; sleep 0.2; done
+')
+cat > vm.json <<JSON
+{"boot-source": {"kernel_image_path": "$KERNEL", "initrd_path": "guest.cpio.gz",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 pci=off $GUEST_ARGS $cmd"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
+JSON
+./mote --api-sock /tmp/api1.sock --config-file vm.json --log-path out1.log >out1 2>&1 &
+first=$!
+wait_count out1 tick- 3 120 || fail "the guest's loop never ran"
+hosted-tool api /tmp/api1.sock PATCH /vm '{"state": "Paused"}' >/dev/null || fail "pause"
+hosted-tool api /tmp/api1.sock PUT /snapshot/create \
+  '{"snapshot_type": "Full", "snapshot_path": "/tmp/vm.state", "mem_file_path": "/tmp/vm.mem"}' >/dev/null || fail "snapshot"
+last=$(latest out1 tick-)
+echo last-before-snapshot=$last
+kill -9 $first
+wait $first
+for n in 2 3; do
+  ./mote --api-sock /tmp/api$n.sock --log-path out$n.log --metrics-path /tmp/m$n.json >out$n 2>&1 &
+  pid=$!
+  wait_for out$n.log "API server started" 30 || fail "mote $n did not start"
+  hosted-tool api /tmp/api$n.sock PUT /snapshot/load \
+    '{"snapshot_path": "/tmp/vm.state", "mem_backend": {"backend_type": "Lazy", "backend_path": "/tmp/vm.mem", "working_set_ms": 2000}, "resume_vm": true}' \
+    || { cat out$n.log; fail "lazy load $n"; }
+  wait_count out$n tick- $((last + 5)) 60 || { cat out$n.log; fail "the loop did not carry on ($n)"; }
+  echo first-after-restore-$n=$(grep -o 'tick-[0-9]*' out$n | head -n1 | cut -d- -f2)
+  wait_for out$n.log "fully resident" 120 || { cat out$n.log; fail "memory not resident ($n)"; }
+  if [ $n = 2 ]; then
+    wait_for out$n.log "working set of" 60 || { cat out$n.log; fail "no working set written"; }
+  fi
+  hosted-tool api /tmp/api$n.sock PUT /actions '{"action_type": "FlushMetrics"}' >/dev/null || fail "flush $n"
+  echo metrics-$n=$(tr '\n' ' ' < /tmp/m$n.json)
+  grep -E 'working set|resident|WARN|ERROR' out$n.log
+  kill -9 $pid
+  wait $pid || true
+done
+"#,
+    );
+    run.assert_ok();
+    let last: u64 = run.value("last-before-snapshot=").parse().expect("a count");
+    let lazy = |n: u32, name: &str| -> u64 {
+        let text = run.value(&format!("metrics-{n}="));
+        serde_json::Deserializer::from_str(&text)
+            .into_iter::<serde_json::Value>()
+            .map(|line| {
+                line.expect("a metrics line")["lazy_restore"][name]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum()
+    };
+    for n in [2, 3] {
+        let first_after: u64 = run
+            .value(&format!("first-after-restore-{n}="))
+            .parse()
+            .expect("a count");
+        assert_eq!(first_after, last + 1, "restore {n}:\n{}", run.output);
+        // 128 MiB, every page once: on demand, by prefetch, or from the working set.
+        let pages = lazy(n, "pages_on_demand")
+            + lazy(n, "pages_prefetched")
+            + lazy(n, "pages_from_working_set");
+        assert_eq!(pages, (128 << 20) / 4096, "restore {n}:\n{}", run.output);
+    }
+    assert!(lazy(2, "pages_on_demand") > 0, "{}", run.output);
+    assert_eq!(lazy(2, "pages_from_working_set"), 0, "{}", run.output);
+    assert!(lazy(3, "pages_from_working_set") > 0, "{}", run.output);
+}
+
 /// Two clones of one snapshot do not share a random state, and each can take an identity of
 /// its own: each restore writes a new VM generation ID and raises its interrupt, the guest's
 /// `vmgenid` driver (found through ACPI on x86_64, the device tree on aarch64) has the kernel

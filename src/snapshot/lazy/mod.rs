@@ -1,0 +1,158 @@
+//! The `Lazy` memory backend of `PUT /snapshot/load`, mote's extension: a restore that needs
+//! no page-fault handler of the user's own. Guest memory is anonymous and registered with a
+//! userfaultfd that mote serves itself, from the memory file (`backend_path`): the vCPUs run at
+//! once, a fault gets its page copied in when it comes ([`pager`]), and a prefetch thread
+//! copies in the rest behind them, so the guest ends up fully resident.
+//!
+//! The first lazy restore of a snapshot records which pages the guest faulted in its first
+//! `working_set_ms` and writes them beside the state file ([`working_set`]); later lazy
+//! restores of that snapshot copy those pages in, in one batch, before the vCPUs run (REAP,
+//! FaaSnap). A working-set file that is not that snapshot's, or is damaged, is named in a
+//! warning and replaced by a new recording: the restore serves on demand meanwhile.
+
+pub mod pager;
+pub mod source;
+pub mod working_set;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use devices::memory::GuestMemoryMmap;
+use log::{info, warn};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use self::pager::Recording;
+use self::source::{PageSource, SourceError};
+use self::working_set::SnapshotId;
+use super::memory::{MemoryFileError, MemoryRegionState};
+use crate::config::HugePages;
+use crate::host_file::{self, FileKind, HostFileError};
+use crate::metrics::METRICS;
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::uffd::{Uffd, UffdError, FEATURE_EVENT_REMOVE};
+
+/// How long the first lazy restore of a snapshot records the pages its guest faults, when
+/// the load names no `working_set_ms`: a function's invocation or a service's first request,
+/// in the serverless work REAP and FaaSnap measured, is over well within it.
+pub const DEFAULT_WORKING_SET_WINDOW: Duration = Duration::from_millis(1000);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error(transparent)]
+    Open(#[from] HostFileError),
+    #[error(transparent)]
+    MemoryFile(#[from] MemoryFileError),
+    #[error("cannot read the snapshot state file {path} to name its working set: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot map guest memory for the lazy pager: {0}")]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot start the lazy pager: {0}")]
+    Start(std::io::Error),
+}
+
+/// Maps `mib` MiB of guest memory that the pager fills from the memory file `mem_path`
+/// (whose regions are `regions`) for the snapshot whose state file is `state_path`, loads the
+/// working set if it has one, and starts the pager; records a working set for
+/// `working_set_window` (none when zero) if it has none.
+pub fn restore(
+    state_path: &Path,
+    mem_path: &Path,
+    regions: &[MemoryRegionState],
+    mib: u64,
+    working_set_window: Duration,
+) -> Result<GuestMemoryMmap, LazyError> {
+    let file = host_file::open("the memory file", mem_path, FileKind::Regular, false)?;
+    let len = file
+        .metadata()
+        .map_err(|source| MemoryFileError::Size {
+            path: mem_path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let expected: u64 = regions.iter().map(|r| r.size).sum();
+    if len != expected {
+        return Err(MemoryFileError::WrongSize {
+            path: mem_path.to_path_buf(),
+            len,
+            expected,
+        }
+        .into());
+    }
+    let memory = create_guest_memory(mib, HugePages::None)?;
+    // EVENT_REMOVE: pages the balloon gives back must read zero afterwards, not the file's.
+    let uffd = Uffd::new(FEATURE_EVENT_REMOVE)?;
+    for region in memory.iter() {
+        uffd.register(region.as_ptr() as u64, region.len())?;
+    }
+    let source = PageSource::new(&file, mem_path, &memory)?;
+    let state = std::fs::read(state_path).map_err(|source| LazyError::State {
+        path: state_path.to_path_buf(),
+        source,
+    })?;
+    let id = SnapshotId::of(&state, source.pages());
+    let ws_path = working_set::path_for(state_path);
+    let recorded = match working_set::read(&ws_path, id) {
+        Some(Ok(pages)) => {
+            load_working_set(&uffd, &source, &pages)?;
+            info!(
+                "lazy restore: {} pages of the working set {} copied in",
+                pages.len(),
+                ws_path.display()
+            );
+            true
+        }
+        Some(Err(err)) => {
+            METRICS.lazy_restore.working_set_fallbacks.inc();
+            warn!(
+                "the working-set file {} is not used: {err}; pages are served on demand{}",
+                ws_path.display(),
+                if working_set_window.is_zero() {
+                    ""
+                } else {
+                    ", and a new working set is recorded in its place"
+                }
+            );
+            false
+        }
+        None => false,
+    };
+    let recording = (!recorded && !working_set_window.is_zero()).then_some(Recording {
+        path: ws_path,
+        id,
+        window: working_set_window,
+    });
+    pager::start(Arc::new(uffd), Arc::new(source), recording).map_err(LazyError::Start)?;
+    Ok(memory)
+}
+
+/// Copies the working set's pages in, in file order so neighbours go in one call.
+fn load_working_set(uffd: &Uffd, source: &PageSource, pages: &[u32]) -> Result<(), UffdError> {
+    let mut sorted: Vec<u64> = pages.iter().map(|p| u64::from(*p)).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut at = 0;
+    while at < sorted.len() {
+        // A run of consecutive pages.
+        let mut end = at + 1;
+        while end < sorted.len() && sorted[end] == sorted[end - 1] + 1 {
+            end += 1;
+        }
+        let mut page = sorted[at];
+        let last = sorted[end - 1];
+        while page <= last {
+            let (filled, looked) = source.fill_run(uffd, page, last - page + 1)?;
+            METRICS.lazy_restore.pages_from_working_set.add(filled);
+            page += looked;
+        }
+        at = end;
+    }
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! Where the lazy pager's pages come from: the memory file, mapped read-only once, and which
+//! of its pages are holes (zero pages, left out when it was written). Every fill of guest
+//! memory, by the working-set load, the fault thread or the prefetch thread, goes through
+//! here, so the three agree on what a page holds.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::vstate::uffd::{Filled, Uffd, UffdError};
+
+/// The pages the lazy pager serves: 4 KiB (a huge-page snapshot goes through `Uffd`).
+pub const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot map the memory file {path} for the lazy pager: {source}")]
+    Map { path: PathBuf, source: io::Error },
+    #[error("cannot find the holes of the memory file {path}: {source}")]
+    Holes { path: PathBuf, source: io::Error },
+}
+
+/// One guest RAM region: where it is in this process and in the memory file.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    host: u64,
+    len: u64,
+    file_offset: u64,
+}
+
+/// The memory file and guest memory, page for page.
+pub struct PageSource {
+    /// The memory file, mapped read-only and shared: UFFDIO_COPY reads the page cache through
+    /// it, so no page is read twice or into a buffer of ours.
+    file_map: *const u8,
+    file_len: u64,
+    regions: Vec<Region>,
+    /// One bit per page of the memory file: set where the file has data, clear in its holes.
+    data: Vec<u64>,
+    /// One bit per page: set when the balloon gave the page back (UFFD_EVENT_REMOVE). The
+    /// guest must find such a page zero, not as the snapshot had it.
+    removed: Vec<AtomicU64>,
+}
+
+// SAFETY: `file_map` is a read-only mapping owned by the source for its whole life and never
+// written; reading it from any thread is sound.
+unsafe impl Send for PageSource {}
+// SAFETY: as for Send: shared access only reads the mapping; `removed` is atomic.
+unsafe impl Sync for PageSource {}
+
+impl PageSource {
+    /// Maps `file` (the memory file at `path`, already checked to be as long as `memory`)
+    /// and finds its holes.
+    pub fn new(file: &File, path: &Path, memory: &GuestMemoryMmap) -> Result<Self, SourceError> {
+        let mut regions = Vec::new();
+        let mut file_offset = 0;
+        for region in memory.iter() {
+            regions.push(Region {
+                host: region.as_ptr() as u64,
+                len: region.len(),
+                file_offset,
+            });
+            file_offset += region.len();
+        }
+        let file_len = file_offset;
+        let pages = file_len.div_ceil(PAGE_SIZE) as usize;
+        let data = data_pages(file, file_len).map_err(|source| SourceError::Holes {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: a new read-only shared mapping of `file_len` bytes of an open file; the
+        // kernel picks the address, nothing else is replaced. MAP_NORESERVE: nothing is
+        // allocated for it, pages come from the page cache.
+        let file_map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                file_len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if file_map == libc::MAP_FAILED {
+            return Err(SourceError::Map {
+                path: path.to_path_buf(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            file_map: file_map.cast(),
+            file_len,
+            regions,
+            data,
+            removed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    /// How many pages guest memory (and the memory file) has.
+    pub fn pages(&self) -> u64 {
+        self.file_len / PAGE_SIZE
+    }
+
+    /// The memory file's page that guest memory at host address `addr` holds.
+    pub fn page_at(&self, addr: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| (r.host..r.host + r.len).contains(&addr))
+            .map(|r| (r.file_offset + (addr - r.host)) / PAGE_SIZE)
+    }
+
+    /// Where page `page` of the memory file goes in this process, and how many pages of its
+    /// region follow it (itself included).
+    fn host_of(&self, page: u64) -> Option<(u64, u64)> {
+        let offset = page * PAGE_SIZE;
+        self.regions
+            .iter()
+            .find(|r| (r.file_offset..r.file_offset + r.len).contains(&offset))
+            .map(|r| {
+                let within = offset - r.file_offset;
+                (r.host + within, (r.len - within) / PAGE_SIZE)
+            })
+    }
+
+    fn has_data(&self, page: u64) -> bool {
+        bit(&self.data, page)
+    }
+
+    fn is_removed(&self, page: u64) -> bool {
+        self.removed[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// Records that the balloon gave back guest memory `[start, end)` (host addresses).
+    pub fn remove(&self, start: u64, end: u64) {
+        let mut addr = start;
+        while addr < end {
+            if let Some(page) = self.page_at(addr) {
+                self.removed[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
+            }
+            addr += PAGE_SIZE;
+        }
+    }
+
+    /// Fills page `page` and up to `max - 1` pages after it of the same kind (data from the
+    /// file, or a hole or a removed page, zero) within one region; returns how many pages it
+    /// filled and how many pages it looked at (filled or found there already).
+    pub fn fill_run(&self, uffd: &Uffd, page: u64, max: u64) -> Result<(u64, u64), UffdError> {
+        let Some((host, left)) = self.host_of(page) else {
+            return Ok((0, 1));
+        };
+        let zero = self.is_zero(page);
+        let mut run = 1;
+        while run < max.min(left) && self.is_zero(page + run) == zero {
+            run += 1;
+        }
+        let len = run * PAGE_SIZE;
+        let filled = if zero {
+            uffd.zero(host, len)?
+        } else {
+            // SAFETY: pages `page..page + run` are within the file (`host_of` found them in a
+            // region, and the regions span the file), whose mapping `file_map` lives as long
+            // as `self`.
+            unsafe { uffd.copy(host, self.file_map.add((page * PAGE_SIZE) as usize), len)? }
+        };
+        Ok(match filled {
+            Filled::All => (run, run),
+            // Stopped at a page there already (the next call skips it) or interrupted (the
+            // next call tries it again).
+            Filled::Part(bytes) if bytes > 0 => (bytes / PAGE_SIZE, bytes / PAGE_SIZE),
+            // Interrupted before the first page: look at it again.
+            Filled::Part(_) => (0, 0),
+            Filled::Present => (0, 1),
+        })
+    }
+
+    fn is_zero(&self, page: u64) -> bool {
+        !self.has_data(page) || self.is_removed(page)
+    }
+
+    /// Fills the one page `page`: Some(true) when it was missing, Some(false) when someone
+    /// filled it first (whoever waits on it is woken), None when the kernel asks to try again
+    /// later (EAGAIN: guest memory is changing under an event, a balloon's remove, that the
+    /// fault thread must read before any fill can succeed).
+    pub fn fill_page(&self, uffd: &Uffd, page: u64) -> Result<Option<bool>, UffdError> {
+        match self.fill_run(uffd, page, 1)? {
+            (1, _) => Ok(Some(true)),
+            (_, 0) => Ok(None),
+            _ => {
+                if let Some((host, _)) = self.host_of(page) {
+                    uffd.wake(host, PAGE_SIZE)?;
+                }
+                Ok(Some(false))
+            }
+        }
+    }
+}
+
+impl Drop for PageSource {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this length; nothing uses it any more.
+        unsafe { libc::munmap(self.file_map as *mut libc::c_void, self.file_len as usize) };
+    }
+}
+
+fn bit(bits: &[u64], index: u64) -> bool {
+    bits[(index / 64) as usize] & (1 << (index % 64)) != 0
+}
+
+/// One bit per page of the file's `len` bytes, set where it has data: from SEEK_DATA and
+/// SEEK_HOLE, so no page is read. A file system that does not report holes reports all data.
+fn data_pages(file: &File, len: u64) -> io::Result<Vec<u64>> {
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+    let fd = file.as_raw_fd();
+    let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on an open descriptor; it only moves the file position.
+        let at = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        if at < 0 {
+            let err = io::Error::last_os_error();
+            // ENXIO: no data at or after `offset`.
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        Ok(Some(at as u64))
+    };
+    let mut offset = 0;
+    while offset < len {
+        let Some(start) = seek(offset, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        // A page is data if any of its bytes is.
+        for page in start / PAGE_SIZE..end.div_ceil(PAGE_SIZE) {
+            bits[(page / 64) as usize] |= 1 << (page % 64);
+        }
+        offset = end;
+    }
+    Ok(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    #[test]
+    fn holes_are_told_from_data_page_by_page() {
+        let file = TempFile::new().unwrap();
+        let f = file.as_file();
+        f.set_len(64 * PAGE_SIZE).unwrap();
+        f.write_all_at(&[1; 10], 3 * PAGE_SIZE + 100).unwrap();
+        f.write_all_at(&[1; 4096], 40 * PAGE_SIZE).unwrap();
+        let bits = data_pages(f, 64 * PAGE_SIZE).unwrap();
+        let data: Vec<u64> = (0..64).filter(|p| bit(&bits, *p)).collect();
+        // File systems report data in blocks (at least a page): the written pages are data,
+        // and a file system without holes reports everything.
+        assert!(data.contains(&3) && data.contains(&40), "{data:?}");
+        assert!(data.len() == 64 || data.len() <= 4, "{data:?}");
+    }
+}

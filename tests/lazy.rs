@@ -1,0 +1,292 @@
+//! The `Lazy` memory backend (mote's own pager) with the probe guest: a first lazy restore
+//! serves the guest's faults from the memory file (the guest reads back the patterns it wrote
+//! before its snapshot), records the pages it faulted into `STATE.ws`, and prefetches the
+//! rest; a second restore copies that working set in before the vCPUs run and the guest's
+//! memory is the snapshot's, byte for byte; a working-set file of another snapshot, cut short
+//! or garbage is named in a warning and the restore falls back to serving on demand.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::api::ApiMote;
+use common::{probe_kernel, require_kvm};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// Pattern pages the guest writes before its snapshot and reads back after: 16 pages, one
+/// every 64, from 40 MiB (64 MiB of guest memory).
+const AT_KIB: u64 = 40 << 10;
+const PAGES: u64 = 16;
+const STRIDE: u64 = 64;
+/// The recording window the tests ask for: long enough for the guest to read its patterns
+/// after the key, short enough to wait for.
+const WINDOW_MS: u64 = 400;
+
+/// Boots a probe that writes its patterns (from `seed`), waits for a key (the snapshot is
+/// taken there), then reads them back one page at a time and says hello; snapshots it at the
+/// wait and kills it.
+fn snapshot(name: &str, seed: u64) -> (PathBuf, PathBuf) {
+    let mote = ApiMote::spawn(name, &[]);
+    let peeks: Vec<String> = (0..PAGES)
+        .map(|page| format!("peek:{}:1:{seed}", AT_KIB + page * STRIDE * 4))
+        .collect();
+    let steps = format!(
+        "poke:{AT_KIB}:{PAGES}:{seed}:{STRIDE},kbd:8,{},hello,spin",
+        peeks.join(",")
+    );
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    });
+    mote.ok("PUT", "/boot-source", &boot_source.to_string());
+    mote.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    mote.wait_for_stdout("probe: kbd: waiting", WAIT);
+    mote.pause_and_snapshot()
+}
+
+fn ws_path(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_os_string();
+    name.push(".ws");
+    PathBuf::from(name)
+}
+
+/// A monitor with its metrics in `metrics.json` and its log at Info.
+fn spawn(name: &str) -> (ApiMote, PathBuf) {
+    let mote = ApiMote::spawn(name, &["--level", "Info"]);
+    let metrics = mote.dir.join("metrics.json");
+    let _ = std::fs::remove_file(&metrics);
+    mote.ok(
+        "PUT",
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics }).to_string(),
+    );
+    (mote, metrics)
+}
+
+fn lazy_load(state: &Path, mem: &Path, resume: bool) -> String {
+    serde_json::json!({"snapshot_path": state, "resume_vm": resume,
+        "mem_backend": {"backend_type": "Lazy", "backend_path": mem,
+                        "working_set_ms": WINDOW_MS}})
+    .to_string()
+}
+
+/// The `lazy_restore` counters summed over every metrics line so far (each line holds the
+/// counts since the one before).
+fn lazy_counters(mote: &ApiMote, metrics: &Path) -> serde_json::Map<String, serde_json::Value> {
+    mote.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(metrics).unwrap();
+    let mut sum = serde_json::Map::new();
+    for line in text.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        for (name, value) in line["lazy_restore"].as_object().unwrap() {
+            let before = sum.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
+            sum.insert(name.clone(), (before + value.as_u64().unwrap()).into());
+        }
+    }
+    sum
+}
+
+fn counter(counters: &serde_json::Map<String, serde_json::Value>, name: &str) -> u64 {
+    counters[name].as_u64().unwrap()
+}
+
+/// How many of the guest's peeks matched and how many did not.
+fn peeks(out: &str) -> (usize, usize) {
+    let lines = out.lines().filter(|l| l.starts_with("probe: peek "));
+    lines.fold((0, 0), |(yes, no), line| {
+        if line.contains("match=yes") {
+            (yes + 1, no)
+        } else {
+            (yes, no + 1)
+        }
+    })
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool, mote: &ApiMote) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}\nstderr:\n{}",
+            mote.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Restores lazily, lets the guest read its patterns back, and waits until the working set
+/// is written and guest memory fully resident; returns the monitor and its counters.
+fn restore_and_read_back(
+    name: &str,
+    state: &Path,
+    mem: &Path,
+) -> (ApiMote, serde_json::Map<String, serde_json::Value>) {
+    let (mote, metrics) = spawn(name);
+    mote.ok("PUT", "/snapshot/load", &lazy_load(state, mem, true));
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    wait_until(
+        "guest memory fully resident",
+        || mote.stderr().contains("guest memory fully resident"),
+        &mote,
+    );
+    let counters = lazy_counters(&mote, &metrics);
+    (mote, counters)
+}
+
+#[test]
+fn a_lazy_restore_records_a_working_set_that_the_next_restore_loads_first() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-source", 7);
+    let ws = ws_path(&state);
+    assert!(!ws.exists());
+
+    // First restore: everything on demand, then by prefetch; the working set is written.
+    let (first, counters) = restore_and_read_back("lazy-first", &state, &mem);
+    assert!(counter(&counters, "pages_on_demand") > 0, "{counters:?}");
+    assert_eq!(
+        counter(&counters, "pages_from_working_set"),
+        0,
+        "{counters:?}"
+    );
+    assert!(counter(&counters, "pages_prefetched") > 0, "{counters:?}");
+    // Every page of the 64 MiB came in once, one way or the other.
+    assert_eq!(
+        counter(&counters, "pages_on_demand") + counter(&counters, "pages_prefetched"),
+        (64 << 20) / 4096,
+        "{counters:?}"
+    );
+    let recorded = std::fs::read(&ws).expect("the working-set file");
+    // The header, the pages (4 bytes each), the CRC: the guest's pattern pages among them.
+    let recorded_pages = (recorded.len() - 48 - 8) / 4;
+    assert!(recorded_pages >= PAGES as usize, "{recorded_pages} pages");
+    assert!(
+        first.stderr().contains("working set of"),
+        "{}",
+        first.stderr()
+    );
+    drop(first);
+
+    // Second restore: the working set first, before the vCPUs run; memory is the snapshot's.
+    let (second, metrics) = spawn("lazy-second");
+    second.ok("PUT", "/snapshot/load", &lazy_load(&state, &mem, false));
+    let counters = lazy_counters(&second, &metrics);
+    assert_eq!(
+        counter(&counters, "pages_from_working_set"),
+        recorded_pages as u64,
+        "{counters:?}"
+    );
+    assert_eq!(counter(&counters, "working_set_fallbacks"), 0);
+    // A snapshot of the restored VM reads every page through the pager: byte for byte the
+    // memory the first snapshot had, but for the 16 bytes of the VM generation ID, which
+    // every restore writes anew.
+    let again = second.dir.join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    let body = serde_json::json!({"snapshot_type": "Full",
+        "snapshot_path": again.join("state"), "mem_file_path": again.join("mem")});
+    second.ok("PUT", "/snapshot/create", &body.to_string());
+    let (written, original) = (
+        std::fs::read(again.join("mem")).unwrap(),
+        std::fs::read(&mem).unwrap(),
+    );
+    assert_eq!(written.len(), original.len());
+    let differ: Vec<usize> = (0..written.len())
+        .filter(|at| written[*at] != original[*at])
+        .collect();
+    assert!(
+        differ.len() <= 16 && differ.iter().all(|at| at / 16 == differ[0] / 16),
+        "the restored memory differs from the snapshot's at {} bytes from {:#x}",
+        differ.len(),
+        differ.first().copied().unwrap_or(0)
+    );
+    second.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    second.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = second.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    // The working set was not recorded again: it is the same file.
+    assert_eq!(std::fs::read(&ws).unwrap(), recorded);
+}
+
+#[test]
+fn a_working_set_of_another_snapshot_cut_short_or_garbage_falls_back_to_on_demand() {
+    if !require_kvm() {
+        return;
+    }
+    let (state_a, mem_a) = snapshot("lazy-fallback-a", 7);
+    let (state_b, mem_b) = snapshot("lazy-fallback-b", 11);
+    // A's working set, recorded by a restore of A.
+    drop(restore_and_read_back("lazy-fallback-record", &state_a, &mem_a).0);
+    let good_a = std::fs::read(ws_path(&state_a)).unwrap();
+    let ws_b = ws_path(&state_b);
+    for (case, bytes, reason) in [
+        ("another", good_a.clone(), "belongs to another snapshot"),
+        (
+            "truncated",
+            good_a[..good_a.len() - 6].to_vec(),
+            "CRC-64 does not match",
+        ),
+        (
+            "garbage",
+            b"not a working set at all".to_vec(),
+            "wrong magic",
+        ),
+    ] {
+        std::fs::write(&ws_b, &bytes).unwrap();
+        let (mote, counters) =
+            restore_and_read_back(&format!("lazy-fallback-{case}"), &state_b, &mem_b);
+        let log = mote.stderr();
+        let warning = log
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains("is not used"))
+            .unwrap_or_else(|| panic!("{case}: no warning:\n{log}"));
+        assert!(warning.contains(&ws_b.display().to_string()), "{warning}");
+        assert!(warning.contains(reason), "{case}: {warning}");
+        assert_eq!(counter(&counters, "working_set_fallbacks"), 1, "{case}");
+        assert_eq!(counter(&counters, "pages_from_working_set"), 0, "{case}");
+        assert!(counter(&counters, "pages_on_demand") > 0, "{case}");
+        // Replaced by a recording of B's own, which a restore of B then uses.
+        let replaced = std::fs::read(&ws_b).unwrap();
+        assert_ne!(replaced, bytes, "{case}");
+    }
+    let (mote, metrics) = spawn("lazy-fallback-after");
+    mote.ok("PUT", "/snapshot/load", &lazy_load(&state_b, &mem_b, true));
+    let counters = lazy_counters(&mote, &metrics);
+    assert!(
+        counter(&counters, "pages_from_working_set") > 0,
+        "{counters:?}"
+    );
+    assert_eq!(counter(&counters, "working_set_fallbacks"), 0);
+    // A's file is untouched by all this.
+    assert_eq!(std::fs::read(ws_path(&state_a)).unwrap(), good_a);
+}
+
+#[test]
+fn backend_options_of_another_backend_are_refused_and_the_monitor_stays() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-options-source", 7);
+    let (mote, _) = spawn("lazy-options");
+    let answer = mote.request(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem, "working_set_ms": 5}})
+        .to_string(),
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.fault().contains("working_set_ms"), "{answer:?}");
+    mote.ok("PUT", "/snapshot/load", &lazy_load(&state, &mem, true));
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+}
