@@ -275,13 +275,16 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
         .map(|path| api::start(path, options.max_payload, options.startup))
         .transpose()?;
     phases.mark("listening");
-    phases.log();
     // The socket goes with the process, on every path out of here.
     let _socket = options.api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
+    phases.mark("console");
     // From here on the main thread acts on what clients send: pre-boot requests, then the build.
     seccomp::apply(seccomp::Filter::Build)?;
+    phases.mark("filter");
     let mut controller = PrebootController::new(options.instance_id, resources, console, start);
+    phases.mark("controller");
+    phases.log();
     let started = if let Some(path) = options.config_file {
         controller
             .start()

@@ -8,7 +8,7 @@
 use log::debug;
 
 /// How many marks a start takes; one more is dropped (a mark is a measurement, not state).
-const MAX_MARKS: usize = 8;
+const MAX_MARKS: usize = 12;
 
 /// The marks of one start, in the order they were taken.
 #[derive(Debug, Clone, Copy)]
