@@ -114,23 +114,22 @@ impl AsyncEngine {
     }
 
     /// Queues `io` for the kernel (sent with the next `submit`). A buffer outside guest memory
-    /// fails the request here, before the kernel sees any of it; the request comes back with
-    /// the error (boxed: the rare path should not make every result as large as a request).
+    /// fails the request here, before the kernel sees any of it.
     pub fn push(
         &mut self,
         mem: &GuestMemoryMmap,
         file: &File,
         head: u16,
         io: IoRequest,
-    ) -> Result<(), Box<(IoRequest, RequestError)>> {
+    ) -> Result<(), (IoRequest, RequestError)> {
         let Some(slot) = self.free.pop() else {
-            return Err(Box::new((io, RequestError::Io(libc::EAGAIN))));
+            return Err((io, RequestError::Io(libc::EAGAIN)));
         };
         let iovecs = match iovecs(mem, &io) {
             Ok(iovecs) => iovecs,
             Err(err) => {
                 self.free.push(slot);
-                return Err(Box::new((io, err)));
+                return Err((io, err));
             }
         };
         let fd = types::Fd(file.as_raw_fd());
@@ -155,7 +154,7 @@ impl AsyncEngine {
             // Cannot happen: the submission ring has a place for every slot and is emptied at
             // each submit. Fail the request rather than lose it.
             self.free.push(slot);
-            return Err(Box::new((io, RequestError::Io(libc::EAGAIN))));
+            return Err((io, RequestError::Io(libc::EAGAIN)));
         }
         self.slots[slot] = Some(InFlight {
             head,

@@ -353,10 +353,7 @@ impl Block {
                         }
                         Some(engine) => match engine.push(mem, &self.file, head, io) {
                             Ok(()) => continue,
-                            Err(rejected) => {
-                                let (io, err) = *rejected;
-                                io_completion(&io, Err(err), &self.metrics)
-                            }
+                            Err((io, err)) => io_completion(&io, Err(err), &self.metrics),
                         },
                     },
                 };
