@@ -135,9 +135,6 @@ pub struct Block {
     host_error_log: LogLimiter,
     /// The Async engine's io_uring; None for the Sync engine (I/O on the event loop).
     engine: Option<AsyncEngine>,
-    /// Finished chains (head, used length) on their way to the used ring; kept between
-    /// batches so that serving a request allocates nothing.
-    used: Vec<(u16, u32)>,
 }
 
 /// At most one host I/O error line per drive in this time.
@@ -180,7 +177,6 @@ impl Block {
             rate_limiter,
             host_error_log: LogLimiter::new(HOST_ERROR_LOG_INTERVAL),
             engine: None,
-            used: Vec::new(),
         })
     }
 
@@ -308,7 +304,7 @@ impl Block {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
-            let mut done = std::mem::take(&mut self.used);
+            let mut done = Vec::new();
             let mut throttled = false;
             // The engine is full: the next completion brings the device back.
             let mut stalled = false;
@@ -380,8 +376,7 @@ impl Block {
                 }
             }
             let completed = !done.is_empty();
-            add_used(&self.id, queue, mem, &mut done);
-            self.used = done;
+            add_used(&self.id, queue, mem, done);
             // Signal before polling: the guest must not wait for the poll window to end.
             if completed {
                 signal_used(interrupt, queue, mem);
@@ -420,14 +415,13 @@ impl Block {
         };
         let mem: &GuestMemoryMmap = mem;
         let queue = &mut queues[0];
-        let mut done = std::mem::take(&mut self.used);
+        let mut done = Vec::with_capacity(finished.len());
         for Finished { head, io, result } in finished {
             let completion = complete_io(mem, &self.file, &io, result, &self.metrics);
             finish_request(&self.id, mem, &mut self.host_error_log, &completion);
             done.push((head, completion.used_len));
         }
-        add_used(&self.id, queue, mem, &mut done);
-        self.used = done;
+        add_used(&self.id, queue, mem, done);
         signal_used(interrupt, queue, mem);
         if !self.rate_limiter.is_blocked() {
             self.process_queue();
@@ -486,9 +480,9 @@ fn finish_request(
     }
 }
 
-/// Returns finished chains to the driver, emptying `done` (its capacity is kept).
-fn add_used(id: &str, queue: &mut Queue, mem: &GuestMemoryMmap, done: &mut Vec<(u16, u32)>) {
-    for (head, len) in done.drain(..) {
+/// Returns finished chains to the driver.
+fn add_used(id: &str, queue: &mut Queue, mem: &GuestMemoryMmap, done: Vec<(u16, u32)>) {
+    for (head, len) in done {
         if let Err(err) = queue.add_used(mem, head, len) {
             warn!("virtio-blk {id}: cannot complete request {head}: {err}");
         }

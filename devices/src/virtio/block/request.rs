@@ -6,7 +6,6 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use crate::memory::GuestMemoryMmap;
-use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -93,10 +92,6 @@ pub enum IoOp {
     Flush,
 }
 
-/// A request's data buffers, (guest address, length). Linux's driver gives a 4 KiB request one
-/// or two: up to four are kept inline, so serving a request allocates nothing.
-pub type Buffers = SmallVec<[(GuestAddress, u32); 4]>;
-
 /// A checked read, write or flush, ready for an engine to carry out: sectors inside the disk,
 /// buffers pointing the right way. Its buffers are checked against guest memory when the
 /// engine maps them.
@@ -106,7 +101,7 @@ pub struct IoRequest {
     /// Byte offset into the file.
     pub offset: u64,
     /// Guest buffers in order, (address, length).
-    pub buffers: Buffers,
+    pub buffers: Vec<(GuestAddress, u32)>,
     pub status_addr: GuestAddress,
 }
 
@@ -120,7 +115,7 @@ impl IoRequest {
     /// transfer).
     pub fn remainder(&self, done: u64) -> IoRequest {
         let mut skip = done;
-        let mut buffers = Buffers::with_capacity(self.buffers.len());
+        let mut buffers = Vec::with_capacity(self.buffers.len());
         for &(addr, len) in &self.buffers {
             let len64 = u64::from(len);
             if skip >= len64 {
@@ -242,7 +237,7 @@ enum Step {
     Io {
         op: IoOp,
         offset: u64,
-        buffers: Buffers,
+        buffers: Vec<(GuestAddress, u32)>,
     },
 }
 
@@ -284,7 +279,7 @@ fn run(
         VIRTIO_BLK_T_FLUSH => Ok(Step::Io {
             op: IoOp::Flush,
             offset: 0,
-            buffers: Buffers::new(),
+            buffers: Vec::new(),
         }),
         VIRTIO_BLK_T_GET_ID => {
             let buffer = data.first().ok_or(RequestError::ChainTooShort)?;
@@ -313,7 +308,7 @@ fn run(
     }
 }
 
-fn buffers(data: &[Descriptor]) -> Buffers {
+fn buffers(data: &[Descriptor]) -> Vec<(GuestAddress, u32)> {
     data.iter().map(|d| (d.addr(), d.len())).collect()
 }
 
@@ -422,19 +417,19 @@ mod tests {
         let io = IoRequest {
             op: IoOp::Read,
             offset: 4096,
-            buffers: smallvec::smallvec![(GuestAddress(0x1000), 512), (GuestAddress(0x8000), 1024)],
+            buffers: vec![(GuestAddress(0x1000), 512), (GuestAddress(0x8000), 1024)],
             status_addr: GuestAddress(0x9000),
         };
         assert_eq!(io.len(), 1536);
         let rest = io.remainder(700);
         assert_eq!(rest.offset, 4096 + 700);
-        assert_eq!(rest.buffers.as_slice(), [(GuestAddress(0x8000 + 188), 836)]);
+        assert_eq!(rest.buffers, vec![(GuestAddress(0x8000 + 188), 836)]);
         assert_eq!(rest.len(), 836);
         assert_eq!(io.remainder(0), io);
         let cut_in_first = io.remainder(12);
         assert_eq!(
-            cut_in_first.buffers.as_slice(),
-            [
+            cut_in_first.buffers,
+            vec![
                 (GuestAddress(0x1000 + 12), 500),
                 (GuestAddress(0x8000), 1024)
             ]
