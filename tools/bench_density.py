@@ -14,6 +14,12 @@ the monitors, so that spawning and pausing keep up while guests spin.
                  one costs the host, the binary's text shared among them
   Rss per VM     the same for Rss (what one monitor alone would count)
 
+On this machine (2 CPUs, PVM) the storm measures less the monitors' start than how fast 2
+CPUs get through guests that spin until they are paused: the probe runs at CPL 3, where there
+is no way to idle (HLT faults), and under PVM a Linux guest that could idle takes 30-80 s to
+boot. The start rate here is therefore not comparable with the issue's figures; the Pss per VM
+is.
+
 Firecracker 1.17 on these machines (issue 19, the same storm of 1000 idle tiny guests): 596
 starts a second (614 in a loaded hour), 0.30 MiB Pss per VM. The aims: at least twice the start
 rate, at most half the Pss.
