@@ -241,6 +241,7 @@ pub fn serve(listener: &UnixListener, mem_file: &Path, control: &Control) -> io:
         file_len,
         removed: Vec::new(),
         zeros: Vec::new(),
+        retry: Vec::new(),
     };
     let mut stream = Some(stream);
     loop {
@@ -286,6 +287,9 @@ pub fn serve(listener: &UnixListener, mem_file: &Path, control: &Control) -> io:
         if fds[0].revents & POLLIN != 0 {
             handler.serve_one(control)?;
         }
+        if control.serving.load(Ordering::SeqCst) {
+            handler.retry_refused(control)?;
+        }
     }
 }
 
@@ -298,6 +302,9 @@ struct Handler {
     removed: Vec<(u64, u64)>,
     /// A zero page for huge pages (UFFDIO_ZEROPAGE is for 4 KiB pages only).
     zeros: Vec<u8>,
+    /// Faults whose fill the kernel refused with EAGAIN (a remove was under way): their
+    /// threads still wait, so each is filled again once the pending events are read.
+    retry: Vec<u64>,
 }
 
 impl Handler {
@@ -343,23 +350,45 @@ impl Handler {
             .iter()
             .any(|&(from, to)| start >= from && start < to);
         let offset = region.offset + (start - region.base_host_virt_addr);
-        let result = if removed || offset + page > self.file_len {
-            control.zero_faults.fetch_add(1, Ordering::SeqCst);
+        let zeroed = removed || offset + page > self.file_len;
+        let result = if zeroed {
             self.zero(start, page)
         } else {
-            control.faults.fetch_add(1, Ordering::SeqCst);
             // SAFETY: `offset + page` is within the mapped file.
             let src = unsafe { self.file.add(offset as usize) };
             self.copy(start, src, page)
         };
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                let count = if zeroed {
+                    &control.zero_faults
+                } else {
+                    &control.faults
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
             // Another fault on the same page was served first; wake whoever waits.
             Err(err) if err.raw_os_error() == Some(EEXIST) => self.wake(start, page),
-            // A remove or unmap is under way: its event comes next, and the fault again.
-            Err(err) if matches!(err.raw_os_error(), Some(EAGAIN) | Some(ENOENT)) => Ok(()),
+            // A remove is under way: the kernel takes no fill until its event is read, and
+            // the faulting thread goes on waiting; fill again after the events.
+            Err(err) if err.raw_os_error() == Some(EAGAIN) => {
+                self.retry.push(addr);
+                Ok(())
+            }
+            // The range is no longer registered (unmapped): nobody waits on it.
+            Err(err) if err.raw_os_error() == Some(ENOENT) => Ok(()),
             Err(err) => Err(err),
         }
+    }
+
+    /// Fills again the faults the kernel refused with EAGAIN, now that the events before them
+    /// have been read (those refused again stay for the next round).
+    fn retry_refused(&mut self, control: &Control) -> io::Result<()> {
+        for addr in std::mem::take(&mut self.retry) {
+            self.fault(addr, control)?;
+        }
+        Ok(())
     }
 
     fn copy(&self, dst: u64, src: *const u8, len: u64) -> io::Result<()> {
