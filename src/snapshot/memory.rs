@@ -131,12 +131,11 @@ pub fn write_memory_file(
     Ok(regions)
 }
 
-/// Maps the memory file privately, region by region: the guest reads the file's pages through
-/// the page cache (shared by every restore of it) and its writes go to private copies.
-pub fn map_memory_file(
+/// Opens the memory file `path`, checking it is a regular file exactly as long as `regions`.
+pub fn open_memory_file(
     path: &Path,
     regions: &[MemoryRegionState],
-) -> Result<GuestMemoryMmap, MemoryFileError> {
+) -> Result<File, MemoryFileError> {
     let file = host_file::open("the memory file", path, FileKind::Regular, false)?;
     let len = file
         .metadata()
@@ -153,6 +152,16 @@ pub fn map_memory_file(
             expected,
         });
     }
+    Ok(file)
+}
+
+/// Maps the memory file privately, region by region: the guest reads the file's pages through
+/// the page cache (shared by every restore of it) and its writes go to private copies.
+pub fn map_memory_file(
+    path: &Path,
+    regions: &[MemoryRegionState],
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let file = open_memory_file(path, regions)?;
     let map_err = |reason: String| MemoryFileError::Map {
         path: path.to_path_buf(),
         reason,

@@ -25,9 +25,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use self::pager::Recording;
 use self::source::{PageSource, SourceError};
 use self::working_set::SnapshotId;
-use super::memory::{MemoryFileError, MemoryRegionState};
+use super::memory::{open_memory_file, MemoryFileError, MemoryRegionState};
 use crate::config::HugePages;
-use crate::host_file::{self, FileKind, HostFileError};
 use crate::metrics::METRICS;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::uffd::{Uffd, UffdError, FEATURE_EVENT_REMOVE};
@@ -39,8 +38,6 @@ pub const DEFAULT_WORKING_SET_WINDOW: Duration = Duration::from_millis(1000);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
-    #[error(transparent)]
-    Open(#[from] HostFileError),
     #[error(transparent)]
     MemoryFile(#[from] MemoryFileError),
     #[error("cannot read the snapshot state file {path} to name its working set: {source}")]
@@ -69,23 +66,7 @@ pub fn restore(
     mib: u64,
     working_set_window: Duration,
 ) -> Result<GuestMemoryMmap, LazyError> {
-    let file = host_file::open("the memory file", mem_path, FileKind::Regular, false)?;
-    let len = file
-        .metadata()
-        .map_err(|source| MemoryFileError::Size {
-            path: mem_path.to_path_buf(),
-            source,
-        })?
-        .len();
-    let expected: u64 = regions.iter().map(|r| r.size).sum();
-    if len != expected {
-        return Err(MemoryFileError::WrongSize {
-            path: mem_path.to_path_buf(),
-            len,
-            expected,
-        }
-        .into());
-    }
+    let file = open_memory_file(mem_path, regions)?;
     let memory = create_guest_memory(mib, HugePages::None)?;
     // EVENT_REMOVE: pages the balloon gives back must read zero afterwards, not the file's.
     let uffd = Uffd::new(FEATURE_EVENT_REMOVE)?;
