@@ -351,13 +351,16 @@ fn supervise(pid: libc::pid_t, signals: &libc::sigset_t, slot: &mut signal::Sign
         let signal = sys::wait_signal(signals, SIGNAL_POLL);
         if let Some(forwarded) = slot.take() {
             sys::kill(pid, forwarded);
-            if signal == Some(libc::SIGINT) {
-                continue;
-            }
         }
         let Some(signal) = signal else {
             continue;
         };
+        // Where the slot can be read, SIGINT is only mote's doorbell: the signal it stands for
+        // is in the slot, which an earlier poll may have taken already. Passing the doorbell
+        // on as well would interrupt the program (a shell's TERM trap ended by SIGINT, 130).
+        if signal == libc::SIGINT && slot.readable() {
+            continue;
+        }
         if signal != libc::SIGCHLD {
             sys::kill(pid, signal);
             continue;

@@ -37,6 +37,12 @@ impl SignalSlot {
         }
     }
 
+    /// Whether the slot can be read: then a SIGINT to init is mote's doorbell, not a signal
+    /// for the program.
+    pub fn readable(&self) -> bool {
+        self.device.is_some()
+    }
+
     /// The signal mote wrote since the last one taken, if any.
     pub fn take(&mut self) -> Option<i32> {
         let device = self.device.as_ref()?;
