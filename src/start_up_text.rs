@@ -15,44 +15,30 @@ use log::debug;
 /// written (relocations go to the writable RELRO segment, which is left alone), so a later
 /// access faults the same bytes back from the file.
 pub fn release() {
-    for_each_read_only_segment(|start, len| advise(start, len, libc::MADV_DONTNEED));
+    // SAFETY: the callback only reads the headers dl_iterate_phdr hands it; `data` is unused.
+    unsafe { libc::dl_iterate_phdr(Some(drop_read_only_segments), std::ptr::null_mut()) };
 }
 
-fn advise(start: usize, len: usize, advice: libc::c_int) {
+/// Drops the mappings of [start, start + len), whole pages of a read-only segment.
+fn drop_mappings(start: usize, len: usize) {
     // SAFETY: [start, start + len) is whole pages of a read-only, never-written segment of
-    // this executable (see `for_each_read_only_segment`); MADV_DONTNEED only drops its
+    // this executable (see `drop_read_only_segments`); MADV_DONTNEED only drops its
     // page-table entries, the next access faulting the file's bytes back in.
-    if unsafe { libc::madvise(start as *mut libc::c_void, len, advice) } != 0 {
+    if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
         debug!(
-            "madvise({advice}) of the read-only segment at {start:#x}: {}",
+            "cannot drop the read-only segment at {start:#x}: {}",
             std::io::Error::last_os_error()
         );
     }
 }
 
-/// Calls `each(start, len)` for the whole pages of every read-only PT_LOAD segment of the
-/// executable (the first object dl_iterate_phdr reports).
-fn for_each_read_only_segment(mut each: impl FnMut(usize, usize)) {
-    let mut each: &mut dyn FnMut(usize, usize) = &mut each;
-    // SAFETY: the callback only reads the headers dl_iterate_phdr hands it, and `data` is
-    // the `&mut dyn FnMut` above, alive for the whole call.
-    unsafe {
-        libc::dl_iterate_phdr(
-            Some(read_only_segments),
-            (&mut each as *mut &mut dyn FnMut(usize, usize)).cast(),
-        )
-    };
-}
-
-/// dl_iterate_phdr's callback: hands the first object's (the executable's) read-only PT_LOAD
-/// segments to the closure behind `data`, then stops the walk.
-unsafe extern "C" fn read_only_segments(
+/// dl_iterate_phdr's callback: the first object's (the executable's) read-only PT_LOAD
+/// segments are given back, and the walk stops there.
+unsafe extern "C" fn drop_read_only_segments(
     info: *mut libc::dl_phdr_info,
     _size: libc::size_t,
-    data: *mut libc::c_void,
+    _data: *mut libc::c_void,
 ) -> libc::c_int {
-    // SAFETY: `data` is the `&mut dyn FnMut` that `for_each_read_only_segment` passed.
-    let each = unsafe { &mut *data.cast::<&mut dyn FnMut(usize, usize)>() };
     // SAFETY: sysconf only reads a constant of the system.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         size if size > 0 => size as usize,
@@ -74,7 +60,7 @@ unsafe extern "C" fn read_only_segments(
         let first = start.div_ceil(page) * page;
         let end = (start + header.p_memsz as usize) / page * page;
         if end > first {
-            each(first, end - first);
+            drop_mappings(first, end - first);
         }
     }
     1
