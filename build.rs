@@ -9,6 +9,9 @@ use std::path::PathBuf;
 #[allow(dead_code)] // build.rs only writes the format
 mod format;
 
+#[path = "src/seccomp/dispatch.rs"]
+mod dispatch;
+
 fn main() {
     let manifest_dir =
         PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
@@ -21,6 +24,7 @@ fn main() {
     // The tests compare the built-in filters with the JSON they came from.
     println!("cargo:rustc-env=MOTE_SECCOMP_JSON={}", json.display());
     println!("cargo:rerun-if-changed=src/seccomp/format.rs");
+    println!("cargo:rerun-if-changed=src/seccomp/dispatch.rs");
 
     let file = std::fs::File::open(&json).unwrap_or_else(|err| {
         panic!(
@@ -33,7 +37,10 @@ fn main() {
         .unwrap_or_else(|err| panic!("seccompiler cannot target {arch}: {err}"));
     let compiled = seccompiler::compile_from_json(std::io::BufReader::new(file), arch)
         .unwrap_or_else(|err| panic!("cannot compile {}: {err}", json.display()));
-    let filters: BTreeMap<String, _> = compiled.into_iter().collect();
+    let filters: BTreeMap<String, _> = compiled
+        .into_iter()
+        .map(|(name, program)| (name, dispatch::with_search_dispatch(&program)))
+        .collect();
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     std::fs::write(out.join("seccomp_filters.bpf"), format::serialize(&filters))
         .expect("cannot write the compiled seccomp filters");

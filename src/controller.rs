@@ -52,6 +52,16 @@ fn to_json<T: serde::Serialize>(value: &T) -> ActionResult {
         .map_err(VmmActionError::Render)
 }
 
+/// The answer to `GET /`, Firecracker's `InstanceInfo`.
+pub fn instance_info(instance_id: &str, state: InstanceState) -> ActionResult {
+    to_json(&json!({
+        "app_name": "mote",
+        "id": instance_id,
+        "state": state.name(),
+        "vmm_version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
 /// The requests answered the same way in both phases; None for the others. (FlushMetrics is
 /// not one: Firecracker refuses it before boot.)
 fn handle_any_phase(
@@ -61,12 +71,7 @@ fn handle_any_phase(
     action: &VmmAction,
 ) -> Option<ActionResult> {
     Some(match action {
-        VmmAction::GetInstanceInfo => to_json(&json!({
-            "app_name": "mote",
-            "id": instance_id,
-            "state": state.name(),
-            "vmm_version": env!("CARGO_PKG_VERSION"),
-        })),
+        VmmAction::GetInstanceInfo => instance_info(instance_id, state),
         VmmAction::GetVmConfig => to_json(&resources.to_config_file()),
         VmmAction::GetMachineConfig => to_json(&resources.machine_config),
         VmmAction::GetBalloon => match &resources.balloon {

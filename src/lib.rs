@@ -272,7 +272,14 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
     phases.mark("signals");
     let api = options
         .api_sock
-        .map(|path| api::start(path, options.max_payload, options.startup))
+        .map(|path| {
+            let preboot = api::PrebootInfo::new(&options.instance_id);
+            if options.config_file.is_some() {
+                // The VM starts at once, and `GET /` waits for it, as in Firecracker.
+                preboot.mark_started();
+            }
+            api::start(path, options.max_payload, options.startup, preboot)
+        })
         .transpose()?;
     phases.mark("listening");
     // The socket goes with the process, on every path out of here.
@@ -314,6 +321,9 @@ fn run_started(started: Started, api: Option<ApiChannel>) -> Result<Outcome, Mot
         subscribers,
         controller,
     } = started;
+    if let Some(api) = &api {
+        api.preboot.mark_started();
+    }
     let api =
         api.map(|api| -> Subscriber { Arc::new(Mutex::new(ApiSubscriber { api, controller })) });
     run_to_the_end(vmm, subscribers, api)
@@ -372,7 +382,12 @@ pub fn run_restored(
     // Caught before the API answers, as in run_api.
     StopSignals::get().map_err(MoteError::Signals)?;
     let api = api_sock
-        .map(|path| api::start(path, api::http::DEFAULT_MAX_PAYLOAD, Default::default()))
+        .map(|path| {
+            // The restore comes at once: `GET /` waits for it.
+            let preboot = api::PrebootInfo::new(&instance_id);
+            preboot.mark_started();
+            api::start(path, api::http::DEFAULT_MAX_PAYLOAD, Default::default(), preboot)
+        })
         .transpose()?;
     let _socket = api_sock.map(RemoveOnDrop);
     let console = Console::stdio().map_err(MoteError::Console)?;
@@ -449,6 +464,7 @@ fn serve_until_start(
                 let _ = request.reply.send(answer);
             }
             PrebootAnswer::Started(started) => {
+                api.preboot.mark_started();
                 let _ = request.reply.send(Ok(VmmData::Empty));
                 return Ok(PreBoot::Started(started));
             }

@@ -7,11 +7,14 @@ pub mod paths;
 pub mod routes;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Arc;
 
 use log::{error, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::controller::{instance_info, InstanceState};
 use crate::metrics::METRICS;
 use crate::rpc::{ActionResult, VmmAction, VmmActionError, VmmData};
 use http::{HttpError, HttpServer, Request, Response};
@@ -35,6 +38,39 @@ pub struct ApiRequest {
 pub struct ApiChannel {
     pub requests: Receiver<ApiRequest>,
     pub wake: EventFd,
+    pub preboot: PrebootInfo,
+}
+
+/// What the API thread answers `GET /` with on its own until the VM starts: the instance's id,
+/// and that it has not started. A spawner polls `GET /` to see the monitor ready, and the
+/// main thread installs its own filter meanwhile (a tenth of a millisecond or more), so the
+/// first answer does not wait for it. From the start on, `GET /` goes to the main thread like
+/// every other request.
+#[derive(Debug, Clone)]
+pub struct PrebootInfo {
+    instance_id: Arc<str>,
+    started: Arc<AtomicBool>,
+}
+
+impl PrebootInfo {
+    pub fn new(instance_id: &str) -> Self {
+        Self {
+            instance_id: instance_id.into(),
+            started: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Called by the main thread once the VM runs, before it answers the request that started
+    /// it: a `GET /` sent after that answer is the main thread's.
+    pub fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    /// The answer to `GET /` while the VM has not started; None once it has.
+    fn answer(&self) -> Option<ActionResult> {
+        (!self.started.load(Ordering::Acquire))
+            .then(|| instance_info(&self.instance_id, InstanceState::NotStarted))
+    }
 }
 
 /// What the process's starter (Firecracker's jailer) said about its start, on the command line.
@@ -51,11 +87,15 @@ pub struct StartupTimes {
 /// The line tools wait for once the socket answers (Firecracker's words, exactly).
 pub const STARTED_LINE: &str = "API server started.";
 
-/// Binds the socket (so it answers as soon as this returns) and starts the API thread.
+/// Binds the socket (so it answers as soon as this returns) and starts the API thread; returns
+/// once that thread runs under its seccomp filter. Installing a filter takes the process's
+/// signal lock, so the main thread's own install, which comes next, would otherwise hold up
+/// the API thread's and with it the first answer.
 pub fn start(
     socket: &Path,
     max_payload: usize,
     startup: StartupTimes,
+    preboot: PrebootInfo,
 ) -> Result<ApiChannel, ApiError> {
     let mut server = HttpServer::bind(socket, max_payload)?;
     let (to_vmm, requests) = channel();
@@ -66,21 +106,37 @@ pub fn start(
     // As Firecracker: how long the process took to serve its API, when its starter says when
     // it began.
     METRICS.api.record_startup(&startup);
+    let (filtered, under_filter) = sync_channel(1);
+    let api_preboot = preboot.clone();
     crate::thread::spawn_named(
         "mote_api".to_string(),
         crate::seccomp::thread_filter(crate::seccomp::Filter::Api),
         move || {
-            let err = server.serve(&mut |request| handle(request, &to_vmm, &api_wake));
+            let _ = filtered.send(());
+            let err = server
+                .serve(&mut |request| handle(request, &api_preboot, &to_vmm, &api_wake));
             error!("the API server stopped: {err}");
         },
         |what| error!("the API thread failed: {what}"),
     )
     .map_err(ApiError::Thread)?;
-    Ok(ApiChannel { requests, wake })
+    // An Err is a thread that failed its filter: it said why, and its requests go unanswered
+    // as they would have anyway.
+    let _ = under_filter.recv();
+    Ok(ApiChannel {
+        requests,
+        wake,
+        preboot,
+    })
 }
 
 /// Answers one request: routes it, has the main thread act on it, renders the outcome.
-fn handle(request: Request, to_vmm: &Sender<ApiRequest>, wake: &EventFd) -> Response {
+fn handle(
+    request: Request,
+    preboot: &PrebootInfo,
+    to_vmm: &Sender<ApiRequest>,
+    wake: &EventFd,
+) -> Response {
     let counters = METRICS.api.for_request(&request.method, &request.path);
     if let Some(counters) = counters {
         counters.count.inc();
@@ -96,7 +152,12 @@ fn handle(request: Request, to_vmm: &Sender<ApiRequest>, wake: &EventFd) -> Resp
                 METRICS.deprecated_api.deprecated_http_api_calls.inc();
                 warn!("{} {}: {what}", request.method, request.path);
             }
-            let mut response = match ask_vmm(action, to_vmm, wake) {
+            let answer = match action {
+                VmmAction::GetInstanceInfo => preboot.answer(),
+                _ => None,
+            };
+            let answer = answer.unwrap_or_else(|| ask_vmm(action, to_vmm, wake));
+            let mut response = match answer {
                 Ok(VmmData::Empty) => Response::no_content(),
                 Ok(VmmData::Json(body)) => Response::json(200, body),
                 // The one place a typed refusal becomes the client's text.

@@ -5,6 +5,7 @@
 //! [`Filter::Build`] and [`Filter::Vmm`]). Filters stack and are inherited by threads spawned
 //! later, so a thread spawned by the main thread runs under `build` and its own filter.
 
+pub mod dispatch;
 pub mod format;
 
 use std::path::{Path, PathBuf};
@@ -236,9 +237,14 @@ fn read_filter_file(path: &Path) -> Result<FilterMap, SeccompError> {
         .map_err(|err| invalid(err.to_string()))?;
     let compiled = seccompiler::compile_from_json(bytes.as_slice(), arch)
         .map_err(|err| invalid(err.to_string()))?;
-    Ok(compiled.into_iter().collect())
+    Ok(compiled
+        .into_iter()
+        .map(|(name, program)| (name, dispatch::with_search_dispatch(&program)))
+        .collect())
 }
 
+#[cfg(test)]
+mod dispatch_tests;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod rule_tests;
 #[cfg(test)]

@@ -94,6 +94,7 @@ fn built_in_filters_are_the_json_compiled() {
     let compiled: FilterMap = seccompiler::compile_from_json(FILTER_JSON.as_bytes(), target_arch())
         .unwrap()
         .into_iter()
+        .map(|(name, program)| (name, dispatch::with_search_dispatch(&program)))
         .collect();
     assert_eq!(deserialize(DEFAULT_FILTERS).unwrap(), compiled);
 }
