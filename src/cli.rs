@@ -15,6 +15,8 @@ use crate::config::{LoadSnapshotParams, NetworkOverride, VsockOverride};
 use crate::logger::parse_level;
 use crate::seccomp::SeccompConfig;
 
+mod firecracker_flags;
+
 #[derive(Debug, Parser)]
 #[command(name = "mote", version, about = "A KVM microVM monitor")]
 pub struct Cli {
@@ -51,29 +53,6 @@ pub struct TopArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "snapshot_version")]
     pub describe_snapshot: Option<PathBuf>,
 }
-
-/// [`Cli`] without its commands: what a monitor spawned for the API is given. Parsing with
-/// it builds none of the commands' arguments (`run` alone has dozens), which was about half
-/// of clap's work and of the allocator's churn before the API's first answer.
-#[derive(Debug, Parser)]
-#[command(name = "mote")]
-struct ApiCli {
-    #[command(flatten)]
-    top: TopArgs,
-}
-
-/// Words that make a command line more than Firecracker's flags: a command's name, or a
-/// request for the full help or version. Their absence is what lets [`ApiCli`] parse it.
-const NOT_API_ONLY: [&str; 8] = [
-    "run",
-    "image",
-    "snapshot",
-    "help",
-    "-h",
-    "--help",
-    "-V",
-    "--version",
-];
 
 /// Firecracker's exit status for arguments it cannot parse (`ArgParsing`).
 pub const EXIT_ARG_PARSING: u8 = 153;
@@ -160,19 +139,19 @@ impl Cli {
         T: Into<std::ffi::OsString> + Clone,
     {
         let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-        let (matches, mut cli) = match Self::parse_api_only(&args) {
+        let (mut cli, api_sock_given) = match firecracker_flags::parse(&args) {
             Some(parsed) => parsed,
             None => {
                 let matches =
                     <Cli as clap::CommandFactory>::command().try_get_matches_from(&args)?;
                 let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
-                (matches, cli)
+                let defaulted = matches.value_source("api_sock")
+                    == Some(clap::parser::ValueSource::DefaultValue);
+                (cli, !defaulted)
             }
         };
         let invoked_as = args.first().map(Path::new).and_then(Path::file_name);
-        if invoked_as == Some(std::ffi::OsStr::new(FIRECRACKER_NAME))
-            && matches.value_source("api_sock") == Some(clap::parser::ValueSource::DefaultValue)
-        {
+        if invoked_as == Some(std::ffi::OsStr::new(FIRECRACKER_NAME)) && !api_sock_given {
             cli.top.api.api_sock = PathBuf::from(FIRECRACKER_API_SOCK);
         }
         match refusal(&cli.top.api) {
@@ -180,30 +159,6 @@ impl Cli {
                 .error(clap::error::ErrorKind::ArgumentConflict, message)),
             None => Ok(cli),
         }
-    }
-
-    /// A command line of Firecracker's flags alone, parsed without building the commands;
-    /// None when it names a command, asks for help or the version, or does not parse (the
-    /// full parse then gives the answer or the error, with the whole usage).
-    fn parse_api_only(args: &[std::ffi::OsString]) -> Option<(clap::ArgMatches, Cli)> {
-        if args
-            .iter()
-            .skip(1)
-            .any(|arg| arg.to_str().is_some_and(|arg| NOT_API_ONLY.contains(&arg)))
-        {
-            return None;
-        }
-        let matches = <ApiCli as clap::CommandFactory>::command()
-            .try_get_matches_from(args)
-            .ok()?;
-        let api = <ApiCli as clap::FromArgMatches>::from_arg_matches(&matches).ok()?;
-        Some((
-            matches,
-            Cli {
-                top: api.top,
-                command: None,
-            },
-        ))
     }
 
     /// [`Cli::try_parse_checked`] on the process's arguments; on failure prints the error and
@@ -1155,15 +1110,18 @@ mod tests {
         assert!(parse(&["--start-time-us", "-1"]).is_err());
     }
 
+    /// Every command line the hand parser takes, it takes as clap does; the ones it leaves
+    /// (commands, help, the version, errors) go to clap.
     #[test]
-    fn firecrackers_flags_alone_parse_alike_without_the_commands() {
+    fn firecrackers_flags_alone_parse_by_hand_as_clap_parses_them() {
         let argv = |args: &[&str]| -> Vec<std::ffi::OsString> {
             std::iter::once("mote")
                 .chain(args.iter().copied())
                 .map(Into::into)
                 .collect()
         };
-        for args in [
+        let by_hand = |args: &[&str]| firecracker_flags::parse(&argv(args));
+        let taken: &[&[&str]] = &[
             &[
                 "--api-sock",
                 "/a",
@@ -1172,7 +1130,7 @@ mod tests {
                 "--level",
                 "Debug",
                 "--boot-timer",
-            ][..],
+            ],
             &[],
             &["--no-api", "--config-file", "/c.json"],
             &[
@@ -1183,22 +1141,81 @@ mod tests {
                 "--show-level",
             ],
             &["--describe-snapshot", "/s"],
-        ] {
-            let (_, fast) = Cli::parse_api_only(&argv(args)).expect("Firecracker's flags alone");
+            &["--snapshot-version"],
+            &["--no-seccomp", "--show-log-origin", "--module", "mote::api"],
+            &["--level=warning", "--id=a-b-c", "--api-sock=/run/x.sock"],
+            &[
+                "--http-api-max-payload-size",
+                "65536",
+                "--mmds-size-limit",
+                "1024",
+            ],
+            // The jailer's.
+            &[
+                "--id",
+                "jailed",
+                "--start-time-us",
+                "123456789",
+                "--start-time-cpu-us",
+                "42",
+                "--parent-cpu-time-us",
+                "7",
+                "--api-sock",
+                "/run/firecracker.socket",
+            ],
+            &["--log-path", "/l", "--level", "Off", "--enable-pci"],
+        ];
+        for args in taken {
+            let (fast, api_sock_given) = by_hand(args).unwrap_or_else(|| panic!("{args:?}"));
             let full = parse(args).unwrap();
             assert_eq!(format!("{fast:?}"), format!("{full:?}"), "{args:?}");
+            assert_eq!(
+                api_sock_given,
+                args.iter().any(|a| a.starts_with("--api-sock"))
+            );
         }
-        // A command, help, the version and a bad flag take the full parse (its usage, its
-        // errors).
-        for args in [
-            &["run", "--kernel", "/k"][..],
+        // Left to clap: commands, help, the version, and what clap refuses or reads its own
+        // way (its error names the problem, with the usage).
+        let left: &[&[&str]] = &[
+            &["run", "--kernel", "/k"],
             &["--level", "Debug", "image", "ls"],
             &["--help"],
+            &["-h"],
             &["-V"],
+            &["--version"],
             &["--no-such-flag"],
             &["--no-api"],
-        ] {
-            assert!(Cli::parse_api_only(&argv(args)).is_none(), "{args:?}");
+            &["--no-seccomp", "--seccomp-filter", "/f"],
+            &["--snapshot-version", "--describe-snapshot", "/s"],
+            &["--id", "a", "--id", "b"],
+            &["--boot-timer", "--boot-timer"],
+            &["--boot-timer=true"],
+            &["--api-sock"],
+            &["--api-sock", ""],
+            &["--api-sock", "--boot-timer"],
+            &["--level", "loud"],
+            &["--id", "bad id"],
+            &["--start-time-us", "-1"],
+            &["--start-time-us", "+1"],
+            &["--start-time-us", "99999999999999999999999"],
+            &["--mmds-size-limit", "1k"],
+            &["--", "--api-sock", "/a"],
+            &["stray"],
+        ];
+        for args in left {
+            assert!(by_hand(args).is_none(), "{args:?}");
+        }
+        // Whatever clap makes of those, the checked parse does too.
+        for args in taken.iter().chain(left) {
+            let checked = Cli::try_parse_checked(argv(args)).map(|cli| format!("{cli:?}"));
+            let full = parse(args).map(|cli| format!("{cli:?}"));
+            match (&checked, &full) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{args:?}"),
+                (Err(_), Err(_)) => {}
+                // The one flag clap takes and mote refuses.
+                (Err(err), Ok(_)) => assert!(err.to_string().contains("--enable-pci"), "{err}"),
+                (Ok(_), Err(err)) => panic!("{args:?}: clap says {err}"),
+            }
         }
     }
 

@@ -386,7 +386,12 @@ pub fn run_restored(
             // The restore comes at once: `GET /` waits for it.
             let preboot = api::PrebootInfo::new(&instance_id);
             preboot.mark_started();
-            api::start(path, api::http::DEFAULT_MAX_PAYLOAD, Default::default(), preboot)
+            api::start(
+                path,
+                api::http::DEFAULT_MAX_PAYLOAD,
+                Default::default(),
+                preboot,
+            )
         })
         .transpose()?;
     let _socket = api_sock.map(RemoveOnDrop);

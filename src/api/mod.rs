@@ -113,8 +113,8 @@ pub fn start(
         crate::seccomp::thread_filter(crate::seccomp::Filter::Api),
         move || {
             let _ = filtered.send(());
-            let err = server
-                .serve(&mut |request| handle(request, &api_preboot, &to_vmm, &api_wake));
+            let err =
+                server.serve(&mut |request| handle(request, &api_preboot, &to_vmm, &api_wake));
             error!("the API server stopped: {err}");
         },
         |what| error!("the API thread failed: {what}"),

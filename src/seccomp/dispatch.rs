@@ -104,7 +104,9 @@ fn walk_chain(program: &[sock_filter]) -> Option<(BTreeMap<u32, usize>, usize)> 
         let insn = program.get(pc)?;
         match insn.code {
             BPF_JMP_JEQ_K => {
-                entries.entry(insn.k).or_insert(pc + 1 + usize::from(insn.jt));
+                entries
+                    .entry(insn.k)
+                    .or_insert(pc + 1 + usize::from(insn.jt));
                 pc += 1 + usize::from(insn.jf);
             }
             BPF_JMP_JA => pc += 1 + usize::try_from(insn.k).ok()?,

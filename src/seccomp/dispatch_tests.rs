@@ -118,7 +118,10 @@ fn the_dispatch_decides_every_call_as_the_chain_does() {
     let sets = argument_sets();
     for (name, chain) in compiled() {
         let dispatched = with_search_dispatch(&chain);
-        assert!(dispatched.len() > chain.len(), "{name}: no search was put in");
+        assert!(
+            dispatched.len() > chain.len(),
+            "{name}: no search was put in"
+        );
         let native = native_arch(&chain);
         for nr in 0..600 {
             // A number the chain names is tried with every argument set, any other (decided

@@ -18,8 +18,9 @@ use format::FilterMap;
 
 use crate::host_file::{self, HostFileError};
 
-/// The filters compiled from `resources/seccomp/<target>.json` at build time.
-static DEFAULT_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bpf"));
+// The filters compiled from `resources/seccomp/<target>.json` at build time: `BUILT_IN`, each
+// filter's name and instructions.
+include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -29,8 +30,6 @@ pub enum SeccompError {
     Invalid { path: PathBuf, reason: String },
     #[error("the seccomp filter file {path} has no `{name}` filter")]
     Missing { path: PathBuf, name: &'static str },
-    #[error("the built-in seccomp filters are corrupt: {0}")]
-    BuiltIn(format::FormatError),
     #[error("cannot install the `{name}` seccomp filter: {source}")]
     Install {
         name: &'static str,
@@ -92,12 +91,30 @@ pub enum SeccompConfig {
     Disabled,
 }
 
+/// A filter's instructions: the built-in ones are the binary's static data, used in place.
+#[derive(Debug, Clone)]
+enum Program {
+    BuiltIn(&'static [sock_filter]),
+    Loaded(Arc<[sock_filter]>),
+}
+
+impl std::ops::Deref for Program {
+    type Target = [sock_filter];
+
+    fn deref(&self) -> &[sock_filter] {
+        match self {
+            Program::BuiltIn(program) => program,
+            Program::Loaded(program) => program,
+        }
+    }
+}
+
 /// One thread's filter, cheap to clone and send to the thread that installs it; empty when
 /// filtering is off.
 #[derive(Debug, Clone, Default)]
 pub struct ThreadFilter {
     name: &'static str,
-    program: Option<Arc<[sock_filter]>>,
+    program: Option<Program>,
 }
 
 impl ThreadFilter {
@@ -143,16 +160,35 @@ impl SeccompFilters {
                 info!("seccomp filtering is off (--no-seccomp)");
                 Ok(Self::disabled())
             }
-            SeccompConfig::BuiltIn => {
-                let filters =
-                    format::deserialize(DEFAULT_FILTERS).map_err(SeccompError::BuiltIn)?;
-                Self::from_map(filters, Path::new("(built in)"))
-            }
+            SeccompConfig::BuiltIn => Ok(Self::built_in()),
             SeccompConfig::Custom(path) => {
                 let filters = read_filter_file(path)?;
                 info!("seccomp filters from {}", path.display());
                 Self::from_map(filters, path)
             }
+        }
+    }
+
+    fn built_in() -> Self {
+        let take = |filter: Filter| ThreadFilter {
+            name: filter.name(),
+            // A start-up invariant: the JSON has every kind (a test checks it), and a missing
+            // one must not leave its threads unfiltered.
+            program: Some(Program::BuiltIn(
+                BUILT_IN
+                    .iter()
+                    .find(|(name, _)| *name == filter.name())
+                    .map(|(_, program)| *program)
+                    .expect("resources/seccomp/ has a filter for every kind of thread"),
+            )),
+        };
+        Self {
+            build: take(Filter::Build),
+            vmm: take(Filter::Vmm),
+            api: take(Filter::Api),
+            vcpu: take(Filter::Vcpu),
+            uffd_watch: take(Filter::UffdWatch),
+            lazy_pager: take(Filter::LazyPager),
         }
     }
 
@@ -164,7 +200,7 @@ impl SeccompFilters {
             })?;
             Ok::<_, SeccompError>(ThreadFilter {
                 name: filter.name(),
-                program: Some(program.into()),
+                program: Some(Program::Loaded(program.into())),
             })
         };
         Ok(Self {
