@@ -341,6 +341,11 @@ fn run_to_the_end(
         subscribers.push(Arc::new(Mutex::new(periodic)));
     }
     start_up_text::release();
+    match start_up_text::ReleaseAfterBoot::new() {
+        Ok(later) => subscribers.push(Arc::new(Mutex::new(later))),
+        // Only memory is at stake.
+        Err(err) => log::warn!("cannot set the timer that gives back the boot's code: {err}"),
+    }
     seccomp::apply(seccomp::Filter::Vmm)?;
     let outcome = run_until_exit(vmm, subscribers);
     // The client that started a guest which ended at once still gets its answer.

@@ -5,10 +5,55 @@
 //! segments (the page cache keeps the pages, shared with every other monitor) lets the running
 //! monitor fault back only what its event loop, vCPUs and devices use (issue 19).
 //!
+//! The guest's boot then faults back more: device activation, the first exits, log lines. That
+//! code is given back once more, [`AFTER_BOOT`] after the VM started ([`ReleaseAfterBoot`]), so
+//! an idle monitor keeps mapped little more than its event loop.
+//!
 //! (Mapping them whole at the start instead, one MADV_POPULATE_READ, was measured and is not
 //! done: it took 330-440 us, more than the faults it saves before the API's first answer.)
 
-use log::debug;
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, warn};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+/// When the code of the guest's boot is given back, from the VM's start: a Linux guest is at
+/// its init in a fraction of that on KVM (a slower boot only faults some of it back).
+pub const AFTER_BOOT: Duration = Duration::from_secs(2);
+
+/// Gives the read-only segments back once more, [`AFTER_BOOT`] after it is made, from the
+/// event loop: a one-shot timer that leaves the loop once it fired.
+pub struct ReleaseAfterBoot {
+    timer: TimerFd,
+}
+
+impl ReleaseAfterBoot {
+    pub fn new() -> std::io::Result<Self> {
+        let mut timer = TimerFd::new()?;
+        timer.reset(AFTER_BOOT, None)?;
+        Ok(Self { timer })
+    }
+}
+
+impl MutEventSubscriber for ReleaseAfterBoot {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        // Readable, so this read does not block; it only clears the expiry.
+        let _ = self.timer.wait();
+        release();
+        debug!("the code of the guest's boot was given back");
+        if let Err(err) = ops.remove(Events::new(&self.timer, EventSet::IN)) {
+            warn!("cannot stop watching the release timer: {err}");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            warn!("cannot watch the release timer: {err}");
+        }
+    }
+}
 
 /// Drops this process's mappings of the executable's read-only segments (not the pages: they
 /// stay in the page cache). Safe at any time, from any thread: those segments are never

@@ -331,3 +331,27 @@ fn a_running_monitor_keeps_little_of_its_start_up_code_mapped() {
         "{rss} KiB of mote's {size} KiB of text and read-only data are still mapped"
     );
 }
+
+/// Two seconds after its VM started, the monitor gives back the code of its guest's boot too
+/// (device set-up, the first exits and log lines): an idle monitor keeps mapped little more
+/// than its event loop. (Measured, the probe spinning: release build 1344 → 336 KiB of
+/// 2660, debug build 4976 → 1736 of 10488.)
+#[test]
+fn an_idle_monitor_gives_back_the_code_of_its_guests_boot() {
+    if !require_kvm() {
+        return;
+    }
+    let mut child = spawn_spinning_probe();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (booting, size) = read_only_image_kib(child.id());
+    std::thread::sleep(Duration::from_millis(2000));
+    let (idle, _) = read_only_image_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(size > 0, "no read-only mapping of mote's executable");
+    assert!(
+        idle * 4 < size && idle * 2 < booting,
+        "{idle} KiB of mote's {size} KiB of text and read-only data are still mapped when \
+         idle ({booting} KiB one second after the start)"
+    );
+}
