@@ -74,18 +74,36 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-fn timestamp(now: SystemTime) -> String {
+fn write_timestamp(out: &mut impl std::fmt::Write, now: SystemTime) -> std::fmt::Result {
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since_epoch.as_secs() as i64;
     let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
     let secs_of_day = secs.rem_euclid(86_400);
-    format!(
+    write!(
+        out,
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}",
         secs_of_day / 3600,
         secs_of_day / 60 % 60,
         secs_of_day % 60,
         since_epoch.subsec_nanos()
     )
+}
+
+#[cfg(test)]
+fn timestamp(now: SystemTime) -> String {
+    let mut text = String::new();
+    let _ = write_timestamp(&mut text, now);
+    text
+}
+
+/// A line longer than this gets a buffer of its own rather than keeping the thread's large.
+const KEPT_LINE_CAPACITY: usize = 1024;
+
+thread_local! {
+    /// Each thread's line buffer, reused: formatting a line allocates nothing once the thread
+    /// logged one (musl's allocator maps and unmaps a page for a short-lived string, a tenth
+    /// of the time to the API's first answer went to the two lines logged on the way).
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 fn level_name(level: Level) -> &'static str {
@@ -95,6 +113,33 @@ fn level_name(level: Level) -> &'static str {
         Level::Info => "INFO",
         Level::Debug => "DEBUG",
         Level::Trace => "TRACE",
+    }
+}
+
+impl Logger {
+    /// `timestamp [id:thread[:LEVEL][:file:line]] message\n`, Firecracker's layout.
+    fn format_line(&self, line: &mut String, output: &Output, record: &Record) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        write_timestamp(line, SystemTime::now())?;
+        let thread = std::thread::current();
+        write!(
+            line,
+            " [{}:{}",
+            self.instance_id,
+            thread.name().unwrap_or("unnamed")
+        )?;
+        if output.show_level {
+            write!(line, ":{}", level_name(record.level()))?;
+        }
+        if output.show_origin {
+            write!(
+                line,
+                ":{}:{}",
+                record.file().unwrap_or("?"),
+                record.line().unwrap_or(0)
+            )?;
+        }
+        writeln!(line, "] {}", record.args())
     }
 }
 
@@ -119,39 +164,37 @@ impl Log for Logger {
                 return;
             }
         }
-        let thread = std::thread::current();
-        let mut tag = format!(
-            "{}:{}",
-            self.instance_id,
-            thread.name().unwrap_or("unnamed")
-        );
-        if output.show_level {
-            tag.push(':');
-            tag.push_str(level_name(record.level()));
-        }
-        if output.show_origin {
-            tag.push_str(&format!(
-                ":{}:{}",
-                record.file().unwrap_or("?"),
-                record.line().unwrap_or(0)
-            ));
-        }
-        let line = format!(
-            "{} [{tag}] {}\n",
-            timestamp(SystemTime::now()),
-            record.args()
-        );
-        // One write per line, so lines from several threads do not interleave. A full pipe
-        // loses the line rather than stalling the monitor.
-        let written = match &output.file {
-            Some(file) => (&*file).write_all(line.as_bytes()),
-            None if self.default == Destination::Stdout => {
-                std::io::stdout().lock().write_all(line.as_bytes())
+        let emit = |line: &mut String| {
+            line.clear();
+            let formatted = self.format_line(line, &output, record);
+            // One write per line, so lines from several threads do not interleave. A full pipe
+            // loses the line rather than stalling the monitor.
+            let written = formatted
+                .map_err(|_| std::io::ErrorKind::Other.into())
+                .and_then(|()| match &output.file {
+                    Some(file) => (&*file).write_all(line.as_bytes()),
+                    None if self.default == Destination::Stdout => {
+                        std::io::stdout().lock().write_all(line.as_bytes())
+                    }
+                    None => std::io::stderr().lock().write_all(line.as_bytes()),
+                });
+            if written.is_err() {
+                crate::metrics::METRICS.logger.missed_log_count.inc();
             }
-            None => std::io::stderr().lock().write_all(line.as_bytes()),
         };
-        if written.is_err() {
-            crate::metrics::METRICS.logger.missed_log_count.inc();
+        // A line logged while formatting another (a Display that logs) gets its own buffer.
+        let reused = LINE.try_with(|kept| match kept.try_borrow_mut() {
+            Ok(mut line) => {
+                emit(&mut line);
+                if line.capacity() > KEPT_LINE_CAPACITY {
+                    *line = String::new();
+                }
+                true
+            }
+            Err(_) => false,
+        });
+        if reused != Ok(true) {
+            emit(&mut String::new());
         }
     }
 
