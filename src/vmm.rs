@@ -128,6 +128,7 @@ impl Vmm {
         if self.paused {
             self.command_vcpus(VcpuEvent::Resume, &VcpuResponse::Resumed)?;
             self.paused = false;
+            self.vm.vcpus_running();
         }
         Ok(())
     }
@@ -227,6 +228,7 @@ impl Vmm {
         for vcpu in &self.vcpus {
             vcpu.send(VcpuEvent::Resume);
         }
+        self.vm.vcpus_running();
     }
 
     pub fn outcome(&self) -> Option<&Outcome> {

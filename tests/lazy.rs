@@ -290,3 +290,94 @@ fn backend_options_of_another_backend_are_refused_and_the_monitor_stays() {
     let out = mote.wait_for_stdout("probe: hello", WAIT);
     assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
 }
+
+/// The pager thread failing (here: the memory file cut short under it, so a fill reads past
+/// its end) ends the monitor with status 1 and a message naming the thread and the reason,
+/// where the guest would otherwise stall on that fault for ever.
+#[test]
+fn a_pager_that_cannot_fill_a_page_ends_the_monitor_naming_itself() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-fail-source", 7);
+    let (mote, _) = spawn("lazy-fail");
+    // A long window: the prefetch waits for its end, so the faults are the pager's alone.
+    let body = serde_json::json!({"snapshot_path": state, "resume_vm": true,
+        "mem_backend": {"backend_type": "Lazy", "backend_path": mem, "working_set_ms": 60000}});
+    mote.ok("PUT", "/snapshot/load", &body.to_string());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    // The guest leaves its wait and reads its pattern pages, which no one filled yet (the
+    // monitor may end before it answers: a page of the guest's wait can be the first).
+    let api = mote.socket.clone();
+    std::thread::spawn(move || {
+        let _ = std::panic::catch_unwind(|| {
+            common::api::request(
+                &api,
+                "PUT",
+                "/actions",
+                r#"{"action_type": "SendCtrlAltDel"}"#,
+            )
+        });
+    });
+    let run = mote.wait(WAIT);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("mote: the lazy pager's thread mote_pager failed: cannot fill guest memory"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("Bad address"), "{}", run.stderr);
+    assert_eq!(peeks(&run.stdout), (0, 0), "{}", run.stdout);
+}
+
+/// The pages a working-set file names, in order.
+fn working_set_pages(ws: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(ws).expect("the working-set file");
+    bytes[48..bytes.len() - 8]
+        .chunks_exact(4)
+        .map(|p| u64::from(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
+        .collect()
+}
+
+/// A load that leaves the VM paused records nothing of the wait: the window counts from the
+/// resume, so the pages the guest reads after it (its patterns) are in the working set even
+/// when the resume comes long after the window's length.
+#[test]
+fn the_working_set_window_counts_from_the_resume() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-window-source", 7);
+    let (mote, _) = spawn("lazy-window");
+    mote.ok("PUT", "/snapshot/load", &lazy_load(&state, &mem, false));
+    std::thread::sleep(Duration::from_millis(3 * WINDOW_MS));
+    assert!(
+        !mote.stderr().contains("working set of"),
+        "recorded while paused:\n{}",
+        mote.stderr()
+    );
+    mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    wait_until(
+        "the working set written",
+        || mote.stderr().contains("working set of"),
+        &mote,
+    );
+    let recorded = working_set_pages(&ws_path(&state));
+    // The pattern pages' places in the memory file (one region from guest address 0).
+    for page in 0..PAGES {
+        let file_page = AT_KIB / 4 + page * STRIDE;
+        assert!(
+            recorded.contains(&file_page),
+            "page {file_page} is not in the working set {recorded:?}"
+        );
+    }
+}

@@ -45,6 +45,10 @@ pub struct PageSource {
     /// One bit per page: set when the balloon gave the page back (UFFD_EVENT_REMOVE). The
     /// guest must find such a page zero, not as the snapshot had it.
     removed: Vec<AtomicU64>,
+    /// Guest memory, kept mapped while the pager's threads may fill it: a load refused after
+    /// the pager started drops its own handle, and a fill must not then find the mapping
+    /// gone (or, worse, something else mapped there).
+    _memory: GuestMemoryMmap,
 }
 
 // SAFETY: `file_map` is a read-only mapping owned by the source for its whole life and never
@@ -98,6 +102,7 @@ impl PageSource {
             regions,
             data,
             removed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            _memory: memory.clone(),
         })
     }
 
