@@ -381,3 +381,81 @@ fn the_working_set_window_counts_from_the_resume() {
         );
     }
 }
+
+/// The balloon over a Lazy-restored guest while the prefetch fills its memory: the pages it
+/// gives back stay given back (resident memory drops by them and stays down once the prefetch
+/// is done), they read zero when the guest takes them back, and its other memory is the
+/// snapshot's.
+#[test]
+fn balloon_removed_pages_stay_removed_and_come_back_zeroed_under_the_prefetch() {
+    if !require_kvm() {
+        return;
+    }
+    // Patterns at 200 MiB, outside the balloon's [64, 192) MiB (and its sentinel at 40).
+    const PATTERN_KIB: u64 = 200 << 10;
+    let peeks: Vec<String> = (0..PAGES)
+        .map(|page| format!("peek:{}:1:7", PATTERN_KIB + page * STRIDE * 4))
+        .collect();
+    let steps = format!(
+        "poke:{PATTERN_KIB}:{PAGES}:7:{STRIDE},balloon-init:0,balloon-touch:64:128,\
+         balloon-follow:64:2,zeros:{}:{},{},hello,spin",
+        64 << 10,
+        128 * 256,
+        peeks.join(",")
+    );
+    let source = ApiMote::spawn("lazy-balloon-source", &[]);
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    });
+    source.ok("PUT", "/boot-source", &boot_source.to_string());
+    source.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
+    );
+    source.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
+    );
+    source.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    source.wait_for_stdout("probe: balloon: waiting target=0 actual=0", WAIT);
+    let (state, mem) = source.pause_and_snapshot();
+    drop(source);
+
+    let (clone, _) = spawn("lazy-balloon-clone");
+    // The inflation asked for before the guest runs, and a short working-set window: the
+    // prefetch starts while the guest is inflating.
+    let body = serde_json::json!({"snapshot_path": state, "resume_vm": false,
+        "mem_backend": {"backend_type": "Lazy", "backend_path": mem, "working_set_ms": 5}});
+    clone.ok("PUT", "/snapshot/load", &body.to_string());
+    clone.ok("PATCH", "/balloon", r#"{"amount_mib": 128}"#);
+    clone.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    clone.wait_for_stdout("probe: balloon: waiting target=32768 actual=32768", WAIT);
+    wait_until(
+        "guest memory fully resident",
+        || clone.stderr().contains("guest memory fully resident"),
+        &clone,
+    );
+    // The snapshot's 128 MiB the guest touched are the balloon's now: what is resident is
+    // the rest of the guest's memory (its image, its patterns: a few MiB) and the monitor's.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", clone.pid())).unwrap();
+    let rss_anon_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("RssAnon with the balloon inflated: {rss_anon_kib} KiB");
+    assert!(rss_anon_kib < 16 << 10, "{rss_anon_kib} KiB resident");
+    clone.ok("PATCH", "/balloon", r#"{"amount_mib": 0}"#);
+    let out = clone.wait_for_stdout("probe: hello", WAIT);
+    assert!(
+        out.contains(&format!(
+            "probe: zeros at={:#x} pages=32768 nonzero=0",
+            64u64 << 20
+        )),
+        "{out}"
+    );
+    assert_eq!(self::peeks(&out), (PAGES as usize, 0), "{out}");
+}

@@ -229,7 +229,12 @@ impl FaultThread {
             {
                 return Ok(());
             }
-            self.serve_waiting(&mut messages)?;
+            // Removes read from here on are marked before the batch ends: the prefetch
+            // thread checks its fills against that (PageSource::begin_reading).
+            self.source.begin_reading();
+            let served = self.serve_waiting(&mut messages);
+            self.source.end_reading();
+            served?;
         }
     }
 
@@ -335,18 +340,10 @@ fn prefetch(
         if doorbell.stopping.load(Ordering::Acquire) {
             return Ok(());
         }
-        match source.fill_run(uffd, page, PREFETCH_RUN)? {
-            (0, 0) => {
-                // EAGAIN: guest memory is changing under an event the fault thread is about
-                // to read; let it.
-                std::thread::yield_now();
-            }
-            (count, looked) => {
-                filled += count;
-                METRICS.lazy_restore.pages_prefetched.add(count);
-                page += looked;
-            }
-        }
+        let (count, looked) = source.prefetch_run(uffd, page, PREFETCH_RUN)?;
+        filled += count;
+        METRICS.lazy_restore.pages_prefetched.add(count);
+        page += looked;
     }
     info!(
         "lazy restore: guest memory fully resident, {filled} pages prefetched in {} ms",
