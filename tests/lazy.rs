@@ -459,3 +459,35 @@ fn balloon_removed_pages_stay_removed_and_come_back_zeroed_under_the_prefetch() 
     );
     assert_eq!(self::peeks(&out), (PAGES as usize, 0), "{out}");
 }
+
+/// `mote run --restore --mem-backend lazy --mem-file MEM`: the command line's way to the
+/// Lazy backend. The guest reads its patterns back through the pager, which records the
+/// working set (only the Lazy backend writes one).
+#[test]
+fn mote_run_restores_through_the_lazy_pager() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-run-source", 7);
+    let mote = ApiMote::spawn_run(
+        "lazy-run",
+        &[
+            "--restore".as_ref(),
+            state.as_os_str(),
+            "--mem-backend".as_ref(),
+            "lazy".as_ref(),
+            "--mem-file".as_ref(),
+            mem.as_os_str(),
+        ],
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    wait_until(
+        "the working set written",
+        || mote.stderr().contains("working set of"),
+        &mote,
+    );
+    let recorded = working_set_pages(&ws_path(&state));
+    assert!(recorded.contains(&(AT_KIB / 4)), "{recorded:?}");
+}

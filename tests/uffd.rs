@@ -152,6 +152,37 @@ fn a_guest_restored_through_uffd_reads_back_its_patterns_from_the_handler() {
     assert!(handler.join().unwrap().is_ok());
 }
 
+/// `mote run --restore --mem-backend uffd --uffd-sock SOCKET`: the command line's way to a
+/// page-fault handler, which serves the guest's pattern pages.
+#[test]
+fn mote_run_restores_through_a_page_fault_handler() {
+    if !require_kvm() {
+        return;
+    }
+    let (dir, state, mem) = snapshot("uffd-run-source");
+    let socket = dir.join("handler.sock");
+    let (control, _handler) = uffd_handler::spawn(&socket, &mem);
+    let mote = ApiMote::spawn_run(
+        "uffd-run",
+        &[
+            "--restore".as_ref(),
+            state.as_os_str(),
+            "--mem-backend".as_ref(),
+            "uffd".as_ref(),
+            "--uffd-sock".as_ref(),
+            socket.as_os_str(),
+        ],
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    assert!(
+        control.faults.load(Ordering::SeqCst) >= PAGES,
+        "{} faults served",
+        control.faults.load(Ordering::SeqCst)
+    );
+}
+
 #[test]
 fn wrong_backend_paths_are_refused_by_name_and_the_monitor_stays() {
     if !require_kvm() {
