@@ -324,6 +324,12 @@ fn a_pager_that_cannot_fill_a_page_ends_the_monitor_naming_itself() {
             )
         });
     });
+    // Read before the exit is waited for: the pipe's reader may still be behind then.
+    wait_until(
+        "the pager's failure told",
+        || mote.stderr().contains("mote: the lazy pager's thread"),
+        &mote,
+    );
     let run = mote.wait(WAIT);
     assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
     assert!(
@@ -432,6 +438,7 @@ fn balloon_removed_pages_stay_removed_and_come_back_zeroed_under_the_prefetch() 
     clone.ok("PUT", "/snapshot/load", &body.to_string());
     clone.ok("PATCH", "/balloon", r#"{"amount_mib": 128}"#);
     clone.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // The guest's second wait (a change made before it is lost: see tests/uffd.rs).
     clone.wait_for_stdout("probe: balloon: waiting target=32768 actual=32768", WAIT);
     wait_until(
         "guest memory fully resident",
