@@ -16,6 +16,9 @@ use crate::logger::parse_level;
 use crate::seccomp::SeccompConfig;
 
 mod firecracker_flags;
+mod mem_backend;
+
+pub use self::mem_backend::MemBackendArg;
 
 #[derive(Debug, Parser)]
 #[command(name = "mote", version, about = "A KVM microVM monitor")]
@@ -154,7 +157,11 @@ impl Cli {
         if invoked_as == Some(std::ffi::OsStr::new(FIRECRACKER_NAME)) && !api_sock_given {
             cli.top.api.api_sock = PathBuf::from(FIRECRACKER_API_SOCK);
         }
-        match refusal(&cli.top.api) {
+        let restore = match &cli.command {
+            Some(Command::Run(run)) if run.restore.is_some() => run.restore_memory().err(),
+            _ => None,
+        };
+        match restore.or_else(|| refusal(&cli.top.api).map(String::from)) {
             Some(message) => Err(<Cli as clap::CommandFactory>::command()
                 .error(clap::error::ErrorKind::ArgumentConflict, message)),
             None => Ok(cli),
@@ -349,17 +356,37 @@ pub struct RunArgs {
     /// Guest kernel: an ELF vmlinux (PVH entry when it has one) or a bzImage.
     #[arg(long, value_name = "PATH", required_unless_present = "restore")]
     pub kernel: Option<PathBuf>,
-    /// Restore this snapshot state file (with --mem-file) and run it, instead of booting.
+    /// Restore this snapshot state file (its memory from --mem-file, or --uffd-sock) and run
+    /// it, instead of booting.
     #[arg(
         long,
         value_name = "SNAPSHOT",
-        requires = "mem_file",
+        requires = "restore_memory",
         conflicts_with = "kernel"
     )]
     pub restore: Option<PathBuf>,
-    /// The snapshot's memory file, for --restore.
-    #[arg(long, value_name = "PATH", requires = "restore")]
+    /// With --restore: where guest memory comes from (the API's mem_backend): the memory
+    /// file mapped (file), served on demand by mote (lazy), or by a page-fault handler (uffd,
+    /// with --uffd-sock).
+    /// `file` when not given.
+    #[arg(long, value_name = "BACKEND", value_enum, requires = "restore")]
+    pub mem_backend: Option<MemBackendArg>,
+    /// The snapshot's memory file, for --restore with --mem-backend file or lazy.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "restore",
+        group = "restore_memory"
+    )]
     pub mem_file: Option<PathBuf>,
+    /// The Unix socket a page-fault handler listens on, for --restore with --mem-backend uffd.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "restore",
+        group = "restore_memory"
+    )]
+    pub uffd_sock: Option<PathBuf>,
     /// With --restore: also serve the API for the restored guest on this Unix socket.
     #[arg(long, value_name = "PATH", requires = "restore")]
     pub api_sock: Option<PathBuf>,
@@ -667,11 +694,13 @@ impl RunArgs {
     /// What `--restore` asks for, when it is given: the snapshot, its memory file and the
     /// overrides, resumed at once.
     pub fn restore_params(&self) -> Option<LoadSnapshotParams> {
-        let (snapshot, mem_file) = (self.restore.as_ref()?, self.mem_file.as_ref()?);
+        let snapshot = self.restore.as_ref()?;
+        // Checked when the command line was parsed (Cli::try_parse_checked).
+        let mem_backend = self.restore_memory().ok()?;
         Some(LoadSnapshotParams {
             snapshot_path: snapshot.clone(),
-            mem_backend: None,
-            mem_file_path: Some(mem_file.clone()),
+            mem_backend: Some(mem_backend),
+            mem_file_path: None,
             enable_diff_snapshots: false,
             track_dirty_pages: false,
             resume_vm: true,
@@ -683,6 +712,15 @@ impl RunArgs {
                 .map(|uds_path| VsockOverride { uds_path }),
             mmds_data: None,
         })
+    }
+
+    /// Where `--restore` takes guest memory from, or why the flags given do not say.
+    fn restore_memory(&self) -> Result<crate::config::MemBackend, String> {
+        mem_backend::mem_backend(
+            self.mem_backend.unwrap_or_default(),
+            self.mem_file.as_deref(),
+            self.uffd_sock.as_deref(),
+        )
     }
 
     fn boot_args(&self) -> String {
@@ -840,7 +878,11 @@ mod tests {
         ]);
         let params = run.restore_params().unwrap();
         assert_eq!(params.snapshot_path, PathBuf::from("state"));
-        assert_eq!(params.mem_file_path, Some(PathBuf::from("mem")));
+        let memory = params.mem_backend.as_ref().unwrap();
+        assert_eq!(
+            (memory.backend_type, memory.backend_path.as_path()),
+            (crate::config::MemBackendType::File, Path::new("mem"))
+        );
         assert!(params.resume_vm);
         let overrides: Vec<_> = params
             .network_overrides
@@ -1034,6 +1076,41 @@ mod tests {
             as_firecracker(&["--api-sock", "/tmp/a.sock"]),
             PathBuf::from("/tmp/a.sock")
         );
+    }
+
+    #[test]
+    fn restore_memory_flags_for_another_backend_are_refused_as_bad_flags() {
+        let err = refusal_of(&[
+            "run",
+            "--restore",
+            "s",
+            "--mem-backend",
+            "uffd",
+            "--mem-file",
+            "m",
+        ]);
+        assert!(
+            err.contains("--mem-backend uffd takes no --mem-file"),
+            "{err}"
+        );
+        // Neither path: clap names both.
+        let err = parse(&["run", "--restore", "s"]).unwrap_err().to_string();
+        assert!(
+            err.contains("<--mem-file <PATH>|--uffd-sock <PATH>>"),
+            "{err}"
+        );
+        let run = run_args(&[
+            "run",
+            "--restore",
+            "s",
+            "--mem-backend",
+            "lazy",
+            "--mem-file",
+            "m",
+        ]);
+        let memory = run.restore_params().unwrap().mem_backend.unwrap();
+        assert_eq!(memory.backend_type, crate::config::MemBackendType::Lazy);
+        assert!(parse(&["run", "--kernel", "k", "--mem-backend", "lazy"]).is_err());
     }
 
     #[test]

@@ -128,6 +128,7 @@ impl Vmm {
         if self.paused {
             self.command_vcpus(VcpuEvent::Resume, &VcpuResponse::Resumed)?;
             self.paused = false;
+            self.vm.vcpus_running();
         }
         Ok(())
     }
@@ -159,13 +160,37 @@ impl Vmm {
                     }
                     Some(_) => {}
                     None if self.vm.memory_is_lazy() => {
-                        return Err(VmmError::VcpuHeldByFault { index })
+                        if event == VcpuEvent::Pause {
+                            self.withdraw_pause(index);
+                        }
+                        return Err(VmmError::VcpuHeldByFault { index });
                     }
                     None => return Err(VmmError::VcpuTimeout { index }),
                 }
             }
         }
         Ok(())
+    }
+
+    /// Withdraws a pause that vCPU `held` could not take in time (held in the kernel by a
+    /// fault its handler has not served): every vCPU is told to run on, so the VM is as it
+    /// was before the refused request, Running, as the API goes on saying.
+    ///
+    /// Firecracker's rule is that a refused request changes nothing, and a user who sees
+    /// `PATCH /vm` refused has no reason to expect the VM to pause later on its own, nor
+    /// anything to tell him it did (GET / would say Running about a guest that no longer
+    /// runs). The held vCPU still gets the pause once the page is served, and the resume
+    /// right behind it: it stops for a moment and carries on.
+    fn withdraw_pause(&mut self, held: usize) {
+        for (index, vcpu) in self.vcpus.iter_mut().enumerate() {
+            if self.exited[index] {
+                continue;
+            }
+            vcpu.send(VcpuEvent::Resume);
+            // Those before `held` answered Paused already; the others will, late.
+            vcpu.expect_stale(if index < held { 1 } else { 2 });
+        }
+        warn!("vCPU {held} did not take the pause in time; the pause is withdrawn, every vCPU runs on");
     }
 
     /// Each vCPU's KVM state, read by its own thread; the vCPUs must be paused.
@@ -227,6 +252,7 @@ impl Vmm {
         for vcpu in &self.vcpus {
             vcpu.send(VcpuEvent::Resume);
         }
+        self.vm.vcpus_running();
     }
 
     pub fn outcome(&self) -> Option<&Outcome> {
@@ -251,7 +277,7 @@ impl Vmm {
     fn on_vcpu_exit(&mut self) {
         let _ = self.exit_evt.read();
         let mut reasons = std::mem::take(&mut self.early_exits);
-        for (vcpu, exited) in self.vcpus.iter().zip(self.exited.iter_mut()) {
+        for (vcpu, exited) in self.vcpus.iter_mut().zip(self.exited.iter_mut()) {
             while let Some(response) = vcpu.try_response() {
                 if let VcpuResponse::Exited(reason) = response {
                     *exited = true;
@@ -316,7 +342,7 @@ const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum VmmError {
     #[error("vCPU {index} did not answer within {VCPU_ANSWER_TIMEOUT:?}")]
     VcpuTimeout { index: usize },
-    #[error("vCPU {index} did not answer within {VCPU_ANSWER_TIMEOUT:?}: it is probably waiting for a guest page the page-fault handler (mem_backend Uffd) has not served, where the kernel lets no signal reach it (KVM reading the guest's page tables on a PVM host, or any fault before Linux 6.3); it takes the request once the page is served")]
+    #[error("vCPU {index} did not answer within {VCPU_ANSWER_TIMEOUT:?}: it is probably waiting for a guest page the page-fault handler (mem_backend Uffd) has not served, where the kernel lets no signal reach it (KVM reading the guest's page tables on a PVM host, or any fault before Linux 6.3); the pause is withdrawn, and the guest runs on once the page is served")]
     VcpuHeldByFault { index: usize },
     #[error("the guest is stopping")]
     Stopping,

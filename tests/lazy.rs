@@ -290,3 +290,211 @@ fn backend_options_of_another_backend_are_refused_and_the_monitor_stays() {
     let out = mote.wait_for_stdout("probe: hello", WAIT);
     assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
 }
+
+/// The pager thread failing (here: the memory file cut short under it, so a fill reads past
+/// its end) ends the monitor with status 1 and a message naming the thread and the reason,
+/// where the guest would otherwise stall on that fault for ever.
+#[test]
+fn a_pager_that_cannot_fill_a_page_ends_the_monitor_naming_itself() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-fail-source", 7);
+    let (mote, _) = spawn("lazy-fail");
+    // A long window: the prefetch waits for its end, so the faults are the pager's alone.
+    let body = serde_json::json!({"snapshot_path": state, "resume_vm": true,
+        "mem_backend": {"backend_type": "Lazy", "backend_path": mem, "working_set_ms": 60000}});
+    mote.ok("PUT", "/snapshot/load", &body.to_string());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    // The guest leaves its wait and reads its pattern pages, which no one filled yet (the
+    // monitor may end before it answers: a page of the guest's wait can be the first).
+    let api = mote.socket.clone();
+    std::thread::spawn(move || {
+        let _ = std::panic::catch_unwind(|| {
+            common::api::request(
+                &api,
+                "PUT",
+                "/actions",
+                r#"{"action_type": "SendCtrlAltDel"}"#,
+            )
+        });
+    });
+    // Read before the exit is waited for: the pipe's reader may still be behind then.
+    wait_until(
+        "the pager's failure told",
+        || mote.stderr().contains("mote: the lazy pager's thread"),
+        &mote,
+    );
+    let run = mote.wait(WAIT);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("mote: the lazy pager's thread mote_pager failed: cannot fill guest memory"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("Bad address"), "{}", run.stderr);
+    assert_eq!(peeks(&run.stdout), (0, 0), "{}", run.stdout);
+}
+
+/// The pages a working-set file names, in order.
+fn working_set_pages(ws: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(ws).expect("the working-set file");
+    bytes[48..bytes.len() - 8]
+        .chunks_exact(4)
+        .map(|p| u64::from(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
+        .collect()
+}
+
+/// A load that leaves the VM paused records nothing of the wait: the window counts from the
+/// resume, so the pages the guest reads after it (its patterns) are in the working set even
+/// when the resume comes long after the window's length.
+#[test]
+fn the_working_set_window_counts_from_the_resume() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-window-source", 7);
+    let (mote, _) = spawn("lazy-window");
+    mote.ok("PUT", "/snapshot/load", &lazy_load(&state, &mem, false));
+    std::thread::sleep(Duration::from_millis(3 * WINDOW_MS));
+    assert!(
+        !mote.stderr().contains("working set of"),
+        "recorded while paused:\n{}",
+        mote.stderr()
+    );
+    mote.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    wait_until(
+        "the working set written",
+        || mote.stderr().contains("working set of"),
+        &mote,
+    );
+    let recorded = working_set_pages(&ws_path(&state));
+    // The pattern pages' places in the memory file (one region from guest address 0).
+    for page in 0..PAGES {
+        let file_page = AT_KIB / 4 + page * STRIDE;
+        assert!(
+            recorded.contains(&file_page),
+            "page {file_page} is not in the working set {recorded:?}"
+        );
+    }
+}
+
+/// The balloon over a Lazy-restored guest while the prefetch fills its memory: the pages it
+/// gives back stay given back (resident memory drops by them and stays down once the prefetch
+/// is done), they read zero when the guest takes them back, and its other memory is the
+/// snapshot's.
+#[test]
+fn balloon_removed_pages_stay_removed_and_come_back_zeroed_under_the_prefetch() {
+    if !require_kvm() {
+        return;
+    }
+    // Patterns at 200 MiB, outside the balloon's [64, 192) MiB (and its sentinel at 40).
+    const PATTERN_KIB: u64 = 200 << 10;
+    let peeks: Vec<String> = (0..PAGES)
+        .map(|page| format!("peek:{}:1:7", PATTERN_KIB + page * STRIDE * 4))
+        .collect();
+    let steps = format!(
+        "poke:{PATTERN_KIB}:{PAGES}:7:{STRIDE},balloon-init:0,balloon-touch:64:128,\
+         balloon-follow:64:2,zeros:{}:{},{},hello,spin",
+        64 << 10,
+        128 * 256,
+        peeks.join(",")
+    );
+    let source = ApiMote::spawn("lazy-balloon-source", &[]);
+    let boot_source = serde_json::json!({
+        "kernel_image_path": probe_kernel(),
+        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+    });
+    source.ok("PUT", "/boot-source", &boot_source.to_string());
+    source.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
+    );
+    source.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
+    );
+    source.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    source.wait_for_stdout("probe: balloon: waiting target=0 actual=0", WAIT);
+    let (state, mem) = source.pause_and_snapshot();
+    drop(source);
+
+    let (clone, _) = spawn("lazy-balloon-clone");
+    // The inflation asked for before the guest runs, and a short working-set window: the
+    // prefetch starts while the guest is inflating.
+    let body = serde_json::json!({"snapshot_path": state, "resume_vm": false,
+        "mem_backend": {"backend_type": "Lazy", "backend_path": mem, "working_set_ms": 5}});
+    clone.ok("PUT", "/snapshot/load", &body.to_string());
+    clone.ok("PATCH", "/balloon", r#"{"amount_mib": 128}"#);
+    clone.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // The guest's second wait (a change made before it is lost: see tests/uffd.rs).
+    clone.wait_for_stdout("probe: balloon: waiting target=32768 actual=32768", WAIT);
+    wait_until(
+        "guest memory fully resident",
+        || clone.stderr().contains("guest memory fully resident"),
+        &clone,
+    );
+    // The snapshot's 128 MiB the guest touched are the balloon's now: what is resident is
+    // the rest of the guest's memory (its image, its patterns: a few MiB) and the monitor's.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", clone.pid())).unwrap();
+    let rss_anon_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("RssAnon with the balloon inflated: {rss_anon_kib} KiB");
+    assert!(rss_anon_kib < 16 << 10, "{rss_anon_kib} KiB resident");
+    clone.ok("PATCH", "/balloon", r#"{"amount_mib": 0}"#);
+    let out = clone.wait_for_stdout("probe: hello", WAIT);
+    assert!(
+        out.contains(&format!(
+            "probe: zeros at={:#x} pages=32768 nonzero=0",
+            64u64 << 20
+        )),
+        "{out}"
+    );
+    assert_eq!(self::peeks(&out), (PAGES as usize, 0), "{out}");
+}
+
+/// `mote run --restore --mem-backend lazy --mem-file MEM`: the command line's way to the
+/// Lazy backend. The guest reads its patterns back through the pager, which records the
+/// working set (only the Lazy backend writes one).
+#[test]
+fn mote_run_restores_through_the_lazy_pager() {
+    if !require_kvm() {
+        return;
+    }
+    let (state, mem) = snapshot("lazy-run-source", 7);
+    let mote = ApiMote::spawn_run(
+        "lazy-run",
+        &[
+            "--restore".as_ref(),
+            state.as_os_str(),
+            "--mem-backend".as_ref(),
+            "lazy".as_ref(),
+            "--mem-file".as_ref(),
+            mem.as_os_str(),
+        ],
+    );
+    mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let out = mote.wait_for_stdout("probe: hello", WAIT);
+    assert_eq!(peeks(&out), (PAGES as usize, 0), "{out}");
+    wait_until(
+        "the working set written",
+        || mote.stderr().contains("working set of"),
+        &mote,
+    );
+    let recorded = working_set_pages(&ws_path(&state));
+    assert!(recorded.contains(&(AT_KIB / 4)), "{recorded:?}");
+}

@@ -70,9 +70,9 @@ pub struct MemBackend {
     /// page-fault handler before the monitor ends with a message (0: never); 30 s when unset.
     #[serde(default)]
     pub fault_timeout_ms: Option<u64>,
-    /// mote's extension, Lazy only: how long after the restore the pages the guest faults are
-    /// recorded as the snapshot's working set, when it has none yet (0: never); 1000 ms when
-    /// unset.
+    /// mote's extension, Lazy only: for how long after the VM is resumed the pages the guest
+    /// faults are recorded as the snapshot's working set, when it has none yet (0: never);
+    /// 1000 ms when unset.
     #[serde(default)]
     pub working_set_ms: Option<u64>,
 }

@@ -27,6 +27,7 @@ use crate::metrics::{LatencyTimer, METRICS};
 use crate::vmm::{Vmm, VmmError};
 use crate::vstate::dirty::DirtyPages;
 use crate::vstate::memory::{guest_memory_layout, MemoryError};
+use crate::vstate::vm::Lazily;
 use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -412,13 +413,13 @@ pub fn load_snapshot(
         Backing::File(mem_file) => {
             let memory = map_memory_file(mem_file, &state.memory).map_err(SnapshotError::from)?;
             check_base_pages(&memory, &state.memory_file, mem_file)?;
-            (memory, None, false)
+            (memory, None, None)
         }
         Backing::Lazy {
             file,
             working_set_window,
         } => {
-            let memory = lazy::restore(
+            let (memory, pager) = lazy::restore(
                 &params.snapshot_path,
                 file,
                 &state.memory,
@@ -427,7 +428,7 @@ pub fn load_snapshot(
             )?;
             // Read through the pager, as any page of a lazy restore.
             check_base_pages(&memory, &state.memory_file, file)?;
-            (memory, None, true)
+            (memory, None, Some(Lazily::Pager(pager)))
         }
         Backing::Uffd {
             stream,
@@ -452,7 +453,7 @@ pub fn load_snapshot(
                     uffd,
                     fault_timeout,
                 )),
-                true,
+                Some(Lazily::Handler),
             )
         }
     };
@@ -465,8 +466,8 @@ pub fn load_snapshot(
         params.clock_realtime,
         mmds,
     )?;
-    if lazily {
-        built.vmm.vm_mut().mark_memory_lazy();
+    if let Some(lazily) = lazily {
+        built.vmm.vm_mut().mark_memory_lazy(lazily);
     }
     if let Some(link) = link {
         built

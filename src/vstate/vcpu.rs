@@ -160,6 +160,7 @@ impl Vcpu {
             index,
             event_tx,
             response_rx,
+            stale: 0,
             thread: Some(thread),
         })
     }
@@ -301,6 +302,8 @@ pub struct VcpuHandle {
     index: u8,
     event_tx: Sender<VcpuEvent>,
     response_rx: Receiver<VcpuResponse>,
+    /// Answers still to come to withdrawn requests.
+    stale: usize,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -318,14 +321,50 @@ impl VcpuHandle {
         }
     }
 
-    /// The thread's next response, waiting at most `timeout`.
-    pub fn response_within(&self, timeout: std::time::Duration) -> Option<VcpuResponse> {
-        self.response_rx.recv_timeout(timeout).ok()
+    /// The thread's next response, waiting at most `timeout`; answers to withdrawn requests
+    /// ([`Self::expect_stale`]) are passed over.
+    pub fn response_within(&mut self, timeout: std::time::Duration) -> Option<VcpuResponse> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let response = self.response_rx.recv_timeout(left).ok()?;
+            if let Some(response) = self.unless_stale(response) {
+                return Some(response);
+            }
+        }
     }
 
-    /// A response the thread sent, if any, without waiting.
-    pub fn try_response(&self) -> Option<VcpuResponse> {
-        self.response_rx.try_recv().ok()
+    /// A response the thread sent, if any, without waiting; answers to withdrawn requests are
+    /// passed over.
+    pub fn try_response(&mut self) -> Option<VcpuResponse> {
+        loop {
+            let response = self.response_rx.try_recv().ok()?;
+            if let Some(response) = self.unless_stale(response) {
+                return Some(response);
+            }
+        }
+    }
+
+    /// The next `count` answers (but an exit) are to requests that were withdrawn, whose
+    /// answers come late: whoever waits for the answer to a later request must not take
+    /// them for it.
+    pub fn expect_stale(&mut self, count: usize) {
+        self.stale += count;
+    }
+
+    fn unless_stale(&mut self, response: VcpuResponse) -> Option<VcpuResponse> {
+        match response {
+            // The thread is done: nothing more comes, stale or not.
+            VcpuResponse::Exited(_) => {
+                self.stale = 0;
+                Some(response)
+            }
+            _ if self.stale > 0 => {
+                self.stale -= 1;
+                None
+            }
+            _ => Some(response),
+        }
     }
 
     /// Finishes the thread and waits for it, at most [`VCPU_FINISH_TIMEOUT`]: a thread that

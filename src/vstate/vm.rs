@@ -82,8 +82,16 @@ pub struct Vm {
     /// (KVM's log cannot be given them back).
     unsaved: DirtyPages,
     /// Guest memory is anonymous and filled on demand by a page-fault handler (the Uffd
-    /// backend): a page never touched is not known to be zero.
-    lazy_memory: bool,
+    /// backend, or mote's own pager): a page never touched is not known to be zero.
+    lazy_memory: Option<Lazily>,
+}
+
+/// Who fills guest memory on demand.
+pub enum Lazily {
+    /// The user's page-fault handler (the Uffd backend).
+    Handler,
+    /// mote's own pager (the Lazy backend), stopped when the VM goes.
+    Pager(crate::snapshot::lazy::pager::Pager),
 }
 
 impl Vm {
@@ -130,19 +138,27 @@ impl Vm {
             devices: None,
             track_dirty_pages,
             unsaved: DirtyPages::default(),
-            lazy_memory: false,
+            lazy_memory: None,
         })
     }
 
-    /// Records that a page-fault handler fills guest memory on demand (a Uffd restore).
-    pub fn mark_memory_lazy(&mut self) {
-        self.lazy_memory = true;
+    /// Records that a page-fault handler fills guest memory on demand (a Uffd or Lazy
+    /// restore).
+    pub fn mark_memory_lazy(&mut self, lazily: Lazily) {
+        self.lazy_memory = Some(lazily);
     }
 
     /// Whether a page-fault handler fills guest memory on demand: a snapshot must then read
     /// every page (through the handler), not only those the host has.
     pub fn memory_is_lazy(&self) -> bool {
-        self.lazy_memory
+        self.lazy_memory.is_some()
+    }
+
+    /// The vCPUs run (again): mote's own pager starts its working-set window the first time.
+    pub fn vcpus_running(&self) {
+        if let Some(Lazily::Pager(pager)) = &self.lazy_memory {
+            pager.vcpus_running();
+        }
     }
 
     /// Whether the guest's writes are logged (Diff snapshots can be taken).

@@ -145,12 +145,6 @@ impl ApiMote {
     /// and origins shown) unless `extra` names a log path: Firecracker's default, stdout, would
     /// mix it into the console these tests read.
     pub fn spawn(name: &str, extra: &[&str]) -> Self {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("api")
-            .join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("api.sock");
         let log_to_stderr: &[&str] = if extra.contains(&"--log-path") {
             &[]
         } else {
@@ -161,11 +155,36 @@ impl ApiMote {
                 "--show-log-origin",
             ]
         };
-        let mut child = Command::new(mote_bin())
-            .arg("--api-sock")
-            .arg(&socket)
-            .args(log_to_stderr)
-            .args(extra)
+        Self::spawn_command(name, |socket| {
+            let mut command = Command::new(mote_bin());
+            command
+                .arg("--api-sock")
+                .arg(socket)
+                .args(log_to_stderr)
+                .args(extra);
+            command
+        })
+    }
+
+    /// Starts `mote run ARGS… --api-sock DIR/api.sock` (a restore, `args` naming the
+    /// snapshot) in a fresh scratch directory `name`, and waits until the socket exists; its
+    /// log goes to stderr, as `mote run`'s does.
+    pub fn spawn_run(name: &str, args: &[&std::ffi::OsStr]) -> Self {
+        Self::spawn_command(name, |socket| {
+            let mut command = Command::new(mote_bin());
+            command.arg("run").args(args).arg("--api-sock").arg(socket);
+            command
+        })
+    }
+
+    fn spawn_command(name: &str, command: impl FnOnce(&Path) -> Command) -> Self {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("api")
+            .join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let mut child = command(&socket)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

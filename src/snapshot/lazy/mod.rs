@@ -5,11 +5,16 @@
 //! copies in the rest behind them, so the guest ends up fully resident.
 //!
 //! The first lazy restore of a snapshot records which pages the guest faulted in its first
-//! `working_set_ms` and writes them beside the state file ([`working_set`]); later lazy
+//! `working_set_ms` of running (from the resume, however long the VM stayed paused after the
+//! load) and writes them beside the state file ([`working_set`]); later lazy
 //! restores of that snapshot copy those pages in, in one batch, before the vCPUs run (REAP,
 //! FaaSnap). A working-set file that is not that snapshot's, or is damaged, is named in a
 //! warning and replaced by a new recording: the restore serves on demand meanwhile.
+//!
+//! A pager thread that fails ends the monitor with a message ([`failure`]): the guest would
+//! stall on its next fault otherwise.
 
+pub mod failure;
 pub mod pager;
 pub mod source;
 pub mod working_set;
@@ -22,7 +27,7 @@ use devices::memory::GuestMemoryMmap;
 use log::{info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use self::pager::Recording;
+use self::pager::{Pager, Recording};
 use self::source::{PageSource, SourceError};
 use self::working_set::SnapshotId;
 use super::memory::{open_memory_file, MemoryFileError, MemoryRegionState};
@@ -58,14 +63,15 @@ pub enum LazyError {
 /// Maps `mib` MiB of guest memory that the pager fills from the memory file `mem_path`
 /// (whose regions are `regions`) for the snapshot whose state file is `state_path`, loads the
 /// working set if it has one, and starts the pager; records a working set for
-/// `working_set_window` (none when zero) if it has none.
+/// `working_set_window` (none when zero, and counted from when the vCPUs first run: see
+/// [`pager::Pager::vcpus_running`]) if it has none. Dropping the returned pager stops it.
 pub fn restore(
     state_path: &Path,
     mem_path: &Path,
     regions: &[MemoryRegionState],
     mib: u64,
     working_set_window: Duration,
-) -> Result<GuestMemoryMmap, LazyError> {
+) -> Result<(GuestMemoryMmap, Pager), LazyError> {
     let file = open_memory_file(mem_path, regions)?;
     let memory = create_guest_memory(mib, HugePages::None)?;
     // EVENT_REMOVE: pages the balloon gives back must read zero afterwards, not the file's.
@@ -110,8 +116,9 @@ pub fn restore(
         id,
         window: working_set_window,
     });
-    pager::start(Arc::new(uffd), Arc::new(source), recording).map_err(LazyError::Start)?;
-    Ok(memory)
+    let pager =
+        pager::start(Arc::new(uffd), Arc::new(source), recording).map_err(LazyError::Start)?;
+    Ok((memory, pager))
 }
 
 /// Copies the working set's pages in, in file order so neighbours go in one call.

@@ -10,12 +10,14 @@
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::source::PageSource;
 use super::working_set::{self, SnapshotId};
@@ -27,6 +29,18 @@ use crate::vstate::uffd::{Uffd, UffdError, UffdEvent, MSG_SIZE};
 /// page it is about to fill waits little for it.
 const PREFETCH_RUN: u64 = 256;
 
+/// Epoll data of the userfaultfd and of the pager's own doorbell.
+const UFFD_DATA: u64 = 0;
+const DOORBELL_DATA: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    #[error("cannot wait on the userfaultfd: {0}")]
+    Wait(std::io::Error),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+}
+
 /// A recording of the working set: where it goes and for how long.
 pub struct Recording {
     pub path: PathBuf,
@@ -34,27 +48,83 @@ pub struct Recording {
     pub window: Duration,
 }
 
+/// What the monitor tells the pager's threads: the vCPUs run (the recording window starts),
+/// or the pager is no longer wanted (a load refused after it started, or the VM gone).
+struct Doorbell {
+    fd: EventFd,
+    running: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// The monitor's end of the pager: dropping it stops both threads, quietly.
+pub struct Pager {
+    doorbell: Arc<Doorbell>,
+}
+
+impl Pager {
+    /// The vCPUs run from now on: the working set's window counts from here, so a load that
+    /// leaves the VM paused records the guest's first moments of running, not its wait.
+    pub fn vcpus_running(&self) {
+        if !self.doorbell.running.swap(true, Ordering::AcqRel) {
+            ring(&self.doorbell);
+        }
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.doorbell.stopping.store(true, Ordering::Release);
+        ring(&self.doorbell);
+    }
+}
+
+fn ring(doorbell: &Doorbell) {
+    if let Err(err) = doorbell.fd.write(1) {
+        warn!("cannot reach the lazy pager's fault thread: {err}");
+    }
+}
+
 /// Starts both threads on `uffd`, whose guest memory `source` fills; with `recording`, the
-/// faults of its window are written as the snapshot's working set before the prefetch starts.
+/// faults of its window (which starts when the vCPUs first run) are written as the
+/// snapshot's working set before the prefetch starts.
+///
+/// Either thread failing (the memory file cannot be read any more, the kernel refuses a
+/// fill) ends the monitor with a message naming it: the guest would otherwise stall on its
+/// next fault, silently and for ever. A panic ends it too, as on any thread (src/thread.rs).
 pub fn start(
     uffd: Arc<Uffd>,
     source: Arc<PageSource>,
     recording: Option<Recording>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Pager> {
+    let doorbell = Arc::new(Doorbell {
+        fd: EventFd::new(EFD_NONBLOCK)?,
+        running: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+    });
     // Made here, under the main thread's filter: the pager only waits on it.
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
         uffd.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, 0),
+        EpollEvent::new(EventSet::IN, UFFD_DATA),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        doorbell.fd.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, DOORBELL_DATA),
     )?;
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let window = recording.as_ref().map(|r| r.window);
     let faults = FaultThread {
         uffd: uffd.clone(),
         source: source.clone(),
+        doorbell: doorbell.clone(),
         epoll,
-        record: window.map(|window| (Instant::now() + window, Vec::new(), done_tx.clone())),
+        record: recording.as_ref().map(|r| Record {
+            window: r.window,
+            until: None,
+            pages: Vec::new(),
+            done: done_tx.clone(),
+        }),
         retry: Vec::new(),
     };
     if recording.is_none() {
@@ -62,19 +132,39 @@ pub fn start(
         let _ = done_tx.send(Vec::new());
     }
     drop(done_tx);
+    let stopping = doorbell.clone();
     crate::thread::spawn_named(
         "mote_pager".into(),
         thread_filter(Filter::LazyPager),
-        move || faults.run(),
+        move || {
+            if let Err(err) = faults.run() {
+                fail("mote_pager", &stopping, &err);
+            }
+        },
         |err| error!("the lazy pager did not start, guest memory faults go unserved: {err}"),
     )?;
+    let stopping = doorbell.clone();
     crate::thread::spawn_named(
         "mote_prefetch".into(),
         thread_filter(Filter::LazyPager),
-        move || prefetch(&uffd, &source, recording, &done_rx),
+        move || {
+            if let Err(err) = prefetch(&uffd, &source, recording, &done_rx, &stopping) {
+                fail("mote_prefetch", &stopping, &err);
+            }
+        },
         |err| error!("the lazy pager's prefetch did not start: {err}"),
     )?;
-    Ok(())
+    Ok(Pager { doorbell })
+}
+
+/// Ends the monitor for the pager thread `thread` that failed with `err`, unless the pager
+/// was being stopped anyway (its failure is then the VM going away under it).
+fn fail(thread: &str, doorbell: &Doorbell, err: &PagerError) {
+    if doorbell.stopping.load(Ordering::Acquire) {
+        debug!("{thread} ends with the VM: {err}");
+        return;
+    }
+    super::failure::end_monitor(thread, err)
 }
 
 /// What the fault thread acts on: a message from the descriptor, or a page to fill again.
@@ -83,26 +173,41 @@ enum Fault {
     Again(u64),
 }
 
+/// The working set being recorded.
+struct Record {
+    window: Duration,
+    /// When the window ends: none until the vCPUs run.
+    until: Option<Instant>,
+    /// The pages faulted so far, in order.
+    pages: Vec<u32>,
+    /// Where they go at the end.
+    done: Sender<Vec<u32>>,
+}
+
 struct FaultThread {
     uffd: Arc<Uffd>,
     source: Arc<PageSource>,
+    doorbell: Arc<Doorbell>,
     epoll: Epoll,
-    /// While recording: until when, the pages faulted so far, and where they go at the end.
-    record: Option<(Instant, Vec<u32>, Sender<Vec<u32>>)>,
+    /// While recording, what is recorded and until when.
+    record: Option<Record>,
     /// Faulted pages the kernel asked to fill again later (EAGAIN): retried once the events
     /// waiting on the descriptor are read, since one of them is what holds the fills back.
     retry: Vec<u64>,
 }
 
 impl FaultThread {
-    fn run(mut self) {
+    /// Serves faults until the pager is stopped (Ok) or cannot go on (the error).
+    fn run(mut self) -> Result<(), PagerError> {
         let mut messages = [[0u8; MSG_SIZE]; 16];
-        let mut events = [EpollEvent::default(); 1];
+        let mut events = [EpollEvent::default(); 2];
         loop {
             let timeout = match &self.record {
                 // Pages to fill again: read what is waiting, then come back to them.
                 _ if !self.retry.is_empty() => 0,
-                Some((until, _, _)) => {
+                Some(Record {
+                    until: Some(until), ..
+                }) => {
                     let left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         self.end_recording();
@@ -110,34 +215,55 @@ impl FaultThread {
                     }
                     i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
                 }
-                None => -1,
+                _ => -1,
             };
-            if let Err(err) = self.epoll.wait(timeout, &mut events) {
-                if err.kind() != std::io::ErrorKind::Interrupted {
-                    error!("the lazy pager cannot wait on the userfaultfd: {err}");
-                    return;
-                }
-            }
-            let count = match self.uffd.read_events(&mut messages) {
-                Ok(count) => count,
-                Err(err) => {
-                    error!("the lazy pager stops: {err}");
-                    return;
-                }
+            let ready = match self.epoll.wait(timeout, &mut events) {
+                Ok(ready) => ready,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(err) => return Err(PagerError::Wait(err)),
             };
-            let retry = std::mem::take(&mut self.retry);
-            let served = messages[..count]
+            if events[..ready]
                 .iter()
-                .map(|message| Fault::Event(UffdEvent::decode(message)))
-                .chain(retry.into_iter().map(Fault::Again))
-                .try_for_each(|event| self.serve(event));
-            if let Err(err) = served {
-                // The guest's memory is gone (the process is ending) or the kernel refuses:
-                // nothing more can be served.
-                error!("the lazy pager stops: {err}");
-                return;
+                .any(|event| event.data() == DOORBELL_DATA)
+                && self.answer_doorbell()
+            {
+                return Ok(());
+            }
+            // Removes read from here on are marked before the batch ends: the prefetch
+            // thread checks its fills against that (PageSource::begin_reading).
+            self.source.begin_reading();
+            let served = self.serve_waiting(&mut messages);
+            self.source.end_reading();
+            served?;
+        }
+    }
+
+    /// Reads what waits on the descriptor and serves it with the pages to fill again.
+    fn serve_waiting(&mut self, messages: &mut [[u8; MSG_SIZE]]) -> Result<(), PagerError> {
+        let count = self.uffd.read_events(messages)?;
+        let retry = std::mem::take(&mut self.retry);
+        messages[..count]
+            .iter()
+            .map(|message| Fault::Event(UffdEvent::decode(message)))
+            .chain(retry.into_iter().map(Fault::Again))
+            .try_for_each(|event| self.serve(event))?;
+        Ok(())
+    }
+
+    /// Takes the doorbell's news; true when the pager is to stop.
+    fn answer_doorbell(&mut self) -> bool {
+        let _ = self.doorbell.fd.read();
+        if self.doorbell.stopping.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.doorbell.running.load(Ordering::Acquire) {
+            if let Some(record) = &mut self.record {
+                if record.until.is_none() {
+                    record.until = Some(Instant::now() + record.window);
+                }
             }
         }
+        false
     }
 
     fn serve(&mut self, event: Fault) -> Result<(), UffdError> {
@@ -162,9 +288,9 @@ impl FaultThread {
         match self.source.fill_page(&self.uffd, page)? {
             Some(true) => {
                 METRICS.lazy_restore.pages_on_demand.inc();
-                if let Some((_, pages, _)) = &mut self.record {
+                if let Some(record) = &mut self.record {
                     // The memory file of a 16 TiB guest has 2^32 pages: beyond mote's.
-                    pages.push(page as u32);
+                    record.pages.push(page as u32);
                 }
             }
             Some(false) => {}
@@ -174,23 +300,25 @@ impl FaultThread {
     }
 
     fn end_recording(&mut self) {
-        if let Some((_, pages, done)) = self.record.take() {
+        if let Some(record) = self.record.take() {
             // The prefetch thread is gone only if it could not start: nobody to write them.
-            let _ = done.send(pages);
+            let _ = record.done.send(record.pages);
         }
     }
 }
 
 /// Waits for the go (with the recorded pages, if any), writes the working set, then fills
-/// every page still missing.
+/// every page still missing; stops early, and quietly, when the pager is stopped.
 fn prefetch(
     uffd: &Uffd,
     source: &PageSource,
     recording: Option<Recording>,
     go: &Receiver<Vec<u32>>,
-) {
+    doorbell: &Doorbell,
+) -> Result<(), PagerError> {
     let Ok(pages) = go.recv() else {
-        return;
+        // The fault thread ended: stopped, or failed and ending the monitor.
+        return Ok(());
     };
     if let Some(recording) = recording {
         match working_set::write(&recording.path, recording.id, &pages) {
@@ -209,26 +337,17 @@ fn prefetch(
     let mut page = 0;
     let mut filled = 0;
     while page < source.pages() {
-        match source.fill_run(uffd, page, PREFETCH_RUN) {
-            Ok((0, 0)) => {
-                // EAGAIN: guest memory is changing under an event the fault thread is about
-                // to read; let it.
-                std::thread::yield_now();
-            }
-            Ok((count, looked)) => {
-                filled += count;
-                METRICS.lazy_restore.pages_prefetched.add(count);
-                page += looked;
-            }
-            Err(err) => {
-                // The process is ending, or the kernel refuses: faults still serve the rest.
-                warn!("the lazy pager's prefetch stops at page {page}: {err}");
-                return;
-            }
+        if doorbell.stopping.load(Ordering::Acquire) {
+            return Ok(());
         }
+        let (count, looked) = source.prefetch_run(uffd, page, PREFETCH_RUN)?;
+        filled += count;
+        METRICS.lazy_restore.pages_prefetched.add(count);
+        page += looked;
     }
     info!(
         "lazy restore: guest memory fully resident, {filled} pages prefetched in {} ms",
         started.elapsed().as_millis()
     );
+    Ok(())
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use devices::memory::GuestMemoryMmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -16,6 +17,11 @@ use crate::vstate::uffd::{Filled, Uffd, UffdError};
 
 /// The pages the lazy pager serves: 4 KiB (a huge-page snapshot goes through `Uffd`).
 pub const PAGE_SIZE: u64 = 4096;
+
+/// How long the prefetch waits, after the kernel asked it to fill again later, for the fault
+/// thread to read the event that holds fills back. An EAGAIN with no event behind it (a
+/// signal) lets nothing change: it looks again after this.
+const EVENTS_READ_WAIT: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -45,6 +51,13 @@ pub struct PageSource {
     /// One bit per page: set when the balloon gave the page back (UFFD_EVENT_REMOVE). The
     /// guest must find such a page zero, not as the snapshot had it.
     removed: Vec<AtomicU64>,
+    /// Odd while the fault thread reads events and marks the removed pages among them, even
+    /// between: a prefetch fill the count changed under may have raced a remove (below).
+    reading: AtomicU64,
+    /// Guest memory, kept mapped while the pager's threads may fill it: a load refused after
+    /// the pager started drops its own handle, and a fill must not then find the mapping
+    /// gone (or, worse, something else mapped there).
+    _memory: GuestMemoryMmap,
 }
 
 // SAFETY: `file_map` is a read-only mapping owned by the source for its whole life and never
@@ -98,6 +111,8 @@ impl PageSource {
             regions,
             data,
             removed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            reading: AtomicU64::new(0),
+            _memory: memory.clone(),
         })
     }
 
@@ -176,6 +191,98 @@ impl PageSource {
             Filled::Part(_) => (0, 0),
             Filled::Present => (0, 1),
         })
+    }
+
+    /// The fault thread is about to read the userfaultfd: removes it reads are marked before
+    /// [`Self::end_reading`].
+    pub fn begin_reading(&self) {
+        self.reading.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The events read since [`Self::begin_reading`] are acted on.
+    pub fn end_reading(&self) {
+        self.reading.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The reading count once no reading is under way.
+    fn settled_reading(&self) -> u64 {
+        loop {
+            let count = self.reading.load(Ordering::SeqCst);
+            if count % 2 == 0 {
+                return count;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Fills up to `max` missing pages from `page` as [`Self::fill_run`], for the prefetch
+    /// thread, which unlike the fault thread does not read the events itself.
+    ///
+    /// The race it closes: the balloon's madvise raises a remove event and waits until it is
+    /// read, then drops the pages; the fault thread marks them removed only after its read.
+    /// A fill decided before the mark (the page has data) can reach the kernel after the
+    /// drop, and bring the snapshot's page back where the balloon left none: resident memory
+    /// the guest gave back, with the old contents where the guest must find zeros. The
+    /// kernel refuses fills (EAGAIN) only while the event is unread. So: a fill the kernel
+    /// refused waits for the fault thread's read to end, then looks at the pages again; a
+    /// fill during which a read began drops again the pages of its run that are marked
+    /// removed by now (the madvise raises another remove, which marks nothing new).
+    pub fn prefetch_run(&self, uffd: &Uffd, page: u64, max: u64) -> Result<(u64, u64), UffdError> {
+        loop {
+            let before = self.settled_reading();
+            let (filled, looked) = self.fill_run(uffd, page, max)?;
+            if looked == 0 {
+                self.wait_for_reading_after(before);
+                continue;
+            }
+            if filled > 0 && self.reading.load(Ordering::SeqCst) != before {
+                self.drop_removed(page, looked);
+            }
+            return Ok((filled, looked));
+        }
+    }
+
+    /// Waits (a little at most) until the fault thread has read and acted on events since
+    /// the reading count was `before`.
+    fn wait_for_reading_after(&self, before: u64) {
+        let until = Instant::now() + EVENTS_READ_WAIT;
+        while Instant::now() < until {
+            let now = self.reading.load(Ordering::SeqCst);
+            if now != before && now % 2 == 0 {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Drops again the pages of `[page, page + count)` that hold the file's data but are
+    /// marked removed.
+    fn drop_removed(&self, page: u64, count: u64) {
+        for page in page..page + count {
+            if !self.has_data(page) || !self.is_removed(page) {
+                continue;
+            }
+            let Some((host, _)) = self.host_of(page) else {
+                continue;
+            };
+            log::debug!("page {page}: filled as the balloon removed it; dropped again");
+            // SAFETY: one page of guest memory, which `_memory` keeps mapped; the balloon
+            // gave it back, so no one may rely on its contents, and it reads zero from now
+            // on (the fault thread serves it zeroed).
+            let ret = unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    PAGE_SIZE as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if ret != 0 {
+                log::warn!(
+                    "cannot drop again page {page} the balloon removed: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     fn is_zero(&self, page: u64) -> bool {

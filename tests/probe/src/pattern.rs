@@ -28,3 +28,21 @@ pub fn peek(at: u64, pages: u64, seed: u64) -> Option<u64> {
         .step_by(8)
         .find(|addr| read_phys::<u64>(*addr) != word(seed, *addr))
 }
+
+/// How many of `pages` pages from `at` hold a word that is not zero, and the first such word's
+/// address.
+pub fn nonzero(at: u64, pages: u64) -> (u64, Option<u64>) {
+    let mut count = 0;
+    let mut first = None;
+    for page in 0..pages {
+        let start = at + page * PAGE;
+        if let Some(addr) = (start..start + PAGE)
+            .step_by(8)
+            .find(|addr| read_phys::<u64>(*addr) != 0)
+        {
+            count += 1;
+            first = first.or(Some(addr));
+        }
+    }
+    (count, first)
+}

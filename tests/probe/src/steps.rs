@@ -199,6 +199,18 @@ pub fn run(zero_page: &ZeroPage) {
                     }
                 }
             }
+            b"zeros" => {
+                // zeros:AT_KIB:PAGES
+                let at = parse_u64(parts.next()).unwrap_or(0) << 10;
+                let pages = parse_u64(parts.next()).unwrap_or(1);
+                match crate::pattern::nonzero(at, pages) {
+                    (0, _) => report!("zeros at={at:#x} pages={pages} nonzero=0"),
+                    (count, first) => report!(
+                        "zeros at={at:#x} pages={pages} nonzero={count} first={:#x}",
+                        first.unwrap_or(0)
+                    ),
+                }
+            }
             b"kbd" => {
                 let count = parse_u64(parts.next()).unwrap_or(1) as usize;
                 let polls = parse_u64(parts.next()).unwrap_or(WAIT_POLLS);
