@@ -18,11 +18,16 @@
 //! for the teardown in its own exit, and a reaper can never be why a new monitor cannot start.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The reaper's stack: it only makes system calls.
 const REAPER_STACK_SIZE: usize = 64 * 1024;
 /// Highest descriptor closed one by one where close_range(2) is missing.
 const FALLBACK_MAX_FD: libc::c_int = 4096;
+
+/// Non-zero until the exiting thread of the monitor is gone: the kernel clears it and wakes its
+/// futex then (the thread's `set_tid_address`), which the reaper, sharing the memory, sleeps on.
+static MONITOR_THREAD_LIVES: AtomicU32 = AtomicU32::new(1);
 
 extern "C" fn reap(parent: *mut libc::c_void) -> libc::c_int {
     let parent = parent as libc::pid_t;
@@ -34,8 +39,22 @@ extern "C" fn reap(parent: *mut libc::c_void) -> libc::c_int {
         // fail, panic and abort the monitor instead of letting it exit with its status. The
         // monitor exits right after starting the reaper, which is then given to another
         // parent: only then are the descriptors its alone.
-        // getppid and sched_yield: calls every seccomp filter allows (the reaper runs under
-        // the monitor's); the wait is the monitor's _exit, microseconds.
+        // First asleep until the thread that exits the monitor is gone (a spin here took a
+        // CPU from the exiting monitor, and under a start storm from the monitors starting:
+        // a millisecond of CPU a monitor on a loaded host), then, for the monitor's other
+        // threads, which that exit already killed, the short wait until it has no thread
+        // left and the reaper a new parent. FUTEX_WAIT, getppid and sched_yield: calls the
+        // monitor's filters allow (the reaper runs under them). A spurious wake-up or a
+        // signal only goes round again.
+        while MONITOR_THREAD_LIVES.load(Ordering::Acquire) != 0 {
+            libc::syscall(
+                libc::SYS_futex,
+                MONITOR_THREAD_LIVES.as_ptr(),
+                libc::FUTEX_WAIT,
+                1u32,
+                std::ptr::null::<libc::timespec>(),
+            );
+        }
         while libc::getppid() == parent {
             libc::sched_yield();
         }
@@ -119,6 +138,10 @@ pub fn exit(code: u8) -> ! {
         )
     };
     if stack != libc::MAP_FAILED {
+        // SAFETY: from here this thread's exit clears MONITOR_THREAD_LIVES and wakes its
+        // futex, a static that outlives the thread; the thread ends in the _exit below, or in
+        // std::process::exit if no reaper starts (then nobody waits on it).
+        unsafe { libc::syscall(libc::SYS_set_tid_address, MONITOR_THREAD_LIVES.as_ptr()) };
         // SAFETY: the stack is REAPER_STACK_SIZE bytes, so its top is in bounds (clone wants the
         // highest address); `reap` touches nothing of this process but descriptors. SIGCHLD as
         // the exit signal lets whoever inherits the reaper (init) collect it as usual.
