@@ -447,14 +447,18 @@ fn serve_until_start(
         )
         .map_err(wait_err)?;
     let mut events = [EpollEvent::default(); 4];
+    let mut made_ahead = false;
     loop {
         let request = match api.requests.try_recv() {
             Ok(request) => request,
             Err(TryRecvError::Disconnected) => return Err(MoteError::ApiGone),
             Err(TryRecvError::Empty) => {
+                // The first time nothing waits, the VM every start and load needs is made
+                // (vstate::spare_vm): a request that comes meanwhile waits at most for that.
+                let timeout = if made_ahead { -1 } else { 0 };
                 // The API thread writes the wake-up after queueing a request, so a request
                 // that came after try_recv is not missed.
-                let ready = match epoll.wait(-1, &mut events) {
+                let ready = match epoll.wait(timeout, &mut events) {
                     Ok(ready) => ready,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => 0,
                     Err(err) => return Err(wait_err(err)),
@@ -465,6 +469,10 @@ fn serve_until_start(
                     } else if let Some(signal) = signals.take() {
                         return Ok(PreBoot::Stopped(signal));
                     }
+                }
+                if ready == 0 && !made_ahead {
+                    made_ahead = true;
+                    vstate::spare_vm::prepare();
                 }
                 continue;
             }

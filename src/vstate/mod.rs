@@ -2,6 +2,7 @@
 
 pub mod dirty;
 pub mod memory;
+pub mod spare_vm;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;

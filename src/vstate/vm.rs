@@ -12,10 +12,8 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::dirty::DirtyPages;
+use super::spare_vm::{self, FreshVm, KVM_API_VERSION};
 use crate::arch;
-
-/// The only KVM API version there has ever been.
-const KVM_API_VERSION: i32 = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -95,15 +93,11 @@ pub enum Lazily {
 }
 
 impl Vm {
-    /// Opens KVM, creates a VM, registers `memory` with it (logging the guest's writes when
-    /// `track_dirty_pages`) and creates the in-kernel devices that must exist before the vCPUs.
+    /// A VM with the in-kernel devices that must exist before the vCPUs (the one made ahead
+    /// while the monitor waited, or a new one), and `memory` registered with it (logging the
+    /// guest's writes when `track_dirty_pages`).
     pub fn new(memory: GuestMemoryMmap, track_dirty_pages: bool) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let version = kvm.get_api_version();
-        if version != KVM_API_VERSION {
-            return Err(VmError::ApiVersion(version));
-        }
-        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let FreshVm { kvm, fd } = spare_vm::take_or_create()?;
         for (slot, region) in memory.iter().enumerate() {
             let addr = region.start_addr().raw_value();
             let len = region.len();
@@ -130,7 +124,6 @@ impl Vm {
                 source,
             })?;
         }
-        arch::create_vm_devices(&kvm, &fd)?;
         Ok(Self {
             kvm,
             fd,
