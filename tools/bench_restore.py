@@ -341,6 +341,8 @@ def bench(mote, probe, tool, directory, runs):
                "restore_files_on": f"{mount_point} ({fstype})"}
     if skipped:
         results["restore_cold_skipped"] = skipped
+        rows.append(("cold page cache: left out", "", "", ""))
+        rows.append((f"  ({skipped})", "", "", ""))
     snaps = {}
     for touch in TOUCH_MIB:
         snap = Snap(*make_snapshot(mote, probe, directory, touch))
