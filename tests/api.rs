@@ -877,20 +877,25 @@ fn the_logger_writes_to_its_file_in_firecrackers_format() {
     assert_eq!(config["logger"]["level"], "Info", "{config}");
 }
 
-/// The VMs (`anon_inode:kvm-vm` descriptors) process `pid` holds.
-fn kvm_vms(pid: u32) -> usize {
+/// The descriptors of process `pid` whose target starts with `prefix`: VMs are
+/// `anon_inode:kvm-vm`, vCPUs `anon_inode:kvm-vcpu:N`.
+fn kvm_fds(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|fds| {
             fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-                .filter(|target| target.to_str() == Some("anon_inode:kvm-vm"))
+                .filter(|target| target.to_str().is_some_and(|t| t.starts_with(prefix)))
                 .count()
         })
         .unwrap_or(0)
 }
 
-/// A monitor waiting for its first request makes the VM every start needs ahead (its KVM VM
-/// and in-kernel devices, a third of a snapshot load), and the start takes that one: the guest
-/// runs with one VM in the process, not two.
+fn kvm_vms(pid: u32) -> usize {
+    kvm_fds(pid, "anon_inode:kvm-vm")
+}
+
+/// A monitor waiting for its first request makes the VM every start needs ahead (its KVM VM,
+/// in-kernel devices and vCPU 0, a third of a snapshot load), and the start takes that one: the
+/// guest runs with one VM and two vCPUs in the process, not two VMs.
 #[test]
 fn a_waiting_monitor_makes_its_vm_ahead_and_the_start_takes_it() {
     if !require_kvm() {
@@ -905,9 +910,16 @@ fn a_waiting_monitor_makes_its_vm_ahead_and_the_start_takes_it() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert_eq!(kvm_fds(mote.pid(), "anon_inode:kvm-vcpu:0"), 1);
     assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
     mote.ok("PUT", "/boot-source", &boot_source("hello"));
+    mote.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
     start(&mote);
     mote.wait_for_stdout("probe: hello", WAIT);
     assert_eq!(kvm_vms(mote.pid()), 1, "the start made a VM of its own");
+    assert_eq!(kvm_fds(mote.pid(), "anon_inode:kvm-vcpu:"), 2);
 }

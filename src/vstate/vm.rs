@@ -71,6 +71,8 @@ fn kvm_open_hint(err: &kvm_ioctls::Error) -> &'static str {
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
+    /// vCPU 0, made with the VM, until [`Vm::create_vcpus`] hands it out with the others.
+    first_vcpu: Option<VcpuFd>,
     memory: GuestMemoryMmap,
     /// The in-kernel devices made once the vCPUs exist (aarch64: the GIC).
     devices: Option<arch::VmDevices>,
@@ -97,7 +99,11 @@ impl Vm {
     /// while the monitor waited, or a new one), and `memory` registered with it (logging the
     /// guest's writes when `track_dirty_pages`).
     pub fn new(memory: GuestMemoryMmap, track_dirty_pages: bool) -> Result<Self, VmError> {
-        let FreshVm { kvm, fd } = spare_vm::take_or_create()?;
+        let FreshVm {
+            kvm,
+            fd,
+            first_vcpu,
+        } = spare_vm::take_or_create()?;
         for (slot, region) in memory.iter().enumerate() {
             let addr = region.start_addr().raw_value();
             let len = region.len();
@@ -127,6 +133,7 @@ impl Vm {
         Ok(Self {
             kvm,
             fd,
+            first_vcpu: Some(first_vcpu),
             memory,
             devices: None,
             track_dirty_pages,
@@ -264,13 +271,22 @@ impl Vm {
                 }
             }
         }
-        let fds = (0..count)
-            .map(|index| {
-                self.fd
+        let mut fds = Vec::with_capacity(usize::from(count));
+        for index in 0..count {
+            let made_with_the_vm = if index == 0 {
+                self.first_vcpu.take()
+            } else {
+                None
+            };
+            let fd = match made_with_the_vm {
+                Some(fd) => fd,
+                None => self
+                    .fd
                     .create_vcpu(u64::from(index))
-                    .map_err(|source| VmError::CreateVcpu { index, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                    .map_err(|source| VmError::CreateVcpu { index, source })?,
+            };
+            fds.push(fd);
+        }
         self.devices = Some(arch::finish_vm_devices(&self.fd, &fds, template)?);
         Ok(fds)
     }
