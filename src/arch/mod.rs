@@ -5,8 +5,10 @@
 //! - **Layout**: `arch_memory_regions(bytes)` (guest RAM ranges), `MAX_MEM_SIZE_MIB`,
 //!   `MAX_VCPUS`, `DEFAULT_BOOT_ARGS`, `cmdline_capacity()`, and where MMIO devices go:
 //!   `BOOT_TIMER_START`, `VIRTIO_MMIO_START`, `MMIO_SLOT_SIZE`, `IRQ_BASE`..=`IRQ_MAX`.
-//! - **The VM**: `create_vm_devices(kvm, vm)` before any vCPU exists (x86_64: the irqchip,
-//!   PIT and KVM's real-mode pages), `finish_vm_devices(vm, vcpus)` once all vCPUs exist
+//! - **The VM**: `prepare_vm(kvm, vm)` right after the VM is made, before its memory
+//!   (x86_64: KVM's real-mode pages and its list of saveable MSRs; it may run ahead, see
+//!   `vstate/spare_vm.rs`), `create_vm_devices(kvm, vm)` once the memory is registered and
+//!   before any vCPU exists (x86_64: the irqchip and PIT), `finish_vm_devices(vm, vcpus)` once all vCPUs exist
 //!   (aarch64: the vCPUs' KVM_ARM_VCPU_INIT and the GIC, which must come after them), which
 //!   gives the `VmDevices` a VM keeps; `VmState` (save of those devices and the clock;
 //!   restored in two parts, `restore_before_vcpus` (x86_64: all of it, the kvm-clock before
@@ -40,7 +42,7 @@ pub use self::x86_64::{
     finish_vm_devices, initrd_placement, instruction_pointer,
     layout::{BOOT_TIMER_START, IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START},
     legacy::{handle_exit, LegacyDeviceError, LegacyDevices, LegacyDevicesState, VcpuIo},
-    load_kernel,
+    load_kernel, prepare_vm,
     snapshot::{StateError, VcpuState, VmState},
     vcpu_features, vmgenid_placement, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
     VcpuFeatures, VmDevices, CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB,
@@ -53,7 +55,7 @@ pub use self::aarch64::{
     finish_vm_devices, initrd_placement, instruction_pointer,
     layout::{BOOT_TIMER_START, IRQ_BASE, IRQ_MAX, MMIO_SLOT_SIZE, VIRTIO_MMIO_START},
     legacy::{handle_exit, LegacyDeviceError, LegacyDevices, LegacyDevicesState, VcpuIo},
-    load_kernel,
+    load_kernel, prepare_vm,
     snapshot::{StateError, VcpuState, VmState},
     vcpu_features, vmgenid_placement, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
     VcpuFeatures, VmDevices, CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB,

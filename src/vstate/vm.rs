@@ -71,8 +71,6 @@ fn kvm_open_hint(err: &kvm_ioctls::Error) -> &'static str {
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
-    /// vCPU 0, made with the VM, until [`Vm::create_vcpus`] hands it out with the others.
-    first_vcpu: Option<VcpuFd>,
     memory: GuestMemoryMmap,
     /// The in-kernel devices made once the vCPUs exist (aarch64: the GIC).
     devices: Option<arch::VmDevices>,
@@ -95,15 +93,11 @@ pub enum Lazily {
 }
 
 impl Vm {
-    /// A VM with the in-kernel devices that must exist before the vCPUs (the one made ahead
-    /// while the monitor waited, or a new one), and `memory` registered with it (logging the
-    /// guest's writes when `track_dirty_pages`).
+    /// A VM (the one made ahead while the monitor waited, or a new one) with `memory`
+    /// registered (logging the guest's writes when `track_dirty_pages`), then the in-kernel
+    /// devices that must exist before the vCPUs.
     pub fn new(memory: GuestMemoryMmap, track_dirty_pages: bool) -> Result<Self, VmError> {
-        let FreshVm {
-            kvm,
-            fd,
-            first_vcpu,
-        } = spare_vm::take_or_create()?;
+        let FreshVm { kvm, fd } = spare_vm::take_or_create()?;
         for (slot, region) in memory.iter().enumerate() {
             let addr = region.start_addr().raw_value();
             let len = region.len();
@@ -130,10 +124,10 @@ impl Vm {
                 source,
             })?;
         }
+        arch::create_vm_devices(&kvm, &fd)?;
         Ok(Self {
             kvm,
             fd,
-            first_vcpu: Some(first_vcpu),
             memory,
             devices: None,
             track_dirty_pages,
@@ -271,22 +265,13 @@ impl Vm {
                 }
             }
         }
-        let mut fds = Vec::with_capacity(usize::from(count));
-        for index in 0..count {
-            let made_with_the_vm = if index == 0 {
-                self.first_vcpu.take()
-            } else {
-                None
-            };
-            let fd = match made_with_the_vm {
-                Some(fd) => fd,
-                None => self
-                    .fd
+        let fds = (0..count)
+            .map(|index| {
+                self.fd
                     .create_vcpu(u64::from(index))
-                    .map_err(|source| VmError::CreateVcpu { index, source })?,
-            };
-            fds.push(fd);
-        }
+                    .map_err(|source| VmError::CreateVcpu { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         self.devices = Some(arch::finish_vm_devices(&self.fd, &fds, template)?);
         Ok(fds)
     }

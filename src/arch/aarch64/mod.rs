@@ -113,6 +113,11 @@ pub fn arch_memory_regions(size: u64) -> Vec<(GuestAddress, usize)> {
     vec![(GuestAddress(DRAM_START), size as usize)]
 }
 
+/// Nothing to set on a new VM.
+pub fn prepare_vm(_kvm_fd: &Kvm, _vm: &VmFd) -> Result<(), ArchError> {
+    Ok(())
+}
+
 /// Nothing before the vCPUs: the vGIC must come after them.
 pub fn create_vm_devices(_kvm_fd: &Kvm, _vm: &VmFd) -> Result<(), ArchError> {
     Ok(())

@@ -170,16 +170,22 @@ pub fn arch_memory_regions(size: u64) -> Vec<(GuestAddress, usize)> {
     }
 }
 
-/// The in-kernel interrupt controllers and timer, and KVM's real-mode helper pages. Must run
-/// before any vCPU is created. Also reads KVM's list of saveable MSRs, which vCPU threads
-/// (that may not open /dev/kvm) need for snapshots.
-pub fn create_vm_devices(kvm_fd: &Kvm, vm: &VmFd) -> Result<(), ArchError> {
+/// KVM's real-mode helper pages, on a new VM (before any vCPU). Also reads KVM's list of
+/// saveable MSRs, which vCPU threads (that may not open /dev/kvm) need for snapshots.
+pub fn prepare_vm(kvm_fd: &Kvm, vm: &VmFd) -> Result<(), ArchError> {
     snapshot::read_msr_index_list(kvm_fd)?;
     let kvm = |what| move |source| ArchError::Kvm { what, source };
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         .map_err(kvm("set the identity-map address"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(kvm("set the TSS address"))?;
+        .map_err(kvm("set the TSS address"))
+}
+
+/// The in-kernel interrupt controllers and timer. Must run before any vCPU is created, and
+/// after guest memory is registered: a memory slot added within some 7 ms of the irqchip's
+/// creation waited that long here (measured: 7.3 ms against 0.1 ms).
+pub fn create_vm_devices(_kvm_fd: &Kvm, vm: &VmFd) -> Result<(), ArchError> {
+    let kvm = |what| move |source| ArchError::Kvm { what, source };
     vm.create_irq_chip()
         .map_err(kvm("create the in-kernel irqchip"))?;
     let pit = kvm_pit_config {
