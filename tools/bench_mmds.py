@@ -21,15 +21,15 @@ eth0 on tap0, `PUT /mmds/config` (V1) for eth0 and a small store.
 Median, slowest and fastest of N runs.
 """
 
-import json
 import os
 import re
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
+
+import bench_api
+from bench_api import say
 
 import bench_net
 
@@ -47,27 +47,11 @@ class MmdsBenchError(Exception):
     pass
 
 
-def say(message):
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 def api(sock, method, path, body):
     """One request to mote's API; raises unless 2xx."""
-    data = json.dumps(body).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(sock)
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                  f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    status = answer.split(b" ", 2)[1:2]
-    if not status or not status[0].startswith(b"2"):
-        raise MmdsBenchError(f"{method} {path}: {answer[:200]!r}")
+    status, _ = bench_api.api(sock, method, path, body, 10)
+    if not 200 <= status < 300:
+        raise MmdsBenchError(f"{method} {path}: answered {status}")
 
 
 def one_run(mote, probe, ns, directory, steps, with_mmds):
