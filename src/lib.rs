@@ -220,6 +220,9 @@ pub struct ApiOptions<'a> {
     pub startup: api::StartupTimes,
     /// Where the start's time went so far; logged (debug) once the API listens.
     pub phases: startup_phases::StartupPhases,
+    /// The API thread, spawned as early as the filters were known (None: it is spawned when
+    /// the socket is, or there is no API).
+    pub api_thread: Option<api::ApiThread>,
 }
 
 /// The largest `--config-file` read: a configuration is a few KiB; more is a wrong file.
@@ -278,7 +281,10 @@ pub fn run_api(options: ApiOptions, start: ProcessStart) -> Result<Outcome, Mote
                 // The VM starts at once, and `GET /` waits for it, as in Firecracker.
                 preboot.mark_started();
             }
-            api::start(path, options.max_payload, options.startup, preboot)
+            match options.api_thread {
+                Some(thread) => thread.serve(path, options.max_payload, options.startup, preboot),
+                None => api::start(path, options.max_payload, options.startup, preboot),
+            }
         })
         .transpose()?;
     phases.mark("listening");

@@ -134,6 +134,11 @@ fn main() -> ExitCode {
         },
         None => {
             let api = &cli.top.api;
+            // Its start and filter overlap the configuration below (another CPU's work); a
+            // thread that cannot start now is tried again when the socket is made.
+            let api_thread = (!api.no_api)
+                .then(mote::api::ApiThread::spawn)
+                .and_then(Result::ok);
             // Firecracker's flags configure the logger as PUT /logger would, with --level.
             let logger = (api.log_path.is_some() || api.module.is_some()).then(|| LoggerConfig {
                 log_path: api.log_path.clone(),
@@ -153,6 +158,7 @@ fn main() -> ExitCode {
                 metrics_path: api.metrics_path.as_deref(),
                 startup: api.startup_times(),
                 phases,
+                api_thread,
             };
             mote::run_api(options, start).map(Ended::from)
         }

@@ -87,47 +87,101 @@ pub struct StartupTimes {
 /// The line tools wait for once the socket answers (Firecracker's words, exactly).
 pub const STARTED_LINE: &str = "API server started.";
 
-/// Binds the socket (so it answers as soon as this returns) and starts the API thread; returns
-/// once that thread runs under its seccomp filter. Installing a filter takes the process's
-/// signal lock, so the main thread's own install, which comes next, would otherwise hold up
-/// the API thread's and with it the first answer.
+/// What the API thread is handed once the main thread is ready for clients: the bound server
+/// and its ends of the channel to the main thread.
+struct Handover {
+    server: HttpServer,
+    to_vmm: Sender<ApiRequest>,
+    wake: EventFd,
+    preboot: PrebootInfo,
+}
+
+/// The API thread, started early: it makes its own start and installs its filter while the
+/// main thread reads the configuration and catches the signals (on another CPU where there is
+/// one), then waits to be handed the socket ([`ApiThread::serve`]). Dropped unused, it ends.
+pub struct ApiThread {
+    handover: SyncSender<Handover>,
+    filtered: Receiver<()>,
+}
+
+impl ApiThread {
+    /// Spawns `mote_api`, which installs the `api` filter and waits for the socket.
+    pub fn spawn() -> Result<Self, ApiError> {
+        let (handover, handed) = sync_channel::<Handover>(1);
+        let (filtered, under_filter) = sync_channel(1);
+        crate::thread::spawn_named(
+            "mote_api".to_string(),
+            crate::seccomp::thread_filter(crate::seccomp::Filter::Api),
+            move || {
+                let _ = filtered.send(());
+                // An Err: the main thread ended before it served the API.
+                let Ok(Handover {
+                    mut server,
+                    to_vmm,
+                    wake,
+                    preboot,
+                }) = handed.recv()
+                else {
+                    return;
+                };
+                let err = server.serve(&mut |request| handle(request, &preboot, &to_vmm, &wake));
+                error!("the API server stopped: {err}");
+            },
+            |what| error!("the API thread failed: {what}"),
+        )
+        .map_err(ApiError::Thread)?;
+        Ok(Self {
+            handover,
+            filtered: under_filter,
+        })
+    }
+
+    /// Binds the socket (so it answers as soon as this returns) and hands it to the API
+    /// thread; returns once that thread runs under its seccomp filter. Installing a filter
+    /// takes the process's signal lock, so the main thread's own install, which comes next,
+    /// would otherwise hold up the API thread's and with it the first answer.
+    pub fn serve(
+        self,
+        socket: &Path,
+        max_payload: usize,
+        startup: StartupTimes,
+        preboot: PrebootInfo,
+    ) -> Result<ApiChannel, ApiError> {
+        let server = HttpServer::bind(socket, max_payload)?;
+        let (to_vmm, requests) = channel();
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(ApiError::Thread)?;
+        let api_wake = wake.try_clone().map_err(ApiError::Thread)?;
+        info!("API listening on {}", socket.display());
+        info!("{STARTED_LINE}");
+        // As Firecracker: how long the process took to serve its API, when its starter says
+        // when it began.
+        METRICS.api.record_startup(&startup);
+        let handover = Handover {
+            server,
+            to_vmm,
+            wake: api_wake,
+            preboot: preboot.clone(),
+        };
+        // An Err is a thread that failed its filter: it said why, and its requests go
+        // unanswered as they would have anyway.
+        let _ = self.handover.send(handover);
+        let _ = self.filtered.recv();
+        Ok(ApiChannel {
+            requests,
+            wake,
+            preboot,
+        })
+    }
+}
+
+/// Starts the API thread and serves the API on `socket` at once (see [`ApiThread`]).
 pub fn start(
     socket: &Path,
     max_payload: usize,
     startup: StartupTimes,
     preboot: PrebootInfo,
 ) -> Result<ApiChannel, ApiError> {
-    let mut server = HttpServer::bind(socket, max_payload)?;
-    let (to_vmm, requests) = channel();
-    let wake = EventFd::new(EFD_NONBLOCK).map_err(ApiError::Thread)?;
-    let api_wake = wake.try_clone().map_err(ApiError::Thread)?;
-    info!("API listening on {}", socket.display());
-    info!("{STARTED_LINE}");
-    // As Firecracker: how long the process took to serve its API, when its starter says when
-    // it began.
-    METRICS.api.record_startup(&startup);
-    let (filtered, under_filter) = sync_channel(1);
-    let api_preboot = preboot.clone();
-    crate::thread::spawn_named(
-        "mote_api".to_string(),
-        crate::seccomp::thread_filter(crate::seccomp::Filter::Api),
-        move || {
-            let _ = filtered.send(());
-            let err =
-                server.serve(&mut |request| handle(request, &api_preboot, &to_vmm, &api_wake));
-            error!("the API server stopped: {err}");
-        },
-        |what| error!("the API thread failed: {what}"),
-    )
-    .map_err(ApiError::Thread)?;
-    // An Err is a thread that failed its filter: it said why, and its requests go unanswered
-    // as they would have anyway.
-    let _ = under_filter.recv();
-    Ok(ApiChannel {
-        requests,
-        wake,
-        preboot,
-    })
+    ApiThread::spawn()?.serve(socket, max_payload, startup, preboot)
 }
 
 /// Answers one request: routes it, has the main thread act on it, renders the outcome.
