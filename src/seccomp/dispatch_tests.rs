@@ -173,7 +173,10 @@ fn the_dispatch_leaves_other_programs_alone() {
         jf: 0,
         k: 0x7fff_0000,
     };
-    assert_eq!(with_search_dispatch(&[allow.clone()]), vec![allow]);
+    assert_eq!(
+        with_search_dispatch(std::slice::from_ref(&allow)),
+        vec![allow]
+    );
     // A chain too short to gain.
     let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap();
     let short: FilterMap = seccompiler::compile_from_json(
