@@ -237,9 +237,12 @@ counters! {
 
 counters! {
     /// mote's own: where the pages of a VM restored through the `Lazy` memory backend came
-    /// from (the built-in pager, `snapshot/lazy/`): copied in from the working-set file before
-    /// the vCPUs ran, served when a fault asked for them, or copied in by the prefetch thread
-    /// ahead of any fault. Zero pages (the memory file's holes) count as the others do.
+    /// from (the built-in pager, `snapshot/lazy/`): brought in for the working-set file before
+    /// the vCPUs ran (every page of the 2 MiB blocks dense in it, which are read whole, and
+    /// its own pages elsewhere: so at least the working set's pages, and more when blocks are
+    /// read whole), served when a fault asked for them, or copied in by the prefetch thread
+    /// ahead of any fault. Each page is counted once, by whichever brought it in. Zero pages
+    /// (the memory file's holes) count as the others do.
     pub struct LazyRestoreMetrics {
         pages_from_working_set,
         pages_on_demand,

@@ -393,7 +393,7 @@ impl Drop for HugePagePool {
 }
 
 /// A snapshot of a guest in 2 MiB huge pages cannot come back as a private mapping of its
-/// file (refused, naming Uffd), but through the handler it does: the handler is told the
+/// file nor through the Lazy pager (refused, naming Uffd), but through the handler it does: the handler is told the
 /// page size, serves whole huge pages, and the guest reads its patterns.
 #[test]
 fn a_huge_pages_snapshot_restores_through_uffd_in_huge_pages() {
@@ -435,6 +435,23 @@ fn a_huge_pages_snapshot_restores_through_uffd_in_huge_pages() {
     assert_eq!(answer.status, 400, "{answer:?}");
     assert!(
         answer.fault().contains("\"backend_type\": \"Uffd\""),
+        "{answer:?}"
+    );
+    // Nor through mote's own pager, whose working set is read into ordinary (transparent)
+    // huge pages, not the hugetlbfs pages the snapshot was taken in: refused the same way
+    // (a refused load ends the monitor, so another one).
+    drop(file);
+    let file = ApiMote::spawn("uffd-huge-lazy", &[]);
+    let answer = file.request(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": state,
+            "mem_backend": {"backend_type": "Lazy", "backend_path": mem}})
+        .to_string(),
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(
+        answer.fault().contains("through the Uffd memory backend"),
         "{answer:?}"
     );
     drop(file);

@@ -109,6 +109,15 @@ def wait_for_path(path, proc, what):
             time.sleep(0.0005)
 
 
+def mote_cmd(mote, sock_path):
+    """`mote --api-sock`, its log lines in a file beside the socket: in API mode mote logs to
+    stdout (as Firecracker does), which is also the guest's console, and a line logged while
+    the guest prints (the prefetch's "fully resident" as the guest reports its read) lands in
+    the middle of the guest's line, so that the peek line is never matched and the run looks
+    hung while the guest spins after its report."""
+    return [mote, "--api-sock", sock_path, "--log-path", sock_path + ".log"]
+
+
 def stop(proc):
     if proc.poll() is None:
         proc.kill()
@@ -123,7 +132,7 @@ def make_snapshot(mote, probe, directory, touch_mib):
     mem = os.path.join(directory, f"restore-mem-{touch_mib}")
     steps = (f"poke:{PATTERN_AT_KIB}:{PATTERN_MIB * 256}:{SEED},kbd:8,"
              f"peek:{PATTERN_AT_KIB}:{touch_mib * 256}:{SEED},spin")
-    proc = subprocess.Popen([mote, "--api-sock", sock_path], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(mote_cmd(mote, sock_path), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         wait_for_path(sock_path, proc, "mote")
@@ -195,7 +204,7 @@ def one_run(mote, tool, directory, snap, backend, touch_mib, cold, index):
         path = handler_sock
     else:
         path = snap.mem
-    proc = subprocess.Popen([mote, "--api-sock", sock_path], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(mote_cmd(mote, sock_path), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     pages = touch_mib * 256
     try:
@@ -255,7 +264,7 @@ def record_working_set(mote, directory, state, mem, touch_mib):
     sock_path = os.path.join(directory, "restore-record.sock")
     if os.path.exists(sock_path):
         os.unlink(sock_path)
-    proc = subprocess.Popen([mote, "--api-sock", sock_path], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(mote_cmd(mote, sock_path), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         wait_for_path(sock_path, proc, "mote")

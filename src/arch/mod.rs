@@ -3,7 +3,8 @@
 //! one arch. `src/arch/x86_64/` and `src/arch/aarch64/` implement the same interface:
 //!
 //! - **Layout**: `arch_memory_regions(bytes)` (guest RAM ranges), `MAX_MEM_SIZE_MIB`,
-//!   `MAX_VCPUS`, `DEFAULT_BOOT_ARGS`, `cmdline_capacity()`, and where MMIO devices go:
+//!   `MAX_VCPUS`, `TRANSPARENT_HUGE_PAGE_SIZE` (the host's), `DEFAULT_BOOT_ARGS`,
+//!   `cmdline_capacity()`, and where MMIO devices go:
 //!   `BOOT_TIMER_START`, `VIRTIO_MMIO_START`, `MMIO_SLOT_SIZE`, `IRQ_BASE`..=`IRQ_MAX`.
 //! - **The VM**: `prepare_vm(kvm, vm)` right after the VM is made, before its memory
 //!   (x86_64: KVM's real-mode pages and its list of saveable MSRs; it may run ahead, see
@@ -46,7 +47,7 @@ pub use self::x86_64::{
     snapshot::{StateError, VcpuState, VmState},
     vcpu_features, vmgenid_placement, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
     VcpuFeatures, VmDevices, CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB,
-    MAX_VCPUS,
+    MAX_VCPUS, TRANSPARENT_HUGE_PAGE_SIZE,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -59,7 +60,7 @@ pub use self::aarch64::{
     snapshot::{StateError, VcpuState, VmState},
     vcpu_features, vmgenid_placement, ArchError, ArchVcpuError, BootEntry, InitrdPlacement,
     VcpuFeatures, VmDevices, CTRL_ALT_DEL_UNSUPPORTED, DEFAULT_BOOT_ARGS, MAX_MEM_SIZE_MIB,
-    MAX_VCPUS,
+    MAX_VCPUS, TRANSPARENT_HUGE_PAGE_SIZE,
 };
 
 /// The arch a snapshot's state belongs to, as its ELF machine number (EM_X86_64, EM_AARCH64).

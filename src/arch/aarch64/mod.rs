@@ -33,6 +33,12 @@ pub const MAX_MEM_SIZE_MIB: u64 = (GUEST_PHYS_END - DRAM_START) >> 20;
 /// The most vCPUs a guest may have (the redistributor region and the device tree are sized
 /// for this; Firecracker's limit too).
 pub const MAX_VCPUS: u8 = 32;
+
+/// The host's transparent huge page (a PMD's reach): 2 MiB with the 4 KiB granule mote's host
+/// pages are (the `Lazy` pager serves 4 KiB pages), as on x86_64; a 16 or 64 KiB granule kernel
+/// would have 32 or 512 MiB. The `Lazy` pager reads dense parts of the working set in blocks of
+/// this size so that each becomes one huge page KVM maps whole.
+pub const TRANSPARENT_HUGE_PAGE_SIZE: u64 = 2 << 20;
 /// Boot arguments when the user gives none: the UART as the console, reboot one second after
 /// a panic, and no PCI bus to probe. (`reboot=k` of x86_64 has no meaning here: PSCI resets.)
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 panic=1 pci=off";

@@ -45,6 +45,11 @@ use crate::config::{CpuTemplate, MsrModifier};
 pub const MAX_MEM_SIZE_MIB: u64 = (GUEST_PHYS_END - (MMIO_GAP_END - MMIO_GAP_START)) >> 20;
 /// The most vCPUs a guest may have (the MP table and the I/O APIC IDs are sized for this).
 pub const MAX_VCPUS: u8 = 32;
+
+/// The host's transparent huge page (a PMD's reach with 4 KiB pages): 2 MiB on x86_64, as on
+/// aarch64 with a 4 KiB granule. The `Lazy` pager reads dense parts of the working set in
+/// blocks of this size so that each becomes one huge page KVM maps whole.
+pub const TRANSPARENT_HUGE_PAGE_SIZE: u64 = 2 << 20;
 /// Boot arguments when the user gives none: the serial console, reset through the i8042, reboot
 /// one second after a panic, and no PCI bus to probe.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";

@@ -6,14 +6,18 @@
 //!
 //! The first lazy restore of a snapshot records which pages the guest faulted in its first
 //! `working_set_ms` of running (from the resume, however long the VM stayed paused after the
-//! load) and writes them beside the state file ([`working_set`]); later lazy
-//! restores of that snapshot copy those pages in, in one batch, before the vCPUs run (REAP,
-//! FaaSnap). A working-set file that is not that snapshot's, or is damaged, is named in a
-//! warning and replaced by a new recording: the restore serves on demand meanwhile.
+//! load) and writes them beside the state file ([`working_set`]); later lazy restores of that
+//! snapshot bring those pages in before the vCPUs run (REAP, FaaSnap): the 2 MiB blocks dense
+//! in it (an eighth of their pages or more) read whole into transparent huge pages before the
+//! userfaultfd is registered, which KVM then maps whole as it maps the File backend's page
+//! cache, and its other pages copied in runs ([`blocks`]). A working-set file that is not that
+//! snapshot's, or is damaged, is named in a warning and replaced by a new recording: the
+//! restore serves on demand meanwhile.
 //!
 //! A pager thread that fails ends the monitor with a message ([`failure`]): the guest would
 //! stall on its next fault otherwise.
 
+pub mod blocks;
 pub mod failure;
 pub mod pager;
 pub mod source;
@@ -56,6 +60,11 @@ pub enum LazyError {
     Uffd(#[from] UffdError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error("cannot read the working set's blocks from the memory file {path}: {source}")]
+    Blocks {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start the lazy pager: {0}")]
     Start(std::io::Error),
 }
@@ -74,25 +83,43 @@ pub fn restore(
 ) -> Result<(GuestMemoryMmap, Pager), LazyError> {
     let file = open_memory_file(mem_path, regions)?;
     let memory = create_guest_memory(mib, HugePages::None)?;
-    // EVENT_REMOVE: pages the balloon gives back must read zero afterwards, not the file's.
-    let uffd = Uffd::new(FEATURE_EVENT_REMOVE)?;
-    for region in memory.iter() {
-        uffd.register(region.as_ptr() as u64, region.len())?;
-    }
-    let source = PageSource::new(&file, mem_path, &memory)?;
+    let mut source = PageSource::new(&file, mem_path, &memory)?;
     let state = std::fs::read(state_path).map_err(|source| LazyError::State {
         path: state_path.to_path_buf(),
         source,
     })?;
     let id = SnapshotId::of(&state, source.pages());
     let ws_path = working_set::path_for(state_path);
-    let recorded = match working_set::read(&ws_path, id) {
+    let working_set = working_set::read(&ws_path, id);
+    let plan = match &working_set {
+        Some(Ok(pages)) => source.plan(pages),
+        _ => Default::default(),
+    };
+    // Before the userfaultfd is registered: once it is, a page can be filled only through it,
+    // 4 KiB at a time.
+    let read = source
+        .read_blocks(&file, &plan.whole)
+        .map_err(|source| LazyError::Blocks {
+            path: mem_path.to_path_buf(),
+            source,
+        })?;
+    // EVENT_REMOVE: pages the balloon gives back must read zero afterwards, not the file's.
+    let uffd = Uffd::new(FEATURE_EVENT_REMOVE)?;
+    for region in memory.iter() {
+        uffd.register(region.as_ptr() as u64, region.len())?;
+    }
+    let copied = source.copy_pages(&uffd, &plan.pages)?;
+    let recorded = match working_set {
         Some(Ok(pages)) => {
-            load_working_set(&uffd, &source, &pages)?;
+            METRICS
+                .lazy_restore
+                .pages_from_working_set
+                .add(read + copied);
             info!(
-                "lazy restore: {} pages of the working set {} copied in",
+                "lazy restore: the working set {} ({} pages) brought in: {} blocks read whole ({read} pages), {copied} pages copied",
+                ws_path.display(),
                 pages.len(),
-                ws_path.display()
+                plan.whole.len(),
             );
             true
         }
@@ -119,28 +146,4 @@ pub fn restore(
     let pager =
         pager::start(Arc::new(uffd), Arc::new(source), recording).map_err(LazyError::Start)?;
     Ok((memory, pager))
-}
-
-/// Copies the working set's pages in, in file order so neighbours go in one call.
-fn load_working_set(uffd: &Uffd, source: &PageSource, pages: &[u32]) -> Result<(), UffdError> {
-    let mut sorted: Vec<u64> = pages.iter().map(|p| u64::from(*p)).collect();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut at = 0;
-    while at < sorted.len() {
-        // A run of consecutive pages.
-        let mut end = at + 1;
-        while end < sorted.len() && sorted[end] == sorted[end - 1] + 1 {
-            end += 1;
-        }
-        let mut page = sorted[at];
-        let last = sorted[end - 1];
-        while page <= last {
-            let (filled, looked) = source.fill_run(uffd, page, last - page + 1)?;
-            METRICS.lazy_restore.pages_from_working_set.add(filled);
-            page += looked;
-        }
-        at = end;
-    }
-    Ok(())
 }

@@ -1,7 +1,9 @@
 //! Where the lazy pager's pages come from: the memory file, mapped read-only once, and which
 //! of its pages are holes (zero pages, left out when it was written). Every fill of guest
 //! memory, by the working-set load, the fault thread or the prefetch thread, goes through
-//! here, so the three agree on what a page holds.
+//! here, so the three agree on what a page holds. The working set's dense blocks are read
+//! whole before the userfaultfd is registered ([`PageSource::read_blocks`], [`super::blocks`]);
+//! the prefetch then passes over every page the load brought in without asking the kernel.
 
 use std::fs::File;
 use std::io;
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use devices::memory::GuestMemoryMmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::blocks::{self, Block, Plan, Region};
 use crate::vstate::uffd::{Filled, Uffd, UffdError};
 
 /// The pages the lazy pager serves: 4 KiB (a huge-page snapshot goes through `Uffd`).
@@ -31,14 +34,6 @@ pub enum SourceError {
     Holes { path: PathBuf, source: io::Error },
 }
 
-/// One guest RAM region: where it is in this process and in the memory file.
-#[derive(Debug, Clone, Copy)]
-struct Region {
-    host: u64,
-    len: u64,
-    file_offset: u64,
-}
-
 /// The memory file and guest memory, page for page.
 pub struct PageSource {
     /// The memory file, mapped read-only and shared: UFFDIO_COPY reads the page cache through
@@ -51,6 +46,10 @@ pub struct PageSource {
     /// One bit per page: set when the balloon gave the page back (UFFD_EVENT_REMOVE). The
     /// guest must find such a page zero, not as the snapshot had it.
     removed: Vec<AtomicU64>,
+    /// One bit per page: set when the working-set load brought the page in, before the pager
+    /// started (whole blocks read, or pages copied); the prefetch passes over these in runs
+    /// instead of being refused once per page. Written only before the source is shared.
+    loaded: Vec<u64>,
     /// Odd while the fault thread reads events and marks the removed pages among them, even
     /// between: a prefetch fill the count changed under may have raced a remove (below).
     reading: AtomicU64,
@@ -63,7 +62,8 @@ pub struct PageSource {
 // SAFETY: `file_map` is a read-only mapping owned by the source for its whole life and never
 // written; reading it from any thread is sound.
 unsafe impl Send for PageSource {}
-// SAFETY: as for Send: shared access only reads the mapping; `removed` is atomic.
+// SAFETY: as for Send: shared access only reads the mapping; `removed` is atomic, `loaded`
+// is written only through `&mut self`, before the source is shared.
 unsafe impl Sync for PageSource {}
 
 impl PageSource {
@@ -111,6 +111,7 @@ impl PageSource {
             regions,
             data,
             removed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            loaded: vec![0; pages.div_ceil(64)],
             reading: AtomicU64::new(0),
             _memory: memory.clone(),
         })
@@ -227,7 +228,14 @@ impl PageSource {
     /// refused waits for the fault thread's read to end, then looks at the pages again; a
     /// fill during which a read began drops again the pages of its run that are marked
     /// removed by now (the madvise raises another remove, which marks nothing new).
+    ///
+    /// Pages the working-set load brought in are passed over in one step, without a call
+    /// (unless the balloon has since removed them: those are filled zero as any removed page).
     pub fn prefetch_run(&self, uffd: &Uffd, page: u64, max: u64) -> Result<(u64, u64), UffdError> {
+        let loaded = self.loaded_run(page, max);
+        if loaded > 0 {
+            return Ok((0, loaded));
+        }
         loop {
             let before = self.settled_reading();
             let (filled, looked) = self.fill_run(uffd, page, max)?;
@@ -289,6 +297,102 @@ impl PageSource {
         !self.has_data(page) || self.is_removed(page)
     }
 
+    /// How many pages from `page` (up to `max`, within its region) the working-set load
+    /// brought in and the balloon has not removed since. Only the prefetch passes over them
+    /// so: passing over a page never brings back what the balloon removed, while a fault must
+    /// always be answered with a fill (a missing page faults again otherwise).
+    fn loaded_run(&self, page: u64, max: u64) -> u64 {
+        let Some((_, left)) = self.host_of(page) else {
+            return 0;
+        };
+        let mut run = 0;
+        while run < max.min(left) && bit(&self.loaded, page + run) && !self.is_removed(page + run) {
+            run += 1;
+        }
+        run
+    }
+
+    fn mark_loaded(&mut self, pages: std::ops::Range<u64>) {
+        for page in pages {
+            self.loaded[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// Which of the working set `pages` are read whole, in blocks, and which copied.
+    pub fn plan(&self, pages: &[u32]) -> Plan {
+        blocks::plan(pages, &self.regions, |page| self.has_data(page))
+    }
+
+    /// Reads `blocks` (of [`Self::plan`]) whole from the memory file `file` straight into
+    /// guest memory; before the userfaultfd is registered on it, which refuses to fill a page
+    /// any way but through it. Guest memory there is first marked `MADV_HUGEPAGE`, so that
+    /// each block (aligned in host memory, as KVM needs) becomes one transparent huge page
+    /// mapped whole by KVM, as the File backend's page cache is; and every block's read is
+    /// queued at once (`MADV_WILLNEED` on the file's mapping) so the disk has them all before
+    /// the first `pread` waits. Holes in a block read zeros, which is what a hole means.
+    /// Returns the pages read.
+    pub fn read_blocks(&mut self, file: &File, blocks: &[Block]) -> io::Result<u64> {
+        for range in blocks::ranges(blocks) {
+            // SAFETY: guest memory of one region (`plan` clamps blocks to their region),
+            // mapped for as long as `_memory` is; MADV_HUGEPAGE only lets the kernel back it
+            // with huge pages, contents unchanged.
+            let ret = unsafe {
+                libc::madvise(
+                    range.host as *mut libc::c_void,
+                    range.len as usize,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+            if ret != 0 {
+                // A kernel without transparent huge pages: the blocks are read all the same.
+                log::debug!(
+                    "lazy restore: no huge pages for guest memory at {:#x}: {}",
+                    range.host,
+                    io::Error::last_os_error()
+                );
+            }
+            // SAFETY: `file_offset..file_offset + len` is inside the file's mapping (a
+            // region's part of the file); MADV_WILLNEED only starts reads into the page cache.
+            unsafe {
+                libc::madvise(
+                    self.file_map.add(range.file_offset as usize) as *mut libc::c_void,
+                    range.len as usize,
+                    libc::MADV_WILLNEED,
+                )
+            };
+        }
+        let mut pages = 0;
+        for block in blocks {
+            read_whole(file, block)?;
+            self.mark_loaded(block.pages());
+            pages += block.len / PAGE_SIZE;
+        }
+        Ok(pages)
+    }
+
+    /// Copies `pages` (sorted, of [`Self::plan`]) in through the registered `uffd`, one call
+    /// per run of neighbours of the same kind; returns the pages filled.
+    pub fn copy_pages(&mut self, uffd: &Uffd, pages: &[u64]) -> Result<u64, UffdError> {
+        let mut filled = 0;
+        let mut at = 0;
+        while at < pages.len() {
+            let mut end = at + 1;
+            while end < pages.len() && pages[end] == pages[end - 1] + 1 {
+                end += 1;
+            }
+            let mut page = pages[at];
+            let last = pages[end - 1];
+            while page <= last {
+                let (count, looked) = self.fill_run(uffd, page, last - page + 1)?;
+                filled += count;
+                self.mark_loaded(page..page + looked);
+                page += looked;
+            }
+            at = end;
+        }
+        Ok(filled)
+    }
+
     /// Fills the one page `page`: Some(true) when it was missing, Some(false) when someone
     /// filled it first (whoever waits on it is woken), None when the kernel asks to try again
     /// later (EAGAIN: guest memory is changing under an event, a balloon's remove, that the
@@ -316,6 +420,35 @@ impl Drop for PageSource {
 
 fn bit(bits: &[u64], index: u64) -> bool {
     bits[(index / 64) as usize] & (1 << (index % 64)) != 0
+}
+
+/// Reads `block` of the memory file `file` into guest memory, whole.
+fn read_whole(file: &File, block: &Block) -> io::Result<()> {
+    let mut done = 0;
+    while done < block.len {
+        // SAFETY: `host + done .. host + len` is guest memory of one region, mapped while the
+        // source lives and run by no vCPU yet; pread writes at most `len - done` bytes there.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                (block.host + done) as *mut libc::c_void,
+                (block.len - done) as usize,
+                (block.file_offset + done) as libc::off_t,
+            )
+        };
+        match read {
+            n if n > 0 => done += n as u64,
+            // The file was checked to be as long as guest memory: cut short since.
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One bit per page of the file's `len` bytes, set where it has data: from SEEK_DATA and

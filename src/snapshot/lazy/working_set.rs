@@ -1,6 +1,6 @@
 //! The working-set file: the pages a guest restored lazily faulted in its first moments, in
 //! the order it faulted them (REAP, FaaSnap), kept beside the snapshot's state file as
-//! `STATE.ws`. A later lazy restore of that snapshot copies them in before the vCPUs run.
+//! `STATE.ws`. A later lazy restore of that snapshot brings them in before the vCPUs run.
 //!
 //! `MAGIC (8) | version (u32 LE) | page size (u32 LE) | state file length (u64 LE) |
 //! state file CRC-64 (u64 LE) | memory pages (u64 LE) | count (u64 LE) | count × page (u32 LE)
