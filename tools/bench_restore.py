@@ -32,7 +32,6 @@ Lazy+ws at least 2x faster than File (`restore_cold_file_over_lazy_ws_*`, median
 Median, fastest and slowest of N runs per case, and the handler's fault count for Uffd.
 """
 
-import json
 import os
 import re
 import select
@@ -40,8 +39,10 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import time
+
+import bench_api
+from bench_api import say
 
 RUN_TIMEOUT_S = 60.0
 GUEST_MIB = 2048
@@ -67,27 +68,9 @@ class RestoreBenchError(Exception):
     pass
 
 
-def say(message):
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 def api(sock_path, method, path, body):
     """One request; (status, ms from sending it to the whole answer)."""
-    data = json.dumps(body).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(RUN_TIMEOUT_S)
-        sock.connect(sock_path)
-        start = time.perf_counter_ns()
-        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                     f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
-        return status, (time.perf_counter_ns() - start) / 1e6
+    return bench_api.api(sock_path, method, path, body, RUN_TIMEOUT_S)
 
 
 def ok(sock_path, method, path, body):
