@@ -275,17 +275,7 @@ fn dense_blocks_of_a_working_set_are_read_whole_and_sparse_ones_page_by_page() {
         .collect();
     for (case, pages) in [("sparse", &sparse), ("dense", &dense)] {
         write_working_set(&ws, &header, pages);
-        let (mote, metrics) = spawn(&format!("lazy-blocks-{case}"));
-        mote.ok("PUT", "/snapshot/load", &lazy_load(&state, &mem, true));
-        mote.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
-        let out = mote.wait_for_stdout("probe: hello", WAIT);
-        assert_eq!(peeks(&out), (PAGES as usize, 0), "{case}: {out}");
-        wait_until(
-            "guest memory fully resident",
-            || mote.stderr().contains("guest memory fully resident"),
-            &mote,
-        );
-        let counters = lazy_counters(&mote, &metrics);
+        let (mote, counters) = restore_and_read_back(&format!("lazy-blocks-{case}"), &state, &mem);
         let loaded = counter(&counters, "pages_from_working_set");
         assert_eq!(
             loaded + counter(&counters, "pages_on_demand") + counter(&counters, "pages_prefetched"),
