@@ -496,24 +496,7 @@ fn balloon_removed_pages_stay_removed_and_come_back_zeroed_under_the_prefetch() 
         peeks.join(",")
     );
     let source = ApiMote::spawn("lazy-balloon-source", &[]);
-    let boot_source = serde_json::json!({
-        "kernel_image_path": probe_kernel(),
-        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
-    });
-    source.ok("PUT", "/boot-source", &boot_source.to_string());
-    source.ok(
-        "PUT",
-        "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
-    );
-    source.ok(
-        "PUT",
-        "/balloon",
-        r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
-    );
-    source.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    source.wait_for_stdout("probe: balloon: waiting target=0 actual=0", WAIT);
-    let (state, mem) = source.pause_and_snapshot();
+    let (state, mem) = source.ballooned_probe_snapshot(&steps);
     drop(source);
 
     let (clone, _) = spawn("lazy-balloon-clone");

@@ -228,6 +228,33 @@ impl ApiMote {
         pause_and_snapshot(&self.socket, &self.dir)
     }
 
+    /// Boots the probe with `steps` in 256 MiB with a balloon (0 MiB, deflate on OOM), waits
+    /// for the probe's first `balloon: waiting target=0`, and snapshots it: the state and
+    /// memory files, in this monitor's directory.
+    pub fn ballooned_probe_snapshot(&self, steps: &str) -> (PathBuf, PathBuf) {
+        let boot_source = serde_json::json!({
+            "kernel_image_path": super::probe_kernel(),
+            "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
+        });
+        self.ok("PUT", "/boot-source", &boot_source.to_string());
+        self.ok(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
+        );
+        self.ok(
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
+        );
+        self.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+        self.wait_for_stdout(
+            "probe: balloon: waiting target=0 actual=0",
+            Duration::from_secs(60),
+        );
+        self.pause_and_snapshot()
+    }
+
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
     }
