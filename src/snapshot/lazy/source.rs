@@ -15,11 +15,21 @@ use std::time::{Duration, Instant};
 use devices::memory::GuestMemoryMmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::blocks::{self, Block, Plan, Region};
+use super::blocks::{self, Block, Plan, Region, BLOCK};
 use crate::vstate::uffd::{Filled, Uffd, UffdError};
 
 /// The pages the lazy pager serves: 4 KiB (a huge-page snapshot goes through `Uffd`).
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The pages from host address `host` to the end of its [`BLOCK`] of host memory. One fill
+/// stays within it: the blocks read whole were marked `MADV_HUGEPAGE`, which splits guest
+/// memory's mapping at their edges, and the kernel refuses a UFFDIO_COPY or ZEROPAGE that
+/// runs from one mapping into the next (ENOENT). Where guest memory does not start on a
+/// block's edge in the host (older kernels do not align large anonymous mappings), those
+/// edges fall inside the prefetch's steps.
+pub fn pages_to_block_end(host: u64) -> u64 {
+    (BLOCK - host % BLOCK) / PAGE_SIZE
+}
 
 /// How long the prefetch waits, after the kernel asked it to fill again later, for the fault
 /// thread to read the event that holds fills back. An EAGAIN with no event behind it (a
@@ -163,15 +173,17 @@ impl PageSource {
     }
 
     /// Fills page `page` and up to `max - 1` pages after it of the same kind (data from the
-    /// file, or a hole or a removed page, zero) within one region; returns how many pages it
-    /// filled and how many pages it looked at (filled or found there already).
+    /// file, or a hole or a removed page, zero) within one region and one block of host
+    /// memory ([`pages_to_block_end`]); returns how many pages it filled and how many pages it
+    /// looked at (filled or found there already).
     pub fn fill_run(&self, uffd: &Uffd, page: u64, max: u64) -> Result<(u64, u64), UffdError> {
         let Some((host, left)) = self.host_of(page) else {
             return Ok((0, 1));
         };
         let zero = self.is_zero(page);
+        let limit = max.min(left).min(pages_to_block_end(host));
         let mut run = 1;
-        while run < max.min(left) && self.is_zero(page + run) == zero {
+        while run < limit && self.is_zero(page + run) == zero {
             run += 1;
         }
         let len = run * PAGE_SIZE;
@@ -492,6 +504,16 @@ mod tests {
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
+
+    #[test]
+    fn a_fill_ends_at_the_edge_of_its_block_of_host_memory() {
+        let block = 2 << 20;
+        assert_eq!(pages_to_block_end(0x7f00_0000_0000), 512);
+        assert_eq!(pages_to_block_end(0x7f00_0000_0000 + block - 4096), 1);
+        // Guest memory at 0x...7c8000 (seen on a 6.1 host): the prefetch's first 1 MiB step
+        // from there would cross the block edge 56 pages on, into the next mapping.
+        assert_eq!(pages_to_block_end(0x7f29_307c_8000), 56);
+    }
 
     #[test]
     fn holes_are_told_from_data_page_by_page() {
