@@ -140,8 +140,10 @@ fn every_thread_of_an_api_driven_mote_runs_under_a_filter() {
     let mote = ApiMote::spawn("seccomp-threads", &[]);
     let pid = mote.pid();
     // Before boot: the API thread has its filter, the main thread `build` once it serves.
+    // (`GET /` is the API thread's own answer before the start; `GET /machine-config` is the
+    // main thread's.)
     wait_for_threads(pid, "mote_api", 1);
-    let answer = mote.request("GET", "/", "");
+    let answer = mote.request("GET", "/machine-config", "");
     assert_eq!(answer.status, 200, "{answer:?}");
     let before = threads(pid);
     assert_eq!(filters_of(&before, "mote_api").mode, 2, "{before:?}");
