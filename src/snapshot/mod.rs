@@ -11,6 +11,7 @@
 pub mod actions;
 pub mod describe;
 pub mod diff;
+pub mod failure;
 pub mod lazy;
 mod legacy;
 pub mod memory;

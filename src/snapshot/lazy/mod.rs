@@ -14,11 +14,10 @@
 //! snapshot's, or is damaged, is named in a warning and replaced by a new recording: the
 //! restore serves on demand meanwhile.
 //!
-//! A pager thread that fails ends the monitor with a message ([`failure`]): the guest would
+//! A pager thread that fails ends the monitor with a message ([`super::failure`]): the guest would
 //! stall on its next fault otherwise.
 
 pub mod blocks;
-pub mod failure;
 pub mod pager;
 pub mod source;
 pub mod working_set;

@@ -164,7 +164,9 @@ fn fail(thread: &str, doorbell: &Doorbell, err: &PagerError) {
         debug!("{thread} ends with the VM: {err}");
         return;
     }
-    super::failure::end_monitor(thread, err)
+    crate::snapshot::failure::end_monitor(&format!(
+        "the lazy pager's thread {thread} failed: {err}; guest memory can no longer be filled from the memory file, so this monitor ends"
+    ))
 }
 
 /// What the fault thread acts on: a message from the descriptor, or a page to fill again.

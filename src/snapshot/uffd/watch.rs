@@ -91,16 +91,11 @@ fn watch(epoll: &Epoll, _uffd: &Uffd, path: &std::path::Path, limit: Duration) {
 /// Ends the monitor: the guest cannot go on, and the thread that would end it in order may be
 /// the one waiting on the fault.
 fn give_up(path: &std::path::Path, limit: Duration) -> ! {
-    let message = format!(
+    crate::snapshot::failure::end_monitor(&format!(
         "a guest memory fault waited unread for {} ms (mem_backend fault_timeout_ms) on the userfaultfd given to the page-fault handler on {}: the handler is gone or stuck, so this monitor ends",
         limit.as_millis(),
         path.display()
-    );
-    log::error!("{message}");
-    log::error!("mote exiting with error. exit_code=1");
-    crate::terminal::restore();
-    eprintln!("mote: {message}");
-    std::process::exit(1)
+    ))
 }
 
 #[cfg(test)]
