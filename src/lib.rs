@@ -327,9 +327,6 @@ fn run_started(started: Started, api: Option<ApiChannel>) -> Result<Outcome, Mot
         subscribers,
         controller,
     } = started;
-    if let Some(api) = &api {
-        api.preboot.mark_started();
-    }
     let api =
         api.map(|api| -> Subscriber { Arc::new(Mutex::new(ApiSubscriber { api, controller })) });
     run_to_the_end(vmm, subscribers, api)

@@ -61,7 +61,8 @@ impl PrebootInfo {
     }
 
     /// Called by the main thread once the VM runs, before it answers the request that started
-    /// it: a `GET /` sent after that answer is the main thread's.
+    /// it (a `GET /` sent after that answer is the main thread's), or before the API serves
+    /// where the VM starts without a request (a config file, `run --restore`).
     pub fn mark_started(&self) {
         self.started.store(true, Ordering::Release);
     }

@@ -9,8 +9,9 @@
 //! - **The VM**: `prepare_vm(kvm, vm)` right after the VM is made, before its memory
 //!   (x86_64: KVM's real-mode pages and its list of saveable MSRs; it may run ahead, see
 //!   `vstate/spare_vm.rs`), `create_vm_devices(kvm, vm)` once the memory is registered and
-//!   before any vCPU exists (x86_64: the irqchip and PIT), `finish_vm_devices(vm, vcpus)` once all vCPUs exist
-//!   (aarch64: the vCPUs' KVM_ARM_VCPU_INIT and the GIC, which must come after them), which
+//!   before any vCPU exists (x86_64: the irqchip and PIT), `finish_vm_devices(vm, vcpus)`
+//!   once all vCPUs exist (aarch64: the vCPUs' KVM_ARM_VCPU_INIT and the GIC, which must come
+//!   after them), which
 //!   gives the `VmDevices` a VM keeps; `VmState` (save of those devices and the clock;
 //!   restored in two parts, `restore_before_vcpus` (x86_64: all of it, the kvm-clock before
 //!   the vCPUs' clock MSRs) and `restore_after_vcpus` (aarch64: the GIC)).

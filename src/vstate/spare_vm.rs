@@ -7,8 +7,8 @@
 //! x86_64 a memory slot added within some 7 ms of the irqchip waited out those 7 ms), and the
 //! vCPUs after those devices.
 //!
-//! The cost where no VM ever comes (a monitor spawned into a pool and stopped unused): one VM
-//! and the PIT's kernel thread for the monitor's life.
+//! The cost where no VM ever comes (a monitor spawned into a pool and stopped unused): one
+//! VM's kernel memory for the monitor's life.
 
 use std::sync::Mutex;
 
