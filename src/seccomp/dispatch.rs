@@ -68,7 +68,7 @@ fn search_dispatch(program: &[sock_filter]) -> Option<Vec<sock_filter>> {
     {
         return None;
     }
-    let (entries, mismatch) = walk_chain(program)?;
+    let (entries, mismatch) = walk_chain(program, preamble.len())?;
     if entries.len() < MIN_CALLS {
         return None;
     }
@@ -91,14 +91,15 @@ fn search_dispatch(program: &[sock_filter]) -> Option<Vec<sock_filter>> {
     (out.len() <= MAX_INSNS).then_some(out)
 }
 
-/// Follows the path a system call number that matches nothing takes through the chain: every
+/// Follows the path a system call number that matches nothing takes through the chain, which
+/// starts at `start` (after the preamble): every
 /// `JEQ nr` on it names a call and where a match leads; the path ends at the mismatch action.
 /// Only comparisons and plain jumps may lie on it (the accumulator must still hold the
 /// number). Returns the calls (the first comparison of a number wins, as in the chain) and the
 /// index of the final `RET`.
-fn walk_chain(program: &[sock_filter]) -> Option<(BTreeMap<u32, usize>, usize)> {
+fn walk_chain(program: &[sock_filter], start: usize) -> Option<(BTreeMap<u32, usize>, usize)> {
     let mut entries = BTreeMap::new();
-    let mut pc = 4;
+    let mut pc = start;
     // BPF jumps only forward, so the walk ends; the bound is a second guard.
     for _ in 0..program.len() {
         let insn = program.get(pc)?;

@@ -4,17 +4,8 @@
 use seccompiler::sock_filter;
 
 use super::dispatch::with_search_dispatch;
+use super::tests::json_compiled as compiled;
 use super::*;
-
-const FILTER_JSON: &str = include_str!(env!("MOTE_SECCOMP_JSON"));
-
-fn compiled() -> FilterMap {
-    let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap();
-    seccompiler::compile_from_json(FILTER_JSON.as_bytes(), arch)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
 
 /// `struct seccomp_data`: nr, arch, instruction pointer, six arguments.
 fn seccomp_data(nr: u32, arch: u32, args: [u64; 6]) -> [u8; 64] {

@@ -12,6 +12,22 @@ fn target_arch() -> seccompiler::TargetArch {
     seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap()
 }
 
+/// The JSON compiled by seccompiler, as it is before `build.rs` puts the search in front.
+pub(super) fn json_compiled() -> FilterMap {
+    seccompiler::compile_from_json(FILTER_JSON.as_bytes(), target_arch())
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// The built-in filters by name.
+fn built_in() -> FilterMap {
+    BUILT_IN
+        .iter()
+        .map(|(name, program)| (name.to_string(), program.to_vec()))
+        .collect()
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mote-seccomp-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -91,16 +107,11 @@ fn built_in_filters_have_every_kind() {
 
 #[test]
 fn built_in_filters_are_the_json_compiled() {
-    let compiled: FilterMap = seccompiler::compile_from_json(FILTER_JSON.as_bytes(), target_arch())
-        .unwrap()
+    let compiled: FilterMap = json_compiled()
         .into_iter()
         .map(|(name, program)| (name, dispatch::with_search_dispatch(&program)))
         .collect();
-    let built_in: FilterMap = BUILT_IN
-        .iter()
-        .map(|(name, program)| (name.to_string(), program.to_vec()))
-        .collect();
-    assert_eq!(built_in, compiled);
+    assert_eq!(built_in(), compiled);
 }
 
 /// The rules of one filter in the JSON file, each as (syscall, its conditions as JSON text).
@@ -336,11 +347,7 @@ fn custom_json_and_compiled_files_load() {
     assert!(filters.get(Filter::Api).is_enabled());
 
     let compiled = scratch("custom.bpf");
-    let built_in: FilterMap = BUILT_IN
-        .iter()
-        .map(|(name, program)| (name.to_string(), program.to_vec()))
-        .collect();
-    std::fs::write(&compiled, serialize(&built_in)).unwrap();
+    std::fs::write(&compiled, serialize(&built_in())).unwrap();
     assert!(SeccompFilters::load(&SeccompConfig::Custom(compiled)).is_ok());
 
     std::fs::write(&json, format!(r#"{{"build": {allow_all}}}"#)).unwrap();
