@@ -911,7 +911,8 @@ fn a_waiting_monitor_makes_its_vm_ahead_and_the_start_takes_it() {
     }
     assert_eq!(kvm_fds(mote.pid(), "anon_inode:kvm-vcpu:"), 0);
     assert_eq!(mote.request("GET", "/", "").json()["state"], "Not started");
-    mote.ok("PUT", "/boot-source", &boot_source("hello"));
+    // The guest spins on after its hello: a guest that ends takes its VM with it.
+    mote.ok("PUT", "/boot-source", &boot_source("hello,spin"));
     start(&mote);
     mote.wait_for_stdout("probe: hello", WAIT);
     assert_eq!(kvm_vms(mote.pid()), 1, "the start made a VM of its own");
