@@ -12,43 +12,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::api::ApiMote;
-use common::{probe_kernel, require_kvm};
+use common::pattern::{AT_KIB, PAGES, STRIDE};
+use common::require_kvm;
 
 const WAIT: Duration = Duration::from_secs(20);
-/// Pattern pages the guest writes before its snapshot and reads back after: 16 pages, one
-/// every 64, from 40 MiB (64 MiB of guest memory).
-const AT_KIB: u64 = 40 << 10;
-const PAGES: u64 = 16;
-const STRIDE: u64 = 64;
 /// The recording window the tests ask for: long enough for the guest to read its patterns
 /// after the key, short enough to wait for.
 const WINDOW_MS: u64 = 400;
 
-/// Boots a probe that writes its patterns (from `seed`), waits for a key (the snapshot is
-/// taken there), then reads them back one page at a time and says hello; snapshots it at the
-/// wait and kills it.
+/// The pattern probe's snapshot (from `seed`), taken at its key wait by a monitor named `name`.
 fn snapshot(name: &str, seed: u64) -> (PathBuf, PathBuf) {
-    let mote = ApiMote::spawn(name, &[]);
-    let peeks: Vec<String> = (0..PAGES)
-        .map(|page| format!("peek:{}:1:{seed}", AT_KIB + page * STRIDE * 4))
-        .collect();
-    let steps = format!(
-        "poke:{AT_KIB}:{PAGES}:{seed}:{STRIDE},kbd:8,{},hello,spin",
-        peeks.join(",")
-    );
-    let boot_source = serde_json::json!({
-        "kernel_image_path": probe_kernel(),
-        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
-    });
-    mote.ok("PUT", "/boot-source", &boot_source.to_string());
-    mote.ok(
-        "PUT",
-        "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
-    );
-    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    mote.wait_for_stdout("probe: kbd: waiting", WAIT);
-    mote.pause_and_snapshot()
+    ApiMote::spawn(name, &[]).pattern_probe_snapshot(seed)
 }
 
 fn ws_path(state: &Path) -> PathBuf {

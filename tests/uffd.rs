@@ -19,44 +19,18 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::api::ApiMote;
+use common::pattern::{AT_KIB, PAGES, STRIDE};
 use common::{probe_kernel, require_kvm, send_signal};
 
 const WAIT: Duration = Duration::from_secs(20);
-/// Pattern pages the guest writes before its snapshot and reads back after: 16 pages, one
-/// every 64, from 40 MiB (64 MiB of guest memory).
-const AT_KIB: u64 = 40 << 10;
-const PAGES: u64 = 16;
-const STRIDE: u64 = 64;
 const SEED: u64 = 7;
 
-/// Boots a probe that writes its patterns, waits for a key (the snapshot is taken there),
-/// then reads the patterns back one page at a time and spins; snapshots it at the wait and
-/// kills it.
+/// The pattern probe's snapshot, taken at its key wait by a monitor named `name`, which is
+/// gone by the return: (its directory, the state file, the memory file).
 fn snapshot(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let mote = ApiMote::spawn(name, &[]);
-    let peeks: Vec<String> = (0..PAGES)
-        .map(|page| format!("peek:{}:1:{SEED}", AT_KIB + page * STRIDE * 4))
-        .collect();
-    let steps = format!(
-        "poke:{AT_KIB}:{PAGES}:{SEED}:{STRIDE},kbd:8,{},hello,spin",
-        peeks.join(",")
-    );
-    let boot_source = serde_json::json!({
-        "kernel_image_path": probe_kernel(),
-        "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
-    });
-    mote.ok("PUT", "/boot-source", &boot_source.to_string());
-    mote.ok(
-        "PUT",
-        "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
-    );
-    mote.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    mote.wait_for_stdout("probe: kbd: waiting", WAIT);
-    let (state, mem) = mote.pause_and_snapshot();
-    let dir = mote.dir.clone();
-    drop(mote);
-    (dir, state, mem)
+    let (state, mem) = mote.pattern_probe_snapshot(SEED);
+    (mote.dir.clone(), state, mem)
 }
 
 fn uffd_load(state: &Path, socket: &Path, timeout_ms: Option<u64>) -> String {

@@ -228,30 +228,53 @@ impl ApiMote {
         pause_and_snapshot(&self.socket, &self.dir)
     }
 
-    /// Boots the probe with `steps` in 256 MiB with a balloon (0 MiB, deflate on OOM), waits
-    /// for the probe's first `balloon: waiting target=0`, and snapshots it: the state and
-    /// memory files, in this monitor's directory.
-    pub fn ballooned_probe_snapshot(&self, steps: &str) -> (PathBuf, PathBuf) {
+    /// Boots the probe with `steps` in `mem_mib` MiB and one vCPU, with a balloon (0 MiB,
+    /// deflate on OOM) when `balloon`.
+    pub fn boot_probe(&self, steps: &str, mem_mib: u32, balloon: bool) {
         let boot_source = serde_json::json!({
             "kernel_image_path": super::probe_kernel(),
             "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off probe.run={steps}"),
         });
         self.ok("PUT", "/boot-source", &boot_source.to_string());
-        self.ok(
-            "PUT",
-            "/machine-config",
-            r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
-        );
-        self.ok(
-            "PUT",
-            "/balloon",
-            r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
-        );
+        let machine = serde_json::json!({"vcpu_count": 1, "mem_size_mib": mem_mib});
+        self.ok("PUT", "/machine-config", &machine.to_string());
+        if balloon {
+            self.ok(
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
+            );
+        }
         self.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    }
+
+    /// Boots the probe with `steps` in 256 MiB with a balloon (0 MiB, deflate on OOM), waits
+    /// for the probe's first `balloon: waiting target=0`, and snapshots it: the state and
+    /// memory files, in this monitor's directory.
+    pub fn ballooned_probe_snapshot(&self, steps: &str) -> (PathBuf, PathBuf) {
+        self.boot_probe(steps, 256, true);
         self.wait_for_stdout(
             "probe: balloon: waiting target=0 actual=0",
             Duration::from_secs(60),
         );
+        self.pause_and_snapshot()
+    }
+
+    /// Boots the pattern probe of the lazy-restore tests ([`super::pattern`]) in 64 MiB: it
+    /// writes its patterns from `seed`, waits for a key, then reads them back one page at a
+    /// time, says hello and spins. Snapshotted at the key wait: the state and memory files, in
+    /// this monitor's directory.
+    pub fn pattern_probe_snapshot(&self, seed: u64) -> (PathBuf, PathBuf) {
+        use super::pattern::{AT_KIB, PAGES, STRIDE};
+        let peeks: Vec<String> = (0..PAGES)
+            .map(|page| format!("peek:{}:1:{seed}", AT_KIB + page * STRIDE * 4))
+            .collect();
+        let steps = format!(
+            "poke:{AT_KIB}:{PAGES}:{seed}:{STRIDE},kbd:8,{},hello,spin",
+            peeks.join(",")
+        );
+        self.boot_probe(&steps, 64, false);
+        self.wait_for_stdout("probe: kbd: waiting", Duration::from_secs(20));
         self.pause_and_snapshot()
     }
 

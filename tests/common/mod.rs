@@ -5,6 +5,15 @@
 
 pub mod api;
 
+/// The pattern pages of the lazy-restore tests' probe ([`api::ApiMote::pattern_probe_snapshot`],
+/// tests/lazy.rs and tests/uffd.rs): 16 pages, one every 64, from 40 MiB (of 64 MiB of guest
+/// memory), written before the snapshot and read back after the restore.
+pub mod pattern {
+    pub const AT_KIB: u64 = 40 << 10;
+    pub const PAGES: u64 = 16;
+    pub const STRIDE: u64 = 64;
+}
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
