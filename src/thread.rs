@@ -1,5 +1,5 @@
 //! The one place the monitor spawns threads, so that every worker is named and runs its work
-//! only under its seccomp filter.
+//! only under its seccomp filter (a helper its spawner joins, under the spawner's).
 //!
 //! mote has one panic model: a panic on any thread ends the process at once (the release
 //! build has `panic = "abort"`, and the hook `main` installs aborts in every build after it
@@ -32,4 +32,21 @@ where
             Ok(()) => work(),
             Err(err) => on_filter_error(err.to_string()),
         })
+}
+
+/// Spawns `work` in `scope` on a thread called `name` that helps its spawner with part of the
+/// spawner's own work, which it joins before it goes on (the working-set load's block reads).
+/// It runs under the filter its spawner has, which every thread inherits at its start: a
+/// filter of its own would cost as much as the help gains, and it does nothing the spawner
+/// may not.
+pub fn spawn_helper<'scope, 'env, T, F>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    name: &str,
+    work: F,
+) -> io::Result<std::thread::ScopedJoinHandle<'scope, T>>
+where
+    F: FnOnce() -> T + Send + 'scope,
+    T: Send + 'scope,
+{
+    Builder::new().name(name.into()).spawn_scoped(scope, work)
 }

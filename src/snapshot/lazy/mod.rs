@@ -94,6 +94,7 @@ pub fn restore(
         Some(Ok(pages)) => source.plan(pages),
         _ => Default::default(),
     };
+    source.queue_reads(&plan);
     // Before the userfaultfd is registered: once it is, a page can be filled only through it,
     // 4 KiB at a time.
     let read = source

@@ -335,14 +335,40 @@ impl PageSource {
         blocks::plan(pages, &self.regions, |page| self.has_data(page))
     }
 
+    /// Queues every read of the memory file that loading `plan` makes (`MADV_WILLNEED` on the
+    /// file's mapping, which only starts reads into the page cache), so that the disk has them
+    /// all in hand before the first `pread` or copy waits: the copied pages' too, or each run
+    /// of them would wait for its own read, one after the other (20 pages of a 16 MiB working
+    /// set took 8 ms so under strace, with the page cache dropped). Runs of copied pages closer
+    /// than [`QUEUE_GAP_PAGES`] are queued as one, the pages between read along.
+    pub fn queue_reads(&self, plan: &Plan) {
+        let pages = page_runs(&plan.pages, QUEUE_GAP_PAGES).map(|(first, count)| Block {
+            host: 0,
+            len: count * PAGE_SIZE,
+            file_offset: first * PAGE_SIZE,
+        });
+        for range in blocks::ranges(&plan.whole).into_iter().chain(pages) {
+            // SAFETY: `file_offset..file_offset + len` is inside the file's mapping (a
+            // region's part of the file, or pages of it); MADV_WILLNEED only starts reads.
+            unsafe {
+                libc::madvise(
+                    self.file_map.add(range.file_offset as usize) as *mut libc::c_void,
+                    range.len as usize,
+                    libc::MADV_WILLNEED,
+                )
+            };
+        }
+    }
+
     /// Reads `blocks` (of [`Self::plan`]) whole from the memory file `file` straight into
     /// guest memory; before the userfaultfd is registered on it, which refuses to fill a page
     /// any way but through it. Guest memory there is first marked `MADV_HUGEPAGE`, so that
     /// each block (aligned in host memory, as KVM needs) becomes one transparent huge page
-    /// mapped whole by KVM, as the File backend's page cache is; and every block's read is
-    /// queued at once (`MADV_WILLNEED` on the file's mapping) so the disk has them all before
-    /// the first `pread` waits. Holes in a block read zeros, which is what a hole means.
-    /// Returns the pages read.
+    /// mapped whole by KVM, as the File backend's page cache is. Holes in a block read zeros,
+    /// which is what a hole means. Returns the pages read.
+    ///
+    /// Two threads read ([`read_in_parallel`]): beyond the disk, a block costs faulting in its
+    /// huge page and copying 2 MiB into it, CPU work that a second CPU shares.
     pub fn read_blocks(&mut self, file: &File, blocks: &[Block]) -> io::Result<u64> {
         for range in blocks::ranges(blocks) {
             // SAFETY: guest memory of one region (`plan` clamps blocks to their region),
@@ -363,19 +389,10 @@ impl PageSource {
                     io::Error::last_os_error()
                 );
             }
-            // SAFETY: `file_offset..file_offset + len` is inside the file's mapping (a
-            // region's part of the file); MADV_WILLNEED only starts reads into the page cache.
-            unsafe {
-                libc::madvise(
-                    self.file_map.add(range.file_offset as usize) as *mut libc::c_void,
-                    range.len as usize,
-                    libc::MADV_WILLNEED,
-                )
-            };
         }
+        read_in_parallel(file, blocks)?;
         let mut pages = 0;
         for block in blocks {
-            read_whole(file, block)?;
             self.mark_loaded(block.pages());
             pages += block.len / PAGE_SIZE;
         }
@@ -432,6 +449,67 @@ impl Drop for PageSource {
 
 fn bit(bits: &[u64], index: u64) -> bool {
     bits[(index / 64) as usize] & (1 << (index % 64)) != 0
+}
+
+/// Runs of copied pages at most this far apart are queued for reading as one (128 KiB): a
+/// read of the pages between costs the disk less than a request of its own.
+const QUEUE_GAP_PAGES: u64 = 32;
+
+/// `pages` (sorted) as runs `(first, count)`, joining runs at most `gap` pages apart.
+fn page_runs(pages: &[u64], gap: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let first = *pages.get(at)?;
+        let mut last = first;
+        at += 1;
+        while let Some(&next) = pages.get(at) {
+            if next > last + gap {
+                break;
+            }
+            last = next;
+            at += 1;
+        }
+        Some((first, last - first + 1))
+    })
+}
+
+/// Reads `blocks` whole, on this thread and one more, each taking the next block not yet
+/// taken; without the second thread (it could not be started) this one reads them all.
+///
+/// Why two: with the page cache cold the disk reads every block at once (queued by
+/// [`PageSource::queue_reads`]) while the threads fault in huge pages and copy, and new
+/// memory is dear on a nested host, whose free pages the hypervisor takes back (free page
+/// reporting) and must give again at the first touch: 256 MiB of fresh huge pages took
+/// 530-630 ms to touch there against 24-37 ms for pages just freed. Two threads halve what
+/// that costs the load (docs/benchmarks.md: 256 MiB cold, the load's median 241 → 152 ms).
+fn read_in_parallel(file: &File, blocks: &[Block]) -> io::Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> io::Result<()> {
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(block) = blocks.get(index) else {
+                return Ok(());
+            };
+            read_whole(file, block)?;
+        }
+    };
+    std::thread::scope(|scope| {
+        let helper = if blocks.len() > 1 {
+            crate::thread::spawn_helper(scope, "mote_ws_read", work)
+                .map_err(|err| log::debug!("lazy restore: reading the blocks alone: {err}"))
+                .ok()
+        } else {
+            None
+        };
+        let mine = work();
+        let theirs = match helper {
+            Some(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the block-reading thread panicked"))),
+            None => Ok(()),
+        };
+        mine.and(theirs)
+    })
 }
 
 /// Reads `block` of the memory file `file` into guest memory, whole.
@@ -513,6 +591,42 @@ mod tests {
         // Guest memory at 0x...7c8000 (seen on a 6.1 host): the prefetch's first 1 MiB step
         // from there would cross the block edge 56 pages on, into the next mapping.
         assert_eq!(pages_to_block_end(0x7f29_307c_8000), 56);
+    }
+
+    #[test]
+    fn copied_pages_are_queued_in_runs_joined_across_small_gaps() {
+        let pages = [3, 4, 5, 40, 72, 73, 200];
+        let runs: Vec<(u64, u64)> = page_runs(&pages, 32).collect();
+        // 5 → 40 is 35 pages on (a run of its own), 40 → 72 is 32 (joined), 73 → 200 apart.
+        assert_eq!(runs, vec![(3, 3), (40, 34), (200, 1)]);
+        assert_eq!(page_runs(&[], 32).count(), 0);
+        assert_eq!(page_runs(&[7], 0).collect::<Vec<_>>(), vec![(7, 1)]);
+    }
+
+    #[test]
+    fn blocks_read_on_two_threads_hold_the_files_bytes() {
+        let file = TempFile::new().unwrap();
+        let f = file.as_file();
+        let len = 5 * PAGE_SIZE as usize;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        f.write_all_at(&bytes, 0).unwrap();
+        let mut memory = vec![0u8; len];
+        let blocks: Vec<Block> = (0..5)
+            .map(|i| Block {
+                host: memory.as_mut_ptr() as u64 + i * PAGE_SIZE,
+                len: PAGE_SIZE,
+                file_offset: i * PAGE_SIZE,
+            })
+            .collect();
+        read_in_parallel(f, &blocks).unwrap();
+        assert_eq!(memory, bytes);
+        // A block past the file's end is an error, whichever thread reads it.
+        let short = [Block {
+            host: memory.as_mut_ptr() as u64,
+            len: PAGE_SIZE,
+            file_offset: 5 * PAGE_SIZE,
+        }; 2];
+        assert!(read_in_parallel(f, &short).is_err());
     }
 
     #[test]
