@@ -29,7 +29,9 @@ The backends alternate run by run (File, Uffd, Lazy, Lazy+ws, then the next run)
 other work on the machine falls on all of them alike. The issue's goal: with a cold cache,
 Lazy+ws at least 2x faster than File (`restore_cold_file_over_lazy_ws_*`, medians' ratio).
 
-Median, fastest and slowest of N runs per case, and the handler's fault count for Uffd.
+Median, fastest and slowest of N runs per case, the handler's fault count for Uffd, and, on a
+host that is itself a VM handing free memory back to its hypervisor, how much it handed back
+during the runs (fresh memory is then slow to touch: docs/benchmarks.md).
 """
 
 import os
@@ -298,6 +300,21 @@ def on_tmpfs(directory):
     return fstype in ("tmpfs", "ramfs"), best, fstype
 
 
+PAGE_REPORTING = "/sys/module/page_reporting/parameters"
+
+
+def reported_kib():
+    """The KiB of free memory this (virtual) host has handed back to its hypervisor so far
+    (free page reporting), or None where it does not. Memory handed back is given again at
+    its next first touch, slowly: fresh memory then costs every backend that fills anonymous
+    memory (Uffd, Lazy) far more than File, whose page cache the disk fills."""
+    try:
+        with open(os.path.join(PAGE_REPORTING, "reported_kib")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def dd_ms(mem, touch_mib, direct):
     """ms for GNU dd to read the memory file's `touch_mib` MiB of the pattern with the page
     cache dropped: buffered (readahead, as faults get) or O_DIRECT, in 1 MiB reads."""
@@ -331,6 +348,7 @@ def bench(mote, probe, tool, directory, runs):
     rows = []
     results = {"restore_runs": runs, "restore_cold_measured": skipped is None,
                "restore_files_on": f"{mount_point} ({fstype})"}
+    reported_before = reported_kib()
     if skipped:
         results["restore_cold_skipped"] = skipped
         rows.append(("cold page cache: left out", "", "", ""))
@@ -387,6 +405,14 @@ def bench(mote, probe, tool, directory, runs):
                     rows.append((f"cold: disk, dd {touch} MiB of the memory file, {name} (ms)",
                                  median, "", ""))
                     rows.append(("  min-max (ms)", f"{low:.1f}-{high:.1f}", "", ""))
+    reported_after = reported_kib()
+    if reported_before is not None and reported_after is not None:
+        # On such a host the figures swing with how much of the memory each run gets was
+        # handed back just before (docs/benchmarks.md, issue 18's third pass).
+        reported = round((reported_after - reported_before) / 1024)
+        results["restore_host_free_pages_reported_mib"] = reported
+        rows.append(("host: free memory handed back to its hypervisor meanwhile (MiB)",
+                     reported, "", ""))
     if not skipped:
         results["restore_cold_target_ratio"] = COLD_TARGET_RATIO
         results["restore_cold_meets_target"] = all(
