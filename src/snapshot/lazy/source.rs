@@ -480,7 +480,7 @@ fn page_runs(pages: &[u64], gap: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
 /// [`PageSource::queue_reads`]) while the threads fault in huge pages and copy, and new
 /// memory is dear on a nested host, whose free pages the hypervisor takes back (free page
 /// reporting) and must give again at the first touch: 256 MiB of fresh huge pages took
-/// 530-630 ms to touch there against 24-37 ms for pages just freed. Two threads halve what
+/// 530-630 ms to touch there against 23-57 ms for pages just freed. Two threads halve what
 /// that costs the load (docs/benchmarks.md: 256 MiB cold, the load's median 241 → 152 ms).
 fn read_in_parallel(file: &File, blocks: &[Block]) -> io::Result<()> {
     let next = std::sync::atomic::AtomicUsize::new(0);
