@@ -403,21 +403,15 @@ impl PageSource {
     /// per run of neighbours of the same kind; returns the pages filled.
     pub fn copy_pages(&mut self, uffd: &Uffd, pages: &[u64]) -> Result<u64, UffdError> {
         let mut filled = 0;
-        let mut at = 0;
-        while at < pages.len() {
-            let mut end = at + 1;
-            while end < pages.len() && pages[end] == pages[end - 1] + 1 {
-                end += 1;
-            }
-            let mut page = pages[at];
-            let last = pages[end - 1];
+        for (first, count) in page_runs(pages, 1) {
+            let last = first + count - 1;
+            let mut page = first;
             while page <= last {
                 let (count, looked) = self.fill_run(uffd, page, last - page + 1)?;
                 filled += count;
                 self.mark_loaded(page..page + looked);
                 page += looked;
             }
-            at = end;
         }
         Ok(filled)
     }
@@ -455,7 +449,8 @@ fn bit(bits: &[u64], index: u64) -> bool {
 /// read of the pages between costs the disk less than a request of its own.
 const QUEUE_GAP_PAGES: u64 = 32;
 
-/// `pages` (sorted) as runs `(first, count)`, joining runs at most `gap` pages apart.
+/// `pages` (sorted, each once) as runs `(first, count)`: a page at most `gap` pages after the
+/// last one joins its run (1: neighbours only; more: the pages between are taken along).
 fn page_runs(pages: &[u64], gap: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
     let mut at = 0;
     std::iter::from_fn(move || {
@@ -594,11 +589,14 @@ mod tests {
     }
 
     #[test]
-    fn copied_pages_are_queued_in_runs_joined_across_small_gaps() {
+    fn copied_pages_go_in_runs_of_neighbours_and_are_queued_across_small_gaps() {
         let pages = [3, 4, 5, 40, 72, 73, 200];
         let runs: Vec<(u64, u64)> = page_runs(&pages, 32).collect();
         // 5 → 40 is 35 pages on (a run of its own), 40 → 72 is 32 (joined), 73 → 200 apart.
         assert_eq!(runs, vec![(3, 3), (40, 34), (200, 1)]);
+        // 1: neighbours only, the runs the copies go in.
+        let neighbours: Vec<(u64, u64)> = page_runs(&pages, 1).collect();
+        assert_eq!(neighbours, vec![(3, 3), (40, 1), (72, 2), (200, 1)]);
         assert_eq!(page_runs(&[], 32).count(), 0);
         assert_eq!(page_runs(&[7], 0).collect::<Vec<_>>(), vec![(7, 1)]);
     }
